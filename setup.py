@@ -1,0 +1,30 @@
+from setuptools import setup
+
+setup(
+    name="tda-export",
+    version="0.1.0",
+    description="TDA (Threshold-based Dynamic Activation) sparse-MLP decoding: calibrate, export to ONNX, serve",
+    python_requires=">=3.10",
+    packages=["tda_export", "tda_export.ops", "tda_export.kernels", "tda_export.recipe_files"],
+    package_dir={"tda_export.recipe_files": "recipes"},
+    package_data={"tda_export.recipe_files": ["*.yaml"]},
+    install_requires=[
+        "torch>=2.9",  # install the CPU build first: pip install torch==2.13.0
+        "transformers>=4.56",
+        "gguf>=0.17",
+        "accelerate",
+        "safetensors",
+        "tokenizers",
+        "numpy",
+        "pyyaml",
+        "click>=8",
+        "tqdm",
+        "onnx>=1.19",
+        "onnxruntime>=1.23",
+        "onnx-ir",
+    ],
+    extras_require={
+        "test": ["pytest", "polygraphy"],
+    },
+    entry_points={"console_scripts": ["tda-export=tda_export.cli:main"]},
+)

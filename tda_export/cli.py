@@ -1,0 +1,40 @@
+"""The `tda-export` command line.
+
+Data flows one way: model -> calibrate -> eval -> build (export) -> run/serve/bench.
+"""
+from __future__ import annotations
+
+import click
+
+from . import __version__
+
+
+class UserError(click.ClickException):
+    """Bad input from the user: printed as one clear line, exit code 2."""
+    exit_code = 2
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="tda-export")
+def main():
+    """Sparse-MLP (TDA) decoding for Hugging Face LLMs: calibrate, evaluate, export, serve.
+
+    \b
+    Typical flow on the embedded default model:
+      tda-export calibrate --model smollm2-135m --out cal.json
+      tda-export eval      --model smollm2-135m --calibration cal.json
+      tda-export build     --model smollm2-135m --backend onnx --calibration cal.json --out engine/
+
+    --model takes a recipe name (see `tda-export recipes`), a Hugging Face model
+    directory (config.json + *.safetensors) or a .gguf file.
+    """
+
+
+@main.command()
+def recipes():
+    """List the built-in model recipes."""
+    from .recipes import list_recipes
+
+    for r in list_recipes().values():
+        click.echo(f"{r.name:16s} {r.architecture:12s} {r.dtype:9s} density {r.density:.2f}  {r.description}")
+

