@@ -25,6 +25,10 @@ class Recipe:
 
 
 def recipe_dir() -> Path:
+    """recipes/ of a source checkout, else the copy installed as package data."""
+    checkout = Path(__file__).resolve().parent.parent / "recipes"
+    if checkout.is_dir():
+        return checkout
     return Path(str(resources.files("tda_export.recipe_files")))
 
 
