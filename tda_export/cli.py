@@ -38,3 +38,13 @@ def recipes():
     for r in list_recipes().values():
         click.echo(f"{r.name:16s} {r.architecture:12s} {r.dtype:9s} density {r.density:.2f}  {r.description}")
 
+
+
+def _register():
+    from .cli_quality import calibrate, eval_
+
+    for command in (calibrate, eval_):
+        main.add_command(command)
+
+
+_register()

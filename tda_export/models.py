@@ -196,3 +196,16 @@ def save_tokenizer(tokenizer, out_dir: Path) -> list[str]:
 
 __all__ = ["ModelSource", "LoadedModel", "ModelNotFound", "resolve", "load", "load_model", "save_tokenizer",
            "DTYPES"]
+
+
+def forward(model, input_ids, cache=None, **kw):
+    """One causal-LM call returning (logits, cache), across transformers' rename of past_key_values -> cache."""
+    if _CACHE_KWARG.get(type(model)) is None:
+        import inspect
+        _CACHE_KWARG[type(model)] = "cache" if "cache" in inspect.signature(model.forward).parameters \
+            else "past_key_values"
+    out = model(input_ids=input_ids, use_cache=True, **{_CACHE_KWARG[type(model)]: cache}, **kw)
+    return out.logits, getattr(out, "cache", None) or out.past_key_values
+
+
+_CACHE_KWARG: dict = {}

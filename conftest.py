@@ -1,0 +1,10 @@
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent / "tests"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: loads a real pretrained model or runs long (CI runs them)")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped without one")
+    config.addinivalue_line("markers", "trt: needs the tensorrt-rtx-cu13 package; skipped without it")

