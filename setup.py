@@ -1,11 +1,11 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="tda-export",
     version="0.1.0",
     description="TDA (Threshold-based Dynamic Activation) sparse-MLP decoding: calibrate, export to ONNX, serve",
     python_requires=">=3.10",
-    packages=["tda_export", "tda_export.ops", "tda_export.kernels", "tda_export.recipe_files"],
+    packages=find_packages(include=["tda_export", "tda_export.*"]) + ["tda_export.recipe_files"],
     package_dir={"tda_export.recipe_files": "recipes"},
     package_data={"tda_export.recipe_files": ["*.yaml"]},
     install_requires=[

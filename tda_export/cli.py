@@ -42,8 +42,9 @@ def recipes():
 
 def _register():
     from .cli_quality import calibrate, eval_
+    from .cli_runtime import bench, run, serve
 
-    for command in (calibrate, eval_):
+    for command in (calibrate, eval_, run, serve, bench):
         main.add_command(command)
 
 

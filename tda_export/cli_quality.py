@@ -170,8 +170,10 @@ def eval_(model, weights, text, prompt_tokens, score_norm, batch_size, quiet, de
             thresholds = cal.thresholds_for(density)
     corpus, desc = _text(text, "evaluation")
     try:
-        report = evaluate(lm, corpus, desc, mode, thresholds, densities, density, sequences, prompt_tokens,
-                          continuation_tokens, generate_prompts, generate_tokens, score_norm, batch_size, quiet)
+        report = evaluate(lm, corpus, desc, mode, thresholds, densities, density, sequences=sequences,
+                          prompt_len=prompt_tokens, continuation=continuation_tokens,
+                          generate_prompts=generate_prompts, generate_tokens=generate_tokens,
+                          score_norm=score_norm, batch_size=batch_size, quiet=quiet)
     except ValueError as e:
         raise UserError(str(e)) from None
     if as_json:

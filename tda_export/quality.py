@@ -215,34 +215,49 @@ def bytes_per_param(lm: LoadedModel) -> int:
     return 4 if dtype == "float32" else 2
 
 
-def evaluate(lm: LoadedModel, text: str, text_desc: str, mode: str, thresholds=None, densities=None,
-             requested_density: float | None = None, sequences: int = 32, prompt_len: int = 128,
-             continuation: int = 64, generate_prompts: int = 8, generate_tokens: int = 32,
-             score_norm: str = "token_l2", batch_size: int = 8, quiet: bool = False) -> dict:
-    """Dense vs TDA perplexity, greedy agreement, realised density and MLP bytes skipped per token."""
+def evaluate_configs(lm: LoadedModel, text: str, text_desc: str, configs: list[dict], sequences: int = 32,
+                     prompt_len: int = 128, continuation: int = 64, generate_prompts: int = 8,
+                     generate_tokens: int = 32, score_norm: str = "token_l2", batch_size: int = 8,
+                     quiet: bool = False) -> list[dict]:
+    """Evaluate several mask configurations against one dense baseline on the same held-out windows.
+
+    Each config: {"mode", "thresholds", "densities", "requested_density"}. The dense prompt passes and
+    the dense greedy generations are shared, so a sweep costs little more than one evaluation.
+    """
     ev = Evaluator(lm, score_norm, batch_size, quiet)
     ids = tokenize(lm.tokenizer, text)
     windows = token_windows(ids, sequences + generate_prompts, prompt_len + continuation)
     batches = ev.prefill(windows[:sequences], prompt_len)
     dense_ppl, _ = ev.perplexity(batches, prompt_len, "dense")
-    tda_ppl, realised = ev.perplexity(batches, prompt_len, mode, thresholds, densities)
     prompts = windows[sequences:, :prompt_len]
     gen_dense = ev.greedy(prompts, generate_tokens, "dense")
-    gen_tda = ev.greedy(prompts, generate_tokens, mode, thresholds, densities)
     c = lm.config
     per_layer_bytes = mlp_bytes_per_token(c, bytes_per_param(lm))
-    skipped = sum((1.0 - d) * per_layer_bytes for d in realised)
-    return {
-        "model": lm.name, "mode": mode, "requested_density": requested_density,
-        "score_norm": score_norm,
-        "text": {"source": text_desc, "sequences": sequences, "prompt_tokens": prompt_len,
-                 "continuation_tokens": continuation},
-        "dense": {"perplexity": dense_ppl},
-        "tda": {"perplexity": tda_ppl, "perplexity_increase": tda_ppl / dense_ppl - 1.0},
-        "greedy": {"prompts": generate_prompts, "new_tokens": generate_tokens, **agreement(gen_dense, gen_tda)},
-        "realised_density": {"mean": sum(realised) / len(realised), "per_layer": realised},
-        "mlp_bytes": {"dense_per_token": per_layer_bytes * c.num_hidden_layers,
-                      "skipped_per_token": skipped,
-                      "skipped_fraction": skipped / (per_layer_bytes * c.num_hidden_layers),
-                      "bytes_per_param": bytes_per_param(lm)},
-    }
+    dense_bytes = per_layer_bytes * c.num_hidden_layers
+    reports = []
+    for cfg in _progress(configs, "configs", quiet or len(configs) == 1):
+        mode, thresholds, densities = cfg["mode"], cfg.get("thresholds"), cfg.get("densities")
+        tda_ppl, realised = ev.perplexity(batches, prompt_len, mode, thresholds, densities)
+        gen_tda = ev.greedy(prompts, generate_tokens, mode, thresholds, densities)
+        skipped = sum((1.0 - d) * per_layer_bytes for d in realised)
+        reports.append({
+            "model": lm.name, "mode": mode, "requested_density": cfg.get("requested_density"),
+            "score_norm": score_norm,
+            "text": {"source": text_desc, "sequences": sequences, "prompt_tokens": prompt_len,
+                     "continuation_tokens": continuation},
+            "dense": {"perplexity": dense_ppl},
+            "tda": {"perplexity": tda_ppl, "perplexity_increase": tda_ppl / dense_ppl - 1.0},
+            "greedy": {"prompts": generate_prompts, "new_tokens": generate_tokens,
+                       **agreement(gen_dense, gen_tda)},
+            "realised_density": {"mean": sum(realised) / len(realised), "per_layer": realised},
+            "mlp_bytes": {"dense_per_token": dense_bytes, "skipped_per_token": skipped,
+                          "skipped_fraction": skipped / dense_bytes, "bytes_per_param": bytes_per_param(lm)},
+        })
+    return reports
+
+
+def evaluate(lm: LoadedModel, text: str, text_desc: str, mode: str, thresholds=None, densities=None,
+             requested_density: float | None = None, **kw) -> dict:
+    """Dense vs TDA perplexity, greedy agreement, realised density and MLP bytes skipped per token."""
+    config = {"mode": mode, "thresholds": thresholds, "densities": densities, "requested_density": requested_density}
+    return evaluate_configs(lm, text, text_desc, [config], **kw)[0]

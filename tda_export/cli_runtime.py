@@ -1,0 +1,124 @@
+"""`tda-export run`, `serve` and `bench`: use a built engine directory."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .cli import UserError
+
+ENGINE = click.option("--engine", "-e", "engine_dir", required=True, type=click.Path(),
+                      help="Directory written by `tda-export build`.")
+THREADS = click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads [all cores].")
+DENSITY = click.option("--density", "-d", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+                       help="Density for this run (needs the engine's calibration); default: the built thresholds.")
+
+
+def _engine(engine_dir, threads):
+    from .runtime.engine import Engine, EngineError
+
+    try:
+        return Engine.load(engine_dir, threads=threads)
+    except (EngineError, FileNotFoundError, ValueError) as e:
+        raise UserError(str(e)) from None
+
+
+@click.command()
+@ENGINE
+@click.option("--prompt", "-p", required=True, help="Prompt text.")
+@click.option("--max-new-tokens", "-n", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0.0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True)
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--seed", type=int, default=None)
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
+@DENSITY
+@THREADS
+def run(engine_dir, prompt, max_new_tokens, temperature, top_k, top_p, stop, seed, chat, density, threads):
+    """Generate from a prompt, streaming tokens to stdout.
+
+    \b
+    Example:
+      tda-export run -e engine/ -p "The capital of France is" -n 32
+    """
+    from .runtime.engine import EngineError
+    from .runtime.generate import ContextTooLong, Stats, stream
+    from .runtime.sampling import SamplingParams
+
+    engine = _engine(engine_dir, threads)
+    if chat:
+        prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                      add_generation_prompt=True, tokenize=False)
+    params = SamplingParams(max_new_tokens, temperature, top_k, top_p, tuple(stop), seed)
+    stats = Stats()
+    try:
+        for ev in stream(engine, [prompt], params, density, stats):
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+    except (ContextTooLong, EngineError, ValueError) as e:
+        raise UserError(str(e)) from None
+    n = stats.completion_tokens[0]
+    rate = stats.decode_steps / stats.decode_seconds if stats.decode_seconds else 0.0
+    click.echo(f"\n[{n} tokens; first token {stats.time_to_first_token * 1e3:.0f} ms; decode {rate:.1f} tok/s; "
+               f"MLP neurons active {stats.active_fraction:.1%}; backend {engine.backend.name}]", err=True)
+
+
+@click.command()
+@ENGINE
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--queue-size", type=click.IntRange(1), default=32, show_default=True,
+              help="Waiting requests before new ones get 429.")
+@click.option("--max-batch", type=click.IntRange(1), default=8, show_default=True,
+              help="Requests run together in one batch.")
+@THREADS
+def serve(engine_dir, host, port, queue_size, max_batch, threads):
+    """Serve an OpenAI-compatible API: /v1/completions, /v1/chat/completions (SSE streaming), /health, /metrics.
+
+    Requests may carry a "density" field (0-1] to change TDA sparsity per request.
+    """
+    from .runtime.server import Server
+
+    engine = _engine(engine_dir, threads)
+    server = Server(engine, host, port, queue_size, max_batch)
+    click.echo(f"serving {engine.manifest.get('model')} on http://{host}:{server.port} "
+               f"(backend {engine.backend.name})", err=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.shutdown()
+
+
+@click.command()
+@ENGINE
+@click.option("--densities", default=None,
+              help="Comma-separated densities to time besides 1.0 [every density the engine's calibration has, "
+                   "else the built default].")
+@click.option("--prompt-tokens", type=click.IntRange(2), default=128, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(2), default=32, show_default=True)
+@click.option("--batch", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--repeats", type=click.IntRange(1), default=3, show_default=True, help="Best of N runs.")
+@click.option("--json", "as_json", is_flag=True)
+@THREADS
+def bench(engine_dir, densities, prompt_tokens, new_tokens, batch, repeats, as_json, threads):
+    """Time to first token and decode tokens/s at density 1.0 vs the engine's TDA densities, in one run."""
+    from .runtime.bench import run_bench
+
+    engine = _engine(engine_dir, threads)
+    try:
+        wanted = [float(d) for d in densities.split(",")] if densities else None
+        rows = run_bench(engine, wanted, prompt_tokens, new_tokens, batch, repeats)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if as_json:
+        click.echo(json.dumps({"engine": str(engine_dir), "backend": engine.backend.name, "batch": batch,
+                               "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "rows": rows}, indent=1))
+        return
+    click.echo(f"backend {engine.backend.name}, batch {batch}, prompt {prompt_tokens} tokens, {new_tokens} new")
+    click.echo("| density | active MLP neurons | first token ms | decode tok/s | vs dense |")
+    click.echo("|---|---|---|---|---|")
+    for r in rows:
+        click.echo(f"| {r['density']} | {r['active_fraction']:.1%} | {r['ttft_ms']:.1f} | {r['decode_tok_s']:.1f} "
+                   f"| {r['speedup_vs_dense']:.2f}x |")

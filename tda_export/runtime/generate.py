@@ -1,0 +1,139 @@
+"""The generation loop: tokenize, prefill (dense, TDA selection), decode with each sequence's mask.
+
+One loop serves every backend, the CLI, the server and the benchmark. It
+streams: `stream()` yields an Event per sequence whenever new text is safe to
+show (held back while it could still be the start of a stop string or an
+incomplete UTF-8 character).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from .engine import Engine
+from .sampling import SamplingParams, choose
+
+
+class ContextTooLong(ValueError):
+    pass
+
+
+@dataclass
+class Event:
+    index: int                      # which prompt of the batch
+    text: str                       # newly safe text ("" on a pure finish event)
+    finish_reason: str | None = None  # "stop" | "length" once the sequence ends
+
+
+@dataclass
+class Stats:
+    prompt_tokens: list[int] = field(default_factory=list)
+    completion_tokens: list[int] = field(default_factory=list)
+    time_to_first_token: float = 0.0
+    decode_seconds: float = 0.0
+    decode_steps: int = 0
+    active_fraction: float | None = None   # mean fraction of MLP neurons computed in decode
+
+
+class _Sequence:
+    def __init__(self, params: SamplingParams, eos: set[int]):
+        self.params, self.eos = params, eos
+        self.rng = np.random.default_rng(params.seed)
+        self.tokens: list[int] = []
+        self.emitted = 0
+        self.finish: str | None = None
+
+
+def encode(engine: Engine, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+        return engine.tokenizer(prompt).input_ids
+    return list(prompt)
+
+
+def _eos_ids(engine: Engine) -> set[int]:
+    ids = engine.manifest.get("eos_token_id")
+    return set(ids if isinstance(ids, list) else [ids]) - {None}
+
+
+def stream(engine: Engine, prompts: list, params: SamplingParams | list[SamplingParams],
+           density: float | None = None, stats: Stats | None = None) -> Iterator[Event]:
+    """Events for a batch of prompts (each with its own sampling params; one density for the batch)."""
+    params = [p.check() for p in (params if isinstance(params, list) else [params] * len(prompts))]
+    if len(params) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+    stats = stats if stats is not None else Stats()
+    ids = [encode(engine, p) for p in prompts]
+    for i, (seq, p) in enumerate(zip(ids, params)):
+        if not seq:
+            raise ValueError(f"prompt {i} is empty")
+        if len(seq) + p.max_new_tokens > engine.max_context:
+            raise ContextTooLong(f"prompt {i} has {len(seq)} tokens; with max_new_tokens={p.max_new_tokens} "
+                                 f"that exceeds the engine's context of {engine.max_context}")
+    thresholds = engine.thresholds(density)
+    pad = engine.manifest.get("pad_token_id")
+    pad = pad if pad is not None else 0
+    width = max(2, max(map(len, ids)))  # a 1-token call would be a decode step
+    input_ids = np.full((len(ids), width), pad, np.int64)
+    mask = np.zeros((len(ids), width), np.int64)
+    for b, seq in enumerate(ids):
+        input_ids[b, width - len(seq):] = seq
+        mask[b, width - len(seq):] = 1
+    stats.prompt_tokens = [len(s) for s in ids]
+    seqs = [_Sequence(p, _eos_ids(engine)) for p in params]
+
+    t0 = time.perf_counter()
+    logits, state = engine.backend.prefill(input_ids, mask, thresholds)
+    stats.time_to_first_token = time.perf_counter() - t0
+    counts = engine.backend.active_counts(state)
+    stats.active_fraction = float(counts.mean() / engine.manifest["intermediate_size"])
+    t_decode = time.perf_counter()
+    for step in range(max(p.max_new_tokens for p in params)):
+        next_tokens = np.full(len(seqs), pad, np.int64)
+        for b, s in enumerate(seqs):
+            if s.finish:
+                continue
+            tok = choose(logits[b], s.params, s.rng)
+            next_tokens[b] = tok
+            if tok in s.eos:
+                s.finish = "stop"
+            else:
+                s.tokens.append(tok)
+                if len(s.tokens) >= s.params.max_new_tokens:
+                    s.finish = "length"
+            yield from _emit(engine, b, s)
+        if all(s.finish for s in seqs):
+            break
+        logits = engine.backend.decode(state, next_tokens)
+        stats.decode_steps += 1
+    stats.decode_seconds = time.perf_counter() - t_decode
+    stats.completion_tokens = [len(s.tokens) for s in seqs]
+
+
+def _emit(engine: Engine, index: int, s: _Sequence) -> Iterator[Event]:
+    text = engine.tokenizer.decode(s.tokens, skip_special_tokens=True)
+    stops = s.params.stop
+    cut = min((text.find(x) for x in stops if x in text), default=-1)
+    if cut >= 0:
+        text, s.finish = text[:cut], "stop"
+    if s.finish:
+        safe = len(text)
+    else:
+        hold = max((len(x) - 1 for x in stops), default=0)
+        safe = len(text) - hold
+        while safe > 0 and text[safe - 1] == "\ufffd":  # an incomplete multi-byte character
+            safe -= 1
+    if safe > s.emitted or s.finish:
+        yield Event(index, text[s.emitted: max(safe, s.emitted)], s.finish)
+        s.emitted = max(safe, s.emitted)
+
+
+def generate(engine: Engine, prompts: list, params: SamplingParams | list[SamplingParams], density: float | None = None,
+             stats: Stats | None = None) -> list[str]:
+    """The full completion of each prompt."""
+    out = [""] * len(prompts)
+    for ev in stream(engine, prompts, params, density, stats):
+        out[ev.index] += ev.text
+    return out

@@ -1,0 +1,82 @@
+"""ONNX Runtime backend: the portable path.
+
+The TDA nodes run through their model-local ONNX functions (the reference
+computation), so this backend is correct everywhere ONNX Runtime runs but does
+not get faster with sparsity. Past tensors are fed back from the matching
+present outputs, named as optimum/onnxruntime-genai do.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..ops.contract import THRESHOLDS_INPUT
+from .backend import position_ids
+
+NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
+             "tensor(int64)": np.int64}
+
+
+def past_name(present: str) -> str:
+    """present.N.key -> past_key_values.N.key; present_tda.N.x -> past_tda.N.x."""
+    if present.startswith("present_tda."):
+        return "past_tda." + present[len("present_tda."):]
+    return "past_key_values." + present[len("present."):]
+
+
+class OrtBackend:
+    name = "onnxruntime"
+
+    def __init__(self, model_path: Path, manifest: dict, threads: int | None = None, providers=None):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or os.cpu_count() or 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(model_path), opts,
+                                            providers=providers or ort.get_available_providers())
+        self.manifest = manifest
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.presents = [o.name for o in self.session.get_outputs() if o.name.startswith("present")]
+        missing = [past_name(p) for p in self.presents if past_name(p) not in self.inputs]
+        if missing:
+            raise ValueError(f"{model_path}: outputs without matching past inputs: {missing[:3]}")
+
+    def _empty_past(self, batch: int) -> dict:
+        """Zero-length KV cache and zero TDA state for a prefill."""
+        m, feeds = self.manifest, {}
+        for p in self.presents:
+            name = past_name(p)
+            dtype = NP_DTYPES[self.inputs[name].type]
+            if name.startswith("past_key_values."):
+                feeds[name] = np.zeros((batch, m["num_kv_heads"], 0, m["head_dim"]), dtype)
+            elif name.endswith(".active_count"):
+                feeds[name] = np.zeros((batch,), dtype)
+            else:
+                feeds[name] = np.zeros((batch, m["intermediate_size"]), dtype)
+        return feeds
+
+    def _run(self, state: dict, input_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        feeds = {"input_ids": input_ids, "attention_mask": state["mask"], "position_ids": positions,
+                 THRESHOLDS_INPUT: state["thresholds"], **state["past"]}
+        outs = self.session.run(["logits"] + self.presents, feeds)
+        state["past"] = {past_name(p): v for p, v in zip(self.presents, outs[1:])}
+        return outs[0][:, -1].astype(np.float32)
+
+    def prefill(self, input_ids, attention_mask, thresholds):
+        state = {"mask": attention_mask.astype(np.int64), "thresholds": np.asarray(thresholds, np.float32),
+                 "past": self._empty_past(input_ids.shape[0])}
+        logits = self._run(state, input_ids.astype(np.int64), position_ids(state["mask"]))
+        return logits, state
+
+    def decode(self, state, tokens):
+        mask = state["mask"]
+        positions = mask.sum(1, keepdims=True).astype(np.int64)  # next position of each row
+        state["mask"] = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], 1)
+        return self._run(state, tokens.astype(np.int64)[:, None], positions)
+
+    def active_counts(self, state):
+        return np.stack([state["past"][f"past_tda.{layer}.active_count"]
+                         for layer in range(self.manifest["num_layers"])])
