@@ -11,7 +11,6 @@ import numpy as np
 import onnx
 import torch
 from onnx import TensorProto
-from onnx.external_data_helper import set_external_data
 
 ONNX_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
 TORCH_TYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -46,7 +45,9 @@ class WeightWriter:
             pad = -offset % ALIGN
             self._file.write(b"\0" * pad)
             self._file.write(data)
-            set_external_data(proto, self.data_path.name, offset + pad, len(data))
+            proto.data_location = TensorProto.EXTERNAL
+            for k, v in (("location", self.data_path.name), ("offset", offset + pad), ("length", len(data))):
+                proto.external_data.add(key=k, value=str(v))
         self.initializers.append(proto)
         self.nbytes += len(data)
         return name
