@@ -115,11 +115,16 @@ class _Decoder:
         cos, sin = ropes[s.layers[n].rope]
         q = g.op("RotaryEmbedding", q, cos, sin, io.POSITION_IDS, name=f"{p}.rope_q", num_heads=s.heads)
         k = g.op("RotaryEmbedding", k, cos, sin, io.POSITION_IDS, name=f"{p}.rope_k", num_heads=s.kv_heads)
-        attrs = dict(q_num_heads=s.heads, kv_num_heads=s.kv_heads, scale=s.attn_scale)
+        # KV concat outside Attention: TensorRT(-RTX) imports only single-output Attention nodes
+        to_heads = lambda t: g.op("Transpose", g.op("Reshape", t, g.i64([0, 0, -1, s.head_dim])),  # noqa: E731
+                                  perm=[0, 2, 1, 3])
+        k = g.op("Concat", io.past_key(n, "key"), to_heads(k), axis=2, outputs=[io.present_key(n, "key")])
+        v = g.op("Concat", io.past_key(n, "value"), to_heads(v), axis=2, outputs=[io.present_key(n, "value")])
+        attrs = dict(scale=s.attn_scale)
         if s.attn_softcap:
             attrs["softcap"] = float(s.attn_softcap)
-        y = g.op("Attention", q, k, v, masks[s.layers[n].window], io.past_key(n, "key"), io.past_key(n, "value"),
-                 name=p, outputs=[f"{p}/y", io.present_key(n, "key"), io.present_key(n, "value")], **attrs)[0]
+        y = g.op("Attention", to_heads(q), k, v, masks[s.layers[n].window], name=p, **attrs)  # [B, heads, S, hd]
+        y = g.op("Reshape", g.op("Transpose", y, perm=[0, 2, 1, 3]), g.i64([0, 0, -1]), name=p)
         return self.linear(y, a.o_proj, f"{p}.o_proj")
 
     def mlp(self, n: int, x: str, mlp, token_valid: str) -> str:

@@ -21,7 +21,7 @@ from onnx import TensorProto, helper
 from .contract import (DOMAIN, NORM_FLOOR, OPS_BY_NAME, OPSET_VERSION, PLUGIN_NAMESPACE, PLUGIN_VERSION,
                        SELECT_ACTIVE, SPARSE_GATED_MLP, OpSpec)
 
-# Gelu(approximate=) needs opset 20; ScatterElements(reduction="max") 18.
+# Gelu(approximate=) needs opset 20.
 BODY_OPSET = 23
 PLUGIN_ATTRS = {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION}
 _ELEM = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16,
@@ -80,13 +80,17 @@ def _sparse_gated_mlp_body(activation: str, score_norm: str) -> list[onnx.NodePr
     axis3 = b.const([3], i64)
     z = b("Mul", _activation(b, activation, b("Squeeze", gate, axis3)), b("Squeeze", up, axis3))  # [B,S,I] T
 
-    # decode mask: flag k < count scattered to column idx[k]; padding entries point at column 0 with flag 0,
-    # and max keeps a real 1 there
+    # decode mask: entry k < count sets column idx[k]; padding entry k goes to spare column I + k, so the
+    # scatter has no duplicate indices (TensorRT has no ScatterElements reduction) and is fully defined
     inter = b("Shape", idx, start=1, end=2)
     k = b("Range", b.const(0, i64), b("Squeeze", inter), b.const(1, i64))
-    flag = b("CastLike", b("Less", k, b("Unsqueeze", b("Cast", count, to=i64), b.const([1], i64))), hidden)
-    zeros = b("CastLike", b("ConstantOfShape", b("Shape", idx)), hidden)
-    mask = b("ScatterElements", zeros, b("Cast", idx, to=i64), flag, axis=1, reduction="max")
+    flag = b("Less", k, b("Unsqueeze", b("Cast", count, to=i64), b.const([1], i64)))
+    slot = b("Where", flag, b("Cast", idx, to=i64), b("Add", k, inter))
+    wide = b("Concat", b("Shape", idx, start=0, end=1), b("Add", inter, inter), axis=0)
+    zeros = b("CastLike", b("ConstantOfShape", wide), hidden)
+    ones = b("CastLike", b("ConstantOfShape", b("Shape", idx), value=helper.make_tensor("one", TensorProto.FLOAT,
+                                                                                       [1], [1.0])), hidden)
+    mask = b("Slice", b("ScatterElements", zeros, slot, ones, axis=1), b.const([0], i64), inter, b.const([1], i64))
     prefill = b("Greater", seq, b.const([1], i64))
     mask = b("Where", prefill, b("CastLike", b.const(1.0, TensorProto.FLOAT), hidden), mask)
     b("MatMul", b("Mul", z, b("Unsqueeze", mask, b.const([1], i64))), down_t, out=output)
@@ -113,13 +117,15 @@ def _select_active_body() -> list[onnx.NodeProto]:
     keep = b("Or", keep, dense)
     keep64 = b("Cast", keep, to=i64)
     b("Cast", b("ReduceSum", keep64, axis1, keepdims=0), to=TensorProto.INT32, out=active_count)
-    # ascending compaction: kept neuron j goes to slot (#kept before j); the rest go to a dump column I
+    # ascending compaction: kept neuron j goes to slot (#kept up to j) - 1, a dropped one to the spare slot
+    # I + (#dropped before j) = I + j - #kept up to j; slots are unique, so no scatter reduction is needed
     inter = b("Shape", scores, start=1, end=2)
-    slot = b("Where", keep, b("Sub", b("CumSum", keep64, b.const(1, i64)), b.const(1, i64)), inter)
+    kept_upto = b("CumSum", keep64, b.const(1, i64))
     k = b("Expand", b("Range", b.const(0, i64), b("Squeeze", inter), b.const(1, i64)), b("Shape", scores))
-    buf = b("ConstantOfShape", b("Concat", b("Shape", scores, start=0, end=1), b("Add", inter, b.const([1], i64)),
-                                 axis=0), value=helper.make_tensor("zero", i64, [1], [0]))
-    filled = b("ScatterElements", buf, slot, k, axis=1, reduction="max")  # max: the dump slot has duplicates
+    slot = b("Where", keep, b("Sub", kept_upto, b.const(1, i64)), b("Add", inter, b("Sub", k, kept_upto)))
+    buf = b("ConstantOfShape", b("Concat", b("Shape", scores, start=0, end=1), b("Add", inter, inter), axis=0),
+            value=helper.make_tensor("zero", i64, [1], [0]))
+    filled = b("ScatterElements", buf, slot, k, axis=1)
     b("Cast", b("Slice", filled, b.const([0], i64), inter, axis1), to=TensorProto.INT32, out=active_idx)
     return b.nodes
 
