@@ -1,7 +1,7 @@
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent / "tests"))
+sys.path.insert(0, str(Path(__file__).parent / "tests"))  # shared test helpers (tiny_models, op_cases)
 
 
 def pytest_configure(config):

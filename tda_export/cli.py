@@ -41,10 +41,11 @@ def recipes():
 
 
 def _register():
+    from .cli_export import build, inspect
     from .cli_quality import calibrate, eval_
     from .cli_runtime import bench, run, serve
 
-    for command in (calibrate, eval_, run, serve, bench):
+    for command in (calibrate, eval_, build, inspect, run, serve, bench):
         main.add_command(command)
 
 

@@ -1,0 +1,145 @@
+"""`tda-export build --backend onnx`: an output directory holding model, tokenizer and manifest.
+
+All input is checked before anything is written; the directory is assembled in a
+temporary sibling and renamed into place only when complete, so a failed or
+interrupted build never leaves something that looks like a valid export.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import sys
+import tempfile
+import warnings
+from importlib import metadata
+from pathlib import Path
+
+import onnx
+
+from .. import __version__, manifest
+from ..calibration import Calibration
+from ..models import load_model, save_tokenizer
+from ..ops.contract import DOMAIN, OPSET_VERSION, PLUGIN_NAMESPACE, PLUGIN_VERSION, THRESHOLDS_INPUT
+from .decoder import OPSET, build_decoder
+from .spec import ExportError, decoder_spec
+from .weights import WeightWriter
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+# protobuf cannot hold more than 2 GiB; leave room for the graph itself
+INLINE_LIMIT = 1_800_000_000
+PACKAGES = ("tda-export", "torch", "transformers", "onnx", "onnxruntime", "onnx-ir", "gguf", "numpy")
+
+
+class DenseWarning(UserWarning):
+    pass
+
+
+def thresholds_for(cal: Calibration | None, density: float | None, num_layers: int, cal_path) -> tuple[list, dict]:
+    """Per-layer thresholds and the calibration summary for the manifest."""
+    if cal is None:
+        if density is not None:
+            raise ExportError(f"--density {density} needs --calibration (densities map to thresholds there)")
+        warnings.warn("no --calibration: all thresholds are 0, so decoding is dense (no TDA sparsity); "
+                      "the thresholds can still be overridden at serve time", DenseWarning, stacklevel=2)
+        return [0.0] * num_layers, {"kind": "none", "note": "dense: thresholds 0"}
+    if density is not None:
+        try:
+            ths, kind = cal.thresholds_for(density), {"kind": "density", "density": density}
+        except KeyError as e:
+            raise ExportError(f"--calibration {cal_path}: {e.args[0]}") from None
+    else:
+        ths, kind = cal.default["thresholds"], {k: v for k, v in cal.default.items() if k != "thresholds"}
+    summary = {"path": str(cal_path), "model": cal.model, "fingerprint": cal.fingerprint, "score_norm": cal.score_norm,
+               "densities": sorted(cal.thresholds), "selected": kind, "thresholds": [float(t) for t in ths]}
+    return [float(t) for t in ths], summary
+
+
+def io_signature(model: onnx.ModelProto) -> dict:
+    def describe(v):
+        t = v.type.tensor_type
+        shape = [d.dim_param or d.dim_value for d in t.shape.dim]
+        return {"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
+                if t.elem_type != onnx.TensorProto.BFLOAT16 else "bfloat16", "shape": shape}
+    return {"inputs": [describe(v) for v in model.graph.input], "outputs": [describe(v) for v in model.graph.output]}
+
+
+def _versions() -> dict:
+    out = {}
+    for p in PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            out[p] = __version__ if p == "tda-export" else None
+    return out
+
+
+def build(model: str, out: str | Path, dtype: str = "float32", calibration: str | None = None,
+          density: float | None = None, force: bool = False, weights: str | None = None,
+          external: bool | None = None, progress: bool = True) -> Path:
+    """Export; `external` None decides by size. Raises ExportError/ValueError/FileNotFoundError on bad input."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise ExportError(f"--out {out}: already exists (use --force to replace it)")
+    if out.exists() and not (out / manifest.NAME).is_file() and any(out.iterdir()):
+        raise ExportError(f"--out {out}: exists, is not empty and is not an export (no {manifest.NAME}); "
+                          f"refusing to replace it even with --force")
+    cal = Calibration.load(calibration) if calibration else None
+    # float32 load: the fingerprint a calibration is matched against is of the float32 weights,
+    # and each tensor is rounded to the export dtype only as it is written
+    loaded = load_model(model, weights, "float32")
+    spec = decoder_spec(loaded, dtype)
+    if cal is not None:
+        cal.check_model(loaded.fingerprint(), spec.num_layers, spec.intermediate, str(calibration))
+    thresholds, cal_summary = thresholds_for(cal, density, spec.num_layers, calibration)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
+    try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would make the export private to this user
+        nbytes = sum(p.numel() for p in loaded.model.parameters()) * {"float32": 4}.get(dtype, 2)
+        use_external = nbytes > INLINE_LIMIT if external is None else external
+        writer = WeightWriter(dtype, tmp / DATA_FILE if use_external else None)
+        try:
+            proto = build_decoder(loaded, spec, thresholds, writer, progress=progress)
+        finally:
+            writer.close()
+        if progress:
+            print(f"writing {tmp.name}/{MODEL_FILE} ({writer.nbytes / 2**20:.0f} MiB of weights"
+                  f"{', external' if use_external else ''})", file=sys.stderr)
+        onnx.save(proto, tmp / MODEL_FILE)
+        onnx.checker.check_model(str(tmp / MODEL_FILE))
+        save_tokenizer(loaded.tokenizer, tmp)
+        manifest.write(tmp, _manifest_data(loaded, spec, cal_summary, proto, use_external))
+        del proto
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _manifest_data(loaded, spec, cal_summary, proto, external: bool) -> dict:
+    tok = loaded.tokenizer
+    recipe = loaded.source.recipe
+    return {
+        "model": loaded.name, "source": loaded.source.description, "fingerprint": loaded.fingerprint(),
+        "recipe": dataclasses.asdict(recipe) if recipe else None,
+        "backend": "onnx", "dtype": spec.dtype, "family": spec.family, "activation": spec.activation,
+        "model_file": MODEL_FILE, "external_data": DATA_FILE if external else None,
+        "num_layers": spec.num_layers, "hidden_size": spec.hidden, "intermediate_size": spec.intermediate,
+        "num_heads": spec.heads, "num_kv_heads": spec.kv_heads, "head_dim": spec.head_dim,
+        "vocab_size": spec.vocab, "max_context": spec.max_context,
+        "sliding_windows": [l.window for l in spec.layers],
+        "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+        "calibration": cal_summary, "thresholds_input": THRESHOLDS_INPUT,
+        "opset": {"": OPSET, DOMAIN: OPSET_VERSION},
+        "tda_ops": {"domain": DOMAIN, "version": OPSET_VERSION, "plugin_namespace": PLUGIN_NAMESPACE,
+                    "plugin_version": PLUGIN_VERSION},
+        "io": io_signature(proto), "versions": _versions(),
+        "notes": ["logits are float32 for every dtype",
+                  "a prompt must be >= 2 tokens: a 1-token call is a decode step and reads past_tda state",
+                  "prefill: pass zeros for past_tda.N.scores; its active_idx/active_count are not read"],
+    }

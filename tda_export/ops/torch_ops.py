@@ -1,0 +1,93 @@
+"""torch custom ops `tda::sparse_gated_mlp` and `tda::select_active` in plain torch (any device).
+
+Names, argument order and attribute defaults are read from contract.py, so the
+torch signature cannot drift from the ONNX function or the plugins. The decode
+path gathers only the active neurons' rows (as a kernel would), so weights of
+inactive neurons are never read.
+"""
+from __future__ import annotations
+
+import torch
+
+from .contract import NORM_FLOOR, SELECT_ACTIVE, SPARSE_GATED_MLP, OpSpec
+
+_TORCH_TYPES = {"string": "str", "int": "int", "float": "float"}
+
+
+def _schema(op: OpSpec) -> str:
+    args = [f"Tensor {t.name}" for t in op.inputs]
+    args += [f"{_TORCH_TYPES[a.type]} {a.name}={a.default!r}".replace("'", '"') for a in op.attributes]
+    outs = ", ".join("Tensor" for _ in op.outputs)
+    return f"({', '.join(args)}) -> ({outs})"
+
+
+def activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    if name == "silu":
+        return torch.nn.functional.silu(x)
+    if name == "gelu_tanh":
+        return torch.nn.functional.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return torch.nn.functional.gelu(x)
+    if name == "relu":
+        return torch.relu(x)
+    raise ValueError(f"activation {name!r} not in {SPARSE_GATED_MLP.attr('activation').choices}")
+
+
+def _intermediate(hidden: torch.Tensor, gate_up: torch.Tensor, act: str) -> torch.Tensor:
+    """z in float32 (the contract accumulates in float32 whatever T is)."""
+    gu = hidden.float() @ gate_up.float().flatten(0, 1).T  # [..., 2I], neuron-major pairs
+    gu = gu.unflatten(-1, (-1, 2))
+    return activation(act, gu[..., 0]) * gu[..., 1]
+
+
+def _sparse_gated_mlp(hidden_states, gate_up_weight, down_weight_t, active_idx, active_count, token_valid,
+                      scores_in, activation="silu", score_norm="token_l2"):
+    SPARSE_GATED_MLP.check_attrs({"activation": activation, "score_norm": score_norm})
+    dtype = hidden_states.dtype
+    if hidden_states.shape[1] > 1:
+        z = _intermediate(hidden_states, gate_up_weight, activation)       # [B, S, I]
+        sq = z * z
+        if score_norm == "token_l2":
+            sq = sq / sq.sum(-1, keepdim=True).clamp_min(NORM_FLOOR)
+        scores_out = scores_in + (sq * token_valid.float()[..., None]).sum(1)
+        out = (z.to(dtype).float() @ down_weight_t.float()).to(dtype)
+        return out, scores_out
+    rows = []
+    for b in range(hidden_states.shape[0]):  # counts differ per sequence
+        idx = active_idx[b, : int(active_count[b])].long()
+        z = _intermediate(hidden_states[b], gate_up_weight[idx], activation)  # [1, n]
+        rows.append(z.to(dtype).float() @ down_weight_t[idx].float())
+    return torch.stack(rows).to(dtype), scores_in.clone()
+
+
+def _select_active(scores, threshold):
+    scores = scores.float()
+    tau = threshold.float()
+    m = scores.amax(-1, keepdim=True) if scores.shape[-1] else torch.zeros_like(scores[:, :1])
+    keep = (scores >= (tau * tau) * m) | (tau <= 0) | (m == 0)
+    count = keep.sum(-1)
+    # a stable sort of "not kept" puts kept neurons first, in ascending index order
+    order = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices
+    slot = torch.arange(scores.shape[-1], device=scores.device)
+    idx = torch.where(slot < count[:, None], order, 0)
+    return idx.to(torch.int32), count.to(torch.int32)
+
+
+def _define(op: OpSpec, impl, fake):
+    lib_op = torch.library.custom_op(f"tda::{op.torch_name}", impl, mutates_args=(), schema=_schema(op))
+    lib_op.register_fake(fake)
+    return lib_op
+
+
+def _fake_sparse_gated_mlp(hidden_states, gate_up_weight, down_weight_t, active_idx, active_count, token_valid,
+                           scores_in, activation="silu", score_norm="token_l2"):
+    return torch.empty_like(hidden_states), torch.empty_like(scores_in)
+
+
+def _fake_select_active(scores, threshold):
+    return (torch.empty(scores.shape, dtype=torch.int32, device=scores.device),
+            torch.empty(scores.shape[:1], dtype=torch.int32, device=scores.device))
+
+
+sparse_gated_mlp = _define(SPARSE_GATED_MLP, _sparse_gated_mlp, _fake_sparse_gated_mlp)
+select_active = _define(SELECT_ACTIVE, _select_active, _fake_select_active)

@@ -1,0 +1,38 @@
+"""Random inputs for the TDA ops, shared by the torch and ONNX realization tests."""
+from __future__ import annotations
+
+import numpy as np
+
+H, I = 24, 40
+
+
+def masks(rng, batch: int = 3):
+    """(name, active_idx, active_count): empty, full, single, odd and per-sequence-different masks."""
+    def state(sets):
+        idx = np.zeros((len(sets), I), np.int32)
+        for b, s in enumerate(sets):
+            s = np.sort(np.asarray(s, np.int64))
+            idx[b, : s.size] = s
+        return idx, np.array([len(s) for s in sets], np.int32)
+
+    out = [("empty", *state([[]] * batch)), ("full", *state([range(I)] * batch)),
+           ("single", *state([[I - 1]] * batch)), ("odd", *state([range(1, I, 2)] * batch))]
+    out.append(("mixed", *state([rng.choice(I, size=n, replace=False) for n in (0, 7, I)][:batch])))
+    return out
+
+
+def mlp_inputs(rng, batch: int, seq: int, dtype=np.float32):
+    hidden = rng.normal(size=(batch, seq, H)).astype(dtype)
+    gate_up = (rng.normal(size=(I, 2, H)) * 0.3).astype(dtype)
+    down_t = (rng.normal(size=(I, H)) * 0.3).astype(dtype)
+    token_valid = (rng.random((batch, seq)) > 0.3).astype(np.float32)
+    scores_in = rng.random((batch, I)).astype(np.float32)
+    return hidden, gate_up, down_t, token_valid, scores_in
+
+
+def score_cases(rng):
+    """(scores [B, I], tau) covering the dense fallbacks, ties at the threshold and ordinary cases."""
+    s = rng.random((3, I)).astype(np.float32)
+    s[1, :] = 0.0                       # no valid prompt token -> dense
+    s[2, 5] = s[2].max() * np.float32(0.25)  # exactly at tau=0.5
+    return [(s, 0.5), (s, 0.0), (s, -1.0), (s, 0.9), (s, 1.0), (s, 2.0), (rng.random((1, I)).astype(np.float32), 0.3)]
