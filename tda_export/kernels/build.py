@@ -88,7 +88,7 @@ def build_cuda() -> Path:
     nvcc = nvcc_path()
     if nvcc is None:
         raise BuildError("nvcc not found (PATH or /usr/local/cuda/bin)")
-    return _compile([nvcc], _sources("cuda", ".cu"), CUDA_FLAGS + _gencode() + ["-lcudart"],
+    return _compile([nvcc], _sources("cuda", ".cu"), CUDA_FLAGS + _gencode() + ["--cudart=static"],
                     "libtda_kernels_cuda.so")
 
 
