@@ -207,3 +207,10 @@ def test_torch_ops_opcheck(device):
                           test_utils=checks)
     torch.library.opcheck(K.prefill_scores, (torch.randn(2, 3, 72, device=device), torch.ones(2, 3, device=device),
                                              torch.zeros(2, 72, device=device)), test_utils=checks)
+
+
+def test_select_active_negative_and_nan_threshold(device):
+    """Edge cases follow the reference literally: max over all scores, NaN tau selects nothing."""
+    scores = np.array([[-3.0, -1.0, -2.0, -1.0], [0.5, 2.0, 0.0, 1.0]], np.float32)
+    _check_select(device, scores, 0.5)
+    _check_select(device, scores, float("nan"))

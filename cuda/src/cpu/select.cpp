@@ -14,9 +14,9 @@ extern "C" tda_status_t tda_select_active(const tda_select_args_t* a, void* ws, 
   for (int32_t b = 0; b < a->batch; ++b) {
     const float* sc = a->scores + int64_t(b) * I;
     int32_t* idx = a->active_idx + int64_t(b) * I;
-    float m = 0.0f;
-    for (int32_t j = 0; j < I; ++j) m = sc[j] > m ? sc[j] : m;
-    const bool all = !(tau > 0.0f) || m == 0.0f;
+    float m = I > 0 ? sc[0] : 0.0f;  // the contract's max_k scores, even if all were negative
+    for (int32_t j = 1; j < I; ++j) m = sc[j] > m ? sc[j] : m;
+    const bool all = tau <= 0.0f || m == 0.0f;
     const float cut = t2 * m;
     int32_t n = 0;
     for (int32_t j = 0; j < I; ++j)
