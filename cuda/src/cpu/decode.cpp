@@ -2,6 +2,7 @@
 // accumulation. Each thread owns a slice of output columns in the down
 // projection, so every output is summed in row order whatever the thread
 // count: the CPU result is always deterministic.
+#include <omp.h>
 #include <string.h>
 
 #include <algorithm>
@@ -50,12 +51,18 @@ int32_t build_union(const tda_decode_args_t* a, const DecodeWs& w) {
   return u;
 }
 
+// Gate and up dot products in one pass over x.
 template <tda_dtype_t D>
-float dot(const float* x, const typename Elem<D>::type* w, int32_t n) {
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int32_t i = 0; i < n; ++i) s += x[i] * Elem<D>::load(w, i);
-  return s;
+void dot2(const float* x, const typename Elem<D>::type* gate, const typename Elem<D>::type* up, int32_t n,
+          float* g_out, float* u_out) {
+  float g = 0.0f, u = 0.0f;
+#pragma omp simd reduction(+ : g, u)
+  for (int32_t i = 0; i < n; ++i) {
+    g += x[i] * Elem<D>::load(gate, i);
+    u += x[i] * Elem<D>::load(up, i);
+  }
+  *g_out = g;
+  *u_out = u;
 }
 
 template <tda_dtype_t D, tda_activation_t A>
@@ -69,7 +76,8 @@ void run(const tda_decode_args_t* a, const DecodeWs& w) {
   for (int64_t i = 0; i < int64_t(B) * H; ++i) w.x[i] = Elem<D>::load(x_in, i);
   const int32_t U = build_union(a, w);
 
-#pragma omp parallel
+  // Below ~100k multiply-adds a thread team costs more than it saves.
+#pragma omp parallel if (int64_t(U) * H * B > (int64_t(1) << 17))
   {
 #pragma omp for schedule(static)
     for (int32_t k = 0; k < U; ++k) {
@@ -79,16 +87,21 @@ void run(const tda_decode_args_t* a, const DecodeWs& w) {
         float zv = 0.0f;
         if (w.mask[j] >> b & 1) {
           const float* xb = w.x + int64_t(b) * H;
-          zv = Elem<D>::round(activate<A>(dot<D>(xb, gate, H)) * dot<D>(xb, gate + H, H));
+          float g, u;
+          dot2<D>(xb, gate, gate + H, H, &g, &u);
+          zv = Elem<D>::round(activate<A>(g) * u);
         }
         w.z[int64_t(k) * B + b] = zv;
       }
     }
-    // Column slices in multiples of 16 floats keep threads off each
-    // other's cache lines.
+    // One contiguous column slice per thread (multiples of 16 floats keep
+    // threads off each other's cache lines): long runs of each weight row
+    // for the prefetcher. Every output still sums rows in order, so the
+    // result does not depend on the thread count.
+    const int32_t slice = std::max(256, (H / omp_get_num_threads() + 15) / 16 * 16);
 #pragma omp for schedule(static)
-    for (int32_t c0 = 0; c0 < H; c0 += 256) {
-      const int32_t c1 = std::min(H, c0 + 256);
+    for (int32_t c0 = 0; c0 < H; c0 += slice) {
+      const int32_t c1 = std::min(H, c0 + slice);
       for (int32_t b = 0; b < B; ++b) std::fill(w.acc + int64_t(b) * H + c0, w.acc + int64_t(b) * H + c1, 0.0f);
       for (int32_t k = 0; k < U; ++k) {
         const T* row = wd + int64_t(w.rows[k]) * H;
