@@ -1,0 +1,146 @@
+/* tda_kernels.h: plain C ABI of the TDA sparse-MLP kernels.
+ *
+ * Two libraries implement exactly this header: libtda_kernels_cuda.so (GPU)
+ * and libtda_kernels_cpu.so (C++/OpenMP, so the semantics are testable
+ * without a GPU). Semantics are those of tda_export/ops/contract.py; enum
+ * values equal the index of the name in the contract's lists (a test parses
+ * this file to keep them equal).
+ *
+ * Conventions
+ *  - All tensors are dense, row-major, contiguous. Pointers are device
+ *    pointers for the CUDA library and host pointers for the CPU library;
+ *    this includes `threshold`, which is a tensor in a graph, not a constant.
+ *  - Decode's hidden_states, weights and output must be 16-byte aligned
+ *    (vector loads); index/count arrays 4-byte aligned.
+ *  - `stream` is a cudaStream_t passed as void* (ignored by the CPU library),
+ *    so this header needs no CUDA include. Nothing synchronises the host and
+ *    nothing allocates, so every call can be captured in a CUDA graph.
+ *  - Workspace: call the *_workspace_size query with the same arguments
+ *    (only the sizes/dtype fields are read) and pass at least that many bytes,
+ *    256-byte aligned. Contents need no initialisation and are not kept.
+ *  - A non-OK status means nothing was launched / written.
+ */
+#ifndef TDA_KERNELS_H
+#define TDA_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define TDA_KERNELS_ABI_VERSION 1
+/* Largest batch of one call: decode keeps one bit per sequence per neuron. */
+#define TDA_MAX_BATCH 64
+/* H and I must be multiples of this (16-byte vectors of 16-bit types). */
+#define TDA_SIZE_MULTIPLE 8
+
+typedef enum {
+  TDA_F32 = 0,
+  TDA_F16 = 1,
+  TDA_BF16 = 2
+} tda_dtype_t;
+
+typedef enum {
+  TDA_ACT_SILU = 0,
+  TDA_ACT_GELU_TANH = 1,
+  TDA_ACT_GELU = 2,
+  TDA_ACT_RELU = 3
+} tda_activation_t;
+
+typedef enum {
+  TDA_SCORE_NORM_TOKEN_L2 = 0,
+  TDA_SCORE_NORM_NONE = 1
+} tda_score_norm_t;
+
+typedef enum {
+  TDA_OK = 0,
+  TDA_ERR_NULL_POINTER = 1,
+  TDA_ERR_BAD_DTYPE = 2,
+  TDA_ERR_BAD_ENUM = 3,          /* activation or score_norm out of range */
+  TDA_ERR_BAD_SIZE = 4,          /* H or I not a positive multiple of 8 */
+  TDA_ERR_BAD_BATCH = 5,         /* batch < 0 or > TDA_MAX_BATCH */
+  TDA_ERR_MISALIGNED = 6,        /* a decode pointer not aligned (see Conventions) */
+  TDA_ERR_WORKSPACE_TOO_SMALL = 7,
+  TDA_ERR_CUDA = 8               /* a CUDA runtime call failed (launch, memset) */
+} tda_status_t;
+
+/* Static English text for a status; never NULL. */
+const char* tda_status_string(tda_status_t status);
+/* "cpu" or "cuda": which implementation of this header is loaded. */
+const char* tda_backend(void);
+int tda_abi_version(void);
+
+/* ---- Decode: y[b] = sum_{k<count[b]} z[b,idx[b,k]] * down_weight_t[idx[b,k]] ----
+ * z[b,j] = act(x[b].gate_j) * (x[b].up_j) computed in fp32 and rounded to
+ * dtype; only active rows are read. For batch > 1 the union of the
+ * sequences' active rows is read once and each sequence's own mask applied. */
+typedef struct {
+  tda_dtype_t dtype;
+  tda_activation_t activation;
+  int32_t batch;          /* B, 0..TDA_MAX_BATCH (0: nothing to do) */
+  int32_t hidden;         /* H */
+  int32_t intermediate;   /* I */
+  /* Non-zero: the down projection's split-K partial sums are added in a
+   * fixed order, so equal inputs give bitwise-equal outputs. Zero: fp32
+   * atomics (order varies run to run; fewer workspace bytes). */
+  int32_t deterministic;
+  const void* hidden_states;   /* [B, H] dtype */
+  const void* gate_up_weight;  /* [I, 2, H] dtype */
+  const void* down_weight_t;   /* [I, H] dtype */
+  const int32_t* active_idx;   /* [B, I] ascending, then 0-padding */
+  const int32_t* active_count; /* [B] */
+  void* output;                /* [B, H] dtype */
+} tda_decode_args_t;
+
+size_t tda_sparse_gated_mlp_decode_workspace_size(const tda_decode_args_t* args);
+tda_status_t tda_sparse_gated_mlp_decode(const tda_decode_args_t* args, void* workspace,
+                                         size_t workspace_size, void* stream);
+
+/* ---- Selection: scores + relative threshold -> sorted active list ----
+ * active iff tau <= 0, or max_k scores[b,k] == 0, or
+ * scores[b,j] >= (tau*tau) * max_k scores[b,k]   (all float32).
+ * active_idx[b,:count] ascending, active_idx[b,count:] = 0. Any I >= 0. */
+typedef struct {
+  int32_t batch;
+  int32_t intermediate;
+  const float* scores;     /* [B, I] */
+  const float* threshold;  /* scalar tau (device pointer for CUDA) */
+  int32_t* active_idx;     /* [B, I] */
+  int32_t* active_count;   /* [B] */
+} tda_select_args_t;
+
+size_t tda_select_active_workspace_size(const tda_select_args_t* args);
+tda_status_t tda_select_active(const tda_select_args_t* args, void* workspace,
+                               size_t workspace_size, void* stream);
+
+/* ---- Prefill statistics ----
+ * scores_out[b,j] = scores_in[b,j] + sum_t token_valid[b,t] * z[b,t,j]^2 / n[b,t]
+ * with n[b,t] = max(sum_j z[b,t,j]^2, NORM_FLOOR) for TOKEN_L2 and 1 for NONE.
+ * z is the dense intermediate act(gate)*up [B, S, I] that the caller's dense
+ * prefill MLP computes anyway (prefill is compute-bound: cuBLAS/oneDNN GEMMs
+ * are the right tool there, this kernel only reduces their by-product).
+ * Tokens are added in order t = 0..S-1, so results are reproducible.
+ * scores_out may alias scores_in. */
+typedef struct {
+  tda_dtype_t dtype;           /* of z */
+  tda_score_norm_t score_norm;
+  int32_t batch;               /* B >= 0 (no upper limit) */
+  int32_t seq_len;             /* S >= 0 */
+  int32_t intermediate;        /* I */
+  const void* z;               /* [B, S, I] dtype */
+  const float* token_valid;    /* [B, S] */
+  const float* scores_in;      /* [B, I] */
+  float* scores_out;           /* [B, I] */
+} tda_prefill_scores_args_t;
+
+size_t tda_prefill_scores_workspace_size(const tda_prefill_scores_args_t* args);
+tda_status_t tda_prefill_scores(const tda_prefill_scores_args_t* args, void* workspace,
+                                size_t workspace_size, void* stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* TDA_KERNELS_H */

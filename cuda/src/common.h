@@ -1,0 +1,109 @@
+// Argument checks and status text shared by the CPU and CUDA libraries, so
+// both reject exactly the same calls with exactly the same status.
+#pragma once
+
+#include <stdint.h>
+
+#include <initializer_list>
+
+#include "tda_kernels.h"
+
+namespace tda {
+
+inline const char* status_text(tda_status_t s) {
+  switch (s) {
+    case TDA_OK: return "ok";
+    case TDA_ERR_NULL_POINTER: return "a required pointer is NULL";
+    case TDA_ERR_BAD_DTYPE: return "dtype is not TDA_F32, TDA_F16 or TDA_BF16";
+    case TDA_ERR_BAD_ENUM: return "activation or score_norm value out of range";
+    case TDA_ERR_BAD_SIZE: return "hidden/intermediate size must be a positive multiple of 8";
+    case TDA_ERR_BAD_BATCH: return "batch must be in 0..TDA_MAX_BATCH (64)";
+    case TDA_ERR_MISALIGNED: return "a tensor pointer is misaligned (16 bytes for data, 4 for indices)";
+    case TDA_ERR_WORKSPACE_TOO_SMALL: return "workspace is NULL or smaller than the workspace-size query";
+    case TDA_ERR_CUDA: return "a CUDA runtime call failed";
+  }
+  return "unknown tda_status_t value";
+}
+
+inline bool size_ok(int32_t n) { return n > 0 && n % TDA_SIZE_MULTIPLE == 0; }
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+inline int dtype_size(tda_dtype_t d) { return d == TDA_F32 ? 4 : 2; }
+
+// Sizes/enums only: what the workspace queries may rely on.
+inline tda_status_t check_decode_shape(const tda_decode_args_t* a) {
+  if (!a) return TDA_ERR_NULL_POINTER;
+  if (a->dtype < TDA_F32 || a->dtype > TDA_BF16) return TDA_ERR_BAD_DTYPE;
+  if (a->activation < TDA_ACT_SILU || a->activation > TDA_ACT_RELU) return TDA_ERR_BAD_ENUM;
+  if (a->batch < 0 || a->batch > TDA_MAX_BATCH) return TDA_ERR_BAD_BATCH;
+  if (!size_ok(a->hidden) || !size_ok(a->intermediate)) return TDA_ERR_BAD_SIZE;
+  return TDA_OK;
+}
+
+inline tda_status_t check_decode(const tda_decode_args_t* a, const void* ws, size_t ws_size, size_t ws_needed) {
+  tda_status_t s = check_decode_shape(a);
+  if (s != TDA_OK || a->batch == 0) return s;
+  const void* ptrs[] = {a->hidden_states, a->gate_up_weight, a->down_weight_t, a->active_idx, a->active_count,
+                        a->output};
+  for (const void* p : ptrs)
+    if (!p) return TDA_ERR_NULL_POINTER;
+  // Only the tensors read or written with 16-byte vectors need alignment.
+  for (const void* p : {a->hidden_states, a->gate_up_weight, a->down_weight_t, static_cast<const void*>(a->output)})
+    if (!aligned16(p)) return TDA_ERR_MISALIGNED;
+  if ((reinterpret_cast<uintptr_t>(a->active_idx) | reinterpret_cast<uintptr_t>(a->active_count)) & 3u)
+    return TDA_ERR_MISALIGNED;
+  if (ws_needed && (!ws || ws_size < ws_needed)) return TDA_ERR_WORKSPACE_TOO_SMALL;
+  return TDA_OK;
+}
+
+inline tda_status_t check_select_shape(const tda_select_args_t* a) {
+  if (!a) return TDA_ERR_NULL_POINTER;
+  if (a->batch < 0 || a->batch > TDA_MAX_BATCH) return TDA_ERR_BAD_BATCH;
+  if (a->intermediate < 0) return TDA_ERR_BAD_SIZE;
+  return TDA_OK;
+}
+
+inline tda_status_t check_select(const tda_select_args_t* a, const void* ws, size_t ws_size, size_t ws_needed) {
+  tda_status_t s = check_select_shape(a);
+  if (s != TDA_OK || a->batch == 0) return s;
+  if (!a->threshold || !a->active_count || (a->intermediate > 0 && (!a->scores || !a->active_idx)))
+    return TDA_ERR_NULL_POINTER;
+  if (ws_needed && (!ws || ws_size < ws_needed)) return TDA_ERR_WORKSPACE_TOO_SMALL;
+  return TDA_OK;
+}
+
+inline tda_status_t check_prefill_shape(const tda_prefill_scores_args_t* a) {
+  if (!a) return TDA_ERR_NULL_POINTER;
+  if (a->dtype < TDA_F32 || a->dtype > TDA_BF16) return TDA_ERR_BAD_DTYPE;
+  if (a->score_norm < TDA_SCORE_NORM_TOKEN_L2 || a->score_norm > TDA_SCORE_NORM_NONE) return TDA_ERR_BAD_ENUM;
+  if (a->batch < 0 || a->seq_len < 0) return TDA_ERR_BAD_BATCH;
+  if (!size_ok(a->intermediate)) return TDA_ERR_BAD_SIZE;
+  return TDA_OK;
+}
+
+inline tda_status_t check_prefill(const tda_prefill_scores_args_t* a, const void* ws, size_t ws_size,
+                                  size_t ws_needed) {
+  tda_status_t s = check_prefill_shape(a);
+  if (s != TDA_OK || a->batch == 0) return s;
+  if (!a->scores_in || !a->scores_out || (a->seq_len > 0 && (!a->z || !a->token_valid)))
+    return TDA_ERR_NULL_POINTER;
+  if (ws_needed && (!ws || ws_size < ws_needed)) return TDA_ERR_WORKSPACE_TOO_SMALL;
+  return TDA_OK;
+}
+
+// Carves 256-byte aligned pieces out of one workspace, so the size query and
+// the kernels use the same layout by construction.
+struct Carver {
+  char* base;
+  size_t used = 0;
+  template <class T>
+  T* take(size_t count) {
+    used = (used + 255) & ~size_t(255);
+    T* p = base ? reinterpret_cast<T*>(base + used) : nullptr;
+    used += count * sizeof(T);
+    return p;
+  }
+};
+
+inline int32_t clamp_count(int32_t c, int32_t n) { return c < 0 ? 0 : (c > n ? n : c); }
+
+}  // namespace tda

@@ -1,0 +1,28 @@
+// CPU SelectActive: exact contract comparison in fp32, one sequence per
+// thread iteration (each sequence is an independent scan).
+#include "../common.h"
+
+extern "C" size_t tda_select_active_workspace_size(const tda_select_args_t*) { return 0; }
+
+extern "C" tda_status_t tda_select_active(const tda_select_args_t* a, void* ws, size_t ws_size, void* /*stream*/) {
+  const tda_status_t s = tda::check_select(a, ws, ws_size, 0);
+  if (s != TDA_OK || a->batch == 0) return s;
+  const int32_t I = a->intermediate;
+  const float tau = *a->threshold;
+  const float t2 = tau * tau;
+#pragma omp parallel for schedule(static)
+  for (int32_t b = 0; b < a->batch; ++b) {
+    const float* sc = a->scores + int64_t(b) * I;
+    int32_t* idx = a->active_idx + int64_t(b) * I;
+    float m = I > 0 ? sc[0] : 0.0f;  // the contract's max_k scores, even if all were negative
+    for (int32_t j = 1; j < I; ++j) m = sc[j] > m ? sc[j] : m;
+    const bool all = tau <= 0.0f || m == 0.0f;
+    const float cut = t2 * m;
+    int32_t n = 0;
+    for (int32_t j = 0; j < I; ++j)
+      if (all || sc[j] >= cut) idx[n++] = j;
+    a->active_count[b] = n;
+    for (int32_t j = n; j < I; ++j) idx[j] = 0;
+  }
+  return TDA_OK;
+}

@@ -1,0 +1,97 @@
+"""ctypes mirror of cuda/include/tda_kernels.h and loaders for both libraries."""
+from __future__ import annotations
+
+import ctypes
+import functools
+from ctypes import POINTER, c_char_p, c_int, c_int32, c_size_t, c_void_p
+
+from ..ops.contract import ACTIVATIONS, DTYPES, SCORE_NORMS
+from . import build
+
+TDA_OK = 0
+MAX_BATCH = 64
+SIZE_MULTIPLE = 8
+
+# Enum values are the contract's list positions (a test checks the header agrees).
+DTYPE_CODE = {name: i for i, name in enumerate(DTYPES)}
+ACTIVATION_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
+SCORE_NORM_CODE = {name: i for i, name in enumerate(SCORE_NORMS)}
+
+
+class DecodeArgs(ctypes.Structure):
+    _fields_ = [
+        ("dtype", c_int), ("activation", c_int),
+        ("batch", c_int32), ("hidden", c_int32), ("intermediate", c_int32), ("deterministic", c_int32),
+        ("hidden_states", c_void_p), ("gate_up_weight", c_void_p), ("down_weight_t", c_void_p),
+        ("active_idx", c_void_p), ("active_count", c_void_p), ("output", c_void_p),
+    ]
+
+
+class SelectArgs(ctypes.Structure):
+    _fields_ = [
+        ("batch", c_int32), ("intermediate", c_int32),
+        ("scores", c_void_p), ("threshold", c_void_p), ("active_idx", c_void_p), ("active_count", c_void_p),
+    ]
+
+
+class PrefillArgs(ctypes.Structure):
+    _fields_ = [
+        ("dtype", c_int), ("score_norm", c_int),
+        ("batch", c_int32), ("seq_len", c_int32), ("intermediate", c_int32),
+        ("z", c_void_p), ("token_valid", c_void_p), ("scores_in", c_void_p), ("scores_out", c_void_p),
+    ]
+
+
+class KernelError(RuntimeError):
+    def __init__(self, lib: "Library", fn: str, status: int):
+        self.status = status
+        super().__init__(f"{fn} ({lib.backend}): status {status}: {lib.status_string(status)}")
+
+
+class Library:
+    """One loaded implementation of tda_kernels.h (CPU or CUDA)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        lib = ctypes.CDLL(self.path)
+        for name, args in (("tda_sparse_gated_mlp_decode", DecodeArgs), ("tda_select_active", SelectArgs),
+                           ("tda_prefill_scores", PrefillArgs)):
+            size_fn = getattr(lib, f"{name}_workspace_size")
+            size_fn.argtypes, size_fn.restype = [POINTER(args)], c_size_t
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = [POINTER(args), c_void_p, c_size_t, c_void_p], c_int
+        lib.tda_status_string.argtypes, lib.tda_status_string.restype = [c_int], c_char_p
+        lib.tda_backend.restype = c_char_p
+        lib.tda_abi_version.restype = c_int
+        self._lib = lib
+        self.backend = lib.tda_backend().decode()
+        self.abi_version = lib.tda_abi_version()
+
+    def status_string(self, status: int) -> str:
+        return self._lib.tda_status_string(status).decode()
+
+    def workspace_size(self, fn: str, args) -> int:
+        return getattr(self._lib, f"{fn}_workspace_size")(ctypes.byref(args))
+
+    def call(self, fn: str, args, workspace: int, workspace_size: int, stream: int = 0) -> None:
+        """Run `fn`; raises KernelError on a non-OK status."""
+        status = getattr(self._lib, fn)(ctypes.byref(args), workspace, workspace_size, stream)
+        if status != TDA_OK:
+            raise KernelError(self, fn, status)
+
+    def call_status(self, fn: str, args, workspace: int, workspace_size: int, stream: int = 0) -> int:
+        return getattr(self._lib, fn)(ctypes.byref(args), workspace, workspace_size, stream)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_library() -> Library:
+    return Library(build.build_cpu())
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_library() -> Library:
+    return Library(build.build_cuda())
+
+
+__all__ = ["DecodeArgs", "SelectArgs", "PrefillArgs", "Library", "KernelError", "cpu_library", "cuda_library",
+           "DTYPE_CODE", "ACTIVATION_CODE", "SCORE_NORM_CODE", "MAX_BATCH", "SIZE_MULTIPLE"]

@@ -1,0 +1,143 @@
+"""Compile the kernel libraries on demand into a per-source-hash cache.
+
+Libraries land in ``$TDA_KERNELS_CACHE`` (default ``~/.cache/tda-export/kernels``)
+under ``<hash of sources and flags>/``, so editing a kernel rebuilds it and
+switching branches back reuses the old build.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+SRC_ROOT = Path(os.environ.get("TDA_KERNELS_SRC", Path(__file__).resolve().parents[2] / "cuda"))
+CUDA_ARCHS = ("80", "89", "90")
+
+# No -march=native (the cache may be shared across machines) and no
+# -ffast-math (NaN poisoning in tests must propagate, and expf/erff must
+# keep their accuracy); `omp simd` gives the vectorised reductions instead.
+CPU_FLAGS = ["-std=c++17", "-O3", "-fopenmp", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror"]
+CUDA_FLAGS = ["-std=c++17", "-O3", "-shared", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr", "-lineinfo"]
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def _sources(sub: str, suffix: str) -> list[Path]:
+    return sorted((SRC_ROOT / "src" / sub).glob(f"*{suffix}"))
+
+
+def _headers() -> list[Path]:
+    return sorted((SRC_ROOT / "include").glob("*.h")) + sorted((SRC_ROOT / "src").rglob("*.h")) + \
+        sorted((SRC_ROOT / "src").rglob("*.cuh"))
+
+
+def _cache_dir(files: list[Path], flags: list[str]) -> Path:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(SRC_ROOT)).encode())
+        h.update(f.read_bytes())
+    h.update(" ".join(flags).encode())
+    root = Path(os.environ.get("TDA_KERNELS_CACHE", Path.home() / ".cache" / "tda-export" / "kernels"))
+    return root / h.hexdigest()[:16]
+
+
+def _compile(cmd_prefix: list[str], sources: list[Path], flags: list[str], out_name: str) -> Path:
+    includes = [f"-I{SRC_ROOT / 'include'}", f"-I{SRC_ROOT / 'src'}"]
+    out_dir = _cache_dir(sources + _headers(), cmd_prefix + flags)
+    lib = out_dir / out_name
+    if lib.exists():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Build next to the target and rename: concurrent builders (pytest-xdist,
+    # several processes) never see a half-written library.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    cmd = cmd_prefix + flags + includes + [str(s) for s in sources] + ["-o", tmp]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        os.unlink(tmp)
+        raise BuildError(f"{' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
+    os.replace(tmp, lib)
+    return lib
+
+
+def build_cpu() -> Path:
+    """Path of libtda_kernels_cpu.so, compiled with g++ if not cached."""
+    cxx = os.environ.get("CXX", "g++")
+    return _compile([cxx], _sources("cpu", ".cpp"), CPU_FLAGS, "libtda_kernels_cpu.so")
+
+
+def nvcc_path() -> str | None:
+    return shutil.which("nvcc") or (str(p) if (p := Path("/usr/local/cuda/bin/nvcc")).exists() else None)
+
+
+def _gencode(archs=CUDA_ARCHS) -> list[str]:
+    # SASS for each target plus PTX for the newest, so later GPUs can JIT.
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    return flags + [f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+
+
+def build_cuda() -> Path:
+    """Path of libtda_kernels_cuda.so, compiled with nvcc if not cached."""
+    nvcc = nvcc_path()
+    if nvcc is None:
+        raise BuildError("nvcc not found (PATH or /usr/local/cuda/bin)")
+    return _compile([nvcc], _sources("cuda", ".cu"), CUDA_FLAGS + _gencode() + ["--cudart=static"],
+                    "libtda_kernels_cuda.so")
+
+
+_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+)'")
+_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def _demangle(names: list[str]) -> dict[str, str]:
+    cxxfilt = shutil.which("c++filt")
+    if not cxxfilt or not names:
+        return {n: n for n in names}
+    out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
+
+
+def compile_check_cuda(archs=CUDA_ARCHS) -> dict[str, dict[str, tuple[int, int]]]:
+    """Compile every .cu file for each arch with ``-Xptxas -v``; raise on any
+    compile error or register spill, naming the kernel.
+
+    Returns {arch: {kernel: (spill_store_bytes, spill_load_bytes)}} (all zero).
+    """
+    nvcc = nvcc_path()
+    if nvcc is None:
+        raise BuildError("nvcc not found (PATH or /usr/local/cuda/bin)")
+    includes = [f"-I{SRC_ROOT / 'include'}", f"-I{SRC_ROOT / 'src'}"]
+    report: dict[str, dict[str, tuple[int, int]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in archs:
+            for src in _sources("cuda", ".cu"):
+                cmd = [nvcc, "-std=c++17", "-O3", "--expt-relaxed-constexpr", "-c", "-Xptxas", "-v",
+                       f"-gencode=arch=compute_{arch},code=sm_{arch}", *includes, str(src),
+                       "-o", str(Path(tmp) / f"{src.stem}_{arch}.o")]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                log = proc.stdout + proc.stderr
+                if proc.returncode != 0:
+                    raise BuildError(f"nvcc failed for {src.name} sm_{arch}:\n{log}")
+                kernel = None
+                spills = report.setdefault(f"sm_{arch}", {})
+                for line in log.splitlines():
+                    if m := _ENTRY.search(line):
+                        kernel = m.group(1)
+                    elif (m := _SPILL.search(line)) and kernel is not None:
+                        spills[kernel] = (int(m.group(1)), int(m.group(2)))
+                        kernel = None
+    bad = [(arch, k, v) for arch, ks in report.items() for k, v in ks.items() if v != (0, 0)]
+    if bad:
+        names = _demangle([k for _, k, _ in bad])
+        raise BuildError("register spills:\n" + "\n".join(
+            f"  {arch} {names[k]}: {st} bytes spill stores, {ld} bytes spill loads" for arch, k, (st, ld) in bad))
+    if not any(report.values()):
+        raise BuildError("ptxas reported no kernels; is -Xptxas -v output parsed correctly?")
+    return report

@@ -1,0 +1,97 @@
+"""Shared by the kernel tests and bench/gpu_kernels.py: random problems,
+masks, poisoned direct ABI calls and the float64-reference error."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..ops import reference
+from . import abi
+
+# Relative-error tolerances per dtype: fp32 is accumulation-order noise; for
+# fp16/bf16 z and the output are rounded to T (as a dense T-typed MLP does).
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+MASK_KINDS = ("empty", "full", "single", "first", "last", "random")
+
+
+def make_mask(kind: str, inter: int, rng: np.random.Generator, density: float = 0.37) -> np.ndarray:
+    """Sorted active indices for one sequence."""
+    if kind == "empty":
+        return np.zeros(0, np.int32)
+    if kind == "full":
+        return np.arange(inter, dtype=np.int32)
+    if kind == "single":
+        return np.array([rng.integers(inter)], np.int32)
+    if kind == "first":
+        return np.array([0], np.int32)
+    if kind == "last":
+        return np.array([inter - 1], np.int32)
+    if kind == "random":
+        n = max(1, int(round(density * inter))) | 1  # odd-sized
+        return np.sort(rng.choice(inter, size=min(n, inter), replace=False)).astype(np.int32)
+    raise ValueError(kind)
+
+
+def state_from_masks(masks: list[np.ndarray], inter: int) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.zeros((len(masks), inter), np.int32)
+    cnt = np.zeros(len(masks), np.int32)
+    for b, m in enumerate(masks):
+        idx[b, : m.size] = m
+        cnt[b] = m.size
+    return idx, cnt
+
+
+def decode_problem(batch: int, hidden: int, inter: int, dtype, masks: list[np.ndarray], seed: int = 0,
+                   device="cpu"):
+    """Random nonzero inputs scaled so z and the output are O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, hidden, generator=g)
+    gu = torch.randn(inter, 2, hidden, generator=g) / hidden ** 0.5
+    wd = torch.randn(inter, hidden, generator=g) / inter ** 0.5
+    idx, cnt = state_from_masks(masks, inter)
+    to = dict(device=device, dtype=dtype)
+    return (x.to(**to), gu.to(**to), wd.to(**to), torch.from_numpy(idx).to(device), torch.from_numpy(cnt).to(device))
+
+
+def decode_reference(x, gu, wd, idx, cnt, activation="silu") -> np.ndarray:
+    f = lambda t: t.detach().cpu().to(torch.float64).numpy()  # noqa: E731
+    b = x.shape[0]
+    out, _ = reference.sparse_gated_mlp(f(x)[:, None], f(gu), f(wd), idx.cpu().numpy(), cnt.cpu().numpy(),
+                                        np.ones((b, 1), np.float32), np.zeros((b, gu.shape[0]), np.float32),
+                                        activation=activation)
+    return out[:, 0]
+
+
+def rel_error(out: torch.Tensor, ref: np.ndarray) -> float:
+    o = out.detach().cpu().to(torch.float64).numpy()
+    if not np.isfinite(o).all():
+        return float("inf")
+    denom = np.linalg.norm(ref)
+    return float(np.linalg.norm(o - ref) / denom) if denom > 0 else float(np.linalg.norm(o))
+
+
+def library_for(device) -> abi.Library:
+    return abi.cuda_library() if torch.device(device).type == "cuda" else abi.cpu_library()
+
+
+def _stream(device) -> int:
+    return torch.cuda.current_stream().cuda_stream if torch.device(device).type == "cuda" else 0
+
+
+def run_decode(x, gu, wd, idx, cnt, activation="silu", deterministic=True, poison=True, out=None,
+               workspace_bytes=None, hidden=None) -> tuple[int, torch.Tensor]:
+    """Direct ABI call with a NaN-filled output; returns (status, output)."""
+    if out is None:
+        out = torch.full_like(x, float("nan")) if poison else torch.empty_like(x)
+    lib = library_for(x.device)
+    args = abi.DecodeArgs(dtype=abi.DTYPE_CODE[str(x.dtype).removeprefix("torch.")],
+                          activation=abi.ACTIVATION_CODE[activation], batch=x.shape[0],
+                          hidden=x.shape[-1] if hidden is None else hidden, intermediate=gu.shape[0],
+                          deterministic=int(deterministic), hidden_states=x.data_ptr(), gate_up_weight=gu.data_ptr(),
+                          down_weight_t=wd.data_ptr(), active_idx=idx.data_ptr(), active_count=cnt.data_ptr(),
+                          output=out.data_ptr())
+    need = lib.workspace_size("tda_sparse_gated_mlp_decode", args)
+    size = need if workspace_bytes is None else workspace_bytes
+    ws = torch.full((max(size, need, 1),), 0xA5, dtype=torch.uint8, device=x.device)  # garbage, not zeros
+    status = lib.call_status("tda_sparse_gated_mlp_decode", args, ws.data_ptr(), size, _stream(x.device))
+    return status, out

@@ -1,0 +1,107 @@
+"""torch custom ops backed by the kernel libraries, in their own namespace.
+
+``tda_kernels::*`` (not ``tda::*``): the exporter owns ``tda::sparse_gated_mlp``
+and ``tda::select_active`` with the full prefill+decode contract; these ops
+are the building blocks a runtime calls. CPU tensors go to
+libtda_kernels_cpu.so, CUDA tensors to libtda_kernels_cuda.so on the current
+stream, with the workspace taken from torch's allocator, so the CUDA path can
+be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..ops.contract import SELECT_ACTIVE, SPARSE_GATED_MLP
+from . import abi
+
+NAMESPACE = "tda_kernels"
+_TORCH_DTYPE = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _library(device: torch.device) -> abi.Library:
+    return abi.cuda_library() if device.type == "cuda" else abi.cpu_library()
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
+def _call(lib: abi.Library, fn: str, args, device: torch.device) -> None:
+    size = lib.workspace_size(fn, args)
+    ws = torch.empty(max(size, 1), dtype=torch.uint8, device=device)
+    lib.call(fn, args, ws.data_ptr(), size, _stream(device))
+
+
+def _dtype_code(t: Tensor) -> int:
+    if t.dtype not in _TORCH_DTYPE:
+        raise TypeError(f"dtype {t.dtype} not in {list(_TORCH_DTYPE)}")
+    return abi.DTYPE_CODE[_TORCH_DTYPE[t.dtype]]
+
+
+@torch.library.custom_op(f"{NAMESPACE}::sparse_gated_mlp_decode", mutates_args=(), device_types=("cpu", "cuda"))
+def sparse_gated_mlp_decode(hidden_states: Tensor, gate_up_weight: Tensor, down_weight_t: Tensor,
+                            active_idx: Tensor, active_count: Tensor,
+                            activation: str = SPARSE_GATED_MLP.attr("activation").default,
+                            deterministic: bool = True) -> Tensor:
+    """Decode step of SparseGatedMLP: hidden_states [B, H] or [B, 1, H] -> same shape."""
+    SPARSE_GATED_MLP.check_attrs({"activation": activation})
+    x = hidden_states.contiguous()
+    batch, hidden = x.shape[0], x.shape[-1]
+    inter = gate_up_weight.shape[0]
+    gu, wd = gate_up_weight.contiguous(), down_weight_t.contiguous()
+    idx, cnt = active_idx.to(torch.int32).contiguous(), active_count.to(torch.int32).contiguous()
+    out = torch.empty_like(x)
+    args = abi.DecodeArgs(
+        dtype=_dtype_code(x), activation=abi.ACTIVATION_CODE[activation],
+        batch=batch, hidden=hidden, intermediate=inter, deterministic=int(deterministic),
+        hidden_states=x.data_ptr(), gate_up_weight=gu.data_ptr(), down_weight_t=wd.data_ptr(),
+        active_idx=idx.data_ptr(), active_count=cnt.data_ptr(), output=out.data_ptr())
+    _call(_library(x.device), "tda_sparse_gated_mlp_decode", args, x.device)
+    return out
+
+
+@sparse_gated_mlp_decode.register_fake
+def _(hidden_states, gate_up_weight, down_weight_t, active_idx, active_count, activation="silu",
+      deterministic=True):
+    return torch.empty_like(hidden_states)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::{SELECT_ACTIVE.torch_name}", mutates_args=(), device_types=("cpu", "cuda"))
+def select_active(scores: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor]:
+    """scores [B, I] float32, threshold scalar float32 tensor -> (active_idx [B, I], active_count [B]) int32."""
+    s = scores.to(torch.float32).contiguous()
+    tau = threshold.to(device=s.device, dtype=torch.float32).reshape(()).contiguous()
+    idx = torch.empty(s.shape, dtype=torch.int32, device=s.device)
+    cnt = torch.empty(s.shape[:1], dtype=torch.int32, device=s.device)
+    args = abi.SelectArgs(batch=s.shape[0], intermediate=s.shape[1], scores=s.data_ptr(), threshold=tau.data_ptr(),
+                          active_idx=idx.data_ptr(), active_count=cnt.data_ptr())
+    _call(_library(s.device), "tda_select_active", args, s.device)
+    return idx, cnt
+
+
+@select_active.register_fake
+def _(scores, threshold):
+    return (torch.empty(scores.shape, dtype=torch.int32, device=scores.device),
+            torch.empty(scores.shape[:1], dtype=torch.int32, device=scores.device))
+
+
+@torch.library.custom_op(f"{NAMESPACE}::prefill_scores", mutates_args=(), device_types=("cpu", "cuda"))
+def prefill_scores(z: Tensor, token_valid: Tensor, scores_in: Tensor,
+                   score_norm: str = SPARSE_GATED_MLP.attr("score_norm").default) -> Tensor:
+    """scores_in + per-neuron sum over valid tokens of (row-normalised) z^2; z [B, S, I] -> [B, I] float32."""
+    SPARSE_GATED_MLP.check_attrs({"score_norm": score_norm})
+    zc = z.contiguous()
+    valid = token_valid.to(torch.float32).contiguous()
+    s_in = scores_in.to(torch.float32).contiguous()
+    out = torch.empty_like(s_in)
+    args = abi.PrefillArgs(dtype=_dtype_code(zc), score_norm=abi.SCORE_NORM_CODE[score_norm],
+                           batch=zc.shape[0], seq_len=zc.shape[1], intermediate=zc.shape[2], z=zc.data_ptr(),
+                           token_valid=valid.data_ptr(), scores_in=s_in.data_ptr(), scores_out=out.data_ptr())
+    _call(_library(zc.device), "tda_prefill_scores", args, zc.device)
+    return out
+
+
+@prefill_scores.register_fake
+def _(z, token_valid, scores_in, score_norm="token_l2"):
+    return torch.empty_like(scores_in, dtype=torch.float32)

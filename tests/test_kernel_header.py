@@ -1,0 +1,29 @@
+"""cuda/include/tda_kernels.h enums must equal the contract's list positions."""
+import re
+from pathlib import Path
+
+from tda_export.kernels import abi
+from tda_export.ops.contract import ACTIVATIONS, DTYPES, SCORE_NORMS
+
+HEADER = Path(__file__).resolve().parents[1] / "cuda" / "include" / "tda_kernels.h"
+
+
+def _enum(name: str) -> dict[str, int]:
+    body = re.search(r"typedef enum \{([^}]*)\}\s*" + name + ";", HEADER.read_text()).group(1)
+    return {k: int(v) for k, v in re.findall(r"(\w+)\s*=\s*(\d+)", body)}
+
+
+def test_enums_match_contract():
+    assert _enum("tda_dtype_t") == {"TDA_F32": DTYPES.index("float32"), "TDA_F16": DTYPES.index("float16"),
+                                    "TDA_BF16": DTYPES.index("bfloat16")}
+    assert _enum("tda_activation_t") == {f"TDA_ACT_{a.upper()}": i for i, a in enumerate(ACTIVATIONS)}
+    assert _enum("tda_score_norm_t") == {f"TDA_SCORE_NORM_{n.upper()}": i for i, n in enumerate(SCORE_NORMS)}
+
+
+def test_python_mirror_matches_header():
+    text = HEADER.read_text()
+    assert int(re.search(r"#define TDA_MAX_BATCH (\d+)", text).group(1)) == abi.MAX_BATCH
+    assert int(re.search(r"#define TDA_SIZE_MULTIPLE (\d+)", text).group(1)) == abi.SIZE_MULTIPLE
+    status = _enum("tda_status_t")
+    assert status["TDA_OK"] == abi.TDA_OK
+    assert sorted(status.values()) == list(range(len(status)))
