@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 FORMAT = "tda-calibration/1"
+CALIBRATION_FILE = "calibration.json"  # its name inside an exported directory
 
 
 @dataclass

@@ -23,7 +23,7 @@ from .models import LoadedModel, forward
 from .tda import TDAHooks, mlp_bytes_per_token, relative_scores, thresholds_for_density
 
 DEFAULT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-BUDGET_LEVELS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
+BUDGET_LEVELS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 
 
 def _progress(iterable, desc: str, quiet: bool, total=None):
@@ -185,8 +185,8 @@ def allocate_budget(ev: Evaluator, batches: list[Prefilled], prompt_len: int, th
 
 def build_calibration(lm: LoadedModel, text: str, text_desc: str, densities, sequences: int, prompt_len: int,
                       score_norm: str, max_ppl_increase: float | None, default_density: float,
-                      batch_size: int = 8, quiet: bool = False, tune_sequences: int = 16,
-                      continuation: int = 64) -> Calibration:
+                      batch_size: int = 8, quiet: bool = False, tune_sequences: int = 8,
+                      continuation: int = 32) -> Calibration:
     ev = Evaluator(lm, score_norm, batch_size, quiet)
     grid = sorted(set(DEFAULT_GRID) | set(densities) | set(BUDGET_LEVELS) | {default_density})
     ids = tokenize(lm.tokenizer, text)

@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx
 
 from .. import __version__, manifest
-from ..calibration import Calibration
+from ..calibration import CALIBRATION_FILE, Calibration
 from ..models import load_model, save_tokenizer
 from ..ops.contract import DOMAIN, OPSET_VERSION, PLUGIN_NAMESPACE, PLUGIN_VERSION, THRESHOLDS_INPUT
 from .decoder import OPSET, build_decoder
@@ -110,6 +110,8 @@ def build(model: str, out: str | Path, dtype: str = "float32", calibration: str 
         onnx.save(proto, tmp / MODEL_FILE)
         onnx.checker.check_model(str(tmp / MODEL_FILE))
         save_tokenizer(loaded.tokenizer, tmp)
+        if cal is not None:  # the whole table, so the runtime can switch density per request
+            cal.save(tmp / CALIBRATION_FILE)
         manifest.write(tmp, _manifest_data(loaded, spec, cal_summary, proto, use_external))
         del proto
         if out.exists():

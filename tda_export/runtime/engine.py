@@ -6,10 +6,9 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__, manifest
-from ..calibration import Calibration
+from ..calibration import CALIBRATION_FILE, Calibration
 
 BACKENDS = ("auto", "onnxruntime")
-CALIBRATION_FILE = "calibration.json"
 
 
 class EngineError(ValueError):

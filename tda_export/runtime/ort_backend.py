@@ -35,6 +35,7 @@ class OrtBackend:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or os.cpu_count() or 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3  # tda_thresholds is an overridable initializer on purpose; skip that warning
         self.session = ort.InferenceSession(str(model_path), opts,
                                             providers=providers or ort.get_available_providers())
         self.manifest = manifest
