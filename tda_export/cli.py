@@ -39,7 +39,6 @@ def recipes():
         click.echo(f"{r.name:16s} {r.architecture:12s} {r.dtype:9s} density {r.density:.2f}  {r.description}")
 
 
-
 from .cli_export import build, inspect  # noqa: E402  (the export commands live in their own module)
 
 main.add_command(build)

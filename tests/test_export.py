@@ -166,3 +166,15 @@ def test_smollm2_fp32_parity(tmp_path):
         counts = np.array([g[f"present_tda.{n}.active_count"] for n in range(len(ref_state))])
         ref_counts = np.array([c for _, c, _ in ref_state])
         assert np.abs(counts - ref_counts).max() <= 2, f"step {step}"
+
+
+def test_failed_build_leaves_nothing(tmp_path, tiny_dirs, monkeypatch):
+    import tda_export.export.build as build_mod
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_mod.manifest, "write", interrupted)  # the very last step
+    with pytest.raises(KeyboardInterrupt):
+        build(str(tiny_dirs["llama"]), tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == []
