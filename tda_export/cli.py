@@ -39,7 +39,6 @@ def recipes():
         click.echo(f"{r.name:16s} {r.architecture:12s} {r.dtype:9s} density {r.density:.2f}  {r.description}")
 
 
-
 def _register():
     from .cli_export import build, inspect
     from .cli_quality import calibrate, eval_

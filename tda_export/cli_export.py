@@ -7,18 +7,14 @@ from pathlib import Path
 
 import click
 
+from .cli import UserError
 from .export.spec import CLI_DTYPES
 
 
-class UserError(click.ClickException):
-    """Bad input: one clear line, exit code 2 (as cli.UserError; cli.py imports this module, not the reverse)."""
-    exit_code = 2
-
-
 @click.command()
-@click.option("--model", required=True, help="Recipe name, Hugging Face model directory or .gguf file.")
+@click.option("--model", "-m", required=True, help="Recipe name, Hugging Face model directory or .gguf file.")
 @click.option("--backend", type=click.Choice(["onnx"]), default="onnx", show_default=True)
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @click.option("--dtype", type=click.Choice(list(CLI_DTYPES)), default="fp32", show_default=True,
               help="Compute dtype of the graph (TDA scores are always fp32, logits are fp32).")
 @click.option("--calibration", type=click.Path(path_type=Path), help="Calibration file (tda-export calibrate).")

@@ -147,3 +147,34 @@ def test_polygraphy_inspect(tmp_path, tiny_dirs):
                         "--show", "layers"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "SparseGatedMLP" in r.stdout and "Attention" in r.stdout
+
+
+@pytest.mark.slow
+def test_smollm2_fp32_parity(tmp_path):
+    loaded = load_model("smollm2-135m")
+    ids, mask, pos = parity.prompt((24, 17), loaded.config.vocab_size, seed=1)
+    taus = parity.half_density_thresholds(loaded.model, loaded.activation, ids, mask, pos)
+    parity.write_calibration(tmp_path / "cal.json", loaded, taus)
+    out = build("smollm2-135m", tmp_path / "export", "float32", str(tmp_path / "cal.json"), progress=False)
+    onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
+    ref = parity.reference_run(loaded.model, loaded.activation, taus, ids, mask, pos, STEPS)
+    got = parity.onnx_run(out / "model.onnx", ids, mask, pos, STEPS, ref)
+    for step, ((ref_logits, ref_state), g) in enumerate(zip(ref, got)):
+        sel = mask.astype(bool) if step == 0 else np.ones(ref_logits.shape[:2], bool)
+        assert parity.rel(g["logits"][sel], ref_logits[sel]) < 1e-3, f"step {step}"
+        # 30 layers x 1536 neurons: allow the odd neuron sitting exactly on its threshold to flip
+        counts = np.array([g[f"present_tda.{n}.active_count"] for n in range(len(ref_state))])
+        ref_counts = np.array([c for _, c, _ in ref_state])
+        assert np.abs(counts - ref_counts).max() <= 2, f"step {step}"
+
+
+def test_failed_build_leaves_nothing(tmp_path, tiny_dirs, monkeypatch):
+    import tda_export.export.build as build_mod
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_mod.manifest, "write", interrupted)  # the very last step
+    with pytest.raises(KeyboardInterrupt):
+        build(str(tiny_dirs["llama"]), tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == []

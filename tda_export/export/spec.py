@@ -51,12 +51,6 @@ class DecoderSpec:
     qk_norm: bool                      # Gemma 3
     tied_embeddings: bool
 
-    def as_dict(self) -> dict:
-        d = dict(self.__dict__)
-        d["layers"] = [l.__dict__ for l in self.layers]
-        d["rope_types"] = list(self.rope_types)
-        return d
-
 
 def decoder_spec(loaded, dtype: str) -> DecoderSpec:
     if dtype not in DTYPES:

@@ -161,7 +161,6 @@ def opset_imports() -> list[onnx.OperatorSetIdProto]:
 def op_schema(op: OpSpec) -> onnx.defs.OpSchema:
     """Schema info (for tools that check or document custom domains); not needed to run a model."""
     S = onnx.defs.OpSchema
-    kinds = {"string": S.AttrType.STRING, "int": S.AttrType.INT, "float": S.AttrType.FLOAT}
     types = {"T": "T", "float32": "tensor(float)", "int32": "tensor(int32)"}
 
     def param(t):
@@ -169,7 +168,6 @@ def op_schema(op: OpSpec) -> onnx.defs.OpSchema:
 
     attrs = [S.Attribute(a.name, helper.make_attribute(a.name, a.default), a.doc) for a in op.attributes]
     attrs += [S.Attribute(k, helper.make_attribute(k, v), "TensorRT plugin lookup") for k, v in PLUGIN_ATTRS.items()]
-    assert all(kinds[a.type] for a in op.attributes)
     return S(op.name, op.domain, op.version, op.doc, inputs=[param(t) for t in op.inputs],
              outputs=[param(t) for t in op.outputs],
              type_constraints=[("T", [f"tensor({_onnx_type_name(d)})" for d in op.type_constraint], "float type")],
