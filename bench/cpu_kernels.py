@@ -1,6 +1,9 @@
-"""CPU library decode vs a dense torch MLP at several densities (batch 1).
+"""CPU library decode vs a dense torch MLP at several densities.
 
-Usage: python bench/cpu_kernels.py [--threads N] [--repeat R]
+Usage: python bench/cpu_kernels.py [--threads N] [--repeat R] [--batch B]
+
+With --batch B > 1 every sequence gets its own random mask of the given
+density (the union read is then larger than d*I).
 """
 from __future__ import annotations
 
@@ -61,16 +64,18 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--batch", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{datetime.date.today()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__} ({args.threads} threads), fp32, batch 1, best of {args.repeat}, "
+          f"torch {torch.__version__} ({args.threads} threads), fp32, batch {args.batch}, best of {args.repeat}, "
           f"load average {os.getloadavg()[0]:.1f}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}\n")
     print("| shape (H, I) | density | sparse (µs) | dense torch (µs) | speed-up |")
     print("|---|---|---|---|---|")
     rng = np.random.default_rng(0)
     for name, (h, i) in SHAPES.items():
-        x, gu, wd, _, _ = testing.decode_problem(1, h, i, torch.float32, [np.zeros(0, np.int32)], 0)
+        x, gu, wd, _, _ = testing.decode_problem(args.batch, h, i, torch.float32, [np.zeros(0, np.int32)] * args.batch,
+                                                 0)
         w_gate, w_up, w_down = gu[:, 0].contiguous(), gu[:, 1].contiguous(), wd.t().contiguous()
 
         def dense():
@@ -81,8 +86,8 @@ def main() -> None:
         t_dense = _time(dense, args.repeat)
         for d in DENSITIES:
             idx, cnt = testing.state_from_masks([testing.make_mask("full", i, rng) if d == 1.0 else
-                                                 np.sort(rng.choice(i, int(d * i), replace=False)).astype(np.int32)],
-                                                i)
+                                                 np.sort(rng.choice(i, int(d * i), replace=False)).astype(np.int32)
+                                                 for _ in range(args.batch)], i)
             idx, cnt = torch.from_numpy(idx), torch.from_numpy(cnt)
             t_sparse = _time(_decode_call(x, gu, wd, idx, cnt), args.repeat)
             print(f"| {name} ({h}, {i}) | {d:.1f} | {t_sparse:.0f} | {t_dense:.0f} | {t_dense / t_sparse:.2f}x |")

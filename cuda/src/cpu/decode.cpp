@@ -179,10 +179,14 @@ DecodeKernels select_kernels(tda_dtype_t d, tda_activation_t a) {
   return generic_kernels(d, a);
 }
 
-// Multiply-adds below which one more thread costs more than it saves: a
-// fork/join is a few µs on an idle box and far more on a loaded one, while
-// 2^18 fp32 multiply-adds stream ~1 MB of weights (tens of µs).
-constexpr int64_t kWorkPerThread = int64_t(1) << 18;
+// Multiply-adds per thread below which a thread does not pay for itself.
+// Measured with OMP_WAIT_POLICY=PASSIVE (the sane setting on a shared box):
+// waking and joining a sleeping worker costs ~20-30 µs, and on a loaded box
+// a barrier can wait a whole scheduler slice (ms) for a descheduled worker.
+// 2^20 fp32 multiply-adds stream ~4 MB of weights, ~60 µs on one core, so
+// calls shorter than that stay on the calling thread (no fork/join at all).
+// The caller's thread count (OMP_NUM_THREADS, torch.set_num_threads) caps it.
+constexpr int64_t kWorkPerThread = int64_t(1) << 20;
 
 template <tda_dtype_t D>
 void run(const tda_decode_args_t* a, const DecodeWs& w) {

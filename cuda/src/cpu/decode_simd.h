@@ -11,21 +11,22 @@
 template <tda_dtype_t D>
 using T_ = typename Elem<D>::type;
 
-template <class P>
-static inline void prefetch_row(const P* p, int32_t n) {
-  const char* c = reinterpret_cast<const char*>(p);
-  for (int32_t i = 0; i < n * int32_t(sizeof(P)); i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
-}
-
 // Gate and up dot products of one weight row pair with NB sequences' inputs
 // (xs[s]); UNR vectors per step give NB*UNR*2 independent FMA chains.
 template <tda_dtype_t D, int NB, int UNR>
-static inline void dots(const float* const* xs, const T_<D>* g, const T_<D>* u, int32_t H, float* go, float* uo) {
+static inline void dots(const float* const* xs, const T_<D>* g, const T_<D>* u, int32_t H, float* go, float* uo,
+                        const T_<D>* pf) {
   typename V::R ag[NB][UNR], au[NB][UNR];
   for (int s = 0; s < NB; ++s)
     for (int r = 0; r < UNR; ++r) ag[s][r] = au[s][r] = V::zero();
   int32_t i = 0;
   for (; i + UNR * V::W <= H; i += UNR * V::W) {
+    if (pf) {  // the next row pair, at the same offsets (one line per 64 bytes read)
+      for (int32_t o = 0; o < UNR * V::W * int32_t(sizeof(T_<D>)); o += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(pf + i) + o, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(pf + H + i) + o, _MM_HINT_T0);
+      }
+    }
     for (int r = 0; r < UNR; ++r) {
       const typename V::R wg = V::template ld<D>(g + i + r * V::W), wu = V::template ld<D>(u + i + r * V::W);
       for (int s = 0; s < NB; ++s) {
@@ -76,13 +77,13 @@ static void gate_up(const DecodeCtx& c, int32_t k0, int32_t k1) {
     const int32_t j = c.rows[k];
     const T* g = gu + int64_t(j) * 2 * H;
     // The next active row is not where the hardware prefetcher would look.
-    if (k + 1 < k1) prefetch_row(gu + int64_t(c.rows[k + 1]) * 2 * H, 2 * H);
+    const T* pf = k + 1 < k1 ? gu + int64_t(c.rows[k + 1]) * 2 * H : nullptr;
     float* zr = c.z + int64_t(k) * B;
     uint64_t m = c.mask[j];
     if (B == 1) {
       const float* xs[1] = {c.x};
       float gv, uv;
-      dots<D, 1, 4>(xs, g, g + H, H, &gv, &uv);
+      dots<D, 1, 4>(xs, g, g + H, H, &gv, &uv, pf);
       zr[0] = Elem<D>::round(activate<A>(gv) * uv);
       continue;
     }
@@ -100,7 +101,7 @@ static void gate_up(const DecodeCtx& c, int32_t k0, int32_t k1) {
       const float* xs[NB];
       float gv[NB], uv[NB];
       for (int s = 0; s < NB; ++s) xs[s] = c.x + int64_t(seq[s0 + s]) * H;
-      dots<D, NB, UNR>(xs, g, g + H, H, gv, uv);
+      dots<D, NB, UNR>(xs, g, g + H, H, gv, uv, s0 == 0 ? pf : nullptr);
       for (int s = 0; s < NB; ++s) zr[seq[s0 + s]] = Elem<D>::round(activate<A>(gv[s]) * uv[s]);
       s0 += NB;
     };
