@@ -214,3 +214,40 @@ def test_select_active_negative_and_nan_threshold(device):
     scores = np.array([[-3.0, -1.0, -2.0, -1.0], [0.5, 2.0, 0.0, 1.0]], np.float32)
     _check_select(device, scores, 0.5)
     _check_select(device, scores, float("nan"))
+
+
+# The CPU library picks AVX-512 / AVX2 / portable loops from CPUID per call;
+# TDA_CPU_ISA caps the choice, so every variant this machine can run is
+# checked (a cap above what the CPU has falls back to the best available).
+@pytest.mark.parametrize("isa", ["generic", "avx2", "best"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hidden,inter", [(40, 72), (72, 136), (576, 1536)])
+def test_decode_cpu_isa_variants(monkeypatch, isa, dtype, hidden, inter):
+    if isa != "best":
+        monkeypatch.setenv("TDA_CPU_ISA", isa)
+    _check_decode("cpu", dtype, hidden, inter, ["full"], seed=1)
+    _check_decode("cpu", dtype, hidden, inter, ["random"], seed=2)
+    # Batched tiles of 4/2/1 active sequences per row, all-masked rows.
+    _check_decode("cpu", dtype, hidden, inter, ["random", "full", "empty", "random", "single", "random", "last"],
+                  activation="gelu_tanh", seed=3)
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "best"])
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_decode_cpu_thread_count_invariant(monkeypatch, isa, batch):
+    """Bitwise-equal output for 1, 2 and 3 OpenMP threads (row split for
+    gate/up, column split for down)."""
+    if isa != "best":
+        monkeypatch.setenv("TDA_CPU_ISA", isa)
+    x, gu, wd, idx, cnt = testing.decode_problem(batch, 1048, 2048, torch.float32,
+                                                 _masks(["full", "random"] * batch, 2048, 8)[:batch], 8)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)  # the same libgomp as the kernel library
+            outs.append(testing.run_decode(x, gu, wd, idx, cnt)[1])
+    finally:
+        torch.set_num_threads(before)
+    assert testing.rel_error(outs[0], testing.decode_reference(x, gu, wd, idx, cnt)) < 1e-5
+    assert all(torch.equal(outs[0], o) for o in outs[1:])

@@ -1,14 +1,23 @@
 // CPU decode: the same union-of-active-rows algorithm as the GPU, with fp32
-// accumulation. Each thread owns a slice of output columns in the down
-// projection, so every output is summed in row order whatever the thread
-// count: the CPU result is always deterministic.
+// accumulation, in two phases: gate/up dot products + activation over the
+// active rows (split across threads by row), then the down-projection axpy
+// (split across threads by output column). Every z and every output element
+// is computed by one thread in a fixed order, so the result is deterministic
+// whatever the thread count.
+//
+// The library is built without -march; the hot loops come in three variants
+// chosen per call from CPUID: AVX-512F (decode_avx512.cpp), AVX2+FMA+F16C
+// (decode_avx2.cpp) and this file's portable `omp simd` loops. TDA_CPU_ISA=
+// avx2 or generic caps the choice (tests use it to cover every variant).
 #include <omp.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <algorithm>
 
 #include "../activation.h"
 #include "../common.h"
+#include "decode_ctx.h"
 #include "fp.h"
 
 namespace tda {
@@ -36,14 +45,26 @@ DecodeWs carve(const tda_decode_args_t* a, void* base) {
   return w;
 }
 
-// Union of the sequences' sorted lists; returns its length.
-int32_t build_union(const tda_decode_args_t* a, const DecodeWs& w) {
+// Union of the sequences' sorted lists; returns its length and the number of
+// (sequence, row) pairs.
+int32_t build_union(const tda_decode_args_t* a, const DecodeWs& w, int64_t* pairs) {
   const int32_t B = a->batch, I = a->intermediate;
+  *pairs = 0;
+  if (B == 1) {  // one sorted list is its own union
+    const int32_t n = clamp_count(a->active_count[0], I);
+    for (int32_t k = 0; k < n; ++k) {
+      w.rows[k] = a->active_idx[k];
+      w.mask[a->active_idx[k]] = 1;
+    }
+    *pairs = n;
+    return n;
+  }
   memset(w.mask, 0, sizeof(uint64_t) * I);
   for (int32_t b = 0; b < B; ++b) {
     const int32_t n = clamp_count(a->active_count[b], I);
     const int32_t* idx = a->active_idx + int64_t(b) * I;
     for (int32_t k = 0; k < n; ++k) w.mask[idx[k]] |= uint64_t(1) << b;
+    *pairs += n;
   }
   int32_t u = 0;
   for (int32_t j = 0; j < I; ++j)
@@ -51,7 +72,8 @@ int32_t build_union(const tda_decode_args_t* a, const DecodeWs& w) {
   return u;
 }
 
-// Gate and up dot products in one pass over x.
+// ---- Portable variant (SSE2 at baseline flags) ----
+
 template <tda_dtype_t D>
 void dot2(const float* x, const typename Elem<D>::type* gate, const typename Elem<D>::type* up, int32_t n,
           float* g_out, float* u_out) {
@@ -66,67 +88,141 @@ void dot2(const float* x, const typename Elem<D>::type* gate, const typename Ele
 }
 
 template <tda_dtype_t D, tda_activation_t A>
-void run(const tda_decode_args_t* a, const DecodeWs& w) {
+void gate_up_generic(const DecodeCtx& c, int32_t k0, int32_t k1) {
   using T = typename Elem<D>::type;
-  const int32_t B = a->batch, H = a->hidden;
-  const T* x_in = static_cast<const T*>(a->hidden_states);
-  const T* gu = static_cast<const T*>(a->gate_up_weight);
-  const T* wd = static_cast<const T*>(a->down_weight_t);
-
-  for (int64_t i = 0; i < int64_t(B) * H; ++i) w.x[i] = Elem<D>::load(x_in, i);
-  const int32_t U = build_union(a, w);
-
-  // Below ~100k multiply-adds a thread team costs more than it saves.
-#pragma omp parallel if (int64_t(U) * H * B > (int64_t(1) << 17))
-  {
-#pragma omp for schedule(static)
-    for (int32_t k = 0; k < U; ++k) {
-      const int32_t j = w.rows[k];
-      const T* gate = gu + int64_t(j) * 2 * H;
-      for (int32_t b = 0; b < B; ++b) {
-        float zv = 0.0f;
-        if (w.mask[j] >> b & 1) {
-          const float* xb = w.x + int64_t(b) * H;
-          float g, u;
-          dot2<D>(xb, gate, gate + H, H, &g, &u);
-          zv = Elem<D>::round(activate<A>(g) * u);
-        }
-        w.z[int64_t(k) * B + b] = zv;
+  const T* gu = static_cast<const T*>(c.gate_up);
+  for (int32_t k = k0; k < k1; ++k) {
+    const int32_t j = c.rows[k];
+    const T* gate = gu + int64_t(j) * 2 * c.H;
+    for (int32_t b = 0; b < c.B; ++b) {
+      float zv = 0.0f;
+      if (c.mask[j] >> b & 1) {
+        float g, u;
+        dot2<D>(c.x + int64_t(b) * c.H, gate, gate + c.H, c.H, &g, &u);
+        zv = Elem<D>::round(activate<A>(g) * u);
       }
-    }
-    // One contiguous column slice per thread (multiples of 16 floats keep
-    // threads off each other's cache lines): long runs of each weight row
-    // for the prefetcher. Every output still sums rows in order, so the
-    // result does not depend on the thread count.
-    const int32_t slice = std::max(256, (H / omp_get_num_threads() + 15) / 16 * 16);
-#pragma omp for schedule(static)
-    for (int32_t c0 = 0; c0 < H; c0 += slice) {
-      const int32_t c1 = std::min(H, c0 + slice);
-      for (int32_t b = 0; b < B; ++b) std::fill(w.acc + int64_t(b) * H + c0, w.acc + int64_t(b) * H + c1, 0.0f);
-      for (int32_t k = 0; k < U; ++k) {
-        const T* row = wd + int64_t(w.rows[k]) * H;
-        for (int32_t b = 0; b < B; ++b) {
-          if (!(w.mask[w.rows[k]] >> b & 1)) continue;
-          const float zv = w.z[int64_t(k) * B + b];
-          float* acc = w.acc + int64_t(b) * H;
-#pragma omp simd
-          for (int32_t c = c0; c < c1; ++c) acc[c] += zv * Elem<D>::load(row, c);
-        }
-      }
-      T* out = static_cast<T*>(a->output);
-      for (int32_t b = 0; b < B; ++b)
-        for (int32_t c = c0; c < c1; ++c) Elem<D>::store(out, int64_t(b) * H + c, w.acc[int64_t(b) * H + c]);
+      c.z[int64_t(k) * c.B + b] = zv;
     }
   }
 }
 
 template <tda_dtype_t D>
-void run_dtype(const tda_decode_args_t* a, const DecodeWs& w) {
-  switch (a->activation) {
-    case TDA_ACT_SILU: return run<D, TDA_ACT_SILU>(a, w);
-    case TDA_ACT_GELU_TANH: return run<D, TDA_ACT_GELU_TANH>(a, w);
-    case TDA_ACT_GELU: return run<D, TDA_ACT_GELU>(a, w);
-    case TDA_ACT_RELU: return run<D, TDA_ACT_RELU>(a, w);
+void down_generic(const DecodeCtx& c, int32_t c0, int32_t c1) {
+  using T = typename Elem<D>::type;
+  const T* wd = static_cast<const T*>(c.down);
+  const int32_t B = c.B, H = c.H;
+  for (int32_t b = 0; b < B; ++b) std::fill(c.acc + int64_t(b) * H + c0, c.acc + int64_t(b) * H + c1, 0.0f);
+  for (int32_t k = 0; k < c.U; ++k) {
+    const T* row = wd + int64_t(c.rows[k]) * H;
+    for (int32_t b = 0; b < B; ++b) {
+      if (!(c.mask[c.rows[k]] >> b & 1)) continue;
+      const float zv = c.z[int64_t(k) * B + b];
+      float* acc = c.acc + int64_t(b) * H;
+#pragma omp simd
+      for (int32_t i = c0; i < c1; ++i) acc[i] += zv * Elem<D>::load(row, i);
+    }
+  }
+  T* out = static_cast<T*>(c.out);
+  for (int32_t b = 0; b < B; ++b)
+    for (int32_t i = c0; i < c1; ++i) Elem<D>::store(out, int64_t(b) * H + i, c.acc[int64_t(b) * H + i]);
+}
+
+template <tda_dtype_t D>
+DecodeKernels generic_for(tda_activation_t a) {
+  switch (a) {
+    case TDA_ACT_SILU: return {gate_up_generic<D, TDA_ACT_SILU>, down_generic<D>};
+    case TDA_ACT_GELU_TANH: return {gate_up_generic<D, TDA_ACT_GELU_TANH>, down_generic<D>};
+    case TDA_ACT_GELU: return {gate_up_generic<D, TDA_ACT_GELU>, down_generic<D>};
+    case TDA_ACT_RELU: break;
+  }
+  return {gate_up_generic<D, TDA_ACT_RELU>, down_generic<D>};
+}
+
+DecodeKernels generic_kernels(tda_dtype_t d, tda_activation_t a) {
+  switch (d) {
+    case TDA_F16: return generic_for<TDA_F16>(a);
+    case TDA_BF16: return generic_for<TDA_BF16>(a);
+    case TDA_F32: break;
+  }
+  return generic_for<TDA_F32>(a);
+}
+
+// ---- Dispatch ----
+
+enum Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa cpu_isa() {
+  static const Isa best = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return kAvx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+      // F16C has no __builtin_cpu_supports name: CPUID.1:ECX bit 29.
+      unsigned a, b, c, d;
+      __asm__("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(1), "c"(0));
+      if (c >> 29 & 1) return kAvx2;
+    }
+    return kGeneric;
+  }();
+  // Read per call (a getenv is ~100 ns) so tests can switch variants.
+  const char* cap = getenv("TDA_CPU_ISA");
+  if (cap && strcmp(cap, "generic") == 0) return kGeneric;
+  if (cap && strcmp(cap, "avx2") == 0) return std::min(best, kAvx2);
+  return best;
+}
+
+DecodeKernels select_kernels(tda_dtype_t d, tda_activation_t a) {
+  switch (cpu_isa()) {
+    case kAvx512: return avx512_kernels(d, a);
+    case kAvx2: return avx2_kernels(d, a);
+    case kGeneric: break;
+  }
+  return generic_kernels(d, a);
+}
+
+// Multiply-adds per thread below which a thread does not pay for itself.
+// Measured with OMP_WAIT_POLICY=PASSIVE (the sane setting on a shared box):
+// waking and joining a sleeping worker costs ~20-30 µs, and on a loaded box
+// a barrier can wait a whole scheduler slice (ms) for a descheduled worker.
+// 2^20 fp32 multiply-adds stream ~4 MB of weights, ~60 µs on one core, so
+// calls shorter than that stay on the calling thread (no fork/join at all).
+// The caller's thread count (OMP_NUM_THREADS, torch.set_num_threads) caps it.
+constexpr int64_t kWorkPerThread = int64_t(1) << 20;
+
+template <tda_dtype_t D>
+void run(const tda_decode_args_t* a, const DecodeWs& w) {
+  using T = typename Elem<D>::type;
+  const int32_t B = a->batch, H = a->hidden;
+  const T* x_in = static_cast<const T*>(a->hidden_states);
+  for (int64_t i = 0; i < int64_t(B) * H; ++i) w.x[i] = Elem<D>::load(x_in, i);
+  int64_t pairs;
+  const int32_t U = build_union(a, w, &pairs);
+  const DecodeCtx c{B, H, U, w.x, w.mask, w.rows, w.z, w.acc, a->gate_up_weight, a->down_weight_t, a->output};
+  const DecodeKernels k = select_kernels(a->dtype, a->activation);
+
+  // Work: 3 multiply-adds per (pair, column), plus the union rows' reads.
+  const int64_t work = 3 * (pairs + U) * int64_t(H);
+  const int nt = int(std::min<int64_t>(omp_get_max_threads(), std::max<int64_t>(1, work / kWorkPerThread)));
+  // Column slices are multiples of 16 floats (64 bytes), so threads never
+  // share a cache line of acc/output.
+  const int32_t H16 = (H + 15) / 16;
+  auto body = [&](int t, int n) {
+    k.gate_up(c, int32_t(int64_t(U) * t / n), int32_t(int64_t(U) * (t + 1) / n));
+  };
+  auto cols = [&](int t, int n) {
+    const int32_t c0 = int32_t(int64_t(H16) * t / n) * 16, c1 = std::min(H, int32_t(int64_t(H16) * (t + 1) / n) * 16);
+    if (c0 < c1) k.down(c, c0, c1);
+  };
+  if (nt <= 1) {
+    body(0, 1);
+    cols(0, 1);
+    return;
+  }
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num(), n = omp_get_num_threads();
+    body(t, n);
+#pragma omp barrier
+    cols(t, n);
   }
 }
 
@@ -145,9 +241,9 @@ extern "C" tda_status_t tda_sparse_gated_mlp_decode(const tda_decode_args_t* a, 
   if (s != TDA_OK || a->batch == 0) return s;
   const tda::cpu::DecodeWs w = tda::cpu::carve(a, ws);
   switch (a->dtype) {
-    case TDA_F32: tda::cpu::run_dtype<TDA_F32>(a, w); break;
-    case TDA_F16: tda::cpu::run_dtype<TDA_F16>(a, w); break;
-    case TDA_BF16: tda::cpu::run_dtype<TDA_BF16>(a, w); break;
+    case TDA_F32: tda::cpu::run<TDA_F32>(a, w); break;
+    case TDA_F16: tda::cpu::run<TDA_F16>(a, w); break;
+    case TDA_BF16: tda::cpu::run<TDA_BF16>(a, w); break;
   }
   return TDA_OK;
 }

@@ -1,0 +1,60 @@
+// AVX2+FMA (+F16C) decode kernels. The library is built without -march, so
+// only the functions after the target pragma may use these instructions;
+// decode.cpp calls them only when CPUID reports AVX2, FMA and F16C.
+#include <immintrin.h>
+
+#include <type_traits>
+
+#include "../activation.h"
+#include "decode_ctx.h"
+#include "fp.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+namespace tda {
+namespace cpu {
+namespace {
+
+struct V {
+  using R = __m256;
+  static constexpr int W = 8;
+  static R zero() { return _mm256_setzero_ps(); }
+  static R set1(float f) { return _mm256_set1_ps(f); }
+  static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  static R add(R a, R b) { return _mm256_add_ps(a, b); }
+  static float hsum(R r) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(r), _mm256_extractf128_ps(r, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static R loadf(const float* p) { return _mm256_loadu_ps(p); }
+  static void storef(float* p, R r) { _mm256_storeu_ps(p, r); }
+  // 8-lane tails are whole vectors here (decode_simd.h never needs them).
+  static R loadf8(const float* p) { return loadf(p); }
+  static void storef8(float* p, R r) { storef(p, r); }
+  template <tda_dtype_t D>
+  static R ld8(const typename Elem<D>::type* p) { return ld<D>(p); }
+  template <tda_dtype_t D>
+  static R ld(const typename Elem<D>::type* p) {
+    if constexpr (D == TDA_F32) {
+      return _mm256_loadu_ps(p);
+    } else {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+      if constexpr (D == TDA_F16) return _mm256_cvtph_ps(h);
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+  }
+};
+
+#include "decode_simd.h"
+
+}  // namespace
+
+DecodeKernels avx2_kernels(tda_dtype_t d, tda_activation_t a) { return kernels(d, a); }
+
+}  // namespace cpu
+}  // namespace tda
+
+#pragma GCC pop_options
