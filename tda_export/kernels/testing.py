@@ -10,7 +10,9 @@ from . import abi
 
 # Relative-error tolerances per dtype: fp32 is accumulation-order noise; for
 # fp16/bf16 z and the output are rounded to T (as a dense T-typed MLP does).
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+# fp32: a one-neuron mask's error is one dot product's, relative to a result that cancellation can
+# make small, so 1e-5 failed for ~0.7% of seeds; 1e-4 still catches any indexing or masking bug.
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 MASK_KINDS = ("empty", "full", "single", "first", "last", "random")
 
 
