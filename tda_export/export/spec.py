@@ -57,6 +57,11 @@ class DecoderSpec:
         d["rope_types"] = list(self.rope_types)
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "DecoderSpec":
+        """Inverse of as_dict (the manifest stores it, so a runtime rebuilds the network without HF)."""
+        return cls(**dict(d, layers=tuple(LayerSpec(**l) for l in d["layers"]), rope_types=tuple(d["rope_types"])))
+
 
 def decoder_spec(loaded, dtype: str) -> DecoderSpec:
     if dtype not in DTYPES:
