@@ -121,7 +121,7 @@ def _torch(directory: Path, data: dict, threads, options: dict):
     from .torch_backend import TorchBackend, TorchBackendError
 
     try:
-        return TorchBackend(directory / data["model_file"], data, threads=threads, **options)
+        return TorchBackend.from_engine(directory / data["model_file"], data, threads=threads, **options)
     except TorchBackendError as e:
         raise EngineError(str(e)) from None
 

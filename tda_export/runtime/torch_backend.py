@@ -40,13 +40,18 @@ class _State:
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, model_path: Path, manifest: dict, device: str | torch.device | None = None,
-                 threads: int | None = None, max_batch: int = DEFAULT_MAX_BATCH, max_context: int | None = None,
-                 cuda_graphs: bool = True):
+    @classmethod
+    def from_engine(cls, model_path: Path, manifest: dict, **options) -> "TorchBackend":
+        """The engine's own ONNX initializers, network rebuilt from the manifest's DecoderSpec."""
         if "decoder_spec" not in manifest:
             raise TorchBackendError(f"{model_path.parent}: manifest has no decoder_spec (built by an older "
                                     f"tda-export); rebuild the engine to use the torch backend")
-        spec = DecoderSpec.from_dict(manifest["decoder_spec"])
+        return cls(DecoderSpec.from_dict(manifest["decoder_spec"]), load_initializers(model_path), **options)
+
+    def __init__(self, spec: DecoderSpec, weights: dict[str, torch.Tensor], device: str | torch.device | None = None,
+                 threads: int | None = None, max_batch: int = DEFAULT_MAX_BATCH, max_context: int | None = None,
+                 cuda_graphs: bool = True):
+        """weights: initializer name -> tensor (consumed: moved to the device and dropped from the dict)."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise TorchBackendError("device cuda requested but torch sees no GPU")
@@ -56,7 +61,7 @@ class TorchBackend:
         if threads and device.type == "cpu":
             torch.set_num_threads(threads)
         self.device, self.max_batch, self.max_context = device, max_batch, max_context
-        self.net = TorchDecoder(spec, load_initializers(model_path), device, max_batch, max_context)
+        self.net = TorchDecoder(spec, weights, device, max_batch, max_context)
         self.mlp = TdaMLP(self.net, spec.activation)
         self.pad_mask = torch.zeros(max_batch, max_context, dtype=torch.bool, device=device)
         self._owner: _State | None = None
