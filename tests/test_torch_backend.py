@@ -66,6 +66,7 @@ def _decode_both(torch_b, ort_b, ids, mask, thresholds):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_matches_ort(engines, family, decode_path, monkeypatch):
     monkeypatch.setattr(torch_tda, "CPU_DENSE_ABOVE", 1.0 if decode_path == "kernel" else 0.0)
+    monkeypatch.setattr(torch_tda, "CPU_KERNEL_MAX_BATCH", 64 if decode_path == "kernel" else 1)
     t, o = _load(engines[family], "torch", max_context=64), _load(engines[family], "onnxruntime")
     ids, mask, _ = parity.prompt(LENS, t.manifest["vocab_size"])
     errs, counts = _decode_both(t.backend, o.backend, ids, mask, t.thresholds())

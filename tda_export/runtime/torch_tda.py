@@ -16,11 +16,13 @@ from .torch_decoder import TorchDecoder
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu,
                "relu": F.relu}
 
-# CPU only: above this fraction of neurons active (union over the batch) a layer decodes as a dense
-# torch MLP with the inactive neurons zeroed — the same result — because MKL's AVX2/512 GEMV beats our
-# portable SSE2 kernel there: bench/RESULTS.md measured the kernel at 0.93x dense at density 0.5 on
-# SmolLM2 shapes and 1.25x on 2048x8192, 0.5x at density 1.0. The CUDA kernel is used at every density.
+# CPU only: above this fraction of neurons active (union over the batch), or for any batch > 1, a layer
+# decodes as a dense torch MLP with the inactive neurons zeroed — the same result — because MKL's
+# AVX2/512 GEMM beats our portable SSE2 kernel there: bench/RESULTS.md measured the kernel at 0.93x dense
+# at density 0.5 on SmolLM2 shapes and 1.25x on 2048x8192, 0.5x at density 1.0; and SmolLM2 batch 4
+# decoding at 0.49-0.85x its own dense with the kernel. The CUDA kernel is used at every density and batch.
 CPU_DENSE_ABOVE = 0.5
+CPU_KERNEL_MAX_BATCH = 1
 
 
 class TdaMLP:
@@ -61,7 +63,7 @@ class TdaMLP:
         mask = torch.zeros(B, inter + 1, dtype=torch.bool, device=idx.device)
         mask.scatter_(1, torch.where(keep, idx.long(), inter), True)
         mask = mask[:, :inter]
-        if mask.any(0).float().mean() <= CPU_DENSE_ABOVE:
+        if B <= CPU_KERNEL_MAX_BATCH and mask.any(0).float().mean() <= CPU_DENSE_ABOVE:
             return None
         return mask.to(self.net.dtype)[:, None, :]
 
