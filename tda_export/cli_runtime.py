@@ -11,17 +11,28 @@ from .cli import UserError
 ENGINE = click.option("--engine", "-e", "engine_dir", required=True, type=click.Path(),
                       help="Directory written by `tda-export build`.")
 THREADS = click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads [all cores].")
+BACKEND = click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto",
+                        show_default=True,
+                        help="auto: torch on a GPU; on a CPU whichever decodes faster at the engine's default "
+                             "thresholds (measured once per machine and cached).")
 DENSITY = click.option("--density", "-d", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
                        help="Density for this run (needs the engine's calibration); default: the built thresholds.")
 
 
-def _engine(engine_dir, threads):
+def _engine(engine_dir, threads, backend, max_batch=None):
     from .runtime.engine import Engine, EngineError
 
     try:
-        return Engine.load(engine_dir, threads=threads)
+        engine = Engine.load(engine_dir, backend=backend, threads=threads, max_batch=max_batch)
     except (EngineError, FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
+    if engine.choice is not None:
+        c = engine.choice
+        rates = ", ".join(f"{k} {v:.1f}" for k, v in c.tok_s.items())
+        click.echo(f"backend auto -> {c.backend}{' (cached choice)' if c.cached else ''}: decode tok/s at the "
+                   f"default thresholds {rates}" + ("; TDA slower than dense here, so the default is dense"
+                                                    if c.dense_default else ""), err=True)
+    return engine
 
 
 @click.command()
@@ -36,7 +47,8 @@ def _engine(engine_dir, threads):
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
 @DENSITY
 @THREADS
-def run(engine_dir, prompt, max_new_tokens, temperature, top_k, top_p, stop, seed, chat, density, threads):
+@BACKEND
+def run(engine_dir, prompt, max_new_tokens, temperature, top_k, top_p, stop, seed, chat, density, threads, backend):
     """Generate from a prompt, streaming tokens to stdout.
 
     \b
@@ -47,7 +59,7 @@ def run(engine_dir, prompt, max_new_tokens, temperature, top_k, top_p, stop, see
     from .runtime.generate import ContextTooLong, Stats, stream
     from .runtime.sampling import SamplingParams
 
-    engine = _engine(engine_dir, threads)
+    engine = _engine(engine_dir, threads, backend)
     if chat:
         prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                                       add_generation_prompt=True, tokenize=False)
@@ -74,14 +86,15 @@ def run(engine_dir, prompt, max_new_tokens, temperature, top_k, top_p, stop, see
 @click.option("--max-batch", type=click.IntRange(1), default=8, show_default=True,
               help="Requests run together in one batch.")
 @THREADS
-def serve(engine_dir, host, port, queue_size, max_batch, threads):
+@BACKEND
+def serve(engine_dir, host, port, queue_size, max_batch, threads, backend):
     """Serve an OpenAI-compatible API: /v1/completions, /v1/chat/completions (SSE streaming), /health, /metrics.
 
     Requests may carry a "density" field (0-1] to change TDA sparsity per request.
     """
     from .runtime.server import Server
 
-    engine = _engine(engine_dir, threads)
+    engine = _engine(engine_dir, threads, backend, max_batch)
     server = Server(engine, host, port, queue_size, max_batch)
     click.echo(f"serving {engine.manifest.get('model')} on http://{host}:{server.port} "
                f"(backend {engine.backend.name})", err=True)
@@ -102,11 +115,12 @@ def serve(engine_dir, host, port, queue_size, max_batch, threads):
 @click.option("--repeats", type=click.IntRange(1), default=3, show_default=True, help="Best of N runs.")
 @click.option("--json", "as_json", is_flag=True)
 @THREADS
-def bench(engine_dir, densities, prompt_tokens, new_tokens, batch, repeats, as_json, threads):
+@BACKEND
+def bench(engine_dir, densities, prompt_tokens, new_tokens, batch, repeats, as_json, threads, backend):
     """Time to first token and decode tokens/s at density 1.0 vs the engine's TDA densities, in one run."""
     from .runtime.bench import run_bench
 
-    engine = _engine(engine_dir, threads)
+    engine = _engine(engine_dir, threads, backend, batch)
     try:
         wanted = [float(d) for d in densities.split(",")] if densities else None
         rows = run_bench(engine, wanted, prompt_tokens, new_tokens, batch, repeats)

@@ -153,6 +153,7 @@ def _manifest_data(loaded, spec, cal_summary, proto, external: bool) -> dict:
         "num_heads": spec.heads, "num_kv_heads": spec.kv_heads, "head_dim": spec.head_dim,
         "vocab_size": spec.vocab, "max_context": spec.max_context,
         "sliding_windows": [l.window for l in spec.layers],
+        "decoder_spec": spec.as_dict(),  # what a runtime needs to rebuild the network from the initializers
         "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
         "calibration": cal_summary, "thresholds_input": THRESHOLDS_INPUT,
         "opset": {"": OPSET, DOMAIN: OPSET_VERSION},

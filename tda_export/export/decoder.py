@@ -18,7 +18,7 @@ from .. import arch
 from ..ops.contract import SELECT_ACTIVE, SPARSE_GATED_MLP, STATE_TENSORS
 from ..ops.onnx_ops import functions_for, make_node
 from ..ops.onnx_ops import opset_imports as tda_opset_imports
-from . import io
+from . import io, names
 from .graph import Graph
 from .spec import DecoderSpec
 from .weights import ONNX_TYPES, WeightWriter
@@ -43,14 +43,14 @@ class _Decoder:
 
     def linear(self, x: str, lin: torch.nn.Linear, name: str) -> str:
         """x @ W^T (+ b); the weight is stored transposed so MatMul reads it as [in, out]."""
-        y = self.g.op("MatMul", x, self.w.add(f"{name}.weight_t", lin.weight.T), name=name)
+        y = self.g.op("MatMul", x, self.w.add(names.linear_weight_t(name), lin.weight.T), name=name)
         if lin.bias is not None:
-            y = self.g.op("Add", y, self.w.add(f"{name}.bias", lin.bias), name=name)
+            y = self.g.op("Add", y, self.w.add(names.linear_bias(name), lin.bias), name=name)
         return y
 
     def norm(self, x: str, module, name: str) -> str:
         weight = module.weight.float() + self.s.norm_offset  # Gemma's (1 + w), folded in float32
-        return self.g.op("RMSNormalization", x, self.w.add(f"{name}.weight", weight), name=name, axis=-1,
+        return self.g.op("RMSNormalization", x, self.w.add(names.weight(name), weight), name=name, axis=-1,
                          epsilon=self.s.rms_eps, stash_type=1)
 
     # ---- graph parts ---------------------------------------------------------------------
@@ -99,19 +99,19 @@ class _Decoder:
             with torch.no_grad():
                 cos, sin = rot(x, pos) if rope == "default" else rot(x, pos, rope)
             half = self.s.head_dim // 2
-            caches[rope] = (self.w.add(f"rope.{rope}.cos", cos[0, :, :half].float()),
-                            self.w.add(f"rope.{rope}.sin", sin[0, :, :half].float()))
+            caches[rope] = (self.w.add(names.rope(rope, "cos"), cos[0, :, :half].float()),
+                            self.w.add(names.rope(rope, "sin"), sin[0, :, :half].float()))
         return caches
 
     def attention(self, n: int, x: str, layer, masks, ropes) -> str:
         g, s, a = self.g, self.s, layer.self_attn
-        p = f"layers.{n}.attn"
-        q, k, v = (self.linear(x, getattr(a, f"{c}_proj"), f"{p}.{c}_proj") for c in "qkv")
+        p = names.attn(n)
+        q, k, v = (self.linear(x, getattr(a, f"{c}_proj"), names.attn_proj(n, c)) for c in "qkv")
         if s.qk_norm:  # per-head RMSNorm on [B, S, heads, head_dim]
             heads_shape = g.i64([0, 0, -1, s.head_dim])
             flat = g.i64([0, 0, -1])
-            q = g.op("Reshape", self.norm(g.op("Reshape", q, heads_shape), a.q_norm, f"{p}.q_norm"), flat)
-            k = g.op("Reshape", self.norm(g.op("Reshape", k, heads_shape), a.k_norm, f"{p}.k_norm"), flat)
+            q = g.op("Reshape", self.norm(g.op("Reshape", q, heads_shape), a.q_norm, names.qk_norm(n, "q")), flat)
+            k = g.op("Reshape", self.norm(g.op("Reshape", k, heads_shape), a.k_norm, names.qk_norm(n, "k")), flat)
         cos, sin = ropes[s.layers[n].rope]
         q = g.op("RotaryEmbedding", q, cos, sin, io.POSITION_IDS, name=f"{p}.rope_q", num_heads=s.heads)
         k = g.op("RotaryEmbedding", k, cos, sin, io.POSITION_IDS, name=f"{p}.rope_k", num_heads=s.kv_heads)
@@ -125,12 +125,12 @@ class _Decoder:
             attrs["softcap"] = float(s.attn_softcap)
         y = g.op("Attention", to_heads(q), k, v, masks[s.layers[n].window], name=p, **attrs)  # [B, heads, S, hd]
         y = g.op("Reshape", g.op("Transpose", y, perm=[0, 2, 1, 3]), g.i64([0, 0, -1]), name=p)
-        return self.linear(y, a.o_proj, f"{p}.o_proj")
+        return self.linear(y, a.o_proj, names.attn_proj(n, "o"))
 
     def mlp(self, n: int, x: str, mlp, token_valid: str) -> str:
-        g, p = self.g, f"layers.{n}.mlp"
-        gate_up = self.w.add(f"{p}.gate_up_weight", torch.stack([mlp.gate_proj.weight, mlp.up_proj.weight], 1))
-        down_t = self.w.add(f"{p}.down_weight_t", mlp.down_proj.weight.T)
+        g, p = self.g, names.mlp(n)
+        gate_up = self.w.add(names.gate_up(n), torch.stack([mlp.gate_proj.weight, mlp.up_proj.weight], 1))
+        down_t = self.w.add(names.down_t(n), mlp.down_proj.weight.T)
         state = {w: io.past_state_name(n, w) for w in STATE_TENSORS}
         args = {"hidden_states": x, "gate_up_weight": gate_up, "down_weight_t": down_t,
                 "active_idx": state["active_idx"], "active_count": state["active_count"],
@@ -150,7 +150,7 @@ class _Decoder:
         self.inputs()
         self.w.add_array(io.THRESHOLDS_INPUT, np.asarray(thresholds, np.float32))
         embed = self.m.get_input_embeddings()
-        embed_w = self.w.add("embed_tokens.weight", embed.weight)
+        embed_w = self.w.add(names.EMBED, embed.weight)
         x = g.op("Gather", embed_w, io.INPUT_IDS, name="embed")
         if s.embed_scale:
             x = g.op("Mul", x, self.t_const(s.embed_scale), name="embed")
@@ -161,20 +161,21 @@ class _Decoder:
                            to=F32, name="token_valid")
         layers = arch.decoder_layers(self.m)
         for n, layer in enumerate(tqdm(layers, desc="export layers", disable=not progress, leave=False)):
-            h = self.attention(n, self.norm(x, layer.input_layernorm, f"layers.{n}.input_norm"), layer, masks, ropes)
+            norm = lambda which: names.layer_norm(n, which)  # noqa: E731
+            h = self.attention(n, self.norm(x, layer.input_layernorm, norm("input_norm")), layer, masks, ropes)
             if s.sandwich_norms:
-                h = self.norm(h, layer.post_attention_layernorm, f"layers.{n}.post_attn_norm")
-                x = g.op("Add", x, h, name=f"layers.{n}.residual")
-                h = self.norm(x, layer.pre_feedforward_layernorm, f"layers.{n}.pre_ffn_norm")
+                h = self.norm(h, layer.post_attention_layernorm, norm("post_attn_norm"))
+                x = g.op("Add", x, h, name=f"{names.layer(n)}.residual")
+                h = self.norm(x, layer.pre_feedforward_layernorm, norm("pre_ffn_norm"))
                 h = self.norm(self.mlp(n, h, layer.mlp, token_valid), layer.post_feedforward_layernorm,
-                              f"layers.{n}.post_ffn_norm")
+                              norm("post_ffn_norm"))
             else:
-                x = g.op("Add", x, h, name=f"layers.{n}.residual")
-                h = self.mlp(n, self.norm(x, layer.post_attention_layernorm, f"layers.{n}.post_attn_norm"),
+                x = g.op("Add", x, h, name=f"{names.layer(n)}.residual")
+                h = self.mlp(n, self.norm(x, layer.post_attention_layernorm, norm("post_attn_norm")),
                              layer.mlp, token_valid)
-            x = g.op("Add", x, h, name=f"layers.{n}.residual")
-        x = self.norm(x, self.m.model.norm, "final_norm")
-        lm_w = embed_w if s.tied_embeddings else self.w.add("lm_head.weight", self.m.get_output_embeddings().weight)
+            x = g.op("Add", x, h, name=f"{names.layer(n)}.residual")
+        x = self.norm(x, self.m.model.norm, names.FINAL_NORM)
+        lm_w = embed_w if s.tied_embeddings else self.w.add(names.LM_HEAD, self.m.get_output_embeddings().weight)
         # Gemm(transB) reads the [V, H] matrix as stored, so tied embeddings need no second copy
         logits = g.op("Gemm", g.op("Reshape", x, g.i64([-1, s.hidden])), lm_w, transB=1, name="lm_head")
         logits = g.op("Cast", logits, to=F32, name="lm_head")

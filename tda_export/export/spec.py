@@ -51,6 +51,17 @@ class DecoderSpec:
     qk_norm: bool                      # Gemma 3
     tied_embeddings: bool
 
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["layers"] = [l.__dict__ for l in self.layers]
+        d["rope_types"] = list(self.rope_types)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DecoderSpec":
+        """Inverse of as_dict (the manifest stores it, so a runtime rebuilds the network without HF)."""
+        return cls(**dict(d, layers=tuple(LayerSpec(**l) for l in d["layers"]), rope_types=tuple(d["rope_types"])))
+
 
 def decoder_spec(loaded, dtype: str) -> DecoderSpec:
     if dtype not in DTYPES:

@@ -60,3 +60,28 @@ class WeightWriter:
     def close(self) -> None:
         if self._file:
             self._file.close()
+
+
+class MemoryWriter:
+    """The WeightWriter interface keeping tensors in memory (on their device) instead of in initializers:
+    the exporter's exact names and layouts for a runtime fed directly, e.g. bench/gpu_e2e.py's random
+    7B model, which would take longer to write as ONNX than to benchmark."""
+
+    def __init__(self, dtype: str):
+        self.dtype = dtype
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.initializers: list[TensorProto] = []  # the graph gets none: its weights live in `tensors`
+        self.nbytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor, dtype: str | None = None) -> str:
+        t = tensor.detach().to(TORCH_TYPES[dtype or self.dtype]).contiguous()
+        self.tensors[name] = t
+        self.nbytes += t.numel() * t.element_size()
+        return name
+
+    def add_array(self, name: str, array: np.ndarray) -> str:
+        self.tensors[name] = torch.from_numpy(np.array(array))
+        return name
+
+    def close(self) -> None:
+        pass

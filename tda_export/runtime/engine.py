@@ -1,6 +1,7 @@
 """Engine.load(DIR): a verified exported directory, its tokenizer, thresholds and a backend."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,7 @@ import numpy as np
 from .. import __version__, manifest
 from ..calibration import CALIBRATION_FILE, Calibration
 
-BACKENDS = ("auto", "onnxruntime")
+BACKENDS = ("auto", "torch", "onnxruntime")
 
 
 class EngineError(ValueError):
@@ -16,12 +17,17 @@ class EngineError(ValueError):
 
 
 class Engine:
-    def __init__(self, directory: Path, data: dict, tokenizer, backend, calibration: Calibration | None):
+    def __init__(self, directory: Path, data: dict, tokenizer, backend, calibration: Calibration | None,
+                 choice=None):
         self.directory, self.manifest, self.tokenizer = directory, data, tokenizer
         self.backend, self.calibration = backend, calibration
+        self.choice = choice  # choose.Choice when backend="auto" measured on a CPU, else None
 
     @classmethod
-    def load(cls, directory, backend: str = "auto", threads: int | None = None, verify: bool = True) -> "Engine":
+    def load(cls, directory, backend: str = "auto", threads: int | None = None, verify: bool = True,
+             device: str | None = None, max_batch: int | None = None, max_context: int | None = None) -> "Engine":
+        """backend: "auto" (torch on a GPU; on a CPU whichever decodes faster at the default thresholds, see
+        choose.py), "torch" or "onnxruntime". device/max_batch/max_context configure the torch backend."""
         from transformers import AutoTokenizer
 
         directory = Path(directory)
@@ -38,9 +44,27 @@ class Engine:
         cal_path = directory / CALIBRATION_FILE
         calibration = Calibration.load(cal_path) if cal_path.is_file() else None
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        # CPU default: ONNX Runtime (the torch backend with our kernels is chosen here once it exists).
-        impl = _ort(directory, data, threads)
-        return cls(directory, data, tokenizer, impl, calibration)
+        torch_opts = {k: v for k, v in dict(device=device, max_batch=max_batch, max_context=max_context).items()
+                      if v is not None}
+        make_torch = lambda: _torch(directory, data, threads, torch_opts)  # noqa: E731
+        make_ort = lambda: _ort(directory, data, threads)  # noqa: E731
+        choice = None
+        if backend == "onnxruntime":
+            impl = make_ort()
+        elif backend == "torch":
+            impl = make_torch()
+        elif "decoder_spec" not in data:
+            warnings.warn(f"{directory}: built by an older tda-export without a decoder_spec, so only ONNX Runtime "
+                          f"can run it; rebuild it for the torch backend", stacklevel=2)
+            impl = make_ort()
+        elif device != "cpu" and _cuda_kernels_usable():
+            impl = make_torch()
+        else:
+            from .choose import choose_cpu
+
+            choice, impl = choose_cpu(lambda: _torch(directory, data, threads, dict(torch_opts, device="cpu")),
+                                      make_ort, data, _built_thresholds(data), threads)
+        return cls(directory, data, tokenizer, impl, calibration, choice)
 
     @property
     def num_layers(self) -> int:
@@ -48,13 +72,15 @@ class Engine:
 
     @property
     def max_context(self) -> int:
-        return self.manifest["max_context"]
+        """The model's context, or less where the backend's cache is smaller."""
+        return min(self.manifest["max_context"], getattr(self.backend, "max_context", self.manifest["max_context"]))
 
     def thresholds(self, density: float | None = None) -> np.ndarray:
         """Per-layer thresholds: the built default, or those calibrated for `density` (1.0 = dense)."""
         if density is None:
-            cal = self.manifest.get("calibration") or {}
-            return np.asarray(cal.get("thresholds", [0.0] * self.num_layers), np.float32)
+            if self.choice is not None and self.choice.dense_default:
+                return np.zeros(self.num_layers, np.float32)  # TDA measured slower than dense here (choose.py)
+            return _built_thresholds(self.manifest)
         if not 0.0 < density <= 1.0:
             raise EngineError(f"density must be in (0, 1], got {density}")
         if density == 1.0:
@@ -68,6 +94,35 @@ class Engine:
 
     def densities(self) -> list[str]:
         return sorted(self.calibration.thresholds) if self.calibration else ["1.00"]
+
+
+def _built_thresholds(data: dict) -> np.ndarray:
+    cal = data.get("calibration") or {}
+    return np.asarray(cal.get("thresholds", [0.0] * data["num_layers"]), np.float32)
+
+
+def _cuda_kernels_usable() -> bool:
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    from ..kernels import BuildError, cuda_library
+
+    try:
+        cuda_library()
+    except (BuildError, OSError) as e:
+        warnings.warn(f"GPU present but the CUDA kernels are unusable ({e}); choosing a CPU backend", stacklevel=3)
+        return False
+    return True
+
+
+def _torch(directory: Path, data: dict, threads, options: dict):
+    from .torch_backend import TorchBackend, TorchBackendError
+
+    try:
+        return TorchBackend.from_engine(directory / data["model_file"], data, threads=threads, **options)
+    except TorchBackendError as e:
+        raise EngineError(str(e)) from None
 
 
 def _ort(directory: Path, data: dict, threads):
