@@ -155,7 +155,8 @@ def eval_(model, weights, text, prompt_tokens, score_norm, batch_size, quiet, de
         try:
             cal = Calibration.load(calibration_path)
             cal.check_model(lm.fingerprint(), c.num_hidden_layers, c.intermediate_size, calibration_path)
-            thresholds = cal.thresholds_for(density) if density is not None else cal.default["thresholds"]
+            thresholds = (cal.thresholds_for(density, prompt_tokens) if density is not None
+                          else cal.thresholds_for_layers(cal.default["densities"], prompt_tokens))
         except (OSError, ValueError, KeyError) as e:
             raise UserError(str(e).strip('"')) from None
         densities = [density] * c.num_hidden_layers if density is not None else cal.default["densities"]

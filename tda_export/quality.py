@@ -50,6 +50,7 @@ class Prefilled:
     cache: object               # the prompt's KV cache (copied before each continuation)
     first_logits: torch.Tensor  # [B, V] logits predicting token P
     scores: list                # per layer [B, I]
+    prefix_scores: list         # per layer {n: [B, I] scores over the first n tokens} (if requested)
 
 
 class Evaluator:
@@ -66,7 +67,8 @@ class Evaluator:
                 self.hooks.reset_scores()
                 with self.hooks.phase_("score"):
                     logits, cache = forward(self.lm.model, b[:, :prompt_len])
-                out.append(Prefilled(b, cache, logits[:, -1].float(), list(self.hooks.scores)))
+                out.append(Prefilled(b, cache, logits[:, -1].float(), list(self.hooks.scores),
+                                     list(self.hooks.prefix_scores)))
         return out
 
     @torch.no_grad()
@@ -122,11 +124,29 @@ def agreement(reference: torch.Tensor, other: torch.Tensor) -> dict:
             "identical_sequences": same.all(1).float().mean().item()}
 
 
-def calibrate_thresholds(ev: Evaluator, prompts: torch.Tensor, densities) -> dict[str, list[float]]:
-    """Per-layer thresholds for each density from pooled relative scores of calibration prompts."""
-    batches = ev.prefill(prompts, prompts.shape[1])
-    rel = [torch.cat([relative_scores(p.scores[layer]) for p in batches]) for layer in range(ev.hooks.num_layers)]
-    return {density_key(d): [thresholds_for_density(r, d) for r in rel] for d in densities}
+PROMPT_LENGTHS = (8, 16, 32, 64, 128, 256)
+
+
+def calibrate_thresholds(ev: Evaluator, prompts: torch.Tensor, densities,
+                         lengths=()) -> dict[str, list[float]] | dict[int, dict[str, list[float]]]:
+    """Per-layer thresholds for each density from pooled relative scores of calibration prompts.
+
+    With `lengths`, one table per prompt length n, from the first n tokens of each prompt (one pass).
+    """
+    ev.hooks.prefix_lengths = tuple(lengths)
+    try:
+        batches = ev.prefill(prompts, prompts.shape[1])
+    finally:
+        ev.hooks.prefix_lengths = ()
+
+    def table(scores_of):
+        rel = [torch.cat([relative_scores(scores_of(p, layer)) for p in batches])
+               for layer in range(ev.hooks.num_layers)]
+        return {density_key(d): [thresholds_for_density(r, d) for r in rel] for d in densities}
+
+    if not lengths:
+        return table(lambda p, layer: p.scores[layer])
+    return {n: table(lambda p, layer: p.prefix_scores[layer][n]) for n in lengths}
 
 
 def allocate_budget(ev: Evaluator, batches: list[Prefilled], prompt_len: int, thresholds: dict[str, list[float]],
@@ -192,7 +212,9 @@ def build_calibration(lm: LoadedModel, text: str, text_desc: str, densities, seq
     ids = tokenize(lm.tokenizer, text)
     # Thresholds come from the first 3/4 of the text, budget tuning from the disjoint last 1/4.
     cut = ids.numel() * 3 // 4
-    thresholds = calibrate_thresholds(ev, token_windows(ids[:cut], sequences, prompt_len), grid)
+    lengths = sorted(set(PROMPT_LENGTHS) | {prompt_len})
+    by_length = calibrate_thresholds(ev, token_windows(ids[:cut], sequences, max(lengths)), grid, lengths)
+    thresholds = by_length[prompt_len]
     budget = None
     if max_ppl_increase is not None:
         tune = token_windows(ids[cut:], tune_sequences, prompt_len + continuation)
@@ -206,7 +228,8 @@ def build_calibration(lm: LoadedModel, text: str, text_desc: str, densities, seq
     return Calibration(model=lm.name, fingerprint=lm.fingerprint(), num_layers=c.num_hidden_layers,
                        intermediate_size=c.intermediate_size, score_norm=score_norm,
                        text={"source": text_desc, "sequences": sequences, "prompt_tokens": prompt_len},
-                       thresholds=thresholds, default=default, budget=budget)
+                       thresholds=thresholds, default=default, budget=budget,
+                       by_prompt_length={str(n): t for n, t in by_length.items()})
 
 
 def bytes_per_param(lm: LoadedModel) -> int:

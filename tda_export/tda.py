@@ -22,8 +22,8 @@ from .ops.contract import NORM_FLOOR, SCORE_NORMS
 MODES = ("tda", "topk", "dense")
 
 
-def prompt_scores(z: torch.Tensor, token_valid: torch.Tensor | None, score_norm: str) -> torch.Tensor:
-    """[B,S,I] intermediate activations -> [B,I] float32 sum of (normalised) squares over valid tokens."""
+def token_contributions(z: torch.Tensor, token_valid: torch.Tensor | None, score_norm: str) -> torch.Tensor:
+    """[B,S,I] intermediate activations -> [B,S,I] float32 (normalised) squares, 0 for padding tokens."""
     sq = z.float().square()
     if score_norm == "token_l2":
         sq = sq / sq.sum(-1, keepdim=True).clamp_min(NORM_FLOOR)
@@ -31,7 +31,12 @@ def prompt_scores(z: torch.Tensor, token_valid: torch.Tensor | None, score_norm:
         raise ValueError(f"score_norm {score_norm!r} not in {list(SCORE_NORMS)}")
     if token_valid is not None:
         sq = sq * token_valid.to(sq.dtype)[..., None]
-    return sq.sum(1)
+    return sq
+
+
+def prompt_scores(z: torch.Tensor, token_valid: torch.Tensor | None, score_norm: str) -> torch.Tensor:
+    """[B,S,I] intermediate activations -> [B,I] float32 sum of (normalised) squares over valid tokens."""
+    return token_contributions(z, token_valid, score_norm).sum(1)
 
 
 def threshold_mask(scores: torch.Tensor, tau: float) -> torch.Tensor:
@@ -70,6 +75,10 @@ class TDAHooks:
         self.phase = "dense"
         self.token_valid: torch.Tensor | None = None
         self.scores: list[torch.Tensor | None] = [None] * len(self.mlps)
+        # With prefix_lengths set, a score pass also records each layer's scores over the first n
+        # tokens for every n (causal attention makes them equal to a pass over just that prefix).
+        self.prefix_lengths: tuple[int, ...] = ()
+        self.prefix_scores: list[dict[int, torch.Tensor]] = [{} for _ in self.mlps]
         self.masks: list[torch.Tensor | None] = [None] * len(self.mlps)
 
     @property
@@ -92,7 +101,13 @@ class TDAHooks:
         def forward(mlp, x):
             z = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
             if hooks.phase == "score":
-                s = prompt_scores(z, hooks.token_valid, hooks.score_norm)
+                sq = token_contributions(z, hooks.token_valid, hooks.score_norm)
+                if hooks.prefix_lengths:
+                    cum = sq.cumsum(1)
+                    hooks.prefix_scores[layer] = {n: cum[:, n - 1] for n in hooks.prefix_lengths if n <= z.shape[1]}
+                    s = cum[:, -1]
+                else:
+                    s = sq.sum(1)
                 prev = hooks.scores[layer]
                 hooks.scores[layer] = s if prev is None else prev + s
             elif hooks.phase == "masked":
@@ -103,6 +118,7 @@ class TDAHooks:
 
     def reset_scores(self):
         self.scores = [None] * len(self.mlps)
+        self.prefix_scores = [{} for _ in self.mlps]
 
     def set_masks(self, mode: str, thresholds=None, densities=None):
         """Masks from the accumulated scores: per-layer thresholds (tda) or densities (topk)."""

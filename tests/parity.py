@@ -115,7 +115,8 @@ def write_calibration(path, loaded, thresholds) -> None:
     Calibration(model=loaded.name, fingerprint=loaded.fingerprint(), num_layers=c.num_hidden_layers,
                 intermediate_size=c.intermediate_size, score_norm="token_l2", text={},
                 thresholds={"0.50": thresholds},
-                default={"kind": "density", "densities": [0.5], "thresholds": thresholds}).save(path)
+                default={"kind": "density", "densities": [0.5] * c.num_hidden_layers,
+                         "thresholds": thresholds}).save(path)
 
 
 def rel(a, b) -> float:

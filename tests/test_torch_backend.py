@@ -39,7 +39,6 @@ def engines(tiny_dirs, tmp_path_factory):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out[family] = build(str(tiny_dirs[family]), root / family, "float32", str(cal), progress=False)
-        (out[family] / CALIBRATION_FILE).write_bytes(cal.read_bytes())  # so density 0.5 is selectable per request
     return out
 
 

@@ -75,22 +75,33 @@ class Engine:
         """The model's context, or less where the backend's cache is smaller."""
         return min(self.manifest["max_context"], getattr(self.backend, "max_context", self.manifest["max_context"]))
 
-    def thresholds(self, density: float | None = None) -> np.ndarray:
-        """Per-layer thresholds: the built default, or those calibrated for `density` (1.0 = dense)."""
-        if density is None:
-            if self.choice is not None and self.choice.dense_default:
-                return np.zeros(self.num_layers, np.float32)  # TDA measured slower than dense here (choose.py)
-            return _built_thresholds(self.manifest)
-        if not 0.0 < density <= 1.0:
+    def thresholds(self, density: float | None = None, prompt_len: int | None = None) -> np.ndarray:
+        """Per-layer thresholds: the built default density, or `density` (1.0 = dense), for prompts of
+        about `prompt_len` tokens when the calibration has per-length tables."""
+        if density is not None and not 0.0 < density <= 1.0:
             raise EngineError(f"density must be in (0, 1], got {density}")
-        if density == 1.0:
+        dense_default = density is None and self.choice is not None and self.choice.dense_default
+        if density == 1.0 or dense_default:  # auto measured that TDA does not pay on this machine
             return np.zeros(self.num_layers, np.float32)
+        built = self.manifest.get("calibration") or {}
         if self.calibration is None:
-            raise EngineError(f"{self.directory}: built without a calibration, so only density 1.0 is available")
+            if density is not None:
+                raise EngineError(f"{self.directory}: built without a calibration, so only density 1.0 is available")
+            return np.asarray(built.get("thresholds", [0.0] * self.num_layers), np.float32)
         try:
-            return np.asarray(self.calibration.thresholds_for(density), np.float32)
+            if density is not None:
+                return np.asarray(self.calibration.thresholds_for(density, prompt_len), np.float32)
+            return np.asarray(self.calibration.thresholds_for_layers(self.default_densities(), prompt_len),
+                              np.float32)
         except KeyError as e:
             raise EngineError(str(e.args[0])) from None
+
+    def default_densities(self) -> list[float]:
+        """Per-layer densities the engine was built with (a --density, or the calibration's default)."""
+        selected = (self.manifest.get("calibration") or {}).get("selected", {})
+        if selected.get("kind") == "density" and "density" in selected:
+            return [float(selected["density"])] * self.num_layers
+        return [float(d) for d in self.calibration.default["densities"]]
 
     def densities(self) -> list[str]:
         return sorted(self.calibration.thresholds) if self.calibration else ["1.00"]

@@ -72,7 +72,9 @@ def stream(engine: Engine, prompts: list, params: SamplingParams | list[Sampling
         if len(seq) + p.max_new_tokens > engine.max_context:
             raise ContextTooLong(f"prompt {i} has {len(seq)} tokens; with max_new_tokens={p.max_new_tokens} "
                                  f"that exceeds the engine's context of {engine.max_context}")
-    thresholds = engine.thresholds(density)
+    # Short prompts give peakier scores; the shortest prompt's table keeps at least the requested density
+    # for every sequence of the batch.
+    thresholds = engine.thresholds(density, min(map(len, ids)))
     pad = engine.manifest.get("pad_token_id")
     pad = pad if pad is not None else 0
     width = max(2, max(map(len, ids)))  # a 1-token call would be a decode step
