@@ -33,7 +33,7 @@ class SelectActivePlugin final : public IPluginV3,
 
   int32_t getOutputDataTypes(DataType* out, int32_t nb_out, DataType const* in, int32_t nb_in) const noexcept override {
     if (nb_out != sel::kNbOut) return report("SelectActive: expected 2 outputs");
-    DType types[sel::kNbOut];
+    DType types[sel::kNbOut] = {DType::kOther, DType::kOther};
     if (int32_t rc = report(select_output_types(dtypes_of(in, nb_in).data(), nb_in, types))) return rc;
     for (int32_t i = 0; i < nb_out; ++i) out[i] = to_trt(types[i]);
     return 0;

@@ -87,7 +87,7 @@ class SparseGatedMlpPlugin final : public IPluginV3,
 
   int32_t getOutputDataTypes(DataType* out, int32_t nb_out, DataType const* in, int32_t nb_in) const noexcept override {
     if (nb_out != mlp::kNbOut) return report("SparseGatedMLP: expected 2 outputs");
-    DType types[mlp::kNbOut];
+    DType types[mlp::kNbOut] = {DType::kOther, DType::kOther};
     if (int32_t rc = report(mlp_output_types(dtypes_of(in, nb_in).data(), nb_in, types))) return rc;
     for (int32_t i = 0; i < nb_out; ++i) out[i] = to_trt(types[i]);
     return 0;
