@@ -1,0 +1,486 @@
+// Everything the TensorRT plugins decide, in plain C++ with no TensorRT type,
+// so tests/test_plugin_logic.py compiles and checks it with g++ on a machine
+// without TensorRT or a GPU. The adapters (*_plugin.cpp) only convert
+// TensorRT structs to these and call cuBLAS / the C ABI with the results.
+//
+// Names, field lists and enum tables are written out literally here because
+// the test parses this file against tda_export/ops/contract.py.
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+
+#include "tda_kernels.h"
+
+namespace tda_trt {
+
+constexpr const char* kNamespace = "tda";  // contract.PLUGIN_NAMESPACE
+constexpr const char* kVersion = "1";      // contract.PLUGIN_VERSION
+constexpr const char* kSparseGatedMlpName = "SparseGatedMLP";
+constexpr const char* kSelectActiveName = "SelectActive";
+
+// contract.PLUGIN_FIELDS; every field is a string, passed as a kCHAR field.
+constexpr const char* kSparseGatedMlpFields[] = {"activation", "score_norm"};
+constexpr int kSparseGatedMlpNbFields = 2;
+// SelectActive has no fields.
+
+// ONNX node metadata that a parser may forward as fields; not attributes.
+constexpr const char* kIgnoredFields[] = {"plugin_namespace", "plugin_version"};
+
+template <class E>
+struct NamedEnum {
+  const char* name;
+  E value;
+};
+// String attribute -> C ABI enum (contract.ACTIVATIONS / SCORE_NORMS order).
+constexpr NamedEnum<tda_activation_t> kActivations[] = {
+    {"silu", TDA_ACT_SILU}, {"gelu_tanh", TDA_ACT_GELU_TANH}, {"gelu", TDA_ACT_GELU}, {"relu", TDA_ACT_RELU}};
+constexpr NamedEnum<tda_score_norm_t> kScoreNorms[] = {{"token_l2", TDA_SCORE_NORM_TOKEN_L2},
+                                                       {"none", TDA_SCORE_NORM_NONE}};
+
+// Tensor element types the plugins see (the adapter maps TensorRT's DataType).
+enum class DType : int32_t { kFloat, kHalf, kBFloat16, kInt32, kOther };
+// T of the contract -> C ABI dtype (contract.DTYPES order).
+constexpr NamedEnum<tda_dtype_t> kDtypes[] = {
+    {"float32", TDA_F32}, {"float16", TDA_F16}, {"bfloat16", TDA_BF16}};
+
+inline bool is_float_t(DType t) { return t == DType::kFloat || t == DType::kHalf || t == DType::kBFloat16; }
+inline tda_dtype_t abi_dtype(DType t) {
+  return t == DType::kFloat ? TDA_F32 : (t == DType::kHalf ? TDA_F16 : TDA_BF16);
+}
+inline size_t elem_size(DType t) { return t == DType::kHalf || t == DType::kBFloat16 ? 2 : 4; }
+
+// Empty on success, else a message naming the offending tensor or field.
+using Error = std::string;
+
+// ---- I/O positions: the contract's input/output order ----
+namespace mlp {
+enum In { kHidden, kGateUp, kDownT, kActiveIdx, kActiveCount, kTokenValid, kScoresIn, kNbIn };
+enum Out { kOutput = kNbIn, kScoresOut, kNbIo };
+constexpr int kNbOut = kNbIo - kNbIn;
+constexpr const char* kNames[] = {"hidden_states", "gate_up_weight", "down_weight_t", "active_idx",
+                                  "active_count",  "token_valid",    "scores_in",     "output",
+                                  "scores_out"};
+constexpr int kRank[] = {3, 3, 2, 2, 1, 2, 2, 3, 2};
+}  // namespace mlp
+
+namespace sel {
+enum In { kScores, kThreshold, kNbIn };
+enum Out { kActiveIdx = kNbIn, kActiveCount, kNbIo };
+constexpr int kNbOut = kNbIo - kNbIn;
+constexpr const char* kNames[] = {"scores", "threshold", "active_idx", "active_count"};
+constexpr int kRank[] = {2, 0, 2, 1};
+}  // namespace sel
+
+// ---- Fields ----
+struct FieldView {
+  const char* name;
+  const void* data;
+  int32_t length;  // bytes; a trailing NUL may or may not be counted
+  bool is_char;
+};
+
+struct MlpAttrs {
+  tda_activation_t activation = TDA_ACT_SILU;            // contract default "silu"
+  tda_score_norm_t score_norm = TDA_SCORE_NORM_TOKEN_L2;  // contract default "token_l2"
+};
+
+template <class E, size_t N>
+bool lookup(const NamedEnum<E> (&table)[N], const std::string& s, E* out) {
+  for (const auto& e : table)
+    if (s == e.name) return (*out = e.value), true;
+  return false;
+}
+
+template <class E, size_t N>
+const char* name_of(const NamedEnum<E> (&table)[N], E v) {
+  for (const auto& e : table)
+    if (e.value == v) return e.name;
+  return "";
+}
+
+template <class E, size_t N>
+std::string choices(const NamedEnum<E> (&table)[N]) {
+  std::string s;
+  for (const auto& e : table) s += (s.empty() ? "" : ", ") + std::string(e.name);
+  return s;
+}
+
+inline bool ignored_field(const char* name) {
+  for (const char* n : kIgnoredFields)
+    if (std::strcmp(name, n) == 0) return true;
+  return false;
+}
+
+inline Error field_string(const FieldView& f, std::string* out) {
+  if (!f.is_char) return std::string("field ") + f.name + " must be a char (string) field";
+  if (f.length < 0 || (f.length > 0 && !f.data)) return std::string("field ") + f.name + " has no data";
+  const char* s = static_cast<const char*>(f.data);
+  // ONNX parsers pass the bytes without a NUL, serialized plugins with one.
+  out->assign(s, f.length > 0 ? strnlen(s, size_t(f.length)) : 0);
+  return {};
+}
+
+inline Error parse_mlp_fields(const FieldView* fields, int32_t nb, MlpAttrs* out) {
+  MlpAttrs a;
+  for (int32_t i = 0; i < nb; ++i) {
+    const FieldView& f = fields[i];
+    if (!f.name) return "a field has no name";
+    const bool is_act = std::strcmp(f.name, kSparseGatedMlpFields[0]) == 0;
+    const bool is_norm = std::strcmp(f.name, kSparseGatedMlpFields[1]) == 0;
+    if (!is_act && !is_norm) {
+      if (ignored_field(f.name)) continue;
+      return std::string("SparseGatedMLP: unknown field ") + f.name;
+    }
+    std::string s;
+    if (Error e = field_string(f, &s); !e.empty()) return e;
+    if (is_act && !lookup(kActivations, s, &a.activation))
+      return "SparseGatedMLP: activation '" + s + "' not in " + choices(kActivations);
+    if (is_norm && !lookup(kScoreNorms, s, &a.score_norm))
+      return "SparseGatedMLP: score_norm '" + s + "' not in " + choices(kScoreNorms);
+  }
+  *out = a;
+  return {};
+}
+
+inline Error parse_select_fields(const FieldView* fields, int32_t nb) {
+  for (int32_t i = 0; i < nb; ++i) {
+    if (!fields[i].name) return "a field has no name";
+    if (!ignored_field(fields[i].name)) return std::string("SelectActive: unknown field ") + fields[i].name;
+  }
+  return {};
+}
+
+// ---- Shapes ----
+// A dimension is -1 where TensorRT does not know it yet (build-time wildcard).
+struct Dims {
+  int32_t nb = 0;
+  int64_t d[8] = {};
+};
+
+// Output dimension k is dimension `dim` of input `input`: TensorRT needs the
+// output shapes as expressions, and every output dimension here is an input's.
+struct DimRef {
+  int32_t input;
+  int32_t dim;
+};
+struct OutputShape {
+  int32_t nb;
+  DimRef d[3];
+};
+
+// Both modes give the same shapes ([B,S,H] and [B,I]); prefill vs decode is
+// a runtime decision on S (see mlp_mode), not a shape difference.
+inline OutputShape mlp_output_shape(int32_t out) {
+  if (out == mlp::kOutput - mlp::kNbIn) return {3, {{mlp::kHidden, 0}, {mlp::kHidden, 1}, {mlp::kHidden, 2}}};
+  return {2, {{mlp::kScoresIn, 0}, {mlp::kScoresIn, 1}}};
+}
+
+inline OutputShape select_output_shape(int32_t out) {
+  if (out == sel::kActiveIdx - sel::kNbIn) return {2, {{sel::kScores, 0}, {sel::kScores, 1}}};
+  return {1, {{sel::kScores, 0}}};
+}
+
+struct MlpSizes {
+  int64_t batch = -1, seq = -1, hidden = -1, inter = -1;
+};
+
+// Agrees a dimension seen in several tensors; -1 (unknown) matches anything.
+inline Error unify(int64_t* dim, int64_t v, const char* what, const char* tensor) {
+  if (v < 0) return {};
+  if (*dim >= 0 && *dim != v)
+    return std::string(tensor) + ": " + what + " = " + std::to_string(v) + " but " + std::to_string(*dim) +
+           " elsewhere";
+  *dim = v;
+  return {};
+}
+
+inline Error check_ranks(const Dims* in, int32_t nb_in, int32_t expected_in, const int* rank,
+                         const char* const* names) {
+  if (nb_in != expected_in)
+    return "expected " + std::to_string(expected_in) + " inputs, got " + std::to_string(nb_in);
+  for (int32_t i = 0; i < nb_in; ++i)
+    if (in[i].nb != rank[i])
+      return std::string(names[i]) + ": rank " + std::to_string(in[i].nb) + ", expected " + std::to_string(rank[i]);
+  return {};
+}
+
+inline Error size_multiple(int64_t v, const char* what) {
+  if (v >= 0 && (v == 0 || v % TDA_SIZE_MULTIPLE != 0))
+    return std::string(what) + " = " + std::to_string(v) + " must be a positive multiple of " +
+           std::to_string(TDA_SIZE_MULTIPLE);
+  return {};
+}
+
+inline Error mlp_check_shapes(const Dims* in, int32_t nb_in, MlpSizes* out) {
+  using namespace mlp;
+  if (Error e = check_ranks(in, nb_in, kNbIn, kRank, kNames); !e.empty()) return e;
+  if (in[kGateUp].d[1] >= 0 && in[kGateUp].d[1] != 2) return "gate_up_weight: dimension 1 must be 2";
+  MlpSizes s;
+  struct Use {
+    int64_t* dim;
+    int tensor, axis;
+    const char* what;
+  };
+  const Use uses[] = {{&s.batch, kHidden, 0, "B"},       {&s.seq, kHidden, 1, "S"},
+                      {&s.hidden, kHidden, 2, "H"},      {&s.inter, kGateUp, 0, "I"},
+                      {&s.hidden, kGateUp, 2, "H"},      {&s.inter, kDownT, 0, "I"},
+                      {&s.hidden, kDownT, 1, "H"},       {&s.batch, kActiveIdx, 0, "B"},
+                      {&s.inter, kActiveIdx, 1, "I"},    {&s.batch, kActiveCount, 0, "B"},
+                      {&s.batch, kTokenValid, 0, "B"},   {&s.seq, kTokenValid, 1, "S"},
+                      {&s.batch, kScoresIn, 0, "B"},     {&s.inter, kScoresIn, 1, "I"}};
+  for (const Use& u : uses)
+    if (Error e = unify(u.dim, in[u.tensor].d[u.axis], u.what, kNames[u.tensor]); !e.empty()) return e;
+  if (Error e = size_multiple(s.hidden, "H (hidden size)"); !e.empty()) return e;
+  if (Error e = size_multiple(s.inter, "I (intermediate size)"); !e.empty()) return e;
+  *out = s;
+  return {};
+}
+
+inline Error select_check_shapes(const Dims* in, int32_t nb_in, int64_t* batch, int64_t* inter) {
+  if (Error e = check_ranks(in, nb_in, sel::kNbIn, sel::kRank, sel::kNames); !e.empty()) return e;
+  *batch = in[sel::kScores].d[0];
+  *inter = in[sel::kScores].d[1];
+  return {};
+}
+
+// ---- Types and formats ----
+inline Error mlp_output_types(const DType* in, int32_t nb_in, DType* out) {
+  if (nb_in != mlp::kNbIn) return "expected 7 inputs";
+  if (!is_float_t(in[mlp::kHidden])) return "hidden_states: T must be float32, float16 or bfloat16";
+  out[0] = in[mlp::kHidden];
+  out[1] = DType::kFloat;
+  return {};
+}
+
+inline Error select_output_types(const DType* in, int32_t nb_in, DType* out) {
+  if (nb_in != sel::kNbIn) return "expected 2 inputs";
+  if (in[sel::kScores] != DType::kFloat) return "scores: must be float32";
+  out[0] = out[1] = DType::kInt32;
+  return {};
+}
+
+struct IoDesc {
+  DType type;
+  bool linear;  // row-major contiguous (TensorFormat::kLINEAR)
+};
+
+// TensorRT asks position by position and guarantees io[0..pos-1] already hold
+// supported choices, so each position only compares with an earlier one.
+inline bool mlp_supports(int32_t pos, const IoDesc* io) {
+  using namespace mlp;
+  if (!io[pos].linear) return false;
+  const DType t = io[pos].type;
+  switch (pos) {
+    case kHidden: return is_float_t(t);
+    case kGateUp:
+    case kDownT:
+    case kOutput: return t == io[kHidden].type;
+    case kActiveIdx:
+    case kActiveCount: return t == DType::kInt32;
+    case kTokenValid:
+    case kScoresIn:
+    case kScoresOut: return t == DType::kFloat;
+  }
+  return false;
+}
+
+inline bool select_supports(int32_t pos, const IoDesc* io) {
+  if (!io[pos].linear || pos < 0 || pos >= sel::kNbIo) return false;
+  return io[pos].type == (pos < sel::kNbIn ? DType::kFloat : DType::kInt32);
+}
+
+// ---- Execution plan ----
+enum class Mode { kPrefill, kDecode };
+// Decided per enqueue from the runtime S, so one engine serves both phases
+// (the exported graph has a dynamic S). S == 0 takes the prefill path, which
+// then only copies the scores.
+inline Mode mlp_mode(int64_t seq) { return seq == 1 ? Mode::kDecode : Mode::kPrefill; }
+
+// Workspace queries of the C ABI; tests substitute their own.
+struct KernelQueries {
+  size_t (*decode)(const tda_decode_args_t*);
+  size_t (*prefill_scores)(const tda_prefill_scores_args_t*);
+  size_t (*select)(const tda_select_args_t*);
+};
+
+// cuBLAS needs a caller-provided workspace to be capturable in a CUDA graph;
+// 32 MiB is NVIDIA's recommendation for Hopper (4 MiB for older GPUs).
+constexpr size_t kCublasWorkspaceBytes = size_t(32) << 20;
+// Decode kernels reproducible run to run (the workspace cost is capped by the ABI).
+constexpr int32_t kDeterministic = 1;
+
+inline size_t align256(size_t n) { return (n + 255) & ~size_t(255); }
+
+// One dense GEMM in cuBLAS's column-major terms: C(m x n) = op(A) op(B).
+struct Gemm {
+  bool trans_a, trans_b;
+  int32_t m, n, k;
+  const void* a;
+  int32_t lda;
+  const void* b;
+  int32_t ldb;
+  void* c;
+  int32_t ldc;
+};
+
+struct MlpBuffers {
+  const void* hidden;
+  const void* gate_up;
+  const void* down_t;
+  const int32_t* active_idx;
+  const int32_t* active_count;
+  const float* token_valid;
+  const float* scores_in;
+  void* output;
+  float* scores_out;
+};
+
+// Workspace of a prefill, 256-byte aligned pieces:
+//   gate_up [M, I, 2] T | z [M, I] T | prefill-scores workspace | cuBLAS workspace
+struct PrefillLayout {
+  size_t gate_up, z, scores, cublas, total;
+};
+
+inline PrefillLayout prefill_layout(DType t, int64_t batch, int64_t seq, int64_t inter, const KernelQueries& q) {
+  const size_t tokens = size_t(batch) * size_t(seq);
+  tda_prefill_scores_args_t a{};
+  a.dtype = abi_dtype(t);
+  a.batch = int32_t(batch);
+  a.seq_len = int32_t(seq);
+  a.intermediate = int32_t(inter);
+  PrefillLayout l{};
+  l.gate_up = 0;
+  l.z = align256(l.gate_up + tokens * 2 * size_t(inter) * elem_size(t));
+  l.scores = align256(l.z + tokens * size_t(inter) * elem_size(t));
+  l.cublas = align256(l.scores + q.prefill_scores(&a));
+  l.total = l.cublas + kCublasWorkspaceBytes;
+  return l;
+}
+
+inline tda_decode_args_t decode_args(DType t, const MlpAttrs& attrs, const MlpSizes& s, int64_t b0, int64_t nb,
+                                     const MlpBuffers& buf) {
+  tda_decode_args_t a{};
+  a.dtype = abi_dtype(t);
+  a.activation = attrs.activation;
+  a.batch = int32_t(nb);
+  a.hidden = int32_t(s.hidden);
+  a.intermediate = int32_t(s.inter);
+  a.deterministic = kDeterministic;
+  const size_t row = size_t(s.hidden) * elem_size(t);  // one [H] row of hidden/output, in bytes
+  a.hidden_states = buf.hidden ? static_cast<const char*>(buf.hidden) + b0 * row : nullptr;
+  a.gate_up_weight = buf.gate_up;
+  a.down_weight_t = buf.down_t;
+  a.active_idx = buf.active_idx ? buf.active_idx + b0 * s.inter : nullptr;
+  a.active_count = buf.active_count ? buf.active_count + b0 : nullptr;
+  a.output = buf.output ? static_cast<char*>(buf.output) + b0 * row : nullptr;
+  return a;
+}
+
+// Decode runs in batch chunks of at most TDA_MAX_BATCH (the ABI's limit); the
+// workspace must fit the largest any chunk size asks for, which the ABI does
+// not promise to grow monotonically with the batch.
+inline size_t decode_workspace(DType t, const MlpAttrs& attrs, const MlpSizes& max, const KernelQueries& q) {
+  size_t ws = 0;
+  const int64_t top = std::min<int64_t>(max.batch, TDA_MAX_BATCH);
+  for (int64_t b = 1; b <= top; ++b) {
+    MlpSizes s = max;
+    s.batch = b;
+    const tda_decode_args_t a = decode_args(t, attrs, s, 0, b, MlpBuffers{});
+    ws = std::max(ws, q.decode(&a));
+  }
+  return ws;
+}
+
+// max: the profile's largest sizes; min_seq: its smallest S (S > 1 only
+// reserves the prefill workspace, S == 1 in range the decode one).
+inline size_t mlp_workspace_size(DType t, const MlpAttrs& attrs, const MlpSizes& max, int64_t min_seq,
+                                 const KernelQueries& q) {
+  size_t ws = 0;
+  if (max.seq != 1) ws = prefill_layout(t, max.batch, max.seq, max.inter, q).total;
+  if (min_seq <= 1 && max.seq >= 1) ws = std::max(ws, decode_workspace(t, attrs, max, q));
+  return ws;
+}
+
+// Everything a prefill enqueue launches, in order: gate/up GEMM, act(gate)*up
+// into z (our kernel: no cuBLAS epilogue is a gated activation), the score
+// reduction of the C ABI, down GEMM.
+struct PrefillPlan {
+  Gemm gate_up_gemm;
+  void* gate_up;  // [M, I, 2] T
+  void* z;        // [M, I] T
+  int64_t tokens; // M = B * S
+  tda_prefill_scores_args_t scores;
+  void* scores_ws;
+  size_t scores_ws_bytes;
+  Gemm down_gemm;
+  void* cublas_ws;
+  size_t cublas_ws_bytes;
+};
+
+// ws: at least prefill_layout(...).total bytes, which getWorkspaceSize
+// reserved for the profile's largest B*S (enqueue is not told the size).
+inline Error prefill_plan(DType t, const MlpAttrs& attrs, const MlpSizes& s, const MlpBuffers& buf, void* ws,
+                          const KernelQueries& q, PrefillPlan* out) {
+  const int64_t tokens = s.batch * s.seq;
+  if (tokens > INT32_MAX || 2 * s.inter > INT32_MAX) return "prefill: B*S or 2*I exceeds cuBLAS's int sizes";
+  const PrefillLayout l = prefill_layout(t, s.batch, s.seq, s.inter, q);
+  if (!ws) return "prefill: no workspace";
+  char* base = static_cast<char*>(ws);
+  PrefillPlan p{};
+  p.gate_up = base + l.gate_up;
+  p.z = base + l.z;
+  p.tokens = tokens;
+  // Row-major gate_up[M, 2I] = hidden[M, H] . W[2I, H]^T is column-major
+  // gate_up^T = W . hidden^T: A = W seen as [H, 2I] (transposed), B = hidden^T.
+  const int32_t M = int32_t(tokens), H = int32_t(s.hidden), I = int32_t(s.inter);
+  p.gate_up_gemm = {true, false, 2 * I, M, H, buf.gate_up, H, buf.hidden, H, p.gate_up, 2 * I};
+  // Row-major out[M, H] = z[M, I] . Wd_t[I, H] is column-major out^T = Wd_t^T . z^T,
+  // both already in that layout: no transposes.
+  p.down_gemm = {false, false, H, M, I, buf.down_t, H, p.z, I, buf.output, H};
+  p.scores.dtype = abi_dtype(t);
+  p.scores.score_norm = attrs.score_norm;
+  p.scores.batch = int32_t(s.batch);
+  p.scores.seq_len = int32_t(s.seq);
+  p.scores.intermediate = I;
+  p.scores.z = p.z;
+  p.scores.token_valid = buf.token_valid;
+  p.scores.scores_in = buf.scores_in;
+  p.scores.scores_out = buf.scores_out;
+  p.scores_ws = base + l.scores;
+  p.scores_ws_bytes = l.cublas - l.scores;
+  p.cublas_ws = base + l.cublas;
+  p.cublas_ws_bytes = kCublasWorkspaceBytes;
+  *out = p;
+  return {};
+}
+
+inline tda_select_args_t select_args(int64_t inter, int64_t b0, int64_t nb, const float* scores,
+                                     const float* threshold, int32_t* idx, int32_t* count) {
+  tda_select_args_t a{};
+  a.batch = int32_t(nb);
+  a.intermediate = int32_t(inter);
+  a.scores = scores ? scores + b0 * inter : nullptr;
+  a.threshold = threshold;
+  a.active_idx = idx ? idx + b0 * inter : nullptr;
+  a.active_count = count ? count + b0 : nullptr;
+  return a;
+}
+
+// Same chunking as decode: the ABI takes at most TDA_MAX_BATCH rows a call.
+inline size_t select_workspace_size(int64_t max_batch, int64_t inter, const KernelQueries& q) {
+  size_t ws = 0;
+  for (int64_t b = 1; b <= std::min<int64_t>(max_batch, TDA_MAX_BATCH); ++b) {
+    const tda_select_args_t a = select_args(inter, 0, b, nullptr, nullptr, nullptr, nullptr);
+    ws = std::max(ws, q.select(&a));
+  }
+  return ws;
+}
+
+inline int64_t chunk_batch(int64_t batch, int64_t b0) { return std::min<int64_t>(TDA_MAX_BATCH, batch - b0); }
+
+}  // namespace tda_trt

@@ -1,0 +1,247 @@
+"""The TensorRT plugins' decisions (plugins/tda_plugin_logic.h), checked without TensorRT or a GPU.
+
+tests/plugin_logic_main.cpp is compiled with g++ and answers one stdin command per line; the
+plugin sources are also parsed as text so their names and enum tables cannot drift from
+tda_export/ops/contract.py. The TensorRT adapters themselves are only compile-checked
+(plugins/README.md).
+"""
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tda_export.ops import contract
+from tda_export.ops.contract import ACTIVATIONS, DTYPES, PLUGIN_FIELDS, SCORE_NORMS, SELECT_ACTIVE, SPARSE_GATED_MLP
+
+ROOT = Path(__file__).resolve().parents[1]
+PLUGINS = ROOT / "plugins"
+LOGIC = PLUGINS / "tda_plugin_logic.h"
+ABI_HEADER = ROOT / "cuda" / "include" / "tda_kernels.h"
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    exe = tmp_path_factory.mktemp("plugin_logic") / "plugin_logic"
+    subprocess.run(["g++", "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", f"-I{PLUGINS}",
+                    f"-I{ROOT / 'cuda' / 'include'}", f"-I{ROOT / 'cuda' / 'src'}",
+                    str(ROOT / "tests" / "plugin_logic_main.cpp"), "-o", str(exe)], check=True)
+
+    def ask(*commands: str) -> list[str]:
+        out = subprocess.run([str(exe)], input="\n".join(commands) + "\n", capture_output=True, text=True, check=True)
+        answers = out.stdout.splitlines()
+        assert len(answers) == len(commands)
+        return answers
+
+    return ask
+
+
+# ---- names and tables, from the source text ----
+
+def _abi_enum_values() -> dict[str, int]:
+    return {k: int(v) for k, v in re.findall(r"\b(TDA_\w+)\s*=\s*(\d+)", ABI_HEADER.read_text())}
+
+
+def _table(name: str) -> list[tuple[str, str]]:
+    body = re.search(name + r"\[\]\s*=\s*\{(.*?)\};", LOGIC.read_text(), re.S).group(1)
+    return re.findall(r'\{"(\w+)",\s*(TDA_\w+)\}', body)
+
+
+def _strings(name: str) -> list[str]:
+    body = re.search(name + r"\[\]\s*=\s*\{(.*?)\};", LOGIC.read_text(), re.S).group(1)
+    return re.findall(r'"(\w+)"', body)
+
+
+def _const(name: str) -> str:
+    return re.search(name + r'\s*=\s*"(\w+)"', LOGIC.read_text()).group(1)
+
+
+def test_plugin_identity_matches_contract():
+    assert _const("kNamespace") == contract.PLUGIN_NAMESPACE
+    assert _const("kVersion") == contract.PLUGIN_VERSION
+    assert _const("kSparseGatedMlpName") == SPARSE_GATED_MLP.name
+    assert _const("kSelectActiveName") == SELECT_ACTIVE.name
+
+
+def test_plugin_fields_match_contract():
+    assert tuple(_strings("kSparseGatedMlpFields")) == PLUGIN_FIELDS["SparseGatedMLP"]
+    assert int(re.search(r"kSparseGatedMlpNbFields = (\d+)", LOGIC.read_text()).group(1)) == \
+        len(PLUGIN_FIELDS["SparseGatedMLP"])
+    assert PLUGIN_FIELDS["SelectActive"] == ()  # the SelectActive creator advertises an empty collection
+    # The adapters take field names from the logic header only: no field name spelled out elsewhere.
+    for src in PLUGINS.glob("*.cpp"):
+        for field in PLUGIN_FIELDS["SparseGatedMLP"]:
+            assert f'"{field}"' not in src.read_text(), (src.name, field)
+
+
+def test_io_names_match_contract():
+    assert _strings("kNames")[:9] == SPARSE_GATED_MLP.input_names + SPARSE_GATED_MLP.output_names
+    sel = re.search(r"namespace sel \{(.*?)\}  // namespace sel", LOGIC.read_text(), re.S).group(1)
+    assert re.findall(r'"(\w+)"', sel) == SELECT_ACTIVE.input_names + SELECT_ACTIVE.output_names
+
+
+def test_enum_tables_match_contract_order():
+    values = _abi_enum_values()
+    assert [n for n, _ in _table("kActivations")] == list(ACTIVATIONS)
+    assert [values[e] for _, e in _table("kActivations")] == list(range(len(ACTIVATIONS)))
+    assert [n for n, _ in _table("kScoreNorms")] == list(SCORE_NORMS)
+    assert [values[e] for _, e in _table("kScoreNorms")] == list(range(len(SCORE_NORMS)))
+    assert [n for n, _ in _table("kDtypes")] == list(DTYPES)
+    assert [values[e] for _, e in _table("kDtypes")] == list(range(len(DTYPES)))
+
+
+def test_compiled_tables_match_contract_order(run):
+    (line,) = run("names")
+    pairs = dict(tok.split("=") for tok in line.split()[1:])
+    expect = {f"activation:{a}": str(i) for i, a in enumerate(ACTIVATIONS)}
+    expect |= {f"score_norm:{n}": str(i) for i, n in enumerate(SCORE_NORMS)}
+    expect |= {f"dtype:{d}": str(i) for i, d in enumerate(DTYPES)}
+    assert pairs == expect
+
+
+# ---- field parsing ----
+
+def test_every_contract_value_parses(run):
+    cmds = [f"mlp_fields activation={a} score_norm={n}" for a in ACTIVATIONS for n in SCORE_NORMS]
+    expect = [f"ok {i} {j}" for i in range(len(ACTIVATIONS)) for j in range(len(SCORE_NORMS))]
+    assert run(*cmds) == expect
+
+
+def test_field_defaults_nul_and_metadata(run):
+    defaults = (ACTIVATIONS.index(SPARSE_GATED_MLP.attr("activation").default),
+                SCORE_NORMS.index(SPARSE_GATED_MLP.attr("score_norm").default))
+    assert run("mlp_fields", "mlp_fields activation:nul=gelu score_norm:nul=none",
+               "mlp_fields plugin_namespace=tda plugin_version=1", "select_fields",
+               "select_fields plugin_namespace=tda") == \
+        [f"ok {defaults[0]} {defaults[1]}", "ok 2 1", f"ok {defaults[0]} {defaults[1]}", "ok", "ok"]
+
+
+@pytest.mark.parametrize("fields, message", [
+    ("activation=swish", "activation 'swish' not in silu, gelu_tanh, gelu, relu"),
+    ("activation=SILU", "activation 'SILU' not in"),
+    ("score_norm=l2", "score_norm 'l2' not in token_l2, none"),
+    ("activation:int=silu", "must be a char (string) field"),
+    ("activaton=silu", "unknown field activaton"),
+])
+def test_bad_fields_rejected(run, fields, message):
+    (answer,) = run(f"mlp_fields {fields}")
+    assert answer.startswith("error") and message in answer
+
+
+def test_select_rejects_fields(run):
+    assert run("select_fields activation=silu") == ["error SelectActive: unknown field activation"]
+
+
+# ---- shapes ----
+
+def _mlp(B=2, S=5, H=16, I=24, **override):
+    shapes = {"hidden_states": f"{B},{S},{H}", "gate_up_weight": f"{I},2,{H}", "down_weight_t": f"{I},{H}",
+              "active_idx": f"{B},{I}", "active_count": f"{B}", "token_valid": f"{B},{S}", "scores_in": f"{B},{I}"}
+    shapes.update(override)
+    return "mlp_shapes " + " ".join(shapes[n] for n in SPARSE_GATED_MLP.input_names)
+
+
+def test_shapes_ok_and_wildcards(run):
+    assert run(_mlp(), _mlp(S=1), _mlp(B=130), _mlp(B="?", S="?")) == \
+        ["ok 2 5 16 24", "ok 2 1 16 24", "ok 130 5 16 24", "ok -1 -1 16 24"]
+
+
+@pytest.mark.parametrize("cmd, message", [
+    (_mlp(hidden_states="2,16"), "hidden_states: rank 2, expected 3"),
+    (_mlp(active_count="2,1"), "active_count: rank 2, expected 1"),
+    (_mlp(H=12), "H (hidden size) = 12 must be a positive multiple of 8"),
+    (_mlp(I=20), "I (intermediate size) = 20 must be a positive multiple of 8"),
+    (_mlp(H=0), "H (hidden size) = 0 must be a positive multiple of 8"),
+    (_mlp(gate_up_weight="24,3,16"), "gate_up_weight: dimension 1 must be 2"),
+    (_mlp(active_idx="3,24"), "active_idx: B = 3 but 2 elsewhere"),
+    (_mlp(token_valid="2,4"), "token_valid: S = 4 but 5 elsewhere"),
+    (_mlp(down_weight_t="24,32"), "down_weight_t: H = 32 but 16 elsewhere"),
+    (_mlp(scores_in="2,32"), "scores_in: I = 32 but 24 elsewhere"),
+    ("mlp_shapes 2,5,16 24,2,16", "expected 7 inputs, got 2"),
+])
+def test_bad_shapes_rejected(run, cmd, message):
+    (answer,) = run(cmd)
+    assert answer == f"error {message}"
+
+
+def test_select_shapes(run):
+    assert run("select_shapes 2,24 -", "select_shapes 130,0 -", "select_shapes 2,24 1", "select_shapes 24 -") == \
+        ["ok 2 24", "ok 130 0", "error threshold: rank 1, expected 0", "error scores: rank 1, expected 2"]
+
+
+def test_output_shapes_follow_inputs(run):
+    # output = hidden_states dims (B, S, H); scores_out = scores_in dims; select: scores dims and scores dim 0.
+    assert run("out_shapes") == ["ok mlp 0.0 0.1 0.2 | 6.0 6.1 select 0.0 0.1 | 0.0"]
+
+
+def test_mode_from_runtime_seq(run):
+    assert run("mode 1", "mode 2", "mode 512", "mode 0") == ["decode", "prefill", "prefill", "prefill"]
+
+
+# ---- types and formats ----
+
+def test_output_types(run):
+    fixed = "i32 i32 f32 f32"
+    assert run(*(f"mlp_types {t} {t} {t} {fixed}" for t in ("f32", "f16", "bf16"))) == \
+        ["ok f32 f32", "ok f16 f32", "ok bf16 f32"]
+    assert run(f"mlp_types i32 i32 i32 {fixed}", f"mlp_types other other other {fixed}") == \
+        ["error hidden_states: T must be float32, float16 or bfloat16"] * 2
+    assert run("select_types f32 f32", "select_types f16 f32") == ["ok i32 i32", "error scores: must be float32"]
+
+
+@pytest.mark.parametrize("io, ok", [
+    ("f16", True), ("bf16", True), ("f32", True), ("i32", False), ("other", False), ("f16!", False),
+    ("bf16 bf16", True), ("bf16 f16", False), ("f16 f16 f16", True), ("f16 f16 f32", False),
+    ("f16 f16 f16 i32", True), ("f16 f16 f16 f32", False), ("f16 f16 f16 i32 i32", True),
+    ("f16 f16 f16 i32 i32 f32", True), ("f16 f16 f16 i32 i32 f16", False),
+    ("f16 f16 f16 i32 i32 f32 f32", True), ("f16 f16 f16 i32 i32 f32 f32 f16", True),
+    ("f16 f16 f16 i32 i32 f32 f32 f32", False), ("f16 f16 f16 i32 i32 f32 f32 f16 f32", True),
+    ("f16 f16 f16 i32 i32 f32 f32 f16 f16", False), ("f16 f16 f16 i32 i32 f32 f32 f16 f32!", False),
+])
+def test_mlp_format_support(run, io, ok):
+    assert run(f"mlp_supports {io}") == ["yes" if ok else "no"]
+
+
+@pytest.mark.parametrize("io, ok", [
+    ("f32", True), ("f16", False), ("f32 f32", True), ("f32 i32", False), ("f32 f32 i32", True),
+    ("f32 f32 f32", False), ("f32 f32 i32 i32", True), ("f32 f32 i32 i32!", False),
+])
+def test_select_format_support(run, io, ok):
+    assert run(f"select_supports {io}") == ["yes" if ok else "no"]
+
+
+# ---- workspace and ABI arguments (fake ABI queries: decode 1000*B, +100000 at B == 3) ----
+
+def test_prefill_layout_is_aligned_and_sized(run):
+    (line,) = run("prefill_layout f16 4 9 16 24")
+    gate_up, z, scores, cublas, total = map(int, line.split())
+    M, I = 4 * 9, 24
+    assert gate_up == 0 and z >= M * 2 * I * 2 and scores >= z + M * I * 2 and cublas >= scores + 4 * M
+    assert all(off % 256 == 0 for off in (z, scores, cublas)) and total == cublas + (32 << 20)
+
+
+def test_workspace_covers_the_profile(run):
+    prefill_total = int(run("prefill_layout f16 4 9 16 24")[0].split()[-1])
+    assert run("mlp_ws f16 4 1 16 24 1", "mlp_ws f16 2 1 16 24 1", "mlp_ws f16 100 1 16 24 1") == \
+        ["103000", "2000", "103000"]  # the largest need over chunk sizes 1..min(B, 64), not the need at B
+    assert run("mlp_ws f16 4 9 16 24 1", "mlp_ws f16 4 9 16 24 2") == [str(prefill_total)] * 2
+    assert run("select_ws 130 24", "select_ws 5 24") == ["4096", "320"]
+
+
+def test_decode_chunks_and_offsets(run):
+    (line,) = run("decode_chunks bf16 130 16 24")
+    chunks = [tok.split(":") for tok in line.split()[1:]]
+    row = 16 * 2  # one [H] bf16 row
+    assert chunks == [[str(b0), str(nb), str(b0 * row), str(b0 * 24 * 4), str(b0 * 4), str(b0 * row),
+                       f"dtype{DTYPES.index('bfloat16')}", "det1"]
+                      for b0, nb in ((0, 64), (64, 64), (128, 2))]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_prefill_plan_computes_the_contract(run, activation):
+    # The cuBLAS argument mapping, run by a reference column-major GEMM, against the contract's formula.
+    (err,) = run(f"prefill_numeric 2 3 16 24 {activation}")
+    assert float(err) < 1e-5
