@@ -124,7 +124,7 @@ def agreement(reference: torch.Tensor, other: torch.Tensor) -> dict:
             "identical_sequences": same.all(1).float().mean().item()}
 
 
-PROMPT_LENGTHS = (8, 16, 32, 64, 128, 256)
+PROMPT_LENGTHS = (2, 4, 8, 16, 32, 64, 128, 256)
 
 
 def calibrate_thresholds(ev: Evaluator, prompts: torch.Tensor, densities,
