@@ -14,12 +14,12 @@ table of the nearest calibrated length.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from .jsonfile import read_versioned, write_atomic
 
 FORMAT = "tda-calibration/1"
 CALIBRATION_FILE = "calibration.json"  # its name inside an exported directory
@@ -68,24 +68,14 @@ class Calibration:
                              f"not this model (fingerprint {fingerprint})")
 
     def save(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
-            json.dump(asdict(self), tmp, indent=1)
-        os.replace(tmp.name, path)
+        write_atomic(path, asdict(self))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Calibration":
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"calibration file {path}: no such file")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"calibration file {path}: not JSON ({e})") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ValueError(f"calibration file {path}: format is {data.get('format') if isinstance(data, dict) else None!r}, "
-                             f"expected {FORMAT!r}")
+        data = read_versioned(path, FORMAT, ValueError, "calibration file")
         try:
             cal = cls(**data)
         except TypeError as e:

@@ -6,9 +6,9 @@ so a directory is trusted only when every file it lists is exactly what was buil
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from pathlib import Path
+
+from .jsonfile import read_versioned, write_atomic
 
 NAME = "manifest.json"
 FORMAT = "tda-export-manifest/1"
@@ -33,25 +33,14 @@ def write(directory: Path, data: dict) -> Path:
     for p in sorted(directory.rglob("*")):
         if p.is_file() and p.name != NAME:
             files[p.relative_to(directory).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-    out = dict(data, format=FORMAT, files=files)
-    path = directory / NAME
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(directory / NAME, dict(data, format=FORMAT, files=files))
 
 
 def read(directory: Path) -> dict:
     path = Path(directory) / NAME
     if not path.is_file():
         raise ManifestError(f"{path}: no such file (not an exported model directory?)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ManifestError(f"{path}: not JSON ({e})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        found = data.get("format") if isinstance(data, dict) else None
-        raise ManifestError(f"{path}: format {found!r}, expected {FORMAT!r}")
+    data = read_versioned(path, FORMAT, ManifestError, "manifest")
     if not isinstance(data.get("files"), dict):
         raise ManifestError(f"{path}: field 'files' missing")
     return data

@@ -20,7 +20,7 @@ no reallocation when the density changes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 DOMAIN = "tda"
 OPSET_VERSION = 1
