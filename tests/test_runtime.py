@@ -36,7 +36,7 @@ def build_engine(model_dir, out, tmp_path, family="llama"):
 def engine_llama(tiny_dirs, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eng")
     out, cal = build_engine(tiny_dirs["llama"], tmp / "engine", tmp)
-    return Engine.load(out, threads=1), cal
+    return Engine.load(out, backend="onnxruntime", threads=1), cal
 
 
 def test_greedy_matches_torch_reference(engine_llama, tiny_dirs):
@@ -112,18 +112,18 @@ def test_tampered_or_foreign_engine_is_refused(engine_llama, tmp_path):
     engine, _ = engine_llama
     copy = tmp_path / "copy"
     shutil.copytree(engine.directory, copy)
-    Engine.load(copy, threads=1)
+    Engine.load(copy, backend="onnxruntime", threads=1)
     with open(copy / "model.onnx", "ab") as f:
         f.write(b"\0")
     with pytest.raises(EngineError, match="model.onnx"):
-        Engine.load(copy, threads=1)
+        Engine.load(copy, backend="onnxruntime", threads=1)
     shutil.rmtree(copy)
     shutil.copytree(engine.directory, copy)
     m = json.loads((copy / "manifest.json").read_text())
     m["versions"]["tda-export"] = "99.0.0"
     (copy / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(EngineError, match="99.0.0"):
-        Engine.load(copy, threads=1)
+        Engine.load(copy, backend="onnxruntime", threads=1)
     with pytest.raises(EngineError, match="manifest.json"):
         Engine.load(tmp_path / "nothing", threads=1)
 

@@ -15,7 +15,7 @@ from test_runtime import build_engine
 def engine(tiny_dirs, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("srv")
     out, _ = build_engine(tiny_dirs["llama"], tmp / "engine", tmp)
-    return Engine.load(out, threads=1)
+    return Engine.load(out, backend="onnxruntime", threads=1)
 
 
 @pytest.fixture
