@@ -67,8 +67,7 @@ class Metrics:
             lines += [f'tda_requests_total{{code="{k}"}} {v}' for k, v in sorted(c["requests_total"].items())]
             for name in ("generated_tokens_total", "prompt_tokens_total", "batches_total", "decode_seconds_total",
                          "ttft_seconds_sum"):
-                kind = "counter"
-                lines += [f"# TYPE tda_{name} {kind}", f"tda_{name} {c[name]}"]
+                lines += [f"# TYPE tda_{name} counter", f"tda_{name} {c[name]}"]
             lines += ["# TYPE tda_queue_depth gauge", f"tda_queue_depth {queue_depth}"]
         return "\n".join(lines) + "\n"
 
