@@ -205,8 +205,8 @@ def allocate_budget(ev: Evaluator, batches: list[Prefilled], prompt_len: int, th
 
 def build_calibration(lm: LoadedModel, text: str, text_desc: str, densities, sequences: int, prompt_len: int,
                       score_norm: str, max_ppl_increase: float | None, default_density: float,
-                      batch_size: int = 8, quiet: bool = False, tune_sequences: int = 8,
-                      continuation: int = 32) -> Calibration:
+                      batch_size: int = 8, quiet: bool = False, tune_sequences: int = 16,
+                      continuation: int = 64) -> Calibration:
     ev = Evaluator(lm, score_norm, batch_size, quiet)
     grid = sorted(set(DEFAULT_GRID) | set(densities) | set(BUDGET_LEVELS) | {default_density})
     ids = tokenize(lm.tokenizer, text)
