@@ -130,9 +130,11 @@ def calibrate(model, weights, text, prompt_tokens, score_norm, batch_size, quiet
 @click.option("--generate-prompts", type=click.IntRange(1), default=8, show_default=True,
               help="Prompts for greedy-generation agreement with dense.")
 @click.option("--generate-tokens", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--calibration-sequences", type=click.IntRange(1), default=64, show_default=True,
+              help="Calibration prompts when --density is calibrated on the fly.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def eval_(model, weights, text, prompt_tokens, score_norm, batch_size, quiet, density, calibration_path, mode,
-          sequences, continuation_tokens, generate_prompts, generate_tokens, as_json):
+          sequences, continuation_tokens, generate_prompts, generate_tokens, calibration_sequences, as_json):
     """Measure what TDA costs: perplexity, greedy agreement, realised density, bytes skipped.
 
     Perplexity is on held-out text (disjoint from calibration): the prompt part
@@ -166,7 +168,8 @@ def eval_(model, weights, text, prompt_tokens, score_norm, batch_size, quiet, de
         if mode == "tda":
             click.echo(f"calibrating thresholds for density {density} ...", err=True)
             corpus, desc = _text(None, "calibration")
-            cal = build_calibration(lm, corpus, desc, [density], 64, prompt_tokens, score_norm, None, density,
+            cal = build_calibration(lm, corpus, desc, [density], calibration_sequences, prompt_tokens, score_norm,
+                                    None, density,
                                     batch_size=batch_size, quiet=quiet)
             thresholds = cal.thresholds_for(density)
     corpus, desc = _text(text, "evaluation")
