@@ -118,3 +118,28 @@ def test_overload_gets_429_and_server_survives(server):
     assert 429 in results and 200 in results and set(results) <= {200, 429}
     status, _ = post(server.port, "/v1/completions", {"prompt": "after the storm", "max_tokens": 4})
     assert status == 200
+
+
+def test_disconnected_stream_stops_its_batch(server):
+    import socket
+    import time
+
+    def generated():
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        return {l.split()[0]: float(l.split()[1]) for l in text.splitlines() if l.startswith("tda_") and "{" not in l}
+
+    before = generated()
+    body = json.dumps({"prompt": "a", "max_tokens": 400, "stream": True}).encode()
+    s = socket.create_connection(("127.0.0.1", server.port))
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    assert s.recv(4096).startswith(b"HTTP/1.1 200")
+    s.close()
+    deadline = time.time() + 60
+    while generated()["tda_batches_total"] == before["tda_batches_total"] and time.time() < deadline:
+        time.sleep(0.1)
+    after = generated()
+    assert after["tda_batches_total"] == before["tda_batches_total"] + 1
+    assert after["tda_generated_tokens_total"] - before["tda_generated_tokens_total"] < 400

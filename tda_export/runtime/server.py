@@ -38,6 +38,7 @@ class Job:
     density: float | None
     events: queue.Queue = field(default_factory=queue.Queue)  # Event | Exception | _DONE
     created: float = field(default_factory=time.time)
+    cancelled: bool = False  # its client went away; a batch whose clients all left stops early
 
 
 class Metrics:
@@ -101,9 +102,12 @@ class Scheduler(threading.Thread):
     def _run_batch(self, jobs: list[Job]):
         stats = Stats()
         try:
-            for ev in stream(self.engine, [j.prompt for j in jobs], [j.params for j in jobs], jobs[0].density,
-                             stats):
+            events = stream(self.engine, [j.prompt for j in jobs], [j.params for j in jobs], jobs[0].density, stats)
+            for ev in events:
                 jobs[ev.index].events.put(ev)
+                if all(j.cancelled for j in jobs):
+                    events.close()
+                    break
             self.metrics.batch(stats)
         except Exception as e:  # noqa: BLE001 - one failed batch must not take the server down
             for j in jobs:
@@ -184,8 +188,15 @@ def make_handler(engine: Engine, scheduler: Scheduler, metrics: Metrics, model_n
             if length < 0:
                 return self._error(411, "Content-Length required")
             if length > MAX_BODY:
+                # Drain what a client may still be sending (within reason) so it reads the 413, not a reset.
+                if length <= 16 * MAX_BODY:
+                    while length > 0:
+                        chunk = self.rfile.read(min(length, 1 << 16))
+                        if not chunk:
+                            break
+                        length -= len(chunk)
                 self.close_connection = True
-                return self._error(413, f"body of {length} bytes exceeds {MAX_BODY}")
+                return self._error(413, f"body of {int(self.headers['Content-Length'])} bytes exceeds {MAX_BODY}")
             try:
                 body = json.loads(self.rfile.read(length) or b"null")
                 if not isinstance(body, dict):
@@ -263,6 +274,7 @@ def make_handler(engine: Engine, scheduler: Scheduler, metrics: Metrics, model_n
                     self.wfile.write(f"data: {json.dumps(data)}\n\n".encode())
                     self.wfile.flush()
             except (BrokenPipeError, ConnectionResetError):
+                job.cancelled = True
                 return
             except Exception as e:  # noqa: BLE001 - report the failure in-band, then end the stream
                 err = {"error": {"message": f"generation failed: {e}", "type": "server_error", "code": 500}}
