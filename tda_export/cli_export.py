@@ -55,24 +55,55 @@ def build(model, backend, out, dtype, calibration, no_calibrate, density, force,
 @click.command()
 @click.argument("directory", type=click.Path(path_type=Path))
 def inspect(directory):
-    """Summarise an exported model directory and verify every file's sha256."""
-    import onnx
+    """Verify every file's sha256 of an exported model directory, then summarise it.
 
+    A failed verification is reported first; the summary still prints what can be read. Exit code 1 when
+    verification fails, 2 when the directory is not an export at all.
+    """
     from . import manifest
-    from .ops.contract import DOMAIN
 
     try:
         data = manifest.read(directory)
     except manifest.ManifestError as e:
         raise UserError(str(e)) from None
-    cal = data["calibration"]
-    click.echo(f"model      {data['model']} ({data['family']}, {data['activation']}) from {data['source']}")
-    click.echo(f"backend    {data['backend']}  dtype {data['dtype']}  opset {data['opset']}")
-    click.echo(f"shape      layers {data['num_layers']}  hidden {data['hidden_size']}  intermediate "
-               f"{data['intermediate_size']}  heads {data['num_heads']}/{data['num_kv_heads']}x{data['head_dim']}  "
-               f"vocab {data['vocab_size']}  context {data['max_context']}")
+    try:
+        manifest.verify(directory, data)
+        failure = None
+    except manifest.ManifestError as e:
+        failure = f"verification failed: {e}"
+        click.echo(f"error: {failure}", err=True)
+    try:
+        _summary(directory, data)
+    except Exception as e:  # noqa: BLE001 - a damaged export must give a message, never a traceback
+        message = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+        click.echo(f"error: {message}", err=True)
+        failure = failure or message
+    if failure:
+        raise click.ClickException(failure)
+    click.echo(f"verified   {len(data['files'])} files (sha256)")
+
+
+def _summary(directory: Path, data: dict) -> None:
+    import onnx
+
+    from .ops.contract import DOMAIN
+
+    g = lambda key: data.get(key, "?")  # noqa: E731 - a manifest from another version may lack a field
+    cal = data.get("calibration") or {}
+    click.echo(f"model      {g('model')} ({g('family')}, {g('activation')}) from {g('source')}")
+    click.echo(f"backend    {g('backend')}  dtype {g('dtype')}  opset {g('opset')}")
+    click.echo(f"shape      layers {g('num_layers')}  hidden {g('hidden_size')}  intermediate "
+               f"{g('intermediate_size')}  heads {g('num_heads')}/{g('num_kv_heads')}x{g('head_dim')}  "
+               f"vocab {g('vocab_size')}  context {g('max_context')}")
     click.echo(f"thresholds {cal.get('selected', cal)}: {cal.get('thresholds', 'all 0 (dense)')}")
-    model = onnx.load(str(directory / data["model_file"]), load_external_data=False)
+    for kind in ("inputs", "outputs"):
+        for v in (data.get("io") or {}).get(kind, []):
+            click.echo(f"{kind[:-1]:6s}     {v['name']:32s} {v['dtype']:8s} {v['shape']}")
+    model_path = directory / str(g("model_file"))
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf raises several types for a truncated or foreign file
+        raise ValueError(f"{model_path}: not a readable ONNX model ({type(e).__name__}: {str(e)[:200]})") from None
     ops = Counter((f"{n.domain}::" if n.domain else "") + n.op_type for n in model.graph.node)
     click.echo("ops        " + ", ".join(f"{k} {v}" for k, v in sorted(ops.items())))
     click.echo("functions  " + ", ".join(f"{f.domain}::{f.name} ({len(f.node)} nodes)" for f in model.functions))
@@ -82,11 +113,3 @@ def inspect(directory):
             attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
             click.echo(f"tda node   {n.name}: {n.domain}::{n.op_type} plugin_namespace={attrs.get('plugin_namespace')} "
                        f"{ {k: v for k, v in attrs.items() if k != 'plugin_namespace'} }")
-    for kind in ("inputs", "outputs"):
-        for v in data["io"][kind]:
-            click.echo(f"{kind[:-1]:6s}     {v['name']:32s} {v['dtype']:8s} {v['shape']}")
-    try:
-        manifest.verify(directory, data)
-    except manifest.ManifestError as e:
-        raise click.ClickException(f"verification failed: {e}") from None
-    click.echo(f"verified   {len(data['files'])} files (sha256)")

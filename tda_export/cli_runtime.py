@@ -81,27 +81,43 @@ def run(engine_dir, prompt, max_new_tokens, temperature, top_k, top_p, stop, see
 @ENGINE
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
-@click.option("--queue-size", type=click.IntRange(1), default=32, show_default=True,
-              help="Waiting requests before new ones get 429.")
+@click.option("--queue-size", type=click.IntRange(1), default=64, show_default=True,
+              help="Waiting requests before new ones get 429 (with Retry-After).")
 @click.option("--max-batch", type=click.IntRange(1), default=8, show_default=True,
-              help="Requests run together in one batch.")
+              help="Sequences run together in one batch.")
+@click.option("--model-name", default=None,
+              help="Model id clients name in requests and see in /v1/models [the engine's model name].")
+@click.option("--body-timeout", type=click.FloatRange(0.1), default=10.0, show_default=True,
+              help="Seconds a client may take to send a request body before it gets 408.")
 @THREADS
 @BACKEND
-def serve(engine_dir, host, port, queue_size, max_batch, threads, backend):
-    """Serve an OpenAI-compatible API: /v1/completions, /v1/chat/completions (SSE streaming), /health, /metrics.
+def serve(engine_dir, host, port, queue_size, max_batch, model_name, body_timeout, threads, backend):
+    """Serve an OpenAI-compatible API: /v1/completions, /v1/chat/completions (SSE streaming), /v1/models,
+    /health, /metrics.
 
-    Requests may carry a "density" field (0-1] to change TDA sparsity per request.
+    Requests may carry a "density" field (0-1] to change TDA sparsity per request. Completions support
+    logprobs and echo (prompt-token logprobs, so lm-eval's local-completions can score loglikelihoods).
+
+    \b
+    Example:
+      tda-export serve -e engine/ --port 8000
+      curl localhost:8000/v1/completions -d '{"prompt": "Once upon a time", "max_tokens": 16}'
     """
-    from .runtime.server import Server
+    from .runtime.server import Server, bind_socket
 
+    try:
+        sock = bind_socket(host, port)  # before the engine loads: a busy port fails in a second, not a minute
+    except OSError as e:
+        raise UserError(f"{e} (is another server running? pick another --port)") from None
     engine = _engine(engine_dir, threads, backend, max_batch)
-    server = Server(engine, host, port, queue_size, max_batch)
-    click.echo(f"serving {engine.manifest.get('model')} on http://{host}:{server.port} "
-               f"(backend {engine.backend.name})", err=True)
+    server = Server(engine, host, port, queue_size, max_batch, sock=sock, model_name=model_name,
+                    body_timeout=body_timeout)
+    click.echo(f"serving {server.model_name} on http://{host}:{server.port} (backend {engine.backend.name}, "
+               f"max batch {max_batch}, queue {queue_size})", err=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        server.shutdown()
+        pass
 
 
 @click.command()

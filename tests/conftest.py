@@ -15,3 +15,13 @@ def smollm2():
     from tda_export.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def served_engine_dir(tiny_dirs, tmp_path_factory):
+    """A calibrated tiny Llama engine (density 0.5 built in), shared by the scheduler and server tests."""
+    from test_runtime import build_engine
+
+    tmp = tmp_path_factory.mktemp("served")
+    out, _ = build_engine(tiny_dirs["llama"], tmp / "engine", tmp)
+    return out

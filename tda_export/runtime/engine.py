@@ -1,6 +1,7 @@
 """Engine.load(DIR): a verified exported directory, its tokenizer, thresholds and a backend."""
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -42,7 +43,11 @@ class Engine:
             raise EngineError(f"{directory / manifest.NAME}: built by tda-export {built_with}, this is "
                               f"{__version__} (major versions differ); rebuild the engine")
         cal_path = directory / CALIBRATION_FILE
-        calibration = Calibration.load(cal_path) if cal_path.is_file() else None
+        try:
+            calibration = Calibration.load(cal_path) if cal_path.is_file() else None
+        except ValueError as e:
+            raise EngineError(str(e)) from None
+        check_thresholds(directory, data, calibration)
         tokenizer = AutoTokenizer.from_pretrained(directory)
         torch_opts = {k: v for k, v in dict(device=device, max_batch=max_batch, max_context=max_context).items()
                       if v is not None}
@@ -105,6 +110,42 @@ class Engine:
 
     def densities(self) -> list[str]:
         return sorted(self.calibration.thresholds) if self.calibration else ["1.00"]
+
+
+def check_thresholds(directory: Path, data: dict, calibration: Calibration | None) -> None:
+    """Every threshold the engine may use is a number in [0, 1] (relative to the top score; above 1 no
+    neuron is active, NaN selects garbage), one per layer, and the calibration is this model's."""
+    layers = data.get("num_layers")
+
+    def check(where: str, values) -> None:
+        if not isinstance(values, list) or len(values) != layers:
+            raise EngineError(f"{where}: expected a list of {layers} thresholds (one per layer), got {values!r:.80}")
+        for i, v in enumerate(values):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= 1:
+                raise EngineError(f"{where}: threshold of layer {i} is {v!r}; thresholds must be finite and in "
+                                  f"[0, 1]; rebuild or recalibrate the engine")
+
+    built = data.get("calibration") or {}
+    if "thresholds" in built:
+        check(f"{directory / manifest.NAME} calibration.thresholds", built["thresholds"])
+    if calibration is None:
+        return
+    where = directory / CALIBRATION_FILE
+    try:
+        calibration.check_model(data.get("fingerprint", calibration.fingerprint), layers,
+                                data.get("intermediate_size"), str(where))
+    except ValueError as e:
+        raise EngineError(str(e)) from None
+    for key, ths in calibration.thresholds.items():
+        check(f"{where} thresholds[{key}]", ths)
+    for n, table in calibration.by_prompt_length.items():
+        for key, ths in table.items():
+            check(f"{where} by_prompt_length[{n}][{key}]", ths)
+    if "thresholds" in calibration.default:
+        check(f"{where} default.thresholds", calibration.default["thresholds"])
+    densities = calibration.default.get("densities", [])
+    if any(not isinstance(d, (int, float)) or not (math.isfinite(d) and 0 < d <= 1) for d in densities):
+        raise EngineError(f"{where}: default densities must be in (0, 1], got {densities}")
 
 
 def _built_thresholds(data: dict) -> np.ndarray:

@@ -3,18 +3,23 @@
 One loop serves every backend, the CLI, the server and the benchmark. It
 streams: `stream()` yields an Event per sequence whenever new text is safe to
 show (held back while it could still be the start of a stop string or an
-incomplete UTF-8 character).
+incomplete UTF-8 character), with the token ids (and, when asked, logprobs) it came from.
+A failure while choosing or decoding one sequence's token ends only that sequence
+(finish_reason "error"); the rest of the batch goes on.
+
+`prompt_logprobs()` scores prompt tokens (OpenAI `echo`, lm-eval loglikelihood)
+through the same two backend calls, so every backend serves it.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 from .engine import Engine
-from .sampling import SamplingParams, choose
+from .sampling import SamplingParams, TokenLogprob, choose, token_logprob
 
 
 class ContextTooLong(ValueError):
@@ -25,7 +30,10 @@ class ContextTooLong(ValueError):
 class Event:
     index: int                      # which prompt of the batch
     text: str                       # newly safe text ("" on a pure finish event)
-    finish_reason: str | None = None  # "stop" | "length" once the sequence ends
+    finish_reason: str | None = None  # "stop" | "length" | "error" once the sequence ends
+    tokens: list[int] = field(default_factory=list)  # ids chosen since the previous event (EOS included)
+    logprobs: list[TokenLogprob] | None = None  # one per token when the params ask for logprobs
+    error: str | None = None        # what went wrong when finish_reason is "error"
 
 
 @dataclass
@@ -42,9 +50,17 @@ class _Sequence:
     def __init__(self, params: SamplingParams, eos: set[int]):
         self.params, self.eos = params, eos
         self.rng = np.random.default_rng(params.seed)
-        self.tokens: list[int] = []
+        self.tokens: list[int] = []     # generated ids that are text (EOS excluded)
+        self.pending: list[int] = []    # ids chosen since the last event
+        self.pending_logprobs: list[TokenLogprob] = []
+        self.generated = 0              # every id chosen, EOS included: the usage count
         self.emitted = 0
         self.finish: str | None = None
+
+    def take(self) -> tuple[list[int], list[TokenLogprob] | None]:
+        tokens, logprobs = self.pending, self.pending_logprobs
+        self.pending, self.pending_logprobs = [], []
+        return tokens, (logprobs if self.params.logprobs is not None else None)
 
 
 def encode(engine: Engine, prompt: str | list[int]) -> list[int]:
@@ -59,8 +75,12 @@ def _eos_ids(engine: Engine) -> set[int]:
 
 
 def stream(engine: Engine, prompts: list, params: SamplingParams | list[SamplingParams],
-           density: float | None = None, stats: Stats | None = None) -> Iterator[Event]:
-    """Events for a batch of prompts (each with its own sampling params; one density for the batch)."""
+           density: float | None = None, stats: Stats | None = None,
+           cancelled: Callable[[int], bool] | None = None) -> Iterator[Event]:
+    """Events for a batch of prompts (each with its own sampling params; one density for the batch).
+
+    `cancelled(i)` is asked before every step: a sequence whose consumer went away stops at once (no more
+    events), and the batch stops when every sequence has."""
     params = [p.check() for p in (params if isinstance(params, list) else [params] * len(prompts))]
     if len(params) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
@@ -95,23 +115,36 @@ def stream(engine: Engine, prompts: list, params: SamplingParams | list[Sampling
     for step in range(max(p.max_new_tokens for p in params)):
         next_tokens = np.full(len(seqs), pad, np.int64)
         for b, s in enumerate(seqs):
+            if not s.finish and cancelled is not None and cancelled(b):
+                s.finish = "cancelled"
             if s.finish:
                 continue
-            tok = choose(logits[b], s.params, s.rng)
-            next_tokens[b] = tok
-            if tok in s.eos:
-                s.finish = "stop"
-            else:
-                s.tokens.append(tok)
-                if len(s.tokens) >= s.params.max_new_tokens:
-                    s.finish = "length"
-            yield from _emit(engine, b, s)
+            try:
+                tok = choose(logits[b], s.params, s.rng)
+                next_tokens[b] = tok
+                s.generated += 1
+                s.pending.append(tok)
+                if s.params.logprobs is not None:
+                    s.pending_logprobs.append(token_logprob(logits[b], tok, s.params.logprobs))
+                if tok in s.eos:
+                    s.finish = "stop"
+                else:
+                    s.tokens.append(tok)
+                    if len(s.tokens) >= s.params.max_new_tokens:
+                        s.finish = "length"
+                events = list(_emit(engine, b, s))
+            except Exception as e:  # noqa: BLE001 - one sequence's failure must not end its batch
+                s.finish = "error"
+                next_tokens[b] = pad
+                tokens, logprobs = s.take()
+                events = [Event(b, "", "error", tokens, logprobs, f"{type(e).__name__}: {e}")]
+            yield from events
         if all(s.finish for s in seqs):
             break
         logits = engine.backend.decode(state, next_tokens)
         stats.decode_steps += 1
     stats.decode_seconds = time.perf_counter() - t_decode
-    stats.completion_tokens = [len(s.tokens) for s in seqs]
+    stats.completion_tokens = [s.generated for s in seqs]
 
 
 def _emit(engine: Engine, index: int, s: _Sequence) -> Iterator[Event]:
@@ -128,7 +161,8 @@ def _emit(engine: Engine, index: int, s: _Sequence) -> Iterator[Event]:
         while safe > 0 and text[safe - 1] == "\ufffd":  # an incomplete multi-byte character
             safe -= 1
     if safe > s.emitted or s.finish:
-        yield Event(index, text[s.emitted: max(safe, s.emitted)], s.finish)
+        tokens, logprobs = s.take()
+        yield Event(index, text[s.emitted: max(safe, s.emitted)], s.finish, tokens, logprobs)
         s.emitted = max(safe, s.emitted)
 
 
@@ -138,4 +172,38 @@ def generate(engine: Engine, prompts: list, params: SamplingParams | list[Sampli
     out = [""] * len(prompts)
     for ev in stream(engine, prompts, params, density, stats):
         out[ev.index] += ev.text
+    return out
+
+
+def prompt_logprobs(engine: Engine, prompts: list[list[int]], top: int = 0) -> list[list[TokenLogprob | None]]:
+    """For each prompt, the logprob of every token given the ones before it (None for the first token, which
+    has no context), with the `top` most likely alternatives.
+
+    The prompt is always processed densely (prefill is dense; TDA only thins decode), so these are the dense
+    model's causal logprobs. They come from a prefill of the first token (left padded to the backend's minimum
+    width) and one dense decode step per further token: only `prefill`/`decode`, so every backend serves it,
+    in time linear in the prompt length.
+    """
+    if not prompts or any(not p for p in prompts):
+        raise ValueError("prompt_logprobs needs non-empty prompts")
+    longest = max(map(len, prompts))
+    if longest > engine.max_context:
+        raise ContextTooLong(f"a prompt has {longest} tokens, more than the engine's context of "
+                             f"{engine.max_context}")
+    pad = engine.manifest.get("pad_token_id")
+    pad = pad if pad is not None else 0
+    dense = np.zeros(engine.num_layers, np.float32)
+    input_ids = np.array([[pad, p[0]] for p in prompts], np.int64)
+    mask = np.array([[0, 1]] * len(prompts), np.int64)
+    out: list[list[TokenLogprob | None]] = [[None] for _ in prompts]
+    if longest == 1:
+        return out
+    logits, state = engine.backend.prefill(input_ids, mask, dense)
+    for t in range(1, longest):
+        for b, p in enumerate(prompts):
+            if t < len(p):
+                out[b].append(token_logprob(logits[b], p[t], top))
+        if t + 1 == longest:
+            break
+        logits = engine.backend.decode(state, np.array([p[t] if t < len(p) else pad for p in prompts], np.int64))
     return out

@@ -1,332 +1,509 @@
-"""OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, /health, /metrics.
+"""OpenAI-compatible HTTP server on FastAPI/uvicorn: /v1/completions, /v1/chat/completions, /v1/models,
+/health, /metrics.
 
-Threads: one per connection (stdlib ThreadingHTTPServer) parses and validates,
-then puts the request on a bounded queue; one scheduler thread owns the engine,
-takes up to `max_batch` queued requests of the same density at a time (request
-batching) and runs them as one batch, pushing events back to each
-connection. A full queue answers 429 at once; bad input answers 4xx with an
-OpenAI-style JSON error; an engine failure fails only that batch's requests.
+The web layer only translates: pydantic models (openai_api.py) validate a request, it becomes a scheduler
+`Job` (scheduler.py, which owns the engine on its own thread and batches), and the job's events come back
+onto the event loop to be shaped into OpenAI responses or server-sent events. What HTTP itself needs
+(parsing, 404/405, query strings, chunked bodies, keep-alive) is uvicorn's and Starlette's; the one piece
+added here is `BodyGuard`, which bounds a request body's size and the time a client may take to send it.
 """
 from __future__ import annotations
 
+import asyncio
 import json
-import queue
+import socket
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Engine, EngineError
-from .generate import ContextTooLong, Stats, stream
-from .sampling import SamplingParams
+from .generate import Event
+from .openai_api import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
+                         ChatCompletionRequest, ChatLogprobs, ChatTokenLogprob, Completion, CompletionChoice,
+                         CompletionLogprobs, CompletionRequest, Delta, ErrorResponse, ModelCard, ModelList,
+                         TopLogprob, Usage, finite_or_none)
+from .sampling import TokenLogprob
+from .scheduler import Done, Failed, Job, QueueFull, Scheduler, Scored
 
 MAX_BODY = 1 << 20
-MAX_TOKENS_CAP = 4096
-_DONE = object()
+BODY_TIMEOUT = 10.0          # seconds a client may take to send its whole body
+DEFAULT_MAX_TOKENS = 64
+BACKLOG = 2048
 
 
-class BadRequest(ValueError):
-    status = HTTPStatus.BAD_REQUEST
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.headers = status, message, kind, param, headers
+
+
+def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    body = ErrorResponse(error={"message": message, "type": kind, "param": param, "code": status})
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening socket, bound now, so a busy port is reported before the engine loads."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(BACKLOG)
+    sock.set_inheritable(True)
+    return sock
+
+
+class BodyGuard:
+    """ASGI middleware: read a POST body within `timeout` seconds and `max_body` bytes (chunked or not), then
+    hand it on; answer 408/413 otherwise. Also counts responses by status code for /metrics."""
+
+    def __init__(self, app, max_body: int = MAX_BODY, timeout: float = BODY_TIMEOUT, counts: dict | None = None):
+        self.app, self.max_body, self.timeout = app, max_body, timeout
+        self.counts = counts if counts is not None else {}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.counts[message["status"]] = self.counts.get(message["status"], 0) + 1
+            await send(message)
+
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, counting_send)
+        chunks, size, too_big = [], 0, False
+        try:
+            async with asyncio.timeout(self.timeout):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    size += len(message.get("body", b""))
+                    too_big = too_big or size > self.max_body
+                    if not too_big:
+                        chunks.append(message.get("body", b""))
+                    elif size > 16 * self.max_body:
+                        break  # stop draining: the client gets the 413 and a closed connection
+                    if not message.get("more_body"):
+                        break
+        except TimeoutError:
+            return await _send_error(counting_send, 408, f"request body not received within {self.timeout:g} s")
+        if too_big:
+            return await _send_error(counting_send, 413, f"request body exceeds {self.max_body} bytes")
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # then disconnects, which cancel the request's work
+
+        await self.app(scope, replay, counting_send)
+
+
+async def _send_error(send, status: int, message: str):
+    data = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                 "code": status}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": data})
+
+
+class _Inbox:
+    """Items the scheduler thread sends to one request, as an asyncio queue on the server's loop."""
+
+    def __init__(self):
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item):
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
 @dataclass
-class Job:
-    prompt: str
-    params: SamplingParams
-    density: float | None
-    events: queue.Queue = field(default_factory=queue.Queue)  # Event | Exception | _DONE
-    created: float = field(default_factory=time.time)
-    cancelled: bool = False  # its client went away; a batch whose clients all left stops early
+class _Choice:
+    prompt: int
+    text: str = ""
+    entries: list = field(default_factory=list)   # (token id, TokenLogprob | None) for logprobs
+    generated: int = 0
+    finish: str | None = None
 
 
-class Metrics:
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.counters = {"requests_total": {}, "generated_tokens_total": 0, "prompt_tokens_total": 0,
-                         "batches_total": 0, "decode_seconds_total": 0.0, "ttft_seconds_sum": 0.0}
+class _Request:
+    """One parsed request: its job, and how the job's events become choices."""
 
-    def request(self, code: int):
-        with self.lock:
-            c = self.counters["requests_total"]
-            c[code] = c.get(code, 0) + 1
+    def __init__(self, prompts: list[list[int]], prompt_texts: list[str], n: int, max_tokens: int,
+                 echo: bool, logprobs: int | None):
+        self.prompts, self.prompt_texts, self.n = prompts, prompt_texts, n
+        self.max_tokens, self.echo, self.logprobs = max_tokens, echo, logprobs
+        self.choices = [_Choice(p, finish="length" if max_tokens == 0 else None)
+                        for p in range(len(prompts)) for _ in range(n)]
+        self.error: str | None = None
 
-    def batch(self, stats: Stats):
-        with self.lock:
-            c = self.counters
-            c["batches_total"] += 1
-            c["generated_tokens_total"] += sum(stats.completion_tokens)
-            c["prompt_tokens_total"] += sum(stats.prompt_tokens)
-            c["decode_seconds_total"] += stats.decode_seconds
-            c["ttft_seconds_sum"] += stats.time_to_first_token
+    def apply(self, item) -> list[tuple[int, str, list, str | None]]:
+        """Fold one scheduler item in; returns the (choice, new text, new entries, finish) it produced."""
+        out = []
+        if isinstance(item, Scored):
+            entries = list(zip(self.prompts[item.prompt], item.logprobs))
+            for c in range(item.prompt * self.n, (item.prompt + 1) * self.n):
+                ch = self.choices[c]
+                ch.entries[:0] = entries
+                finish = "length" if self.max_tokens == 0 else None
+                ch.finish = finish or ch.finish
+                out.append((c, self.prompt_texts[item.prompt], entries, finish))
+        elif isinstance(item, Event):
+            ch = self.choices[item.index]
+            if item.finish_reason == "error":
+                self.error = item.error or "generation failed"
+                return out
+            ch.text += item.text
+            ch.generated += len(item.tokens)
+            entries = list(zip(item.tokens, item.logprobs)) if item.logprobs is not None else []
+            ch.entries += entries
+            ch.finish = item.finish_reason or ch.finish
+            out.append((item.index, item.text, entries, item.finish_reason))
+        elif isinstance(item, Failed):
+            self.error = item.message
+        return out
 
-    def render(self, queue_depth: int) -> str:
-        with self.lock:
-            c = self.counters
-            lines = ["# TYPE tda_requests_total counter"]
-            lines += [f'tda_requests_total{{code="{k}"}} {v}' for k, v in sorted(c["requests_total"].items())]
-            for name in ("generated_tokens_total", "prompt_tokens_total", "batches_total", "decode_seconds_total",
-                         "ttft_seconds_sum"):
-                lines += [f"# TYPE tda_{name} counter", f"tda_{name} {c[name]}"]
-            lines += ["# TYPE tda_queue_depth gauge", f"tda_queue_depth {queue_depth}"]
-        return "\n".join(lines) + "\n"
+    def usage(self) -> Usage:
+        prompt = sum(map(len, self.prompts))
+        completion = sum(c.generated for c in self.choices)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-class Scheduler(threading.Thread):
-    def __init__(self, engine: Engine, queue_size: int, max_batch: int, metrics: Metrics):
-        super().__init__(daemon=True, name="tda-scheduler")
-        self.engine, self.max_batch, self.metrics = engine, max_batch, metrics
-        self.queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
-        self.stopping = threading.Event()
+def create_app(engine: Engine, scheduler: Scheduler, model_name: str, max_body: int = MAX_BODY,
+               body_timeout: float = BODY_TIMEOUT) -> FastAPI:
+    app = FastAPI(title="tda-export", docs_url=None, redoc_url=None)
+    created = int(time.time())
+    status_counts: dict[int, int] = {}
+    tok = engine.tokenizer
+    vocab = engine.manifest.get("vocab_size")
+    token_text = {}
 
-    def run(self):
-        held: list[Job] = []
-        while not self.stopping.is_set():
-            if not held:
-                try:
-                    held.append(self.queue.get(timeout=0.1))
-                except queue.Empty:
-                    continue
-            time.sleep(0.005)  # let concurrent arrivals join the batch
-            while len(held) < 4 * self.max_batch:
-                try:
-                    held.append(self.queue.get_nowait())
-                except queue.Empty:
-                    break
-            density = held[0].density
-            batch = [j for j in held if j.density == density][: self.max_batch]
-            held = [j for j in held if j not in batch]
-            self._run_batch(batch)
+    def piece(token: int) -> str:
+        if token not in token_text:
+            token_text[token] = tok.decode([token])
+        return token_text[token]
 
-    def _run_batch(self, jobs: list[Job]):
-        stats = Stats()
+    @app.exception_handler(ApiError)
+    async def _api_error(request, e: ApiError):
+        return error_response(e.status, e.message, e.kind, e.param, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, e: RequestValidationError):
+        message, param = validation_message(e.errors())
+        return error_response(400, message, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e: StarletteHTTPException):
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(e.status_code, "invalid_request_error")
+        return error_response(e.status_code, f"{request.method} {request.url.path}: {e.detail}", kind,
+                              headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _crash(request, e: Exception):
+        return error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "queue_depth": scheduler.depth()}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        return PlainTextResponse(render_metrics(scheduler, status_counts), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=model_name, created=created)])
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> ModelCard:
+        if model_id != model_name:
+            raise ApiError(404, f"model {model_id!r} does not exist; this server has {model_name!r}",
+                           "not_found_error", "model")
+        return ModelCard(id=model_name, created=created)
+
+    def check_common(req, prompts: list[list[int]], max_tokens: int | None):
+        if req.model is not None and req.model != model_name:
+            raise ApiError(404, f"model {req.model!r} does not exist; this server has {model_name!r}",
+                           "not_found_error", "model")
+        for ids in prompts:
+            bad = [t for t in ids if vocab is not None and t >= vocab]
+            if bad:
+                raise ApiError(400, f"token id {bad[0]} is outside the vocabulary of {vocab}", param="prompt")
+            want = max_tokens if max_tokens is not None else 1
+            if len(ids) + want > engine.max_context:
+                raise ApiError(400, f"prompt has {len(ids)} tokens; with max_tokens={want} that exceeds the "
+                                    f"context of {engine.max_context}", param="max_tokens")
+        if req.density is not None:
+            try:
+                engine.thresholds(req.density)
+            except EngineError as e:
+                raise ApiError(400, str(e), param="density") from None
+
+    def default_tokens(ids: list[list[int]]) -> int:
+        return max(1, min(DEFAULT_MAX_TOKENS, engine.max_context - max(map(len, ids))))
+
+    def submit(r: _Request, gen_prompts, params, density, score, score_top) -> tuple[Job, _Inbox]:
+        inbox = _Inbox()
+        job = Job(gen_prompts, params, density, score, score_top, on_event=inbox.put)
         try:
-            events = stream(self.engine, [j.prompt for j in jobs], [j.params for j in jobs], jobs[0].density, stats)
-            for ev in events:
-                jobs[ev.index].events.put(ev)
-                if all(j.cancelled for j in jobs):
-                    events.close()
-                    break
-            self.metrics.batch(stats)
-        except Exception as e:  # noqa: BLE001 - one failed batch must not take the server down
-            for j in jobs:
-                j.events.put(e)
-        for j in jobs:
-            j.events.put(_DONE)
+            scheduler.submit(job)
+        except QueueFull as e:
+            raise ApiError(429, str(e), "rate_limit_error", headers={"Retry-After": str(e.retry_after)}) from None
+        return job, inbox
 
-
-def _field(body: dict, name: str, kind, default, check=None, what=""):
-    v = body.get(name, default)
-    if v is None:
-        return default
-    if kind is float and isinstance(v, int) and not isinstance(v, bool):
-        v = float(v)
-    if not isinstance(v, kind) or isinstance(v, bool) and kind is not bool:
-        raise BadRequest(f"'{name}' must be {kind.__name__}, got {type(v).__name__}")
-    if check and not check(v):
-        raise BadRequest(f"'{name}'={v!r}: {what}")
-    return v
-
-
-def parse_params(body: dict) -> tuple[SamplingParams, float | None]:
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-        raise BadRequest("'stop' must be a non-empty string or a list of up to 4 non-empty strings")
-    if _field(body, "n", int, 1) != 1:
-        raise BadRequest("'n' must be 1")
-    params = SamplingParams(
-        max_new_tokens=_field(body, "max_tokens", int, 64, lambda v: 1 <= v <= MAX_TOKENS_CAP,
-                              f"must be in [1, {MAX_TOKENS_CAP}]"),
-        temperature=_field(body, "temperature", float, 0.0, lambda v: 0 <= v <= 2, "must be in [0, 2]"),
-        top_k=_field(body, "top_k", int, 0, lambda v: v >= 0, "must be >= 0"),
-        top_p=_field(body, "top_p", float, 1.0, lambda v: 0 < v <= 1, "must be in (0, 1]"),
-        stop=tuple(stop), seed=_field(body, "seed", int, None))
-    density = _field(body, "density", float, None, lambda v: 0 < v <= 1, "must be in (0, 1]")
-    return params, density
-
-
-def make_handler(engine: Engine, scheduler: Scheduler, metrics: Metrics, model_name: str):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = "tda-export"
-
-        def log_message(self, *args):  # quiet: /metrics counts requests
-            pass
-
-        def _send(self, code: int, payload, content_type="application/json"):
-            data = payload if isinstance(payload, bytes) else (
-                payload.encode() if isinstance(payload, str) else json.dumps(payload).encode())
-            self.send_response(code)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-            metrics.request(code)
-
-        def _error(self, code: int, message: str, kind="invalid_request_error"):
-            self._send(code, {"error": {"message": message, "type": kind, "code": code}})
-
-        def do_GET(self):
-            if self.path == "/health":
-                self._send(200, {"status": "ok", "model": model_name, "queue_depth": scheduler.queue.qsize()})
-            elif self.path == "/metrics":
-                self._send(200, metrics.render(scheduler.queue.qsize()), "text/plain; version=0.0.4")
-            elif self.path == "/v1/models":
-                self._send(200, {"object": "list", "data": [{"id": model_name, "object": "model"}]})
-            else:
-                self._error(404, f"no route {self.path}", "not_found")
-
-        def do_POST(self):
-            if self.path not in ("/v1/completions", "/v1/chat/completions"):
-                return self._error(404, f"no route {self.path}", "not_found")
-            try:
-                length = int(self.headers.get("Content-Length", "-1"))
-            except ValueError:
-                length = -1
-            if length < 0:
-                return self._error(411, "Content-Length required")
-            if length > MAX_BODY:
-                # Drain what a client may still be sending (within reason) so it reads the 413, not a reset.
-                if length <= 16 * MAX_BODY:
-                    while length > 0:
-                        chunk = self.rfile.read(min(length, 1 << 16))
-                        if not chunk:
-                            break
-                        length -= len(chunk)
-                self.close_connection = True
-                return self._error(413, f"body of {int(self.headers['Content-Length'])} bytes exceeds {MAX_BODY}")
-            try:
-                body = json.loads(self.rfile.read(length) or b"null")
-                if not isinstance(body, dict):
-                    raise BadRequest("body must be a JSON object")
-                chat = self.path.endswith("chat/completions")
-                prompt = self._chat_prompt(body) if chat else self._prompt(body)
-                params, density = parse_params(body)
-                if density is not None:
-                    engine.thresholds(density)  # fail now for an uncalibrated density
-                n_prompt = len(engine.tokenizer(prompt).input_ids)
-                if n_prompt + params.max_new_tokens > engine.max_context:
-                    raise BadRequest(f"prompt has {n_prompt} tokens; with max_tokens={params.max_new_tokens} that "
-                                     f"exceeds the context of {engine.max_context}")
-            except json.JSONDecodeError as e:
-                return self._error(400, f"body is not JSON: {e}")
-            except (BadRequest, EngineError) as e:
-                return self._error(400, str(e))
-            job = Job(prompt, params, density)
-            try:
-                scheduler.queue.put_nowait(job)
-            except queue.Full:
-                return self._error(429, "server busy: request queue is full, retry later", "overloaded")
-            if body.get("stream"):
-                self._stream(job, chat)
-            else:
-                self._complete(job, chat)
-
-        def _prompt(self, body):
-            p = body.get("prompt")
-            if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
-                p = p[0]
-            if not isinstance(p, str) or not p:
-                raise BadRequest("'prompt' must be a non-empty string")
-            return p
-
-        def _chat_prompt(self, body):
-            msgs = body.get("messages")
-            if not isinstance(msgs, list) or not msgs or not all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in msgs):
-                raise BadRequest("'messages' must be a non-empty list of {role, content} strings")
-            if not getattr(engine.tokenizer, "chat_template", None):
-                raise BadRequest("this engine's tokenizer has no chat template; use /v1/completions")
-            return engine.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-
-        def _events(self, job: Job):
+    async def items(job: Job, inbox: _Inbox, request: Request):
+        """The job's items until Done; a client that went away cancels the job."""
+        try:
             while True:
-                ev = job.events.get()
-                if ev is _DONE:
+                try:
+                    item = await asyncio.wait_for(inbox.queue.get(), 0.5)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                if isinstance(item, Done):
                     return
-                if isinstance(ev, Exception):
-                    raise ev
-                yield ev
+                yield item
+        finally:
+            job.cancel()  # no-op once done; frees the slot of a client that left
 
-        def _chunk(self, job_id, chat, text, finish):
-            if chat:
-                choice = {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
-                return {"id": job_id, "object": "chat.completion.chunk", "created": int(time.time()),
-                        "model": model_name, "choices": [choice]}
-            return {"id": job_id, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                    "choices": [{"index": 0, "text": text, "finish_reason": finish}]}
+    def completion_logprobs(entries, offset: int) -> CompletionLogprobs:
+        lp = CompletionLogprobs()
+        for token, tlp in entries:
+            text = piece(token)
+            lp.tokens.append(text)
+            lp.text_offset.append(offset)
+            offset += len(text)
+            if tlp is None:
+                lp.token_logprobs.append(None)
+                lp.top_logprobs.append(None)
+                continue
+            lp.token_logprobs.append(finite_or_none(tlp.logprob))
+            top = {piece(t): finite_or_none(v) for t, v in tlp.top}
+            top.setdefault(text, finite_or_none(tlp.logprob))  # the chosen token is always listed (as vLLM)
+            lp.top_logprobs.append(top)
+        return lp
 
-        def _stream(self, job: Job, chat: bool):
-            job_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.close_connection = True
-            metrics.request(200)
-            try:
-                for ev in self._events(job):
-                    data = self._chunk(job_id, chat, ev.text, ev.finish_reason)
-                    self.wfile.write(f"data: {json.dumps(data)}\n\n".encode())
-                    self.wfile.flush()
-            except (BrokenPipeError, ConnectionResetError):
-                job.cancelled = True
-                return
-            except Exception as e:  # noqa: BLE001 - report the failure in-band, then end the stream
-                err = {"error": {"message": f"generation failed: {e}", "type": "server_error", "code": 500}}
-                self.wfile.write(f"data: {json.dumps(err)}\n\n".encode())
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
+    def chat_logprobs(entries) -> ChatLogprobs:
+        def top(t, v):
+            s = piece(t)
+            return TopLogprob(token=s, logprob=finite_or_none(v), bytes=list(s.encode("utf-8", "replace")))
 
-        def _complete(self, job: Job, chat: bool):
-            text, finish = "", None
-            try:
-                for ev in self._events(job):
-                    text += ev.text
-                    finish = ev.finish_reason or finish
-            except ContextTooLong as e:
-                return self._error(400, str(e))
-            except Exception as e:  # noqa: BLE001
-                return self._error(500, f"generation failed: {e}", "server_error")
-            job_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-            n_prompt = len(engine.tokenizer(job.prompt).input_ids)
-            n_out = len(engine.tokenizer(text, add_special_tokens=False).input_ids)
-            usage = {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
-            if chat:
-                choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-                obj = "chat.completion"
-            else:
-                choice = {"index": 0, "text": text, "finish_reason": finish}
-                obj = "text_completion"
-            self._send(200, {"id": job_id, "object": obj, "created": int(time.time()), "model": model_name,
-                             "choices": [choice], "usage": usage})
+        return ChatLogprobs(content=[ChatTokenLogprob(**top(t, lp.logprob).model_dump(),
+                                                      top_logprobs=[top(a, v) for a, v in lp.top])
+                                     for t, lp in entries if lp is not None])
 
-    return Handler
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        texts = req.prompt_list()
+        ids = [tok(p).input_ids if isinstance(p, str) else p for p in texts]
+        if any(not x for x in ids):
+            raise ApiError(400, "a prompt encodes to no tokens", param="prompt")
+        check_common(req, ids, req.max_tokens)
+        max_tokens = req.max_tokens if req.max_tokens is not None else default_tokens(ids)
+        prompt_texts = [p if isinstance(p, str) else tok.decode(p) for p in texts]
+        r = _Request(ids, prompt_texts, req.n, max_tokens, req.echo, req.logprobs)
+        gen, params = [], []
+        if max_tokens > 0:
+            for p in ids:
+                for j in range(req.n):
+                    gen.append(p)
+                    params.append(req.sampling(max_tokens, req.logprobs, j))
+        score = ids if req.echo and req.logprobs is not None else []
+        job, inbox = submit(r, gen, params, req.density, score, req.logprobs or 0)
+        rid, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        offsets = [0] * len(r.choices)
+
+        def chunk_choice(c, text, entries, finish):
+            lp = completion_logprobs(entries, offsets[c]) if r.logprobs is not None else None
+            offsets[c] += len(text)
+            return CompletionChoice(index=c, text=text, logprobs=lp, finish_reason=finish)
+
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+            async def sse():
+                if r.echo and r.logprobs is None:  # no scoring pass: echo the prompt text at once
+                    for c in range(len(r.choices)):
+                        yield _sse(Completion(id=rid, created=now, model=model_name, choices=[
+                            chunk_choice(c, r.prompt_texts[r.choices[c].prompt], [], r.choices[c].finish)]))
+                async for item in items(job, inbox, request):
+                    produced = r.apply(item)
+                    if r.error:
+                        yield _sse_error(r.error)
+                        break
+                    for c, text, entries, finish in produced:
+                        yield _sse(Completion(id=rid, created=now, model=model_name,
+                                              choices=[chunk_choice(c, text, entries, finish)]))
+                else:
+                    if include_usage:
+                        yield _sse(Completion(id=rid, created=now, model=model_name, choices=[], usage=r.usage()))
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+        async for item in items(job, inbox, request):
+            r.apply(item)
+        if r.error:
+            raise ApiError(500, f"generation failed: {r.error}", "server_error")
+        choices = []
+        for c, ch in enumerate(r.choices):
+            text = (r.prompt_texts[ch.prompt] if r.echo else "") + ch.text
+            lp = completion_logprobs(ch.entries, 0) if r.logprobs is not None else None
+            choices.append(CompletionChoice(index=c, text=text, logprobs=lp, finish_reason=ch.finish))
+        return Completion(id=rid, created=now, model=model_name, choices=choices, usage=r.usage())
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        if not getattr(tok, "chat_template", None):
+            raise ApiError(400, "this engine's tokenizer has no chat template; use /v1/completions")
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # noqa: BLE001 - a template may refuse a role order; that is the client's
+            raise ApiError(400, f"the chat template refused these messages: {e}", param="messages") from None
+        ids = [tok(text, add_special_tokens=False).input_ids]
+        wanted = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        check_common(req, ids, wanted)
+        max_tokens = wanted if wanted is not None else default_tokens(ids)
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        r = _Request(ids, [text], req.n, max_tokens, False, top)
+        params = [req.sampling(max_tokens, top, j) for j in range(req.n)]
+        job, inbox = submit(r, ids * req.n, params, req.density, [], 0)
+        rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+            def chunk(choices, usage=None):
+                return _sse(ChatCompletionChunk(id=rid, created=now, model=model_name, choices=choices, usage=usage))
+
+            async def sse():
+                yield chunk([ChatChunkChoice(index=c, delta=Delta(role="assistant", content=""))
+                             for c in range(req.n)])
+                async for item in items(job, inbox, request):
+                    produced = r.apply(item)
+                    if r.error:
+                        yield _sse_error(r.error)
+                        break
+                    for c, new, entries, finish in produced:
+                        lp = chat_logprobs(entries) if top is not None else None
+                        yield chunk([ChatChunkChoice(index=c, delta=Delta(content=new) if new else Delta(),
+                                                     logprobs=lp, finish_reason=finish)])
+                else:
+                    if include_usage:
+                        yield chunk([], r.usage())
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+        async for item in items(job, inbox, request):
+            r.apply(item)
+        if r.error:
+            raise ApiError(500, f"generation failed: {r.error}", "server_error")
+        choices = [ChatChoice(index=c, message=AssistantMessage(content=ch.text), finish_reason=ch.finish,
+                              logprobs=chat_logprobs(ch.entries) if top is not None else None)
+                   for c, ch in enumerate(r.choices)]
+        return ChatCompletion(id=rid, created=now, model=model_name, choices=choices, usage=r.usage())
+
+    return BodyGuard(app, max_body, body_timeout, status_counts)
+
+
+def validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """pydantic's errors as one line naming each field; for a field that may take several shapes (prompt:
+    text, texts, ids, lists of ids) the reason it failed, not that it is not each of the other shapes."""
+    by_field: dict[str, list[str]] = {}
+    for err in errors:
+        loc = [str(x) for x in err.get("loc", ()) if x != "body" and "[" not in str(x)]
+        name = ".".join(loc)
+        if err.get("type") == "json_invalid":
+            name, msg = "", f"body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})"
+        else:
+            msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        by_field.setdefault(name, []).append(msg)
+    parts = []
+    for name, msgs in by_field.items():
+        specific = [m for m in msgs if not m.startswith("Input should be a valid")] or msgs
+        text = "; ".join(dict.fromkeys(specific))
+        parts.append(f"'{name}': {text}" if name else text)
+    first = next(iter(by_field), "")
+    return " | ".join(parts)[:2000], first or None
+
+
+def _sse(model) -> str:
+    return f"data: {model.model_dump_json()}\n\n"
+
+
+def _sse_error(message: str) -> str:
+    body = ErrorResponse(error={"message": f"generation failed: {message}", "type": "server_error", "code": 500})
+    return f"data: {body.model_dump_json()}\n\n"
+
+
+def render_metrics(scheduler: Scheduler, status_counts: dict) -> str:
+    m = scheduler.metrics.snapshot()
+    lines = ["# HELP tda_requests_total HTTP responses by status code.", "# TYPE tda_requests_total counter"]
+    lines += [f'tda_requests_total{{code="{k}"}} {v}' for k, v in sorted(status_counts.items())]
+    counters = {"generated_tokens_total": m["generated_tokens"], "prompt_tokens_total": m["prompt_tokens"],
+                "scored_tokens_total": m["scored_tokens"], "batches_total": m["batches"],
+                "decode_seconds_total": m["decode_seconds"], "sequence_errors_total": m["sequence_errors"],
+                "cancelled_requests_total": m["cancelled"]}
+    for name, value in counters.items():
+        lines += [f"# TYPE tda_{name} counter", f"tda_{name} {value}"]
+    lines += ["# HELP tda_ttft_seconds Time to first token per batch.", "# TYPE tda_ttft_seconds summary",
+              f"tda_ttft_seconds_sum {m['ttft_sum']}", f"tda_ttft_seconds_count {m['ttft_count']}"]
+    lines += ["# TYPE tda_queue_depth gauge", f"tda_queue_depth {scheduler.depth()}",
+              "# TYPE tda_running_requests gauge", f"tda_running_requests {len(scheduler.running)}"]
+    return "\n".join(lines) + "\n"
 
 
 class Server:
-    """The HTTP server and its scheduler; `serve_forever()` blocks, `shutdown()` stops both."""
+    """The scheduler and uvicorn serving the app; `serve_forever()` blocks, `shutdown()` stops both."""
 
-    def __init__(self, engine: Engine, host="127.0.0.1", port=8000, queue_size=32, max_batch=8):
-        self.metrics = Metrics()
-        self.scheduler = Scheduler(engine, queue_size, max_batch, self.metrics)
-        name = engine.manifest.get("model", "tda-model")
-        self.httpd = ThreadingHTTPServer((host, port), make_handler(engine, self.scheduler, self.metrics, name))
-        self.httpd.daemon_threads = True
+    def __init__(self, engine: Engine, host="127.0.0.1", port=8000, queue_size=32, max_batch=8,
+                 sock: socket.socket | None = None, model_name: str | None = None, body_timeout=BODY_TIMEOUT,
+                 max_body=MAX_BODY):
+        import uvicorn
+
+        self.sock = sock if sock is not None else bind_socket(host, port)
+        self.scheduler = Scheduler(engine, queue_size, max_batch)
+        self.model_name = model_name or str(engine.manifest.get("model", "tda-model"))
+        app = create_app(engine, self.scheduler, self.model_name, max_body, body_timeout)
+        config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=5, backlog=BACKLOG,
+                                timeout_graceful_shutdown=5, access_log=False)
+        self.uvicorn = uvicorn.Server(config)
+        self._stopped = threading.Event()
 
     @property
     def port(self) -> int:
-        return self.httpd.server_address[1]
+        return self.sock.getsockname()[1]
 
     def serve_forever(self):
         self.scheduler.start()
-        self.httpd.serve_forever()
+        try:
+            self.uvicorn.run(sockets=[self.sock])
+        finally:
+            self.scheduler.stop()
+            self._stopped.set()
 
-    def shutdown(self):
-        self.httpd.shutdown()
-        self.scheduler.stopping.set()
-        self.httpd.server_close()
+    def shutdown(self, timeout: float = 15.0):
+        self.uvicorn.should_exit = True
+        self._stopped.wait(timeout)
+        self.sock.close()

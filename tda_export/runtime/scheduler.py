@@ -1,0 +1,273 @@
+"""Request scheduling, independent of any web framework: one thread owns the engine and runs batches.
+
+A `Job` is one client request: one or more sequences to generate (several prompts, `n` choices each) and,
+for `echo`, prompts to score. The scheduler keeps a bounded FIFO of waiting jobs (`submit` raises
+`QueueFull` with a Retry-After estimate when it is full), and each round takes up to `max_batch` units of
+the same kind from the head of that FIFO: generation units of one density run as one batch (request
+batching, per-request density), scoring units as another. A job may span several rounds.
+
+Results go back through `job.on_event(item)`, called on the scheduler thread, with in order:
+`Scored(prompt, logprobs)` per scored prompt, generation `Event`s (index = the job's sequence), and finally
+`Done()` (or a `Failed(message)` for sequences whose batch failed). `job.cancel()` (client gone) drops its
+waiting units at once and stops its running sequences before the next decode step; a batch whose sequences
+were all cancelled stops, so the slot is free within a step.
+
+When a batch fails as a whole (the backend raised) before it produced anything, each of its units is rerun
+alone, so a request that breaks the backend fails only itself.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .engine import Engine
+from .generate import Event, Stats, prompt_logprobs, stream
+from .sampling import SamplingParams, TokenLogprob
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: int):
+        super().__init__(f"server busy: the request queue is full, retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+@dataclass
+class Scored:
+    prompt: int                            # index into job.score
+    logprobs: list[TokenLogprob | None]
+
+
+@dataclass
+class Failed:
+    sequences: list[int]                   # the job's sequences (or, for scoring, prompts) that failed
+    message: str
+    scoring: bool = False
+
+
+@dataclass
+class Done:
+    pass
+
+
+@dataclass
+class Job:
+    prompts: list[list[int]]               # token ids of each sequence to generate (may be empty)
+    params: list[SamplingParams]           # one per sequence
+    density: float | None = None
+    score: list[list[int]] = field(default_factory=list)  # prompts whose token logprobs to compute
+    score_top: int = 0                     # alternatives per scored token
+    on_event: Callable[[object], None] = lambda item: None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self):
+        if len(self.prompts) != len(self.params):
+            raise ValueError(f"{len(self.prompts)} prompts but {len(self.params)} sampling params")
+        self._todo = [("score", i) for i in range(len(self.score))] + [("gen", i) for i in range(len(self.prompts))]
+        self._open = len(self._todo)       # units not finished yet
+
+    def cancel(self):
+        self.cancelled.set()
+
+
+@dataclass
+class _Unit:
+    job: Job
+    kind: str                               # "score" | "gen"
+    index: int
+
+    @property
+    def key(self):
+        return ("score",) if self.kind == "score" else ("gen", self.job.density)
+
+
+class Metrics:
+    """Counters the scheduler keeps; the web layer renders them."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.batches = 0
+        self.generated_tokens = 0
+        self.prompt_tokens = 0
+        self.scored_tokens = 0
+        self.decode_seconds = 0.0
+        self.batch_seconds = 0.0
+        self.ttft_sum = 0.0
+        self.ttft_count = 0
+        self.sequence_errors = 0
+        self.cancelled = 0
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            return {k: v for k, v in vars(self).items() if k != "lock"}
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, queue_size: int = 32, max_batch: int = 8, gather_seconds: float = 0.005):
+        self.engine, self.queue_size, self.max_batch, self.gather = engine, queue_size, max_batch, gather_seconds
+        self.metrics = Metrics()
+        self._waiting: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, daemon=True, name="tda-scheduler")
+        self.running: list[Job] = []         # jobs of the batch in progress (read for metrics and tests)
+
+    # --- the client side (any thread) ---
+    def submit(self, job: Job) -> None:
+        if not job._todo:
+            _deliver(job, Done())
+            return
+        with self._cond:
+            self._drop_cancelled()
+            if len(self._waiting) >= self.queue_size:
+                raise QueueFull(self.retry_after())
+            self._waiting.append(job)
+            self._cond.notify()
+
+    def depth(self) -> int:
+        with self._cond:
+            self._drop_cancelled()
+            return len(self._waiting)
+
+    def retry_after(self) -> int:
+        """Seconds until the queue has likely drained one batch: the mean batch time so far, rounded up."""
+        m = self.metrics
+        mean = m.batch_seconds / m.batches if m.batches else 1.0
+        return max(1, math.ceil(mean))
+
+    def start(self):
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0):
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # --- the scheduler thread ---
+    def _drop_cancelled(self):
+        """Waiting jobs whose clients went away free their place at once (call with the lock held)."""
+        gone = [j for j in self._waiting if j.cancelled.is_set()]
+        for j in gone:
+            self._waiting.remove(j)
+            with self.metrics.lock:
+                self.metrics.cancelled += 1
+
+    def _next_batch(self) -> list[_Unit] | None:
+        with self._cond:
+            while not self._stopping:
+                self._drop_cancelled()
+                if self._waiting:
+                    break
+                self._cond.wait(0.1)
+            if self._stopping:
+                return None
+        time.sleep(self.gather)  # let concurrent arrivals join the batch
+        with self._cond:
+            self._drop_cancelled()
+            if not self._waiting:
+                return []
+            head = self._waiting[0]
+            key = _Unit(head, *head._todo[0]).key
+            units: list[_Unit] = []
+            for job in list(self._waiting):
+                while job._todo and len(units) < self.max_batch:
+                    unit = _Unit(job, *job._todo[0])
+                    if unit.key != key:
+                        break
+                    units.append(unit)
+                    job._todo.pop(0)
+                if not job._todo:
+                    self._waiting.remove(job)
+                if len(units) >= self.max_batch:
+                    break
+            return units
+
+    def _run(self):
+        while (units := self._next_batch()) is not None:
+            if not units:
+                continue
+            self.running = list({id(u.job): u.job for u in units}.values())
+            try:
+                self._run_units(units, retry_alone=len(units) > 1)
+            finally:
+                self.running = []
+                for u in units:
+                    self._finish_unit(u)
+
+    def _run_units(self, units: list[_Unit], retry_alone: bool):
+        t0 = time.perf_counter()
+        produced = False
+        try:
+            if units[0].kind == "score":
+                produced = self._score(units)
+            else:
+                for _ in self._generate(units):
+                    produced = True
+        except Exception as e:  # noqa: BLE001 - a failed batch must not take the scheduler down
+            if retry_alone and not produced:
+                for u in units:
+                    self._run_units([u], retry_alone=False)
+                return
+            for job in {id(u.job): u.job for u in units}.values():
+                mine = [u.index for u in units if u.job is job]
+                _deliver(job, Failed(mine, f"{type(e).__name__}: {e}", scoring=units[0].kind == "score"))
+        with self.metrics.lock:
+            self.metrics.batches += 1
+            self.metrics.batch_seconds += time.perf_counter() - t0
+
+    def _score(self, units: list[_Unit]) -> bool:
+        live = [u for u in units if not u.job.cancelled.is_set()]
+        if not live:
+            return False
+        top = max(u.job.score_top for u in live)
+        results = prompt_logprobs(self.engine, [u.job.score[u.index] for u in live], top)
+        for u, lps in zip(live, results):
+            k = u.job.score_top
+            trimmed = [lp if lp is None or k == top else TokenLogprob(lp.token, lp.logprob, lp.top[:k]) for lp in lps]
+            _deliver(u.job, Scored(u.index, trimmed))
+        with self.metrics.lock:
+            self.metrics.scored_tokens += sum(len(u.job.score[u.index]) for u in live)
+        return True
+
+    def _generate(self, units: list[_Unit]):
+        stats = Stats()
+        jobs = [u.job for u in units]
+        events = stream(self.engine, [u.job.prompts[u.index] for u in units], [u.job.params[u.index] for u in units],
+                        jobs[0].density, stats, cancelled=lambda b: jobs[b].cancelled.is_set())
+        try:
+            for ev in events:
+                u = units[ev.index]
+                _deliver(u.job, Event(u.index, ev.text, ev.finish_reason, ev.tokens, ev.logprobs, ev.error))
+                if ev.finish_reason == "error":
+                    with self.metrics.lock:
+                        self.metrics.sequence_errors += 1
+                yield ev
+        finally:
+            events.close()
+        with self.metrics.lock:
+            m = self.metrics
+            m.generated_tokens += sum(stats.completion_tokens)
+            m.prompt_tokens += sum(stats.prompt_tokens)
+            m.decode_seconds += stats.decode_seconds
+            m.ttft_sum += stats.time_to_first_token
+            m.ttft_count += 1
+
+    def _finish_unit(self, unit: _Unit):
+        job = unit.job
+        with self._cond:
+            job._open -= 1
+            done = job._open == 0
+        if done:
+            _deliver(job, Done())
+
+
+def _deliver(job: Job, item) -> None:
+    try:
+        job.on_event(item)
+    except Exception:  # noqa: BLE001 - a client whose loop is gone must not stop the scheduler
+        job.cancel()

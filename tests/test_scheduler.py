@@ -1,0 +1,135 @@
+"""The scheduler alone, without HTTP: batching, per-request density, the bounded queue, cancellation within a
+step, and failures that stay with their own request. Real engine (tiny Llama on ONNX Runtime)."""
+import threading
+import time
+
+import pytest
+
+from tda_export.runtime.engine import Engine
+from tda_export.runtime.generate import Event, generate
+from tda_export.runtime.sampling import SamplingParams
+from tda_export.runtime.scheduler import Done, Failed, Job, QueueFull, Scheduler, Scored
+
+
+@pytest.fixture(scope="module")
+def engine(served_engine_dir):
+    return Engine.load(served_engine_dir, backend="onnxruntime", threads=1)
+
+
+@pytest.fixture
+def scheduler(engine, request):
+    queue_size, max_batch = getattr(request, "param", (16, 4))
+    s = Scheduler(engine, queue_size, max_batch, gather_seconds=0.05)
+    s.start()
+    yield s
+    s.stop()
+
+
+class Collect:
+    def __init__(self):
+        self.items, self.done = [], threading.Event()
+
+    def __call__(self, item):
+        self.items.append(item)
+        if isinstance(item, Done):
+            self.done.set()
+
+    def text(self, index=0):
+        return "".join(i.text for i in self.items if isinstance(i, Event) and i.index == index)
+
+
+def job(engine, prompt, n=8, density=None, **params):
+    c = Collect()
+    ids = engine.tokenizer(prompt).input_ids
+    return Job([ids], [SamplingParams(max_new_tokens=n, **params)], density, on_event=c), c
+
+
+def test_concurrent_jobs_are_batched_and_equal_to_alone(engine, scheduler):
+    prompts = [f"to be or not {i}" for i in range(8)]
+    jobs = [job(engine, p) for p in prompts]
+    for j, _ in jobs:
+        scheduler.submit(j)
+    for _, c in jobs:
+        assert c.done.wait(60)
+    assert [c.text() for _, c in jobs] == [generate(engine, [p], SamplingParams(max_new_tokens=8))[0] for p in prompts]
+    assert scheduler.metrics.batches <= 4, "8 jobs with max_batch 4 should need about 2 batches"
+
+
+def test_densities_run_in_separate_batches(engine, scheduler):
+    a, ca = job(engine, "the quick brown", density=0.5)
+    b, cb = job(engine, "the quick brown", density=1.0)
+    scheduler.submit(a)
+    scheduler.submit(b)
+    assert ca.done.wait(60) and cb.done.wait(60)
+    assert ca.text() == generate(engine, ["the quick brown"], SamplingParams(max_new_tokens=8), 0.5)[0]
+    assert cb.text() == generate(engine, ["the quick brown"], SamplingParams(max_new_tokens=8), 1.0)[0]
+    assert scheduler.metrics.batches == 2
+
+
+def test_scoring_and_generation_of_one_job(engine, scheduler):
+    c = Collect()
+    ids = engine.tokenizer("the lazy dog").input_ids
+    scheduler.submit(Job([ids], [SamplingParams(max_new_tokens=3)], score=[ids], score_top=2, on_event=c))
+    assert c.done.wait(60)
+    scored = [i for i in c.items if isinstance(i, Scored)]
+    assert len(scored) == 1 and scored[0].logprobs[0] is None and len(scored[0].logprobs) == len(ids)
+    assert all(len(lp.top) == 2 for lp in scored[0].logprobs[1:])
+    assert c.items.index(scored[0]) < next(k for k, i in enumerate(c.items) if isinstance(i, Event))
+
+
+@pytest.mark.parametrize("scheduler", [(2, 1)], indirect=True)
+def test_full_queue_raises_with_retry_after(engine, scheduler):
+    jobs = [job(engine, f"word {i}", n=200) for i in range(6)]
+    refused = []
+    for j, _ in jobs:
+        try:
+            scheduler.submit(j)
+        except QueueFull as e:
+            refused.append(e.retry_after)
+    assert refused and all(r >= 1 for r in refused)
+    for j, _ in jobs:
+        j.cancel()
+
+
+@pytest.mark.parametrize("scheduler", [(1, 1)], indirect=True)
+def test_cancelled_job_frees_its_slot_within_a_step(engine, scheduler):
+    long, c = job(engine, "a", n=400)
+    scheduler.submit(long)
+    while not any(isinstance(i, Event) for i in c.items):
+        time.sleep(0.01)
+    long.cancel()
+    waiting, cw = job(engine, "b", n=2)
+    scheduler.submit(waiting)  # the queue (size 1) is free: the cancelled job is running, not waiting
+    assert cw.done.wait(60) and c.done.wait(60)
+    events = [i for i in c.items if isinstance(i, Event)]
+    tokens = sum(len(e.tokens) for e in events)
+    assert tokens < 400 and scheduler.metrics.generated_tokens - 2 - tokens <= 1, \
+        "the cancelled sequence should stop within a step of cancel()"
+    # a cancelled job that is still waiting leaves the queue at once
+    blocker, cb = job(engine, "c", n=300)
+    scheduler.submit(blocker)
+    time.sleep(0.3)
+    queued, _ = job(engine, "d", n=4)
+    scheduler.submit(queued)
+    queued.cancel()
+    again, ca = job(engine, "e", n=2)
+    scheduler.submit(again)  # would be QueueFull if the cancelled one still held the place
+    blocker.cancel()
+    assert ca.done.wait(60) and cb.done.wait(60)
+
+
+def test_a_failing_request_fails_alone(engine, scheduler):
+    vocab = engine.manifest["vocab_size"]
+    good = [job(engine, f"good {i}") for i in range(3)]
+    bad_params = Job([engine.tokenizer("x").input_ids], [SamplingParams(max_new_tokens=4, seed=-1)],
+                     on_event=(cs := Collect()))
+    bad_ids = Job([[5, vocab + 1000, 7]], [SamplingParams(max_new_tokens=4)], on_event=(ci := Collect()))
+    for j in (good[0][0], bad_params, good[1][0], bad_ids, good[2][0]):
+        scheduler.submit(j)
+    for c in (cs, ci, *(c for _, c in good)):
+        assert c.done.wait(60)
+    assert any(isinstance(i, Failed) and "seed" in i.message for i in cs.items)
+    assert any(isinstance(i, Failed) for i in ci.items)
+    for j, c in good:
+        assert not any(isinstance(i, Failed) for i in c.items)
+        assert c.text() == generate(engine, [j.prompts[0]], SamplingParams(max_new_tokens=8))[0]
