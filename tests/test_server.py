@@ -1,145 +1,313 @@
-"""The OpenAI-compatible server over real HTTP on loopback: clients, streaming, bad input, overload."""
-import http.client
+"""The OpenAI-compatible server over real HTTP on loopback, with the real `openai` client (sync and async):
+conformance (logprobs, echo, n, stream_options, chat content parts, models), exact usage, bad input answered
+with 4xx JSON naming the field, and the HTTP details that come from uvicorn/Starlette."""
+import asyncio
 import json
+import socket
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
+import httpx
+import numpy as np
 import pytest
 
 from tda_export.runtime.engine import Engine
+from tda_export.runtime.generate import Stats, stream
+from tda_export.runtime.sampling import SamplingParams, log_softmax
 from tda_export.runtime.server import MAX_BODY, Server
-from test_runtime import build_engine
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_dirs, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("srv")
-    out, _ = build_engine(tiny_dirs["llama"], tmp / "engine", tmp)
-    return Engine.load(out, backend="onnxruntime", threads=1)
+def engine(served_engine_dir):
+    e = Engine.load(served_engine_dir, backend="onnxruntime", threads=1)
+    e.tokenizer.chat_template = CHAT_TEMPLATE  # the tiny tokenizer has none; a real Jinja template
+    return e
 
 
-@pytest.fixture
-def server(engine, request):
-    queue_size, max_batch = getattr(request, "param", (32, 8))
-    srv = Server(engine, "127.0.0.1", 0, queue_size=queue_size, max_batch=max_batch)
+def start(engine, **options):
+    srv = Server(engine, "127.0.0.1", 0, **options)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
+    return srv, thread
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    srv, thread = start(engine, queue_size=64, max_batch=8)
     yield srv
     srv.shutdown()
     thread.join(timeout=10)
 
 
-def post(port, path, body, raw=None, timeout=60):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    data = raw if raw is not None else json.dumps(body).encode()
-    conn.request("POST", path, body=data, headers={"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    payload = resp.read()
-    conn.close()
-    return resp.status, payload
+@pytest.fixture
+def http(server):
+    with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=60) as c:
+        yield c
 
 
-def sse_events(payload: bytes):
-    lines = [l[len("data: "):] for l in payload.decode().split("\n\n") if l.startswith("data: ")]
+@pytest.fixture
+def client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused", max_retries=0)
+
+
+def sse(text: str):
+    lines = [l[len("data: "):] for l in text.split("\n\n") if l.startswith("data: ")]
     assert lines[-1] == "[DONE]"
     return [json.loads(l) for l in lines[:-1]]
 
 
-def test_openai_client_completion_and_chat(server):
+def direct(engine, prompt, n, density=None):
+    """What the engine generates for `prompt`, with its token count."""
+    stats = Stats()
+    text = "".join(ev.text for ev in stream(engine, [prompt], SamplingParams(max_new_tokens=n), density, stats))
+    return text, stats.completion_tokens[0]
+
+
+def test_openai_client_completion_stream_and_exact_usage(engine, client):
+    r = client.completions.create(model="llama", prompt="the quick brown", max_tokens=12, temperature=0)
+    text, n = direct(engine, "the quick brown", 12)
+    assert r.choices[0].text == text and r.usage.completion_tokens == n
+    assert r.usage.prompt_tokens == len(engine.tokenizer("the quick brown").input_ids)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + n
+    chunks = list(client.completions.create(model="llama", prompt="the quick brown", max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == n
+    assert all(c.usage is None for c in chunks[:-1])
+    assert [c.choices[0].finish_reason for c in chunks[:-1]][-1] == r.choices[0].finish_reason
+
+
+def test_openai_client_chat_content_parts_role_first_and_n(engine, client):
+    messages = [{"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "the lazy "}, {"type": "text", "text": "dog"}]}]
+    r = client.chat.completions.create(model="llama", messages=messages, max_tokens=6, n=2, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1] and r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == r.choices[1].message.content  # greedy: equal choices
+    assert r.usage.completion_tokens == 2 * direct(engine, _chat_ids(engine, messages), 6)[1]
+    chunks = list(client.chat.completions.create(model="llama", messages=messages, max_tokens=6, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == r.choices[0].message.content and chunks[-1].usage.total_tokens > 0
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+
+
+def _chat_ids(engine, messages):
+    text = engine.tokenizer.apply_chat_template(
+        [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else
+          "".join(p["text"] for p in m["content"])} for m in messages], add_generation_prompt=True, tokenize=False)
+    return engine.tokenizer(text, add_special_tokens=False).input_ids
+
+
+def test_async_openai_client_streams_concurrently(engine, server):
     openai = pytest.importorskip("openai")
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused", max_retries=0)
-    r = client.completions.create(model="tiny", prompt="the quick brown", max_tokens=8, temperature=0)
-    assert r.choices[0].finish_reason in ("length", "stop") and r.usage.prompt_tokens > 0
-    chunks = list(client.completions.create(model="tiny", prompt="the quick brown", max_tokens=8, temperature=0,
-                                            stream=True))
-    assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
-    assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused", max_retries=0)
+
+        async def one(i):
+            s = await client.completions.create(model="llama", prompt=f"to be or not {i}", max_tokens=8, stream=True)
+            return "".join([c.choices[0].text async for c in s])
+
+        out = await asyncio.gather(*(one(i) for i in range(6)))
+        await client.close()
+        return out
+
+    assert asyncio.run(main()) == [direct(engine, f"to be or not {i}", 8)[0] for i in range(6)]
 
 
-def test_chat_without_template_is_a_clear_400(server):
-    status, payload = post(server.port, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
-    assert status == 400 and "chat template" in json.loads(payload)["error"]["message"]
+def test_completion_logprobs_shape_and_values(engine, client):
+    r = client.completions.create(model="llama", prompt="the quick brown", max_tokens=5, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) \
+        == r.usage.completion_tokens
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert 3 <= len(top) <= 4 and max(top.values()) == pytest.approx(chosen)  # greedy: chosen is the top
+    assert lp.text_offset == sorted(lp.text_offset)
+    # the first generated token's logprob is the prefill's log-softmax, as the engine computes it
+    ids = engine.tokenizer("the quick brown").input_ids
+    logits, _ = engine.backend.prefill(np.array([ids]), np.ones((1, len(ids)), np.int64), engine.thresholds())
+    assert lp.token_logprobs[0] == pytest.approx(float(log_softmax(logits[0]).max()), abs=1e-5)
 
 
-def test_concurrent_streaming_clients_match_non_streaming(server):
-    prompts = [f"to be or not {i}" for i in range(6)]
-
-    def one(prompt):
-        s1, full = post(server.port, "/v1/completions", {"prompt": prompt, "max_tokens": 10})
-        s2, streamed = post(server.port, "/v1/completions", {"prompt": prompt, "max_tokens": 10, "stream": True})
-        assert s1 == 200 and s2 == 200
-        events = sse_events(streamed)
-        return json.loads(full)["choices"][0]["text"], "".join(e["choices"][0]["text"] for e in events)
-
-    with ThreadPoolExecutor(6) as pool:
-        for full, streamed in pool.map(one, prompts):
-            assert full == streamed
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-    conn.request("GET", "/metrics")
-    metrics = conn.getresponse().read().decode()
-    assert 'tda_requests_total{code="200"}' in metrics and "tda_generated_tokens_total" in metrics
-    batches = float(next(l.split()[1] for l in metrics.splitlines() if l.startswith("tda_batches_total")))
-    assert batches < 12, "concurrent requests should have been batched together"
+def test_chat_logprobs_shape(client):
+    r = client.chat.completions.create(model="llama", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                       logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for t in content:
+        assert isinstance(t.token, str) and t.logprob <= 0 and len(t.top_logprobs) == 2
+        assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob and bytes(t.bytes).decode() == t.token
 
 
-@pytest.mark.parametrize("body,raw,status,needle", [
-    (None, b"{not json", 400, "not JSON"),
-    ([1, 2], None, 400, "JSON object"),
-    ({}, None, 400, "'prompt'"),
-    ({"prompt": "x", "max_tokens": 0}, None, 400, "max_tokens"),
-    ({"prompt": "x", "max_tokens": "ten"}, None, 400, "max_tokens"),
-    ({"prompt": "x", "temperature": -1}, None, 400, "temperature"),
-    ({"prompt": "x", "density": 0.33}, None, 400, "density 0.33"),
-    ({"prompt": "x", "n": 2}, None, 400, "'n'"),
-    ({"prompt": "x", "stop": [""]}, None, 400, "stop"),
-    ({"prompt": "x " * 600, "max_tokens": 10}, None, 400, "context"),
+def test_echo_loglikelihood_equals_engine(engine, http):
+    """What lm-eval's loglikelihood reads: echo + logprobs, max_tokens 0 (older lm-eval) or 1 (0.4.x)."""
+    rng = np.random.default_rng(3)
+    context, continuation = rng.integers(5, 300, 9).tolist(), rng.integers(5, 300, 4).tolist()
+    prompt = context + continuation
+    expected = []
+    for k in range(len(context), len(prompt)):  # dense prefill of each prefix: an independent path
+        logits, _ = engine.backend.prefill(np.array([prompt[:k]]), np.ones((1, k), np.int64), engine.thresholds())
+        expected.append(float(log_softmax(logits[0])[prompt[k]]))
+    for max_tokens in (0, 1):
+        r = http.post("/v1/completions", json={"model": "llama", "prompt": [prompt, context], "echo": True,
+                                               "logprobs": 1, "max_tokens": max_tokens, "temperature": 0})
+        assert r.status_code == 200, r.text
+        choices = r.json()["choices"]
+        assert [c["index"] for c in choices] == [0, 1]
+        lp = choices[0]["logprobs"]
+        assert len(lp["token_logprobs"]) == len(prompt) + max_tokens and lp["token_logprobs"][0] is None
+        got = lp["token_logprobs"][len(context):len(prompt)]
+        assert np.allclose(got, expected, atol=1e-4, rtol=0), (got, expected)
+        assert choices[0]["finish_reason"] == "length"
+        assert choices[1]["logprobs"]["token_logprobs"][1:len(context)] == lp["token_logprobs"][1:len(context)]
+
+
+def test_echo_streams_the_prompt_first(http):
+    with http.stream("POST", "/v1/completions", json={"prompt": "the lazy", "echo": True, "max_tokens": 3,
+                                                      "stream": True}) as r:
+        events = sse(r.read().decode())
+    assert events[0]["choices"][0]["text"] == "the lazy"
+
+
+def test_n_and_prompt_lists_give_one_choice_each(http):
+    r = http.post("/v1/completions", json={"prompt": ["the quick", "to be"], "n": 3, "max_tokens": 5,
+                                           "temperature": 1.0, "seed": 7})
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == list(range(6)) and all(c["finish_reason"] for c in choices)
+    assert len({c["text"] for c in choices[:3]}) > 1, "n sampled choices should differ"
+    again = http.post("/v1/completions", json={"prompt": ["the quick", "to be"], "n": 3, "max_tokens": 5,
+                                               "temperature": 1.0, "seed": 7}).json()["choices"]
+    assert [c["text"] for c in again] == [c["text"] for c in choices], "a seed makes sampling reproducible"
+
+
+def test_stop_string_finishes_with_stop(engine, http):
+    text, _ = direct(engine, "the quick brown", 12)
+    stop = text[3:5]
+    assert stop
+    r = http.post("/v1/completions", json={"prompt": "the quick brown", "max_tokens": 12, "stop": stop}).json()
+    assert r["choices"][0]["finish_reason"] == "stop" and r["choices"][0]["text"] == text[:text.index(stop)]
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    ({}, 400, "'prompt'"),
+    ({"prompt": ""}, 400, "empty"),
+    ({"prompt": "x", "seed": -1}, 400, "'seed'"),
+    ({"prompt": "x", "temperature": 3}, 400, "'temperature'"),
+    ({"prompt": "x", "top_p": 0}, 400, "'top_p'"),
+    ({"prompt": "x", "max_tokens": "ten"}, 400, "'max_tokens'"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "echo"),
+    ({"prompt": "x", "n": 0}, 400, "'n'"),
+    ({"prompt": "x", "stop": [""]}, 400, "stop"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "'stop'"),
+    ({"prompt": "x", "logprobs": 21}, 400, "'logprobs'"),
+    ({"prompt": "x", "presence_penalty": 1}, 400, "presence_penalty"),
+    ({"prompt": "x", "density": 0.33}, 400, "density 0.33"),
+    ({"prompt": "x " * 600, "max_tokens": 10}, 400, "context"),
+    ({"prompt": [5, 100000]}, 400, "vocabulary"),
+    ({"prompt": "x", "model": "gpt-4"}, 404, "does not exist"),
+    ([1, 2], 400, "dictionary"),
 ])
-def test_bad_requests_get_4xx_json(server, body, raw, status, needle):
-    got, payload = post(server.port, "/v1/completions", body, raw)
-    assert got == status
-    assert needle in json.loads(payload)["error"]["message"]
+def test_bad_requests_get_4xx_json_naming_the_field(http, body, status, needle):
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]["message"]
 
 
-def test_oversize_unknown_route_and_health(server):
-    got, payload = post(server.port, "/v1/completions", None, b"x" * (MAX_BODY + 1))
-    assert got == 413 and "exceeds" in json.loads(payload)["error"]["message"]
-    got, _ = post(server.port, "/v1/nothing", {})
-    assert got == 404
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-    conn.request("GET", "/health")
-    assert json.loads(conn.getresponse().read())["status"] == "ok"
+@pytest.mark.parametrize("raw", [b"{not json", b'{"prompt": "\xff\xfe"}', b'{"prompt": "\\ud800"}',
+                                 b"[" * 100_000 + b"]" * 100_000], ids=["not-json", "bad-utf8", "surrogate", "deep"])
+def test_malformed_bodies_get_a_400_response(http, raw):
+    r = http.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == 400
 
 
-@pytest.mark.parametrize("server", [(1, 1)], indirect=True)
-def test_overload_gets_429_and_server_survives(server):
-    with ThreadPoolExecutor(12) as pool:
-        results = list(pool.map(lambda i: post(server.port, "/v1/completions",
-                                               {"prompt": f"word {i}", "max_tokens": 40})[0], range(12)))
-    assert 429 in results and 200 in results and set(results) <= {200, 429}
-    status, _ = post(server.port, "/v1/completions", {"prompt": "after the storm", "max_tokens": 4})
-    assert status == 200
+def test_vanishing_temperature_is_served_greedily(engine, http):
+    r = http.post("/v1/completions", json={"prompt": "the quick brown", "max_tokens": 6, "temperature": 1e-308})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == direct(engine, "the quick brown", 6)[0]
 
 
-def test_disconnected_stream_stops_its_batch(server):
-    import socket
-    import time
+def test_http_details_from_the_stack(http, server):
+    assert http.get("/health?x=1").json()["status"] == "ok"
+    r = http.get("/v1/completions")
+    assert r.status_code == 405 and "POST" in r.headers["allow"] and r.json()["error"]["code"] == 405
+    assert http.get("/v1/nothing").status_code == 404
+    assert http.get("/v1/models").json()["data"][0]["id"] == "llama"
+    assert http.get("/v1/models/llama").json()["id"] == "llama"
+    assert http.get("/v1/models/other").status_code == 404
 
-    def generated():
-        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-        conn.request("GET", "/metrics")
-        text = conn.getresponse().read().decode()
-        return {l.split()[0]: float(l.split()[1]) for l in text.splitlines() if l.startswith("tda_") and "{" not in l}
+    def chunked():
+        yield b'{"prompt": "the quick", '
+        yield b'"max_tokens": 3}'
+    r = http.post("/v1/completions", content=chunked(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    r = http.post("/v1/completions", content=b"x" * (MAX_BODY + 1), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "exceeds" in r.json()["error"]["message"]
+    metrics = http.get("/metrics").text
+    assert "# TYPE tda_ttft_seconds summary" in metrics and "tda_ttft_seconds_count" in metrics
+    assert 'tda_requests_total{code="200"}' in metrics
 
-    before = generated()
-    body = json.dumps({"prompt": "a", "max_tokens": 400, "stream": True}).encode()
-    s = socket.create_connection(("127.0.0.1", server.port))
-    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-              b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-    assert s.recv(4096).startswith(b"HTTP/1.1 200")
-    s.close()
-    deadline = time.time() + 60
-    while generated()["tda_batches_total"] == before["tda_batches_total"] and time.time() < deadline:
-        time.sleep(0.1)
-    after = generated()
-    assert after["tda_batches_total"] == before["tda_batches_total"] + 1
-    assert after["tda_generated_tokens_total"] - before["tda_generated_tokens_total"] < 400
+
+def test_chat_without_template_is_a_clear_400(engine, http, monkeypatch):
+    monkeypatch.setattr(engine.tokenizer, "chat_template", None)
+    r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400 and "chat template" in r.json()["error"]["message"]
+
+
+def test_chat_bad_parts_and_roles_are_400(http):
+    for messages in ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+                     [{"role": "wizard", "content": "hi"}], []):
+        r = http.post("/v1/chat/completions", json={"messages": messages})
+        assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+
+
+def test_overload_gets_429_with_retry_after_and_server_survives(engine):
+    srv, thread = start(engine, queue_size=1, max_batch=1)
+    try:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(i):
+            r = httpx.post(f"http://127.0.0.1:{srv.port}/v1/completions",
+                           json={"prompt": f"word {i}", "max_tokens": 60}, timeout=60)
+            return r.status_code, r.headers.get("retry-after")
+        with ThreadPoolExecutor(10) as pool:
+            results = list(pool.map(one, range(10)))
+        codes = [c for c, _ in results]
+        assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
+        assert all(int(ra) >= 1 for c, ra in results if c == 429)
+        r = httpx.post(f"http://127.0.0.1:{srv.port}/v1/completions", json={"prompt": "after", "max_tokens": 3})
+        assert r.status_code == 200
+    finally:
+        srv.shutdown()
+        thread.join(timeout=10)
+
+
+def test_bad_requests_among_good_ones_do_not_fail_them(engine, server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = [{"prompt": f"to be {i}", "max_tokens": 6} for i in range(6)]
+    bodies[2] = {"prompt": "x", "seed": -1, "max_tokens": 6}
+    bodies[4] = {"prompt": "x", "temperature": float("1e-308"), "max_tokens": 6}
+    with ThreadPoolExecutor(6) as pool:
+        codes = list(pool.map(lambda b: httpx.post(f"http://127.0.0.1:{server.port}/v1/completions", json=b,
+                                                   timeout=60).status_code, bodies))
+    assert codes == [200, 200, 400, 200, 200, 200]
+
+
+def test_serve_cli_refuses_a_busy_port_before_loading(tmp_path):
+    from click.testing import CliRunner
+
+    from tda_export.cli import main
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        r = CliRunner().invoke(main, ["serve", "-e", str(tmp_path / "no-such-engine"), "--port",
+                                      str(busy.getsockname()[1])])
+    finally:
+        busy.close()
+    assert r.exit_code == 2 and "cannot listen" in r.output and "no-such-engine" not in r.output
+    assert "Traceback" not in r.output
