@@ -29,7 +29,6 @@ from .openai_api import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatComp
                          ChatCompletionRequest, ChatLogprobs, ChatTokenLogprob, Completion, CompletionChoice,
                          CompletionLogprobs, CompletionRequest, Delta, ErrorResponse, ModelCard, ModelList,
                          TopLogprob, Usage, finite_or_none)
-from .sampling import TokenLogprob
 from .scheduler import Done, Failed, Job, QueueFull, Scheduler, Scored
 
 MAX_BODY = 1 << 20
@@ -261,7 +260,7 @@ def create_app(engine: Engine, scheduler: Scheduler, model_name: str, max_body: 
     def default_tokens(ids: list[list[int]]) -> int:
         return max(1, min(DEFAULT_MAX_TOKENS, engine.max_context - max(map(len, ids))))
 
-    def submit(r: _Request, gen_prompts, params, density, score, score_top) -> tuple[Job, _Inbox]:
+    def submit(gen_prompts, params, density, score, score_top) -> tuple[Job, _Inbox]:
         inbox = _Inbox()
         job = Job(gen_prompts, params, density, score, score_top, on_event=inbox.put)
         try:
@@ -285,6 +284,31 @@ def create_app(engine: Engine, scheduler: Scheduler, model_name: str, max_body: 
                 yield item
         finally:
             job.cancel()  # no-op once done; frees the slot of a client that left
+
+    def streamed(job, inbox, request, r: _Request, head: list[str], chunk, usage_chunk, options):
+        """Server-sent events: `head`, a chunk per new piece of a choice, the usage chunk if asked, [DONE]."""
+        async def events():
+            for h in head:
+                yield h
+            async for item in items(job, inbox, request):
+                produced = r.apply(item)
+                if r.error:
+                    yield _sse_error(r.error)
+                    break
+                for piece_of_choice in produced:
+                    yield chunk(*piece_of_choice)
+            else:
+                if options is not None and options.include_usage:
+                    yield usage_chunk(r.usage())
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def collected(job, inbox, request, r: _Request) -> None:
+        async for item in items(job, inbox, request):
+            r.apply(item)
+        if r.error:
+            raise ApiError(500, f"generation failed: {r.error}", "server_error")
 
     def completion_logprobs(entries, offset: int) -> CompletionLogprobs:
         lp = CompletionLogprobs()
@@ -329,42 +353,22 @@ def create_app(engine: Engine, scheduler: Scheduler, model_name: str, max_body: 
                     gen.append(p)
                     params.append(req.sampling(max_tokens, req.logprobs, j))
         score = ids if req.echo and req.logprobs is not None else []
-        job, inbox = submit(r, gen, params, req.density, score, req.logprobs or 0)
+        job, inbox = submit(gen, params, req.density, score, req.logprobs or 0)
         rid, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         offsets = [0] * len(r.choices)
 
-        def chunk_choice(c, text, entries, finish):
+        def chunk(c, text, entries, finish):
             lp = completion_logprobs(entries, offsets[c]) if r.logprobs is not None else None
             offsets[c] += len(text)
-            return CompletionChoice(index=c, text=text, logprobs=lp, finish_reason=finish)
+            return _sse(Completion(id=rid, created=now, model=model_name,
+                                   choices=[CompletionChoice(index=c, text=text, logprobs=lp, finish_reason=finish)]))
 
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-            async def sse():
-                if r.echo and r.logprobs is None:  # no scoring pass: echo the prompt text at once
-                    for c in range(len(r.choices)):
-                        yield _sse(Completion(id=rid, created=now, model=model_name, choices=[
-                            chunk_choice(c, r.prompt_texts[r.choices[c].prompt], [], r.choices[c].finish)]))
-                async for item in items(job, inbox, request):
-                    produced = r.apply(item)
-                    if r.error:
-                        yield _sse_error(r.error)
-                        break
-                    for c, text, entries, finish in produced:
-                        yield _sse(Completion(id=rid, created=now, model=model_name,
-                                              choices=[chunk_choice(c, text, entries, finish)]))
-                else:
-                    if include_usage:
-                        yield _sse(Completion(id=rid, created=now, model=model_name, choices=[], usage=r.usage()))
-                yield "data: [DONE]\n\n"
-
-            return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-        async for item in items(job, inbox, request):
-            r.apply(item)
-        if r.error:
-            raise ApiError(500, f"generation failed: {r.error}", "server_error")
+            head = [] if not (r.echo and r.logprobs is None) else [  # no scoring pass: echo the prompt text now
+                chunk(c, r.prompt_texts[ch.prompt], [], ch.finish) for c, ch in enumerate(r.choices)]
+            return streamed(job, inbox, request, r, head, chunk, lambda usage: _sse(Completion(
+                id=rid, created=now, model=model_name, choices=[], usage=usage)), req.stream_options)
+        await collected(job, inbox, request, r)
         choices = []
         for c, ch in enumerate(r.choices):
             text = (r.prompt_texts[ch.prompt] if r.echo else "") + ch.text
@@ -388,38 +392,21 @@ def create_app(engine: Engine, scheduler: Scheduler, model_name: str, max_body: 
         top = (req.top_logprobs or 0) if req.logprobs else None
         r = _Request(ids, [text], req.n, max_tokens, False, top)
         params = [req.sampling(max_tokens, top, j) for j in range(req.n)]
-        job, inbox = submit(r, ids * req.n, params, req.density, [], 0)
+        job, inbox = submit(ids * req.n, params, req.density, [], 0)
         rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
+        def chunk(choices, usage=None):
+            return _sse(ChatCompletionChunk(id=rid, created=now, model=model_name, choices=choices, usage=usage))
+
+        def delta(c, new, entries, finish):
+            return chunk([ChatChunkChoice(index=c, delta=Delta(content=new) if new else Delta(),
+                                          logprobs=chat_logprobs(entries) if top is not None else None,
+                                          finish_reason=finish)])
+
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-            def chunk(choices, usage=None):
-                return _sse(ChatCompletionChunk(id=rid, created=now, model=model_name, choices=choices, usage=usage))
-
-            async def sse():
-                yield chunk([ChatChunkChoice(index=c, delta=Delta(role="assistant", content=""))
-                             for c in range(req.n)])
-                async for item in items(job, inbox, request):
-                    produced = r.apply(item)
-                    if r.error:
-                        yield _sse_error(r.error)
-                        break
-                    for c, new, entries, finish in produced:
-                        lp = chat_logprobs(entries) if top is not None else None
-                        yield chunk([ChatChunkChoice(index=c, delta=Delta(content=new) if new else Delta(),
-                                                     logprobs=lp, finish_reason=finish)])
-                else:
-                    if include_usage:
-                        yield chunk([], r.usage())
-                yield "data: [DONE]\n\n"
-
-            return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-        async for item in items(job, inbox, request):
-            r.apply(item)
-        if r.error:
-            raise ApiError(500, f"generation failed: {r.error}", "server_error")
+            head = [chunk([ChatChunkChoice(index=c, delta=Delta(role="assistant", content="")) for c in range(req.n)])]
+            return streamed(job, inbox, request, r, head, delta, lambda usage: chunk([], usage), req.stream_options)
+        await collected(job, inbox, request, r)
         choices = [ChatChoice(index=c, message=AssistantMessage(content=ch.text), finish_reason=ch.finish,
                               logprobs=chat_logprobs(ch.entries) if top is not None else None)
                    for c, ch in enumerate(r.choices)]
