@@ -133,3 +133,20 @@ def test_a_failing_request_fails_alone(engine, scheduler):
     for j, c in good:
         assert not any(isinstance(i, Failed) for i in c.items)
         assert c.text() == generate(engine, [j.prompts[0]], SamplingParams(max_new_tokens=8))[0]
+
+
+def test_a_sequence_failing_inside_the_loop_ends_alone(engine):
+    """A failure while choosing or detokenizing one sequence's token (here a stop 'string' that is not one,
+    which only parse-time validation would catch) ends that sequence; its batch-mates finish normally."""
+    from tda_export.runtime.generate import stream
+
+    prompts = [engine.tokenizer(p).input_ids for p in ("the quick brown", "to be or", "the lazy dog")]
+    params = [SamplingParams(max_new_tokens=6), SamplingParams(max_new_tokens=6, stop=(None,)),
+              SamplingParams(max_new_tokens=6)]
+    events = list(stream(engine, prompts, params))
+    failed = [e for e in events if e.index == 1]
+    assert failed[-1].finish_reason == "error" and "TypeError" in failed[-1].error
+    for i in (0, 2):
+        text = "".join(e.text for e in events if e.index == i)
+        assert text == generate(engine, [prompts[i]], SamplingParams(max_new_tokens=6))[0]
+        assert [e for e in events if e.index == i][-1].finish_reason in ("stop", "length")
