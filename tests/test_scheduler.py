@@ -150,3 +150,17 @@ def test_a_sequence_failing_inside_the_loop_ends_alone(engine):
         text = "".join(e.text for e in events if e.index == i)
         assert text == generate(engine, [prompts[i]], SamplingParams(max_new_tokens=6))[0]
         assert [e for e in events if e.index == i][-1].finish_reason in ("stop", "length")
+
+
+def test_prompt_logprobs_agree_across_backends(engine, served_engine_dir):
+    """Prompt scoring uses only prefill/decode and the logits they return, so the torch backend has it too."""
+    from tda_export.runtime.generate import prompt_logprobs
+
+    torch_engine = Engine.load(served_engine_dir, backend="torch", threads=1, device="cpu")
+    prompts = [[17, 40, 99, 250, 7, 66, 12], [5, 300, 41], [9]]
+    ort, tch = prompt_logprobs(engine, prompts, 2), prompt_logprobs(torch_engine, prompts, 2)
+    assert [len(p) for p in ort] == [7, 3, 1] and all(p[0] is None for p in ort)
+    for a, b in zip(ort, tch):
+        for x, y in zip(a[1:], b[1:]):
+            assert x.token == y.token and abs(x.logprob - y.logprob) < 1e-4
+            assert [t for t, _ in x.top] == [t for t, _ in y.top]
