@@ -101,7 +101,8 @@ def serve(engine_dir, host, port, queue_size, max_batch, model_name, body_timeou
     \b
     Example:
       tda-export serve -e engine/ --port 8000
-      curl localhost:8000/v1/completions -d '{"prompt": "Once upon a time", "max_tokens": 16}'
+      curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+           -d '{"prompt": "Once upon a time", "max_tokens": 16}'
     """
     from .runtime.server import Server, bind_socket
 

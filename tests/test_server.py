@@ -245,6 +245,8 @@ def test_http_details_from_the_stack(http, server):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
     r = http.post("/v1/completions", content=b"x" * (MAX_BODY + 1), headers={"Content-Type": "application/json"})
     assert r.status_code == 413 and "exceeds" in r.json()["error"]["message"]
+    r = http.post("/v1/completions", content=b'{"prompt": "x"}')  # no Content-Type, as `curl -d` sends
+    assert r.status_code == 400 and "Content-Type: application/json" in r.json()["error"]["message"]
     metrics = http.get("/metrics").text
     assert "# TYPE tda_ttft_seconds summary" in metrics and "tda_ttft_seconds_count" in metrics
     assert 'tda_requests_total{code="200"}' in metrics

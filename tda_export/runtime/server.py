@@ -208,6 +208,9 @@ def create_app(engine: Engine, scheduler: Scheduler, model_name: str, max_body: 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, e: RequestValidationError):
         message, param = validation_message(e.errors())
+        kind = request.headers.get("content-type", "")
+        if "json" not in kind:  # FastAPI reads JSON only when told so (curl -d sends a form by default)
+            message = f"send the body as JSON with Content-Type: application/json (got {kind or 'none'!r}); {message}"
         return error_response(400, message, param=param)
 
     @app.exception_handler(StarletteHTTPException)
