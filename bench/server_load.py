@@ -50,7 +50,8 @@ async def one(client, prompt, max_tokens, density):
 
 async def load(port, prompts, max_tokens, density):
     limits = httpx.Limits(max_connections=len(prompts))
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600, limits=limits) as c:
+    timeout = httpx.Timeout(None, connect=60)  # a queued stream sees no byte until its batch starts
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=timeout, limits=limits) as c:
         t0 = time.perf_counter()
         results = await asyncio.gather(*(one(c, p, max_tokens, density) for p in prompts))
         return results, time.perf_counter() - t0
