@@ -67,7 +67,7 @@ def test_64_concurrent_streams_all_complete_and_equal_unbatched(engine, server):
     assert server.scheduler.metrics.batches < 64, "concurrent streams should have been batched"
 
 
-@pytest.mark.parametrize("server", [{"body_timeout": 1.0}], indirect=True)
+@pytest.mark.parametrize("server", [{"body_timeout": 3.0}], indirect=True)
 def test_slow_body_clients_time_out_without_blocking_others(server):
     slow = []
     for _ in range(8):
