@@ -278,7 +278,7 @@ def create_app(engine: Engine, scheduler: Scheduler, model_name: str, max_body: 
             while True:
                 try:
                     item = await asyncio.wait_for(inbox.queue.get(), 0.5)
-                except TimeoutError:
+                except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                     if await request.is_disconnected():
                         return
                     continue
