@@ -57,8 +57,9 @@ def compute_capabilities(target: str, values) -> list[str]:
     return out
 
 
-def check_options(options: PlanOptions, max_context: int, dtype: str) -> tuple[Limits, list[str]]:
-    """Every option checked before anything is built; raises PlanError/ProfileError naming the option."""
+def check_options(options: PlanOptions, max_context: int | None, dtype: str) -> tuple[Limits | None, list[str]]:
+    """Every option checked before anything is built; raises PlanError/ProfileError naming the option.
+    max_context None (the model not loaded yet) checks all but the sequence limits."""
     if options.target not in fl.FLAVOURS:
         raise PlanError(f"--target {options.target}: not one of {', '.join(fl.TARGETS)}")
     if dtype not in ("float16", "bfloat16"):
@@ -70,9 +71,11 @@ def check_options(options: PlanOptions, max_context: int, dtype: str) -> tuple[L
         raise PlanError(f"--plugin-library {options.plugin_library}: no such file")
     if options.timing_cache is not None and Path(options.timing_cache).is_dir():
         raise PlanError(f"--timing-cache {options.timing_cache}: is a directory (expected a file)")
-    limits = Limits.checked(options.max_batch, options.max_seq_len, options.max_prompt, max_context)
+    ccs = compute_capabilities(options.target, options.compute_capabilities)
     fl.require(options.target)
-    return limits, compute_capabilities(options.target, options.compute_capabilities)
+    if max_context is None:
+        return None, ccs
+    return Limits.checked(options.max_batch, options.max_seq_len, options.max_prompt, max_context), ccs
 
 
 def build_plan(onnx_path: Path, out_dir: Path, io_inputs: list[dict], max_context: int, dtype: str,
