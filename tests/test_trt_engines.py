@@ -64,6 +64,11 @@ def test_cli_build_inspect_and_rebuild(tiny_dirs, tmp_path):
     assert "tensorrt   tensorrt-rtx" in shown.output
     assert "tda::SparseGatedMLP/1 3 layers" in shown.output and "verified" in shown.output
     assert shown.output.count("plugin     layers.") == 6
+    assert (tmp_path / "a" / "trt_goldens.npz").is_file()  # ONNX Runtime logits for `check`
+    # `check` goes up to the GPU boundary here: goldens and plan verified, then deserialization needs a GPU.
+    checked = runner.invoke(main, ["check", "-e", str(tmp_path / "a")])
+    assert checked.exit_code == 1 and "plugin layers: tda::SelectActive/1 x3, tda::SparseGatedMLP/1 x3" in checked.output
+    assert "cannot run" in checked.output and "Traceback" not in checked.output
 
     res = runner.invoke(main, args + ["-o", str(tmp_path / "b")])
     assert res.exit_code == 0, res.output

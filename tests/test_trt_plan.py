@@ -202,3 +202,75 @@ def test_bad_target_dtype_fails_before_export(tmp_path):
                                     "-o", str(tmp_path / "e")])
     assert res.exit_code == 2 and "use --dtype fp16 or bf16 (got float32)" in res.output
     assert not (tmp_path / "e").exists()
+
+
+# ---- the tensorrt runtime backend's I/O mapping and the goldens, on the CPU ----
+
+@pytest.fixture(scope="module")
+def llama_fp16(tmp_path_factory):
+    from tda_export.export.build import build
+    from tiny_models import save_tiny
+
+    root = tmp_path_factory.mktemp("trt_io")
+    return build(str(save_tiny("llama", root / "m")), root / "e", "float16", progress=False)
+
+
+def _backends(directory):
+    import numpy as np  # noqa: F401
+
+    from tda_export.runtime.ort_backend import OrtBackend
+    from tda_export.trt.backend import TensorRTBackend, io_tables
+
+    data = json.loads((directory / "manifest.json").read_text())
+    data["tensorrt"] = {"profiles": profiles(data["io"]["inputs"], Limits.checked(2, 32, 16, data["max_context"]))}
+    ort = OrtBackend(directory / "model.onnx", data, threads=1)
+    trt = object.__new__(TensorRTBackend)  # the I/O half only: no plan is deserialized
+    trt.manifest, trt.section = data, data["tensorrt"]
+    trt.inputs, trt.presents = io_tables(data)
+    return data, ort, trt
+
+
+def test_backend_io_mapping_matches_onnx_runtime(llama_fp16):
+    import numpy as np
+
+    from tda_export.trt.backend import ProfileBoundsError, select_profile
+    from tda_export.trt.goldens import prompt, thresholds_of
+
+    data, ort, trt = _backends(llama_fp16)
+    assert trt.presents == ort.presents
+    # tda_thresholds is an overridable initializer, which ONNX Runtime does not list as an input.
+    assert {n: i.type for n, i in trt.inputs.items() if n != "tda_thresholds"} == \
+        {n: i.type for n, i in ort.inputs.items()}
+    empty_t, empty_o = trt._empty_past(2), ort._empty_past(2)
+    assert {k: (v.shape, v.dtype) for k, v in empty_t.items()} == {k: (v.shape, v.dtype) for k, v in empty_o.items()}
+    # Prefill feeds pick profile 0, decode feeds profile 1, from the state ORT's own steps produce.
+    ids, mask = prompt(data["vocab_size"])
+    state = {"mask": mask, "thresholds": thresholds_of(data), "past": empty_o}
+    from tda_export.runtime.backend import position_ids
+
+    feeds = trt._feeds(state, ids, position_ids(mask))
+    assert set(feeds) == set(data["tensorrt"]["profiles"][0]["shapes"]) | {"tda_thresholds"}
+    assert select_profile(trt.section, feeds) == 0
+    _, st = ort.prefill(ids, mask, thresholds_of(data))
+    dec = trt._feeds(dict(st, mask=np.concatenate([st["mask"], np.ones((2, 1), np.int64)], 1)),
+                     ids[:, :1], st["mask"].sum(1, keepdims=True))
+    assert select_profile(trt.section, dec) == 1
+    with pytest.raises(ProfileBoundsError, match=r"input input_ids shape \[2, 17\] is outside the plan's prefill"):
+        select_profile(trt.section, trt._feeds(state, np.ones((2, 17), np.int64), np.ones((2, 17), np.int64)))
+
+
+def test_goldens_replay_and_compare(llama_fp16, tmp_path):
+    import numpy as np
+
+    from tda_export.trt import goldens
+
+    data, ort, _ = _backends(llama_fp16)
+    path = goldens.save(tmp_path, llama_fp16 / "model.onnx", data)
+    golden = dict(np.load(path))
+    assert golden["prefill"].shape == (2, data["vocab_size"]) and golden["tokens"].shape == (2, goldens.DECODE_STEPS)
+    again = goldens.replay(ort, data, golden["input_ids"], golden["attention_mask"], golden["tokens"])
+    ok, lines = goldens.compare(golden, again, atol=1e-6, rtol=1e-6)
+    assert ok and len(lines) == 1 + goldens.DECODE_STEPS
+    bad = dict(again, decode1=again["decode1"] + 1.0)
+    ok, lines = goldens.compare(golden, bad, atol=0.1, rtol=0.05)
+    assert not ok and "MISMATCH" in lines[-1] and "max |err| 1.000e+00" in lines[-1]

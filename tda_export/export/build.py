@@ -145,8 +145,12 @@ def build(model: str, out: str | Path, dtype: str = "float32", calibration: str 
 
             if progress:
                 print(f"building the {plan.target} plan", file=sys.stderr)
+            from ..trt.goldens import save as save_goldens
+
             data["tensorrt"] = build_plan(tmp / MODEL_FILE, tmp, data["io"]["inputs"], spec.max_context, dtype,
                                           plan, progress)
+            if dtype == "float16":  # ONNX Runtime logits for `tda-export check` (its CPU EP has no bf16 graph path)
+                save_goldens(tmp, tmp / MODEL_FILE, data)
         manifest.write(tmp, data)
         if out.exists():
             shutil.rmtree(out)
