@@ -5,7 +5,10 @@ each decoder layer's SparseGatedMLP and SelectActive must be a plugin layer, rec
 manifest and shown by `inspect`, and the plan must carry the plugins' serialized records.
 """
 import json
+import os
+import re
 import time
+from collections import Counter
 
 import pytest
 from click.testing import CliRunner
@@ -102,6 +105,31 @@ def test_plugin_coverage_failure_leaves_nothing(tiny_dirs, tmp_path, monkeypatch
     with pytest.raises(ValueError, match="3 of 6 tda nodes did not become plugin layers"):
         build(str(tiny_dirs["llama"]), tmp_path / "e", "float16", progress=False, plan=PlanOptions(**FAST))
     assert not (tmp_path / "e").exists() and not list(tmp_path.glob(".e.building-*"))
+
+
+@pytest.mark.skipif(not os.environ.get("TDA_TRT_PLUGIN_LIBRARY"),
+                    reason="set TDA_TRT_PLUGIN_LIBRARY to a built libtda_trt_plugins.so (plugins/README.md; "
+                           "CI cannot fetch TensorRT's headers)")
+@pytest.mark.parametrize("family,dtype", [("llama", "float16"), ("gemma3_text", "bfloat16")])
+def test_cpp_and_python_plugins_serialize_the_same_records(tiny_dirs, tmp_path, family, dtype):
+    """A plan built with the C++ creators carries the same plugin records as one built with the Python creators."""
+    from tda_export.trt.plan import build_plan
+
+    onnx_dir = build(str(tiny_dirs[family]), tmp_path / "onnx", dtype, progress=False)
+    data = json.loads((onnx_dir / "manifest.json").read_text())
+    plans = {}
+    for kind, lib in (("cpp", os.environ["TDA_TRT_PLUGIN_LIBRARY"]), ("python", None)):
+        out = tmp_path / kind
+        out.mkdir()
+        section = build_plan(onnx_dir / "model.onnx", out, data["io"]["inputs"], data["max_context"], dtype,
+                             PlanOptions(**dict(FAST, plugin_library=lib)), progress=False)
+        plan = (out / "model.plan").read_bytes()
+        # Each record's bytes from its name on: version, field count, TensorRT's per-record value, fields.
+        windows = Counter(plan[m.start():m.end() + 96]
+                          for m in re.finditer(rb"(SparseGatedMLP|SelectActive)\x001\x00", plan))
+        plans[kind] = (section["layers"], len(plan), plugin_records(plan), windows)
+    assert plans["cpp"][0]["plugins"] == plans["python"][0]["plugins"]
+    assert plans["cpp"][1:] == plans["python"][1:]
 
 
 @pytest.mark.slow

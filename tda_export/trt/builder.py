@@ -42,8 +42,14 @@ def run(job: dict) -> dict:
         registry.load_library(job["plugin_library"])
         plugin_source = job["plugin_library"]
     else:
-        from .plugins import register
+        from ..kernels.build import BuildError
+        from .plugins import _queries, register
 
+        try:  # here, not inside TensorRT's getWorkspaceSize callback, which would hide the reason
+            _queries()
+        except (BuildError, OSError) as e:
+            raise BuildFailed("the Python plugins size their workspace with the CUDA kernel library's own queries, "
+                              f"which could not be built or loaded: {e}") from None
         register(trt)
         plugin_source = "python (tda_export.trt.plugins)"
     builder = trt.Builder(logger)
