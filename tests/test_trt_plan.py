@@ -216,8 +216,6 @@ def llama_fp16(tmp_path_factory):
 
 
 def _backends(directory):
-    import numpy as np  # noqa: F401
-
     from tda_export.runtime.ort_backend import OrtBackend
     from tda_export.trt.backend import TensorRTBackend, io_tables
 

@@ -17,10 +17,9 @@ import hashlib
 import importlib
 import importlib.util
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-
-import re
 
 
 @dataclass(frozen=True)

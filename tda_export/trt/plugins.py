@@ -15,7 +15,7 @@ import functools
 
 import numpy as np
 
-from ..ops.contract import ACTIVATIONS, DTYPES, SCORE_NORMS
+from ..ops.contract import ACTIVATIONS, DTYPES
 from . import logic as lg
 
 
@@ -216,4 +216,4 @@ def register(trt) -> list:
     return _REGISTERED[key]
 
 
-__all__ = ["plugin_classes", "register", "ACTIVATIONS", "SCORE_NORMS"]
+__all__ = ["plugin_classes", "register"]
