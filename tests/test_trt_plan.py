@@ -272,3 +272,10 @@ def test_goldens_replay_and_compare(llama_fp16, tmp_path):
     bad = dict(again, decode1=again["decode1"] + 1.0)
     ok, lines = goldens.compare(golden, bad, atol=0.1, rtol=0.05)
     assert not ok and "MISMATCH" in lines[-1] and "max |err| 1.000e+00" in lines[-1]
+
+
+def test_engine_backend_tensorrt_needs_a_plan(llama_fp16):
+    from tda_export.runtime.engine import Engine, EngineError
+
+    with pytest.raises(EngineError, match=r"backend tensorrt: .*no TensorRT plan \(build with --target"):
+        Engine.load(llama_fp16, backend="tensorrt")
