@@ -116,9 +116,11 @@ def plugin_classes(trt):
             return L.mlp_check_shapes(dims)
 
         def get_fields_to_serialize(self):
-            return trt.PluginFieldCollection([
-                trt.PluginField(name, np.frombuffer(value, dtype=np.int8), trt.PluginFieldType.CHAR)
-                for name, value in L.mlp_serialized_fields(self.activation, self.score_norm)])
+            # PluginField holds a pointer into the array: the arrays must outlive TensorRT's read.
+            self._serialized = [(name, np.frombuffer(value, dtype=np.int8).copy())
+                                for name, value in L.mlp_serialized_fields(self.activation, self.score_norm)]
+            return trt.PluginFieldCollection([trt.PluginField(name, data, trt.PluginFieldType.CHAR)
+                                              for name, data in self._serialized])
 
         def get_workspace_size(self, input_desc, output_desc):
             sizes = L.mlp_max_sizes(_shapes(input_desc, "max"))
@@ -178,8 +180,9 @@ def plugin_classes(trt):
         def __init__(self, name, field_names):
             trt.IPluginCreatorV3One.__init__(self)
             self.name, self.plugin_namespace, self.plugin_version = name, L.namespace, L.version
+            self._empty = np.zeros(0, dtype=np.int8)  # kept alive: PluginField holds a pointer into it
             self.field_names = trt.PluginFieldCollection(
-                [trt.PluginField(n, np.array([], dtype=np.int8), trt.PluginFieldType.CHAR) for n in field_names])
+                [trt.PluginField(n, self._empty, trt.PluginFieldType.CHAR) for n in field_names])
 
     class SparseGatedMlpCreator(_Creator):
         def __init__(self):
