@@ -135,7 +135,7 @@ def _show_tensorrt(trt: dict) -> None:
     shown = ("input_ids", "attention_mask", "past_key_values.0.key")
     for p in trt.get("profiles", []):
         shapes = p.get("shapes", {})
-        click.echo(f"profile    {p.get('name'):8s} " + "  ".join(
+        click.echo(f"profile    {str(p.get('name')):8s} " + "  ".join(
             f"{name} {shapes[name]['min']}..{shapes[name]['max']}" for name in shown if name in shapes))
     for entry in layers.get("plugin_layers", []):
         click.echo(f"plugin     {entry['name']:40s} {entry['plugin']}")
