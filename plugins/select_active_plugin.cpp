@@ -54,7 +54,7 @@ class SelectActivePlugin final : public IPluginV3,
 
   int32_t configurePlugin(DynamicPluginTensorDesc const* in, int32_t nb_in, DynamicPluginTensorDesc const*,
                           int32_t) noexcept override {
-    return check(in, nb_in, [](DynamicPluginTensorDesc const& d) -> nvinfer1::Dims const& { return d.max; });
+    return check(in, nb_in, [](DynamicPluginTensorDesc const& d) -> nvinfer1::Dims const& { return d.desc.dims; });
   }
 
   size_t getWorkspaceSize(DynamicPluginTensorDesc const* in, int32_t nb_in, DynamicPluginTensorDesc const*,

@@ -109,9 +109,10 @@ class SparseGatedMlpPlugin final : public IPluginV3,
     return nb_in == mlp::kNbIn && nb_out == mlp::kNbOut && mlp_supports(pos, io_of(io, pos).data());
   }
 
+  // desc.dims, not max: a profile bounds each tensor separately (see mlp_max_sizes).
   int32_t configurePlugin(DynamicPluginTensorDesc const* in, int32_t nb_in, DynamicPluginTensorDesc const*,
                           int32_t) noexcept override {
-    return check(in, nb_in, [](DynamicPluginTensorDesc const& d) -> nvinfer1::Dims const& { return d.max; });
+    return check(in, nb_in, [](DynamicPluginTensorDesc const& d) -> nvinfer1::Dims const& { return d.desc.dims; });
   }
 
   size_t getWorkspaceSize(DynamicPluginTensorDesc const* in, int32_t nb_in, DynamicPluginTensorDesc const*,
@@ -119,7 +120,7 @@ class SparseGatedMlpPlugin final : public IPluginV3,
     Dims max[mlp::kNbIn];
     for (int32_t i = 0; i < nb_in && i < mlp::kNbIn; ++i) max[i] = to_dims(in[i].max);
     MlpSizes s;
-    if (report(mlp_check_shapes(max, nb_in, &s))) return 0;
+    if (report(mlp_max_sizes(max, nb_in, &s))) return 0;
     return mlp_workspace_size(to_dtype(in[mlp::kHidden].desc.type), attrs_, s, in[mlp::kHidden].min.d[1],
                               abi_queries());
   }

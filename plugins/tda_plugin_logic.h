@@ -216,27 +216,69 @@ inline Error size_multiple(int64_t v, const char* what) {
   return {};
 }
 
-inline Error mlp_check_shapes(const Dims* in, int32_t nb_in, MlpSizes* out) {
+// Where each size appears: (size, tensor, axis). Shared by the exact check
+// and the bound computation so the two cannot disagree about the layout.
+namespace mlp {
+enum Size { kB, kS, kH, kI };
+struct DimUse {
+  Size size;
+  int tensor, axis;
+};
+constexpr const char* kSizeNames[] = {"B", "S", "H", "I"};
+constexpr DimUse kDimUses[] = {{kB, kHidden, 0},     {kS, kHidden, 1},     {kH, kHidden, 2},
+                               {kI, kGateUp, 0},     {kH, kGateUp, 2},     {kI, kDownT, 0},
+                               {kH, kDownT, 1},      {kB, kActiveIdx, 0},  {kI, kActiveIdx, 1},
+                               {kB, kActiveCount, 0}, {kB, kTokenValid, 0}, {kS, kTokenValid, 1},
+                               {kB, kScoresIn, 0},   {kI, kScoresIn, 1}};
+}  // namespace mlp
+
+inline int64_t* size_slot(MlpSizes* s, mlp::Size k) {
+  return k == mlp::kB ? &s->batch : k == mlp::kS ? &s->seq : k == mlp::kH ? &s->hidden : &s->inter;
+}
+
+inline Error mlp_check_static(const Dims* in, int32_t nb_in) {
   using namespace mlp;
   if (Error e = check_ranks(in, nb_in, kNbIn, kRank, kNames); !e.empty()) return e;
   if (in[kGateUp].d[1] >= 0 && in[kGateUp].d[1] != 2) return "gate_up_weight: dimension 1 must be 2";
+  return {};
+}
+
+// Exact shapes (enqueue, onShapeChange) or TensorRT's desc.dims (build time,
+// -1 where a dimension is not fixed): every size must agree where known.
+inline Error mlp_check_shapes(const Dims* in, int32_t nb_in, MlpSizes* out) {
+  using namespace mlp;
+  if (Error e = mlp_check_static(in, nb_in); !e.empty()) return e;
   MlpSizes s;
-  struct Use {
-    int64_t* dim;
-    int tensor, axis;
-    const char* what;
-  };
-  const Use uses[] = {{&s.batch, kHidden, 0, "B"},       {&s.seq, kHidden, 1, "S"},
-                      {&s.hidden, kHidden, 2, "H"},      {&s.inter, kGateUp, 0, "I"},
-                      {&s.hidden, kGateUp, 2, "H"},      {&s.inter, kDownT, 0, "I"},
-                      {&s.hidden, kDownT, 1, "H"},       {&s.batch, kActiveIdx, 0, "B"},
-                      {&s.inter, kActiveIdx, 1, "I"},    {&s.batch, kActiveCount, 0, "B"},
-                      {&s.batch, kTokenValid, 0, "B"},   {&s.seq, kTokenValid, 1, "S"},
-                      {&s.batch, kScoresIn, 0, "B"},     {&s.inter, kScoresIn, 1, "I"}};
-  for (const Use& u : uses)
-    if (Error e = unify(u.dim, in[u.tensor].d[u.axis], u.what, kNames[u.tensor]); !e.empty()) return e;
+  for (const DimUse& u : kDimUses)
+    if (Error e = unify(size_slot(&s, u.size), in[u.tensor].d[u.axis], kSizeNames[u.size], kNames[u.tensor]);
+        !e.empty())
+      return e;
   if (Error e = size_multiple(s.hidden, "H (hidden size)"); !e.empty()) return e;
   if (Error e = size_multiple(s.inter, "I (intermediate size)"); !e.empty()) return e;
+  *out = s;
+  return {};
+}
+
+// A profile's max bounds (configurePlugin/getWorkspaceSize's desc.max). TensorRT
+// bounds every tensor on its own: a tensor derived inside the graph (token_valid,
+// from attention_mask) may have a larger max S than hidden_states, and that is
+// a valid profile, so bounds are not required to agree. At run time every
+// input carrying a size holds the same value, so that value is at most the
+// smallest known bound: that is the bound the workspace is sized for (taking
+// the largest would reserve a prefill workspace over the whole past in a
+// decode profile). The weights' H and I are constants and are still checked.
+inline Error mlp_max_sizes(const Dims* max, int32_t nb_in, MlpSizes* out) {
+  using namespace mlp;
+  if (Error e = mlp_check_static(max, nb_in); !e.empty()) return e;
+  MlpSizes s;
+  for (const DimUse& u : kDimUses) {
+    int64_t* slot = size_slot(&s, u.size);
+    const int64_t v = max[u.tensor].d[u.axis];
+    if (v >= 0) *slot = *slot < 0 ? v : std::min(*slot, v);
+  }
+  if (Error e = size_multiple(s.hidden, "H (hidden size)"); !e.empty()) return e;
+  if (Error e = size_multiple(s.inter, "I (intermediate size)"); !e.empty()) return e;
+  if (s.batch < 0 || s.seq < 0) return "max bounds: B and S must be known (a profile's max)";
   *out = s;
   return {};
 }

@@ -24,7 +24,24 @@ from .export.spec import CLI_DTYPES
 @click.option("--density", type=float, help="Use the calibration's thresholds for this density instead of its default.")
 @click.option("--force", is_flag=True, help="Replace an existing export in --out.")
 @click.option("--weights", help="Weights for a recipe model (HF directory or .gguf) instead of its default source.")
-def build(model, backend, out, dtype, calibration, no_calibrate, density, force, weights):
+@click.option("--target", type=click.Choice(["onnx", "tensorrt-rtx", "tensorrt"]), default="onnx", show_default=True,
+              help="onnx: the ONNX export only. tensorrt-rtx: also model.plan for TensorRT-RTX (builds on a CPU; "
+                   "runs on RTX-class GPUs, cc 7.5-12.x, not Hopper). tensorrt: also model.plan for datacenter "
+                   "TensorRT (build on the GPU machine that serves it). Needs --dtype fp16 or bf16.")
+@click.option("--max-batch", type=int, default=8, show_default=True, help="[tensorrt] Largest batch of both profiles.")
+@click.option("--max-seq-len", type=int, help="[tensorrt] Longest sequence (prompt + generated); default "
+                                               "min(model context, 4096).")
+@click.option("--max-prompt", type=int, help="[tensorrt] Longest prompt of the prefill profile; default --max-seq-len.")
+@click.option("--timing-cache", type=click.Path(path_type=Path),
+              help="[tensorrt] Timing cache file: read if present, updated after the build (speeds up rebuilds).")
+@click.option("--builder-optimization-level", type=int, help="[tensorrt] 0-5 (TensorRT's default 3).")
+@click.option("--compute-capability", "compute_capabilities", multiple=True,
+              help="[tensorrt-rtx] Target GPU (repeatable): 7.5, 8.0, 8.6, 8.9, 12.0; default all.")
+@click.option("--plugin-library", type=click.Path(path_type=Path),
+              help="[tensorrt] Build with the C++ libtda_trt_plugins.so (plugins/README.md) instead of the Python "
+                   "plugins; the plan's plugin records are the same.")
+def build(model, backend, out, dtype, calibration, no_calibrate, density, force, weights, target, max_batch,
+          max_seq_len, max_prompt, timing_cache, builder_optimization_level, compute_capabilities, plugin_library):
     """Export the decoder with TDA sparse MLPs to ONNX (one graph for prefill and decode).
 
     The output directory holds model.onnx (+ model.onnx.data over 2 GB), the tokenizer,
@@ -36,18 +53,29 @@ def build(model, backend, out, dtype, calibration, no_calibrate, density, force,
     Examples:
       tda-export build -m smollm2-135m -o smollm2-engine
       tda-export build -m mistral-7b --weights ~/ckpt/mistral --dtype bf16 -c mistral.cal.json -o mistral-engine
+      tda-export build -m smollm2-135m --target tensorrt-rtx --dtype fp16 -o smollm2-rtx
+
+    With --target tensorrt-rtx|tensorrt the directory also holds model.plan (every tda node a plugin
+    layer, else the build fails; a prefill and a decode profile over batch) and the manifest's
+    "tensorrt" section (see docs/tensorrt.md).
     """
     from .arch import UnsupportedModel
     from .export.build import DenseWarning, build as run_build
     from .models import ModelNotFound
+    from .trt.flavour import TensorRTMissing
+    from .trt.plan import PlanOptions
 
+    plan = None
+    if target != "onnx":
+        plan = PlanOptions(target, max_batch, max_seq_len, max_prompt, timing_cache, builder_optimization_level,
+                           tuple(compute_capabilities), plugin_library)
     with warnings.catch_warnings():
         warnings.simplefilter("always", DenseWarning)
         warnings.showwarning = lambda msg, *a, **k: click.echo(f"warning: {msg}", err=True)
         try:
             path = run_build(model, out, CLI_DTYPES[dtype], calibration, density, force, weights,
-                             auto_calibrate=not no_calibrate)
-        except (ValueError, FileNotFoundError, UnsupportedModel, ModelNotFound) as e:
+                             auto_calibrate=not no_calibrate, plan=plan)
+        except (ValueError, FileNotFoundError, UnsupportedModel, ModelNotFound, TensorRTMissing) as e:
             raise UserError(str(e)) from None
     click.echo(f"wrote {path}")
 
@@ -113,3 +141,24 @@ def _summary(directory: Path, data: dict) -> None:
             attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
             click.echo(f"tda node   {n.name}: {n.domain}::{n.op_type} plugin_namespace={attrs.get('plugin_namespace')} "
                        f"{ {k: v for k, v in attrs.items() if k != 'plugin_namespace'} }")
+    if isinstance(data.get("tensorrt"), dict):
+        _show_tensorrt(data["tensorrt"])
+
+
+def _show_tensorrt(trt: dict) -> None:
+    """The plan summary: recorded at build time from the network (a CPU cannot deserialize a plan)."""
+    layers = trt.get("layers", {})
+    click.echo(f"tensorrt   {trt.get('flavour')} {trt.get('version')}: {trt.get('plan_file')} "
+               f"({trt.get('plan_bytes', 0) / 2**20:.1f} MiB, sha256 {str(trt.get('plan_sha256'))[:16]}...)  "
+               f"targets {', '.join(trt.get('compute_capabilities') or ['this GPU'])}")
+    plugin = trt.get("plugin", {})
+    click.echo(f"plugins    {plugin.get('namespace')} v{plugin.get('version')} built with {plugin.get('built_with')}: "
+               + ", ".join(f"{k} {v} layers" for k, v in layers.get("plugins", {}).items())
+               + f" (of {layers.get('num_layers')} layers)")
+    shown = ("input_ids", "attention_mask", "past_key_values.0.key")
+    for p in trt.get("profiles", []):
+        shapes = p.get("shapes", {})
+        click.echo(f"profile    {str(p.get('name')):8s} " + "  ".join(
+            f"{name} {shapes[name]['min']}..{shapes[name]['max']}" for name in shown if name in shapes))
+    for entry in layers.get("plugin_layers", []):
+        click.echo(f"plugin     {entry['name']:40s} {entry['plugin']}")

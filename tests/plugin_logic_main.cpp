@@ -170,6 +170,20 @@ std::string answer(const std::string& line) {
     return "ok " + std::to_string(s.batch) + " " + std::to_string(s.seq) + " " + std::to_string(s.hidden) + " " +
            std::to_string(s.inter);
   }
+  if (cmd == "mlp_profile") {  // type min_seq, then the 7 inputs' max dims: bounds and workspace
+    std::string t;
+    int64_t min_seq;
+    in >> t >> min_seq;
+    std::vector<Dims> dims;
+    std::string tok;
+    while (in >> tok) dims.push_back(parse_dims(tok));
+    MlpSizes s;
+    const Error e = mlp_max_sizes(dims.data(), int32_t(dims.size()), &s);
+    if (!e.empty()) return "error " + e;
+    return "ok " + std::to_string(s.batch) + " " + std::to_string(s.seq) + " " + std::to_string(s.hidden) + " " +
+           std::to_string(s.inter) + " ws " +
+           std::to_string(mlp_workspace_size(parse_type(t), MlpAttrs{}, s, min_seq, kFake));
+  }
   if (cmd == "mlp_types" || cmd == "select_types") {
     std::vector<DType> types;
     std::string tok;

@@ -167,6 +167,47 @@ def test_bad_shapes_rejected(run, cmd, message):
     assert answer == f"error {message}"
 
 
+# ---- TensorRT-style profiles: each input has its own bounds ----
+# Regression (issue 8): the exported graph derives token_valid from attention_mask, whose max S
+# (past + new tokens) exceeds hidden_states' max S; TensorRT-RTX then called configurePlugin with
+# desc.max S = 191 for token_valid and 64 for hidden_states, and the plugin rejected a valid profile.
+
+def _profile(B=2, S=64, S_valid=191, B_idx=None, H=16, I=24):
+    B_idx = B if B_idx is None else B_idx
+    return [f"{B},{S},{H}", f"{I},2,{H}", f"{I},{H}", f"{B_idx},{I}", f"{B_idx}", f"{B},{S_valid}", f"{B_idx},{I}"]
+
+
+def test_configure_accepts_wildcard_dims_of_a_derived_tensor(run):
+    # desc.dims at configure time: -1 wherever the profile leaves a dimension free.
+    assert run(_mlp(B="?", S="?", token_valid="?,?"), _mlp(B="?", S="?", token_valid="?,191")) == \
+        ["ok -1 -1 16 24", "ok -1 191 16 24"]
+
+
+def test_profile_bounds_need_not_agree(run):
+    # The issue's profile: hidden_states S <= 64, token_valid S <= 191. A runtime S is the same in
+    # both, so it is <= 64: the workspace covers B=2, S=64.
+    prefill_ws = int(run("prefill_layout f16 2 64 16 24")[0].split()[-1])
+    assert run("mlp_profile f16 1 " + " ".join(_profile())) == [f"ok 2 64 16 24 ws {prefill_ws}"]
+    # Same for B, whichever input carries the tighter bound.
+    assert run("mlp_profile f16 1 " + " ".join(_profile(B=8, B_idx=2, S_valid=64))) == [f"ok 2 64 16 24 ws {prefill_ws}"]
+    assert run("mlp_profile f16 1 " + " ".join(_profile(B=2, B_idx=8, S_valid=64))) == [f"ok 2 64 16 24 ws {prefill_ws}"]
+    # A decode profile: hidden_states S is 1, token_valid spans the past. Only the decode
+    # workspace is reserved, not a prefill over the past's length.
+    decode_only = run("mlp_ws f16 4 1 16 24 1")[0]
+    assert run("mlp_profile f16 1 " + " ".join(_profile(B=4, S=1, S_valid=200))) == [f"ok 4 1 16 24 ws {decode_only}"]
+    # A prefill profile whose min S is 2 reserves no decode workspace.
+    assert run("mlp_profile f16 2 " + " ".join(_profile())) == [f"ok 2 64 16 24 ws {prefill_ws}"]
+
+
+def test_profile_still_checks_weights(run):
+    bad = _profile()
+    bad[1] = "24,3,16"
+    assert run("mlp_profile f16 1 " + " ".join(bad)) == ["error gate_up_weight: dimension 1 must be 2"]
+    bad = _profile(H=12)
+    assert run("mlp_profile f16 1 " + " ".join(bad)) == ["error H (hidden size) = 12 must be a positive multiple of 8"]
+    assert run("mlp_profile f16 1 " + " ".join(_profile()[:6])) == ["error expected 7 inputs, got 6"]
+
+
 def test_select_shapes(run):
     assert run("select_shapes 2,24 -", "select_shapes 130,0 -", "select_shapes 2,24 1", "select_shapes 24 -") == \
         ["ok 2 24", "ok 130 0", "error threshold: rank 1, expected 0", "error scores: rank 1, expected 2"]

@@ -92,14 +92,20 @@ def calibrate_default(loaded, progress: bool) -> Calibration:
 
 def build(model: str, out: str | Path, dtype: str = "float32", calibration: str | None = None,
           density: float | None = None, force: bool = False, weights: str | None = None,
-          external: bool | None = None, progress: bool = True, auto_calibrate: bool = False) -> Path:
-    """Export; `external` None decides by size. Raises ExportError/ValueError/FileNotFoundError on bad input."""
+          external: bool | None = None, progress: bool = True, auto_calibrate: bool = False,
+          plan=None) -> Path:
+    """Export; `external` None decides by size. `plan` (tda_export.trt.plan.PlanOptions) also builds a
+    TensorRT plan. Raises ExportError/ValueError/FileNotFoundError on bad input."""
     out = Path(out)
     if out.exists() and not force:
         raise ExportError(f"--out {out}: already exists (use --force to replace it)")
     if out.exists() and not (out / manifest.NAME).is_file() and any(out.iterdir()):
         raise ExportError(f"--out {out}: exists, is not empty and is not an export (no {manifest.NAME}); "
                           f"refusing to replace it even with --force")
+    if plan is not None:  # every --target option is checked before the model loads ...
+        from ..trt.plan import check_options
+
+        check_options(plan, None, dtype)
     cal = Calibration.load(calibration) if calibration else None
     # float32 load: the fingerprint a calibration is matched against is of the float32 weights,
     # and each tensor is rounded to the export dtype only as it is written
@@ -110,6 +116,8 @@ def build(model: str, out: str | Path, dtype: str = "float32", calibration: str 
     elif auto_calibrate:
         cal, calibration = calibrate_default(loaded, progress), "built-in calibration (recipe defaults)"
     thresholds, cal_summary = thresholds_for(cal, density, spec.num_layers, calibration)
+    if plan is not None:  # ... and the sequence limits against the model's context before the export
+        check_options(plan, spec.max_context, dtype)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
@@ -130,8 +138,20 @@ def build(model: str, out: str | Path, dtype: str = "float32", calibration: str 
         save_tokenizer(loaded.tokenizer, tmp)
         if cal is not None:  # the whole table, so the runtime can switch density per request
             cal.save(tmp / CALIBRATION_FILE)
-        manifest.write(tmp, _manifest_data(loaded, spec, cal_summary, proto, use_external))
+        data = _manifest_data(loaded, spec, cal_summary, proto, use_external)
         del proto
+        if plan is not None:
+            from ..trt.plan import build_plan
+
+            if progress:
+                print(f"building the {plan.target} plan", file=sys.stderr)
+            from ..trt.goldens import save as save_goldens
+
+            data["tensorrt"] = build_plan(tmp / MODEL_FILE, tmp, data["io"]["inputs"], spec.max_context, dtype,
+                                          plan, progress)
+            if dtype == "float16":  # ONNX Runtime logits for `tda-export check` (its CPU EP has no bf16 graph path)
+                save_goldens(tmp, tmp / MODEL_FILE, data)
+        manifest.write(tmp, data)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

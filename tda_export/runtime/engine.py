@@ -10,7 +10,7 @@ import numpy as np
 from .. import __version__, manifest
 from ..calibration import CALIBRATION_FILE, Calibration
 
-BACKENDS = ("auto", "torch", "onnxruntime")
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 
 
 class EngineError(ValueError):
@@ -56,6 +56,8 @@ class Engine:
         choice = None
         if backend == "onnxruntime":
             impl = make_ort()
+        elif backend == "tensorrt":  # never picked by auto: a plan runs only on GPUs its TensorRT supports
+            impl = _tensorrt(directory, data)
         elif backend == "torch":
             impl = make_torch()
         elif "decoder_spec" not in data:
@@ -175,6 +177,16 @@ def _torch(directory: Path, data: dict, threads, options: dict):
         return TorchBackend.from_engine(directory / data["model_file"], data, threads=threads, **options)
     except TorchBackendError as e:
         raise EngineError(str(e)) from None
+
+
+def _tensorrt(directory: Path, data: dict):
+    from ..trt.backend import TensorRTBackend
+    from ..trt.flavour import TensorRTMissing
+
+    try:
+        return TensorRTBackend(directory, data)
+    except (TensorRTMissing, ValueError, RuntimeError) as e:
+        raise EngineError(f"backend tensorrt: {e}") from None
 
 
 def _ort(directory: Path, data: dict, threads):

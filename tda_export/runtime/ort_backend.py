@@ -59,9 +59,13 @@ class OrtBackend:
                 feeds[name] = np.zeros((batch, m["intermediate_size"]), dtype)
         return feeds
 
+    @staticmethod
+    def _feeds(state: dict, input_ids: np.ndarray, positions: np.ndarray) -> dict:
+        return {"input_ids": input_ids, "attention_mask": state["mask"], "position_ids": positions,
+                THRESHOLDS_INPUT: state["thresholds"], **state["past"]}
+
     def _run(self, state: dict, input_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        feeds = {"input_ids": input_ids, "attention_mask": state["mask"], "position_ids": positions,
-                 THRESHOLDS_INPUT: state["thresholds"], **state["past"]}
+        feeds = self._feeds(state, input_ids, positions)
         outs = self.session.run(["logits"] + self.presents, feeds)
         state["past"] = {past_name(p): v for p, v in zip(self.presents, outs[1:])}
         return outs[0][:, -1].astype(np.float32)

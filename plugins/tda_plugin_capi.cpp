@@ -1,0 +1,173 @@
+// A plain C ABI over tda_plugin_logic.h, so that plugin realizations in other
+// languages (tda_export/trt/plugins.py, for TensorRT's Python API) make the
+// same decisions as the C++ plugins by calling the same code, not a copy.
+// Compiled on demand with g++ (tda_export/trt/logic.py); no TensorRT, no CUDA.
+//
+// Conventions: tensors' dims are passed as nb_in rows of 8 int64 (-1 where
+// unknown) plus their ranks; dtypes as tda_trt::DType values; functions that
+// can fail return 0 on success, else non-zero with a message in `err`
+// (TDA_TRT_ERR_LEN bytes, NUL-terminated).
+#include <cstdio>
+#include <vector>
+
+#include "tda_plugin_logic.h"
+
+using namespace tda_trt;
+
+#define TDA_TRT_API extern "C" __attribute__((visibility("default")))
+
+namespace {
+
+constexpr size_t kErrLen = 256;
+
+int fail(const Error& e, char* err) {
+  if (e.empty()) return 0;
+  if (err) std::snprintf(err, kErrLen, "%s", e.c_str());
+  return 1;
+}
+
+std::vector<Dims> dims_of(int32_t nb, const int32_t* ranks, const int64_t* dims) {
+  std::vector<Dims> out(size_t(nb > 0 ? nb : 0));
+  for (int32_t i = 0; i < nb; ++i) {
+    out[i].nb = ranks[i];
+    for (int32_t k = 0; k < 8; ++k) out[i].d[k] = dims[i * 8 + k];
+  }
+  return out;
+}
+
+std::vector<FieldView> fields_of(int32_t nb, const char* const* names, const void* const* data,
+                                 const int32_t* lengths, const int32_t* is_char) {
+  std::vector<FieldView> out;
+  for (int32_t i = 0; i < nb; ++i) out.push_back({names[i], data[i], lengths[i], is_char[i] != 0});
+  return out;
+}
+
+void sizes_out(const MlpSizes& s, int64_t* out) {
+  out[0] = s.batch, out[1] = s.seq, out[2] = s.hidden, out[3] = s.inter;
+}
+
+MlpSizes sizes_in(const int64_t* v) { return MlpSizes{v[0], v[1], v[2], v[3]}; }
+
+MlpAttrs attrs_in(int32_t activation, int32_t score_norm) {
+  MlpAttrs a;
+  a.activation = tda_activation_t(activation);
+  a.score_norm = tda_score_norm_t(score_norm);
+  return a;
+}
+
+}  // namespace
+
+TDA_TRT_API size_t tda_trt_err_len(void) { return kErrLen; }
+TDA_TRT_API size_t tda_trt_sizeof_prefill_plan(void) { return sizeof(PrefillPlan); }
+TDA_TRT_API size_t tda_trt_sizeof_mlp_buffers(void) { return sizeof(MlpBuffers); }
+TDA_TRT_API const char* tda_trt_identity(int32_t what) {
+  switch (what) {
+    case 0: return kNamespace;
+    case 1: return kVersion;
+    case 2: return kSparseGatedMlpName;
+    default: return kSelectActiveName;
+  }
+}
+
+// ---- fields ----
+TDA_TRT_API int32_t tda_trt_mlp_nb_fields(void) { return kSparseGatedMlpNbFields; }
+TDA_TRT_API const char* tda_trt_mlp_field_name(int32_t i) { return kSparseGatedMlpFields[i]; }
+
+TDA_TRT_API int tda_trt_mlp_parse_fields(int32_t nb, const char* const* names, const void* const* data,
+                                         const int32_t* lengths, const int32_t* is_char, int32_t* activation,
+                                         int32_t* score_norm, char* err) {
+  const std::vector<FieldView> f = fields_of(nb, names, data, lengths, is_char);
+  MlpAttrs a;
+  if (int rc = fail(parse_mlp_fields(f.data(), nb, &a), err)) return rc;
+  *activation = a.activation;
+  *score_norm = a.score_norm;
+  return 0;
+}
+
+TDA_TRT_API int tda_trt_select_parse_fields(int32_t nb, const char* const* names, const void* const* data,
+                                            const int32_t* lengths, const int32_t* is_char, char* err) {
+  const std::vector<FieldView> f = fields_of(nb, names, data, lengths, is_char);
+  return fail(parse_select_fields(f.data(), nb), err);
+}
+
+// The serialized value of field i for these attributes: the same string the
+// C++ plugin writes (its length + 1 bytes, NUL included, are serialized).
+TDA_TRT_API const char* tda_trt_mlp_field_value(int32_t i, int32_t activation, int32_t score_norm) {
+  return i == 0 ? name_of(kActivations, tda_activation_t(activation))
+                : name_of(kScoreNorms, tda_score_norm_t(score_norm));
+}
+
+// ---- shapes and types ----
+TDA_TRT_API int tda_trt_mlp_check_shapes(int32_t nb, const int32_t* ranks, const int64_t* dims, int64_t* sizes,
+                                         char* err) {
+  MlpSizes s;
+  if (int rc = fail(mlp_check_shapes(dims_of(nb, ranks, dims).data(), nb, &s), err)) return rc;
+  sizes_out(s, sizes);
+  return 0;
+}
+
+TDA_TRT_API int tda_trt_mlp_max_sizes(int32_t nb, const int32_t* ranks, const int64_t* dims, int64_t* sizes,
+                                      char* err) {
+  MlpSizes s;
+  if (int rc = fail(mlp_max_sizes(dims_of(nb, ranks, dims).data(), nb, &s), err)) return rc;
+  sizes_out(s, sizes);
+  return 0;
+}
+
+TDA_TRT_API int tda_trt_select_check_shapes(int32_t nb, const int32_t* ranks, const int64_t* dims, int64_t* sizes,
+                                            char* err) {
+  return fail(select_check_shapes(dims_of(nb, ranks, dims).data(), nb, &sizes[0], &sizes[1]), err);
+}
+
+// refs: 3 (input, dim) pairs; returns the output's rank.
+TDA_TRT_API int32_t tda_trt_output_shape(int32_t op, int32_t out, int32_t* refs) {
+  const OutputShape s = op == 0 ? mlp_output_shape(out) : select_output_shape(out);
+  for (int32_t k = 0; k < s.nb; ++k) refs[2 * k] = s.d[k].input, refs[2 * k + 1] = s.d[k].dim;
+  return s.nb;
+}
+
+TDA_TRT_API int tda_trt_output_types(int32_t op, int32_t nb, const int32_t* in, int32_t* out, char* err) {
+  std::vector<DType> t;
+  for (int32_t i = 0; i < nb; ++i) t.push_back(DType(in[i]));
+  DType o[2] = {DType::kOther, DType::kOther};
+  if (int rc = fail(op == 0 ? mlp_output_types(t.data(), nb, o) : select_output_types(t.data(), nb, o), err))
+    return rc;
+  out[0] = int32_t(o[0]), out[1] = int32_t(o[1]);
+  return 0;
+}
+
+// types/linear of io[0..pos]; 1 if position pos is supported.
+TDA_TRT_API int tda_trt_supports(int32_t op, int32_t pos, const int32_t* types, const int32_t* linear) {
+  std::vector<IoDesc> io;
+  for (int32_t i = 0; i <= pos; ++i) io.push_back({DType(types[i]), linear[i] != 0});
+  return op == 0 ? mlp_supports(pos, io.data()) : select_supports(pos, io.data());
+}
+
+// ---- workspace and launches ----
+TDA_TRT_API size_t tda_trt_mlp_workspace_size(int32_t dtype, int32_t activation, int32_t score_norm,
+                                              const int64_t* max_sizes, int64_t min_seq, const KernelQueries* q) {
+  return mlp_workspace_size(DType(dtype), attrs_in(activation, score_norm), sizes_in(max_sizes), min_seq, *q);
+}
+
+TDA_TRT_API size_t tda_trt_select_workspace_size(int64_t max_batch, int64_t inter, const KernelQueries* q) {
+  return select_workspace_size(max_batch, inter, *q);
+}
+
+TDA_TRT_API int tda_trt_mlp_is_decode(int64_t seq) { return mlp_mode(seq) == Mode::kDecode; }
+TDA_TRT_API int64_t tda_trt_chunk_batch(int64_t batch, int64_t b0) { return chunk_batch(batch, b0); }
+
+TDA_TRT_API void tda_trt_mlp_decode_args(int32_t dtype, int32_t activation, int32_t score_norm, const int64_t* sizes,
+                                         int64_t b0, int64_t nb, const MlpBuffers* buf, tda_decode_args_t* out) {
+  *out = decode_args(DType(dtype), attrs_in(activation, score_norm), sizes_in(sizes), b0, nb, *buf);
+}
+
+TDA_TRT_API int tda_trt_mlp_prefill_plan(int32_t dtype, int32_t activation, int32_t score_norm, const int64_t* sizes,
+                                         const MlpBuffers* buf, void* ws, const KernelQueries* q, PrefillPlan* out,
+                                         char* err) {
+  return fail(prefill_plan(DType(dtype), attrs_in(activation, score_norm), sizes_in(sizes), *buf, ws, *q, out), err);
+}
+
+TDA_TRT_API void tda_trt_select_args(int64_t inter, int64_t b0, int64_t nb, const float* scores,
+                                     const float* threshold, int32_t* idx, int32_t* count, tda_select_args_t* out) {
+  *out = select_args(inter, b0, nb, scores, threshold, idx, count);
+}

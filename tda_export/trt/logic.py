@@ -1,0 +1,258 @@
+"""ctypes binding of plugins/tda_plugin_capi.cpp: the C++ plugins' decisions (tda_plugin_logic.h),
+compiled with g++ on demand, for the Python plugins to call.
+
+One implementation serves both plugin realizations: the Python plugins never decide a shape,
+type, format, field or workspace themselves. The library is cached under
+``$TDA_KERNELS_CACHE/../trt-logic/<hash of sources and flags>/`` like the kernel libraries.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import subprocess
+import tempfile
+from ctypes import POINTER, byref, c_bool, c_char_p, c_int, c_int32, c_int64, c_size_t, c_void_p
+from pathlib import Path
+
+from ..kernels.abi import DecodeArgs, PrefillArgs, SelectArgs
+
+ROOT = Path(__file__).resolve().parents[2]
+PLUGINS = ROOT / "plugins"
+SOURCES = (PLUGINS / "tda_plugin_capi.cpp", PLUGINS / "tda_plugin_logic.h", ROOT / "cuda" / "include" / "tda_kernels.h")
+FLAGS = ["-std=c++17", "-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wextra", "-Werror"]
+
+# tda_trt::DType
+FLOAT, HALF, BF16, INT32, OTHER = range(5)
+DTYPE_CODE = {"float32": FLOAT, "float16": HALF, "bfloat16": BF16, "int32": INT32}
+MLP, SELECT = 0, 1
+MLP_NB_IN, SELECT_NB_IN = 7, 2
+
+
+class LogicError(ValueError):
+    """A decision of the plugin logic said no; the message names the tensor or field."""
+
+
+class Gemm(ctypes.Structure):
+    _fields_ = [("trans_a", c_bool), ("trans_b", c_bool), ("m", c_int32), ("n", c_int32), ("k", c_int32),
+                ("a", c_void_p), ("lda", c_int32), ("b", c_void_p), ("ldb", c_int32), ("c", c_void_p),
+                ("ldc", c_int32)]
+
+
+class PrefillPlan(ctypes.Structure):
+    _fields_ = [("gate_up_gemm", Gemm), ("gate_up", c_void_p), ("z", c_void_p), ("tokens", c_int64),
+                ("scores", PrefillArgs), ("scores_ws", c_void_p), ("scores_ws_bytes", c_size_t),
+                ("down_gemm", Gemm), ("cublas_ws", c_void_p), ("cublas_ws_bytes", c_size_t)]
+
+
+class MlpBuffers(ctypes.Structure):
+    _fields_ = [(n, c_void_p) for n in ("hidden", "gate_up", "down_t", "active_idx", "active_count", "token_valid",
+                                        "scores_in", "output", "scores_out")]
+
+
+class KernelQueries(ctypes.Structure):
+    _fields_ = [("decode", c_void_p), ("prefill_scores", c_void_p), ("select", c_void_p)]
+
+
+def _cache_dir(flags: list[str]) -> Path:
+    h = hashlib.sha256()
+    for f in SOURCES:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    h.update(" ".join(flags).encode())
+    base = Path(os.environ.get("TDA_KERNELS_CACHE", Path.home() / ".cache" / "tda-export" / "kernels")).parent
+    return base / "trt-logic" / h.hexdigest()[:16]
+
+
+def build_logic() -> Path:
+    """Path of libtda_trt_logic.so, compiled with g++ if not cached (about 2 s)."""
+    cxx = os.environ.get("CXX", "g++")
+    out_dir = _cache_dir([cxx] + FLAGS)
+    lib = out_dir / "libtda_trt_logic.so"
+    if lib.exists():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    cmd = [cxx, *FLAGS, f"-I{PLUGINS}", f"-I{ROOT / 'cuda' / 'include'}", str(SOURCES[0]), "-o", tmp]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        os.unlink(tmp)
+        raise RuntimeError(f"{' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
+    os.replace(tmp, lib)  # concurrent builders never see a half-written library
+    return lib
+
+
+def _dims(shapes) -> tuple:
+    shapes = [tuple(int(d) for d in s) for s in shapes]
+    ranks = (c_int32 * max(1, len(shapes)))(*[len(s) for s in shapes])
+    flat = (c_int64 * (8 * max(1, len(shapes))))()
+    for i, s in enumerate(shapes):
+        for k, d in enumerate(s[:8]):
+            flat[8 * i + k] = d
+    return len(shapes), ranks, flat
+
+
+class Logic:
+    """The plugin decisions; every method is one function of tda_plugin_logic.h."""
+
+    def __init__(self, path: Path | None = None):
+        lib = ctypes.CDLL(str(path or build_logic()))
+        i64p, i32p, errp = POINTER(c_int64), POINTER(c_int32), c_char_p
+        sig = {
+            "tda_trt_err_len": ([], c_size_t), "tda_trt_sizeof_prefill_plan": ([], c_size_t),
+            "tda_trt_sizeof_mlp_buffers": ([], c_size_t), "tda_trt_identity": ([c_int32], c_char_p),
+            "tda_trt_mlp_nb_fields": ([], c_int32), "tda_trt_mlp_field_name": ([c_int32], c_char_p),
+            "tda_trt_mlp_parse_fields": ([c_int32, POINTER(c_char_p), POINTER(c_void_p), i32p, i32p, i32p, i32p,
+                                          errp], c_int),
+            "tda_trt_select_parse_fields": ([c_int32, POINTER(c_char_p), POINTER(c_void_p), i32p, i32p, errp], c_int),
+            "tda_trt_mlp_field_value": ([c_int32, c_int32, c_int32], c_char_p),
+            "tda_trt_mlp_check_shapes": ([c_int32, i32p, i64p, i64p, errp], c_int),
+            "tda_trt_mlp_max_sizes": ([c_int32, i32p, i64p, i64p, errp], c_int),
+            "tda_trt_select_check_shapes": ([c_int32, i32p, i64p, i64p, errp], c_int),
+            "tda_trt_output_shape": ([c_int32, c_int32, i32p], c_int32),
+            "tda_trt_output_types": ([c_int32, c_int32, i32p, i32p, errp], c_int),
+            "tda_trt_supports": ([c_int32, c_int32, i32p, i32p], c_int),
+            "tda_trt_mlp_workspace_size": ([c_int32, c_int32, c_int32, i64p, c_int64, POINTER(KernelQueries)],
+                                           c_size_t),
+            "tda_trt_select_workspace_size": ([c_int64, c_int64, POINTER(KernelQueries)], c_size_t),
+            "tda_trt_mlp_is_decode": ([c_int64], c_int), "tda_trt_chunk_batch": ([c_int64, c_int64], c_int64),
+            "tda_trt_mlp_decode_args": ([c_int32, c_int32, c_int32, i64p, c_int64, c_int64, POINTER(MlpBuffers),
+                                         POINTER(DecodeArgs)], None),
+            "tda_trt_mlp_prefill_plan": ([c_int32, c_int32, c_int32, i64p, POINTER(MlpBuffers), c_void_p,
+                                          POINTER(KernelQueries), POINTER(PrefillPlan), errp], c_int),
+            "tda_trt_select_args": ([c_int64, c_int64, c_int64, c_void_p, c_void_p, c_void_p, c_void_p,
+                                     POINTER(SelectArgs)], None),
+        }
+        for name, (args, res) in sig.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, res
+        self._lib = lib
+        self._err_len = lib.tda_trt_err_len()
+        # The ctypes mirrors must have the C++ layout; a mismatch would corrupt enqueue's arguments.
+        assert ctypes.sizeof(PrefillPlan) == lib.tda_trt_sizeof_prefill_plan(), "PrefillPlan layout"
+        assert ctypes.sizeof(MlpBuffers) == lib.tda_trt_sizeof_mlp_buffers(), "MlpBuffers layout"
+        self.namespace, self.version, self.mlp_name, self.select_name = (
+            lib.tda_trt_identity(i).decode() for i in range(4))
+        self.mlp_fields = tuple(lib.tda_trt_mlp_field_name(i).decode() for i in range(lib.tda_trt_mlp_nb_fields()))
+
+    def _call(self, fn, *args) -> None:
+        err = ctypes.create_string_buffer(self._err_len)
+        if fn(*args, err):
+            raise LogicError(err.value.decode())
+
+    # ---- fields: a field is (name, bytes, is_char) ----
+    @staticmethod
+    def _fields(fields):
+        fields = list(fields)
+        n = max(1, len(fields))
+        keep = [ctypes.create_string_buffer(data, len(data)) if data else None for _, data, _ in fields]
+        names = (c_char_p * n)(*[name.encode() for name, _, _ in fields])
+        data = (c_void_p * n)(*[ctypes.cast(k, c_void_p) if k is not None else None for k in keep])
+        lengths = (c_int32 * n)(*[len(d) for _, d, _ in fields])
+        is_char = (c_int32 * n)(*[int(c) for _, _, c in fields])
+        return len(fields), names, data, lengths, is_char, keep
+
+    def parse_mlp_fields(self, fields) -> tuple[int, int]:
+        """-> (activation, score_norm) C ABI codes; raises LogicError naming a bad field or value."""
+        nb, names, data, lengths, is_char, _keep = self._fields(fields)
+        act, norm = c_int32(), c_int32()
+        self._call(self._lib.tda_trt_mlp_parse_fields, nb, names, data, lengths, is_char, byref(act), byref(norm))
+        return act.value, norm.value
+
+    def parse_select_fields(self, fields) -> None:
+        nb, names, data, lengths, is_char, _keep = self._fields(fields)
+        self._call(self._lib.tda_trt_select_parse_fields, nb, names, data, lengths, is_char)
+
+    def mlp_serialized_fields(self, activation: int, score_norm: int) -> list[tuple[str, bytes]]:
+        """(name, bytes) as the C++ plugin serializes them: the value string plus its NUL."""
+        return [(name, self._lib.tda_trt_mlp_field_value(i, activation, score_norm) + b"\0")
+                for i, name in enumerate(self.mlp_fields)]
+
+    # ---- shapes and types ----
+    def mlp_check_shapes(self, shapes) -> tuple[int, int, int, int]:
+        """(B, S, H, I), -1 where unknown; shapes use -1 for unknown dims."""
+        out = (c_int64 * 4)()
+        self._call(self._lib.tda_trt_mlp_check_shapes, *_dims(shapes), out)
+        return tuple(out)
+
+    def mlp_max_sizes(self, max_shapes) -> tuple[int, int, int, int]:
+        """(B, S, H, I) bounds of a profile from every input's max shape."""
+        out = (c_int64 * 4)()
+        self._call(self._lib.tda_trt_mlp_max_sizes, *_dims(max_shapes), out)
+        return tuple(out)
+
+    def select_check_shapes(self, shapes) -> tuple[int, int]:
+        out = (c_int64 * 2)()
+        self._call(self._lib.tda_trt_select_check_shapes, *_dims(shapes), out)
+        return tuple(out)
+
+    def output_shape(self, op: int, out: int) -> list[tuple[int, int]]:
+        """Output `out` of op as (input, dim) references."""
+        refs = (c_int32 * 6)()
+        nb = self._lib.tda_trt_output_shape(op, out, refs)
+        return [(refs[2 * k], refs[2 * k + 1]) for k in range(nb)]
+
+    def output_types(self, op: int, types) -> tuple[int, int]:
+        types = list(types)
+        arr, out = (c_int32 * max(1, len(types)))(*types), (c_int32 * 2)()
+        self._call(self._lib.tda_trt_output_types, op, len(types), arr, out)
+        return tuple(out)
+
+    def supports(self, op: int, pos: int, io) -> bool:
+        """io: (dtype code, linear) of positions 0..pos."""
+        io = list(io)[:pos + 1]
+        types = (c_int32 * len(io))(*[t for t, _ in io])
+        linear = (c_int32 * len(io))(*[int(l) for _, l in io])
+        return bool(self._lib.tda_trt_supports(op, pos, types, linear))
+
+    # ---- workspace and launches ----
+    def mlp_workspace_size(self, dtype: int, activation: int, score_norm: int, max_sizes, min_seq: int,
+                           queries: KernelQueries) -> int:
+        return self._lib.tda_trt_mlp_workspace_size(dtype, activation, score_norm, (c_int64 * 4)(*max_sizes),
+                                                    min_seq, byref(queries))
+
+    def select_workspace_size(self, max_batch: int, inter: int, queries: KernelQueries) -> int:
+        return self._lib.tda_trt_select_workspace_size(max_batch, inter, byref(queries))
+
+    def is_decode(self, seq: int) -> bool:
+        return bool(self._lib.tda_trt_mlp_is_decode(seq))
+
+    def chunks(self, batch: int):
+        """(b0, nb) batch chunks of at most the ABI's TDA_MAX_BATCH."""
+        b0 = 0
+        while b0 < batch:
+            nb = self._lib.tda_trt_chunk_batch(batch, b0)
+            yield b0, nb
+            b0 += nb
+
+    def decode_args(self, dtype, activation, score_norm, sizes, b0, nb, buffers: MlpBuffers) -> DecodeArgs:
+        out = DecodeArgs()
+        self._lib.tda_trt_mlp_decode_args(dtype, activation, score_norm, (c_int64 * 4)(*sizes), b0, nb,
+                                          byref(buffers), byref(out))
+        return out
+
+    def prefill_plan(self, dtype, activation, score_norm, sizes, buffers: MlpBuffers, workspace: int,
+                     queries: KernelQueries) -> PrefillPlan:
+        out = PrefillPlan()
+        self._call(self._lib.tda_trt_mlp_prefill_plan, dtype, activation, score_norm, (c_int64 * 4)(*sizes),
+                   byref(buffers), workspace, byref(queries), byref(out))
+        return out
+
+    def select_args(self, inter, b0, nb, scores, threshold, idx, count) -> SelectArgs:
+        out = SelectArgs()
+        self._lib.tda_trt_select_args(inter, b0, nb, scores, threshold, idx, count, byref(out))
+        return out
+
+
+@functools.lru_cache(maxsize=None)
+def logic() -> Logic:
+    return Logic()
+
+
+def kernel_queries(library) -> KernelQueries:
+    """The workspace queries of a loaded kernel library (tda_export.kernels.abi.Library)."""
+    lib = library._lib
+    addr = lambda name: ctypes.cast(getattr(lib, f"{name}_workspace_size"), c_void_p).value  # noqa: E731
+    return KernelQueries(addr("tda_sparse_gated_mlp_decode"), addr("tda_prefill_scores"), addr("tda_select_active"))

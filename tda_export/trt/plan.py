@@ -1,0 +1,116 @@
+"""`build --target tensorrt-rtx|tensorrt`: the plan next to the exported ONNX, and its manifest section.
+
+Decides everything in plain Python (limits, profiles, compute capabilities), then hands a job to
+the builder child process (builder.py) started with the environment TensorRT needs (flavour.py).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..manifest import sha256_file
+from ..ops.contract import OPS, PLUGIN_FIELDS, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from . import flavour as fl
+from .profiles import Limits, profiles
+
+PLAN_FILE = "model.plan"
+PLUGIN_LIBRARY = "libtda_trt_plugins.so"
+# TensorRT-RTX's targets (all it supports); "8.6" or "sm86" on the command line.
+RTX_COMPUTE_CAPABILITIES = ("SM75", "SM80", "SM86", "SM89", "SM120")
+
+
+class PlanError(ValueError):
+    pass
+
+
+@dataclass
+class PlanOptions:
+    target: str = "tensorrt-rtx"
+    max_batch: int = 8
+    max_seq_len: int | None = None
+    max_prompt: int | None = None
+    timing_cache: Path | None = None
+    optimization_level: int | None = None
+    compute_capabilities: tuple[str, ...] = field(default_factory=tuple)
+    plugin_library: Path | None = None  # the C++ libtda_trt_plugins.so instead of the Python plugins
+
+
+def compute_capabilities(target: str, values) -> list[str]:
+    """'8.6', '86', 'sm86', 'SM86' -> 'SM86'; RTX only, default all RTX targets."""
+    if target != "tensorrt-rtx":
+        if values:
+            raise PlanError("--compute-capability applies to --target tensorrt-rtx only "
+                            "(datacenter TensorRT builds for the GPU it runs on)")
+        return []
+    out = []
+    for v in values or RTX_COMPUTE_CAPABILITIES:
+        name = "SM" + str(v).upper().removeprefix("SM").replace(".", "")
+        if name not in RTX_COMPUTE_CAPABILITIES:
+            raise PlanError(f"--compute-capability {v}: TensorRT-RTX supports "
+                            f"{', '.join(c[2] + '.' + c[3:] for c in RTX_COMPUTE_CAPABILITIES)}")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def check_options(options: PlanOptions, max_context: int | None, dtype: str) -> tuple[Limits | None, list[str]]:
+    """Every option checked before anything is built; raises PlanError/ProfileError naming the option.
+    max_context None (the model not loaded yet) checks all but the sequence limits."""
+    if options.target not in fl.FLAVOURS:
+        raise PlanError(f"--target {options.target}: not one of {', '.join(fl.TARGETS)}")
+    if dtype not in ("float16", "bfloat16"):
+        raise PlanError(f"--target {options.target} builds a strongly typed fp16/bf16 network: use --dtype fp16 or "
+                        f"bf16 (got {dtype})")
+    if options.optimization_level is not None and not 0 <= options.optimization_level <= 5:
+        raise PlanError(f"--builder-optimization-level {options.optimization_level}: must be in 0..5")
+    if options.plugin_library is not None and not Path(options.plugin_library).is_file():
+        raise PlanError(f"--plugin-library {options.plugin_library}: no such file")
+    if options.timing_cache is not None and Path(options.timing_cache).is_dir():
+        raise PlanError(f"--timing-cache {options.timing_cache}: is a directory (expected a file)")
+    ccs = compute_capabilities(options.target, options.compute_capabilities)
+    fl.require(options.target)
+    if max_context is None:
+        return None, ccs
+    return Limits.checked(options.max_batch, options.max_seq_len, options.max_prompt, max_context), ccs
+
+
+def build_plan(onnx_path: Path, out_dir: Path, io_inputs: list[dict], max_context: int, dtype: str,
+               options: PlanOptions, progress: bool = True) -> dict:
+    """Build out_dir/model.plan; returns the manifest's "tensorrt" section. Raises PlanError on failure."""
+    limits, ccs = check_options(options, max_context, dtype)
+    profs = profiles(io_inputs, limits)
+    f = fl.flavour(options.target)
+    with tempfile.TemporaryDirectory(prefix="tda-trt-") as tmp:
+        job = {"target": options.target, "onnx": str(onnx_path), "plan": str(Path(out_dir) / PLAN_FILE),
+               "profiles": profs, "optimization_level": options.optimization_level, "compute_capabilities": ccs,
+               "timing_cache": str(options.timing_cache) if options.timing_cache else None,
+               "plugin_library": str(Path(options.plugin_library).resolve()) if options.plugin_library else None,
+               "report": str(Path(tmp) / "report.json")}
+        (Path(tmp) / "job.json").write_text(json.dumps(job))
+        proc = subprocess.run([sys.executable, "-m", "tda_export.trt.builder", str(Path(tmp) / "job.json")],
+                              env=fl.child_env(f), stdout=subprocess.PIPE, stderr=None if progress else subprocess.PIPE,
+                              text=True)
+        report_path = Path(job["report"])
+        if not report_path.is_file():
+            tail = (proc.stderr or "")[-2000:]
+            raise PlanError(f"the {options.target} build process died (exit {proc.returncode}) before reporting"
+                            + (f":\n{tail}" if tail else ""))
+        report = json.loads(report_path.read_text())
+    if not report["ok"]:
+        raise PlanError(f"--target {options.target}: {report['error']}")
+    plan = Path(out_dir) / PLAN_FILE
+    return {
+        "flavour": options.target, "module": report["module"], "version": report["version"],
+        "plan_file": PLAN_FILE, "plan_sha256": sha256_file(plan), "plan_bytes": report["plan_bytes"],
+        "plugin": {"library": PLUGIN_LIBRARY, "built_with": report["plugin_source"],
+                   "namespace": PLUGIN_NAMESPACE, "version": PLUGIN_VERSION,
+                   "creators": {op.name: {"fields": list(PLUGIN_FIELDS[op.name])} for op in OPS}},
+        "limits": {"max_batch": limits.max_batch, "max_seq_len": limits.max_seq_len, "max_prompt": limits.max_prompt},
+        "profiles": profs, "compute_capabilities": ccs, "optimization_level": report["optimization_level"],
+        "build_seconds": report["build_seconds"], "layers": report["layers"],
+        "strongly_typed": True, "dtype": dtype,
+    }

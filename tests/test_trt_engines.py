@@ -1,0 +1,144 @@
+"""Real TensorRT-RTX plans with our plugins, built on a CPU (no GPU can run them here).
+
+Every tiny family TensorRT supports is exported and built through `build --target tensorrt-rtx`:
+each decoder layer's SparseGatedMLP and SelectActive must be a plugin layer, recorded in the
+manifest and shown by `inspect`, and the plan must carry the plugins' serialized records.
+"""
+import json
+import os
+import re
+import time
+from collections import Counter
+
+import pytest
+from click.testing import CliRunner
+
+from tda_export.cli import main
+from tda_export.export.build import build
+from tda_export.trt.plan import PlanOptions
+from trt_records import plugin_records
+
+pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 not installed")
+
+from tda_export.kernels.build import nvcc_path
+
+# The Python plugins size their workspace with the CUDA kernel library's (host-side) queries.
+pytestmark = [pytest.mark.trt, pytest.mark.skipif(nvcc_path() is None, reason="nvcc not installed")]
+
+# One RTX target keeps CI time down (the CLI test builds two; the default is all five).
+FAST = dict(target="tensorrt-rtx", max_batch=4, max_seq_len=128, max_prompt=64, compute_capabilities=("8.6",))
+
+
+def check_plan(out, num_layers, activation):
+    data = json.loads((out / "manifest.json").read_text())
+    trt = data["tensorrt"]
+    assert trt["flavour"] == "tensorrt-rtx" and trt["plan_file"] == "model.plan"
+    assert data["files"]["model.plan"]["sha256"] == trt["plan_sha256"]
+    assert trt["layers"]["plugins"] == {"tda::SparseGatedMLP/1": num_layers, "tda::SelectActive/1": num_layers}
+    assert [p["name"] for p in trt["profiles"]] == ["prefill", "decode"]
+    records = plugin_records((out / "model.plan").read_bytes())
+    assert set(records["names"]) == {"SparseGatedMLP", "SelectActive"}
+    assert {f for f, _, _ in records["fields"]} == {"activation", "score_norm"}
+    assert {v for f, _, v in records["fields"] if f == "activation"} == {activation.encode() + b"\0"}
+    return trt
+
+
+# Not gemma2: TensorRT's Attention rejects softcap ("Setting softcap is not supported in TensorRT Attention").
+@pytest.mark.parametrize("family,dtype,activation", [
+    ("llama", "float16", "silu"), ("mistral", "float16", "silu"), ("qwen2", "float16", "silu"),
+    ("gemma", "bfloat16", "gelu_tanh"), ("gemma3_text", "bfloat16", "gelu_tanh")])
+def test_tiny_plan_has_one_plugin_layer_per_decoder_layer(tiny_dirs, tmp_path, family, dtype, activation):
+    out = build(str(tiny_dirs[family]), tmp_path / "e", dtype, progress=False, plan=PlanOptions(**FAST))
+    trt = check_plan(out, 3, activation)
+    assert trt["compute_capabilities"] == ["SM86"] and trt["dtype"] == dtype
+    assert trt["profiles"][1]["shapes"]["past_key_values.0.key"]["max"][2] == 127
+
+
+def test_cli_build_inspect_and_rebuild(tiny_dirs, tmp_path):
+    """The user's path: two RTX targets, a timing cache, inspect, check; then the same build again."""
+    cache = tmp_path / "timing.cache"
+    args = ["build", "-m", str(tiny_dirs["llama"]), "--no-calibrate", "--target", "tensorrt-rtx", "--dtype", "fp16",
+            "--max-batch", "2", "--max-seq-len", "64", "--timing-cache", str(cache),
+            "--compute-capability", "8.6", "--compute-capability", "12.0"]
+    runner = CliRunner()
+    res = runner.invoke(main, args + ["-o", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    assert cache.is_file() and cache.stat().st_size > 0
+    trt = check_plan(tmp_path / "a", 3, "silu")
+    assert trt["compute_capabilities"] == ["SM86", "SM120"]
+    shown = runner.invoke(main, ["inspect", str(tmp_path / "a")])
+    assert shown.exit_code == 0, shown.output
+    assert "tensorrt   tensorrt-rtx" in shown.output
+    assert "tda::SparseGatedMLP/1 3 layers" in shown.output and "verified" in shown.output
+    assert shown.output.count("plugin     layers.") == 6
+    assert (tmp_path / "a" / "trt_goldens.npz").is_file()  # ONNX Runtime logits for `check`
+    # `check` goes up to the GPU boundary here: goldens and plan verified, then deserialization needs a GPU.
+    checked = runner.invoke(main, ["check", "-e", str(tmp_path / "a")])
+    assert checked.exit_code == 1 and "plugin layers: tda::SelectActive/1 x3, tda::SparseGatedMLP/1 x3" in checked.output
+    assert "cannot run" in checked.output and "Traceback" not in checked.output
+
+    res = runner.invoke(main, args + ["-o", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    a, b = (tmp_path / "a" / "model.plan").read_bytes(), (tmp_path / "b" / "model.plan").read_bytes()
+    # What is true of TensorRT-RTX 1.7 (docs/tensorrt.md): a rebuild of the same ONNX with the same
+    # options gives a plan of the same size and the same plugin records, but not the same bytes
+    # (a few hundred bytes differ, with or without our plugins), so CI cannot compare plans by hash.
+    assert len(a) == len(b) and plugin_records(a) == plugin_records(b)
+    differing = sum(x != y for x, y in zip(a, b))
+    print(f"rebuild: {len(a)} bytes, byte-identical: {a == b} ({differing} bytes differ)")
+    assert differing < len(a) // 100
+
+
+def test_plugin_coverage_failure_leaves_nothing(tiny_dirs, tmp_path, monkeypatch):
+    """A tda node the parser did not turn into our plugin fails the build; --out is never created."""
+    import onnx
+
+    from tda_export.export import build as build_mod
+
+    real_save = onnx.save
+
+    def save_without_plugin_namespace(proto, path, *a, **k):  # the parser then inlines the function
+        for n in proto.graph.node:
+            if n.domain == "tda" and n.op_type == "SparseGatedMLP":
+                keep = [x for x in n.attribute if x.name not in ("plugin_namespace", "plugin_version")]
+                del n.attribute[:]
+                n.attribute.extend(keep)
+        return real_save(proto, path, *a, **k)
+
+    monkeypatch.setattr(build_mod.onnx, "save", save_without_plugin_namespace)
+    with pytest.raises(ValueError, match="3 of 6 tda nodes did not become plugin layers"):
+        build(str(tiny_dirs["llama"]), tmp_path / "e", "float16", progress=False, plan=PlanOptions(**FAST))
+    assert not (tmp_path / "e").exists() and not list(tmp_path.glob(".e.building-*"))
+
+
+@pytest.mark.skipif(not os.environ.get("TDA_TRT_PLUGIN_LIBRARY"),
+                    reason="set TDA_TRT_PLUGIN_LIBRARY to a built libtda_trt_plugins.so (plugins/README.md; "
+                           "CI cannot fetch TensorRT's headers)")
+@pytest.mark.parametrize("family,dtype", [("llama", "float16"), ("gemma3_text", "bfloat16")])
+def test_cpp_and_python_plugins_serialize_the_same_records(tiny_dirs, tmp_path, family, dtype):
+    """A plan built with the C++ creators carries the same plugin records as one built with the Python creators."""
+    from tda_export.trt.plan import build_plan
+
+    onnx_dir = build(str(tiny_dirs[family]), tmp_path / "onnx", dtype, progress=False)
+    data = json.loads((onnx_dir / "manifest.json").read_text())
+    plans = {}
+    for kind, lib in (("cpp", os.environ["TDA_TRT_PLUGIN_LIBRARY"]), ("python", None)):
+        out = tmp_path / kind
+        out.mkdir()
+        section = build_plan(onnx_dir / "model.onnx", out, data["io"]["inputs"], data["max_context"], dtype,
+                             PlanOptions(**dict(FAST, plugin_library=lib)), progress=False)
+        plan = (out / "model.plan").read_bytes()
+        # Each record's bytes from its name on: version, field count, TensorRT's per-record value, fields.
+        windows = Counter(plan[m.start():m.end() + 96]
+                          for m in re.finditer(rb"(SparseGatedMLP|SelectActive)\x001\x00", plan))
+        plans[kind] = (section["layers"], len(plan), plugin_records(plan), windows)
+    assert plans["cpp"][0]["plugins"] == plans["python"][0]["plugins"]
+    assert plans["cpp"][1:] == plans["python"][1:]
+
+
+@pytest.mark.slow
+def test_smollm2_fp16_plan(tmp_path):
+    t = time.time()
+    out = build("smollm2-135m", tmp_path / "e", "float16", progress=False, plan=PlanOptions(**FAST))
+    trt = check_plan(out, 30, "silu")
+    print(f"smollm2 fp16 export + TensorRT-RTX plan: {time.time() - t:.0f} s, {trt['plan_bytes'] / 2**20:.0f} MiB")

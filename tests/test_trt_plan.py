@@ -1,0 +1,281 @@
+"""TensorRT plan building, up to the GPU boundary, without TensorRT: the Python plugins' bridge to
+the C++ plugin logic, profiles, layer accounting, option checks and the missing-module error.
+(tests/test_trt_engines.py builds real TensorRT-RTX plans.)"""
+import ctypes
+import importlib.util
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from tda_export.cli import main
+from tda_export.ops.contract import ACTIVATIONS, PLUGIN_FIELDS, PLUGIN_NAMESPACE, PLUGIN_VERSION, SCORE_NORMS
+from tda_export.ops.contract import SELECT_ACTIVE, SPARSE_GATED_MLP
+from tda_export.trt import logic as lg
+from tda_export.trt.layers import Layer, PluginCoverageError, check_coverage, summary
+from tda_export.trt.plan import PlanError, PlanOptions, check_options, compute_capabilities
+from tda_export.trt.profiles import Limits, ProfileError, profiles
+
+
+@pytest.fixture(scope="module")
+def L():
+    return lg.logic()
+
+
+# ---- the Python plugins decide through the C++ logic ----
+
+def test_identity_and_fields_are_the_contracts(L):
+    assert (L.namespace, L.version) == (PLUGIN_NAMESPACE, PLUGIN_VERSION)
+    assert (L.mlp_name, L.select_name) == (SPARSE_GATED_MLP.name, SELECT_ACTIVE.name)
+    assert L.mlp_fields == PLUGIN_FIELDS["SparseGatedMLP"]
+    # Serialized like the C++ plugin: kCHAR, the value and its NUL.
+    for a, act in enumerate(ACTIVATIONS):
+        for n, norm in enumerate(SCORE_NORMS):
+            assert L.mlp_serialized_fields(a, n) == [("activation", act.encode() + b"\0"),
+                                                     ("score_norm", norm.encode() + b"\0")]
+            # ... and parsed back, with or without the NUL (ONNX parsers pass none).
+            assert L.parse_mlp_fields([(k, v, True) for k, v in L.mlp_serialized_fields(a, n)]) == (a, n)
+            assert L.parse_mlp_fields([("activation", act.encode(), True), ("score_norm", norm.encode(), True)]) == (a, n)
+
+
+def test_bad_fields_name_the_field(L):
+    with pytest.raises(lg.LogicError, match="activation 'swish' not in silu"):
+        L.parse_mlp_fields([("activation", b"swish", True)])
+    with pytest.raises(lg.LogicError, match="unknown field activaton"):
+        L.parse_mlp_fields([("activaton", b"silu", True)])
+    with pytest.raises(lg.LogicError, match="must be a char"):
+        L.parse_mlp_fields([("activation", b"\x01\x00\x00\x00", False)])
+    assert L.parse_mlp_fields([("plugin_namespace", b"tda", True)]) == (0, 0)
+    with pytest.raises(lg.LogicError, match="SelectActive: unknown field activation"):
+        L.parse_select_fields([("activation", b"silu", True)])
+
+
+def _mlp_shapes(B=2, S=64, S_valid=None, H=16, I=24):
+    return [(B, S, H), (I, 2, H), (I, H), (B, I), (B,), (B, S if S_valid is None else S_valid), (B, I)]
+
+
+def test_profile_regression_through_the_bridge(L):
+    # Issue 8's profile: token_valid's max S (past + new) is not hidden_states' max S.
+    shapes = _mlp_shapes(S=64, S_valid=191)
+    with pytest.raises(lg.LogicError, match="token_valid: S = 191 but 64 elsewhere"):
+        L.mlp_check_shapes(shapes)  # exact shapes must agree ...
+    assert L.mlp_max_sizes(shapes) == (2, 64, 16, 24)  # ... profile bounds need not
+    assert L.mlp_check_shapes(_mlp_shapes(B=-1, S=-1, S_valid=-1)) == (-1, -1, 16, 24)
+
+
+def test_workspace_uses_the_kernel_librarys_queries(L):
+    from tda_export.kernels.abi import DecodeArgs, cpu_library
+
+    cpu = cpu_library()
+    q = lg.kernel_queries(cpu)
+    sizes = L.mlp_max_sizes(_mlp_shapes(B=4, S=1, S_valid=100))
+    want = max(cpu.workspace_size("tda_sparse_gated_mlp_decode",
+                                  DecodeArgs(dtype=1, activation=0, batch=b, hidden=16, intermediate=24, deterministic=1))
+               for b in range(1, 5))
+    assert L.mlp_workspace_size(lg.HALF, 0, 0, sizes, 1, q) == want
+    prefill = L.mlp_workspace_size(lg.HALF, 0, 0, L.mlp_max_sizes(_mlp_shapes(B=2, S=9)), 2, q)
+    assert prefill >= 2 * 9 * 24 * 3 * 2 + (32 << 20)  # gate/up + z in fp16, plus cuBLAS's 32 MiB
+
+
+def test_launch_arguments(L):
+    buf = lg.MlpBuffers(*[0x10000 * (i + 1) for i in range(9)])
+    sizes = (130, 1, 16, 24)
+    chunks = list(L.chunks(130))
+    assert chunks == [(0, 64), (64, 64), (128, 2)]
+    a = L.decode_args(lg.BF16, 1, 0, sizes, 64, 64, buf)
+    assert (a.dtype, a.activation, a.batch, a.hidden, a.intermediate, a.deterministic) == (2, 1, 64, 16, 24, 1)
+    assert a.hidden_states == buf.hidden + 64 * 16 * 2 and a.active_idx == buf.active_idx + 64 * 24 * 4
+    ws = ctypes.create_string_buffer(1 << 26)
+    from tda_export.kernels.abi import cpu_library
+
+    plan = L.prefill_plan(lg.HALF, 0, 1, (2, 5, 16, 24), buf, ctypes.addressof(ws), lg.kernel_queries(cpu_library()))
+    assert plan.tokens == 10 and plan.scores.score_norm == 1 and plan.scores.seq_len == 5
+    assert plan.gate_up == ctypes.addressof(ws) and plan.z > plan.gate_up
+    assert (plan.gate_up_gemm.m, plan.gate_up_gemm.n, plan.gate_up_gemm.k) == (48, 10, 16)
+    s = L.select_args(24, 64, 2, 0x1000, 0x2000, 0x3000, 0x4000)
+    assert (s.batch, s.intermediate, s.scores, s.active_idx, s.active_count) == (2, 24, 0x1000 + 64 * 24 * 4,
+                                                                                  0x3000 + 64 * 24 * 4, 0x4000 + 64 * 4)
+
+
+def test_types_formats_and_output_shapes(L):
+    assert L.output_types(lg.MLP, [lg.BF16] * 3 + [lg.INT32] * 2 + [lg.FLOAT] * 2) == (lg.BF16, lg.FLOAT)
+    with pytest.raises(lg.LogicError, match="scores: must be float32"):
+        L.output_types(lg.SELECT, [lg.HALF, lg.FLOAT])
+    assert L.supports(lg.MLP, 1, [(lg.HALF, True), (lg.HALF, True)])
+    assert not L.supports(lg.MLP, 1, [(lg.HALF, True), (lg.BF16, True)])
+    assert not L.supports(lg.SELECT, 0, [(lg.FLOAT, False)])
+    assert L.output_shape(lg.MLP, 0) == [(0, 0), (0, 1), (0, 2)]
+    assert L.output_shape(lg.MLP, 1) == [(6, 0), (6, 1)]
+    assert L.output_shape(lg.SELECT, 1) == [(0, 0)]
+
+
+# ---- profiles ----
+
+IO = [{"name": "input_ids", "shape": ["batch", "sequence"]}, {"name": "attention_mask", "shape": ["batch", "total_sequence"]},
+      {"name": "past_key_values.0.key", "shape": ["batch", 2, "past_sequence", 16]},
+      {"name": "past_tda.0.active_count", "shape": ["batch"]}, {"name": "tda_thresholds", "shape": [3]}]
+
+
+def test_profiles_prefill_then_decode():
+    prefill, decode = profiles(IO, Limits.checked(8, 256, 64, 512))
+    assert prefill["name"] == "prefill" and decode["name"] == "decode"
+    assert "tda_thresholds" not in prefill["shapes"]  # static
+    assert prefill["shapes"]["input_ids"] == {"min": [1, 2], "opt": [4, 32], "max": [8, 64]}
+    assert prefill["shapes"]["attention_mask"]["max"] == [8, 64]
+    assert prefill["shapes"]["past_key_values.0.key"]["max"] == [8, 2, 0, 16]
+    assert decode["shapes"]["input_ids"] == {"min": [1, 1], "opt": [4, 1], "max": [8, 1]}
+    assert decode["shapes"]["past_key_values.0.key"]["max"] == [8, 2, 255, 16]
+    assert decode["shapes"]["attention_mask"] == {"min": [1, 2], "opt": [4, 129], "max": [8, 256]}
+    assert decode["shapes"]["past_tda.0.active_count"]["max"] == [8]
+
+
+@pytest.mark.parametrize("args, message", [
+    ((0, 256, 64, 512), "--max-batch 0"), ((8, 1024, 64, 512), "--max-seq-len 1024: must be in 2..512"),
+    ((8, 256, 300, 512), "--max-prompt 300: must be in 2..256"), ((8, 256, 1, 512), "--max-prompt 1"),
+])
+def test_bad_limits(args, message):
+    with pytest.raises(ProfileError, match=message):
+        Limits.checked(*args)
+
+
+def test_defaults_and_unknown_symbol():
+    assert Limits.checked(8, None, None, 8192) == Limits(8, 4096, 4096)
+    with pytest.raises(ProfileError, match="input x: dimension 'beam' has no profile rule"):
+        profiles([{"name": "x", "shape": ["beam"]}], Limits.checked(1, 8, 8, 8))
+
+
+# ---- layer accounting ----
+
+NODES = [("layers.0.mlp.sparse_gated_mlp", "SparseGatedMLP"), ("layers.0.mlp.select_active", "SelectActive")]
+
+
+def test_coverage_and_summary():
+    layers = [Layer("embed", "GATHER"), Layer(NODES[0][0], "PLUGIN_V3", "tda::SparseGatedMLP/1"),
+              Layer(NODES[1][0], "PLUGIN_V3", "tda::SelectActive/1")]
+    check_coverage(NODES, layers, "tda", "1")
+    s = summary(layers)
+    assert s["plugins"] == {"tda::SelectActive/1": 1, "tda::SparseGatedMLP/1": 1}
+    assert s["by_type"] == {"GATHER": 1, "PLUGIN_V3": 2} and s["num_layers"] == 3
+
+
+def test_inlined_node_is_an_error():
+    # The parser inlined the reference function: the node's layers are ordinary ones.
+    layers = [Layer(NODES[0][0] + "/MatMul", "MATRIX_MULTIPLY"), Layer(NODES[1][0], "PLUGIN_V3", "tda::SelectActive/1")]
+    with pytest.raises(PluginCoverageError, match=r"1 of 2 tda nodes did not become plugin layers.*sparse_gated_mlp"):
+        check_coverage(NODES, layers, "tda", "1")
+    wrong = [Layer(NODES[0][0], "PLUGIN_V3", "tda::SparseGatedMLP/2"), Layer(NODES[1][0], "PLUGIN_V3", "tda::SelectActive/1")]
+    with pytest.raises(PluginCoverageError, match="tda::SparseGatedMLP/2"):
+        check_coverage(NODES, wrong, "tda", "1")
+
+
+# ---- options and the missing module ----
+
+def test_compute_capabilities():
+    assert compute_capabilities("tensorrt-rtx", ["8.6", "sm89", "SM86", "120"]) == ["SM86", "SM89", "SM120"]
+    assert compute_capabilities("tensorrt-rtx", []) == ["SM75", "SM80", "SM86", "SM89", "SM120"]
+    with pytest.raises(PlanError, match="--compute-capability 9.0: TensorRT-RTX supports 7.5, 8.0"):
+        compute_capabilities("tensorrt-rtx", ["9.0"])
+    with pytest.raises(PlanError, match="applies to --target tensorrt-rtx only"):
+        compute_capabilities("tensorrt", ["8.6"])
+
+
+def test_options_checked_before_building(tmp_path):
+    with pytest.raises(PlanError, match="use --dtype fp16 or bf16"):
+        check_options(PlanOptions("tensorrt-rtx"), 512, "float32")
+    with pytest.raises(PlanError, match="--builder-optimization-level 7"):
+        check_options(PlanOptions("tensorrt-rtx", optimization_level=7), 512, "float16")
+    with pytest.raises(PlanError, match="--plugin-library .*: no such file"):
+        check_options(PlanOptions("tensorrt-rtx", plugin_library=tmp_path / "nope.so"), 512, "float16")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="datacenter TensorRT is installed")
+def test_missing_tensorrt_is_one_clear_error(tmp_path):
+    res = CliRunner().invoke(main, ["build", "-m", "smollm2-135m", "--target", "tensorrt", "--dtype", "fp16",
+                                    "--no-calibrate", "-o", str(tmp_path / "e")])
+    assert res.exit_code == 2, res.output
+    assert "needs the Python module 'tensorrt', which is not installed: pip install tensorrt" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "e").exists()
+
+
+def test_bad_target_dtype_fails_before_export(tmp_path):
+    res = CliRunner().invoke(main, ["build", "-m", "smollm2-135m", "--target", "tensorrt-rtx", "--no-calibrate",
+                                    "-o", str(tmp_path / "e")])
+    assert res.exit_code == 2 and "use --dtype fp16 or bf16 (got float32)" in res.output
+    assert not (tmp_path / "e").exists()
+
+
+# ---- the tensorrt runtime backend's I/O mapping and the goldens, on the CPU ----
+
+@pytest.fixture(scope="module")
+def llama_fp16(tmp_path_factory):
+    from tda_export.export.build import build
+    from tiny_models import save_tiny
+
+    root = tmp_path_factory.mktemp("trt_io")
+    return build(str(save_tiny("llama", root / "m")), root / "e", "float16", progress=False)
+
+
+def _backends(directory):
+    from tda_export.runtime.ort_backend import OrtBackend
+    from tda_export.trt.backend import TensorRTBackend, io_tables
+
+    data = json.loads((directory / "manifest.json").read_text())
+    data["tensorrt"] = {"profiles": profiles(data["io"]["inputs"], Limits.checked(2, 32, 16, data["max_context"]))}
+    ort = OrtBackend(directory / "model.onnx", data, threads=1)
+    trt = object.__new__(TensorRTBackend)  # the I/O half only: no plan is deserialized
+    trt.manifest, trt.section = data, data["tensorrt"]
+    trt.inputs, trt.presents = io_tables(data)
+    return data, ort, trt
+
+
+def test_backend_io_mapping_matches_onnx_runtime(llama_fp16):
+    import numpy as np
+
+    from tda_export.trt.backend import ProfileBoundsError, select_profile
+    from tda_export.trt.goldens import prompt, thresholds_of
+
+    data, ort, trt = _backends(llama_fp16)
+    assert trt.presents == ort.presents
+    # tda_thresholds is an overridable initializer, which ONNX Runtime does not list as an input.
+    assert {n: i.type for n, i in trt.inputs.items() if n != "tda_thresholds"} == \
+        {n: i.type for n, i in ort.inputs.items()}
+    empty_t, empty_o = trt._empty_past(2), ort._empty_past(2)
+    assert {k: (v.shape, v.dtype) for k, v in empty_t.items()} == {k: (v.shape, v.dtype) for k, v in empty_o.items()}
+    # Prefill feeds pick profile 0, decode feeds profile 1, from the state ORT's own steps produce.
+    ids, mask = prompt(data["vocab_size"])
+    state = {"mask": mask, "thresholds": thresholds_of(data), "past": empty_o}
+    from tda_export.runtime.backend import position_ids
+
+    feeds = trt._feeds(state, ids, position_ids(mask))
+    assert set(feeds) == set(data["tensorrt"]["profiles"][0]["shapes"]) | {"tda_thresholds"}
+    assert select_profile(trt.section, feeds) == 0
+    _, st = ort.prefill(ids, mask, thresholds_of(data))
+    dec = trt._feeds(dict(st, mask=np.concatenate([st["mask"], np.ones((2, 1), np.int64)], 1)),
+                     ids[:, :1], st["mask"].sum(1, keepdims=True))
+    assert select_profile(trt.section, dec) == 1
+    with pytest.raises(ProfileBoundsError, match=r"input input_ids shape \[2, 17\] is outside the plan's prefill"):
+        select_profile(trt.section, trt._feeds(state, np.ones((2, 17), np.int64), np.ones((2, 17), np.int64)))
+
+
+def test_goldens_replay_and_compare(llama_fp16, tmp_path):
+    import numpy as np
+
+    from tda_export.trt import goldens
+
+    data, ort, _ = _backends(llama_fp16)
+    path = goldens.save(tmp_path, llama_fp16 / "model.onnx", data)
+    golden = dict(np.load(path))
+    assert golden["prefill"].shape == (2, data["vocab_size"]) and golden["tokens"].shape == (2, goldens.DECODE_STEPS)
+    again = goldens.replay(ort, data, golden["input_ids"], golden["attention_mask"], golden["tokens"])
+    ok, lines = goldens.compare(golden, again, atol=1e-6, rtol=1e-6)
+    assert ok and len(lines) == 1 + goldens.DECODE_STEPS
+    bad = dict(again, decode1=again["decode1"] + 1.0)
+    ok, lines = goldens.compare(golden, bad, atol=0.1, rtol=0.05)
+    assert not ok and "MISMATCH" in lines[-1] and "max |err| 1.000e+00" in lines[-1]
+
+
+def test_engine_backend_tensorrt_needs_a_plan(llama_fp16):
+    from tda_export.runtime.engine import Engine, EngineError
+
+    with pytest.raises(EngineError, match=r"backend tensorrt: .*no TensorRT plan \(build with --target"):
+        Engine.load(llama_fp16, backend="tensorrt")
