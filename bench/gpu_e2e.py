@@ -169,6 +169,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, default=None, help="JSON results")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if not args.tiny and device.type != "cuda":
+        # Mistral-7B shapes on a CPU would allocate ~29 GB and run for hours, and its numbers mean nothing
+        raise SystemExit(f"gpu_e2e.py: Mistral-7B shapes need a CUDA GPU (device {device}; torch sees "
+                         f"{'a GPU' if torch.cuda.is_available() else 'none'}); use --tiny for the CPU smoke run")
     dtype_name, dtype = DTYPES[args.dtype]
     batches = [int(b) for b in args.batches.split(",")]
     densities = [float(d) for d in args.densities.split(",")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,10 @@ pytestmark = [pytest.mark.gpu,
 _spec = importlib.util.spec_from_file_location("_kernel_bodies", Path(__file__).with_name("test_kernels_cpu.py"))
 _bodies = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_bodies)
-# Re-collect every test body here; the `device` fixture below makes them run on the GPU.
-globals().update({k: v for k, v in vars(_bodies).items() if k.startswith("test_")})
+# Re-collect the test bodies that take the `device` fixture (it makes them run on the GPU); the CPU-only ones
+# (ISA variants, thread counts) would only rerun the CPU library here and spend GPU time for nothing.
+globals().update({k: v for k, v in vars(_bodies).items()
+                  if k.startswith("test_") and "device" in inspect.signature(v).parameters})
 
 
 @pytest.fixture

@@ -158,8 +158,7 @@ def test_gpu_auto_is_torch(engines):
     assert _load(engines["llama"], "auto", max_context=64).backend.name == "torch"
 
 
-def test_gpu_e2e_script_tiny(tmp_path):
-    """bench/gpu_e2e.py end to end at tiny shapes on the CPU, so the GPU session's script is known to run."""
+def _gpu_e2e_module():
     import importlib.util
     from pathlib import Path
 
@@ -167,6 +166,20 @@ def test_gpu_e2e_script_tiny(tmp_path):
     spec = importlib.util.spec_from_file_location("gpu_e2e", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_e2e_refuses_mistral_shapes_on_cpu(tmp_path):
+    """Without --tiny the script needs a GPU: a clear message and a non-zero exit, not hours of CPU work."""
+    with pytest.raises(SystemExit) as e:
+        _gpu_e2e_module().main(["--device", "cpu", "--out", str(tmp_path / "x.json")])
+    assert "need a CUDA GPU" in str(e.value.code) and "--tiny" in str(e.value.code)
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_gpu_e2e_script_tiny(tmp_path):
+    """bench/gpu_e2e.py end to end at tiny shapes on the CPU, so the GPU session's script is known to run."""
+    mod = _gpu_e2e_module()
     out = tmp_path / "e2e.json"
     result = mod.main(["--tiny", "--device", "cpu", "--prompt-tokens", "8", "--new-tokens", "3", "--batches", "1,2",
                        "--densities", "1.0,0.5", "--out", str(out)])

@@ -61,7 +61,7 @@ typedef enum {
   TDA_ERR_BAD_ENUM = 3,          /* activation or score_norm out of range */
   TDA_ERR_BAD_SIZE = 4,          /* H or I not a positive multiple of 8 */
   TDA_ERR_BAD_BATCH = 5,         /* batch < 0 or > TDA_MAX_BATCH */
-  TDA_ERR_MISALIGNED = 6,        /* a decode pointer not aligned (see Conventions) */
+  TDA_ERR_MISALIGNED = 6,        /* a decode pointer or a workspace not aligned (see Conventions) */
   TDA_ERR_WORKSPACE_TOO_SMALL = 7,
   TDA_ERR_CUDA = 8               /* a CUDA runtime call failed (launch, memset) */
 } tda_status_t;
@@ -79,7 +79,7 @@ int tda_abi_version(void);
 typedef struct {
   tda_dtype_t dtype;
   tda_activation_t activation;
-  int32_t batch;          /* B, 0..TDA_MAX_BATCH (0: nothing to do) */
+  int32_t batch;          /* B, 0..TDA_MAX_BATCH (0: nothing to do, no pointer is read, workspace 0) */
   int32_t hidden;         /* H */
   int32_t intermediate;   /* I */
   /* Non-zero: the down projection's split-K partial sums are added in a

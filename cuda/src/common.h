@@ -18,7 +18,8 @@ inline const char* status_text(tda_status_t s) {
     case TDA_ERR_BAD_ENUM: return "activation or score_norm value out of range";
     case TDA_ERR_BAD_SIZE: return "hidden/intermediate size must be a positive multiple of 8";
     case TDA_ERR_BAD_BATCH: return "batch must be in 0..TDA_MAX_BATCH (64)";
-    case TDA_ERR_MISALIGNED: return "a tensor pointer is misaligned (16 bytes for data, 4 for indices)";
+    case TDA_ERR_MISALIGNED:
+      return "a pointer is misaligned (16 bytes for data, 4 for indices, 256 for the workspace)";
     case TDA_ERR_WORKSPACE_TOO_SMALL: return "workspace is NULL or smaller than the workspace-size query";
     case TDA_ERR_CUDA: return "a CUDA runtime call failed";
   }
@@ -28,6 +29,15 @@ inline const char* status_text(tda_status_t s) {
 inline bool size_ok(int32_t n) { return n > 0 && n % TDA_SIZE_MULTIPLE == 0; }
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 inline int dtype_size(tda_dtype_t d) { return d == TDA_F32 ? 4 : 2; }
+
+// The header promises 256-byte aligned workspaces and the kernels carve
+// float4/uint4 arrays out of them, so a misaligned one is refused up front.
+inline tda_status_t check_workspace(const void* ws, size_t ws_size, size_t ws_needed) {
+  if (!ws_needed) return TDA_OK;
+  if (!ws || ws_size < ws_needed) return TDA_ERR_WORKSPACE_TOO_SMALL;
+  if (reinterpret_cast<uintptr_t>(ws) & 255u) return TDA_ERR_MISALIGNED;
+  return TDA_OK;
+}
 
 // Sizes/enums only: what the workspace queries may rely on.
 inline tda_status_t check_decode_shape(const tda_decode_args_t* a) {
@@ -51,8 +61,7 @@ inline tda_status_t check_decode(const tda_decode_args_t* a, const void* ws, siz
     if (!aligned16(p)) return TDA_ERR_MISALIGNED;
   if ((reinterpret_cast<uintptr_t>(a->active_idx) | reinterpret_cast<uintptr_t>(a->active_count)) & 3u)
     return TDA_ERR_MISALIGNED;
-  if (ws_needed && (!ws || ws_size < ws_needed)) return TDA_ERR_WORKSPACE_TOO_SMALL;
-  return TDA_OK;
+  return check_workspace(ws, ws_size, ws_needed);
 }
 
 inline tda_status_t check_select_shape(const tda_select_args_t* a) {
@@ -67,8 +76,7 @@ inline tda_status_t check_select(const tda_select_args_t* a, const void* ws, siz
   if (s != TDA_OK || a->batch == 0) return s;
   if (!a->threshold || !a->active_count || (a->intermediate > 0 && (!a->scores || !a->active_idx)))
     return TDA_ERR_NULL_POINTER;
-  if (ws_needed && (!ws || ws_size < ws_needed)) return TDA_ERR_WORKSPACE_TOO_SMALL;
-  return TDA_OK;
+  return check_workspace(ws, ws_size, ws_needed);
 }
 
 inline tda_status_t check_prefill_shape(const tda_prefill_scores_args_t* a) {
@@ -86,8 +94,7 @@ inline tda_status_t check_prefill(const tda_prefill_scores_args_t* a, const void
   if (s != TDA_OK || a->batch == 0) return s;
   if (!a->scores_in || !a->scores_out || (a->seq_len > 0 && (!a->z || !a->token_valid)))
     return TDA_ERR_NULL_POINTER;
-  if (ws_needed && (!ws || ws_size < ws_needed)) return TDA_ERR_WORKSPACE_TOO_SMALL;
-  return TDA_OK;
+  return check_workspace(ws, ws_size, ws_needed);
 }
 
 // Carves 256-byte aligned pieces out of one workspace, so the size query and

@@ -9,7 +9,9 @@ from ..ops.contract import ACTIVATIONS, DTYPES, SCORE_NORMS
 from . import build
 
 TDA_OK = 0
+ABI_VERSION = 1  # TDA_KERNELS_ABI_VERSION of the header this file mirrors
 MAX_BATCH = 64
+WORKSPACE_ALIGNMENT = 256
 SIZE_MULTIPLE = 8
 
 # Enum values are the contract's list positions (a test checks the header agrees).

@@ -17,6 +17,19 @@ from pathlib import Path
 SRC_ROOT = Path(os.environ.get("TDA_KERNELS_SRC", Path(__file__).resolve().parents[2] / "cuda"))
 CUDA_ARCHS = ("80", "89", "90")
 
+
+def cuda_archs() -> tuple[str, ...]:
+    """Architectures the CUDA library is built for: $TDA_CUDA_ARCHS (e.g. "90", comma-separated) or all of
+    CUDA_ARCHS. A GPU session sets it to its own chip so the build costs one pass instead of three."""
+    env = os.environ.get("TDA_CUDA_ARCHS", "").replace(" ", "")
+    if not env:
+        return CUDA_ARCHS
+    archs = tuple(a.removeprefix("sm_") for a in env.split(",") if a)
+    bad = [a for a in archs if not a.isdigit()]
+    if bad:
+        raise BuildError(f"TDA_CUDA_ARCHS={env!r}: {bad} are not compute capabilities like 90 or 89")
+    return archs
+
 # No -march=native (the cache may be shared across machines) and no
 # -ffast-math (NaN poisoning in tests must propagate, and expf/erff must
 # keep their accuracy); `omp simd` gives the vectorised reductions instead.
@@ -88,7 +101,7 @@ def build_cuda() -> Path:
     nvcc = nvcc_path()
     if nvcc is None:
         raise BuildError("nvcc not found (PATH or /usr/local/cuda/bin)")
-    return _compile([nvcc], _sources("cuda", ".cu"), CUDA_FLAGS + _gencode() + ["--cudart=static"],
+    return _compile([nvcc], _sources("cuda", ".cu"), CUDA_FLAGS + _gencode(cuda_archs()) + ["--cudart=static"],
                     "libtda_kernels_cuda.so")
 
 
@@ -104,7 +117,7 @@ def _demangle(names: list[str]) -> dict[str, str]:
     return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
 
 
-def compile_check_cuda(archs=CUDA_ARCHS) -> dict[str, dict[str, tuple[int, int]]]:
+def compile_check_cuda(archs=None) -> dict[str, dict[str, tuple[int, int]]]:
     """Compile every .cu file for each arch with ``-Xptxas -v``; raise on any
     compile error or register spill, naming the kernel.
 
@@ -113,6 +126,7 @@ def compile_check_cuda(archs=CUDA_ARCHS) -> dict[str, dict[str, tuple[int, int]]
     nvcc = nvcc_path()
     if nvcc is None:
         raise BuildError("nvcc not found (PATH or /usr/local/cuda/bin)")
+    archs = cuda_archs() if archs is None else archs
     includes = [f"-I{SRC_ROOT / 'include'}", f"-I{SRC_ROOT / 'src'}"]
     report: dict[str, dict[str, tuple[int, int]]] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,6 +7,7 @@ import torch
 
 from ..ops import reference
 from . import abi
+from .torch_ops import workspace
 
 # Relative-error tolerances per dtype: fp32 is accumulation-order noise; for
 # fp16/bf16 z and the output are rounded to T (as a dense T-typed MLP does).
@@ -81,8 +82,9 @@ def _stream(device) -> int:
 
 
 def run_decode(x, gu, wd, idx, cnt, activation="silu", deterministic=True, poison=True, out=None,
-               workspace_bytes=None, hidden=None) -> tuple[int, torch.Tensor]:
-    """Direct ABI call with a NaN-filled output; returns (status, output)."""
+               workspace_bytes=None, hidden=None, workspace_offset=0) -> tuple[int, torch.Tensor]:
+    """Direct ABI call with a NaN-filled output and a garbage-filled 256-byte aligned workspace (moved
+    by workspace_offset bytes to test the alignment check); returns (status, output)."""
     if out is None:
         out = torch.full_like(x, float("nan")) if poison else torch.empty_like(x)
     lib = library_for(x.device)
@@ -94,6 +96,6 @@ def run_decode(x, gu, wd, idx, cnt, activation="silu", deterministic=True, poiso
                           output=out.data_ptr())
     need = lib.workspace_size("tda_sparse_gated_mlp_decode", args)
     size = need if workspace_bytes is None else workspace_bytes
-    ws = torch.full((max(size, need, 1),), 0xA5, dtype=torch.uint8, device=x.device)  # garbage, not zeros
-    status = lib.call_status("tda_sparse_gated_mlp_decode", args, ws.data_ptr(), size, _stream(x.device))
+    _buf, ptr = workspace(max(size, need) + workspace_offset, x.device, fill=0xA5)  # garbage, not zeros
+    status = lib.call_status("tda_sparse_gated_mlp_decode", args, ptr + workspace_offset, size, _stream(x.device))
     return status, out

@@ -288,7 +288,8 @@ Plan plan(const tda_decode_args_t* a) {
   int splits = (kDownTargetBlocks + p.col_blocks * p.tiles - 1) / (p.col_blocks * p.tiles);
   splits = std::max(1, std::min(splits, a->intermediate / 8));
   if (a->deterministic) {
-    const size_t per_split = size_t(a->batch) * a->hidden * sizeof(float);
+    // max(1, .): batch 0 must not divide by zero (callers query batch 0 too).
+    const size_t per_split = std::max<size_t>(1, size_t(a->batch) * a->hidden * sizeof(float));
     splits = int(std::max<size_t>(1, std::min<size_t>(splits, kMaxPartialBytes / per_split)));
   }
   p.splits = splits;
@@ -380,7 +381,8 @@ tda_status_t run(const tda_decode_args_t* a, const Plan& p, const Ws& w, cudaStr
 }  // namespace tda
 
 extern "C" size_t tda_sparse_gated_mlp_decode_workspace_size(const tda_decode_args_t* a) {
-  if (tda::check_decode_shape(a) != TDA_OK) return 0;
+  // Batch 0 launches nothing and needs nothing (checked before plan() runs).
+  if (tda::check_decode_shape(a) != TDA_OK || a->batch == 0) return 0;
   return tda::gpu::carve(a, tda::gpu::plan(a), nullptr).bytes;
 }
 
@@ -388,9 +390,9 @@ extern "C" tda_status_t tda_sparse_gated_mlp_decode(const tda_decode_args_t* a, 
                                                     void* stream) {
   const tda_status_t s = tda::check_decode(a, ws, ws_size, tda_sparse_gated_mlp_decode_workspace_size(a));
   if (s != TDA_OK || a->batch == 0) return s;
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
   const tda::gpu::Plan p = tda::gpu::plan(a);
   const tda::gpu::Ws w = tda::gpu::carve(a, p, ws);
-  cudaStream_t st = static_cast<cudaStream_t>(stream);
   switch (a->dtype) {
     case TDA_F32: return tda::gpu::run<TDA_F32>(a, p, w, st);
     case TDA_F16: return tda::gpu::run<TDA_F16>(a, p, w, st);
