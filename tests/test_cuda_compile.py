@@ -15,6 +15,8 @@ def test_compile_check_no_spills():
     for arch, kernels in report.items():
         assert any("gate_up_mma" in k for k in kernels), arch
         assert any("down_proj" in k for k in kernels), arch
+        for v2 in ("union_segments", "gate_up_v2", "down_v2"):  # decode v2 (decode_v2.cu)
+            assert any(v2 in k for k in kernels), (arch, v2)
 
 
 def test_cuda_library_builds_and_loads():

@@ -135,6 +135,33 @@ def test_decode_batch_zero(device, dtype, deterministic):
     assert y.shape == (0, 1, 40) and y.dtype == dtype and y.device == x.device
 
 
+@pytest.mark.parametrize("version", [0, 1, 2])
+@pytest.mark.parametrize("batch", [1, 3, 8, 9])
+def test_decode_versions(device, version, batch):
+    """Every decode version meets the same contract (the CPU library has one algorithm and accepts all;
+    the CUDA library runs v2 for fp16/bf16 at batch 1-8 and v1 otherwise), deterministically."""
+    kinds = [testing.MASK_KINDS[(b * 5 + 1) % len(testing.MASK_KINDS)] for b in range(batch)]
+    for dtype in DTYPES:
+        for hidden, inter in ((40, 72), (264, 1032)):  # H not a multiple of 32; I a partial 512-segment
+            x, gu, wd, idx, cnt = testing.decode_problem(batch, hidden, inter, dtype, _masks(kinds, inter, batch),
+                                                         batch, device)
+            status, out = testing.run_decode(x, gu, wd, idx, cnt, version=version)
+            assert status == abi.TDA_OK
+            ref = testing.decode_reference_torch(x, gu, wd, idx, cnt)
+            assert testing.rel_error(out, ref) < testing.TOLERANCE[dtype], (dtype, hidden, version)
+            assert torch.equal(out, testing.run_decode(x, gu, wd, idx, cnt, version=version)[1])
+    y = K.sparse_gated_mlp_decode(x, gu, wd, idx, cnt, "silu", True, version)
+    assert testing.rel_error(y, ref) < testing.TOLERANCE[dtype]
+
+
+def test_decode_bad_version(device):
+    x, gu, wd, idx, cnt = testing.decode_problem(1, 40, 72, torch.float32, _masks(["random"], 72, 12), 12, device)
+    for version in (-1, 3):
+        assert testing.run_decode(x, gu, wd, idx, cnt, version=version)[0] == 3  # TDA_ERR_BAD_ENUM
+        with pytest.raises(ValueError, match="version"):
+            K.sparse_gated_mlp_decode(x, gu, wd, idx, cnt, "silu", True, version)
+
+
 def test_decode_workspace_alignment(device):
     x, gu, wd, idx, cnt = testing.decode_problem(2, 40, 72, torch.bfloat16, _masks(["random", "full"], 72, 9), 9,
                                                  device)

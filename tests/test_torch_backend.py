@@ -152,6 +152,36 @@ def test_gpu_matches_ort(engines, family, cuda_graphs):
         assert max(errs) < 1e-3, (density, errs)
 
 
+def test_context_buckets():
+    from tda_export.runtime.torch_backend import bucket_for, context_buckets
+
+    assert context_buckets(4096) == [256, 512, 1024, 2048, 4096]
+    assert context_buckets(3000) == [256, 512, 1024, 2048, 3000]
+    assert context_buckets(64) == [64] and context_buckets(256) == [256]
+    assert context_buckets(100, smallest=16) == [16, 32, 64, 100]
+    buckets = context_buckets(4096)
+    assert [bucket_for(s, buckets) for s in (0, 255, 256, 1000, 4095)] == [256, 256, 512, 1024, 4096]
+    with pytest.raises(ValueError, match="beyond"):
+        bucket_for(4096, buckets)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_graphs_cross_context_buckets(engines, monkeypatch):
+    """Decoding across bucket boundaries (16 -> 32 -> 64 slots) captures one graph per bucket and still
+    matches ORT step by step."""
+    from tda_export.runtime import torch_backend
+
+    monkeypatch.setattr(torch_backend, "MIN_CONTEXT_BUCKET", 16)
+    t = _load(engines["llama"], "torch", device="cuda", max_context=64)
+    o = _load(engines["llama"], "onnxruntime")
+    ids, mask, _ = parity.prompt(LENS, t.manifest["vocab_size"])
+    errs, _ = _decode_both(t.backend, o.backend, ids, mask, t.thresholds(0.5))
+    assert max(errs) < 1e-3, errs
+    assert t.backend._graphs.buckets == [16, 32, 64]
+    assert {k[1] for k in t.backend._graphs.graphs} == {16, 32}  # slots 12..19
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_auto_is_torch(engines):

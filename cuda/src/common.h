@@ -3,6 +3,7 @@
 #pragma once
 
 #include <stdint.h>
+#include <stdlib.h>
 
 #include <initializer_list>
 
@@ -15,7 +16,7 @@ inline const char* status_text(tda_status_t s) {
     case TDA_OK: return "ok";
     case TDA_ERR_NULL_POINTER: return "a required pointer is NULL";
     case TDA_ERR_BAD_DTYPE: return "dtype is not TDA_F32, TDA_F16 or TDA_BF16";
-    case TDA_ERR_BAD_ENUM: return "activation or score_norm value out of range";
+    case TDA_ERR_BAD_ENUM: return "activation, score_norm or decode version value out of range";
     case TDA_ERR_BAD_SIZE: return "hidden/intermediate size must be a positive multiple of 8";
     case TDA_ERR_BAD_BATCH: return "batch must be in 0..TDA_MAX_BATCH (64)";
     case TDA_ERR_MISALIGNED:
@@ -39,11 +40,22 @@ inline tda_status_t check_workspace(const void* ws, size_t ws_size, size_t ws_ne
   return TDA_OK;
 }
 
+constexpr int32_t kMaxDecodeVersion = 2;
+
+// The decode algorithm a call asked for: its `version`, else
+// $TDA_DECODE_VERSION (read per call, so one process can time both), else 1.
+inline int32_t decode_version(const tda_decode_args_t* a) {
+  if (a->version) return a->version;
+  const char* env = getenv("TDA_DECODE_VERSION");
+  return env && env[0] == '2' && env[1] == '\0' ? 2 : 1;
+}
+
 // Sizes/enums only: what the workspace queries may rely on.
 inline tda_status_t check_decode_shape(const tda_decode_args_t* a) {
   if (!a) return TDA_ERR_NULL_POINTER;
   if (a->dtype < TDA_F32 || a->dtype > TDA_BF16) return TDA_ERR_BAD_DTYPE;
   if (a->activation < TDA_ACT_SILU || a->activation > TDA_ACT_RELU) return TDA_ERR_BAD_ENUM;
+  if (a->version < 0 || a->version > kMaxDecodeVersion) return TDA_ERR_BAD_ENUM;
   if (a->batch < 0 || a->batch > TDA_MAX_BATCH) return TDA_ERR_BAD_BATCH;
   if (!size_ok(a->hidden) || !size_ok(a->intermediate)) return TDA_ERR_BAD_SIZE;
   return TDA_OK;

@@ -47,6 +47,11 @@ def _dtype_code(t: Tensor) -> int:
     return abi.DTYPE_CODE[_TORCH_DTYPE[t.dtype]]
 
 
+def _check_version(version: int) -> None:
+    if version not in abi.DECODE_VERSIONS:
+        raise ValueError(f"version {version} not in {list(abi.DECODE_VERSIONS)} (0: the library's default)")
+
+
 def _check_decode_inputs(x: Tensor, gate_up: Tensor, down_t: Tensor, idx: Tensor, cnt: Tensor) -> None:
     """Shapes, dtypes and devices against hidden_states before any pointer reaches a kernel: a mismatch
     would read out of bounds (and on a GPU poison the whole CUDA context)."""
@@ -75,9 +80,13 @@ def _check_decode_inputs(x: Tensor, gate_up: Tensor, down_t: Tensor, idx: Tensor
 def sparse_gated_mlp_decode(hidden_states: Tensor, gate_up_weight: Tensor, down_weight_t: Tensor,
                             active_idx: Tensor, active_count: Tensor,
                             activation: str = SPARSE_GATED_MLP.attr("activation").default,
-                            deterministic: bool = True) -> Tensor:
-    """Decode step of SparseGatedMLP: hidden_states [B, H] or [B, 1, H] -> same shape."""
+                            deterministic: bool = True, version: int = 0) -> Tensor:
+    """Decode step of SparseGatedMLP: hidden_states [B, H] or [B, 1, H] -> same shape.
+
+    version: the kernel algorithm (tda_decode_args_t.version): 0 the library default (v1 unless
+    $TDA_DECODE_VERSION=2), 1 or 2; same results contract for all, the CPU library has one algorithm."""
     SPARSE_GATED_MLP.check_attrs({"activation": activation})
+    _check_version(version)
     _check_decode_inputs(hidden_states, gate_up_weight, down_weight_t, active_idx, active_count)
     x = hidden_states.contiguous()
     batch, hidden = x.shape[0], x.shape[-1]
@@ -89,14 +98,15 @@ def sparse_gated_mlp_decode(hidden_states: Tensor, gate_up_weight: Tensor, down_
         dtype=_dtype_code(x), activation=abi.ACTIVATION_CODE[activation],
         batch=batch, hidden=hidden, intermediate=inter, deterministic=int(deterministic),
         hidden_states=x.data_ptr(), gate_up_weight=gu.data_ptr(), down_weight_t=wd.data_ptr(),
-        active_idx=idx.data_ptr(), active_count=cnt.data_ptr(), output=out.data_ptr())
+        active_idx=idx.data_ptr(), active_count=cnt.data_ptr(), output=out.data_ptr(), version=version)
     _call(_library(x.device), "tda_sparse_gated_mlp_decode", args, x.device)
     return out
 
 
 @sparse_gated_mlp_decode.register_fake
 def _(hidden_states, gate_up_weight, down_weight_t, active_idx, active_count, activation="silu",
-      deterministic=True):
+      deterministic=True, version=0):
+    _check_version(version)
     _check_decode_inputs(hidden_states, gate_up_weight, down_weight_t, active_idx, active_count)
     # what the real op returns: a fresh contiguous tensor (empty_like would copy a view's strides)
     return hidden_states.new_empty(hidden_states.shape)

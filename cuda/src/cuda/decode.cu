@@ -16,6 +16,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include "common.h"
+#include "cuda/decode_v2.h"
 #include "device.cuh"
 
 namespace tda {
@@ -380,9 +381,14 @@ tda_status_t run(const tda_decode_args_t* a, const Plan& p, const Ws& w, cudaStr
 }  // namespace gpu
 }  // namespace tda
 
+namespace {
+bool use_v2(const tda_decode_args_t* a) { return tda::decode_version(a) == 2 && tda::gpu::v2::eligible(a); }
+}  // namespace
+
 extern "C" size_t tda_sparse_gated_mlp_decode_workspace_size(const tda_decode_args_t* a) {
   // Batch 0 launches nothing and needs nothing (checked before plan() runs).
   if (tda::check_decode_shape(a) != TDA_OK || a->batch == 0) return 0;
+  if (use_v2(a)) return tda::gpu::v2::workspace_size(a);
   return tda::gpu::carve(a, tda::gpu::plan(a), nullptr).bytes;
 }
 
@@ -391,6 +397,7 @@ extern "C" tda_status_t tda_sparse_gated_mlp_decode(const tda_decode_args_t* a, 
   const tda_status_t s = tda::check_decode(a, ws, ws_size, tda_sparse_gated_mlp_decode_workspace_size(a));
   if (s != TDA_OK || a->batch == 0) return s;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if (use_v2(a)) return tda::gpu::v2::run(a, ws, st);
   const tda::gpu::Plan p = tda::gpu::plan(a);
   const tda::gpu::Ws w = tda::gpu::carve(a, p, ws);
   switch (a->dtype) {
