@@ -212,8 +212,11 @@ def test_gpu_e2e_script_tiny(tmp_path):
     mod = _gpu_e2e_module()
     out = tmp_path / "e2e.json"
     result = mod.main(["--tiny", "--device", "cpu", "--prompt-tokens", "8", "--new-tokens", "3", "--batches", "1,2",
-                       "--densities", "1.0,0.5", "--out", str(out)])
+                       "--densities", "1.0,0.5", "--versions", "1,2", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert rows == json.loads(json.dumps(result["rows"])) and len(rows) == 4
+    assert rows == json.loads(json.dumps(result["rows"])) and len(rows) == 10  # per batch: cublas, v1 x2, v2 x2
     assert all(r["tok_s"] > 0 and r["hf_tok_s"] > 0 for r in rows)
-    assert [r["union"] for r in rows if r["batch"] == 1] == [1.0, pytest.approx(0.5, abs=0.01)]
+    assert [(r["mlp"], r["union"]) for r in rows if r["batch"] == 1] == [
+        ("cublas", 1.0), ("v1", 1.0), ("v1", pytest.approx(0.5, abs=0.01)), ("v2", 1.0),
+        ("v2", pytest.approx(0.5, abs=0.01))]
+    assert all(r["vs_cublas_dense"] > 0 for r in rows) and result["max_context"] == 512  # the tiny model's limit
