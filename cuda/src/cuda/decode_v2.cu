@@ -208,7 +208,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) gate_up_v2(
   const int32_t items = (n_rows + 7) / 8 * sp.kc;
   // Sequences past the batch read the last sequence's x: no branch, dropped below.
   const T* xrow = x + int64_t(min(g, batch - 1)) * hidden + t * 8;
-  for (int32_t item = blockIdx.x * kWarps + warp; item < items; item += warps) {
+  // Item i goes to block i % grid: when there are fewer items than warps every
+  // block (so every SM) still gets its share of the bytes.
+  for (int32_t item = warp * gridDim.x + blockIdx.x; item < items; item += warps) {
     const int32_t grp = item / sp.kc, c = item - grp * sp.kc;
     const int32_t k = grp * 8 + g;
     // Rows past the list repeat the last one: loads stay in bounds, results are dropped.
@@ -294,6 +296,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) down_v2(
         float zv = 0.0f;
         if (b < batch && (m >> b & 1u)) {
           float gsum = 0.0f, usum = 0.0f;
+#pragma unroll 4
           for (int32_t c = 0; c < gs.kc; ++c) {  // chunk order: reproducible
             const float2 v = __ldcg(part + (int64_t(c) * inter + k) * batch + b);
             gsum += v.x;
@@ -370,7 +373,9 @@ Plan plan(const tda_decode_args_t* a, int sms) {
   Plan p;
   p.nseg = a->batch > 1 ? (a->intermediate + kSeg - 1) / kSeg : 1;
   p.col_blocks = (a->hidden + kCols - 1) / kCols;
-  const int32_t want = (kBlocksPerSm * sms + p.col_blocks - 1) / p.col_blocks;
+  // Rounded down: one more block than the SMs hold would make a second wave
+  // as long as the first (every block does an equal share).
+  const int32_t want = kBlocksPerSm * sms / p.col_blocks;
   p.max_splits = want < 1 ? 1 : (want > kMaxSplits ? kMaxSplits : want);
   p.gate_up_blocks = kBlocksPerSm * sms;
   const int32_t steps = (a->hidden + 31) / 32;
