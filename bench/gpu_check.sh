@@ -86,7 +86,7 @@ from tda_export.kernels import abi
 lib = abi.cuda_library()
 assert lib.backend == 'cuda' and lib.abi_version == abi.ABI_VERSION, (lib.backend, lib.abi_version)
 import os; open('$LIBDIR_FILE', 'w').write(os.path.dirname(lib.path))
-print('built', lib.path)"; then
+print('built', lib.path, 'and', abi.cpu_library().path)  # the GPU tests compare with the CPU library"; then
   [ "$DRY" = 1 ] || say "build failed: the stages that need the library are skipped"
 fi
 LIBDIR=$(cat "$LIBDIR_FILE" 2>/dev/null || true)

@@ -69,8 +69,8 @@ def _run(cmd: list[str]) -> None:
 
 def _compile(cmd_prefix: list[str], sources: list[Path], flags: list[str], out_name: str,
              parallel: bool = False) -> Path:
-    """parallel: one compiler process per source (then a link), for nvcc, which compiles the sources of
-    one command one after another; a 16-core GPU machine builds in the time of the largest file."""
+    """parallel: one compiler process per source (then a link): nvcc and g++ compile the sources of one
+    command one after another, so a 16-core GPU machine builds in the time of the largest file."""
     includes = [f"-I{SRC_ROOT / 'include'}", f"-I{SRC_ROOT / 'src'}"]
     out_dir = _cache_dir(sources + _headers(), cmd_prefix + flags)
     lib = out_dir / out_name
@@ -102,7 +102,7 @@ def _compile(cmd_prefix: list[str], sources: list[Path], flags: list[str], out_n
 def build_cpu() -> Path:
     """Path of libtda_kernels_cpu.so, compiled with g++ if not cached."""
     cxx = os.environ.get("CXX", "g++")
-    return _compile([cxx], _sources("cpu", ".cpp"), CPU_FLAGS, "libtda_kernels_cpu.so")
+    return _compile([cxx], _sources("cpu", ".cpp"), CPU_FLAGS, "libtda_kernels_cpu.so", parallel=True)
 
 
 def nvcc_path() -> str | None:
