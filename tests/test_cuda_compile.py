@@ -10,16 +10,31 @@ pytestmark = pytest.mark.skipif(build.nvcc_path() is None, reason="nvcc not inst
 
 
 def test_compile_check_no_spills():
-    report = build.compile_check_cuda()
+    report = build.compile_check_cuda(build.CUDA_ARCHS)
     assert set(report) == {f"sm_{a}" for a in build.CUDA_ARCHS}
     for arch, kernels in report.items():
         assert any("gate_up_mma" in k for k in kernels), arch
         assert any("down_proj" in k for k in kernels), arch
+        for v2 in ("union_segments", "gate_up_v2", "down_v2"):  # decode v2 (decode_v2.cu)
+            assert any(v2 in k for k in kernels), (arch, v2)
 
 
 def test_cuda_library_builds_and_loads():
+    from tda_export.kernels import abi
     from tda_export.kernels.abi import Library
 
     lib = Library(build.build_cuda())
-    assert lib.backend == "cuda" and lib.abi_version == 1
+    assert lib.backend == "cuda" and lib.abi_version == abi.ABI_VERSION
     assert lib.status_string(0) == "ok"
+
+
+def test_cuda_archs_from_environment(monkeypatch):
+    monkeypatch.delenv("TDA_CUDA_ARCHS", raising=False)
+    assert build.cuda_archs() == build.CUDA_ARCHS
+    monkeypatch.setenv("TDA_CUDA_ARCHS", "sm_90")
+    assert build.cuda_archs() == ("90",)
+    assert build._gencode(build.cuda_archs()) == ["-gencode=arch=compute_90,code=sm_90",
+                                                  "-gencode=arch=compute_90,code=compute_90"]
+    monkeypatch.setenv("TDA_CUDA_ARCHS", "hopper")
+    with pytest.raises(build.BuildError, match="TDA_CUDA_ARCHS"):
+        build.cuda_archs()

@@ -119,6 +119,94 @@ def test_decode_bad_arguments(device):
     assert lib.status_string(4).startswith("hidden/intermediate size")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_decode_batch_zero(device, dtype, deterministic):
+    """Batch 0 is legal: workspace query 0 (it once divided by zero), OK status, no pointer read."""
+    lib = testing.library_for(device)
+    args = abi.DecodeArgs(dtype=abi.DTYPE_CODE[str(dtype).removeprefix("torch.")], activation=0, batch=0,
+                          hidden=4096, intermediate=14336, deterministic=int(deterministic))
+    assert lib.workspace_size("tda_sparse_gated_mlp_decode", args) == 0
+    assert lib.call_status("tda_sparse_gated_mlp_decode", args, 0, 0) == abi.TDA_OK
+    x, gu, wd, idx, cnt = testing.decode_problem(0, 40, 72, dtype, [], 0, device)
+    status, out = testing.run_decode(x, gu, wd, idx, cnt, deterministic=deterministic)
+    assert status == abi.TDA_OK and out.shape == (0, 40)
+    y = K.sparse_gated_mlp_decode(x[:, None], gu, wd, idx, cnt)
+    assert y.shape == (0, 1, 40) and y.dtype == dtype and y.device == x.device
+
+
+@pytest.mark.parametrize("version", [0, 1, 2])
+@pytest.mark.parametrize("batch", [1, 3, 8, 9])
+def test_decode_versions(device, version, batch):
+    """Every decode version meets the same contract (the CPU library has one algorithm and accepts all;
+    the CUDA library runs v2 for fp16/bf16 at batch 1-8 and v1 otherwise), deterministically."""
+    kinds = [testing.MASK_KINDS[(b * 5 + 1) % len(testing.MASK_KINDS)] for b in range(batch)]
+    for dtype in DTYPES:
+        for hidden, inter in ((40, 72), (264, 1032)):  # H not a multiple of 32; I a partial 512-segment
+            x, gu, wd, idx, cnt = testing.decode_problem(batch, hidden, inter, dtype, _masks(kinds, inter, batch),
+                                                         batch, device)
+            status, out = testing.run_decode(x, gu, wd, idx, cnt, version=version)
+            assert status == abi.TDA_OK
+            ref = testing.decode_reference_torch(x, gu, wd, idx, cnt)
+            assert testing.rel_error(out, ref) < testing.TOLERANCE[dtype], (dtype, hidden, version)
+            assert torch.equal(out, testing.run_decode(x, gu, wd, idx, cnt, version=version)[1])
+    y = K.sparse_gated_mlp_decode(x, gu, wd, idx, cnt, "silu", True, version)
+    assert testing.rel_error(y, ref) < testing.TOLERANCE[dtype]
+
+
+def test_decode_bad_version(device):
+    x, gu, wd, idx, cnt = testing.decode_problem(1, 40, 72, torch.float32, _masks(["random"], 72, 12), 12, device)
+    for version in (-1, 3):
+        assert testing.run_decode(x, gu, wd, idx, cnt, version=version)[0] == 3  # TDA_ERR_BAD_ENUM
+        with pytest.raises(ValueError, match="version"):
+            K.sparse_gated_mlp_decode(x, gu, wd, idx, cnt, "silu", True, version)
+
+
+def test_decode_workspace_alignment(device):
+    x, gu, wd, idx, cnt = testing.decode_problem(2, 40, 72, torch.bfloat16, _masks(["random", "full"], 72, 9), 9,
+                                                 device)
+    assert testing.run_decode(x, gu, wd, idx, cnt)[0] == abi.TDA_OK
+    for offset in (16, 128):  # the header asks for 256 bytes; the kernels carve float4 arrays from it
+        assert testing.run_decode(x, gu, wd, idx, cnt, workspace_offset=offset)[0] == 6  # TDA_ERR_MISALIGNED
+    _, ptr = K.workspace(1000, torch.device(device))
+    assert ptr % abi.WORKSPACE_ALIGNMENT == 0
+
+
+def test_decode_torch_op_checks_inputs(device):
+    """A weight that does not match hidden_states is refused by name before any kernel reads it."""
+    x, gu, wd, idx, cnt = testing.decode_problem(2, 40, 72, torch.float32, _masks(["random", "full"], 72, 10), 10,
+                                                 device)
+    other = "meta" if device == "cpu" else "cpu"
+    bad = {
+        "gate_up_weight has shape .* H=40": (x, gu[:, :, :32].contiguous(), wd, idx, cnt),
+        r"down_weight_t has shape \[72, 48\]": (x, gu, torch.zeros(72, 48, device=device), idx, cnt),
+        r"down_weight_t has shape \[64, 40\].* I=72": (x, gu, wd[:64].contiguous(), idx, cnt),
+        "gate_up_weight is torch.bfloat16": (x, gu.bfloat16(), wd, idx, cnt),
+        "down_weight_t is on": (x, gu, wd.to(other), idx, cnt),
+        "active_idx has shape": (x, gu, wd, idx[:, :8].contiguous(), cnt),
+        "active_count must be int32 or int64": (x, gu, wd, idx, cnt.float()),
+        "hidden_states must be": (x[:, None, None], gu, wd, idx, cnt),
+    }
+    for message, args in bad.items():
+        with pytest.raises((ValueError, TypeError), match=message):
+            K.sparse_gated_mlp_decode(*args)
+
+
+def test_decode_fake_matches_real_layout(device):
+    """The fake kernel returns what the real op does: a contiguous [B, H] of x's dtype, whatever x's strides."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, gu, wd, idx, cnt = testing.decode_problem(3, 40, 72, torch.float32, _masks(["random"] * 3, 72, 11), 11,
+                                                 device)
+    x_t = x.t().contiguous().t()  # same values, column-major strides
+    real = K.sparse_gated_mlp_decode(x_t, gu, wd, idx, cnt)
+    with FakeTensorMode() as mode:
+        fake = K.sparse_gated_mlp_decode(*(mode.from_tensor(t) for t in (x_t, gu, wd, idx, cnt)))
+    assert fake.shape == real.shape and fake.stride() == real.stride() and fake.is_contiguous()
+    assert fake.dtype == real.dtype
+    torch.library.opcheck(K.sparse_gated_mlp_decode, (x_t, gu, wd, idx, cnt), test_utils=("test_faketensor",))
+
+
 def _check_select(device, scores: np.ndarray, tau: float):
     s = torch.from_numpy(scores.astype(np.float32)).to(device)
     idx, cnt = K.select_active(s, torch.tensor(tau, device=device))
@@ -189,14 +277,15 @@ def test_prefill_scores_in_place_and_errors(device):
     args = abi.PrefillArgs(dtype=0, score_norm=1, batch=2, seq_len=3, intermediate=16, z=z.data_ptr(),
                            token_valid=valid.data_ptr(), scores_in=scores.data_ptr(), scores_out=scores.data_ptr())
     size = lib.workspace_size("tda_prefill_scores", args)
-    ws = torch.empty(max(size, 1), dtype=torch.uint8, device=device)
+    _ws, ws_ptr = K.workspace(size, torch.device(device))
     stream = torch.cuda.current_stream().cuda_stream if device == "cuda" else 0
-    lib.call("tda_prefill_scores", args, ws.data_ptr(), size, stream)
+    lib.call("tda_prefill_scores", args, ws_ptr, size, stream)
     torch.testing.assert_close(scores, expected, rtol=0, atol=0)
+    assert lib.call_status("tda_prefill_scores", args, ws_ptr + 4, size, stream) == 6  # TDA_ERR_MISALIGNED
     args.intermediate = 12
-    assert lib.call_status("tda_prefill_scores", args, ws.data_ptr(), size, stream) == 4
+    assert lib.call_status("tda_prefill_scores", args, ws_ptr, size, stream) == 4
     args.intermediate, args.score_norm = 16, 2
-    assert lib.call_status("tda_prefill_scores", args, ws.data_ptr(), size, stream) == 3
+    assert lib.call_status("tda_prefill_scores", args, ws_ptr, size, stream) == 3
 
 
 def test_torch_ops_opcheck(device):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,10 @@ pytestmark = [pytest.mark.gpu,
 _spec = importlib.util.spec_from_file_location("_kernel_bodies", Path(__file__).with_name("test_kernels_cpu.py"))
 _bodies = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_bodies)
-# Re-collect every test body here; the `device` fixture below makes them run on the GPU.
-globals().update({k: v for k, v in vars(_bodies).items() if k.startswith("test_")})
+# Re-collect the test bodies that take the `device` fixture (it makes them run on the GPU); the CPU-only ones
+# (ISA variants, thread counts) would only rerun the CPU library here and spend GPU time for nothing.
+globals().update({k: v for k, v in vars(_bodies).items()
+                  if k.startswith("test_") and "device" in inspect.signature(v).parameters})
 
 
 @pytest.fixture
@@ -27,17 +30,29 @@ def device():
     return "cuda"
 
 
+@pytest.fixture(scope="module")
+def mistral_weights():
+    """One Mistral-7B-shaped MLP layer per dtype, drawn on the GPU (a CPU draw takes seconds per test)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    gu = torch.randn(14336, 2, 4096, generator=g, device="cuda") / 64.0
+    wd = torch.randn(14336, 4096, generator=g, device="cuda") / 14336 ** 0.5
+    return {dt: (gu.to(dt), wd.to(dt)) for dt in (torch.bfloat16, torch.float16)}
+
+
+@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("batch", [1, 4, 8, 16, 33])
 @pytest.mark.parametrize("density", [0.05, 0.5, 1.0])
-def test_decode_mistral_shape(dtype, batch, density):
+def test_decode_mistral_shape(mistral_weights, dtype, batch, density, version):
     hidden, inter = 4096, 14336
     rng = np.random.default_rng(batch)
     masks = [testing.make_mask("random", inter, rng, density) for _ in range(batch)]
-    x, gu, wd, idx, cnt = testing.decode_problem(batch, hidden, inter, dtype, masks, batch, "cuda")
-    status, out = testing.run_decode(x, gu, wd, idx, cnt)
+    gu, wd = mistral_weights[dtype]
+    idx, cnt = (torch.from_numpy(a).cuda() for a in testing.state_from_masks(masks, inter))
+    x = torch.randn(batch, hidden, device="cuda").to(dtype)
+    status, out = testing.run_decode(x, gu, wd, idx, cnt, version=version)
     assert status == 0
-    ref = testing.decode_reference(x, gu, wd, idx, cnt)
+    ref = testing.decode_reference_torch(x, gu, wd, idx, cnt)  # float64 on the GPU: milliseconds
     assert testing.rel_error(out, ref) < testing.TOLERANCE[dtype]
 
 
@@ -47,6 +62,39 @@ def test_decode_matches_cpu_library():
     cpu = testing.run_decode(*args)[1]
     gpu = testing.run_decode(*(a.cuda() for a in args))[1]
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pdl", ["1", "0"])
+def test_decode_v2_matches_v1_and_captures(monkeypatch, pdl):
+    """v2 with and without programmatic dependent launch, eagerly and replayed from a CUDA graph with new
+    masks: the same results as v1 within rounding, bitwise reproducible."""
+    monkeypatch.setenv("TDA_PDL", pdl)
+    for batch in (1, 2, 5, 8):
+        masks = [testing.make_mask(k, 1536, np.random.default_rng(batch)) for k in ["random", "full", "single",
+                                                                                  "empty"] * 2][:batch]
+        x, gu, wd, idx, cnt = testing.decode_problem(batch, 576, 1536, torch.bfloat16, masks, batch, "cuda")
+        v1 = K.sparse_gated_mlp_decode(x, gu, wd, idx, cnt, "silu", True, 1)
+        v2 = K.sparse_gated_mlp_decode(x, gu, wd, idx, cnt, "silu", True, 2)
+        ref = testing.decode_reference_torch(x, gu, wd, idx, cnt)
+        assert testing.rel_error(v1, ref) < 2e-2 and testing.rel_error(v2, ref) < 2e-2
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            K.sparse_gated_mlp_decode(x, gu, wd, idx, cnt, "silu", True, 2)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            out = K.sparse_gated_mlp_decode(x, gu, wd, idx, cnt, "silu", True, 2)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, v2)
+        new_masks = [testing.make_mask("random", 1536, np.random.default_rng(100 + b), 0.2) for b in range(batch)]
+        new_idx, new_cnt = testing.state_from_masks(new_masks, 1536)
+        idx.copy_(torch.from_numpy(new_idx))
+        cnt.copy_(torch.from_numpy(new_cnt))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert testing.rel_error(out, testing.decode_reference_torch(x, gu, wd, idx, cnt)) < 2e-2
 
 
 def test_cuda_graph_capture_and_replay():

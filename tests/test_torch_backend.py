@@ -152,14 +152,43 @@ def test_gpu_matches_ort(engines, family, cuda_graphs):
         assert max(errs) < 1e-3, (density, errs)
 
 
+def test_context_buckets():
+    from tda_export.runtime.torch_backend import bucket_for, context_buckets
+
+    assert context_buckets(4096) == [256, 512, 1024, 2048, 4096]
+    assert context_buckets(3000) == [256, 512, 1024, 2048, 3000]
+    assert context_buckets(64) == [64] and context_buckets(256) == [256]
+    assert context_buckets(100, smallest=16) == [16, 32, 64, 100]
+    buckets = context_buckets(4096)
+    assert [bucket_for(s, buckets) for s in (0, 255, 256, 1000, 4095)] == [256, 256, 512, 1024, 4096]
+    with pytest.raises(ValueError, match="beyond"):
+        bucket_for(4096, buckets)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_graphs_cross_context_buckets(engines, monkeypatch):
+    """Decoding across bucket boundaries (16 -> 32 -> 64 slots) captures one graph per bucket and still
+    matches ORT step by step."""
+    from tda_export.runtime import torch_backend
+
+    monkeypatch.setattr(torch_backend, "MIN_CONTEXT_BUCKET", 16)
+    t = _load(engines["llama"], "torch", device="cuda", max_context=64)
+    o = _load(engines["llama"], "onnxruntime")
+    ids, mask, _ = parity.prompt(LENS, t.manifest["vocab_size"])
+    errs, _ = _decode_both(t.backend, o.backend, ids, mask, t.thresholds(0.5))
+    assert max(errs) < 1e-3, errs
+    assert t.backend._graphs.buckets == [16, 32, 64]
+    assert {k[1] for k in t.backend._graphs.graphs} == {16, 32}  # slots 12..19
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_auto_is_torch(engines):
     assert _load(engines["llama"], "auto", max_context=64).backend.name == "torch"
 
 
-def test_gpu_e2e_script_tiny(tmp_path):
-    """bench/gpu_e2e.py end to end at tiny shapes on the CPU, so the GPU session's script is known to run."""
+def _gpu_e2e_module():
     import importlib.util
     from pathlib import Path
 
@@ -167,10 +196,27 @@ def test_gpu_e2e_script_tiny(tmp_path):
     spec = importlib.util.spec_from_file_location("gpu_e2e", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_e2e_refuses_mistral_shapes_on_cpu(tmp_path):
+    """Without --tiny the script needs a GPU: a clear message and a non-zero exit, not hours of CPU work."""
+    with pytest.raises(SystemExit) as e:
+        _gpu_e2e_module().main(["--device", "cpu", "--out", str(tmp_path / "x.json")])
+    assert "need a CUDA GPU" in str(e.value.code) and "--tiny" in str(e.value.code)
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_gpu_e2e_script_tiny(tmp_path):
+    """bench/gpu_e2e.py end to end at tiny shapes on the CPU, so the GPU session's script is known to run."""
+    mod = _gpu_e2e_module()
     out = tmp_path / "e2e.json"
     result = mod.main(["--tiny", "--device", "cpu", "--prompt-tokens", "8", "--new-tokens", "3", "--batches", "1,2",
-                       "--densities", "1.0,0.5", "--out", str(out)])
+                       "--densities", "1.0,0.5", "--versions", "1,2", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert rows == json.loads(json.dumps(result["rows"])) and len(rows) == 4
+    assert rows == json.loads(json.dumps(result["rows"])) and len(rows) == 10  # per batch: cublas, v1 x2, v2 x2
     assert all(r["tok_s"] > 0 and r["hf_tok_s"] > 0 for r in rows)
-    assert [r["union"] for r in rows if r["batch"] == 1] == [1.0, pytest.approx(0.5, abs=0.01)]
+    assert [(r["mlp"], r["union"]) for r in rows if r["batch"] == 1] == [
+        ("cublas", 1.0), ("v1", 1.0), ("v1", pytest.approx(0.5, abs=0.01)), ("v2", 1.0),
+        ("v2", pytest.approx(0.5, abs=0.01))]
+    assert all(r["vs_cublas_dense"] > 0 for r in rows) and result["max_context"] == 512  # the tiny model's limit

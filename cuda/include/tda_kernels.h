@@ -30,7 +30,8 @@
 extern "C" {
 #endif
 
-#define TDA_KERNELS_ABI_VERSION 1
+/* 2: tda_decode_args_t gained `version` (last field). */
+#define TDA_KERNELS_ABI_VERSION 2
 /* Largest batch of one call: decode keeps one bit per sequence per neuron. */
 #define TDA_MAX_BATCH 64
 /* H and I must be multiples of this (16-byte vectors of 16-bit types). */
@@ -58,10 +59,10 @@ typedef enum {
   TDA_OK = 0,
   TDA_ERR_NULL_POINTER = 1,
   TDA_ERR_BAD_DTYPE = 2,
-  TDA_ERR_BAD_ENUM = 3,          /* activation or score_norm out of range */
+  TDA_ERR_BAD_ENUM = 3,          /* activation, score_norm or decode version out of range */
   TDA_ERR_BAD_SIZE = 4,          /* H or I not a positive multiple of 8 */
   TDA_ERR_BAD_BATCH = 5,         /* batch < 0 or > TDA_MAX_BATCH */
-  TDA_ERR_MISALIGNED = 6,        /* a decode pointer not aligned (see Conventions) */
+  TDA_ERR_MISALIGNED = 6,        /* a decode pointer or a workspace not aligned (see Conventions) */
   TDA_ERR_WORKSPACE_TOO_SMALL = 7,
   TDA_ERR_CUDA = 8               /* a CUDA runtime call failed (launch, memset) */
 } tda_status_t;
@@ -79,7 +80,7 @@ int tda_abi_version(void);
 typedef struct {
   tda_dtype_t dtype;
   tda_activation_t activation;
-  int32_t batch;          /* B, 0..TDA_MAX_BATCH (0: nothing to do) */
+  int32_t batch;          /* B, 0..TDA_MAX_BATCH (0: nothing to do, no pointer is read, workspace 0) */
   int32_t hidden;         /* H */
   int32_t intermediate;   /* I */
   /* Non-zero: the down projection's split-K partial sums are added in a
@@ -92,6 +93,12 @@ typedef struct {
   const int32_t* active_idx;   /* [B, I] ascending, then 0-padding */
   const int32_t* active_count; /* [B] */
   void* output;                /* [B, H] dtype */
+  /* Algorithm: 0 = the library's default (1, or $TDA_DECODE_VERSION=2),
+   * 1 = v1, 2 = v2 (CUDA: fp16/bf16 at batch 1..8 and I <= 131072, other
+   * calls run v1; always deterministic). Same result contract for all; the
+   * CPU library has one algorithm and accepts 0..2. Query the workspace with
+   * the same value. Zero-initialised structs get the default. */
+  int32_t version;
 } tda_decode_args_t;
 
 size_t tda_sparse_gated_mlp_decode_workspace_size(const tda_decode_args_t* args);

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <stdint.h>
+#include <stdlib.h>
 
 #include <initializer_list>
 
@@ -15,10 +16,11 @@ inline const char* status_text(tda_status_t s) {
     case TDA_OK: return "ok";
     case TDA_ERR_NULL_POINTER: return "a required pointer is NULL";
     case TDA_ERR_BAD_DTYPE: return "dtype is not TDA_F32, TDA_F16 or TDA_BF16";
-    case TDA_ERR_BAD_ENUM: return "activation or score_norm value out of range";
+    case TDA_ERR_BAD_ENUM: return "activation, score_norm or decode version value out of range";
     case TDA_ERR_BAD_SIZE: return "hidden/intermediate size must be a positive multiple of 8";
     case TDA_ERR_BAD_BATCH: return "batch must be in 0..TDA_MAX_BATCH (64)";
-    case TDA_ERR_MISALIGNED: return "a tensor pointer is misaligned (16 bytes for data, 4 for indices)";
+    case TDA_ERR_MISALIGNED:
+      return "a pointer is misaligned (16 bytes for data, 4 for indices, 256 for the workspace)";
     case TDA_ERR_WORKSPACE_TOO_SMALL: return "workspace is NULL or smaller than the workspace-size query";
     case TDA_ERR_CUDA: return "a CUDA runtime call failed";
   }
@@ -29,11 +31,31 @@ inline bool size_ok(int32_t n) { return n > 0 && n % TDA_SIZE_MULTIPLE == 0; }
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 inline int dtype_size(tda_dtype_t d) { return d == TDA_F32 ? 4 : 2; }
 
+// The header promises 256-byte aligned workspaces and the kernels carve
+// float4/uint4 arrays out of them, so a misaligned one is refused up front.
+inline tda_status_t check_workspace(const void* ws, size_t ws_size, size_t ws_needed) {
+  if (!ws_needed) return TDA_OK;
+  if (!ws || ws_size < ws_needed) return TDA_ERR_WORKSPACE_TOO_SMALL;
+  if (reinterpret_cast<uintptr_t>(ws) & 255u) return TDA_ERR_MISALIGNED;
+  return TDA_OK;
+}
+
+constexpr int32_t kMaxDecodeVersion = 2;
+
+// The decode algorithm a call asked for: its `version`, else
+// $TDA_DECODE_VERSION (read per call, so one process can time both), else 1.
+inline int32_t decode_version(const tda_decode_args_t* a) {
+  if (a->version) return a->version;
+  const char* env = getenv("TDA_DECODE_VERSION");
+  return env && env[0] == '2' && env[1] == '\0' ? 2 : 1;
+}
+
 // Sizes/enums only: what the workspace queries may rely on.
 inline tda_status_t check_decode_shape(const tda_decode_args_t* a) {
   if (!a) return TDA_ERR_NULL_POINTER;
   if (a->dtype < TDA_F32 || a->dtype > TDA_BF16) return TDA_ERR_BAD_DTYPE;
   if (a->activation < TDA_ACT_SILU || a->activation > TDA_ACT_RELU) return TDA_ERR_BAD_ENUM;
+  if (a->version < 0 || a->version > kMaxDecodeVersion) return TDA_ERR_BAD_ENUM;
   if (a->batch < 0 || a->batch > TDA_MAX_BATCH) return TDA_ERR_BAD_BATCH;
   if (!size_ok(a->hidden) || !size_ok(a->intermediate)) return TDA_ERR_BAD_SIZE;
   return TDA_OK;
@@ -51,8 +73,7 @@ inline tda_status_t check_decode(const tda_decode_args_t* a, const void* ws, siz
     if (!aligned16(p)) return TDA_ERR_MISALIGNED;
   if ((reinterpret_cast<uintptr_t>(a->active_idx) | reinterpret_cast<uintptr_t>(a->active_count)) & 3u)
     return TDA_ERR_MISALIGNED;
-  if (ws_needed && (!ws || ws_size < ws_needed)) return TDA_ERR_WORKSPACE_TOO_SMALL;
-  return TDA_OK;
+  return check_workspace(ws, ws_size, ws_needed);
 }
 
 inline tda_status_t check_select_shape(const tda_select_args_t* a) {
@@ -67,8 +88,7 @@ inline tda_status_t check_select(const tda_select_args_t* a, const void* ws, siz
   if (s != TDA_OK || a->batch == 0) return s;
   if (!a->threshold || !a->active_count || (a->intermediate > 0 && (!a->scores || !a->active_idx)))
     return TDA_ERR_NULL_POINTER;
-  if (ws_needed && (!ws || ws_size < ws_needed)) return TDA_ERR_WORKSPACE_TOO_SMALL;
-  return TDA_OK;
+  return check_workspace(ws, ws_size, ws_needed);
 }
 
 inline tda_status_t check_prefill_shape(const tda_prefill_scores_args_t* a) {
@@ -86,8 +106,7 @@ inline tda_status_t check_prefill(const tda_prefill_scores_args_t* a, const void
   if (s != TDA_OK || a->batch == 0) return s;
   if (!a->scores_in || !a->scores_out || (a->seq_len > 0 && (!a->z || !a->token_valid)))
     return TDA_ERR_NULL_POINTER;
-  if (ws_needed && (!ws || ws_size < ws_needed)) return TDA_ERR_WORKSPACE_TOO_SMALL;
-  return TDA_OK;
+  return check_workspace(ws, ws_size, ws_needed);
 }
 
 // Carves 256-byte aligned pieces out of one workspace, so the size query and

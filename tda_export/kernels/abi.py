@@ -9,7 +9,9 @@ from ..ops.contract import ACTIVATIONS, DTYPES, SCORE_NORMS
 from . import build
 
 TDA_OK = 0
+ABI_VERSION = 2  # TDA_KERNELS_ABI_VERSION of the header this file mirrors
 MAX_BATCH = 64
+WORKSPACE_ALIGNMENT = 256
 SIZE_MULTIPLE = 8
 
 # Enum values are the contract's list positions (a test checks the header agrees).
@@ -24,7 +26,12 @@ class DecodeArgs(ctypes.Structure):
         ("batch", c_int32), ("hidden", c_int32), ("intermediate", c_int32), ("deterministic", c_int32),
         ("hidden_states", c_void_p), ("gate_up_weight", c_void_p), ("down_weight_t", c_void_p),
         ("active_idx", c_void_p), ("active_count", c_void_p), ("output", c_void_p),
+        ("version", c_int32),
     ]
+
+
+# tda_decode_args_t.version: 0 = the library's default (v1 unless $TDA_DECODE_VERSION=2)
+DECODE_VERSIONS = (0, 1, 2)
 
 
 class SelectArgs(ctypes.Structure):

@@ -12,10 +12,24 @@ import re
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 SRC_ROOT = Path(os.environ.get("TDA_KERNELS_SRC", Path(__file__).resolve().parents[2] / "cuda"))
 CUDA_ARCHS = ("80", "89", "90")
+
+
+def cuda_archs() -> tuple[str, ...]:
+    """Architectures the CUDA library is built for: $TDA_CUDA_ARCHS (e.g. "90", comma-separated) or all of
+    CUDA_ARCHS. A GPU session sets it to its own chip so the build costs one pass instead of three."""
+    env = os.environ.get("TDA_CUDA_ARCHS", "").replace(" ", "")
+    if not env:
+        return CUDA_ARCHS
+    archs = tuple(a.removeprefix("sm_") for a in env.split(",") if a)
+    bad = [a for a in archs if not a.isdigit()]
+    if bad:
+        raise BuildError(f"TDA_CUDA_ARCHS={env!r}: {bad} are not compute capabilities like 90 or 89")
+    return archs
 
 # No -march=native (the cache may be shared across machines) and no
 # -ffast-math (NaN poisoning in tests must propagate, and expf/erff must
@@ -47,7 +61,16 @@ def _cache_dir(files: list[Path], flags: list[str]) -> Path:
     return root / h.hexdigest()[:16]
 
 
-def _compile(cmd_prefix: list[str], sources: list[Path], flags: list[str], out_name: str) -> Path:
+def _run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BuildError(f"{' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
+
+
+def _compile(cmd_prefix: list[str], sources: list[Path], flags: list[str], out_name: str,
+             parallel: bool = False) -> Path:
+    """parallel: one compiler process per source (then a link): nvcc and g++ compile the sources of one
+    command one after another, so a 16-core GPU machine builds in the time of the largest file."""
     includes = [f"-I{SRC_ROOT / 'include'}", f"-I{SRC_ROOT / 'src'}"]
     out_dir = _cache_dir(sources + _headers(), cmd_prefix + flags)
     lib = out_dir / out_name
@@ -58,11 +81,20 @@ def _compile(cmd_prefix: list[str], sources: list[Path], flags: list[str], out_n
     # several processes) never see a half-written library.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
-    cmd = cmd_prefix + flags + includes + [str(s) for s in sources] + ["-o", tmp]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
+    try:
+        if not parallel or len(sources) < 2:
+            _run(cmd_prefix + flags + includes + [str(s) for s in sources] + ["-o", tmp])
+        else:
+            with tempfile.TemporaryDirectory(dir=out_dir) as obj_dir:
+                objs = [str(Path(obj_dir) / f"{i}_{s.stem}.o") for i, s in enumerate(sources)]
+                compile_flags = [f for f in flags if f != "-shared"]
+                cmds = [cmd_prefix + compile_flags + includes + ["-c", str(s), "-o", o] for s, o in zip(sources, objs)]
+                with ThreadPoolExecutor(max_workers=min(len(cmds), os.cpu_count() or 1)) as pool:
+                    list(pool.map(_run, cmds))  # re-raises the first BuildError
+                _run(cmd_prefix + flags + objs + ["-o", tmp])
+    except BaseException:
         os.unlink(tmp)
-        raise BuildError(f"{' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
+        raise
     os.replace(tmp, lib)
     return lib
 
@@ -70,7 +102,7 @@ def _compile(cmd_prefix: list[str], sources: list[Path], flags: list[str], out_n
 def build_cpu() -> Path:
     """Path of libtda_kernels_cpu.so, compiled with g++ if not cached."""
     cxx = os.environ.get("CXX", "g++")
-    return _compile([cxx], _sources("cpu", ".cpp"), CPU_FLAGS, "libtda_kernels_cpu.so")
+    return _compile([cxx], _sources("cpu", ".cpp"), CPU_FLAGS, "libtda_kernels_cpu.so", parallel=True)
 
 
 def nvcc_path() -> str | None:
@@ -88,8 +120,8 @@ def build_cuda() -> Path:
     nvcc = nvcc_path()
     if nvcc is None:
         raise BuildError("nvcc not found (PATH or /usr/local/cuda/bin)")
-    return _compile([nvcc], _sources("cuda", ".cu"), CUDA_FLAGS + _gencode() + ["--cudart=static"],
-                    "libtda_kernels_cuda.so")
+    return _compile([nvcc], _sources("cuda", ".cu"), CUDA_FLAGS + _gencode(cuda_archs()) + ["--cudart=static"],
+                    "libtda_kernels_cuda.so", parallel=True)
 
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+)'")
@@ -104,7 +136,7 @@ def _demangle(names: list[str]) -> dict[str, str]:
     return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
 
 
-def compile_check_cuda(archs=CUDA_ARCHS) -> dict[str, dict[str, tuple[int, int]]]:
+def compile_check_cuda(archs=None) -> dict[str, dict[str, tuple[int, int]]]:
     """Compile every .cu file for each arch with ``-Xptxas -v``; raise on any
     compile error or register spill, naming the kernel.
 
@@ -113,6 +145,7 @@ def compile_check_cuda(archs=CUDA_ARCHS) -> dict[str, dict[str, tuple[int, int]]
     nvcc = nvcc_path()
     if nvcc is None:
         raise BuildError("nvcc not found (PATH or /usr/local/cuda/bin)")
+    archs = cuda_archs() if archs is None else archs
     includes = [f"-I{SRC_ROOT / 'include'}", f"-I{SRC_ROOT / 'src'}"]
     report: dict[str, dict[str, tuple[int, int]]] = {}
     with tempfile.TemporaryDirectory() as tmp:

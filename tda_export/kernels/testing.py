@@ -7,6 +7,7 @@ import torch
 
 from ..ops import reference
 from . import abi
+from .torch_ops import workspace
 
 # Relative-error tolerances per dtype: fp32 is accumulation-order noise; for
 # fp16/bf16 z and the output are rounded to T (as a dense T-typed MLP does).
@@ -64,7 +65,29 @@ def decode_reference(x, gu, wd, idx, cnt, activation="silu") -> np.ndarray:
     return out[:, 0]
 
 
-def rel_error(out: torch.Tensor, ref: np.ndarray) -> float:
+_TORCH_ACTIVATIONS = {"silu": torch.nn.functional.silu, "relu": torch.nn.functional.relu,
+                      "gelu": torch.nn.functional.gelu,
+                      "gelu_tanh": lambda v: torch.nn.functional.gelu(v, approximate="tanh")}
+
+
+def decode_reference_torch(x, gu, wd, idx, cnt, activation="silu") -> torch.Tensor:
+    """The float64 decode reference with the same masks, computed by torch on the inputs' device (the 7B
+    shapes take milliseconds on a GPU and minutes in numpy): y[b] = sum over active j of
+    act(x_b . gate_j) * (x_b . up_j) * down_j, nothing rounded."""
+    f = lambda t: t.detach().to(torch.float64)  # noqa: E731
+    batch, inter = x.shape[0], gu.shape[0]
+    xd = f(x)
+    z = _TORCH_ACTIVATIONS[activation](f(gu[:, 0]) @ xd.T) * (f(gu[:, 1]) @ xd.T)  # [I, B]
+    keep = torch.arange(inter, device=x.device)[None, :] < cnt.to(x.device).long()[:, None]
+    active = torch.zeros(batch, inter + 1, dtype=torch.bool, device=x.device)  # column I: padding
+    active.scatter_(1, torch.where(keep, idx.to(x.device).long(), inter), True)
+    return (z.T * active[:, :inter]) @ f(wd)
+
+
+def rel_error(out: torch.Tensor, ref) -> float:
+    """||out - ref|| / ||ref|| in float64 (ref: a numpy array or a tensor); inf if out has a NaN/inf."""
+    if isinstance(ref, torch.Tensor):
+        ref = ref.detach().cpu().to(torch.float64).numpy()
     o = out.detach().cpu().to(torch.float64).numpy()
     if not np.isfinite(o).all():
         return float("inf")
@@ -81,8 +104,9 @@ def _stream(device) -> int:
 
 
 def run_decode(x, gu, wd, idx, cnt, activation="silu", deterministic=True, poison=True, out=None,
-               workspace_bytes=None, hidden=None) -> tuple[int, torch.Tensor]:
-    """Direct ABI call with a NaN-filled output; returns (status, output)."""
+               workspace_bytes=None, hidden=None, workspace_offset=0, version=0) -> tuple[int, torch.Tensor]:
+    """Direct ABI call with a NaN-filled output and a garbage-filled 256-byte aligned workspace (moved
+    by workspace_offset bytes to test the alignment check); returns (status, output)."""
     if out is None:
         out = torch.full_like(x, float("nan")) if poison else torch.empty_like(x)
     lib = library_for(x.device)
@@ -91,9 +115,9 @@ def run_decode(x, gu, wd, idx, cnt, activation="silu", deterministic=True, poiso
                           hidden=x.shape[-1] if hidden is None else hidden, intermediate=gu.shape[0],
                           deterministic=int(deterministic), hidden_states=x.data_ptr(), gate_up_weight=gu.data_ptr(),
                           down_weight_t=wd.data_ptr(), active_idx=idx.data_ptr(), active_count=cnt.data_ptr(),
-                          output=out.data_ptr())
+                          output=out.data_ptr(), version=version)
     need = lib.workspace_size("tda_sparse_gated_mlp_decode", args)
     size = need if workspace_bytes is None else workspace_bytes
-    ws = torch.full((max(size, need, 1),), 0xA5, dtype=torch.uint8, device=x.device)  # garbage, not zeros
-    status = lib.call_status("tda_sparse_gated_mlp_decode", args, ws.data_ptr(), size, _stream(x.device))
+    _buf, ptr = workspace(max(size, need) + workspace_offset, x.device, fill=0xA5)  # garbage, not zeros
+    status = lib.call_status("tda_sparse_gated_mlp_decode", args, ptr + workspace_offset, size, _stream(x.device))
     return status, out

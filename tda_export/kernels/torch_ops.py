@@ -27,10 +27,18 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
 
 
+def workspace(size: int, device: torch.device, fill: int | None = None) -> tuple[Tensor, int]:
+    """A buffer of at least `size` bytes and its 256-byte aligned address (the header's rule; torch's CPU
+    allocator only promises 64). Keep the tensor alive for as long as the address is used."""
+    buf = (torch.empty if fill is None else lambda *a, **k: torch.full(*a, fill, **k))(
+        (size + abi.WORKSPACE_ALIGNMENT,), dtype=torch.uint8, device=device)
+    return buf, (buf.data_ptr() + abi.WORKSPACE_ALIGNMENT - 1) & ~(abi.WORKSPACE_ALIGNMENT - 1)
+
+
 def _call(lib: abi.Library, fn: str, args, device: torch.device) -> None:
     size = lib.workspace_size(fn, args)
-    ws = torch.empty(max(size, 1), dtype=torch.uint8, device=device)
-    lib.call(fn, args, ws.data_ptr(), size, _stream(device))
+    _buf, ptr = workspace(size, device)
+    lib.call(fn, args, ptr, size, _stream(device))
 
 
 def _dtype_code(t: Tensor) -> int:
@@ -39,32 +47,69 @@ def _dtype_code(t: Tensor) -> int:
     return abi.DTYPE_CODE[_TORCH_DTYPE[t.dtype]]
 
 
+def _check_version(version: int) -> None:
+    if version not in abi.DECODE_VERSIONS:
+        raise ValueError(f"version {version} not in {list(abi.DECODE_VERSIONS)} (0: the library's default)")
+
+
+def _check_decode_inputs(x: Tensor, gate_up: Tensor, down_t: Tensor, idx: Tensor, cnt: Tensor) -> None:
+    """Shapes, dtypes and devices against hidden_states before any pointer reaches a kernel: a mismatch
+    would read out of bounds (and on a GPU poison the whole CUDA context)."""
+    if x.dim() not in (2, 3) or (x.dim() == 3 and x.shape[1] != 1):
+        raise ValueError(f"hidden_states must be [B, H] or [B, 1, H], got {list(x.shape)}")
+    _dtype_code(x)
+    batch, hidden = x.shape[0], x.shape[-1]
+    inter = gate_up.shape[0] if gate_up.dim() == 3 else -1
+    expected = {"gate_up_weight": (gate_up, [inter, 2, hidden], x.dtype),
+                "down_weight_t": (down_t, [inter, hidden], x.dtype),
+                "active_idx": (idx, [batch, inter], None), "active_count": (cnt, [batch], None)}
+    for name, (t, shape, dtype) in expected.items():
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but hidden_states is on {x.device}")
+        if list(t.shape) != shape:
+            want = "[I, 2, H]" if name == "gate_up_weight" else str(shape)
+            raise ValueError(f"{name} has shape {list(t.shape)}, expected {want} with H={hidden} from "
+                             f"hidden_states" + (f" and I={inter} from gate_up_weight" if inter >= 0 else ""))
+        if dtype is not None and t.dtype != dtype:
+            raise TypeError(f"{name} is {t.dtype} but hidden_states is {dtype}")
+        if dtype is None and t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+
+
 @torch.library.custom_op(f"{NAMESPACE}::sparse_gated_mlp_decode", mutates_args=(), device_types=("cpu", "cuda"))
 def sparse_gated_mlp_decode(hidden_states: Tensor, gate_up_weight: Tensor, down_weight_t: Tensor,
                             active_idx: Tensor, active_count: Tensor,
                             activation: str = SPARSE_GATED_MLP.attr("activation").default,
-                            deterministic: bool = True) -> Tensor:
-    """Decode step of SparseGatedMLP: hidden_states [B, H] or [B, 1, H] -> same shape."""
+                            deterministic: bool = True, version: int = 0) -> Tensor:
+    """Decode step of SparseGatedMLP: hidden_states [B, H] or [B, 1, H] -> same shape.
+
+    version: the kernel algorithm (tda_decode_args_t.version): 0 the library default (v1 unless
+    $TDA_DECODE_VERSION=2), 1 or 2; same results contract for all, the CPU library has one algorithm."""
     SPARSE_GATED_MLP.check_attrs({"activation": activation})
+    _check_version(version)
+    _check_decode_inputs(hidden_states, gate_up_weight, down_weight_t, active_idx, active_count)
     x = hidden_states.contiguous()
     batch, hidden = x.shape[0], x.shape[-1]
     inter = gate_up_weight.shape[0]
     gu, wd = gate_up_weight.contiguous(), down_weight_t.contiguous()
     idx, cnt = active_idx.to(torch.int32).contiguous(), active_count.to(torch.int32).contiguous()
-    out = torch.empty_like(x)
+    out = x.new_empty(x.shape)
     args = abi.DecodeArgs(
         dtype=_dtype_code(x), activation=abi.ACTIVATION_CODE[activation],
         batch=batch, hidden=hidden, intermediate=inter, deterministic=int(deterministic),
         hidden_states=x.data_ptr(), gate_up_weight=gu.data_ptr(), down_weight_t=wd.data_ptr(),
-        active_idx=idx.data_ptr(), active_count=cnt.data_ptr(), output=out.data_ptr())
+        active_idx=idx.data_ptr(), active_count=cnt.data_ptr(), output=out.data_ptr(), version=version)
     _call(_library(x.device), "tda_sparse_gated_mlp_decode", args, x.device)
     return out
 
 
 @sparse_gated_mlp_decode.register_fake
 def _(hidden_states, gate_up_weight, down_weight_t, active_idx, active_count, activation="silu",
-      deterministic=True):
-    return torch.empty_like(hidden_states)
+      deterministic=True, version=0):
+    _check_version(version)
+    _check_decode_inputs(hidden_states, gate_up_weight, down_weight_t, active_idx, active_count)
+    # what the real op returns: a fresh contiguous tensor (empty_like would copy a view's strides)
+    return hidden_states.new_empty(hidden_states.shape)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::{SELECT_ACTIVE.torch_name}", mutates_args=(), device_types=("cpu", "cuda"))
@@ -104,4 +149,4 @@ def prefill_scores(z: Tensor, token_valid: Tensor, scores_in: Tensor,
 
 @prefill_scores.register_fake
 def _(z, token_valid, scores_in, score_norm="token_l2"):
-    return torch.empty_like(scores_in, dtype=torch.float32)
+    return scores_in.new_empty(scores_in.shape, dtype=torch.float32)  # contiguous, as the real op

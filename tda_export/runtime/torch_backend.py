@@ -4,7 +4,8 @@ It loads the weights from the engine's ONNX file (one artifact for every backend
 network from the manifest's DecoderSpec (torch_decoder.py); the TDA MLP is torch_tda.py. The KV cache
 and TDA state are static buffers for max_batch x max_context, so one backend serves one batch at a
 time: a prefill takes the cache over, and decoding an older state is refused rather than answered with
-another batch's keys. On CUDA each decode batch size is captured once as a CUDA graph and replayed.
+another batch's keys. On CUDA each decode batch size and context bucket is captured once as a CUDA graph
+and replayed; a step attends over its bucket (the filled part of the cache rounded up), not all slots.
 """
 from __future__ import annotations
 
@@ -114,10 +115,34 @@ class TorchBackend:
         return state.counts
 
 
+# Smallest context bucket of a captured decode step; buckets double up to max_context.
+MIN_CONTEXT_BUCKET = 256
+
+
+def context_buckets(max_context: int, smallest: int | None = None) -> list[int]:
+    """Attention lengths decode graphs are captured for: smallest, 2x, 4x, ... below max_context, then
+    max_context. A step at cache slot s uses the first bucket > s, so it reads at most about twice the
+    filled cache (and never less than `smallest` slots) instead of all max_context slots."""
+    out, b = [], smallest or MIN_CONTEXT_BUCKET
+    while b < max_context:
+        out.append(b)
+        b *= 2
+    return out + [max_context]
+
+
+def bucket_for(slot: int, buckets: list[int]) -> int:
+    """The first bucket that holds cache slot `slot` (0-based)."""
+    for b in buckets:
+        if slot < b:
+            return b
+    raise ValueError(f"slot {slot} beyond the largest bucket {buckets[-1]}")
+
+
 class _DecodeGraphs:
-    """One CUDA graph per decode batch size, reading static input buffers. Decode shapes are static by
-    attending over all max_context slots (pad_mask hides the unused ones), and on CUDA the MLP always
-    runs the kernel, so a graph is valid for any thresholds and step."""
+    """One CUDA graph per (decode batch size, context bucket), reading static input buffers. Shapes are
+    static within a bucket (pad_mask hides its unused slots, which hold zeros), and on CUDA the MLP always
+    runs the kernel, so a graph is valid for any thresholds and any step of its bucket. All graphs share
+    one memory pool: they replay one at a time on one stream."""
 
     def __init__(self, backend: TorchBackend):
         dev = backend.device
@@ -125,30 +150,33 @@ class _DecodeGraphs:
         self.tokens = torch.zeros(backend.max_batch, 1, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(backend.max_batch, 1, dtype=torch.int64, device=dev)
         self.slot = torch.zeros(1, dtype=torch.int64, device=dev)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.buckets = context_buckets(backend.max_context)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
-    def _step(self, B: int) -> torch.Tensor:
+    def _step(self, B: int, kv_len: int) -> torch.Tensor:
         b = self.backend
-        return b.net.forward(self.tokens[:B], self.positions[:B], self.slot, b.max_context, b.pad_mask[:B],
+        return b.net.forward(self.tokens[:B], self.positions[:B], self.slot, kv_len, b.pad_mask[:B, :kv_len],
                              b.mlp.decode)
 
     def run(self, B: int, tokens: torch.Tensor, positions: torch.Tensor, slot: int) -> torch.Tensor:
         self.tokens[:B].copy_(tokens, non_blocking=True)
         self.positions[:B].copy_(positions, non_blocking=True)
         self.slot.fill_(slot)
-        if B not in self.graphs:
+        key = (B, bucket_for(slot, self.buckets))
+        if key not in self.graphs:
             # warm-up on a side stream (lazy inits, allocator) then capture; both rewrite this step's
             # cache slot with the same values the replay writes, so they leave no trace
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self._step(B)
+                    self._step(*key)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = self._step(B)
-            self.graphs[B] = (graph, out)
-        graph, out = self.graphs[B]
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self._step(*key)
+            self.graphs[key] = (graph, out)
+        graph, out = self.graphs[key]
         graph.replay()
         return out

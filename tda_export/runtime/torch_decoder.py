@@ -74,8 +74,8 @@ class TorchDecoder:
                              k_norm=take(names.weight(names.qk_norm(n, "k"))) if spec.qk_norm else None)
             self.layers.append(Layer(attn, {w: take(names.weight(names.layer_norm(n, w))) for w in norms},
                                      take(names.gate_up(n)), take(names.down_t(n)), ls.window, ls.rope))
-        # The CUDA decode graph reads every slot (static shapes), and masked slots still meet V in the
-        # weighted sum, so they must hold finite numbers: zeros. The CPU path reads only written slots and
+        # A CUDA decode graph reads every slot of its context bucket (static shapes), and masked slots still
+        # meet V in the weighted sum, so they must hold finite numbers: zeros. The CPU path reads only written slots and
         # leaves the pages of an empty() cache uncommitted until used.
         alloc = torch.zeros if device.type == "cuda" else torch.empty
         shape = (max_batch, spec.kv_heads, max_context, spec.head_dim)

@@ -38,6 +38,9 @@ class TdaMLP:
         self.dense_mask: list[torch.Tensor | None] = [None] * L
         self.token_valid: torch.Tensor | None = None
         self.thresholds: torch.Tensor | None = None
+        # decode kernel algorithm (tda_decode_args_t.version): 0 = the library's default; read when a
+        # step runs or is captured, so a captured CUDA graph keeps the version it was captured with
+        self.kernel_version = 0
 
     def _z(self, n: int, h: torch.Tensor) -> torch.Tensor:
         """act(gate) * up for every neuron: [B, S, I]."""
@@ -74,4 +77,5 @@ class TdaMLP:
         if self.dense_mask[n] is not None:
             return (self._z(n, h) * self.dense_mask[n]) @ layer.down_t
         return torch.ops.tda_kernels.sparse_gated_mlp_decode(h, layer.gate_up, layer.down_t, self.idx[n][:B],
-                                                            self.count[n][:B], self.activation)
+                                                            self.count[n][:B], self.activation, True,
+                                                            self.kernel_version)

@@ -231,7 +231,8 @@ void run(const tda_decode_args_t* a, const DecodeWs& w) {
 }  // namespace tda
 
 extern "C" size_t tda_sparse_gated_mlp_decode_workspace_size(const tda_decode_args_t* a) {
-  if (tda::check_decode_shape(a) != TDA_OK) return 0;
+  // Batch 0 does nothing and needs nothing, as in the CUDA library.
+  if (tda::check_decode_shape(a) != TDA_OK || a->batch == 0) return 0;
   return tda::cpu::carve(a, nullptr).bytes;
 }
 

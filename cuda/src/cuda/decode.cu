@@ -16,6 +16,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include "common.h"
+#include "cuda/decode_v2.h"
 #include "device.cuh"
 
 namespace tda {
@@ -288,7 +289,8 @@ Plan plan(const tda_decode_args_t* a) {
   int splits = (kDownTargetBlocks + p.col_blocks * p.tiles - 1) / (p.col_blocks * p.tiles);
   splits = std::max(1, std::min(splits, a->intermediate / 8));
   if (a->deterministic) {
-    const size_t per_split = size_t(a->batch) * a->hidden * sizeof(float);
+    // max(1, .): batch 0 must not divide by zero (callers query batch 0 too).
+    const size_t per_split = std::max<size_t>(1, size_t(a->batch) * a->hidden * sizeof(float));
     splits = int(std::max<size_t>(1, std::min<size_t>(splits, kMaxPartialBytes / per_split)));
   }
   p.splits = splits;
@@ -379,8 +381,14 @@ tda_status_t run(const tda_decode_args_t* a, const Plan& p, const Ws& w, cudaStr
 }  // namespace gpu
 }  // namespace tda
 
+namespace {
+bool use_v2(const tda_decode_args_t* a) { return tda::decode_version(a) == 2 && tda::gpu::v2::eligible(a); }
+}  // namespace
+
 extern "C" size_t tda_sparse_gated_mlp_decode_workspace_size(const tda_decode_args_t* a) {
-  if (tda::check_decode_shape(a) != TDA_OK) return 0;
+  // Batch 0 launches nothing and needs nothing (checked before plan() runs).
+  if (tda::check_decode_shape(a) != TDA_OK || a->batch == 0) return 0;
+  if (use_v2(a)) return tda::gpu::v2::workspace_size(a);
   return tda::gpu::carve(a, tda::gpu::plan(a), nullptr).bytes;
 }
 
@@ -388,9 +396,10 @@ extern "C" tda_status_t tda_sparse_gated_mlp_decode(const tda_decode_args_t* a, 
                                                     void* stream) {
   const tda_status_t s = tda::check_decode(a, ws, ws_size, tda_sparse_gated_mlp_decode_workspace_size(a));
   if (s != TDA_OK || a->batch == 0) return s;
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if (use_v2(a)) return tda::gpu::v2::run(a, ws, st);
   const tda::gpu::Plan p = tda::gpu::plan(a);
   const tda::gpu::Ws w = tda::gpu::carve(a, p, ws);
-  cudaStream_t st = static_cast<cudaStream_t>(stream);
   switch (a->dtype) {
     case TDA_F32: return tda::gpu::run<TDA_F32>(a, p, w, st);
     case TDA_F16: return tda::gpu::run<TDA_F16>(a, p, w, st);

@@ -1,0 +1,172 @@
+// Small-shape driver of libtda_kernels_cuda.so for compute-sanitizer (bench/gpu_check.sh):
+// every decode variant (v1, v2; fp32/fp16/bf16; batch 0, 1, 3, 8, 64; empty, full,
+// single, odd masks; deterministic or not), select_active and prefill_scores, through
+// the C ABI with plain cudaMalloc buffers, so memcheck and racecheck see exactly the
+// library's kernels and no framework. Exits non-zero on any non-OK status or CUDA error;
+// correctness is checked elsewhere (bench/gpu_kernels.py), this only has to run clean.
+//
+//   nvcc -std=c++17 -arch=sm_90 -Icuda/include bench/gpu_sanitize.cu -L<dir> -ltda_kernels_cuda -o sanitize
+#include <cuda_runtime.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <algorithm>
+#include <random>
+#include <vector>
+
+#include "tda_kernels.h"
+
+#define CHECK_CUDA(x)                                                                          \
+  do {                                                                                         \
+    cudaError_t e_ = (x);                                                                      \
+    if (e_ != cudaSuccess) {                                                                   \
+      fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_));       \
+      exit(2);                                                                                 \
+    }                                                                                          \
+  } while (0)
+
+static void* upload(const void* host, size_t bytes) {
+  void* d = nullptr;
+  CHECK_CUDA(cudaMalloc(&d, bytes ? bytes : 1));
+  if (bytes) CHECK_CUDA(cudaMemcpy(d, host, bytes, cudaMemcpyHostToDevice));
+  return d;
+}
+
+static int failures = 0;
+
+static void expect_ok(tda_status_t s, const char* what) {
+  if (s != TDA_OK) {
+    fprintf(stderr, "FAIL %s: status %d (%s)\n", what, int(s), tda_status_string(s));
+    ++failures;
+  }
+}
+
+// Random bit patterns of 16-bit floats in [-1, 1) (fp32: real floats).
+static std::vector<uint8_t> random_values(size_t n, tda_dtype_t dt, std::mt19937& rng) {
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  std::vector<uint8_t> out(n * (dt == TDA_F32 ? 4 : 2));
+  for (size_t i = 0; i < n; ++i) {
+    const float f = u(rng);
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if (dt == TDA_F32) {
+      memcpy(&out[4 * i], &bits, 4);
+    } else {
+      uint16_t h;
+      if (dt == TDA_BF16) {
+        h = uint16_t(bits >> 16);
+      } else {  // fp16 from the float's exponent/mantissa for |f| < 1 (normal or zero)
+        const uint32_t sign = (bits >> 16) & 0x8000u;
+        const int exp = int((bits >> 23) & 0xff) - 127 + 15;
+        h = exp <= 0 ? uint16_t(sign) : uint16_t(sign | (uint32_t(exp) << 10) | ((bits >> 13) & 0x3ffu));
+      }
+      memcpy(&out[2 * i], &h, 2);
+    }
+  }
+  return out;
+}
+
+static void decode_case(tda_dtype_t dt, int batch, int hidden, int inter, int version, int deterministic,
+                        std::mt19937& rng) {
+  const int es = dt == TDA_F32 ? 4 : 2;
+  std::vector<int32_t> idx(size_t(std::max(batch, 1)) * inter, 0), cnt(std::max(batch, 1), 0);
+  for (int b = 0; b < batch; ++b) {
+    std::vector<int32_t> rows;
+    const int kind = b % 5;  // empty, full, single, odd random, last neuron
+    for (int j = 0; j < inter; ++j) {
+      const bool on = kind == 1 || (kind == 2 && j == inter / 3) || (kind == 3 && (rng() % 7 < 3)) ||
+                      (kind == 4 && j == inter - 1);
+      if (on) rows.push_back(j);
+    }
+    if (kind == 3 && rows.size() % 2 == 0 && !rows.empty()) rows.pop_back();  // odd-sized
+    std::copy(rows.begin(), rows.end(), idx.begin() + size_t(b) * inter);
+    cnt[b] = int32_t(rows.size());
+  }
+  const size_t nb = size_t(std::max(batch, 1));
+  auto x = random_values(nb * hidden, dt, rng);
+  auto gu = random_values(size_t(inter) * 2 * hidden, dt, rng);
+  auto wd = random_values(size_t(inter) * hidden, dt, rng);
+  void* dx = upload(x.data(), x.size());
+  void* dgu = upload(gu.data(), gu.size());
+  void* dwd = upload(wd.data(), wd.size());
+  void* didx = upload(idx.data(), idx.size() * 4);
+  void* dcnt = upload(cnt.data(), cnt.size() * 4);
+  void* dout = nullptr;
+  CHECK_CUDA(cudaMalloc(&dout, nb * hidden * es));
+  tda_decode_args_t a{};
+  a.dtype = dt;
+  a.activation = TDA_ACT_SILU;
+  a.batch = batch;
+  a.hidden = hidden;
+  a.intermediate = inter;
+  a.deterministic = deterministic;
+  a.hidden_states = dx;
+  a.gate_up_weight = dgu;
+  a.down_weight_t = dwd;
+  a.active_idx = static_cast<const int32_t*>(didx);
+  a.active_count = static_cast<const int32_t*>(dcnt);
+  a.output = dout;
+  a.version = version;
+  const size_t ws_size = tda_sparse_gated_mlp_decode_workspace_size(&a);
+  void* ws = nullptr;
+  if (ws_size) CHECK_CUDA(cudaMalloc(&ws, ws_size));  // cudaMalloc: 256-byte aligned
+  char what[160];
+  snprintf(what, sizeof what, "decode dtype=%d B=%d H=%d I=%d v%d det=%d", int(dt), batch, hidden, inter, version,
+           deterministic);
+  for (int rep = 0; rep < 2; ++rep) expect_ok(tda_sparse_gated_mlp_decode(&a, ws, ws_size, nullptr), what);
+  CHECK_CUDA(cudaDeviceSynchronize());
+  for (void* p : {dx, dgu, dwd, didx, dcnt, dout, ws})
+    if (p) CHECK_CUDA(cudaFree(p));
+}
+
+static void select_and_prefill(std::mt19937& rng) {
+  const int B = 3, S = 5, I = 1536;
+  std::vector<float> scores(B * I), valid(B * S, 1.0f), z(B * S * I);
+  std::uniform_real_distribution<float> u(0.0f, 1.0f);
+  for (auto& v : scores) v = u(rng);
+  for (auto& v : z) v = u(rng) - 0.5f;
+  const float tau = 0.5f;
+  float* ds = static_cast<float*>(upload(scores.data(), scores.size() * 4));
+  float* dtau = static_cast<float*>(upload(&tau, 4));
+  float* dz = static_cast<float*>(upload(z.data(), z.size() * 4));
+  float* dv = static_cast<float*>(upload(valid.data(), valid.size() * 4));
+  int32_t *didx, *dcnt;
+  float* dsout;
+  CHECK_CUDA(cudaMalloc(&didx, B * I * 4));
+  CHECK_CUDA(cudaMalloc(&dcnt, B * 4));
+  CHECK_CUDA(cudaMalloc(&dsout, B * I * 4));
+  tda_select_args_t sa{B, I, ds, dtau, didx, dcnt};
+  expect_ok(tda_select_active(&sa, nullptr, 0, nullptr), "select_active");
+  tda_prefill_scores_args_t pa{TDA_F32, TDA_SCORE_NORM_TOKEN_L2, B, S, I, dz, dv, ds, dsout};
+  const size_t ws_size = tda_prefill_scores_workspace_size(&pa);
+  void* ws = nullptr;
+  CHECK_CUDA(cudaMalloc(&ws, ws_size ? ws_size : 1));
+  expect_ok(tda_prefill_scores(&pa, ws, ws_size, nullptr), "prefill_scores");
+  CHECK_CUDA(cudaDeviceSynchronize());
+  for (void* p : {static_cast<void*>(ds), static_cast<void*>(dtau), static_cast<void*>(dz), static_cast<void*>(dv),
+                  static_cast<void*>(didx), static_cast<void*>(dcnt), static_cast<void*>(dsout), ws})
+    CHECK_CUDA(cudaFree(p));
+}
+
+int main(int argc, char** argv) {
+  // "quick": fewer cases (racecheck is much slower than memcheck).
+  const bool quick = argc > 1 && argv[1][0] == 'q';
+  std::mt19937 rng(1234);
+  const int shapes[][2] = {{40, 72}, {264, 1032}};
+  for (tda_dtype_t dt : {TDA_BF16, TDA_F16, TDA_F32}) {
+    if (quick && dt == TDA_F16) continue;
+    for (const auto& hw : shapes)
+      for (int batch : {0, 1, 3, 8, 64})
+        for (int version : {1, 2})
+          for (int det : {1, 0}) {
+            if (quick && (det == 0 || batch == 64)) continue;
+            decode_case(dt, batch, hw[0], hw[1], version, det, rng);
+          }
+  }
+  select_and_prefill(rng);
+  CHECK_CUDA(cudaDeviceSynchronize());
+  printf("gpu_sanitize: %s, %d failures\n", quick ? "quick" : "full", failures);
+  return failures ? 1 : 0;
+}
