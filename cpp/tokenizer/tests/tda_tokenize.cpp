@@ -43,9 +43,10 @@ std::string unhex(const std::string& h) {
 
 std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::strict); }
 
-// Each input line is {"hex": TEXT_BYTES, "add_special": bool} (encode) or {"ids": [...], "skip": bool}
-// (decode). Encode answers {"ids", "decoded", "decoded_all"} or {"error"}; decode answers
-// {"text", "bytes_hex", "stream"} where "stream" is DecodeStream's non-empty steps.
+// Each input line is {"hex": TEXT_BYTES, "add_special": bool} (encode), {"ids": [...], "skip": bool}
+// (decode) or {"tokens": [...]} (vocabulary). Encode answers {"ids", "decoded", "decoded_all"}; decode
+// answers {"text", "bytes_hex", "stream"} where "stream" holds DecodeStream's steps ("" for none);
+// vocabulary answers {"vocab_size", "ids"} (null for an unknown token). Failures answer {"error"}.
 void run_cases(const tda::Tokenizer& tok, const std::string& path) {
   std::istringstream lines(read_file(path));
   std::string line;
@@ -59,6 +60,14 @@ void run_cases(const tda::Tokenizer& tok, const std::string& path) {
         out["ids"] = ids;
         out["decoded"] = tok.decode(ids, true);
         out["decoded_all"] = tok.decode(ids, false);
+      } else if (in.contains("tokens")) {
+        json ids = json::array();
+        for (const auto& t : in["tokens"]) {
+          const auto id = tok.token_to_id(t.get<std::string>());
+          ids.push_back(id ? json(*id) : json(nullptr));
+        }
+        out["vocab_size"] = tok.vocab_size();
+        out["ids"] = ids;
       } else {
         const auto ids = in["ids"].get<std::vector<int32_t>>();
         const bool skip = in.value("skip", true);
