@@ -347,3 +347,76 @@ def test_tiny_tokenizer_works(driver, tmp_path):
     assert r.returncode == 0, r.stderr.decode()
     ids = [int(i) for i in r.stdout.decode().splitlines()[0].split()]
     assert ids == tokenizers.Tokenizer.from_file(str(path)).encode("abab ba").ids == [2, 2, 1, 0]
+
+
+# ---- the generic pieces, on tokenizers HF itself builds (trained on a little text, so fast)
+
+def _synthetic(config):
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import trainers
+
+    bpe = dict(unk_token="[UNK]", fuse_unk=config.get("fuse_unk", False), byte_fallback=config.get("byte_fallback", False))
+    for key in ("continuing_subword_prefix", "end_of_word_suffix"):
+        if key in config:
+            bpe[key] = config[key]
+    tok = Tokenizer(models.BPE(**bpe))
+    tok.normalizer = {"none": None,
+                      "replace": normalizers.Sequence([normalizers.Replace("a", "A"),
+                                                       normalizers.Replace(Regex(r"\s+"), " ")])}[config.get("norm", "none")]
+    pre = config.get("pre", "split")
+    if pre == "bytelevel":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        tok.decoder = decoders.ByteLevel()
+    else:
+        behavior, invert = config.get("behavior", "isolated"), config.get("invert", False)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(" ", "merged_with_next"),
+                                                     pre_tokenizers.Split(Regex(r"\d|[.,;:!?]+"), behavior, invert=invert)])
+        tok.decoder = config.get("decoder", decoders.Sequence([decoders.Replace("_", " "), decoders.ByteFallback(),
+                                                               decoders.Fuse()]))
+    alphabet = pre_tokenizers.ByteLevel.alphabet() if pre == "bytelevel" else []
+    extra = [f"<0x{b:02X}>" for b in range(256)] if config.get("byte_fallback") else []
+    options = {k: config[k] for k in ("continuing_subword_prefix", "end_of_word_suffix") if k in config}
+    if not alphabet:
+        options["limit_alphabet"] = 40  # leaves rare characters to [UNK] or the byte fallback
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["[UNK]", "[CLS]", "[SEP]"] + extra,
+                                  initial_alphabet=alphabet, show_progress=False, **options)
+    from tda_export.text import corpus
+
+    tok.train_from_iterator([corpus("calibration")[:40_000]], trainer)
+    tok.add_tokens([AddedToken("hello world", normalized=True), AddedToken("<raw>", normalized=False),
+                    AddedToken("ALL", normalized=True)])
+    tok.add_special_tokens([AddedToken("<|end|>", normalized=False)])
+    if config.get("template"):
+        tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP] [SEP]",
+                                                           special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
+    if "ignore_merges" in config:
+        tok.model.ignore_merges = config["ignore_merges"]
+    return tok
+
+
+SYNTHETIC = {
+    "isolated": {}, "removed": {"behavior": "removed"}, "previous": {"behavior": "merged_with_previous"},
+    "next": {"behavior": "merged_with_next"}, "contiguous": {"behavior": "contiguous", "invert": True},
+    "normalized_added": {"norm": "replace", "template": True}, "unk_fused": {"fuse_unk": True},
+    "byte_fallback": {"byte_fallback": True}, "affixes": {"continuing_subword_prefix": "##", "end_of_word_suffix": "</w>"},
+    "bytelevel_prefix_space": {"pre": "bytelevel", "ignore_merges": True}, "no_decoder": {"decoder": None},
+}
+
+
+@pytest.mark.parametrize("name", list(SYNTHETIC))
+def test_generic_pieces_equal_hf(driver, tmp_path, name):
+    from tda_export.text import corpus
+
+    hf = _synthetic(SYNTHETIC[name])
+    path = tmp_path / "tokenizer.json"
+    hf.save(str(path))
+    texts = [corpus("evaluation")[:20_000], "hello world and hello  world, <raw> ALL all <|end|>x",
+             "Ünïcödé 日本 🤗 unseen ẞ chars ₤", "1,2;3... 4!? 56", "a_b __ c"] + EDGE_TEXTS[:20]
+    cases = [{"hex": t.encode().hex(), "add_special": add} for t in texts for add in (True, False)]
+    answers = run_cases(driver, path, cases, tmp_path)
+    for case, got in zip(cases, answers):
+        text = bytes.fromhex(case["hex"]).decode()
+        want = hf.encode(text, add_special_tokens=case["add_special"]).ids
+        assert got.get("ids") == want, (text[:200], got)
+        assert got["decoded"] == hf.decode(want), text[:200]
+        assert got["decoded_all"] == hf.decode(want, skip_special_tokens=False), text[:200]
