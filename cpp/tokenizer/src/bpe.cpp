@@ -28,11 +28,15 @@ Bpe::Bpe(const Field& model) {
   if (end_of_word_suffix_ && end_of_word_suffix_->empty()) end_of_word_suffix_.reset();
 
   const Field vocab = model["vocab"];
+  if (vocab.object().empty()) vocab.fail("is empty");
   int32_t max_id = -1;
   for (const auto& [token, id] : vocab.object().items()) {
     const Field entry{id, vocab.path + "[\"" + token + "\"]", vocab.file};
     max_id = std::max(max_id, entry.id());
   }
+  if (static_cast<size_t>(max_id) > 2 * vocab.value.size() + 1024)  // ids index a table: refuse a huge sparse one
+    vocab.fail("has id " + std::to_string(max_id) + ", far beyond its " + std::to_string(vocab.value.size()) +
+               " entries");
   id_to_token_.assign(static_cast<size_t>(max_id + 1), std::string());
   for (const auto& [token, id] : vocab.object().items()) {
     const Field entry{id, vocab.path + "[\"" + token + "\"]", vocab.file};

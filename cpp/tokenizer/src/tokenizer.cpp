@@ -141,6 +141,8 @@ std::unique_ptr<Tokenizer> Tokenizer::from_json(std::string_view json_text, cons
     return std::unique_ptr<Tokenizer>(new Tokenizer(detail::build(doc, origin)));
   } catch (const detail::json::exception& e) {  // a field of an unexpected JSON type deep inside
     throw TokenizerError(origin + ": unexpected content (" + e.what() + ")");
+  } catch (const std::bad_alloc&) {
+    throw TokenizerError(origin + ": out of memory while building the tokenizer");
   }
 }
 
