@@ -96,6 +96,7 @@ EDGE_TEXTS = [
     "don't I'll we're they've she'd it's 'quoted' DON'T", "NBSP\u00a0here, thin\u2009space, ideographic\u3000space",
     "zero\u200bwidth\u200djoiner", "▁already▁marked ▁", "\x00 nul and \x7f del \x1b esc", "x" * 3000,
     " ".join(["word"] * 500), "a" + "\u0301" * 50, "😀" * 40, "<", "<|", "<bos", "</s>", "<0x41>",
+    " " * 20_000, "\n" * 5_000 + "x", " \n" * 5_000, "y" * 20_000,  # long runs: regex backtracking, one huge word
 ]
 INVALID_UTF8 = [b"abc\xff def", b"\xe2\x82", b"ok \xc0\xaf", b"\xed\xa0\x80 surrogate", b"\xf4\x90\x80\x80", b"\x80"]
 

@@ -5,6 +5,7 @@
 
 #include <stdexcept>
 
+#include "tda/tokenizer.h"
 #include "utf8.h"
 
 namespace tda::detail {
@@ -41,7 +42,7 @@ void Regex::find_all(std::string_view text, std::vector<std::pair<size_t, size_t
     if (rc < 0) {
       PCRE2_UCHAR message[256];
       pcre2_get_error_message(rc, message, sizeof message);
-      throw std::runtime_error(std::string("regex match failed: ") + reinterpret_cast<char*>(message));
+      throw TokenizerError(std::string("regex match failed: ") + reinterpret_cast<char*>(message));
     }
     const PCRE2_SIZE* ovector = pcre2_get_ovector_pointer(data.get());
     const size_t begin = ovector[0], end = ovector[1];
