@@ -49,6 +49,12 @@ Bpe::Bpe(const Field& model) {
   for (size_t i = 0; i < id_to_token_.size(); ++i)
     if (!id_to_token_[i].empty()) vocab_.emplace(id_to_token_[i], static_cast<int32_t>(i));
 
+  single_byte_ids_.fill(-1);
+  for (int b = 0; b < 256; ++b) {
+    const char c = static_cast<char>(b);
+    auto it = vocab_.find(std::string_view(&c, 1));
+    if (it != vocab_.end()) single_byte_ids_[b] = it->second;
+  }
   byte_ids_.fill(-1);
   static const char* hex = "0123456789ABCDEF";
   for (int b = 0; b < 256; ++b) {
@@ -92,6 +98,8 @@ Bpe::Bpe(const Field& model) {
 }
 
 std::optional<int32_t> Bpe::token_to_id(std::string_view token) const {
+  if (token.size() == 1 && single_byte_ids_[static_cast<unsigned char>(token[0])] >= 0)
+    return single_byte_ids_[static_cast<unsigned char>(token[0])];
   auto it = vocab_.find(token);
   if (it == vocab_.end()) return std::nullopt;
   return it->second;
@@ -178,13 +186,13 @@ void Bpe::tokenize(std::string_view word, std::vector<int32_t>& out) const {
   struct Candidate {
     int32_t rank;
     int pos;
-    int32_t new_id;
+    int32_t left, right, new_id;
     bool operator>(const Candidate& o) const { return rank != o.rank ? rank > o.rank : pos > o.pos; }
   };
   std::priority_queue<Candidate, std::vector<Candidate>, std::greater<Candidate>> queue;
   auto push = [&](int pos) {
     auto it = merges_.find(pair_key(ids[pos], ids[next[pos]]));
-    if (it != merges_.end()) queue.push({it->second.rank, pos, it->second.new_id});
+    if (it != merges_.end()) queue.push({it->second.rank, pos, ids[pos], ids[next[pos]], it->second.new_id});
   };
   for (int i = 0; i + 1 < n; ++i) push(i);
   while (!queue.empty()) {
@@ -192,8 +200,8 @@ void Bpe::tokenize(std::string_view word, std::vector<int32_t>& out) const {
     queue.pop();
     if (lens[top.pos] == 0 || next[top.pos] < 0) continue;
     const int right = next[top.pos];
-    auto it = merges_.find(pair_key(ids[top.pos], ids[right]));
-    if (it == merges_.end() || it->second.new_id != top.new_id) continue;  // a stale entry
+    // A stale entry: its pair has changed since (the pair decides the merge, so no second lookup is needed).
+    if (ids[top.pos] != top.left || ids[right] != top.right) continue;
     ids[top.pos] = top.new_id;
     lens[top.pos] += lens[right];
     lens[right] = 0;

@@ -67,7 +67,8 @@ class Bpe {
   std::vector<std::string> id_to_token_;  // "" for ids the vocab skips; views below point into it
   std::unordered_map<std::string_view, int32_t> vocab_;
   std::unordered_map<uint64_t, Merge, PairHash> merges_;
-  std::array<int32_t, 256> byte_ids_{};  // <0xXX> tokens for byte_fallback, -1 where absent
+  std::array<int32_t, 256> byte_ids_{};         // <0xXX> tokens for byte_fallback, -1 where absent
+  std::array<int32_t, 256> single_byte_ids_{};  // the token that is this one (ASCII) byte: a fast path
   std::optional<int32_t> unk_id_;
   std::optional<std::string> continuing_subword_prefix_, end_of_word_suffix_;
   bool byte_fallback_ = false, fuse_unk_ = false, ignore_merges_ = false;
