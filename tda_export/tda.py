@@ -104,7 +104,9 @@ class TDAHooks:
                 sq = token_contributions(z, hooks.token_valid, hooks.score_norm)
                 if hooks.prefix_lengths:
                     cum = sq.cumsum(1)
-                    hooks.prefix_scores[layer] = {n: cum[:, n - 1] for n in hooks.prefix_lengths if n <= z.shape[1]}
+                    # clone: a view would keep the whole [B, S, I] cumsum alive (GBs per batch at 7B)
+                    hooks.prefix_scores[layer] = {n: cum[:, n - 1].clone() for n in hooks.prefix_lengths
+                                                  if n <= z.shape[1]}
                     s = cum[:, -1]
                 else:
                     s = sq.sum(1)

@@ -18,7 +18,7 @@ import onnx
 
 from .. import __version__, manifest
 from ..calibration import CALIBRATION_FILE, Calibration
-from ..models import load_model, save_tokenizer
+from ..models import load_structure, resolve, save_tokenizer
 from ..ops.contract import DOMAIN, OPSET_VERSION, PLUGIN_NAMESPACE, PLUGIN_VERSION, THRESHOLDS_INPUT
 from .decoder import OPSET, build_decoder
 from .spec import ExportError, decoder_spec
@@ -74,12 +74,22 @@ def _versions() -> dict:
     return out
 
 
-def calibrate_default(loaded, progress: bool) -> Calibration:
-    """Thresholds from the built-in calibration text with the recipe's density and sizes."""
+def calibrate_default(source, progress: bool, device: str = "auto", compute_dtype: str | None = None) -> Calibration:
+    """Thresholds from the built-in calibration text with the recipe's density and sizes.
+
+    The model is loaded for this step only (in the compute dtype on the device) and freed before
+    the export, which never holds it.
+    """
+    from ..models import default_compute_dtype, load, resolve_device
     from ..quality import DEFAULT_GRID, build_calibration
     from ..text import corpus
 
-    recipe = loaded.source.recipe
+    device = resolve_device(device)
+    compute_dtype = compute_dtype or default_compute_dtype(device)
+    if progress:
+        print(f"loading {source.description} for calibration ({compute_dtype} on {device})", file=sys.stderr)
+    loaded = load(source, compute_dtype, device)
+    recipe = source.recipe
     density = recipe.density if recipe else 0.9
     sequences = recipe.calibration.get("sequences", 64) if recipe else 64
     prompt_len = recipe.calibration.get("prompt_tokens", 128) if recipe else 128
@@ -92,7 +102,8 @@ def calibrate_default(loaded, progress: bool) -> Calibration:
 
 def build(model: str, out: str | Path, dtype: str = "float32", calibration: str | None = None,
           density: float | None = None, force: bool = False, weights: str | None = None,
-          external: bool | None = None, progress: bool = True, auto_calibrate: bool = False) -> Path:
+          external: bool | None = None, progress: bool = True, auto_calibrate: bool = False,
+          device: str = "auto", compute_dtype: str | None = None) -> Path:
     """Export; `external` None decides by size. Raises ExportError/ValueError/FileNotFoundError on bad input."""
     out = Path(out)
     if out.exists() and not force:
@@ -101,14 +112,17 @@ def build(model: str, out: str | Path, dtype: str = "float32", calibration: str 
         raise ExportError(f"--out {out}: exists, is not empty and is not an export (no {manifest.NAME}); "
                           f"refusing to replace it even with --force")
     cal = Calibration.load(calibration) if calibration else None
-    # float32 load: the fingerprint a calibration is matched against is of the float32 weights,
-    # and each tensor is rounded to the export dtype only as it is written
-    loaded = load_model(model, weights, "float32")
+    # The export reads the checkpoint tensor by tensor (no model in memory); the fingerprint is of the
+    # stored tensors too, so a calibration made in any compute dtype or on any device matches.
+    source = resolve(model, weights)
+    loaded = load_structure(source)
     spec = decoder_spec(loaded, dtype)
     if cal is not None:
         cal.check_model(loaded.fingerprint(), spec.num_layers, spec.intermediate, str(calibration))
     elif auto_calibrate:
-        cal, calibration = calibrate_default(loaded, progress), "built-in calibration (recipe defaults)"
+        cal = calibrate_default(source, progress, device, compute_dtype)
+        calibration = "built-in calibration (recipe defaults)"
+        cal.check_model(loaded.fingerprint(), spec.num_layers, spec.intermediate, calibration)
     thresholds, cal_summary = thresholds_for(cal, density, spec.num_layers, calibration)
 
     out.parent.mkdir(parents=True, exist_ok=True)
