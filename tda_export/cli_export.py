@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from .cli import UserError
+from .cli_device import device_options, resolve as resolve_device
 from .export.spec import CLI_DTYPES
 
 
@@ -24,13 +25,18 @@ from .export.spec import CLI_DTYPES
 @click.option("--density", type=float, help="Use the calibration's thresholds for this density instead of its default.")
 @click.option("--force", is_flag=True, help="Replace an existing export in --out.")
 @click.option("--weights", help="Weights for a recipe model (HF directory or .gguf) instead of its default source.")
-def build(model, backend, out, dtype, calibration, no_calibrate, density, force, weights):
+@device_options
+def build(model, backend, out, dtype, calibration, no_calibrate, density, force, weights, device, compute_dtype):
     """Export the decoder with TDA sparse MLPs to ONNX (one graph for prefill and decode).
 
     The output directory holds model.onnx (+ model.onnx.data over 2 GB), the tokenizer,
     calibration.json (every calibrated density, switchable per request at serve time) and
     manifest.json (I/O, versions, sha256 of every file). It is written to a temporary
     sibling and renamed on success, so a failed build leaves nothing that looks valid.
+
+    The export reads the checkpoint one tensor at a time: peak memory is about the
+    written weights plus 1 GB (Mistral-7B in bf16: about 15 GB, see README). The
+    built-in calibration loads the model once in --compute-dtype on --device.
 
     \b
     Examples:
@@ -41,12 +47,13 @@ def build(model, backend, out, dtype, calibration, no_calibrate, density, force,
     from .export.build import DenseWarning, build as run_build
     from .models import ModelNotFound
 
+    device, compute_dtype = resolve_device(device, compute_dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("always", DenseWarning)
         warnings.showwarning = lambda msg, *a, **k: click.echo(f"warning: {msg}", err=True)
         try:
             path = run_build(model, out, CLI_DTYPES[dtype], calibration, density, force, weights,
-                             auto_calibrate=not no_calibrate)
+                             auto_calibrate=not no_calibrate, device=device, compute_dtype=compute_dtype)
         except (ValueError, FileNotFoundError, UnsupportedModel, ModelNotFound) as e:
             raise UserError(str(e)) from None
     click.echo(f"wrote {path}")
