@@ -157,3 +157,19 @@ def test_export_memory_does_not_grow_with_layers(tmp_path):
     per_layer = (peaks[4] - peaks[2]) / 2
     assert per_layer < 0.5 * layer_bytes, (f"peak RSS grew {per_layer / 2**20:.0f} MiB per layer of "
                                            f"{layer_bytes / 2**20:.0f} MiB; peaks {peaks}")
+
+
+def test_calibration_scores_do_not_pin_the_activations(gemma3_dir):
+    """Scores kept per batch must own their storage: a view of the [B, S, I] cumsum would keep 117 MB per layer
+    and batch alive at 7B width (30 GB over a 64-prompt calibration)."""
+    from tda_export.models import forward
+    from tda_export.tda import TDAHooks
+
+    lm = load(resolve(str(gemma3_dir)), "float32")
+    ids = torch.randint(0, lm.config.vocab_size, (2, 32))
+    with TDAHooks(lm.model) as hooks:
+        hooks.prefix_lengths = (4, 16)
+        with hooks.phase_("score"):
+            forward(lm.model, ids)
+    kept = list(hooks.scores) + [t for d in hooks.prefix_scores for t in d.values()]
+    assert kept and all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in kept)
