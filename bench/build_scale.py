@@ -201,7 +201,7 @@ def main():
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
             if r["rc"] != 0:
                 print(f"{step} L{L} failed (rc {r['rc']}); log {log}:\n{log.read_text()[-2000:]}", file=sys.stderr)
-    print(f"\n| step | layers | peak RSS GB | wall s | written GB | min MemAvailable GB |\n|---|---|---|---|---|---|")
+    print("\n| step | layers | peak RSS GB | wall s | written GB | min MemAvailable GB |\n|---|---|---|---|---|---|")
     for r in rows:
         w = f"{r['written_gb']:.2f}" if r["written_gb"] else ""
         print(f"| {r['step']} | {r['layers']} | {r['peak_rss_gb']:.2f} | {r['wall_s']:.0f} | {w} | "

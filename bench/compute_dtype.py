@@ -77,12 +77,12 @@ def main():
         del lm
     result["threshold_max_abs_diff_bf16_vs_fp32"] = max_diff(cals["float32"].thresholds, cals["bfloat16"].thresholds)
     for mode in ("dense", "tda"):
-        (p32, se32), (p16, se16) = ppls["float32"][mode], ppls["bfloat16"][mode]
+        (p32, se32), (p16, _) = ppls["float32"][mode], ppls["bfloat16"][mode]
         result[f"{mode}_ppl_fp32"], result[f"{mode}_ppl_bf16"] = p32, p16
         result[f"{mode}_ppl_rel_diff"] = p16 / p32 - 1
         result[f"{mode}_ppl_rel_se"] = se32  # se of log ppl = relative se of ppl
     print(json.dumps(result, indent=1))
-    print(f"\n| quantity | fp32 | bf16 | difference | noise |\n|---|---|---|---|---|")
+    print("\n| quantity | fp32 | bf16 | difference | noise |\n|---|---|---|---|---|")
     print(f"| thresholds (max abs over layers, d={DENSITIES}) | | | {result['threshold_max_abs_diff_bf16_vs_fp32']:.4f}"
           f" | {result['threshold_noise_halves']:.4f} (fp32, disjoint halves) |")
     for mode in ("dense", "tda"):

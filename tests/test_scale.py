@@ -7,7 +7,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import numpy_helper
 from safetensors.torch import load_file
 
 from tda_export import arch
