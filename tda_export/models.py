@@ -271,7 +271,11 @@ def load(source: ModelSource, dtype: str = "float32", device: str = "cpu") -> Lo
         raise ValueError(f"dtype {dtype!r} not in {list(DTYPES)}")
     device = resolve_device(device)
     config, family, activation = _config(source)
-    model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=DTYPES[dtype], **_gguf_kw(source))
+    # straight onto the GPU from safetensors (no 14.5 GB staging copy in host RAM at 7B); GGUF loads
+    # are dequantised on the host by transformers anyway
+    placement = {"device_map": device} if device == "cuda" and not source.gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=DTYPES[dtype], **placement,
+                                                 **_gguf_kw(source))
     model.eval().to(device)
     arch.mlp_modules(model)  # fail early on an MLP we cannot gate
     lazy, _ = _lazy_tensors(source, model)
