@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from .cli import UserError
+from .cli_device import device_options, resolve as resolve_device
 from .ops.contract import SCORE_NORMS
 
 
@@ -33,13 +34,14 @@ def text_options(f):
     return f
 
 
-def _load(model: str, weights: str | None):
+def _load(model: str, weights: str | None, device: str = "auto", compute_dtype: str | None = None):
     from .arch import UnsupportedModel
     from .models import ModelNotFound, load_model
 
-    click.echo(f"loading {model} ...", err=True)
+    device, dtype = resolve_device(device, compute_dtype)
+    click.echo(f"loading {model} ({dtype} on {device}) ...", err=True)
     try:
-        return load_model(model, weights)
+        return load_model(model, weights, dtype, device)
     except (ModelNotFound, UnsupportedModel, ValueError) as e:
         raise UserError(str(e)) from None
 
@@ -68,6 +70,7 @@ def _text(path, split):
 @click.command()
 @model_options
 @text_options
+@device_options
 @click.option("--densities", default="0.3,0.5,0.7,0.9", show_default=True,
               help="Densities (kept fraction of MLP neurons) to store thresholds for, comma-separated.")
 @click.option("--max-ppl-increase", type=click.FloatRange(0.0, min_open=True), default=None,
@@ -77,8 +80,8 @@ def _text(path, split):
               help="Calibration prompts [recipe's calibration.sequences, else 64].")
 @click.option("--out", "-o", type=click.Path(), default=None,
               help="Calibration file to write [<model>.calibration.json].")
-def calibrate(model, weights, text, prompt_tokens, score_norm, batch_size, quiet, densities, max_ppl_increase,
-              sequences, out):
+def calibrate(model, weights, text, prompt_tokens, score_norm, batch_size, quiet, device, compute_dtype, densities,
+              max_ppl_increase, sequences, out):
     """Calibrate per-layer TDA thresholds on text and write a calibration file.
 
     For each density d and layer, the threshold keeps a fraction d of the
@@ -93,7 +96,7 @@ def calibrate(model, weights, text, prompt_tokens, score_norm, batch_size, quiet
     from .quality import build_calibration
 
     dens = _densities(densities)
-    lm = _load(model, weights)
+    lm = _load(model, weights, device, compute_dtype)
     recipe = lm.source.recipe
     sequences = sequences or (recipe.calibration.get("sequences", 64) if recipe else 64)
     default_density = recipe.density if recipe else 0.9
@@ -116,6 +119,7 @@ def calibrate(model, weights, text, prompt_tokens, score_norm, batch_size, quiet
 @click.command(name="eval")
 @model_options
 @text_options
+@device_options
 @click.option("--density", "-d", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
               help="Uniform density; thresholds are calibrated on the calibration split first unless "
                    "--calibration has that density.")
@@ -133,7 +137,8 @@ def calibrate(model, weights, text, prompt_tokens, score_norm, batch_size, quiet
 @click.option("--calibration-sequences", type=click.IntRange(1), default=64, show_default=True,
               help="Calibration prompts when --density is calibrated on the fly.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def eval_(model, weights, text, prompt_tokens, score_norm, batch_size, quiet, density, calibration_path, mode,
+def eval_(model, weights, text, prompt_tokens, score_norm, batch_size, quiet, device, compute_dtype, density,
+          calibration_path, mode,
           sequences, continuation_tokens, generate_prompts, generate_tokens, calibration_sequences, as_json):
     """Measure what TDA costs: perplexity, greedy agreement, realised density, bytes skipped.
 
@@ -150,7 +155,7 @@ def eval_(model, weights, text, prompt_tokens, score_norm, batch_size, quiet, de
 
     if density is None and calibration_path is None:
         raise click.UsageError("give --density D or --calibration FILE (or both)")
-    lm = _load(model, weights)
+    lm = _load(model, weights, device, compute_dtype)
     c = lm.config
     thresholds = densities = None
     if calibration_path:

@@ -1,20 +1,29 @@
-"""Resolve `--model` (recipe name, HF directory or GGUF file) and load it with transformers."""
+"""Resolve `--model` (recipe name, HF directory or GGUF file) and load it with transformers.
+
+Two ways to load: `load()` gives a model that runs (calibration, evaluation), in
+the compute dtype on the chosen device; `load_structure()` gives the model's
+modules on the meta device (no weight memory) plus `tensors`, the checkpoint
+read one tensor at a time, which is all an export needs.
+"""
 from __future__ import annotations
 
 import hashlib
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
-from . import arch
+from . import arch, tensors as tensor_sources
 from .recipes import Recipe, get_recipe, list_recipes
 from .text import cache_dir
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEVICES = ("auto", "cpu", "cuda")
+FINGERPRINT_SAMPLE = 4096  # elements of each of the first two down_proj weights
 
 
 class ModelNotFound(FileNotFoundError):
@@ -41,6 +50,13 @@ class LoadedModel:
     tokenizer: object
     family: str
     activation: str
+    tensors: object = None  # the checkpoint's tensors by state-dict name (tensors.py); None: the model's own
+
+    def __post_init__(self):
+        if self.tensors is None:
+            self.tensors = tensor_sources.ModuleSource(self.model)
+        self._names = {id(m): n for n, m in self.model.named_modules()}
+        self._fingerprint = None
 
     @property
     def config(self):
@@ -50,14 +66,33 @@ class LoadedModel:
     def name(self) -> str:
         return self.source.name
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def param_name(self, module: torch.nn.Module, attr: str = "weight") -> str:
+        return f"{self._names[id(module)]}.{attr}"
+
+    def tensor(self, module: torch.nn.Module, attr: str = "weight") -> torch.Tensor:
+        """`module.attr` as stored in the checkpoint (its dtype, on the CPU), read now."""
+        return self.tensors.get(self.param_name(module, attr))
+
     def fingerprint(self) -> str:
-        """Identifies the architecture and weights closely enough to match a calibration to its model."""
-        c = self.config
-        shape = (c.model_type, c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.vocab_size)
-        h = hashlib.sha256(repr(shape).encode())
-        for mlp in arch.mlp_modules(self.model)[:2]:  # a cheap sample of the weights
-            h.update(mlp.down_proj.weight.detach().float().flatten()[:4096].numpy().tobytes())
-        return h.hexdigest()[:16]
+        """Identifies the architecture and weights closely enough to match a calibration to its model.
+
+        Read from the checkpoint, not the loaded model, so it does not depend on the dtype or device
+        the model runs in; float32 samples of the stored values, as when models were always loaded
+        in float32, so calibration files written before keep matching.
+        """
+        if self._fingerprint is None:
+            c = self.config
+            shape = (c.model_type, c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.vocab_size)
+            h = hashlib.sha256(repr(shape).encode())
+            for mlp in arch.mlp_modules(self.model)[:2]:  # a cheap sample of the weights
+                sample = self.tensors.head(self.param_name(mlp.down_proj), FINGERPRINT_SAMPLE)
+                h.update(sample.float().numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
 
 def _dist_file(package: str, relpath: str) -> Path:
@@ -160,31 +195,121 @@ def _source_from_path(path: Path, name: str, recipe: Recipe | None = None) -> Mo
     return ModelSource(name, path, None, recipe)
 
 
-def load(source: ModelSource, dtype: str = "float32") -> LoadedModel:
-    """Load weights and tokenizer offline; GGUF tensors are dequantised to `dtype`."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def resolve_device(device: str = "auto") -> str:
+    """--device auto|cpu|cuda -> "cpu" or "cuda"; ValueError for cuda without a GPU torch can use."""
+    if device not in DEVICES:
+        raise ValueError(f"--device {device!r} not in {list(DEVICES)}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", a CPU-only build")
+        raise ValueError(f"--device cuda: torch sees no CUDA GPU ({build}); use --device cpu or auto")
+    return device
+
+
+COMPUTE_DTYPES = {"cpu": ("bfloat16", "float32"), "cuda": ("bfloat16", "float16", "float32")}
+
+
+def default_compute_dtype(device: str) -> str:
+    """What calibration and evaluation run in unless told: bf16 everywhere. Measured on SmolLM2
+    (bench/compute_dtype.py, bench/RESULTS.md 2026-12-01): thresholds move by 0.0005 against 0.037
+    between two halves of the calibration text, dense perplexity by +0.16% and TDA perplexity at
+    density 0.5 by -2.5% against a 13-18% standard error over held-out windows; on this AMX CPU bf16
+    calibrated 4x faster, and it halves memory, so a 7B model calibrates on a 24 GB machine."""
+    return "bfloat16"
+
+
+def check_compute_dtype(dtype: str, device: str) -> str:
+    if dtype not in COMPUTE_DTYPES[device]:
+        raise ValueError(f"--compute-dtype {dtype}: not supported on {device}; use one of "
+                         f"{', '.join(COMPUTE_DTYPES[device])}")
+    return dtype
+
+
+def _config(source: ModelSource):
+    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} not in {list(DTYPES)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     hf_logging.set_verbosity_error()
-    kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    config = AutoConfig.from_pretrained(source.directory, **kw)
+    config = AutoConfig.from_pretrained(source.directory, **_gguf_kw(source))
     family = arch.family_of(arch.text_config(config))
     activation = arch.activation_of(config)
     if source.recipe and source.recipe.activation != activation:
         raise ValueError(f"{source.recipe.path}: activation {source.recipe.activation!r} but the model config "
                          f"says {activation!r}")
-    model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=DTYPES[dtype], **kw)
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(source.directory, **kw)
+    return config, family, activation
+
+
+def _gguf_kw(source: ModelSource) -> dict:
+    return {"gguf_file": source.gguf_file} if source.gguf_file else {}
+
+
+def _tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source.directory, **_gguf_kw(source))
+
+
+def _lazy_tensors(source: ModelSource, model: torch.nn.Module):
+    """The checkpoint's tensors read on demand, or None where its names do not map onto the model's."""
+    try:
+        lazy = tensor_sources.open_source(source.directory, source.gguf_file, model)
+    except Exception as e:  # an unusual layout (e.g. *.bin weights): the caller falls back to a full load
+        return None, f"{type(e).__name__}: {e}"
+    absent = tensor_sources.missing(lazy, model)
+    if absent:
+        return None, f"{len(absent)} parameters not found under their names, e.g. {absent[0]!r}"
+    return lazy, None
+
+
+def load(source: ModelSource, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    """Load weights and tokenizer offline, in `dtype` on `device`; GGUF tensors are dequantised to `dtype`."""
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} not in {list(DTYPES)}")
+    device = resolve_device(device)
+    config, family, activation = _config(source)
+    # straight onto the GPU from safetensors (no 14.5 GB staging copy in host RAM at 7B); GGUF loads
+    # are dequantised on the host by transformers anyway
+    placement = {"device_map": device} if device == "cuda" and not source.gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=DTYPES[dtype], **placement,
+                                                 **_gguf_kw(source))
+    model.eval().to(device)
     arch.mlp_modules(model)  # fail early on an MLP we cannot gate
-    return LoadedModel(source, model, tokenizer, family, activation)
+    lazy, _ = _lazy_tensors(source, model)
+    return LoadedModel(source, model, _tokenizer(source), family, activation, lazy)
 
 
-def load_model(model: str, weights: str | None = None, dtype: str = "float32") -> LoadedModel:
-    return load(resolve(model, weights), dtype)
+def load_structure(source: ModelSource) -> LoadedModel:
+    """The model's modules on the meta device and its checkpoint tensors read on demand (for export).
+
+    Falls back to a float32 `load()` (with a warning) when the checkpoint's tensor names cannot be
+    mapped onto the model's, so an unusual checkpoint still exports, at the old memory cost.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config, family, activation = _config(source)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.eval()
+    arch.mlp_modules(model)
+    lazy, why = _lazy_tensors(source, model)
+    if lazy is None:
+        warnings.warn(f"{source.description}: reading the whole model in float32 instead of tensor by tensor "
+                      f"({why})", stacklevel=2)
+        return load(source, "float32", "cpu")
+    inner = getattr(model, "model", None)
+    rotary = getattr(inner, "rotary_emb", None)
+    if rotary is not None:  # its buffers are computed from the config, not stored: rebuild them for real
+        with torch.device("cpu"):
+            inner.rotary_emb = type(rotary)(rotary.config)
+    return LoadedModel(source, model, _tokenizer(source), family, activation, lazy)
+
+
+def load_model(model: str, weights: str | None = None, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    return load(resolve(model, weights), dtype, device)
 
 
 def save_tokenizer(tokenizer, out_dir: Path) -> list[str]:
@@ -194,8 +319,8 @@ def save_tokenizer(tokenizer, out_dir: Path) -> list[str]:
     return sorted(set(os.listdir(out_dir)) - before)
 
 
-__all__ = ["ModelSource", "LoadedModel", "ModelNotFound", "resolve", "load", "load_model", "save_tokenizer",
-           "DTYPES"]
+__all__ = ["ModelSource", "LoadedModel", "ModelNotFound", "resolve", "load", "load_model", "load_structure",
+           "resolve_device", "save_tokenizer", "DTYPES", "DEVICES"]
 
 
 def forward(model, input_ids, cache=None, **kw):
@@ -204,6 +329,10 @@ def forward(model, input_ids, cache=None, **kw):
         import inspect
         _CACHE_KWARG[type(model)] = "cache" if "cache" in inspect.signature(model.forward).parameters \
             else "past_key_values"
+    input_ids = input_ids.to(model.device)
+    for k in ("attention_mask", "position_ids"):
+        if kw.get(k) is not None:
+            kw[k] = kw[k].to(model.device)
     out = model(input_ids=input_ids, use_cache=True, **{_CACHE_KWARG[type(model)]: cache}, **kw)
     return out.logits, getattr(out, "cache", None) or out.past_key_values
 

@@ -59,7 +59,9 @@ class Evaluator:
         self.hooks = TDAHooks(lm.model, score_norm)
 
     @torch.no_grad()
-    def prefill(self, ids: torch.Tensor, prompt_len: int) -> list[Prefilled]:
+    def prefill(self, ids: torch.Tensor, prompt_len: int, keep_cache: bool = True) -> list[Prefilled]:
+        """keep_cache False drops each batch's KV cache (calibration needs only the scores; at 7B the
+        caches of 64 prompts of 256 tokens would take 2 GB)."""
         out = []
         batches = list(ids.split(self.batch_size))
         with self.hooks:
@@ -67,7 +69,7 @@ class Evaluator:
                 self.hooks.reset_scores()
                 with self.hooks.phase_("score"):
                     logits, cache = forward(self.lm.model, b[:, :prompt_len])
-                out.append(Prefilled(b, cache, logits[:, -1].float(), list(self.hooks.scores),
+                out.append(Prefilled(b, cache if keep_cache else None, logits[:, -1].float(), list(self.hooks.scores),
                                      list(self.hooks.prefix_scores)))
         return out
 
@@ -81,10 +83,10 @@ class Evaluator:
                 self.hooks.scores = p.scores
                 self.hooks.set_masks(mode, thresholds, densities)
                 dens.append(self.hooks.realised_density())
-                targets = p.ids[:, prompt_len:]
                 with self.hooks.phase_("masked"):
                     logits, _ = forward(self.lm.model, p.ids[:, prompt_len:-1], copy.deepcopy(p.cache))
                 logits = torch.cat([p.first_logits[:, None], logits.float()], 1)
+                targets = p.ids[:, prompt_len:].to(logits.device)
                 nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
                 count += targets.numel()
         per_layer = [sum(col) / len(col) for col in zip(*dens)]
@@ -135,7 +137,7 @@ def calibrate_thresholds(ev: Evaluator, prompts: torch.Tensor, densities,
     """
     ev.hooks.prefix_lengths = tuple(lengths)
     try:
-        batches = ev.prefill(prompts, prompts.shape[1])
+        batches = ev.prefill(prompts, prompts.shape[1], keep_cache=False)
     finally:
         ev.hooks.prefix_lengths = ()
 

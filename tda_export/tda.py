@@ -104,8 +104,11 @@ class TDAHooks:
                 sq = token_contributions(z, hooks.token_valid, hooks.score_norm)
                 if hooks.prefix_lengths:
                     cum = sq.cumsum(1)
-                    hooks.prefix_scores[layer] = {n: cum[:, n - 1] for n in hooks.prefix_lengths if n <= z.shape[1]}
-                    s = cum[:, -1]
+                    # clones: a view keeps the whole [B, S, I] fp32 cumsum alive, per layer and batch (117 MB
+                    # each at Mistral-7B width and 8 x 256 tokens: 30 GB for a 64-prompt 7B calibration)
+                    hooks.prefix_scores[layer] = {n: cum[:, n - 1].clone() for n in hooks.prefix_lengths
+                                                  if n <= z.shape[1]}
+                    s = cum[:, -1].clone()
                 else:
                     s = sq.sum(1)
                 prev = hooks.scores[layer]

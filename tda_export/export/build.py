@@ -7,6 +7,7 @@ interrupted build never leaves something that looks like a valid export.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import shutil
 import sys
 import tempfile
@@ -18,7 +19,7 @@ import onnx
 
 from .. import __version__, manifest
 from ..calibration import CALIBRATION_FILE, Calibration
-from ..models import load_model, save_tokenizer
+from ..models import load_structure, resolve, save_tokenizer
 from ..ops.contract import DOMAIN, OPSET_VERSION, PLUGIN_NAMESPACE, PLUGIN_VERSION, THRESHOLDS_INPUT
 from .decoder import OPSET, build_decoder
 from .spec import ExportError, decoder_spec
@@ -74,12 +75,22 @@ def _versions() -> dict:
     return out
 
 
-def calibrate_default(loaded, progress: bool) -> Calibration:
-    """Thresholds from the built-in calibration text with the recipe's density and sizes."""
+def calibrate_default(source, progress: bool, device: str = "auto", compute_dtype: str | None = None) -> Calibration:
+    """Thresholds from the built-in calibration text with the recipe's density and sizes.
+
+    The model is loaded for this step only (in the compute dtype on the device) and freed before
+    the export, which never holds it.
+    """
+    from ..models import default_compute_dtype, load, resolve_device
     from ..quality import DEFAULT_GRID, build_calibration
     from ..text import corpus
 
-    recipe = loaded.source.recipe
+    device = resolve_device(device)
+    compute_dtype = compute_dtype or default_compute_dtype(device)
+    if progress:
+        print(f"loading {source.description} for calibration ({compute_dtype} on {device})", file=sys.stderr)
+    loaded = load(source, compute_dtype, device)
+    recipe = source.recipe
     density = recipe.density if recipe else 0.9
     sequences = recipe.calibration.get("sequences", 64) if recipe else 64
     prompt_len = recipe.calibration.get("prompt_tokens", 128) if recipe else 128
@@ -93,7 +104,7 @@ def calibrate_default(loaded, progress: bool) -> Calibration:
 def build(model: str, out: str | Path, dtype: str = "float32", calibration: str | None = None,
           density: float | None = None, force: bool = False, weights: str | None = None,
           external: bool | None = None, progress: bool = True, auto_calibrate: bool = False,
-          plan=None) -> Path:
+          plan=None, device: str = "auto", compute_dtype: str | None = None) -> Path:
     """Export; `external` None decides by size. `plan` (tda_export.trt.plan.PlanOptions) also builds a
     TensorRT plan. Raises ExportError/ValueError/FileNotFoundError on bad input."""
     out = Path(out)
@@ -107,14 +118,18 @@ def build(model: str, out: str | Path, dtype: str = "float32", calibration: str 
 
         check_options(plan, None, dtype)
     cal = Calibration.load(calibration) if calibration else None
-    # float32 load: the fingerprint a calibration is matched against is of the float32 weights,
-    # and each tensor is rounded to the export dtype only as it is written
-    loaded = load_model(model, weights, "float32")
+    # The export reads the checkpoint tensor by tensor (no model in memory); the fingerprint is of the
+    # stored tensors too, so a calibration made in any compute dtype or on any device matches.
+    source = resolve(model, weights)
+    loaded = load_structure(source)
     spec = decoder_spec(loaded, dtype)
     if cal is not None:
         cal.check_model(loaded.fingerprint(), spec.num_layers, spec.intermediate, str(calibration))
     elif auto_calibrate:
-        cal, calibration = calibrate_default(loaded, progress), "built-in calibration (recipe defaults)"
+        cal = calibrate_default(source, progress, device, compute_dtype)
+        gc.collect()  # the calibrated model (14.5 GB at 7B) must be gone before the export starts
+        calibration = "built-in calibration (recipe defaults)"
+        cal.check_model(loaded.fingerprint(), spec.num_layers, spec.intermediate, calibration)
     thresholds, cal_summary = thresholds_for(cal, density, spec.num_layers, calibration)
     if plan is not None:  # ... and the sequence limits against the model's context before the export
         check_options(plan, spec.max_context, dtype)

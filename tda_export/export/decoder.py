@@ -1,5 +1,9 @@
 """The decoder network as one ONNX graph (prefill and decode, one copy of the weights).
 
+Weights are read from the checkpoint one tensor at a time (loaded.tensor) and
+handed to the writer at once, so the graph is built from a model whose modules
+live on the meta device and memory holds about one tensor at a time.
+
 Standard opset-23 ops only (Attention with past/present KV, RotaryEmbedding,
 RMSNormalization) plus the two TDA ops. Per layer the MLP is
 tda::SparseGatedMLP (dense over a prompt, accumulating neuron scores; sparse in
@@ -30,7 +34,7 @@ _ELEM = {"float32": F32, "int32": I32}
 
 class _Decoder:
     def __init__(self, loaded, spec: DecoderSpec, writer: WeightWriter):
-        self.m, self.s, self.w, self.g = loaded.model, spec, writer, Graph()
+        self.lm, self.m, self.s, self.w, self.g = loaded, loaded.model, spec, writer, Graph()
         self.T = ONNX_TYPES[spec.dtype]
         self._t_consts: dict[float, str] = {}
 
@@ -43,13 +47,13 @@ class _Decoder:
 
     def linear(self, x: str, lin: torch.nn.Linear, name: str) -> str:
         """x @ W^T (+ b); the weight is stored transposed so MatMul reads it as [in, out]."""
-        y = self.g.op("MatMul", x, self.w.add(names.linear_weight_t(name), lin.weight.T), name=name)
+        y = self.g.op("MatMul", x, self.w.add(names.linear_weight_t(name), self.lm.tensor(lin).T), name=name)
         if lin.bias is not None:
-            y = self.g.op("Add", y, self.w.add(names.linear_bias(name), lin.bias), name=name)
+            y = self.g.op("Add", y, self.w.add(names.linear_bias(name), self.lm.tensor(lin, "bias")), name=name)
         return y
 
     def norm(self, x: str, module, name: str) -> str:
-        weight = module.weight.float() + self.s.norm_offset  # Gemma's (1 + w), folded in float32
+        weight = self.lm.tensor(module).float() + self.s.norm_offset  # Gemma's (1 + w), folded in float32
         return self.g.op("RMSNormalization", x, self.w.add(names.weight(name), weight), name=name, axis=-1,
                          epsilon=self.s.rms_eps, stash_type=1)
 
@@ -129,8 +133,9 @@ class _Decoder:
 
     def mlp(self, n: int, x: str, mlp, token_valid: str) -> str:
         g, p = self.g, names.mlp(n)
-        gate_up = self.w.add(names.gate_up(n), torch.stack([mlp.gate_proj.weight, mlp.up_proj.weight], 1))
-        down_t = self.w.add(names.down_t(n), mlp.down_proj.weight.T)
+        gate_up = self.w.add(names.gate_up(n), torch.stack([self.lm.tensor(mlp.gate_proj),
+                                                            self.lm.tensor(mlp.up_proj)], 1))
+        down_t = self.w.add(names.down_t(n), self.lm.tensor(mlp.down_proj).T)
         state = {w: io.past_state_name(n, w) for w in STATE_TENSORS}
         args = {"hidden_states": x, "gate_up_weight": gate_up, "down_weight_t": down_t,
                 "active_idx": state["active_idx"], "active_count": state["active_count"],
@@ -150,7 +155,7 @@ class _Decoder:
         self.inputs()
         self.w.add_array(io.THRESHOLDS_INPUT, np.asarray(thresholds, np.float32))
         embed = self.m.get_input_embeddings()
-        embed_w = self.w.add(names.EMBED, embed.weight)
+        embed_w = self.w.add(names.EMBED, self.lm.tensor(embed))
         x = g.op("Gather", embed_w, io.INPUT_IDS, name="embed")
         if s.embed_scale:
             x = g.op("Mul", x, self.t_const(s.embed_scale), name="embed")
@@ -175,7 +180,7 @@ class _Decoder:
                              layer.mlp, token_valid)
             x = g.op("Add", x, h, name=f"{names.layer(n)}.residual")
         x = self.norm(x, self.m.model.norm, names.FINAL_NORM)
-        lm_w = embed_w if s.tied_embeddings else self.w.add(names.LM_HEAD, self.m.get_output_embeddings().weight)
+        lm_w = embed_w if s.tied_embeddings else self.w.add(names.LM_HEAD, self.lm.tensor(self.m.get_output_embeddings()))
         # Gemm(transB) reads the [V, H] matrix as stored, so tied embeddings need no second copy
         logits = g.op("Gemm", g.op("Reshape", x, g.i64([-1, s.hidden])), lm_w, transB=1, name="lm_head")
         logits = g.op("Cast", logits, to=F32, name="lm_head")

@@ -1,0 +1,229 @@
+"""Memory and time of `build`, `calibrate` and `eval` at Mistral-7B width, extrapolated to 32 layers.
+
+Synthetic checkpoints (random bf16, Mistral-7B-v0.1 shape: hidden 4096, intermediate
+14336, 32/8 heads, vocab 32000) are written one tensor group at a time with
+safetensors, one shard per layer, so making them needs about one layer of RAM;
+the 2- and 4-layer checkpoints link the 8-layer one's shards. Each command runs
+as `python -m tda_export ... -m mistral-7b --weights DIR` (the headline command)
+in a child process; its peak RSS comes from wait4() and a watchdog kills it if
+the machine's MemAvailable falls below --min-available-gb (the box is shared).
+wait4's ru_maxrss also counts the parent's RSS at fork time (Linux keeps the
+pre-exec high-water mark), so this parent never imports torch: checkpoints are
+made by a child too.
+
+    python bench/build_scale.py --layers 2,4,8 [--steps build,calibrate,eval] [--work /tmp/scale]
+    python bench/build_scale.py --layers 32 --steps build --keep-going   # the full-size export
+
+Prints one row per (step, layers), the least-squares per-layer fit and its value at 32 layers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MISTRAL_7B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                  vocab_size=32000, max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=10000.0,
+                  sliding_window=None, hidden_act="silu", tie_word_embeddings=False)
+FULL_LAYERS = 32
+
+
+def mem_available_gb() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+def _layer_tensors(n: int, c: dict) -> dict:
+    import torch
+
+    h, i, hd = c["hidden_size"], c["intermediate_size"], c["hidden_size"] // c["num_attention_heads"]
+    kv = c["num_key_value_heads"] * hd
+    g = torch.Generator().manual_seed(n)
+    rnd = lambda *shape: (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)  # noqa: E731
+    p = f"model.layers.{n}."
+    return {p + "self_attn.q_proj.weight": rnd(h, h), p + "self_attn.k_proj.weight": rnd(kv, h),
+            p + "self_attn.v_proj.weight": rnd(kv, h), p + "self_attn.o_proj.weight": rnd(h, h),
+            p + "mlp.gate_proj.weight": rnd(i, h), p + "mlp.up_proj.weight": rnd(i, h),
+            p + "mlp.down_proj.weight": rnd(h, i),
+            p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+            p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)}
+
+
+def _write_dir(out: Path, layers: int, shards: dict[str, Path]) -> Path:
+    """config.json, tokenizer and a safetensors index over `shards` (file name -> existing file)."""
+    from transformers import MistralConfig
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_models import tiny_tokenizer  # a small byte-level BPE: ids stay far below the 32000 vocab
+
+    from safetensors import safe_open
+
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = MistralConfig(num_hidden_layers=layers, **MISTRAL_7B)
+    cfg.architectures = ["MistralForCausalLM"]
+    cfg.dtype = "bfloat16"
+    cfg.save_pretrained(out)
+    tiny_tokenizer().save_pretrained(out)
+    weight_map = {}
+    for name, path in shards.items():
+        if not (out / name).exists():
+            (out / name).symlink_to(path.resolve())
+        with safe_open(path, "pt") as f:
+            weight_map.update({k: name for k in f.keys()})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return out
+
+
+def make_checkpoint(work: Path, layers: int) -> Path:
+    """A `layers`-layer synthetic checkpoint in work/mistral7b-L<layers>; shards shared across sizes."""
+    import torch
+    from safetensors.torch import save_file
+
+    store = work / "shards"
+    store.mkdir(parents=True, exist_ok=True)
+    c = MISTRAL_7B
+    shards = {}
+    for name, make in [("embed.safetensors", lambda: {"model.embed_tokens.weight": (torch.randn(
+                            c["vocab_size"], c["hidden_size"], generator=torch.Generator().manual_seed(10_000))
+                            * 0.02).to(torch.bfloat16)}),
+                       ("head.safetensors", lambda: {"lm_head.weight": (torch.randn(
+                           c["vocab_size"], c["hidden_size"], generator=torch.Generator().manual_seed(10_001))
+                           * 0.02).to(torch.bfloat16), "model.norm.weight": torch.ones(c["hidden_size"],
+                                                                                          dtype=torch.bfloat16)})] + \
+            [(f"layer-{n:05d}.safetensors", lambda n=n: _layer_tensors(n, c)) for n in range(layers)]:
+        path = store / name
+        if not path.exists():
+            tmp = path.with_suffix(".tmp")
+            save_file(make(), tmp, metadata={"format": "pt"})
+            tmp.rename(path)
+        shards[name] = path
+    return _write_dir(work / f"mistral7b-L{layers}", layers, shards)
+
+
+def run_measured(cmd: list[str], min_available_gb: float, log: Path) -> dict:
+    """Run `cmd`; peak RSS (wait4) and wall time; killed (and reported) if MemAvailable gets too low."""
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    killed = threading.Event()
+    lowest = [mem_available_gb()]
+
+    def watch():
+        while proc.returncode is None and not killed.is_set():
+            avail = mem_available_gb()
+            lowest[0] = min(lowest[0], avail)
+            if avail < min_available_gb:
+                killed.set()
+                os.killpg(proc.pid, signal.SIGKILL)
+                return
+            time.sleep(0.25)
+
+    threading.Thread(target=watch, daemon=True).start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"rc": proc.returncode, "peak_rss_gb": usage.ru_maxrss / 2**20, "wall_s": time.perf_counter() - start,
+            "killed_low_memory": killed.is_set(), "min_mem_available_gb": lowest[0]}
+
+
+def commands(step: str, ckpt: Path, work: Path, layers: int, args) -> list[str]:
+    base = [sys.executable, "-m", "tda_export", step, "-m", "mistral-7b", "--weights", str(ckpt)]
+    cal = work / f"cal-L{layers}.json"
+    if step == "build":
+        if layers * 0.44 + 0.52 < 1.8:  # under 1.8 GB the CLI inlines the weights in model.onnx; measure the
+            # external-data export every 7B build takes (build(external=True), same code path otherwise)
+            return [sys.executable, "-c", "import warnings; warnings.simplefilter('ignore'); "
+                    "from tda_export.export.build import build; "
+                    f"build('mistral-7b', {str(work / f'engine-L{layers}')!r}, 'bfloat16', force=True, "
+                    f"weights={str(ckpt)!r}, external=True)"]
+        return base + ["--dtype", "bf16", "--no-calibrate", "--force", "-o", str(work / f"engine-L{layers}")]
+    if step == "calibrate":
+        return base + ["--sequences", str(args.sequences), "--device", args.device, "-q", "-o", str(cal)]
+    if step == "eval":
+        return base + ["-c", str(cal), "--sequences", str(args.sequences), "--generate-prompts", "2",
+                       "--generate-tokens", "8", "--device", args.device, "-q", "--json"]
+    raise ValueError(step)
+
+
+def fit(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least squares y = a + b * layers."""
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    b = sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else 0.0
+    return my - b * mx, b
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", default="2,4,8")
+    ap.add_argument("--steps", default="build,calibrate,eval")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/scale"))
+    ap.add_argument("--sequences", type=int, default=8, help="calibrate prompts / eval windows")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--min-available-gb", type=float, default=2.0)
+    ap.add_argument("--clean", action="store_true", help="delete checkpoints and engines afterwards")
+    ap.add_argument("--json-out", type=Path)
+    ap.add_argument("--make-only", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    layer_counts = sorted(int(x) for x in args.layers.split(","))
+    steps = args.steps.split(",")
+    if args.make_only:
+        for L in sorted(layer_counts, reverse=True):
+            make_checkpoint(args.work, L)
+        return
+    t = time.perf_counter()
+    subprocess.run([sys.executable, __file__, "--make-only", "--layers", args.layers, "--work", str(args.work)],
+                   check=True)
+    ckpts = {L: args.work / f"mistral7b-L{L}" for L in layer_counts}
+    print(f"checkpoints ready in {time.perf_counter() - t:.0f} s; MemAvailable {mem_available_gb():.1f} GB",
+          file=sys.stderr)
+    rows = []
+    for L in layer_counts:
+        for step in steps:
+            log = args.work / f"{step}-L{L}.log"
+            r = run_measured(commands(step, ckpts[L], args.work, L, args), args.min_available_gb, log)
+            weights = sum(p.stat().st_size for p in (args.work / f"engine-L{L}").glob("*")
+                          if p.suffix in (".data", ".safetensors")) if step == "build" else None
+            rows.append(dict(step=step, layers=L, written_gb=weights and weights / 2**30, **r))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            if r["rc"] != 0:
+                print(f"{step} L{L} failed (rc {r['rc']}); log {log}:\n{log.read_text()[-2000:]}", file=sys.stderr)
+    print("\n| step | layers | peak RSS GB | wall s | written GB | min MemAvailable GB |\n|---|---|---|---|---|---|")
+    for r in rows:
+        w = f"{r['written_gb']:.2f}" if r["written_gb"] else ""
+        print(f"| {r['step']} | {r['layers']} | {r['peak_rss_gb']:.2f} | {r['wall_s']:.0f} | {w} | "
+              f"{r['min_mem_available_gb']:.1f} |" + (" killed: low memory" if r["killed_low_memory"] else "")
+              + ("" if r["rc"] == 0 else f" rc {r['rc']}"))
+    ok = [r for r in rows if r["rc"] == 0]
+    if len({r["layers"] for r in ok}) > 1:
+        print(f"\n| step | RSS GB = a + b*layers | at {FULL_LAYERS} layers | wall s = a + b*layers | at {FULL_LAYERS} |"
+              f"\n|---|---|---|---|---|")
+        for step in steps:
+            pts = [r for r in ok if r["step"] == step]
+            if len(pts) < 2:
+                continue
+            a, b = fit([(r["layers"], r["peak_rss_gb"]) for r in pts])
+            ta, tb = fit([(r["layers"], r["wall_s"]) for r in pts])
+            print(f"| {step} | {a:.2f} + {b:.3f}*L | {a + b * FULL_LAYERS:.1f} | {ta:.1f} + {tb:.2f}*L | "
+                  f"{ta + tb * FULL_LAYERS:.0f} |")
+    if args.json_out:
+        args.json_out.write_text(json.dumps(rows, indent=1))
+    if args.clean:
+        shutil.rmtree(args.work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
