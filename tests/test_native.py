@@ -152,6 +152,12 @@ def test_bad_engine_dirs_clear_errors(native, engines, tmp_path, case):
     assert r.returncode == 2 and message in r.stderr and "tda-run: error:" in r.stderr, r.stderr
 
 
+def test_auto_picks_native_on_cpu(native, engines, monkeypatch, tmp_path):
+    monkeypatch.setenv("TDA_EXPORT_CACHE", str(tmp_path))
+    e = Engine.load(engines["qwen2"], backend="auto", device="cpu", threads=1)
+    assert e.backend.name == "native" and e.choice is None  # no load-time probe
+
+
 def test_old_engine_without_safetensors(engines, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(engines["llama"], old)

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 
@@ -126,6 +127,14 @@ CpuExecutor::CpuExecutor(const EngineDir& dir, int threads) : spec_(dir.spec), w
   if (act_ < 0) throw UnsupportedError(dir.directory + ": activation '" + spec_.activation + "' unknown");
   if (spec_.hidden % TDA_SIZE_MULTIPLE || spec_.intermediate % TDA_SIZE_MULTIPLE)
     throw UnsupportedError(dir.directory + ": hidden and intermediate sizes must be multiples of 8");
+  dense_above_ = kDenseAbove;
+  if (const char* env = std::getenv("TDA_NATIVE_DENSE_ABOVE")) {
+    char* end = nullptr;
+    double v = std::strtod(env, &end);
+    if (!*env || *end || !(v >= 0.0 && v <= 1.0))
+      throw ArgumentError(std::string("TDA_NATIVE_DENSE_ABOVE=") + env + ": expected a share in [0, 1]");
+    dense_above_ = v;
+  }
   threads_ = threads > 0 ? threads : std::max(1, omp_get_num_procs());
   openblas_set_num_threads(threads_);
   omp_set_num_threads(threads_);
@@ -267,6 +276,27 @@ void CpuExecutor::attention(Session& s, int64_t n, int64_t S, const float* xn, c
   matmul(y, lw.wo, lw.bo, out, M, qd, H);
 }
 
+void CpuExecutor::choose_decode_path(Session& s, int64_t n) const {
+  const size_t ln = static_cast<size_t>(n);
+  const int64_t B = s.batch, I = spec_.intermediate;
+  std::vector<uint8_t> any(static_cast<size_t>(I), 0);
+  bool all_full = true;
+  for (int64_t b = 0; b < B; ++b) {
+    const int32_t c = s.count[ln][static_cast<size_t>(b)];
+    all_full = all_full && c == I;
+    for (int32_t k = 0; k < c; ++k) any[static_cast<size_t>(s.idx[ln][static_cast<size_t>(b * I + k)])] = 1;
+  }
+  const double share = static_cast<double>(std::count(any.begin(), any.end(), 1)) / static_cast<double>(I);
+  s.dense[ln] = share > dense_above_;
+  s.keep[ln].clear();
+  if (s.dense[ln] && !all_full) {
+    s.keep[ln].assign(static_cast<size_t>(B * I), 0.0f);
+    for (int64_t b = 0; b < B; ++b)
+      for (int32_t k = 0; k < s.count[ln][static_cast<size_t>(b)]; ++k)
+        s.keep[ln][static_cast<size_t>(b * I + s.idx[ln][static_cast<size_t>(b * I + k)])] = 1.0f;
+  }
+}
+
 void CpuExecutor::mlp(Session& s, int64_t n, int64_t S, const float* xn, const float* token_valid,
                       const float* thresholds, float* out) {
   const LayerWeights& lw = w_.layers[static_cast<size_t>(n)];
@@ -297,12 +327,14 @@ void CpuExecutor::mlp(Session& s, int64_t n, int64_t S, const float* xn, const f
                          s.idx[ln].data(), s.count[ln].data()};
     ws = tda_select_active_workspace_size(&sa);
     check(tda_select_active(&sa, aligned_workspace(s.workspace, ws), ws, nullptr), "tda_select_active");
-    s.dense[ln] = std::all_of(s.count[ln].begin(), s.count[ln].end(), [&](int32_t c) { return c == I; });
+    choose_decode_path(s, n);
     matmul(t.z.data(), lw.down_t, nullptr, out, M, I, H);
     return;
   }
-  if (s.dense[ln]) {  // every neuron active: the same sum as the sparse kernel, through BLAS
+  if (s.dense[ln]) {  // the same sum as the sparse kernel, through BLAS
     dense_z();
+    if (!s.keep[ln].empty())
+      for (int64_t i = 0; i < M * I; ++i) t.z[static_cast<size_t>(i)] *= s.keep[ln][static_cast<size_t>(i)];
     matmul(t.z.data(), lw.down_t, nullptr, out, M, I, H);
     return;
   }
@@ -383,6 +415,7 @@ void CpuExecutor::prefill(Session& s, int64_t batch, int64_t seq, const int64_t*
   s.idx.assign(static_cast<size_t>(L), std::vector<int32_t>(static_cast<size_t>(batch * I)));
   s.count.assign(static_cast<size_t>(L), std::vector<int32_t>(static_cast<size_t>(batch)));
   s.dense.assign(static_cast<size_t>(L), true);
+  s.keep.assign(static_cast<size_t>(L), {});
   s.next_pos.assign(static_cast<size_t>(batch), 0);
   s.tmp.positions.resize(static_cast<size_t>(batch * seq));
   s.tmp.token_valid.resize(static_cast<size_t>(batch * seq));

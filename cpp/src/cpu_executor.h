@@ -48,7 +48,10 @@ struct Session {
   std::vector<int64_t> next_pos;           // [B]
   std::vector<std::vector<int32_t>> idx;   // per layer [B, I]
   std::vector<std::vector<int32_t>> count; // per layer [B]
-  std::vector<bool> dense;                 // per layer: every neuron active for every sequence
+  // per layer: decode through BLAS (active share above dense_above) instead of the sparse kernel,
+  // with each sequence's inactive neurons zeroed by keep[layer] [B, I] (empty when all are active)
+  std::vector<bool> dense;
+  std::vector<std::vector<float>> keep;
   bool prefilled = false;
   Scratch tmp;
   std::vector<unsigned char> workspace;
@@ -59,6 +62,11 @@ class CpuExecutor {
   CpuExecutor(const EngineDir& dir, int threads);
   ~CpuExecutor();
   const DecoderSpec& spec() const { return spec_; }
+  // Above this share of neurons active in a layer (union over the batch) decode runs the MLP densely
+  // through BLAS with the inactive neurons zeroed (the same sum): the sparse kernel streams its rows
+  // slower than OpenBLAS's GEMV, so past the break-even share it would be slower than dense.
+  // bench/RESULTS.md (native section) measured the break-even; TDA_NATIVE_DENSE_ABOVE overrides it.
+  static constexpr double kDenseAbove = 0.5;
   int64_t decode_bytes() const { return w_.decode_bytes; }
   void prefill(Session& s, int64_t batch, int64_t seq, const int64_t* ids, const int64_t* mask,
                const float* thresholds, float* logits);
@@ -71,12 +79,14 @@ class CpuExecutor {
   void mlp(Session& s, int64_t n, int64_t S, const float* xn, const float* token_valid, const float* thresholds,
            float* out);
   void ensure_capacity(Session& s, int64_t needed);
+  void choose_decode_path(Session& s, int64_t n) const;
   void rms_norm(const float* x, const float* w, float* y, int64_t rows, int64_t dim) const;
 
   DecoderSpec spec_;
   Weights w_;
   int threads_;
   int act_;
+  double dense_above_;
 };
 
 }  // namespace tda

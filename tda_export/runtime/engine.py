@@ -1,6 +1,7 @@
 """Engine.load(DIR): a verified exported directory, its tokenizer, thresholds and a backend."""
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -163,7 +164,12 @@ def native_unusable_reason(data: dict) -> str | None:
 
 
 def _native_if_usable(directory: Path, data: dict, threads):
-    if native_unusable_reason(data) is not None:
+    """auto on a CPU: the native runtime wherever it runs the engine, with no load-time probe. It decodes
+    faster than torch and ONNX Runtime at every density (bench/RESULTS.md, native section), and its own
+    per-layer rule (cpp/src/cpu_executor.h kDenseAbove) keeps a TDA layer from decoding slower than dense,
+    so the probe's two questions (which backend; does TDA pay) have their answers without measuring at
+    load. The probe (choose.py) remains for engines it cannot run. TDA_EXPORT_NATIVE=0 turns it off."""
+    if native_unusable_reason(data) is not None or os.environ.get("TDA_EXPORT_NATIVE", "1") == "0":
         return None
     from ..native import NativeBuildError
 
