@@ -1,6 +1,7 @@
 // tda-run: generate from an engine directory without Python (the flags of `tda-export run`), or
 // benchmark its decode speed (--bench). Links libtda_runtime's C API only, as an embedder would.
 #include <getopt.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -376,6 +377,13 @@ int bench(const Options& o, Engine& eng) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // OpenBLAS's workers spin 2^28 cycles before sleeping, which on a busy machine starves the other
+  // threads of every small GEMV (bench/RESULTS.md, native section: 2-5x slower decode). It reads the
+  // variable when the library loads, before main, so set it and re-execute once.
+  if (!std::getenv("OPENBLAS_THREAD_TIMEOUT")) {
+    setenv("OPENBLAS_THREAD_TIMEOUT", "4", 1);
+    execv("/proc/self/exe", argv);  // on failure, carry on with the default
+  }
   Options o = parse(argc, argv);
   Engine eng;
   check(tda_rt_engine_open(o.engine.c_str(), o.verify ? 1 : 0, o.threads, &eng.e));

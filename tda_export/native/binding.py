@@ -6,6 +6,7 @@ The backend keeps runtime/backend.py's interface, so the generation loop, `run`,
 from __future__ import annotations
 
 import ctypes as C
+import os
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,9 @@ _lib = None
 def library() -> C.CDLL:
     global _lib
     if _lib is None:
+        # OpenBLAS reads this once, when it loads: a short spin before its workers sleep, so they do not
+        # starve everything else on a busy machine (tools/tda_run.cpp says why; bench/RESULTS.md measures)
+        os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
         lib = C.CDLL(str(build_native().library))
         P, i32, f32p, i64p = C.c_void_p, C.c_int32, C.POINTER(C.c_float), C.POINTER(C.c_int64)
         sigs = {
