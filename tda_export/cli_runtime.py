@@ -11,10 +11,11 @@ from .cli import UserError
 ENGINE = click.option("--engine", "-e", "engine_dir", required=True, type=click.Path(),
                       help="Directory written by `tda-export build`.")
 THREADS = click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads [all cores].")
-BACKEND = click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto",
-                        show_default=True,
-                        help="auto: torch on a GPU; on a CPU whichever decodes faster at the engine's default "
-                             "thresholds (measured once per machine and cached). tensorrt: the engine's model.plan "
+BACKEND = click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "native", "tensorrt"]),
+                        default="auto", show_default=True,
+                        help="auto: torch on a GPU; on a CPU the native C++ runtime (cpp/, built on first use) "
+                             "for float32 engines, else whichever of torch and ONNX Runtime decodes faster "
+                             "(measured once per machine and cached). tensorrt: the engine's model.plan "
                              "(--target tensorrt-rtx|tensorrt; a GPU its TensorRT supports).")
 DENSITY = click.option("--density", "-d", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
                        help="Density for this run (needs the engine's calibration); default: the built thresholds.")

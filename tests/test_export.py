@@ -94,10 +94,29 @@ def test_cli_build_inspect_and_tamper(tmp_path, tiny_dirs):
     assert r.returncode != 0 and "tokenizer.json" in r.stderr
 
 
-def test_external_data_runs(tmp_path, tiny_dirs):
-    out = build(str(tiny_dirs["qwen2"]), tmp_path / "e", "float32", external=True, progress=False)
-    assert (out / "model.onnx.data").stat().st_size > (out / "model.onnx").stat().st_size
-    assert "model.onnx.data" in manifest.verify(out)["files"]
+def test_weights_once_in_safetensors(tmp_path, tiny_dirs):
+    """model.onnx holds no weight bytes: it references model.safetensors, which the safetensors library
+    loads on its own (no holes, aligned tensors), and ONNX Runtime runs the pair."""
+    from safetensors.numpy import load_file
+
+    from tda_export.export.weights import ALIGN, HEADER_BYTES, PAD_PREFIX
+
+    out = build(str(tiny_dirs["qwen2"]), tmp_path / "e", "float32", progress=False)
+    data = manifest.verify(out)
+    assert data["weights_file"] == "model.safetensors" and "model.safetensors" in data["files"]
+    tensors = load_file(out / "model.safetensors")
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    external = {i.name: {e.key: e.value for e in i.external_data} for i in proto.graph.initializer
+                if i.data_location == onnx.TensorProto.EXTERNAL}
+    assert set(external) == {n for n in tensors if not n.startswith(PAD_PREFIX)}
+    assert (out / "model.onnx").stat().st_size < 200_000  # graph only
+    full = onnx.load(str(out / "model.onnx"))
+    for init in full.graph.initializer:
+        if init.name in external:
+            info = external[init.name]
+            assert info["location"] == "model.safetensors"
+            assert (int(info["offset"]) - HEADER_BYTES) % ALIGN == 0
+            np.testing.assert_array_equal(onnx.numpy_helper.to_array(init), tensors[init.name])
     onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
     loaded = load_model(str(tiny_dirs["qwen2"]))
     ids, mask, pos = parity.prompt((6,), 320)

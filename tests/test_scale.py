@@ -152,7 +152,7 @@ def test_export_memory_does_not_grow_with_layers(tmp_path):
         peaks[layers] = _peak_rss_of(
             "import warnings; warnings.simplefilter('ignore');"
             "from tda_export.export.build import build;"
-            f"build({str(ckpt)!r}, {str(tmp_path / f'e{layers}')!r}, 'float32', external=True, progress=False)")
+            f"build({str(ckpt)!r}, {str(tmp_path / f'e{layers}')!r}, 'float32', progress=False)")
     per_layer = (peaks[4] - peaks[2]) / 2
     assert per_layer < 0.5 * layer_bytes, (f"peak RSS grew {per_layer / 2**20:.0f} MiB per layer of "
                                            f"{layer_bytes / 2**20:.0f} MiB; peaks {peaks}")

@@ -126,6 +126,7 @@ def test_auto_decision_rule():
 
 def test_auto_measures_once_and_caches(engines, tmp_path, monkeypatch):
     monkeypatch.setenv("TDA_EXPORT_CACHE", str(tmp_path))
+    monkeypatch.setenv("TDA_EXPORT_NATIVE", "0")  # the probe is for engines the native runtime cannot run
     first = _load(engines["llama"], "auto", device="cpu", max_context=64)
     c = first.choice
     assert not c.cached and c.backend in ("torch", "onnxruntime") and set(c.tok_s) == {

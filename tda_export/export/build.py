@@ -26,9 +26,8 @@ from .spec import ExportError, decoder_spec
 from .weights import WeightWriter
 
 MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
-# protobuf cannot hold more than 2 GiB; leave room for the graph itself
-INLINE_LIMIT = 1_800_000_000
+# The weights, once, as safetensors; model.onnx references them as ONNX external data (weights.py)
+WEIGHTS_FILE = "model.safetensors"
 PACKAGES = ("tda-export", "torch", "transformers", "onnx", "onnxruntime", "onnx-ir", "gguf", "numpy")
 
 
@@ -103,10 +102,10 @@ def calibrate_default(source, progress: bool, device: str = "auto", compute_dtyp
 
 def build(model: str, out: str | Path, dtype: str = "float32", calibration: str | None = None,
           density: float | None = None, force: bool = False, weights: str | None = None,
-          external: bool | None = None, progress: bool = True, auto_calibrate: bool = False,
-          plan=None, device: str = "auto", compute_dtype: str | None = None) -> Path:
-    """Export; `external` None decides by size. `plan` (tda_export.trt.plan.PlanOptions) also builds a
-    TensorRT plan. Raises ExportError/ValueError/FileNotFoundError on bad input."""
+          progress: bool = True, auto_calibrate: bool = False, plan=None, device: str = "auto",
+          compute_dtype: str | None = None) -> Path:
+    """Export. `plan` (tda_export.trt.plan.PlanOptions) also builds a TensorRT plan.
+    Raises ExportError/ValueError/FileNotFoundError on bad input."""
     out = Path(out)
     if out.exists() and not force:
         raise ExportError(f"--out {out}: already exists (use --force to replace it)")
@@ -138,22 +137,20 @@ def build(model: str, out: str | Path, dtype: str = "float32", calibration: str 
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
     try:
         tmp.chmod(0o755)  # mkdtemp's 0700 would make the export private to this user
-        nbytes = sum(p.numel() for p in loaded.model.parameters()) * {"float32": 4}.get(dtype, 2)
-        use_external = nbytes > INLINE_LIMIT if external is None else external
-        writer = WeightWriter(dtype, tmp / DATA_FILE if use_external else None)
+        writer = WeightWriter(dtype, tmp / WEIGHTS_FILE)
         try:
             proto = build_decoder(loaded, spec, thresholds, writer, progress=progress)
         finally:
             writer.close()
         if progress:
-            print(f"writing {tmp.name}/{MODEL_FILE} ({writer.nbytes / 2**20:.0f} MiB of weights"
-                  f"{', external' if use_external else ''})", file=sys.stderr)
+            print(f"writing {tmp.name}/{MODEL_FILE} ({writer.nbytes / 2**20:.0f} MiB of weights in {WEIGHTS_FILE})",
+                  file=sys.stderr)
         onnx.save(proto, tmp / MODEL_FILE)
         onnx.checker.check_model(str(tmp / MODEL_FILE))
         save_tokenizer(loaded.tokenizer, tmp)
         if cal is not None:  # the whole table, so the runtime can switch density per request
             cal.save(tmp / CALIBRATION_FILE)
-        data = _manifest_data(loaded, spec, cal_summary, proto, use_external)
+        data = _manifest_data(loaded, spec, cal_summary, proto)
         del proto
         if plan is not None:
             from ..trt.plan import build_plan
@@ -176,14 +173,14 @@ def build(model: str, out: str | Path, dtype: str = "float32", calibration: str 
     return out
 
 
-def _manifest_data(loaded, spec, cal_summary, proto, external: bool) -> dict:
+def _manifest_data(loaded, spec, cal_summary, proto) -> dict:
     tok = loaded.tokenizer
     recipe = loaded.source.recipe
     return {
         "model": loaded.name, "source": loaded.source.description, "fingerprint": loaded.fingerprint(),
         "recipe": dataclasses.asdict(recipe) if recipe else None,
         "backend": "onnx", "dtype": spec.dtype, "family": spec.family, "activation": spec.activation,
-        "model_file": MODEL_FILE, "external_data": DATA_FILE if external else None,
+        "model_file": MODEL_FILE, "weights_file": WEIGHTS_FILE, "external_data": WEIGHTS_FILE,
         "num_layers": spec.num_layers, "hidden_size": spec.hidden, "intermediate_size": spec.intermediate,
         "num_heads": spec.heads, "num_kv_heads": spec.kv_heads, "head_dim": spec.head_dim,
         "vocab_size": spec.vocab, "max_context": spec.max_context,

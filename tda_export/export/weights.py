@@ -1,10 +1,19 @@
-"""Initializers from torch tensors: inline, or appended to one external data file as they are made.
+"""Initializers from torch tensors: inline, or streamed into one `model.safetensors` as they are made.
 
-Streaming each converted tensor to disk right away keeps peak memory near one
-copy of the model (the HF model itself) even for models far over protobuf's 2 GB.
+The engine stores its weights once, in a safetensors file that model.onnx references through ONNX
+external data (location/offset/length). ONNX Runtime, TensorRT and the C++ runtime (cpp/) all read the
+same bytes: the ONNX runtimes by offset, everything else by the safetensors header, so a runtime that
+needs only the tensors never parses protobuf.
+
+Streaming each converted tensor to disk right away keeps peak memory near one tensor beyond the
+source model, for models far over protobuf's 2 GB. The header is not known until the last tensor,
+so HEADER_BYTES are reserved up front and the JSON is padded with spaces (which the format allows)
+to fill them: the data then starts page-aligned and nothing is copied at the end.
 """
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +23,20 @@ from onnx import TensorProto
 
 ONNX_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
 TORCH_TYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-ALIGN = 4096  # lets a runtime mmap each tensor page-aligned
+SAFETENSORS_TYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+# Where the data region starts: 8 bytes of header length, then the space-padded JSON header. About
+# 120 header bytes per tensor, so this holds ~8,000 tensors (a 70B Llama has ~730).
+HEADER_BYTES = 1 << 20
+# Each tensor starts on this boundary (relative to the page-aligned data region), so a runtime can use
+# the mmap in place with vector loads. safetensors forbids holes in the data region, so the gaps are
+# covered by U8 tensors named PAD_PREFIX<n> that no graph references.
+ALIGN = 64
+PAD_PREFIX = "__padding__."
+FORMAT = "tda-export-weights/1"
+
+
+class WeightFileError(ValueError):
+    pass
 
 
 def raw_bytes(t: torch.Tensor) -> bytes:
@@ -26,10 +48,15 @@ def raw_bytes(t: torch.Tensor) -> bytes:
 
 class WeightWriter:
     def __init__(self, dtype: str, data_path: Path | None):
-        """data_path None: weights inline in the model; else streamed to that file."""
+        """data_path None: weights inline in the model; else streamed to that safetensors file."""
         self.dtype = dtype
-        self.data_path = data_path
+        self.data_path = Path(data_path) if data_path else None
         self._file = open(data_path, "wb") if data_path else None
+        if self._file:
+            self._file.truncate(HEADER_BYTES)
+            self._file.seek(HEADER_BYTES)
+        self._header: dict[str, dict] = {}
+        self._data_end = 0  # bytes of the data region written so far
         self.initializers: list[TensorProto] = []
         self.nbytes = 0
 
@@ -41,16 +68,25 @@ class WeightWriter:
         if self._file is None:
             proto.raw_data = data
         else:
-            offset = self._file.seek(0, 2)
-            pad = -offset % ALIGN
-            self._file.write(b"\0" * pad)
-            self._file.write(data)
+            if name in self._header or name.startswith(PAD_PREFIX):
+                raise WeightFileError(f"{self.data_path}: tensor name {name!r} used twice or reserved")
+            pad = -self._data_end % ALIGN
+            if pad:
+                self._append(f"{PAD_PREFIX}{len(self._header)}", "U8", [pad], b"\0" * pad)
+            offset = self._append(name, SAFETENSORS_TYPES[dtype], list(tensor.shape), data)
             proto.data_location = TensorProto.EXTERNAL
-            for k, v in (("location", self.data_path.name), ("offset", offset + pad), ("length", len(data))):
+            for k, v in (("location", self.data_path.name), ("offset", HEADER_BYTES + offset), ("length", len(data))):
                 proto.external_data.add(key=k, value=str(v))
         self.initializers.append(proto)
         self.nbytes += len(data)
         return name
+
+    def _append(self, name: str, st_dtype: str, shape: list[int], data: bytes) -> int:
+        offset = self._data_end
+        self._file.write(data)
+        self._data_end += len(data)
+        self._header[name] = {"dtype": st_dtype, "shape": shape, "data_offsets": [offset, self._data_end]}
+        return offset
 
     def add_array(self, name: str, array: np.ndarray) -> str:
         """A small non-weight initializer (indices, defaults): always inline."""
@@ -58,8 +94,19 @@ class WeightWriter:
         return name
 
     def close(self) -> None:
-        if self._file:
+        if not self._file:
+            return
+        header = json.dumps({"__metadata__": {"format": FORMAT}, **self._header}, separators=(",", ":")).encode()
+        room = HEADER_BYTES - 8
+        try:
+            if len(header) > room:
+                raise WeightFileError(f"{self.data_path}: header of {len(header)} bytes for {len(self._header)} "
+                                      f"tensors exceeds the reserved {room}")
+            self._file.seek(0)
+            self._file.write(struct.pack("<Q", room) + header + b" " * (room - len(header)))
+        finally:
             self._file.close()
+            self._file = None
 
 
 class MemoryWriter:

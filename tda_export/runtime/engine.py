@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 from .. import __version__, manifest
 from ..calibration import CALIBRATION_FILE, Calibration
 
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "torch", "onnxruntime", "native", "tensorrt")
 
 
 class EngineError(ValueError):
@@ -27,8 +28,9 @@ class Engine:
     @classmethod
     def load(cls, directory, backend: str = "auto", threads: int | None = None, verify: bool = True,
              device: str | None = None, max_batch: int | None = None, max_context: int | None = None) -> "Engine":
-        """backend: "auto" (torch on a GPU; on a CPU whichever decodes faster at the default thresholds, see
-        choose.py), "torch" or "onnxruntime". device/max_batch/max_context configure the torch backend."""
+        """backend: "auto" (torch on a GPU; on a CPU the native C++ runtime where it can run the engine, else
+        whichever decodes faster, see choose.py), "torch", "onnxruntime" or "native" (cpp/, built on
+        demand). device/max_batch/max_context configure the torch backend."""
         from transformers import AutoTokenizer
 
         directory = Path(directory)
@@ -60,12 +62,16 @@ class Engine:
             impl = _tensorrt(directory, data)
         elif backend == "torch":
             impl = make_torch()
+        elif backend == "native":
+            impl = _native(directory, data, threads)
         elif "decoder_spec" not in data:
             warnings.warn(f"{directory}: built by an older tda-export without a decoder_spec, so only ONNX Runtime "
                           f"can run it; rebuild it for the torch backend", stacklevel=2)
             impl = make_ort()
         elif device != "cpu" and _cuda_kernels_usable():
             impl = make_torch()
+        elif (native := _native_if_usable(directory, data, threads)) is not None:
+            impl = native  # measured faster than torch and ONNX Runtime on a CPU (choose.py says why)
         else:
             from .choose import choose_cpu
 
@@ -187,6 +193,44 @@ def _tensorrt(directory: Path, data: dict):
         return TensorRTBackend(directory, data)
     except (TensorRTMissing, ValueError, RuntimeError) as e:
         raise EngineError(f"backend tensorrt: {e}") from None
+
+
+def _native(directory: Path, data: dict, threads):
+    from ..native import NativeBuildError
+    from ..native.binding import NativeBackend, NativeError
+
+    if (reason := native_unusable_reason(data)) is not None:
+        raise EngineError(f"{directory}: {reason}")
+    try:
+        return NativeBackend(directory, data, threads)
+    except (NativeError, NativeBuildError) as e:
+        raise EngineError(f"native backend: {e}") from None
+
+
+def native_unusable_reason(data: dict) -> str | None:
+    """Why the native CPU executor cannot run this engine (None if it can): decided from the manifest."""
+    if data.get("weights_file") != "model.safetensors":
+        return "built before model.safetensors (weights inside model.onnx); rebuild it for the native backend"
+    if data.get("dtype") != "float32":
+        return f"the native CPU executor runs float32 engines, this one is {data.get('dtype')}"
+    return None
+
+
+def _native_if_usable(directory: Path, data: dict, threads):
+    """auto on a CPU: the native runtime wherever it runs the engine, with no load-time probe. It decodes
+    faster than torch and ONNX Runtime at every density (bench/RESULTS.md, native section), and its own
+    per-layer rule (cpp/src/cpu_executor.h kDenseAbove) keeps a TDA layer from decoding slower than dense,
+    so the probe's two questions (which backend; does TDA pay) have their answers without measuring at
+    load. The probe (choose.py) remains for engines it cannot run. TDA_EXPORT_NATIVE=0 turns it off."""
+    if native_unusable_reason(data) is not None or os.environ.get("TDA_EXPORT_NATIVE", "1") == "0":
+        return None
+    from ..native import NativeBuildError
+
+    try:
+        return _native(directory, data, threads)
+    except (EngineError, NativeBuildError) as e:  # no compiler or BLAS here: the Python backends still run
+        warnings.warn(f"native backend unusable ({e}); choosing between torch and ONNX Runtime", stacklevel=3)
+        return None
 
 
 def _ort(directory: Path, data: dict, threads):

@@ -1,0 +1,180 @@
+// The C API: exceptions end here, as status codes plus a per-thread message.
+#include <cstring>
+#include <memory>
+#include <new>
+#include <string>
+
+#include "cpu_executor.h"
+#include "tda/runtime.h"
+
+struct tda_rt_engine {
+  tda::EngineDir dir;
+  std::unique_ptr<tda::CpuExecutor> exec;
+};
+
+struct tda_rt_session {
+  tda_rt_engine* engine;
+  tda::Session state;
+};
+
+namespace {
+
+thread_local std::string g_last_error;
+
+tda_rt_status_t fail(tda_rt_status_t st, const std::string& msg) {
+  g_last_error = msg;
+  return st;
+}
+
+template <class F>
+tda_rt_status_t guarded(F&& f) {
+  try {
+    g_last_error.clear();
+    f();
+    return TDA_RT_OK;
+  } catch (const tda::ArgumentError& e) {
+    return fail(TDA_RT_ERR_ARGUMENT, e.what());
+  } catch (const tda::EngineError& e) {
+    return fail(TDA_RT_ERR_ENGINE, e.what());
+  } catch (const tda::StateError& e) {
+    return fail(TDA_RT_ERR_STATE, e.what());
+  } catch (const tda::UnsupportedError& e) {
+    return fail(TDA_RT_ERR_UNSUPPORTED, e.what());
+  } catch (const std::bad_alloc&) {
+    return fail(TDA_RT_ERR_INTERNAL, "out of memory");
+  } catch (const std::exception& e) {
+    return fail(TDA_RT_ERR_INTERNAL, e.what());
+  } catch (...) {
+    return fail(TDA_RT_ERR_INTERNAL, "unknown error");
+  }
+}
+
+#define TDA_RT_REQUIRE(ptr) \
+  if (!(ptr)) throw tda::ArgumentError(std::string(__func__) + ": " #ptr " is NULL")
+
+}  // namespace
+
+extern "C" {
+
+int tda_rt_api_version(void) { return TDA_RT_API_VERSION; }
+const char* tda_rt_last_error(void) { return g_last_error.c_str(); }
+
+const char* tda_rt_status_string(tda_rt_status_t status) {
+  switch (status) {
+    case TDA_RT_OK: return "ok";
+    case TDA_RT_ERR_ARGUMENT: return "invalid argument";
+    case TDA_RT_ERR_ENGINE: return "bad engine directory";
+    case TDA_RT_ERR_STATE: return "call out of order";
+    case TDA_RT_ERR_UNSUPPORTED: return "unsupported engine";
+    case TDA_RT_ERR_INTERNAL: return "internal error";
+  }
+  return "unknown status";
+}
+
+tda_rt_status_t tda_rt_engine_open(const char* directory, int verify, int threads, tda_rt_engine** out) {
+  return guarded([&] {
+    TDA_RT_REQUIRE(out);
+    *out = nullptr;
+    TDA_RT_REQUIRE(directory);
+    auto e = std::make_unique<tda_rt_engine>();
+    e->dir = tda::EngineDir::open(directory, verify != 0);
+    e->exec = std::make_unique<tda::CpuExecutor>(e->dir, threads);
+    *out = e.release();
+  });
+}
+
+void tda_rt_engine_close(tda_rt_engine* engine) { delete engine; }
+
+tda_rt_status_t tda_rt_engine_info_get(const tda_rt_engine* engine, tda_rt_engine_info* out) {
+  return guarded([&] {
+    TDA_RT_REQUIRE(engine);
+    TDA_RT_REQUIRE(out);
+    const auto& s = engine->dir.spec;
+    *out = tda_rt_engine_info{static_cast<int32_t>(s.num_layers), static_cast<int32_t>(s.hidden),
+                              static_cast<int32_t>(s.intermediate), static_cast<int32_t>(s.vocab),
+                              static_cast<int32_t>(s.max_context), static_cast<int32_t>(engine->dir.bos_id),
+                              engine->dir.eos_ids.empty() ? -1 : static_cast<int32_t>(engine->dir.eos_ids[0]),
+                              static_cast<int32_t>(engine->dir.pad_id), engine->exec->decode_bytes()};
+  });
+}
+
+tda_rt_status_t tda_rt_engine_eos_ids(const tda_rt_engine* engine, int32_t* ids, int32_t capacity, int32_t* count) {
+  return guarded([&] {
+    TDA_RT_REQUIRE(engine);
+    TDA_RT_REQUIRE(count);
+    if (capacity < 0) throw tda::ArgumentError("tda_rt_engine_eos_ids: capacity < 0");
+    if (capacity > 0) TDA_RT_REQUIRE(ids);
+    const auto& e = engine->dir.eos_ids;
+    *count = static_cast<int32_t>(e.size());
+    for (size_t i = 0; i < e.size() && static_cast<int32_t>(i) < capacity; ++i) ids[i] = static_cast<int32_t>(e[i]);
+  });
+}
+
+tda_rt_status_t tda_rt_engine_thresholds(const tda_rt_engine* engine, double density, int32_t prompt_len, float* out) {
+  return guarded([&] {
+    TDA_RT_REQUIRE(engine);
+    TDA_RT_REQUIRE(out);
+    auto t = engine->dir.thresholds(density > 0 ? std::optional<double>(density) : std::nullopt,
+                                    prompt_len > 0 ? std::optional<int64_t>(prompt_len) : std::nullopt);
+    std::memcpy(out, t.data(), t.size() * sizeof(float));
+  });
+}
+
+tda_rt_status_t tda_rt_session_new(tda_rt_engine* engine, tda_rt_session** out) {
+  return guarded([&] {
+    TDA_RT_REQUIRE(out);
+    *out = nullptr;
+    TDA_RT_REQUIRE(engine);
+    *out = new tda_rt_session{engine, {}};
+  });
+}
+
+void tda_rt_session_free(tda_rt_session* session) { delete session; }
+
+tda_rt_status_t tda_rt_prefill(tda_rt_session* session, int32_t batch, int32_t seq, const int64_t* input_ids,
+                               const int64_t* attention_mask, const float* thresholds, float* logits) {
+  return guarded([&] {
+    TDA_RT_REQUIRE(session);
+    TDA_RT_REQUIRE(input_ids);
+    TDA_RT_REQUIRE(attention_mask);
+    TDA_RT_REQUIRE(logits);
+    std::vector<float> defaults;
+    if (!thresholds) {
+      int32_t shortest = seq;
+      for (int32_t b = 0; b < batch && batch > 0 && seq > 0; ++b) {
+        int32_t n = 0;
+        for (int32_t i = 0; i < seq; ++i) n += attention_mask[static_cast<int64_t>(b) * seq + i] != 0;
+        shortest = std::min(shortest, n);
+      }
+      defaults = session->engine->dir.thresholds(std::nullopt, shortest > 0 ? std::optional<int64_t>(shortest) : std::nullopt);
+      thresholds = defaults.data();
+    }
+    session->engine->exec->prefill(session->state, batch, seq, input_ids, attention_mask, thresholds, logits);
+  });
+}
+
+tda_rt_status_t tda_rt_decode(tda_rt_session* session, const int64_t* tokens, float* logits) {
+  return guarded([&] {
+    TDA_RT_REQUIRE(session);
+    TDA_RT_REQUIRE(tokens);
+    TDA_RT_REQUIRE(logits);
+    session->engine->exec->decode(session->state, tokens, logits);
+  });
+}
+
+tda_rt_status_t tda_rt_active_counts(const tda_rt_session* session, int32_t* counts) {
+  return guarded([&] {
+    TDA_RT_REQUIRE(session);
+    TDA_RT_REQUIRE(counts);
+    const auto& s = session->state;
+    if (!s.prefilled) throw tda::StateError("tda_rt_active_counts: no prefill yet");
+    for (size_t l = 0; l < s.count.size(); ++l)
+      for (int64_t b = 0; b < s.batch; ++b) counts[l * static_cast<size_t>(s.batch) + static_cast<size_t>(b)] = s.count[l][static_cast<size_t>(b)];
+  });
+}
+
+int32_t tda_rt_session_batch(const tda_rt_session* session) {
+  return session && session->state.prefilled ? static_cast<int32_t>(session->state.batch) : 0;
+}
+
+}  // extern "C"

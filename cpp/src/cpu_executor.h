@@ -1,0 +1,92 @@
+// The exported decoder on a CPU: the network model.onnx defines (export/decoder.py), with dense
+// GEMMs from OpenBLAS and the TDA MLP from our C ABI kernels (cuda/include/tda_kernels.h, CPU build).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <vector>
+
+#include "engine_dir.h"
+
+namespace tda {
+
+struct LayerWeights {
+  const float *wq, *wk, *wv, *wo;          // [in, out] (stored transposed)
+  const float *bq, *bk, *bv, *bo;          // nullptr where the model has none
+  const float *q_norm, *k_norm;            // [head_dim] (qk_norm)
+  const float *input_norm, *post_attn_norm, *pre_ffn_norm, *post_ffn_norm;
+  const float *gate_up;                    // [I, 2, H]
+  const float *down_t;                     // [I, H]
+  const float *cos, *sin;                  // [max_context, head_dim/2]
+  int64_t window;                          // 0: global
+};
+
+struct Weights {
+  std::unique_ptr<SafetensorsFile> file;
+  const float* embed;   // [V, H]
+  const float* lm_head; // [V, H]
+  const float* final_norm;
+  std::vector<LayerWeights> layers;
+  int64_t decode_bytes = 0;  // weight bytes one dense decode step reads
+  static Weights load(const EngineDir& dir);
+};
+
+// One batch: its KV cache, padding mask and TDA state. Slots are columns of the mask (left padding
+// keeps rows aligned); rotary positions skip each row's padding.
+struct StateError : std::runtime_error { using std::runtime_error::runtime_error; };
+
+struct Scratch {  // per-call buffers, kept so decode steps allocate nothing
+  std::vector<float> x, xn, q, k, v, y, h, gu, z, scores, att, last, token_valid;
+  std::vector<int64_t> positions;
+};
+
+struct Session {
+  int64_t batch = 0, len = 0, cap = 0;     // slots used / allocated
+  std::vector<std::vector<float>> k, v;    // per layer [B, kvh, cap, hd]
+  std::vector<uint8_t> pad;                // [B, cap] 1 = real token
+  std::vector<int64_t> next_pos;           // [B]
+  std::vector<std::vector<int32_t>> idx;   // per layer [B, I]
+  std::vector<std::vector<int32_t>> count; // per layer [B]
+  // per layer: decode through BLAS (active share above dense_above) instead of the sparse kernel,
+  // with each sequence's inactive neurons zeroed by keep[layer] [B, I] (empty when all are active)
+  std::vector<bool> dense;
+  std::vector<std::vector<float>> keep;
+  bool prefilled = false;
+  Scratch tmp;
+  std::vector<unsigned char> workspace;
+};
+
+class CpuExecutor {
+ public:
+  CpuExecutor(const EngineDir& dir, int threads);
+  ~CpuExecutor();
+  const DecoderSpec& spec() const { return spec_; }
+  // Above this share of neurons active in a layer (union over the batch) decode runs the MLP densely
+  // through BLAS with the inactive neurons zeroed (the same sum): the sparse kernel streams its rows
+  // slower than OpenBLAS's GEMV, so past the break-even share it would be slower than dense.
+  // bench/RESULTS.md (native section) measured the break-even; TDA_NATIVE_DENSE_ABOVE overrides it.
+  static constexpr double kDenseAbove = 0.5;
+  int64_t decode_bytes() const { return w_.decode_bytes; }
+  void prefill(Session& s, int64_t batch, int64_t seq, const int64_t* ids, const int64_t* mask,
+               const float* thresholds, float* logits);
+  void decode(Session& s, const int64_t* tokens, float* logits);
+
+ private:
+  void forward(Session& s, int64_t S, const int64_t* ids, const int64_t* positions, const float* token_valid,
+               const float* thresholds, float* logits);
+  void attention(Session& s, int64_t n, int64_t S, const float* xn, const int64_t* positions, float* out);
+  void mlp(Session& s, int64_t n, int64_t S, const float* xn, const float* token_valid, const float* thresholds,
+           float* out);
+  void ensure_capacity(Session& s, int64_t needed);
+  void choose_decode_path(Session& s, int64_t n) const;
+  void rms_norm(const float* x, const float* w, float* y, int64_t rows, int64_t dim) const;
+
+  DecoderSpec spec_;
+  Weights w_;
+  int threads_;
+  int act_;
+  double dense_above_;
+};
+
+}  // namespace tda

@@ -1,0 +1,92 @@
+// The engine directory read in C++: manifest (verified), decoder spec, safetensors weights (mmap),
+// calibration (thresholds per request). Everything here throws EngineError naming the file.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace tda {
+
+struct EngineError : std::runtime_error { using std::runtime_error::runtime_error; };
+struct UnsupportedError : std::runtime_error { using std::runtime_error::runtime_error; };
+struct ArgumentError : std::runtime_error { using std::runtime_error::runtime_error; };
+
+struct LayerSpec {
+  std::optional<int64_t> window;  // sliding window in tokens, none for global attention
+  std::string rope;               // rope cache this layer uses
+};
+
+// export/spec.py DecoderSpec, as the manifest stores it (decoder_spec).
+struct DecoderSpec {
+  std::string family, activation, dtype;
+  int64_t num_layers = 0, hidden = 0, intermediate = 0, heads = 0, kv_heads = 0, head_dim = 0, vocab = 0,
+          max_context = 0;
+  double rms_eps = 0, attn_scale = 0;
+  std::optional<double> attn_softcap, final_softcap, embed_scale;
+  bool sandwich_norms = false, qk_norm = false, tied_embeddings = false;
+  std::vector<LayerSpec> layers;
+  std::vector<std::string> rope_types;
+};
+
+struct TensorView {
+  std::string dtype;           // safetensors dtype: F32, F16, BF16, ...
+  std::vector<int64_t> shape;
+  const void* data = nullptr;  // inside the mmap
+  size_t nbytes = 0;
+};
+
+// model.safetensors, mmapped read-only for the engine's lifetime.
+class SafetensorsFile {
+ public:
+  explicit SafetensorsFile(const std::string& path);
+  ~SafetensorsFile();
+  SafetensorsFile(const SafetensorsFile&) = delete;
+  SafetensorsFile& operator=(const SafetensorsFile&) = delete;
+  const TensorView* find(const std::string& name) const;
+  // The tensor `name` as float32 of `shape`; throws naming the file, tensor and mismatch.
+  const float* f32(const std::string& name, const std::vector<int64_t>& shape) const;
+  bool has(const std::string& name) const { return tensors_.count(name) != 0; }
+  const std::string& path() const { return path_; }
+
+ private:
+  void unmap();
+  std::string path_;
+  void* map_ = nullptr;
+  size_t size_ = 0;
+  std::map<std::string, TensorView> tensors_;
+};
+
+// calibration.json: density -> per-layer thresholds, optionally per prompt length.
+struct Calibration {
+  using Table = std::vector<std::pair<std::string, std::vector<float>>>;  // file order kept
+  Table thresholds;
+  std::vector<std::pair<int64_t, Table>> by_prompt_length;
+  std::vector<double> default_densities;
+  const Table& table(int64_t prompt_len) const;
+};
+
+struct EngineDir {
+  std::string directory;
+  nlohmann::json manifest;
+  DecoderSpec spec;
+  std::optional<Calibration> calibration;
+  std::vector<float> built_thresholds;   // manifest calibration.thresholds (zeros if none)
+  std::optional<double> selected_density;
+  std::vector<int64_t> eos_ids;
+  int64_t bos_id = -1, pad_id = -1;
+
+  // verify: size and sha256 of every file in the manifest.
+  static EngineDir open(const std::string& directory, bool verify);
+  // Engine.thresholds(density, prompt_len): density nullopt = the engine's default.
+  std::vector<float> thresholds(std::optional<double> density, std::optional<int64_t> prompt_len) const;
+};
+
+std::string sha256_file(const std::string& path);
+
+}  // namespace tda

@@ -1,0 +1,105 @@
+"""Build cpp/ (libtda_runtime, tda-run) with CMake on demand into a per-source-hash cache.
+
+As tda_export/kernels/build.py does for cuda/: the build lands in ``$TDA_NATIVE_CACHE`` (default
+``~/.cache/tda-export/native``) under ``<hash of sources and options>/``, so editing the C++ rebuilds
+it and switching branches back reuses the old build. The directory is built beside its final name
+and renamed into place, so concurrent builders never see half a build.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CPP = Path(os.environ.get("TDA_NATIVE_SRC", ROOT / "cpp"))
+KERNELS = Path(os.environ.get("TDA_KERNELS_SRC", ROOT / "cuda"))
+SUFFIXES = (".cpp", ".h", ".hpp", ".txt", ".cmake")
+
+
+class NativeBuildError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class NativeBuild:
+    directory: Path
+
+    @property
+    def library(self) -> Path:
+        return self.directory / "libtda_runtime.so"
+
+    @property
+    def cli(self) -> Path:
+        return self.directory / "tda-run"
+
+    @property
+    def tests(self) -> Path:
+        return self.directory / "tda_runtime_tests"
+
+
+def blas_dir() -> Path:
+    try:
+        import scipy_openblas32
+    except ImportError:
+        raise NativeBuildError("the native backend needs the BLAS of PyPI scipy-openblas32: "
+                               "pip install scipy-openblas32") from None
+    return Path(scipy_openblas32.__file__).parent
+
+
+def _sources() -> list[Path]:
+    files = [p for p in sorted(CPP.rglob("*")) if p.is_file() and p.suffix in SUFFIXES]
+    files += [p for p in sorted((KERNELS / "src" / "cpu").glob("*")) if p.suffix in SUFFIXES]
+    files += sorted((KERNELS / "src").glob("*.h")) + sorted((KERNELS / "include").glob("*.h"))
+    return files
+
+
+def _cache_dir(options: list[str]) -> Path:
+    h = hashlib.sha256()
+    for f in _sources():
+        h.update(str(f.relative_to(ROOT) if f.is_relative_to(ROOT) else f).encode())
+        h.update(f.read_bytes())
+    h.update(" ".join(options).encode())
+    root = Path(os.environ.get("TDA_NATIVE_CACHE", Path.home() / ".cache" / "tda-export" / "native"))
+    return root / h.hexdigest()[:16]
+
+
+def build_native(sanitize: bool = False, quiet: bool = True) -> NativeBuild:
+    """The built runtime (cached); raises NativeBuildError with the compiler's output on failure."""
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        raise NativeBuildError("cmake not found on PATH (apt-get install cmake)")
+    options = [f"-DTDA_BLAS_DIR={blas_dir()}", f"-DTDA_KERNELS_DIR={KERNELS}",
+               f"-DTDA_SANITIZE={'ON' if sanitize else 'OFF'}", "-DCMAKE_BUILD_TYPE=" + ("Debug" if sanitize else "Release")]
+    if sanitize:  # the sanitizer build checks the runtime; tda-run takes --prompt-ids there
+        options.append("-DTDA_WITH_TOKENIZER=OFF")
+    out = _cache_dir(options)
+    done = NativeBuild(out)
+    if done.library.exists() and done.cli.exists():
+        return done
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
+    try:
+        for cmd in ([cmake, "-S", str(CPP), "-B", str(work / "build"), *options],
+                    [cmake, "--build", str(work / "build"), "-j", str(min(4, os.cpu_count() or 1))]):
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise NativeBuildError(f"{' '.join(cmd)}\n{proc.stdout[-4000:]}{proc.stderr[-8000:]}")
+        stage = work / "out"
+        stage.mkdir()
+        for name in ("tda-run", "tda_runtime_tests"):
+            shutil.copy2(work / "build" / name, stage / name)
+        for lib in (work / "build").rglob("lib*.so*"):  # the runtime, and the tokenizer if built shared
+            shutil.copy2(lib, stage / lib.name)
+        try:
+            os.rename(stage, out)
+        except OSError:  # another process finished first: use its build
+            if not done.library.exists():
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return done
