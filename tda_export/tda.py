@@ -104,8 +104,11 @@ class TDAHooks:
                 sq = token_contributions(z, hooks.token_valid, hooks.score_norm)
                 if hooks.prefix_lengths:
                     cum = sq.cumsum(1)
-                    hooks.prefix_scores[layer] = {n: cum[:, n - 1] for n in hooks.prefix_lengths if n <= z.shape[1]}
-                    s = cum[:, -1]
+                    # clones: a slice would keep this layer's whole [B, S, I] cumsum alive
+                    hooks.prefix_scores[layer] = {n: cum[:, n - 1].clone() for n in hooks.prefix_lengths
+                                                  if n <= z.shape[1]}
+                    s = cum[:, -1].clone()
+                    del cum
                 else:
                     s = sq.sum(1)
                 prev = hooks.scores[layer]

@@ -165,7 +165,8 @@ def test_cli_eval_json_on_hf_dir(tiny_dirs, tmp_path):
     text.write_text(TEXT)
     r = CliRunner().invoke(main, ["eval", "-m", str(tiny_dirs["mistral"]), "--density", "0.5", "--json", "-q",
                                   "--text", str(text), "--sequences", "4", "--prompt-tokens", "16",
-                                  "--continuation-tokens", "8", "--generate-prompts", "2", "--generate-tokens", "4"])
+                                  "--continuation-tokens", "8", "--generate-prompts", "2", "--generate-tokens", "4",
+                                  "--calibration-sequences", "4"])
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout[r.stdout.index("{"):])
     assert report["dense"]["perplexity"] > 1 and report["tda"]["perplexity"] > 1
