@@ -10,6 +10,7 @@ configuration, which makes per-layer sensitivity sweeps cheap.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from .calibration import Calibration, density_key
 from .text import HELD_IN_FRACTION
 from .models import LoadedModel, forward
-from .tda import TDAHooks, mlp_bytes_per_token, relative_scores, thresholds_for_density
+from .tda import TDAHooks, TokenGating, mlp_bytes_per_token, relative_scores, thresholds_for_density
 
 DEFAULT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 BUDGET_LEVELS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
@@ -91,6 +92,42 @@ class Prefilled:
     first_logits: torch.Tensor  # [B, V] logits predicting token P
     scores: list                # per layer [B, I]
     prefix_scores: list         # per layer {n: [B, I] scores over the first n tokens} (if requested)
+    dense_top1: torch.Tensor | None = None  # [B, C] dense argmax per continuation position, once measured
+
+
+@dataclass
+class Continuation:
+    """One mask configuration over all windows: what the statistics below are computed from."""
+    nll: np.ndarray             # [W] summed NLL of each window's continuation tokens
+    tokens: int                 # continuation tokens per window
+    density: np.ndarray         # [W, L] static mask density per window and layer
+    top1: np.ndarray | None     # [W] agreement of the teacher-forced argmax with dense (positions 1..C-1)
+    byte_fractions: list        # [L] MLP weight bytes streamed per token, as a fraction of dense
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll.sum() / (self.nll.size * self.tokens))
+
+
+def bootstrap_increase(dense: Continuation, other: Continuation, resamples: int = 2000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float, float]:
+    """Relative perplexity increase of `other` over `dense` on the same windows and its paired bootstrap
+    percentile interval over windows: (point, low, high)."""
+    rng = np.random.default_rng(seed)
+    diff = (other.nll - dense.nll) / dense.tokens
+    idx = rng.integers(0, diff.size, (resamples, diff.size))
+    boot = np.exp(diff[idx].mean(1)) - 1.0
+    tail = (1.0 - level) / 2
+    return float(np.exp(diff.mean()) - 1.0), float(np.quantile(boot, tail)), float(np.quantile(boot, 1 - tail))
+
+
+def bootstrap_mean(values: np.ndarray, resamples: int = 2000, seed: int = 0,
+                   level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of per-window values and its bootstrap percentile interval."""
+    rng = np.random.default_rng(seed)
+    boot = values[rng.integers(0, values.size, (resamples, values.size))].mean(1)
+    tail = (1.0 - level) / 2
+    return float(values.mean()), float(np.quantile(boot, tail)), float(np.quantile(boot, 1 - tail))
 
 
 class Evaluator:
@@ -114,46 +151,67 @@ class Evaluator:
         return out
 
     @torch.no_grad()
+    def continuation(self, batches: list[Prefilled], prompt_len: int, mode: str, thresholds=None, densities=None,
+                     clamp: float | None = None, gating: TokenGating | None = None) -> "Continuation":
+        """Teacher-forced continuation of every window under one mask configuration."""
+        nll, top1, dens = [], [], []
+        self.hooks.reset_bytes()
+        self.hooks.gating = gating
+        try:
+            with self.hooks:
+                for p in batches:
+                    self.hooks.scores = p.scores
+                    self.hooks.set_masks(mode, thresholds, densities, clamp)
+                    dens.append(torch.stack([m.float().mean(-1) for m in self.hooks.masks], 1))  # [B, L]
+                    targets = p.ids[:, prompt_len:]
+                    with self.hooks.phase_("masked"):
+                        logits, _ = forward(self.lm.model, p.ids[:, prompt_len:-1], copy.deepcopy(p.cache))
+                    logits = torch.cat([p.first_logits[:, None], logits.float()], 1)
+                    nll.append(F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").double().sum(1))
+                    argmax = logits.argmax(-1)
+                    if p.dense_top1 is None and mode == "dense" and gating is None:
+                        p.dense_top1 = argmax
+                    if p.dense_top1 is not None:
+                        top1.append((argmax == p.dense_top1)[:, 1:].double().mean(1))  # token 0 is dense
+                    del logits
+        finally:
+            self.hooks.gating = None
+        return Continuation(torch.cat(nll).numpy(), targets.shape[1], torch.cat(dens).numpy(),
+                            torch.cat(top1).numpy() if top1 else None, self.hooks.byte_fractions())
+
     def continuation_nll(self, batches: list[Prefilled], prompt_len: int, mode: str, thresholds=None,
                          densities=None) -> tuple[float, int, list[float]]:
         """(summed NLL over continuation tokens, token count, realised density per layer)."""
-        nll, count, dens = 0.0, 0, []
-        with self.hooks:
-            for p in batches:
-                self.hooks.scores = p.scores
-                self.hooks.set_masks(mode, thresholds, densities)
-                dens.append(self.hooks.realised_density())
-                targets = p.ids[:, prompt_len:]
-                with self.hooks.phase_("masked"):
-                    logits, _ = forward(self.lm.model, p.ids[:, prompt_len:-1], copy.deepcopy(p.cache))
-                logits = torch.cat([p.first_logits[:, None], logits.float()], 1)
-                nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
-                count += targets.numel()
-        per_layer = [sum(col) / len(col) for col in zip(*dens)]
-        return nll, count, per_layer
+        c = self.continuation(batches, prompt_len, mode, thresholds, densities)
+        return float(c.nll.sum()), c.nll.size * c.tokens, c.density.mean(0).tolist()
 
     def perplexity(self, batches, prompt_len, mode, thresholds=None, densities=None) -> tuple[float, list[float]]:
         nll, n, dens = self.continuation_nll(batches, prompt_len, mode, thresholds, densities)
         return math.exp(nll / n), dens
 
     @torch.no_grad()
-    def greedy(self, prompts: torch.Tensor, new_tokens: int, mode: str, thresholds=None, densities=None):
+    def greedy(self, prompts: torch.Tensor, new_tokens: int, mode: str, thresholds=None, densities=None,
+               clamp: float | None = None, gating: TokenGating | None = None):
         """Greedy generation with a dense prompt pass and a fixed mask: [N, new_tokens] token ids."""
         outs = []
-        with self.hooks:
-            for b in prompts.split(self.batch_size):
-                self.hooks.reset_scores()
-                with self.hooks.phase_("score"):
-                    logits, cache = forward(self.lm.model, b)
-                self.hooks.set_masks(mode, thresholds, densities)
-                tok = logits[:, -1].argmax(-1)
-                gen = [tok]
-                with self.hooks.phase_("masked"):
-                    for _ in range(new_tokens - 1):
-                        logits, cache = forward(self.lm.model, tok[:, None], cache)
-                        tok = logits[:, -1].argmax(-1)
-                        gen.append(tok)
-                outs.append(torch.stack(gen, 1))
+        self.hooks.gating = gating
+        try:
+            with self.hooks:
+                for b in prompts.split(self.batch_size):
+                    self.hooks.reset_scores()
+                    with self.hooks.phase_("score"):
+                        logits, cache = forward(self.lm.model, b)
+                    self.hooks.set_masks(mode, thresholds, densities, clamp)
+                    tok = logits[:, -1].argmax(-1)
+                    gen = [tok]
+                    with self.hooks.phase_("masked"):
+                        for _ in range(new_tokens - 1):
+                            logits, cache = forward(self.lm.model, tok[:, None], cache)
+                            tok = logits[:, -1].argmax(-1)
+                            gen.append(tok)
+                    outs.append(torch.stack(gen, 1))
+        finally:
+            self.hooks.gating = None
         return torch.cat(outs)
 
 
@@ -304,31 +362,42 @@ def evaluate_configs(lm: LoadedModel, text: str, text_desc: str, configs: list[d
                          f"or calibrate and evaluate with the same --text FILE (calibration reads its first "
                          f"{HELD_IN_FRACTION:.0%}, eval the rest)")
     batches = ev.prefill(windows[:sequences], prompt_len)
-    dense_ppl, _ = ev.perplexity(batches, prompt_len, "dense")
+    dense = ev.continuation(batches, prompt_len, "dense")
     prompts = windows[sequences:, :prompt_len]
-    gen_dense = ev.greedy(prompts, generate_tokens, "dense")
+    gen_dense = ev.greedy(prompts, generate_tokens, "dense") if generate_prompts else None
     c = lm.config
     per_layer_bytes = mlp_bytes_per_token(c, bytes_per_param(lm))
     dense_bytes = per_layer_bytes * c.num_hidden_layers
     reports = []
     for cfg in _progress(configs, "configs", quiet or len(configs) == 1):
         mode, thresholds, densities = cfg["mode"], cfg.get("thresholds"), cfg.get("densities")
-        tda_ppl, realised = ev.perplexity(batches, prompt_len, mode, thresholds, densities)
-        gen_tda = ev.greedy(prompts, generate_tokens, mode, thresholds, densities)
-        skipped = sum((1.0 - d) * per_layer_bytes for d in realised)
-        reports.append({
+        clamp, gating = cfg.get("clamp"), cfg.get("gating")
+        run = ev.continuation(batches, prompt_len, mode, thresholds, densities, clamp, gating)
+        increase = bootstrap_increase(dense, run)
+        realised = run.density.mean(0).tolist()
+        per_seq = run.density.mean(1)
+        skipped = sum((1.0 - f) * per_layer_bytes for f in run.byte_fractions)
+        report = {
             "model": lm.name, "mode": mode, "requested_density": cfg.get("requested_density"),
-            "score_norm": score_norm,
+            "score_norm": score_norm, "clamp": clamp,
+            "gating": None if gating is None else dataclasses.asdict(gating),
             "text": {"source": text_desc, "sequences": sequences, "prompt_tokens": prompt_len,
                      "continuation_tokens": continuation},
-            "dense": {"perplexity": dense_ppl},
-            "tda": {"perplexity": tda_ppl, "perplexity_increase": tda_ppl / dense_ppl - 1.0},
-            "greedy": {"prompts": generate_prompts, "new_tokens": generate_tokens,
-                       **agreement(gen_dense, gen_tda)},
-            "realised_density": {"mean": sum(realised) / len(realised), "per_layer": realised},
+            "dense": {"perplexity": dense.perplexity},
+            "tda": {"perplexity": run.perplexity, "perplexity_increase": increase[0],
+                    "increase_ci95": list(increase[1:])},
+            "teacher_forced_top1": dict(zip(("mean", "low", "high"), bootstrap_mean(run.top1))),
+            "realised_density": {"mean": sum(realised) / len(realised), "per_layer": realised,
+                                 "per_sequence_min": float(per_seq.min()), "per_sequence_max": float(per_seq.max()),
+                                 "per_layer_min": min(realised), "per_layer_max": max(realised)},
             "mlp_bytes": {"dense_per_token": dense_bytes, "skipped_per_token": skipped,
                           "skipped_fraction": skipped / dense_bytes, "bytes_per_param": bytes_per_param(lm)},
-        })
+        }
+        if generate_prompts:
+            gen = ev.greedy(prompts, generate_tokens, mode, thresholds, densities, clamp, gating)
+            report["greedy"] = {"prompts": generate_prompts, "new_tokens": generate_tokens,
+                                **agreement(gen_dense, gen)}
+        reports.append(report)
     return reports
 
 

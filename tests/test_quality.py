@@ -130,3 +130,91 @@ def test_calibration_memory_stays_flat_over_windows():
     per_batch_logits = 8 * 64 * cfg.vocab_size * 4
     assert len(kept) == 16
     assert grown < 4 * per_batch_logits, f"RSS grew {grown / 1e6:.0f} MB over 16 batches"
+
+
+def test_clamped_threshold_mask_bounds_each_sequence():
+    from tda_export.tda import clamped_threshold_mask, threshold_mask
+
+    torch.manual_seed(0)
+    inter = 203  # odd-sized
+    peaked = torch.rand(6, inter) ** torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0, 0.5])[:, None]
+    for tau in (0.1, 0.4, 0.8):
+        plain = threshold_mask(peaked, tau)
+        got = clamped_threshold_mask(peaked, tau, 0.4, 0.6)
+        lo, hi = 82, 122  # ceil(0.4 * 203), ceil(0.6 * 203)
+        n, k = plain.sum(-1), got.sum(-1)
+        assert torch.equal(k, n.clamp(lo, hi))
+        # the clamped mask keeps the best-scoring neurons: a superset or a subset of the threshold's
+        assert torch.all((got | plain) == torch.where((n < lo)[:, None], got, plain))
+        worst_kept = peaked.masked_fill(~got, 2.0).amin(-1)
+        best_dropped = peaked.masked_fill(got, -1.0).amax(-1)
+        assert torch.all(worst_kept >= best_dropped)
+
+
+def sparse_reference(mlp, x, static, gating, gu_norm, down_norm):
+    """Per token, compute only the kept rows and columns of gate, up and down (float64, explicit gathers)."""
+    from math import ceil
+
+    wg, wu, wd = (w.double() for w in (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight))
+    out = torch.zeros(x.shape[0], x.shape[1], wd.shape[0], dtype=torch.float64)
+    streamed = []
+    for b in range(x.shape[0]):
+        s_idx = static[b].nonzero()[:, 0]
+        for t in range(x.shape[1]):
+            xt = x[b, t].double()
+            x_idx = (xt.abs() * gu_norm.double()).topk(ceil(gating.x_density * xt.numel() - 1e-9)).indices
+            a = mlp.act_fn(wg[s_idx][:, x_idx] @ xt[x_idx])
+            g_sel = a.abs().topk(ceil(gating.gate_density * s_idx.numel() - 1e-9)).indices
+            g_idx = s_idx[g_sel]
+            z = a[g_sel] * (wu[g_idx][:, x_idx] @ xt[x_idx])
+            z_sel = (z.abs() * down_norm[g_idx].double()).topk(ceil(gating.z_density * g_idx.numel() - 1e-9)).indices
+            out[b, t] = wd[:, g_idx[z_sel]] @ z[z_sel]
+            inter, hidden = static.shape[-1], xt.numel()
+            streamed.append((s_idx.numel() * x_idx.numel() / (inter * hidden)
+                             + g_idx.numel() * x_idx.numel() / (inter * hidden) + z_sel.numel() / inter) / 3)
+    return out, sum(streamed) / len(streamed)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_token_gating_equals_computing_only_kept_weights(tiny_dirs, family):
+    from tda_export import arch
+    from tda_export.tda import TDAHooks, TokenGating
+
+    lm = load_model(str(tiny_dirs[family]))
+    layer = 1
+    mlp = arch.mlp_modules(lm.model)[layer]
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, lm.config.hidden_size)
+    static = torch.rand(2, lm.config.intermediate_size) > 0.4
+    static[1] = False
+    static[1, :5] = True  # a five-neuron mask
+    gating = TokenGating(x_density=0.55, gate_density=0.6, z_density=0.7)
+    with TDAHooks(lm.model) as hooks:
+        hooks.masks[layer] = static
+        hooks.gating = gating
+        with hooks.phase_("masked"):
+            got = mlp(x)
+        ref, streamed = sparse_reference(mlp, x, static, gating, *hooks.column_norms(layer))
+        assert abs(hooks.byte_fractions()[layer] - streamed) < 1e-6
+    assert (got.double() - ref).norm() / ref.norm() < 1e-5
+
+
+def test_token_gating_off_is_the_static_mask(tiny_dirs):
+    from tda_export import arch
+    from tda_export.tda import TDAHooks, TokenGating
+
+    lm = load_model(str(tiny_dirs["qwen2"]))
+    mlp = arch.mlp_modules(lm.model)[0]
+    x = torch.randn(2, 4, lm.config.hidden_size)
+    static = torch.rand(2, lm.config.intermediate_size) > 0.5
+    outs, fractions = [], []
+    for gating in (None, TokenGating()):
+        with TDAHooks(lm.model) as hooks:
+            hooks.masks[0], hooks.gating = static, gating
+            with hooks.phase_("masked"):
+                outs.append(mlp(x))
+            fractions.append(hooks.byte_fractions()[0])
+    assert torch.allclose(outs[0], outs[1], rtol=1e-6, atol=1e-7)
+    assert abs(fractions[0] - static.float().mean().item()) < 1e-6 and abs(fractions[1] - fractions[0]) < 1e-6
+    with pytest.raises(ValueError, match="x_density"):
+        TokenGating(x_density=0.0)
