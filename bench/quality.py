@@ -86,7 +86,7 @@ def density_study(lm, cal, texts: dict, windows: int, prompt_len: int = 128) -> 
     out = {}
     for name, text in texts.items():
         ids = token_windows(tokenize(lm.tokenizer, text), windows, prompt_len)
-        batches = ev.prefill(ids, prompt_len)
+        batches = ev.prefill(ids, prompt_len, keep_cache=False)
         rows = {}
         for d in DENSITY_GRID:
             th, ds = cal.thresholds_for(d, prompt_len), [d] * cal.num_layers

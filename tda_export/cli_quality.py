@@ -72,20 +72,35 @@ def _text(path, split):
 @click.option("--densities", default="0.3,0.5,0.7,0.9", show_default=True,
               help="Densities (kept fraction of MLP neurons) to store thresholds for, comma-separated.")
 @click.option("--max-ppl-increase", type=click.FloatRange(0.0, min_open=True), default=None,
-              help="Also allocate per-layer densities greedily to save the most MLP bytes while held-out "
-                   "perplexity stays within this relative increase (0.03 = +3%); becomes the default.")
+              help="Also allocate per-layer densities greedily to save the most MLP bytes while perplexity "
+                   "stays within this relative increase (0.03 = +3%); becomes the default. The calibration text "
+                   "splits 60/20/20 into threshold, tuning and validation parts.")
+@click.option("--budget-confidence", type=click.FloatRange(0.5, 1.0, max_open=True), default=0.9,
+              show_default=True,
+              help="With --max-ppl-increase: the allocation is backed off until the one-sided upper bound at this "
+                   "confidence (paired bootstrap over validation windows disjoint from tuning) is within budget.")
+@click.option("--tune-sequences", type=click.IntRange(2), default=16, show_default=True,
+              help="With --max-ppl-increase: windows the per-layer allocation is tuned on.")
+@click.option("--validation-sequences", type=click.IntRange(2), default=32, show_default=True,
+              help="With --max-ppl-increase: windows the allocation must hold on (more = tighter bound, "
+                   "less backing off).")
 @click.option("--sequences", type=click.IntRange(1), default=None,
               help="Calibration prompts [recipe's calibration.sequences, else 64].")
 @click.option("--out", "-o", type=click.Path(), default=None,
               help="Calibration file to write [<model>.calibration.json].")
 def calibrate(model, weights, text, prompt_tokens, score_norm, batch_size, quiet, densities, max_ppl_increase,
-              sequences, out):
+              budget_confidence, tune_sequences, validation_sequences, sequences, out):
     """Calibrate per-layer TDA thresholds on text and write a calibration file.
 
     For each density d and layer, the threshold keeps a fraction d of the
     neurons over the calibration prompts (relative scores r = s/max s pooled).
     Later steps (eval, build) read the file; its `default` entry is the recipe
     density, or the budget allocation with --max-ppl-increase.
+
+    A budget is tuned greedily on one part of the text, then validated on a
+    disjoint part: greedy steps are undone until the upper bound at
+    --budget-confidence of the validation increase is within the budget.
+    Unseen text of another domain can still cost more (bench/QUALITY.md).
 
     \b
     Example:
@@ -101,16 +116,19 @@ def calibrate(model, weights, text, prompt_tokens, score_norm, batch_size, quiet
     corpus, desc = _text(text, "calibration")
     try:
         cal = build_calibration(lm, corpus, desc, dens, sequences, prompt_tokens, score_norm, max_ppl_increase,
-                                default_density, batch_size=batch_size, quiet=quiet)
+                                default_density, batch_size=batch_size, quiet=quiet, tune_sequences=tune_sequences,
+                                validation_sequences=validation_sequences, confidence=budget_confidence)
     except ValueError as e:
         raise UserError(str(e)) from None
     out = Path(out or f"{lm.name}.calibration.json")
     cal.save(out)
     click.echo(f"wrote {out}: {cal.num_layers} layers, densities {', '.join(sorted(cal.thresholds))}")
     if cal.budget:
-        b = cal.budget
-        click.echo(f"budget {b['max_ppl_increase']:+.1%}: mean density {b['mean_density']:.3f}, perplexity "
-                   f"{b['measured_increase']:+.2%} measured (predicted {b['predicted_increase']:+.2%}); "
+        b, v = cal.budget, cal.budget["validation"]
+        click.echo(f"budget {b['max_ppl_increase']:+.1%}: mean density {b['mean_density']:.3f}; on {v['windows']} "
+                   f"validation windows disjoint from tuning, perplexity {v['increase']:+.2%} (95% CI "
+                   f"{v['ci95'][0]:+.2%} to {v['ci95'][1]:+.2%}; {v['confidence']:.0%} upper bound "
+                   f"{v['upper_bound']:+.2%}); kept {b['kept_steps']} of {b['tuned_steps']} tuned steps; "
                    f"per layer {' '.join(f'{d:.1f}' for d in b['densities'])}")
 
 

@@ -136,18 +136,20 @@ class Evaluator:
         self.hooks = TDAHooks(lm.model, score_norm)
 
     @torch.no_grad()
-    def prefill(self, ids: torch.Tensor, prompt_len: int) -> list[Prefilled]:
+    def prefill(self, ids: torch.Tensor, prompt_len: int, keep_cache: bool = True) -> list[Prefilled]:
+        """Dense prompt passes collecting scores; without `keep_cache` (calibration) the KV cache is dropped."""
         out = []
         batches = list(ids.split(self.batch_size))
         with self.hooks:
             for b in _progress(batches, "prefill", self.quiet):
                 self.hooks.reset_scores()
                 with self.hooks.phase_("score"):
-                    logits, cache = forward(self.lm.model, b[:, :prompt_len])
-                # clone: a slice of fp32 logits is a view that would keep the whole [B, P, V] alive
-                out.append(Prefilled(b, cache, logits[:, -1].float().clone(), list(self.hooks.scores),
-                                     list(self.hooks.prefix_scores)))
-                del logits
+                    # only the last position's logits are used: skip the LM head over the rest of the prompt
+                    logits, cache = forward(self.lm.model, b[:, :prompt_len], logits_to_keep=1)
+                # clone: a slice of fp32 logits is a view that would keep its whole base tensor alive
+                out.append(Prefilled(b, cache if keep_cache else None, logits[:, -1].float().clone(),
+                                     list(self.hooks.scores), list(self.hooks.prefix_scores)))
+                del logits, cache
         return out
 
     @torch.no_grad()
@@ -200,7 +202,7 @@ class Evaluator:
                 for b in prompts.split(self.batch_size):
                     self.hooks.reset_scores()
                     with self.hooks.phase_("score"):
-                        logits, cache = forward(self.lm.model, b)
+                        logits, cache = forward(self.lm.model, b, logits_to_keep=1)
                     self.hooks.set_masks(mode, thresholds, densities, clamp)
                     tok = logits[:, -1].argmax(-1)
                     gen = [tok]
@@ -235,7 +237,7 @@ def calibrate_thresholds(ev: Evaluator, prompts: torch.Tensor, densities,
     """
     ev.hooks.prefix_lengths = tuple(lengths)
     try:
-        batches = ev.prefill(prompts, prompts.shape[1])
+        batches = ev.prefill(prompts, prompts.shape[1], keep_cache=False)
     finally:
         ev.hooks.prefix_lengths = ()
 
@@ -300,28 +302,82 @@ def allocate_budget(ev: Evaluator, batches: list[Prefilled], prompt_len: int, th
     return {"max_ppl_increase": max_increase, "densities": densities,
             "thresholds": [thresholds[density_key(d)][layer] for layer, d in enumerate(densities)],
             "predicted_increase": predicted, "measured_increase": measured, "dense_ppl": base,
-            "mean_density": sum(densities) / n_layers, "sensitivity": cost}
+            "mean_density": sum(densities) / n_layers, "sensitivity": cost, "steps": steps,
+            "levels": list(levels)}
+
+
+def hold_budget(ev: Evaluator, batches: list[Prefilled], prompt_len: int, thresholds: dict[str, list[float]],
+                budget: dict, confidence: float = 0.9) -> dict:
+    """Back a tuned allocation off until it holds on validation windows disjoint from tuning.
+
+    The allocation after its first k greedy steps is accepted when the one-sided `confidence` upper
+    bound of its perplexity increase (paired bootstrap over validation windows) is within the budget;
+    the largest such k is found by bisection (more steps never cost less, up to noise). k = 0 is dense.
+    """
+    levels, steps, n_layers = budget["levels"], budget["steps"], ev.hooks.num_layers
+    dense = ev.continuation(batches, prompt_len, "dense")
+
+    def allocation(k: int) -> list[float]:
+        idx = [0] * n_layers
+        for layer in steps[:k]:
+            idx[layer] += 1
+        return [levels[i] for i in idx]
+
+    checked = {}
+
+    def check(k: int) -> bool:
+        dens = allocation(k)
+        run = ev.continuation(batches, prompt_len, "tda", [thresholds[density_key(d)][layer]
+                                                            for layer, d in enumerate(dens)])
+        upper = bootstrap_increase(dense, run, level=2 * confidence - 1)[2]
+        checked[k] = (bootstrap_increase(dense, run), upper)
+        return upper <= budget["max_ppl_increase"]
+
+    good, bad = 0, len(steps) + 1
+    if check(len(steps)):
+        good = len(steps)
+    else:
+        bad = len(steps)
+        while bad - good > 1:
+            mid = (good + bad) // 2
+            good, bad = (mid, bad) if check(mid) else (good, mid)
+    if good not in checked:
+        check(good)  # k = 0 (dense) holds by construction; measure it for the report
+    (point, low, high), upper = checked[good]
+    densities = allocation(good)
+    return {**budget, "densities": densities,
+            "thresholds": [thresholds[density_key(d)][layer] for layer, d in enumerate(densities)],
+            "mean_density": sum(densities) / n_layers, "tuned_steps": len(steps), "kept_steps": good,
+            "validation": {"windows": len(dense.nll), "tokens_per_window": dense.tokens, "confidence": confidence,
+                           "increase": point, "ci95": [low, high], "upper_bound": upper,
+                           "checks": {str(k): {"increase": v[0][0], "upper_bound": v[1]}
+                                      for k, v in sorted(checked.items())}}}
 
 
 def build_calibration(lm: LoadedModel, text: str, text_desc: str, densities, sequences: int, prompt_len: int,
                       score_norm: str, max_ppl_increase: float | None, default_density: float,
                       batch_size: int = 8, quiet: bool = False, tune_sequences: int = 16,
-                      continuation: int = 64) -> Calibration:
+                      continuation: int = 64, validation_sequences: int = 32, confidence: float = 0.9,
+                      levels=BUDGET_LEVELS) -> Calibration:
     ev = Evaluator(lm, score_norm, batch_size, quiet)
-    grid = sorted(set(DEFAULT_GRID) | set(densities) | set(BUDGET_LEVELS) | {default_density})
+    grid = sorted(set(DEFAULT_GRID) | set(densities) | set(levels) | {default_density})
     ids = tokenize(lm.tokenizer, text)
-    # Thresholds come from the first 3/4 of the text, budget tuning from the disjoint last 1/4.
-    cut = ids.numel() * 3 // 4
+    # Thresholds come from the first 60% of the text; a budget is tuned on the next 20% and must
+    # hold on the disjoint last 20%.
+    cuts = [ids.numel() * 6 // 10, ids.numel() * 8 // 10]
     lengths = sorted(set(PROMPT_LENGTHS) | {prompt_len})
-    calib = token_windows(ids[:cut], sequences, max(lengths))
+    calib = token_windows(ids[:cuts[0]], sequences, max(lengths))
     read = [calib]
     by_length = calibrate_thresholds(ev, calib, grid, lengths)
     thresholds = by_length[prompt_len]
     budget = None
     if max_ppl_increase is not None:
-        tune = token_windows(ids[cut:], tune_sequences, prompt_len + continuation)
-        read.append(tune)
-        budget = allocate_budget(ev, ev.prefill(tune, prompt_len), prompt_len, thresholds, max_ppl_increase)
+        tune = token_windows(ids[cuts[0]:cuts[1]], tune_sequences, prompt_len + continuation)
+        val = token_windows(ids[cuts[1]:], validation_sequences, prompt_len + continuation)
+        read += [tune, val]
+        budget = allocate_budget(ev, ev.prefill(tune, prompt_len), prompt_len, thresholds, max_ppl_increase,
+                                 levels)
+        budget = hold_budget(ev, ev.prefill(val, prompt_len), prompt_len, thresholds, budget, confidence)
         default = {"kind": "budget", "densities": budget["densities"], "thresholds": budget["thresholds"]}
     else:
         key = density_key(default_density)
