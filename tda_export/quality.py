@@ -10,17 +10,20 @@ configuration, which makes per-layer sensitivity sweeps cheap.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from .calibration import Calibration, density_key
+from .text import HELD_IN_FRACTION
 from .models import LoadedModel, forward
-from .tda import TDAHooks, mlp_bytes_per_token, relative_scores, thresholds_for_density
+from .tda import TDAHooks, TokenGating, mlp_bytes_per_token, relative_scores, thresholds_for_density
 
 DEFAULT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 BUDGET_LEVELS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
@@ -43,6 +46,44 @@ def token_windows(ids: torch.Tensor, count: int, length: int) -> torch.Tensor:
     return torch.stack([ids[i * stride * length: (i * stride + 1) * length] for i in range(count)])
 
 
+PASSAGE_TOKENS = 16  # passages this long shared by calibration and evaluation windows count as overlap
+PASSAGE_SAMPLE = 8  # keep one passage hash in PASSAGE_SAMPLE (content-defined, so alignment-free)
+
+
+def passage_hashes(windows: torch.Tensor) -> np.ndarray:
+    """[N, L] token ids -> [N, L - PASSAGE_TOKENS + 1] uint64 hashes of every PASSAGE_TOKENS-token passage."""
+    a = windows.numpy().astype(np.uint64)
+    win = np.lib.stride_tricks.sliding_window_view(a, PASSAGE_TOKENS, axis=-1)
+    powers = np.uint64(0x100000001B3) ** np.arange(PASSAGE_TOKENS, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        h = (win * powers).sum(-1, dtype=np.uint64)
+        h ^= h >> np.uint64(30)  # splitmix64 finaliser: low bits depend on every token
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(27)
+        h *= np.uint64(0x94D049BB133111EB)
+        h ^= h >> np.uint64(31)
+    return h
+
+
+def passage_sketch(windows: torch.Tensor) -> list[str]:
+    """A compact record of the text windows calibration read (stored in the calibration file)."""
+    h = passage_hashes(windows).ravel()
+    return sorted({f"{v:016x}" for v in h[h % np.uint64(PASSAGE_SAMPLE) == 0]})
+
+
+def overlapping_windows(windows: torch.Tensor, sketch) -> list[int]:
+    """Indices of windows sharing at least two sampled passages with a calibration sketch."""
+    if not sketch:
+        return []
+    seen = {int(v, 16) for v in sketch}
+    out = []
+    for i, row in enumerate(passage_hashes(windows)):
+        sampled = row[row % np.uint64(PASSAGE_SAMPLE) == 0]
+        if sum(int(v) in seen for v in sampled) >= 2:
+            out.append(i)
+    return out
+
+
 @dataclass
 class Prefilled:
     """A batch after its dense prompt pass: shared by every mask configuration."""
@@ -51,6 +92,42 @@ class Prefilled:
     first_logits: torch.Tensor  # [B, V] logits predicting token P
     scores: list                # per layer [B, I]
     prefix_scores: list         # per layer {n: [B, I] scores over the first n tokens} (if requested)
+    dense_top1: torch.Tensor | None = None  # [B, C] dense argmax per continuation position, once measured
+
+
+@dataclass
+class Continuation:
+    """One mask configuration over all windows: what the statistics below are computed from."""
+    nll: np.ndarray             # [W] summed NLL of each window's continuation tokens
+    tokens: int                 # continuation tokens per window
+    density: np.ndarray         # [W, L] static mask density per window and layer
+    top1: np.ndarray | None     # [W] agreement of the teacher-forced argmax with dense (positions 1..C-1)
+    byte_fractions: list        # [L] MLP weight bytes streamed per token, as a fraction of dense
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll.sum() / (self.nll.size * self.tokens))
+
+
+def bootstrap_increase(dense: Continuation, other: Continuation, resamples: int = 2000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float, float]:
+    """Relative perplexity increase of `other` over `dense` on the same windows and its paired bootstrap
+    percentile interval over windows: (point, low, high)."""
+    rng = np.random.default_rng(seed)
+    diff = (other.nll - dense.nll) / dense.tokens
+    idx = rng.integers(0, diff.size, (resamples, diff.size))
+    boot = np.exp(diff[idx].mean(1)) - 1.0
+    tail = (1.0 - level) / 2
+    return float(np.exp(diff.mean()) - 1.0), float(np.quantile(boot, tail)), float(np.quantile(boot, 1 - tail))
+
+
+def bootstrap_mean(values: np.ndarray, resamples: int = 2000, seed: int = 0,
+                   level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of per-window values and its bootstrap percentile interval."""
+    rng = np.random.default_rng(seed)
+    boot = values[rng.integers(0, values.size, (resamples, values.size))].mean(1)
+    tail = (1.0 - level) / 2
+    return float(values.mean()), float(np.quantile(boot, tail)), float(np.quantile(boot, 1 - tail))
 
 
 class Evaluator:
@@ -60,60 +137,83 @@ class Evaluator:
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, prompt_len: int, keep_cache: bool = True) -> list[Prefilled]:
-        """keep_cache False drops each batch's KV cache (calibration needs only the scores; at 7B the
-        caches of 64 prompts of 256 tokens would take 2 GB)."""
+        """Dense prompt passes collecting scores; without `keep_cache` (calibration) the KV cache is dropped."""
         out = []
         batches = list(ids.split(self.batch_size))
         with self.hooks:
             for b in _progress(batches, "prefill", self.quiet):
                 self.hooks.reset_scores()
                 with self.hooks.phase_("score"):
-                    logits, cache = forward(self.lm.model, b[:, :prompt_len])
-                out.append(Prefilled(b, cache if keep_cache else None, logits[:, -1].float(), list(self.hooks.scores),
-                                     list(self.hooks.prefix_scores)))
+                    # only the last position's logits are used: skip the LM head over the rest of the prompt
+                    logits, cache = forward(self.lm.model, b[:, :prompt_len], logits_to_keep=1)
+                # clone: a slice of fp32 logits is a view that would keep its whole base tensor alive
+                out.append(Prefilled(b, cache if keep_cache else None, logits[:, -1].float().clone(),
+                                     list(self.hooks.scores), list(self.hooks.prefix_scores)))
+                del logits, cache
         return out
 
     @torch.no_grad()
+    def continuation(self, batches: list[Prefilled], prompt_len: int, mode: str, thresholds=None, densities=None,
+                     clamp: float | None = None, gating: TokenGating | None = None) -> "Continuation":
+        """Teacher-forced continuation of every window under one mask configuration."""
+        nll, top1, dens = [], [], []
+        self.hooks.reset_bytes()
+        self.hooks.gating = gating
+        try:
+            with self.hooks:
+                for p in batches:
+                    self.hooks.scores = p.scores
+                    self.hooks.set_masks(mode, thresholds, densities, clamp)
+                    dens.append(torch.stack([m.float().mean(-1) for m in self.hooks.masks], 1).cpu())  # [B, L]
+                    with self.hooks.phase_("masked"):
+                        logits, _ = forward(self.lm.model, p.ids[:, prompt_len:-1], copy.deepcopy(p.cache))
+                    logits = torch.cat([p.first_logits[:, None].to(logits.device), logits.float()], 1)
+                    targets = p.ids[:, prompt_len:].to(logits.device)  # --device cuda: the model's device
+                    nll.append(F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").double().sum(1).cpu())
+                    argmax = logits.argmax(-1)
+                    if p.dense_top1 is None and mode == "dense" and gating is None:
+                        p.dense_top1 = argmax
+                    if p.dense_top1 is not None:
+                        top1.append((argmax == p.dense_top1)[:, 1:].double().mean(1).cpu())  # token 0 is dense
+                    del logits
+        finally:
+            self.hooks.gating = None
+        return Continuation(torch.cat(nll).numpy(), targets.shape[1], torch.cat(dens).numpy(),
+                            torch.cat(top1).numpy() if top1 else None, self.hooks.byte_fractions())
+
     def continuation_nll(self, batches: list[Prefilled], prompt_len: int, mode: str, thresholds=None,
                          densities=None) -> tuple[float, int, list[float]]:
         """(summed NLL over continuation tokens, token count, realised density per layer)."""
-        nll, count, dens = 0.0, 0, []
-        with self.hooks:
-            for p in batches:
-                self.hooks.scores = p.scores
-                self.hooks.set_masks(mode, thresholds, densities)
-                dens.append(self.hooks.realised_density())
-                with self.hooks.phase_("masked"):
-                    logits, _ = forward(self.lm.model, p.ids[:, prompt_len:-1], copy.deepcopy(p.cache))
-                logits = torch.cat([p.first_logits[:, None], logits.float()], 1)
-                targets = p.ids[:, prompt_len:].to(logits.device)
-                nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
-                count += targets.numel()
-        per_layer = [sum(col) / len(col) for col in zip(*dens)]
-        return nll, count, per_layer
+        c = self.continuation(batches, prompt_len, mode, thresholds, densities)
+        return float(c.nll.sum()), c.nll.size * c.tokens, c.density.mean(0).tolist()
 
     def perplexity(self, batches, prompt_len, mode, thresholds=None, densities=None) -> tuple[float, list[float]]:
         nll, n, dens = self.continuation_nll(batches, prompt_len, mode, thresholds, densities)
         return math.exp(nll / n), dens
 
     @torch.no_grad()
-    def greedy(self, prompts: torch.Tensor, new_tokens: int, mode: str, thresholds=None, densities=None):
+    def greedy(self, prompts: torch.Tensor, new_tokens: int, mode: str, thresholds=None, densities=None,
+               clamp: float | None = None, gating: TokenGating | None = None):
         """Greedy generation with a dense prompt pass and a fixed mask: [N, new_tokens] token ids."""
         outs = []
-        with self.hooks:
-            for b in prompts.split(self.batch_size):
-                self.hooks.reset_scores()
-                with self.hooks.phase_("score"):
-                    logits, cache = forward(self.lm.model, b)
-                self.hooks.set_masks(mode, thresholds, densities)
-                tok = logits[:, -1].argmax(-1)
-                gen = [tok]
-                with self.hooks.phase_("masked"):
-                    for _ in range(new_tokens - 1):
-                        logits, cache = forward(self.lm.model, tok[:, None], cache)
-                        tok = logits[:, -1].argmax(-1)
-                        gen.append(tok)
-                outs.append(torch.stack(gen, 1))
+        self.hooks.gating = gating
+        try:
+            with self.hooks:
+                for b in prompts.split(self.batch_size):
+                    self.hooks.reset_scores()
+                    with self.hooks.phase_("score"):
+                        logits, cache = forward(self.lm.model, b, logits_to_keep=1)
+                    self.hooks.set_masks(mode, thresholds, densities, clamp)
+                    tok = logits[:, -1].argmax(-1)
+                    gen = [tok]
+                    with self.hooks.phase_("masked"):
+                        for _ in range(new_tokens - 1):
+                            logits, cache = forward(self.lm.model, tok[:, None], cache)
+                            tok = logits[:, -1].argmax(-1)
+                            gen.append(tok)
+                    outs.append(torch.stack(gen, 1))
+        finally:
+            self.hooks.gating = None
         return torch.cat(outs)
 
 
@@ -202,25 +302,82 @@ def allocate_budget(ev: Evaluator, batches: list[Prefilled], prompt_len: int, th
     return {"max_ppl_increase": max_increase, "densities": densities,
             "thresholds": [thresholds[density_key(d)][layer] for layer, d in enumerate(densities)],
             "predicted_increase": predicted, "measured_increase": measured, "dense_ppl": base,
-            "mean_density": sum(densities) / n_layers, "sensitivity": cost}
+            "mean_density": sum(densities) / n_layers, "sensitivity": cost, "steps": steps,
+            "levels": list(levels)}
+
+
+def hold_budget(ev: Evaluator, batches: list[Prefilled], prompt_len: int, thresholds: dict[str, list[float]],
+                budget: dict, confidence: float = 0.9) -> dict:
+    """Back a tuned allocation off until it holds on validation windows disjoint from tuning.
+
+    The allocation after its first k greedy steps is accepted when the one-sided `confidence` upper
+    bound of its perplexity increase (paired bootstrap over validation windows) is within the budget;
+    the largest such k is found by bisection (more steps never cost less, up to noise). k = 0 is dense.
+    """
+    levels, steps, n_layers = budget["levels"], budget["steps"], ev.hooks.num_layers
+    dense = ev.continuation(batches, prompt_len, "dense")
+
+    def allocation(k: int) -> list[float]:
+        idx = [0] * n_layers
+        for layer in steps[:k]:
+            idx[layer] += 1
+        return [levels[i] for i in idx]
+
+    checked = {}
+
+    def check(k: int) -> bool:
+        dens = allocation(k)
+        run = ev.continuation(batches, prompt_len, "tda", [thresholds[density_key(d)][layer]
+                                                            for layer, d in enumerate(dens)])
+        upper = bootstrap_increase(dense, run, level=2 * confidence - 1)[2]
+        checked[k] = (bootstrap_increase(dense, run), upper)
+        return upper <= budget["max_ppl_increase"]
+
+    good, bad = 0, len(steps) + 1
+    if check(len(steps)):
+        good = len(steps)
+    else:
+        bad = len(steps)
+        while bad - good > 1:
+            mid = (good + bad) // 2
+            good, bad = (mid, bad) if check(mid) else (good, mid)
+    if good not in checked:
+        check(good)  # k = 0 (dense) holds by construction; measure it for the report
+    (point, low, high), upper = checked[good]
+    densities = allocation(good)
+    return {**budget, "densities": densities,
+            "thresholds": [thresholds[density_key(d)][layer] for layer, d in enumerate(densities)],
+            "mean_density": sum(densities) / n_layers, "tuned_steps": len(steps), "kept_steps": good,
+            "validation": {"windows": len(dense.nll), "tokens_per_window": dense.tokens, "confidence": confidence,
+                           "increase": point, "ci95": [low, high], "upper_bound": upper,
+                           "checks": {str(k): {"increase": v[0][0], "upper_bound": v[1]}
+                                      for k, v in sorted(checked.items())}}}
 
 
 def build_calibration(lm: LoadedModel, text: str, text_desc: str, densities, sequences: int, prompt_len: int,
                       score_norm: str, max_ppl_increase: float | None, default_density: float,
                       batch_size: int = 8, quiet: bool = False, tune_sequences: int = 16,
-                      continuation: int = 64) -> Calibration:
+                      continuation: int = 64, validation_sequences: int = 32, confidence: float = 0.9,
+                      levels=BUDGET_LEVELS) -> Calibration:
     ev = Evaluator(lm, score_norm, batch_size, quiet)
-    grid = sorted(set(DEFAULT_GRID) | set(densities) | set(BUDGET_LEVELS) | {default_density})
+    grid = sorted(set(DEFAULT_GRID) | set(densities) | set(levels) | {default_density})
     ids = tokenize(lm.tokenizer, text)
-    # Thresholds come from the first 3/4 of the text, budget tuning from the disjoint last 1/4.
-    cut = ids.numel() * 3 // 4
+    # Thresholds come from the first 60% of the text; a budget is tuned on the next 20% and must
+    # hold on the disjoint last 20%.
+    cuts = [ids.numel() * 6 // 10, ids.numel() * 8 // 10]
     lengths = sorted(set(PROMPT_LENGTHS) | {prompt_len})
-    by_length = calibrate_thresholds(ev, token_windows(ids[:cut], sequences, max(lengths)), grid, lengths)
+    calib = token_windows(ids[:cuts[0]], sequences, max(lengths))
+    read = [calib]
+    by_length = calibrate_thresholds(ev, calib, grid, lengths)
     thresholds = by_length[prompt_len]
     budget = None
     if max_ppl_increase is not None:
-        tune = token_windows(ids[cut:], tune_sequences, prompt_len + continuation)
-        budget = allocate_budget(ev, ev.prefill(tune, prompt_len), prompt_len, thresholds, max_ppl_increase)
+        tune = token_windows(ids[cuts[0]:cuts[1]], tune_sequences, prompt_len + continuation)
+        val = token_windows(ids[cuts[1]:], validation_sequences, prompt_len + continuation)
+        read += [tune, val]
+        budget = allocate_budget(ev, ev.prefill(tune, prompt_len), prompt_len, thresholds, max_ppl_increase,
+                                 levels)
+        budget = hold_budget(ev, ev.prefill(val, prompt_len), prompt_len, thresholds, budget, confidence)
         default = {"kind": "budget", "densities": budget["densities"], "thresholds": budget["thresholds"]}
     else:
         key = density_key(default_density)
@@ -229,7 +386,8 @@ def build_calibration(lm: LoadedModel, text: str, text_desc: str, densities, seq
     c = lm.config
     return Calibration(model=lm.name, fingerprint=lm.fingerprint(), num_layers=c.num_hidden_layers,
                        intermediate_size=c.intermediate_size, score_norm=score_norm,
-                       text={"source": text_desc, "sequences": sequences, "prompt_tokens": prompt_len},
+                       text={"source": text_desc, "sequences": sequences, "prompt_tokens": prompt_len,
+                             "passages": sorted(set().union(*(passage_sketch(w) for w in read)))},
                        thresholds=thresholds, default=default, budget=budget,
                        by_prompt_length={str(n): t for n, t in by_length.items()})
 
@@ -243,41 +401,62 @@ def bytes_per_param(lm: LoadedModel) -> int:
 def evaluate_configs(lm: LoadedModel, text: str, text_desc: str, configs: list[dict], sequences: int = 32,
                      prompt_len: int = 128, continuation: int = 64, generate_prompts: int = 8,
                      generate_tokens: int = 32, score_norm: str = "token_l2", batch_size: int = 8,
-                     quiet: bool = False) -> list[dict]:
+                     quiet: bool = False, calibration_passages=None, on_prefilled=None) -> list[dict]:
     """Evaluate several mask configurations against one dense baseline on the same held-out windows.
 
     Each config: {"mode", "thresholds", "densities", "requested_density"}. The dense prompt passes and
     the dense greedy generations are shared, so a sweep costs little more than one evaluation.
+    `calibration_passages` (a calibration file's text.passages) makes overlapping text an error;
+    `on_prefilled(evaluator, batches)` sees the dense prompt passes (e.g. to study mask densities).
     """
     ev = Evaluator(lm, score_norm, batch_size, quiet)
     ids = tokenize(lm.tokenizer, text)
     windows = token_windows(ids, sequences + generate_prompts, prompt_len + continuation)
+    overlap = overlapping_windows(windows, calibration_passages)
+    if overlap:
+        raise ValueError(f"evaluation text {text_desc} is not held out: {len(overlap)} of its {len(windows)} "
+                         f"windows overlap the text the thresholds were calibrated on. Evaluate on other text, "
+                         f"or calibrate and evaluate with the same --text FILE (calibration reads its first "
+                         f"{HELD_IN_FRACTION:.0%}, eval the rest)")
     batches = ev.prefill(windows[:sequences], prompt_len)
-    dense_ppl, _ = ev.perplexity(batches, prompt_len, "dense")
+    if on_prefilled is not None:
+        on_prefilled(ev, batches)
+    dense = ev.continuation(batches, prompt_len, "dense")
     prompts = windows[sequences:, :prompt_len]
-    gen_dense = ev.greedy(prompts, generate_tokens, "dense")
+    gen_dense = ev.greedy(prompts, generate_tokens, "dense") if generate_prompts else None
     c = lm.config
     per_layer_bytes = mlp_bytes_per_token(c, bytes_per_param(lm))
     dense_bytes = per_layer_bytes * c.num_hidden_layers
     reports = []
     for cfg in _progress(configs, "configs", quiet or len(configs) == 1):
         mode, thresholds, densities = cfg["mode"], cfg.get("thresholds"), cfg.get("densities")
-        tda_ppl, realised = ev.perplexity(batches, prompt_len, mode, thresholds, densities)
-        gen_tda = ev.greedy(prompts, generate_tokens, mode, thresholds, densities)
-        skipped = sum((1.0 - d) * per_layer_bytes for d in realised)
-        reports.append({
+        clamp, gating = cfg.get("clamp"), cfg.get("gating")
+        run = ev.continuation(batches, prompt_len, mode, thresholds, densities, clamp, gating)
+        increase = bootstrap_increase(dense, run)
+        realised = run.density.mean(0).tolist()
+        per_seq = run.density.mean(1)
+        skipped = sum((1.0 - f) * per_layer_bytes for f in run.byte_fractions)
+        report = {
             "model": lm.name, "mode": mode, "requested_density": cfg.get("requested_density"),
-            "score_norm": score_norm,
+            "score_norm": score_norm, "clamp": clamp,
+            "gating": None if gating is None else dataclasses.asdict(gating),
             "text": {"source": text_desc, "sequences": sequences, "prompt_tokens": prompt_len,
                      "continuation_tokens": continuation},
-            "dense": {"perplexity": dense_ppl},
-            "tda": {"perplexity": tda_ppl, "perplexity_increase": tda_ppl / dense_ppl - 1.0},
-            "greedy": {"prompts": generate_prompts, "new_tokens": generate_tokens,
-                       **agreement(gen_dense, gen_tda)},
-            "realised_density": {"mean": sum(realised) / len(realised), "per_layer": realised},
+            "dense": {"perplexity": dense.perplexity},
+            "tda": {"perplexity": run.perplexity, "perplexity_increase": increase[0],
+                    "increase_ci95": list(increase[1:])},
+            "teacher_forced_top1": dict(zip(("mean", "low", "high"), bootstrap_mean(run.top1))),
+            "realised_density": {"mean": sum(realised) / len(realised), "per_layer": realised,
+                                 "per_sequence_min": float(per_seq.min()), "per_sequence_max": float(per_seq.max()),
+                                 "per_layer_min": min(realised), "per_layer_max": max(realised)},
             "mlp_bytes": {"dense_per_token": dense_bytes, "skipped_per_token": skipped,
                           "skipped_fraction": skipped / dense_bytes, "bytes_per_param": bytes_per_param(lm)},
-        })
+        }
+        if generate_prompts:
+            gen = ev.greedy(prompts, generate_tokens, mode, thresholds, densities, clamp, gating)
+            report["greedy"] = {"prompts": generate_prompts, "new_tokens": generate_tokens,
+                                **agreement(gen_dense, gen)}
+        reports.append(report)
     return reports
 
 

@@ -7,12 +7,21 @@ z = act(gate(x)) * up(x) once and then, by phase:
   "masked" -> down(z * mask)   (same values as computing only active neurons)
 The score and mask formulas are the contract's (ops/contract.py); this module
 is the quality reference that eval and calibration use.
+
+Beyond the contract's static mask (research modes, evaluator only): `clamp`
+bounds a threshold mask's kept count per sequence and layer, and a
+`TokenGating` adds per-token choices inside the prompt's mask during the
+masked phase (input columns of gate/up by |x|*||W column||, up rows and down
+columns by |act(gate)|, down columns by |z|*||W_down column||). Masking gives
+the same values as computing only the kept rows and columns; `byte_fractions`
+counts the weight bytes a decode step would then stream.
 """
 from __future__ import annotations
 
 import math
 import types
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -58,6 +67,57 @@ def topk_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
     return keep
 
 
+def clamped_threshold_mask(scores: torch.Tensor, tau: float, d_min: float, d_max: float) -> torch.Tensor:
+    """threshold_mask with each sequence's kept count clamped to [ceil(d_min*I), ceil(d_max*I)].
+
+    A threshold keeps the highest scores, so the clamped mask is the top-k with k = clamp(count).
+    """
+    inter = scores.shape[-1]
+    count = threshold_mask(scores, tau).sum(-1)
+    lo, hi = (min(inter, max(0, math.ceil(d * inter - 1e-9))) for d in (d_min, d_max))
+    return keep_top(scores.float(), count.clamp(lo, max(lo, hi)))
+
+
+def keep_top(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Bool mask of the k[...] highest entries along the last axis (k broadcasts over the leading axes)."""
+    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(scores.shape[-1]).expand_as(order))
+    return rank < k[..., None]
+
+
+@dataclass(frozen=True)
+class TokenGating:
+    """Per-token gating inside the prompt's mask, for every decode token (fractions kept, 1.0 = off).
+
+    x_density: of the hidden inputs to gate/up (skips weight columns), scored |x_j|*||[W_gate;W_up][:,j]||
+      ("wina") or |x_j| ("teal");
+    gate_density: of the masked neurons, by |act(gate)| (skips up rows and down columns; CATS-like);
+    z_density: of the neurons still kept, by |z_i|*||W_down[:,i]|| ("wina") or |z_i| ("teal")
+      (skips down columns).
+    """
+    x_density: float = 1.0
+    gate_density: float = 1.0
+    z_density: float = 1.0
+    score: str = "wina"
+
+    def __post_init__(self):
+        if self.score not in ("wina", "teal"):
+            raise ValueError(f"TokenGating score {self.score!r} not in ['wina', 'teal']")
+        for name in ("x_density", "gate_density", "z_density"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"TokenGating {name} must be in (0, 1], got {getattr(self, name)}")
+
+
+def keep_fraction(scores: torch.Tensor, allowed: torch.Tensor | None, fraction: float) -> torch.Tensor:
+    """Per row of the last axis, keep the ceil(fraction * #allowed) highest scores among the allowed."""
+    if allowed is None:
+        allowed = torch.ones_like(scores, dtype=torch.bool)
+    count = allowed.sum(-1)
+    k = torch.ceil(count * fraction - 1e-9).long()
+    return keep_top(scores.float().masked_fill(~allowed, -math.inf), k) & allowed
+
+
 def relative_scores(scores: torch.Tensor) -> torch.Tensor:
     """r_j = sqrt(s_j / max_k s_k) in [0, 1] (1 everywhere if all scores are 0)."""
     m = scores.amax(-1, keepdim=True)
@@ -80,6 +140,18 @@ class TDAHooks:
         self.prefix_lengths: tuple[int, ...] = ()
         self.prefix_scores: list[dict[int, torch.Tensor]] = [{} for _ in self.mlps]
         self.masks: list[torch.Tensor | None] = [None] * len(self.mlps)
+        self.gating: TokenGating | None = None
+        # per layer: [tokens, sum of gate, up and down weight fractions streamed] over masked-phase tokens
+        self.bytes_seen = [[0.0, 0.0, 0.0, 0.0] for _ in self.mlps]
+        self._norms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def column_norms(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(||[W_gate; W_up][:, j]|| over hidden j, ||W_down[:, i]|| over intermediate i) of a layer."""
+        if layer not in self._norms:
+            mlp = self.mlps[layer]
+            gu = (mlp.gate_proj.weight.float().square().sum(0) + mlp.up_proj.weight.float().square().sum(0)).sqrt()
+            self._norms[layer] = (gu, mlp.down_proj.weight.float().norm(dim=0))
+        return self._norms[layer]
 
     @property
     def num_layers(self) -> int:
@@ -99,6 +171,8 @@ class TDAHooks:
         hooks = self
 
         def forward(mlp, x):
+            if hooks.phase == "masked" and hooks.gating is not None:
+                return hooks._gated_forward(layer, mlp, x)
             z = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
             if hooks.phase == "score":
                 sq = token_contributions(z, hooks.token_valid, hooks.score_norm)
@@ -109,23 +183,78 @@ class TDAHooks:
                     hooks.prefix_scores[layer] = {n: cum[:, n - 1].clone() for n in hooks.prefix_lengths
                                                   if n <= z.shape[1]}
                     s = cum[:, -1].clone()
+                    del cum
                 else:
                     s = sq.sum(1)
                 prev = hooks.scores[layer]
                 hooks.scores[layer] = s if prev is None else prev + s
             elif hooks.phase == "masked":
-                z = z * hooks.masks[layer][:, None, :].to(z.dtype)
+                mask = hooks.masks[layer]
+                z = z * mask[:, None, :].to(z.dtype)
+                frac = mask.float().mean(-1, keepdim=True).expand(z.shape[:2])
+                hooks._count_bytes(layer, frac, frac, frac)
             return mlp.down_proj(z)
 
         return forward
+
+    def _gated_forward(self, layer: int, mlp, x: torch.Tensor) -> torch.Tensor:
+        g, static = self.gating, self.masks[layer][:, None, :]   # [B, 1, I]
+        gu_norm, down_norm = self.column_norms(layer)
+        wina = g.score == "wina"
+        hidden, inter = x.shape[-1], static.shape[-1]
+        x_frac = torch.ones(x.shape[:2])
+        if g.x_density < 1.0:
+            keep_x = keep_fraction(x.abs().float() * (gu_norm if wina else 1.0), None, g.x_density)
+            x = x * keep_x.to(x.dtype)
+            x_frac = keep_x.sum(-1) / hidden
+        a = mlp.act_fn(mlp.gate_proj(x))
+        kept = static.expand(a.shape)
+        if g.gate_density < 1.0:
+            kept = keep_fraction(a.abs(), kept, g.gate_density)
+        up_rows = kept.sum(-1) / inter
+        z = a * mlp.up_proj(x) * kept.to(a.dtype)
+        if g.z_density < 1.0:
+            kept = keep_fraction(z.abs().float() * (down_norm if wina else 1.0), kept, g.z_density)
+            z = z * kept.to(z.dtype)
+        static_rows = static.float().mean(-1).expand(x.shape[:2])
+        self._count_bytes(layer, static_rows * x_frac, up_rows * x_frac, kept.sum(-1) / inter)
+        return mlp.down_proj(z)
+
+    def _count_bytes(self, layer: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor):
+        """Fractions of gate, up and down weights streamed by each [B, S] token of a masked pass."""
+        if self.token_valid is not None:
+            v = self.token_valid.float()
+            gate, up, down = gate * v, up * v, down * v
+            n = float(v.sum())
+        else:
+            n = float(gate.numel())
+        acc = self.bytes_seen[layer]
+        acc[0] += n
+        acc[1] += float(gate.sum())
+        acc[2] += float(up.sum())
+        acc[3] += float(down.sum())
+
+    def reset_bytes(self):
+        self.bytes_seen = [[0.0, 0.0, 0.0, 0.0] for _ in self.mlps]
+
+    def byte_fractions(self) -> list[float]:
+        """Per layer, the fraction of its MLP weight bytes streamed per masked-phase token so far."""
+        return [(g + u + d) / (3 * n) if n else 1.0 for n, g, u, d in self.bytes_seen]
 
     def reset_scores(self):
         self.scores = [None] * len(self.mlps)
         self.prefix_scores = [{} for _ in self.mlps]
 
-    def set_masks(self, mode: str, thresholds=None, densities=None):
-        """Masks from the accumulated scores: per-layer thresholds (tda) or densities (topk)."""
-        if mode == "tda":
+    def set_masks(self, mode: str, thresholds=None, densities=None, clamp: float | None = None):
+        """Masks from the accumulated scores: per-layer thresholds (tda) or densities (topk).
+
+        With `clamp` c, a tda mask keeps between (d - c) and (d + c) of each sequence's neurons, d the
+        layer's entry of `densities`.
+        """
+        if mode == "tda" and clamp is not None:
+            self.masks = [clamped_threshold_mask(s, float(t), float(d) - clamp, float(d) + clamp)
+                          for s, t, d in zip(self.scores, thresholds, densities)]
+        elif mode == "tda":
             self.masks = [threshold_mask(s, float(t)) for s, t in zip(self.scores, thresholds)]
         elif mode == "topk":
             self.masks = [topk_mask(s, float(d)) for s, d in zip(self.scores, densities)]

