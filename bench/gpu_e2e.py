@@ -89,7 +89,8 @@ def hf_model(shape: dict, dtype: torch.dtype, device: torch.device):
 def exported(model, dtype_name: str):
     """(DecoderSpec, name -> tensor) exactly as `tda-export build` would lay the weights out."""
     loaded = types.SimpleNamespace(model=model, config=model.config, family="mistral", name="mistral-7b-shaped-random",
-                                   activation=arch.activation_of(model.config))
+                                   activation=arch.activation_of(model.config),
+                                   tensor=lambda module, attr="weight": getattr(module, attr).detach())
     spec = decoder_spec(loaded, dtype_name)
     writer = MemoryWriter(dtype_name)
     build_decoder(loaded, spec, [0.0] * spec.num_layers, writer)

@@ -51,10 +51,10 @@ def save(directory: Path, onnx_path: Path, manifest: dict) -> Path:
 
 def compare(golden: dict, got: dict, atol: float, rtol: float) -> tuple[bool, list[str]]:
     """Each logits array of `got` against `golden` with polygraphy's simple comparator."""
-    from polygraphy.comparator import CompareFunc, IterationResult
+    from polygraphy.comparator import IterationResult, SimpleCompareFunc
 
     names = [k for k in golden if k == "prefill" or k.startswith("decode")]
-    cmp = CompareFunc.simple(atol=atol, rtol=rtol, check_shapes=True)
+    cmp = SimpleCompareFunc(atol=atol, rtol=rtol, check_shapes=True)
     result = cmp(IterationResult({n: np.asarray(got[n], np.float32) for n in names}, runner_name="tensorrt"),
                  IterationResult({n: np.asarray(golden[n], np.float32) for n in names}, runner_name="onnxruntime"))
     lines, ok = [], True
