@@ -13,6 +13,13 @@ made by a child too.
 
     python bench/build_scale.py --layers 2,4,8 [--steps build,calibrate,eval] [--work /tmp/scale]
     python bench/build_scale.py --layers 32 --steps build --keep-going   # the full-size export
+    python bench/build_scale.py --layers 1,2,4 --steps trt --trt-dtype fp16   # + the TensorRT-RTX plan
+
+The `trt` step is `build --target tensorrt-rtx --no-calibrate`; the plan is built in a grandchild
+(`python -m tda_export.trt.builder`) running while the export process is still alive, so besides
+wait4's peak (the largest single process) the watchdog samples the RSS of every process in the
+child's session and reports the peak of their sum, the export process's and the builder's
+(fp16 also runs ONNX Runtime for the goldens, in the export process, after the plan).
 
 Prints one row per (step, layers), the least-squares per-layer fit and its value at 32 layers.
 """
@@ -111,19 +118,48 @@ def make_checkpoint(work: Path, layers: int) -> Path:
     return _write_dir(work / f"mistral7b-L{layers}", layers, shards)
 
 
+def _session_rss_gb(sid: int) -> dict[int, tuple[str, float]]:
+    """pid -> (command line, RSS GB) of every process in session `sid`."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if os.getsid(int(d.name)) != sid:
+                continue
+            rss = next(int(l.split()[1]) for l in (d / "status").read_text().splitlines() if l.startswith("VmRSS:"))
+            out[int(d.name)] = ((d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"), rss / 2**20)
+        except (OSError, StopIteration, ProcessLookupError):
+            continue
+    return out
+
+
 def run_measured(cmd: list[str], min_available_gb: float, log: Path) -> dict:
-    """Run `cmd`; peak RSS (wait4) and wall time; killed (and reported) if MemAvailable gets too low."""
+    """Run `cmd`; peak RSS (wait4: largest process; sampled: sum over its session, and the TensorRT
+    builder's), wall time and when the builder ran; killed (and reported) if MemAvailable gets too low."""
     start = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 env=dict(os.environ, PYTHONPATH=str(ROOT)))
     killed = threading.Event()
     lowest = [mem_available_gb()]
+    tree = {"tree_rss_gb": 0.0, "main_rss_gb": 0.0, "builder_rss_gb": 0.0, "builder_start_s": None,
+            "builder_end_s": None}
 
     def watch():
         while proc.returncode is None and not killed.is_set():
             avail = mem_available_gb()
             lowest[0] = min(lowest[0], avail)
+            procs = _session_rss_gb(proc.pid)
+            tree["tree_rss_gb"] = max(tree["tree_rss_gb"], sum(r for _, r in procs.values()))
+            if proc.pid in procs:
+                tree["main_rss_gb"] = max(tree["main_rss_gb"], procs[proc.pid][1])
+            builder = [r for c, r in procs.values() if "tda_export.trt.builder" in c]
+            if builder:
+                now = time.perf_counter() - start
+                tree["builder_start_s"] = tree["builder_start_s"] or now
+                tree["builder_end_s"] = now
+                tree["builder_rss_gb"] = max(tree["builder_rss_gb"], builder[0])
             if avail < min_available_gb:
                 killed.set()
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -134,7 +170,7 @@ def run_measured(cmd: list[str], min_available_gb: float, log: Path) -> dict:
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return {"rc": proc.returncode, "peak_rss_gb": usage.ru_maxrss / 2**20, "wall_s": time.perf_counter() - start,
-            "killed_low_memory": killed.is_set(), "min_mem_available_gb": lowest[0]}
+            "killed_low_memory": killed.is_set(), "min_mem_available_gb": lowest[0], **tree}
 
 
 def commands(step: str, ckpt: Path, work: Path, layers: int, args) -> list[str]:
@@ -142,6 +178,11 @@ def commands(step: str, ckpt: Path, work: Path, layers: int, args) -> list[str]:
     cal = work / f"cal-L{layers}.json"
     if step == "build":
         return base + ["--dtype", "bf16", "--no-calibrate", "--force", "-o", str(work / f"engine-L{layers}")]
+    if step == "trt":
+        return [sys.executable, "-m", "tda_export", "build", "-m", "mistral-7b", "--weights", str(ckpt),
+                "--dtype", args.trt_dtype, "--no-calibrate", "--force", "--target", "tensorrt-rtx",
+                "--max-batch", str(args.trt_max_batch), "--max-seq-len", str(args.trt_max_seq_len),
+                "-o", str(work / f"engine-trt-L{layers}")]
     if step == "calibrate":
         return base + ["--sequences", str(args.sequences), "--device", args.device, "-q", "-o", str(cal)]
     if step == "eval":
@@ -168,6 +209,9 @@ def main():
     ap.add_argument("--sequences", type=int, default=8, help="calibrate prompts / eval windows")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--min-available-gb", type=float, default=2.0)
+    ap.add_argument("--trt-dtype", default="fp16", choices=["fp16", "bf16"], help="trt step: build --dtype")
+    ap.add_argument("--trt-max-batch", type=int, default=1, help="trt step: build --max-batch")
+    ap.add_argument("--trt-max-seq-len", type=int, default=512, help="trt step: build --max-seq-len")
     ap.add_argument("--clean", action="store_true", help="delete checkpoints and engines afterwards")
     ap.add_argument("--json-out", type=Path)
     ap.add_argument("--make-only", action="store_true", help=argparse.SUPPRESS)
@@ -189,16 +233,22 @@ def main():
         for step in steps:
             log = args.work / f"{step}-L{L}.log"
             r = run_measured(commands(step, ckpts[L], args.work, L, args), args.min_available_gb, log)
-            weights = sum(p.stat().st_size for p in (args.work / f"engine-L{L}").glob("*")
-                          if p.suffix in (".data", ".safetensors")) if step == "build" else None
+            engine = args.work / (f"engine-trt-L{L}" if step == "trt" else f"engine-L{L}")
+            weights = sum(p.stat().st_size for p in engine.glob("*")
+                          if p.suffix in (".data", ".safetensors", ".plan")) if step in ("build", "trt") else None
+            if step == "trt" and r["rc"] == 0:
+                r["plan_build_s"] = json.loads((engine / "manifest.json").read_text())["tensorrt"]["build_seconds"]
             rows.append(dict(step=step, layers=L, written_gb=weights and weights / 2**30, **r))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
             if r["rc"] != 0:
                 print(f"{step} L{L} failed (rc {r['rc']}); log {log}:\n{log.read_text()[-2000:]}", file=sys.stderr)
-    print("\n| step | layers | peak RSS GB | wall s | written GB | min MemAvailable GB |\n|---|---|---|---|---|---|")
+    print("\n| step | layers | peak RSS GB | tree RSS GB | export proc GB | builder GB | wall s | builder s "
+          "| written GB | min MemAvailable GB |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         w = f"{r['written_gb']:.2f}" if r["written_gb"] else ""
-        print(f"| {r['step']} | {r['layers']} | {r['peak_rss_gb']:.2f} | {r['wall_s']:.0f} | {w} | "
+        b = f"{r['builder_end_s'] - r['builder_start_s']:.0f}" if r["builder_start_s"] is not None else ""
+        print(f"| {r['step']} | {r['layers']} | {r['peak_rss_gb']:.2f} | {r['tree_rss_gb']:.2f} | "
+              f"{r['main_rss_gb']:.2f} | {r['builder_rss_gb']:.2f} | {r['wall_s']:.0f} | {b} | {w} | "
               f"{r['min_mem_available_gb']:.1f} |" + (" killed: low memory" if r["killed_low_memory"] else "")
               + ("" if r["rc"] == 0 else f" rc {r['rc']}"))
     ok = [r for r in rows if r["rc"] == 0]
@@ -209,7 +259,7 @@ def main():
             pts = [r for r in ok if r["step"] == step]
             if len(pts) < 2:
                 continue
-            a, b = fit([(r["layers"], r["peak_rss_gb"]) for r in pts])
+            a, b = fit([(r["layers"], max(r["peak_rss_gb"], r["tree_rss_gb"])) for r in pts])
             ta, tb = fit([(r["layers"], r["wall_s"]) for r in pts])
             print(f"| {step} | {a:.2f} + {b:.3f}*L | {a + b * FULL_LAYERS:.1f} | {ta:.1f} + {tb:.2f}*L | "
                   f"{ta + tb * FULL_LAYERS:.0f} |")

@@ -279,3 +279,17 @@ def test_engine_backend_tensorrt_needs_a_plan(llama_fp16):
 
     with pytest.raises(EngineError, match=r"backend tensorrt: .*no TensorRT plan \(build with --target"):
         Engine.load(llama_fp16, backend="tensorrt")
+
+
+def test_plan_stream_writer_appends_and_keeps_its_error(tmp_path):
+    """The builder streams the plan to disk (no whole-plan host copy); a write failure, which TensorRT
+    would only log, is kept so the builder reports it instead of leaving a truncated plan."""
+    trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 not installed")
+    from tda_export.trt.builder import _file_writer
+
+    path = tmp_path / "plan"
+    with open(path, "wb") as f:
+        w = _file_writer(trt, f)
+        assert w.write(b"abc") == 3 and w.write(b"de") == 2
+    assert path.read_bytes() == b"abcde" and w.error is None
+    assert w.write(b"x") == 0 and isinstance(w.error, ValueError)  # the file is closed now

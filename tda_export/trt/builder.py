@@ -19,6 +19,26 @@ class BuildFailed(RuntimeError):
     pass
 
 
+def _file_writer(trt, f):
+    """A trt.IStreamWriter appending to the open file `f`: the plan goes to disk as TensorRT serializes
+    it, instead of one host copy of the whole plan (weights included: 1.1x the weight bytes) held beside
+    the builder's own copies (build_serialized_network)."""
+
+    class FileWriter(trt.IStreamWriter):
+        def __init__(self):
+            trt.IStreamWriter.__init__(self)
+            self.error = None  # TensorRT logs and swallows an exception raised here: kept to re-raise
+
+        def write(self, data):
+            try:
+                return f.write(data)
+            except BaseException as e:
+                self.error = e
+                return 0
+
+    return FileWriter()
+
+
 def _plugin_of(trt, layer) -> str | None:
     if layer.type != trt.LayerType.PLUGIN_V3:
         return None
@@ -89,14 +109,19 @@ def run(job: dict) -> dict:
         config.set_timing_cache(cache, ignore_mismatch=False)
     print(f"building the {job['target']} plan ({len(job['profiles'])} profiles, "
           f"{sum(1 for l in layers if l.plugin)} plugin layers)", file=sys.stderr, flush=True)
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise BuildFailed("TensorRT could not build the plan (see its messages above)")
     out = Path(job["plan"])
     tmp = out.with_name(f".{out.name}.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(memoryview(plan))
-    os.replace(tmp, out)
+    try:
+        with open(tmp, "wb") as f:
+            writer = _file_writer(trt, f)
+            ok = builder.build_serialized_network_to_stream(network, config, writer)
+        if writer.error is not None:
+            raise BuildFailed(f"writing {tmp}: {writer.error}") from writer.error
+        if not ok:
+            raise BuildFailed("TensorRT could not build the plan (see its messages above)")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     if cache_path:
         ser = config.get_timing_cache().serialize()
         tmp = Path(f"{cache_path}.{os.getpid()}.tmp")
