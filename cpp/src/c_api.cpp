@@ -4,17 +4,17 @@
 #include <new>
 #include <string>
 
-#include "cpu_executor.h"
+#include "executor.h"
 #include "tda/runtime.h"
 
 struct tda_rt_engine {
   tda::EngineDir dir;
-  std::unique_ptr<tda::CpuExecutor> exec;
+  std::unique_ptr<tda::Executor> exec;
 };
 
 struct tda_rt_session {
   tda_rt_engine* engine;
-  tda::Session state;
+  std::unique_ptr<tda::ExecutorState> state;
 };
 
 namespace {
@@ -71,17 +71,43 @@ const char* tda_rt_status_string(tda_rt_status_t status) {
   return "unknown status";
 }
 
-tda_rt_status_t tda_rt_engine_open(const char* directory, int verify, int threads, tda_rt_engine** out) {
+void tda_rt_engine_options_init(tda_rt_engine_options* options) {
+  if (options) *options = tda_rt_engine_options{1, 0, nullptr, nullptr, nullptr, 0};
+}
+
+tda_rt_status_t tda_rt_engine_open_with(const char* directory, const tda_rt_engine_options* options,
+                                        tda_rt_engine** out) {
   return guarded([&] {
     TDA_RT_REQUIRE(out);
     *out = nullptr;
     TDA_RT_REQUIRE(directory);
+    TDA_RT_REQUIRE(options);
+    tda::ExecutorOptions o;
+    o.kind = options->executor ? options->executor : "auto";
+    o.threads = options->threads;
+    o.tensorrt_library = options->tensorrt_library ? options->tensorrt_library : "";
+    o.plugin_library = options->plugin_library ? options->plugin_library : "";
+    o.device = options->device;
+    if (o.device < 0) throw tda::ArgumentError("tda_rt_engine_open_with: device must be >= 0, got " + std::to_string(o.device));
+    tda::check_executor_kind(o.kind);  // a bad name fails before the directory is read
     auto e = std::make_unique<tda_rt_engine>();
-    e->dir = tda::EngineDir::open(directory, verify != 0);
-    e->exec = std::make_unique<tda::CpuExecutor>(e->dir, threads);
+    e->dir = tda::EngineDir::open(directory, options->verify != 0);
+    e->exec = tda::make_executor(e->dir, o);
     *out = e.release();
   });
 }
+
+tda_rt_status_t tda_rt_engine_open(const char* directory, int verify, int threads, tda_rt_engine** out) {
+  tda_rt_engine_options o;
+  tda_rt_engine_options_init(&o);
+  o.verify = verify;
+  o.threads = threads;
+  return tda_rt_engine_open_with(directory, &o, out);
+}
+
+const char* tda_rt_engine_executor(const tda_rt_engine* engine) { return engine ? engine->exec->name() : nullptr; }
+int tda_rt_has_tensorrt(void) { return tda::have_tensorrt_executor() ? 1 : 0; }
+const char* tda_rt_tensorrt_flavour(void) { return tda::tensorrt_executor_flavour(); }
 
 void tda_rt_engine_close(tda_rt_engine* engine) { delete engine; }
 
@@ -125,7 +151,7 @@ tda_rt_status_t tda_rt_session_new(tda_rt_engine* engine, tda_rt_session** out) 
     TDA_RT_REQUIRE(out);
     *out = nullptr;
     TDA_RT_REQUIRE(engine);
-    *out = new tda_rt_session{engine, {}};
+    *out = new tda_rt_session{engine, engine->exec->new_state()};
   });
 }
 
@@ -138,6 +164,8 @@ tda_rt_status_t tda_rt_prefill(tda_rt_session* session, int32_t batch, int32_t s
     TDA_RT_REQUIRE(input_ids);
     TDA_RT_REQUIRE(attention_mask);
     TDA_RT_REQUIRE(logits);
+    const tda::EngineDir& dir = session->engine->dir;
+    tda::check_prompt(dir.spec, batch, seq, input_ids, attention_mask);
     std::vector<float> defaults;
     if (!thresholds) {
       int32_t shortest = seq;
@@ -149,7 +177,7 @@ tda_rt_status_t tda_rt_prefill(tda_rt_session* session, int32_t batch, int32_t s
       defaults = session->engine->dir.thresholds(std::nullopt, shortest > 0 ? std::optional<int64_t>(shortest) : std::nullopt);
       thresholds = defaults.data();
     }
-    session->engine->exec->prefill(session->state, batch, seq, input_ids, attention_mask, thresholds, logits);
+    session->engine->exec->prefill(*session->state, batch, seq, input_ids, attention_mask, thresholds, logits);
   });
 }
 
@@ -158,7 +186,10 @@ tda_rt_status_t tda_rt_decode(tda_rt_session* session, const int64_t* tokens, fl
     TDA_RT_REQUIRE(session);
     TDA_RT_REQUIRE(tokens);
     TDA_RT_REQUIRE(logits);
-    session->engine->exec->decode(session->state, tokens, logits);
+    const auto& exec = *session->engine->exec;
+    if (exec.batch(*session->state) == 0) throw tda::StateError("decode before prefill");
+    tda::check_tokens(session->engine->dir.spec, exec.batch(*session->state), tokens);
+    session->engine->exec->decode(*session->state, tokens, logits);
   });
 }
 
@@ -166,15 +197,12 @@ tda_rt_status_t tda_rt_active_counts(const tda_rt_session* session, int32_t* cou
   return guarded([&] {
     TDA_RT_REQUIRE(session);
     TDA_RT_REQUIRE(counts);
-    const auto& s = session->state;
-    if (!s.prefilled) throw tda::StateError("tda_rt_active_counts: no prefill yet");
-    for (size_t l = 0; l < s.count.size(); ++l)
-      for (int64_t b = 0; b < s.batch; ++b) counts[l * static_cast<size_t>(s.batch) + static_cast<size_t>(b)] = s.count[l][static_cast<size_t>(b)];
+    session->engine->exec->active_counts(*session->state, counts);
   });
 }
 
 int32_t tda_rt_session_batch(const tda_rt_session* session) {
-  return session && session->state.prefilled ? static_cast<int32_t>(session->state.batch) : 0;
+  return session ? static_cast<int32_t>(session->engine->exec->batch(*session->state)) : 0;
 }
 
 }  // extern "C"

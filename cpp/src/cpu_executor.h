@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "engine_dir.h"
+#include "executor.h"
 
 namespace tda {
 
@@ -34,14 +35,12 @@ struct Weights {
 
 // One batch: its KV cache, padding mask and TDA state. Slots are columns of the mask (left padding
 // keeps rows aligned); rotary positions skip each row's padding.
-struct StateError : std::runtime_error { using std::runtime_error::runtime_error; };
-
 struct Scratch {  // per-call buffers, kept so decode steps allocate nothing
   std::vector<float> x, xn, q, k, v, y, h, gu, z, scores, att, last, token_valid;
   std::vector<int64_t> positions;
 };
 
-struct Session {
+struct Session : ExecutorState {
   int64_t batch = 0, len = 0, cap = 0;     // slots used / allocated
   std::vector<std::vector<float>> k, v;    // per layer [B, kvh, cap, hd]
   std::vector<uint8_t> pad;                // [B, cap] 1 = real token
@@ -57,7 +56,7 @@ struct Session {
   std::vector<unsigned char> workspace;
 };
 
-class CpuExecutor {
+class CpuExecutor : public Executor {
  public:
   CpuExecutor(const EngineDir& dir, int threads);
   ~CpuExecutor();
@@ -67,7 +66,26 @@ class CpuExecutor {
   // slower than OpenBLAS's GEMV, so past the break-even share it would be slower than dense.
   // bench/RESULTS.md (native section) measured the break-even; TDA_NATIVE_DENSE_ABOVE overrides it.
   static constexpr double kDenseAbove = 0.5;
-  int64_t decode_bytes() const { return w_.decode_bytes; }
+  int64_t decode_bytes() const override { return w_.decode_bytes; }
+  // Executor: the state is a Session.
+  const char* name() const override { return "cpu"; }
+  std::unique_ptr<ExecutorState> new_state() const override { return std::make_unique<Session>(); }
+  void prefill(ExecutorState& s, int64_t batch, int64_t seq, const int64_t* ids, const int64_t* mask,
+               const float* thresholds, float* logits) override {
+    prefill(static_cast<Session&>(s), batch, seq, ids, mask, thresholds, logits);
+  }
+  void decode(ExecutorState& s, const int64_t* tokens, float* logits) override {
+    decode(static_cast<Session&>(s), tokens, logits);
+  }
+  void active_counts(const ExecutorState& state, int32_t* counts) const override {
+    const auto& s = static_cast<const Session&>(state);
+    if (!s.prefilled) throw StateError("active counts: no prefill yet");
+    for (size_t l = 0; l < s.count.size(); ++l)
+      for (size_t b = 0; b < static_cast<size_t>(s.batch); ++b) counts[l * static_cast<size_t>(s.batch) + b] = s.count[l][b];
+  }
+  int64_t batch(const ExecutorState& s) const override {
+    return static_cast<const Session&>(s).prefilled ? static_cast<const Session&>(s).batch : 0;
+  }
   void prefill(Session& s, int64_t batch, int64_t seq, const int64_t* ids, const int64_t* mask,
                const float* thresholds, float* logits);
   void decode(Session& s, const int64_t* tokens, float* logits);

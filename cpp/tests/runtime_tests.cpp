@@ -72,7 +72,31 @@ int main(int argc, char** argv) {
   for (float x : logits) finite = finite && x == x && x - x == 0;
   EXPECT(finite);
   tda_rt_session_free(s);
+  EXPECT(std::strcmp(tda_rt_engine_executor(e), "cpu") == 0);
+  EXPECT(tda_rt_engine_executor(nullptr) == nullptr);
   tda_rt_engine_close(e);
+
+  // choosing the executor: a bad name, a float32 engine (no model.plan) asked for TensorRT
+  tda_rt_engine_options o;
+  tda_rt_engine_options_init(&o);
+  EXPECT(o.verify == 1 && o.executor == nullptr && o.device == 0);
+  EXPECT(tda_rt_engine_open_with(argv[1], nullptr, &e) == TDA_RT_ERR_ARGUMENT && e == nullptr);
+  o.executor = "gpu";
+  EXPECT(tda_rt_engine_open_with(argv[1], &o, &e) == TDA_RT_ERR_ARGUMENT && e == nullptr);
+  EXPECT(std::strstr(tda_rt_last_error(), "'gpu'") != nullptr);
+  o.executor = "tensorrt";
+  EXPECT(tda_rt_engine_open_with(argv[1], &o, &e) == TDA_RT_ERR_ENGINE && e == nullptr);
+  EXPECT(std::strstr(tda_rt_last_error(), "no 'tensorrt' section") != nullptr);
+  o.executor = "cpu";
+  o.device = -1;
+  EXPECT(tda_rt_engine_open_with(argv[1], &o, &e) == TDA_RT_ERR_ARGUMENT && e == nullptr);
+  o.device = 0;
+  o.verify = 0;
+  EXPECT(tda_rt_engine_open_with(argv[1], &o, &e) == TDA_RT_OK && e != nullptr);
+  if (e) EXPECT(std::strcmp(tda_rt_engine_executor(e), "cpu") == 0);
+  tda_rt_engine_close(e);
+  EXPECT(tda_rt_has_tensorrt() == 0 || tda_rt_has_tensorrt() == 1);
+  EXPECT((tda_rt_has_tensorrt() != 0) == (tda_rt_tensorrt_flavour()[0] != 0));
   if (failures) return 1;
   std::puts("runtime_tests: all passed");
   return 0;

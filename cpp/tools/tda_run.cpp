@@ -26,9 +26,9 @@
 namespace {
 
 struct Options {
-  std::string engine, prompt, prompt_ids, densities;
+  std::string engine, prompt, prompt_ids, densities, executor = "auto", tensorrt_library, plugin_library;
   bool have_prompt = false, bench = false, verify = true, print_ids = false;
-  int max_new = 64, threads = 0, top_k = 0, batch = 1, prompt_tokens = 128, new_tokens = 32, repeats = 3;
+  int max_new = 64, threads = 0, device = 0, top_k = 0, batch = 1, prompt_tokens = 128, new_tokens = 32, repeats = 3;
   double density = 0, temperature = 0, top_p = 1;
   long long seed = -1;
   std::vector<std::string> stop;
@@ -53,6 +53,10 @@ from stdin when neither -p nor --prompt-ids is given. Same flags and greedy outp
       --stop TEXT         stop string (repeatable)
       --threads N         CPU threads [all cores]
       --no-verify         skip the sha256 check of the engine's files
+      --executor E        auto | cpu | tensorrt [auto: tensorrt when the engine has a model.plan]
+      --tensorrt-library PATH  TensorRT library to load [the soname of this build's TensorRT flavour]
+      --plugin-library PATH    libtda_trt_plugins.so [$TDA_TRT_PLUGIN_LIBRARY, or next to model.plan]
+      --device N          CUDA device of the TensorRT executor [0]
       --print-ids         print the generated token ids (JSON) to stderr at the end
       --bench             decode tok/s at density 1 and the engine's densities, % of the bandwidth floor
   -h, --help              this text
@@ -90,7 +94,7 @@ std::vector<double> split_doubles(const std::string& s, const char* flag) {
 
 Options parse(int argc, char** argv) {
   enum { kIds = 1000, kTemp, kTopK, kTopP, kSeed, kStop, kThreads, kNoVerify, kBench, kBatch, kPromptTokens,
-         kNewTokens, kRepeats, kDensities, kPrintIds };
+         kNewTokens, kRepeats, kDensities, kPrintIds, kExecutor, kTrtLib, kPluginLib, kDevice };
   static const option longs[] = {
       {"engine", required_argument, nullptr, 'e'}, {"prompt", required_argument, nullptr, 'p'},
       {"prompt-ids", required_argument, nullptr, kIds}, {"max-new-tokens", required_argument, nullptr, 'n'},
@@ -102,6 +106,8 @@ Options parse(int argc, char** argv) {
       {"prompt-tokens", required_argument, nullptr, kPromptTokens},
       {"new-tokens", required_argument, nullptr, kNewTokens}, {"repeats", required_argument, nullptr, kRepeats},
       {"densities", required_argument, nullptr, kDensities}, {"print-ids", no_argument, nullptr, kPrintIds},
+      {"executor", required_argument, nullptr, kExecutor}, {"tensorrt-library", required_argument, nullptr, kTrtLib},
+      {"plugin-library", required_argument, nullptr, kPluginLib}, {"device", required_argument, nullptr, kDevice},
       {"help", no_argument, nullptr, 'h'}, {nullptr, 0, nullptr, 0}};
   Options o;
   int c;
@@ -136,6 +142,10 @@ Options parse(int argc, char** argv) {
       case kRepeats: o.repeats = static_cast<int>(to_int(optarg, "--repeats", 1)); break;
       case kDensities: o.densities = optarg; break;
       case kPrintIds: o.print_ids = true; break;
+      case kExecutor: o.executor = optarg; break;
+      case kTrtLib: o.tensorrt_library = optarg; break;
+      case kPluginLib: o.plugin_library = optarg; break;
+      case kDevice: o.device = static_cast<int>(to_int(optarg, "--device", 0)); break;
       case 'h': std::fputs(kUsage, stdout); std::exit(0);
       default: die(std::string("unknown or incomplete option '") + argv[optind - 1] + "' (see --help)");
     }
@@ -143,6 +153,8 @@ Options parse(int argc, char** argv) {
   if (optind < argc) die(std::string("unexpected argument '") + argv[optind] + "' (see --help)");
   if (o.engine.empty()) die("--engine/-e is required (see --help)");
   if (o.have_prompt && !o.prompt_ids.empty()) die("give -p or --prompt-ids, not both");
+  if (o.executor != "auto" && o.executor != "cpu" && o.executor != "tensorrt")
+    die("--executor: expected auto, cpu or tensorrt, got '" + o.executor + "'");
   return o;
 }
 
@@ -288,8 +300,8 @@ int generate(const Options& o, Engine& eng) {
     ++steps;
   }
   const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
-  std::fprintf(stderr, "\n[%zu tokens; first token %.0f ms; decode %.1f tok/s; MLP neurons active %.1f%%; backend native-cpu]\n",
-               out.size(), ttft * 1e3, dt > 0 ? steps / dt : 0.0, active * 100);
+  std::fprintf(stderr, "\n[%zu tokens; first token %.0f ms; decode %.1f tok/s; MLP neurons active %.1f%%; backend native-%s]\n",
+               out.size(), ttft * 1e3, dt > 0 ? steps / dt : 0.0, active * 100, tda_rt_engine_executor(eng.e));
   if (o.print_ids) {
     std::fprintf(stderr, "ids: [");
     for (size_t i = 0; i < out.size(); ++i) std::fprintf(stderr, "%s%d", i ? ", " : "", out[i]);
@@ -386,7 +398,15 @@ int main(int argc, char** argv) {
   }
   Options o = parse(argc, argv);
   Engine eng;
-  check(tda_rt_engine_open(o.engine.c_str(), o.verify ? 1 : 0, o.threads, &eng.e));
+  tda_rt_engine_options opts;
+  tda_rt_engine_options_init(&opts);
+  opts.verify = o.verify ? 1 : 0;
+  opts.threads = o.threads;
+  opts.executor = o.executor.c_str();
+  opts.tensorrt_library = o.tensorrt_library.empty() ? nullptr : o.tensorrt_library.c_str();
+  opts.plugin_library = o.plugin_library.empty() ? nullptr : o.plugin_library.c_str();
+  opts.device = o.device;
+  check(tda_rt_engine_open_with(o.engine.c_str(), &opts, &eng.e));
   check(tda_rt_engine_info_get(eng.e, &eng.info));
   return o.bench ? bench(o, eng) : generate(o, eng);
 }

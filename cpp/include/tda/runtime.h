@@ -6,6 +6,10 @@
  * sequence per call. Tokens in, float32 logits out; tokenization and sampling are the caller's
  * (tda-run does both).
  *
+ * Executors: the CPU executor runs float32 engines (model.safetensors); the TensorRT executor runs
+ * the engine's model.plan (builds configured with -DTDA_TENSORRT_INCLUDE). Both keep the same
+ * session protocol below, so a caller's generation loop is the same for either.
+ *
  * Errors: every function returns a tda_rt_status_t (or NULL for constructors); the message of the
  * last failure on this thread is tda_rt_last_error(). Misuse (NULL pointers, wrong sizes, decode
  * before prefill, sessions of another engine) is reported, never undefined behaviour. Objects are
@@ -21,7 +25,7 @@
 extern "C" {
 #endif
 
-#define TDA_RT_API_VERSION 1
+#define TDA_RT_API_VERSION 2
 
 typedef enum {
   TDA_RT_OK = 0,
@@ -41,8 +45,32 @@ const char* tda_rt_last_error(void);
 const char* tda_rt_status_string(tda_rt_status_t status);
 
 /* verify != 0 checks the sha256 of every file the manifest lists (one clear error naming the file).
- * threads <= 0: all cores. */
+ * threads <= 0: all cores. The executor is "auto" (see tda_rt_engine_options). */
 tda_rt_status_t tda_rt_engine_open(const char* directory, int verify, int threads, tda_rt_engine** out);
+
+typedef struct {
+  int32_t verify;               /* != 0: sha256 of every listed file */
+  int32_t threads;              /* CPU executor threads, <= 0: all cores */
+  /* "auto" (or NULL): "tensorrt" when the manifest has a "tensorrt" section (model.plan), else "cpu";
+   * "cpu"; "tensorrt" (TDA_RT_ERR_UNSUPPORTED when this build lacks it, see tda_rt_has_tensorrt). */
+  const char* executor;
+  /* TensorRT executor: the TensorRT library to dlopen; NULL: the soname of the flavour this build's
+   * headers are (libnvinfer.so.N for "tensorrt", libtensorrt_rtx.so.N for "tensorrt-rtx"). */
+  const char* tensorrt_library;
+  /* TensorRT executor: libtda_trt_plugins.so; NULL: $TDA_TRT_PLUGIN_LIBRARY, else the manifest's
+   * tensorrt.plugin.library next to model.plan, else that name on the loader's search path. */
+  const char* plugin_library;
+  int32_t device;               /* TensorRT executor: CUDA device ordinal */
+} tda_rt_engine_options;
+/* Defaults: verify 1, threads 0, executor "auto", libraries NULL, device 0. */
+void tda_rt_engine_options_init(tda_rt_engine_options* options);
+tda_rt_status_t tda_rt_engine_open_with(const char* directory, const tda_rt_engine_options* options,
+                                        tda_rt_engine** out);
+/* The executor an open engine runs on: "cpu" or "tensorrt" (NULL for a NULL engine). */
+const char* tda_rt_engine_executor(const tda_rt_engine* engine);
+/* 1 if this build has the TensorRT executor; its flavour ("tensorrt"/"tensorrt-rtx", "" without). */
+int tda_rt_has_tensorrt(void);
+const char* tda_rt_tensorrt_flavour(void);
 void tda_rt_engine_close(tda_rt_engine* engine);
 
 typedef struct {
