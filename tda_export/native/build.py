@@ -68,8 +68,9 @@ def _cache_dir(options: list[str]) -> Path:
     return root / h.hexdigest()[:16]
 
 
-def build_native(sanitize: bool = False, quiet: bool = True) -> NativeBuild:
-    """The built runtime (cached); raises NativeBuildError with the compiler's output on failure."""
+def build_native(sanitize: bool = False, quiet: bool = True, tensorrt_include: str | Path | None = None) -> NativeBuild:
+    """The built runtime (cached); raises NativeBuildError with the compiler's output on failure.
+    tensorrt_include: TensorRT's include directory, to build the TensorRT executor too (docs/native.md)."""
     cmake = shutil.which("cmake")
     if cmake is None:
         raise NativeBuildError("cmake not found on PATH (apt-get install cmake)")
@@ -77,6 +78,8 @@ def build_native(sanitize: bool = False, quiet: bool = True) -> NativeBuild:
                f"-DTDA_SANITIZE={'ON' if sanitize else 'OFF'}", "-DCMAKE_BUILD_TYPE=" + ("Debug" if sanitize else "Release")]
     if sanitize:  # the sanitizer build checks the runtime; tda-run takes --prompt-ids there
         options.append("-DTDA_WITH_TOKENIZER=OFF")
+    if tensorrt_include is not None:
+        options.append(f"-DTDA_TENSORRT_INCLUDE={Path(tensorrt_include).resolve()}")
     out = _cache_dir(options)
     done = NativeBuild(out)
     if done.library.exists() and done.cli.exists():
