@@ -107,6 +107,21 @@ class DeviceBuffer {
   size_t size_ = 0;
 };
 
+class Stream {  // destroyed with the executor, also when its constructor throws half-way
+ public:
+  Stream() = default;
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+  ~Stream() {
+    if (s_) cudaStreamDestroy(s_);
+  }
+  void create() { cuda_check(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking), "cudaStreamCreate"); }
+  operator cudaStream_t() const { return s_; }
+
+ private:
+  cudaStream_t s_ = nullptr;
+};
+
 // model.plan mapped read-only for the deserialization (no copy of a multi-GB plan on the heap).
 class MappedFile {
  public:
@@ -269,10 +284,10 @@ class TrtExecutor final : public Executor {
   int64_t max_batch_ = 0, max_seq_len_ = 0, max_prompt_ = 0, weight_bytes_ = 0;
   Logger logger_;
   void* (*create_runtime_)(void*, int32_t) = nullptr;
+  Stream stream_;                  // declared before the TensorRT objects: destroyed after them
   std::unique_ptr<nvinfer1::IRuntime> runtime_;
   std::unique_ptr<nvinfer1::ICudaEngine> engine_;
   std::vector<std::unique_ptr<nvinfer1::IExecutionContext>> contexts_;  // one per profile
-  cudaStream_t stream_ = nullptr;
   DeviceBuffer empty_;             // the address of zero-volume tensors (an empty past)
   std::vector<Tensor> tensors_;
   int n_pairs_ = 0;
@@ -329,7 +344,7 @@ TrtExecutor::TrtExecutor(const EngineDir& dir, const TrtOptions& options)
     throw EngineError(plugins + ": not a TensorRT plugin library (no getCreators)");
   // TensorRT and CUDA keep process-wide state (plugin registry, contexts): the libraries stay loaded.
   require_device(options.device);
-  cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+  stream_.create();
   runtime_.reset(static_cast<nvinfer1::IRuntime*>(create_runtime_(&logger_, kHeaderVersion)));
   if (!runtime_) throw UnsupportedError(logger_.explain("createInferRuntime failed"));
   load_plugins(plugins);
@@ -353,12 +368,7 @@ TrtExecutor::TrtExecutor(const EngineDir& dir, const TrtOptions& options)
   cuda_check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
 }
 
-TrtExecutor::~TrtExecutor() {
-  contexts_.clear();
-  engine_.reset();
-  runtime_.reset();
-  if (stream_) cudaStreamDestroy(stream_);
-}
+TrtExecutor::~TrtExecutor() = default;  // members go in reverse: contexts, engine, runtime, stream, logger
 
 void TrtExecutor::load_tensorrt(const std::string& library) {
   void* h = dlopen(library.c_str(), RTLD_NOW | RTLD_LOCAL);
