@@ -23,11 +23,19 @@ class Normalizer {
 };
 std::unique_ptr<Normalizer> make_normalizer(const Field& f);  // nullptr for null
 
-// Splits each piece of a word list further (HF's PreTokenizedString with offsets dropped).
+// The pieces one normalized segment is split into (HF's PreTokenizedString). HF tracks each piece's offsets;
+// the pipeline needs one fact from them: whether the first piece starts at byte 0 of the input text, which
+// decides Metaspace's prepend_scheme "first".
+struct Pieces {
+  std::vector<std::string> text;
+  bool first_at_input_start = false;
+};
+
+// Splits each piece further.
 class PreTokenizer {
  public:
   virtual ~PreTokenizer() = default;
-  virtual void pre_tokenize(std::vector<std::string>& pieces) const = 0;
+  virtual void pre_tokenize(Pieces& pieces) const = 0;
 };
 std::unique_ptr<PreTokenizer> make_pre_tokenizer(const Field& f);  // nullptr for null
 

@@ -53,7 +53,7 @@ struct TokenizerImpl {
   void encode_text(std::string_view text, std::vector<int32_t>& ids) const {
     std::vector<AddedVocabulary::Segment> raw, normalized_parts;
     added->split(text, false, raw);
-    std::vector<std::string> pieces;
+    Pieces pieces;
     for (const auto& seg : raw) {
       if (seg.id >= 0) {
         ids.push_back(seg.id);
@@ -67,9 +67,11 @@ struct TokenizerImpl {
           ids.push_back(part.id);
           continue;
         }
-        pieces.assign(1, std::string(part.text));
+        pieces.text.assign(1, std::string(part.text));
+        // HF's offsets into the input, reduced to what Metaspace's prepend_scheme "first" asks of them.
+        pieces.first_at_input_start = seg.text.data() == text.data() && part.text.data() == normalized.data();
         if (pre_tokenizer) pre_tokenizer->pre_tokenize(pieces);
-        for (const auto& p : pieces) model->tokenize(p, ids);
+        for (const auto& p : pieces.text) model->tokenize(p, ids);
       }
     }
   }
