@@ -9,6 +9,7 @@
 #include <string>
 #include <string_view>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "json_fields.h"
@@ -100,6 +101,9 @@ class AddedVocabulary {
     int32_t id;
     std::string content;
     bool special, normalized;
+    // What HF's decode and id_to_token give for it: since tokenizers 0.23 the normalizer's output for a
+    // normalized token (the form its trie matches), else the content.
+    std::string piece;
   };
   struct Segment {
     std::string_view text;  // empty for a token
@@ -109,6 +113,9 @@ class AddedVocabulary {
   // Splits `text` at the raw (normalized = false) or the normalized tokens.
   void split(std::string_view text, bool normalized, std::vector<Segment>& out) const;
   const Token* by_id(int32_t id) const;
+  // HF's decode(skip_special_tokens) drops a token whose string is the content of a special added token; a
+  // special normalized token whose normalized form differs is therefore kept, as in HF.
+  bool is_special_content(const std::string& s) const { return special_contents_.count(s) > 0; }
   std::optional<int32_t> id_of(std::string_view content) const;
   const std::vector<Token>& tokens() const { return tokens_; }
 
@@ -122,6 +129,7 @@ class AddedVocabulary {
   std::vector<Token> tokens_;
   std::unordered_map<int32_t, size_t> index_of_id_;
   std::unordered_map<std::string, int32_t> id_of_content_;
+  std::unordered_set<std::string> special_contents_;
   Trie raw_, normalized_;
 };
 

@@ -80,11 +80,11 @@ struct TokenizerImpl {
     std::vector<std::string> tokens;
     tokens.reserve(ids.size());
     for (int32_t id : ids) {
-      if (const auto* t = added->by_id(id)) {
-        if (!(skip_special && t->special)) tokens.push_back(t->content);
-      } else if (const std::string* t = model->id_to_token(id)) {
-        tokens.push_back(*t);
-      }
+      // HF: the added token's piece, else the model's token; skipped when that string is a special content.
+      const std::string* t = nullptr;
+      if (const auto* added_token = added->by_id(id)) t = &added_token->piece;
+      else t = model->id_to_token(id);
+      if (t && !(skip_special && added->is_special_content(*t))) tokens.push_back(*t);
     }
     std::string out;
     if (!decoder) {
@@ -172,7 +172,7 @@ std::optional<int32_t> Tokenizer::token_to_id(std::string_view token) const {
 }
 
 std::optional<std::string> Tokenizer::id_to_token(int32_t id) const {
-  if (const auto* t = impl_->added->by_id(id)) return t->content;
+  if (const auto* t = impl_->added->by_id(id)) return t->piece;
   if (const std::string* t = impl_->model->id_to_token(id)) return *t;
   return std::nullopt;
 }
