@@ -126,8 +126,8 @@ def sentencepiece_tokenizer(tmp_path_factory):
     the 256 <0xXX> tokens are model tokens, not added ones, and runs of the mark are tokens merged first.
     - llama2-style: Llama-2-7b-hf's file (the legacy conversion): normalizer Prepend(mark) + Replace(" ", mark),
       no pre-tokenizer;
-    - mistral-style: Mistral-7B-Instruct-v0.3's (transformers >= 4.38 conversion): Metaspace(prepend_scheme
-      "first", split false) and no normalizer, with its [INST] control tokens;
+    - mistral-style: the non-legacy conversion (transformers >= 4.38) newer Mistral files carry: Metaspace
+      (prepend_scheme "first", split false) and no normalizer, with [INST] control tokens;
     - transformers-llama: what an engine build writes (models.save_tokenizer) for a Llama tokenizer with the
       installed transformers.
     All three decode with Replace(mark, " "), ByteFallback, Fuse, Strip(" ", 1, 0) and add <s> by a template.
