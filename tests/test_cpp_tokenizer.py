@@ -673,3 +673,62 @@ def test_metaspace_variants_equal_hf(driver, tmp_path, name):
         else:
             assert got["text"] == hf.decode(case["ids"], skip_special_tokens=case["skip"]), case["ids"]
             assert_stream_as_hf(got, hf, case["ids"], case["skip"])
+
+
+# ---- through tda-run: the runtime tokenizes text prompts and detokenizes its output with this library
+
+def _tiny_sentencepiece_tokenizer(style, vocab_size):
+    """A transformers tokenizer of `style` (llama2-style or transformers-llama) with `vocab_size` tokens."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import LlamaTokenizer, PreTrainedTokenizerFast
+
+    from tda_export.text import corpus
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SP, prepend_scheme="always", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, limit_alphabet=40, show_progress=False,
+                                  special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)])
+    tok.train_from_iterator([corpus("calibration")[:100_000]], trainer)
+    if style == "transformers-llama":
+        doc = json.loads(tok.to_str())
+        return LlamaTokenizer(vocab=doc["model"]["vocab"], merges=[tuple(m) for m in doc["model"]["merges"]],
+                              add_bos_token=True)
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend(SP), normalizers.Replace(" ", SP)])
+    tok.pre_tokenizer = None
+    tok.decoder = decoders.Sequence([decoders.Replace(SP, " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("style", ["llama2-style", "transformers-llama"])
+def test_tda_run_text_equals_python_runtime_on_a_sentencepiece_engine(tmp_path, style):
+    """A tiny Llama engine carrying a Llama-2- or Mistral-style tokenizer.json: tda-run's streamed text equals the
+    ONNX Runtime backend's generation loop (which tokenizes with transformers) for text prompts."""
+    from tda_export.native import build_native
+    from tda_export.runtime.engine import Engine
+    from tda_export.runtime.generate import generate
+    from tda_export.runtime.sampling import SamplingParams
+    from test_runtime import build_engine
+    from tiny_models import COMMON, tiny_model
+
+    if not shutil.which("cmake") or not _compiler():
+        pytest.skip("cmake and a C++ compiler are needed to build tda-run")
+    native = build_native()
+    model_dir = tmp_path / "model"
+    tiny_model("llama").save_pretrained(model_dir, safe_serialization=True)
+    _tiny_sentencepiece_tokenizer(style, COMMON["vocab_size"]).save_pretrained(model_dir)
+    out, _ = build_engine(model_dir, tmp_path / "engine", tmp_path)
+    doc = json.loads((out / "tokenizer.json").read_text())
+    if style == "llama2-style":  # the engine kept the legacy pipeline
+        assert [n["type"] for n in doc["normalizer"]["normalizers"]] == ["Prepend", "Replace"], doc["normalizer"]
+    else:
+        assert doc["pre_tokenizer"]["type"] == "Metaspace" and doc["pre_tokenizer"]["prepend_scheme"] == "first"
+    ort = Engine.load(out, backend="onnxruntime")
+    params = SamplingParams(max_new_tokens=10)
+    for prompt in ("The capital of France is", "  two leading spaces,  inner  runs ", "caf\u00e9 \u65e5\u672c"):
+        want = generate(ort, [prompt], params, 0.5)
+        r = subprocess.run([str(native.cli), "-e", str(out), "-p", prompt, "-n", "10", "-d", "0.5"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == want[0], (prompt, r.stdout, want)
