@@ -137,33 +137,19 @@ def sentencepiece_tokenizer(tmp_path_factory):
     def get(style):
         if style in made:
             return made[style]
-        from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+        from tokenizers import AddedToken, Tokenizer
+
+        from tda_export.models import save_tokenizer
 
         doc = json.loads(_sentencepiece_bpe())
-        vocab = doc["model"]["vocab"]
         out = tmp_path_factory.mktemp(style)
         if style == "transformers-llama":
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            from transformers import LlamaTokenizer
-
-            from tda_export.models import save_tokenizer
-
-            merges = [tuple(m) for m in doc["model"]["merges"]]
-            save_tokenizer(LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True), out)
+            save_tokenizer(_transformers_llama(doc), out)
         else:
-            tok = Tokenizer.from_str(json.dumps(doc))
-            if style == "llama2-style":
-                tok.normalizer = normalizers.Sequence([normalizers.Prepend(SP), normalizers.Replace(" ", SP)])
-                tok.pre_tokenizer = None
-            else:
-                tok.normalizer = None
-                tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SP, prepend_scheme="first", split=False)
+            tok = _as_style(Tokenizer.from_str(json.dumps(doc)), style)
+            if style == "mistral-style":
                 tok.add_special_tokens([AddedToken("[INST]", normalized=False, special=True),
                                         AddedToken("[/INST]", normalized=False, special=True)])
-            tok.decoder = decoders.Sequence([decoders.Replace(SP, " "), decoders.ByteFallback(), decoders.Fuse(),
-                                             decoders.Strip(" ", 1, 0)])
-            tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s>:1 $B:1",
-                                                               special_tokens=[("<s>", 1)])
             tok.save(str(out / "tokenizer.json"))
         made[style] = out / "tokenizer.json"
         return made[style]
@@ -171,19 +157,50 @@ def sentencepiece_tokenizer(tmp_path_factory):
     return get
 
 
-@lru_cache(maxsize=1)
-def _sentencepiece_bpe():
-    """tokenizer.json text of the BPE the sentencepiece styles share (see sentencepiece_tokenizer)."""
+def _train_sentencepiece_bpe(vocab_size, limit_alphabet, chars):
+    """A byte-fallback BPE with <unk>, <s>, </s>, trained on the calibration text split at the mark."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     from tda_export.text import corpus
 
-    base = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
-    base.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SP, prepend_scheme="always", split=True)
-    trainer = trainers.BpeTrainer(vocab_size=3000, limit_alphabet=60, show_progress=False,
+    tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SP, prepend_scheme="always", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, limit_alphabet=limit_alphabet, show_progress=False,
                                   special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)])
-    base.train_from_iterator([corpus("calibration")[:200_000]], trainer)
-    doc = json.loads(base.to_str())
+    tok.train_from_iterator([corpus("calibration")[:chars]], trainer)
+    return tok
+
+
+def _as_style(tok, style):
+    """`tok` with the pipeline of llama2-style or mistral-style (see sentencepiece_tokenizer)."""
+    from tokenizers import decoders, normalizers, pre_tokenizers, processors
+
+    if style == "llama2-style":
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend(SP), normalizers.Replace(" ", SP)])
+        tok.pre_tokenizer = None
+    else:
+        tok.normalizer = None
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SP, prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace(SP, " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s>:1 $B:1",
+                                                       special_tokens=[("<s>", 1)])
+    return tok
+
+
+def _transformers_llama(doc):
+    """transformers' Llama tokenizer over the vocabulary and merges of tokenizer.json `doc`."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import LlamaTokenizer
+
+    merges = [tuple(m) for m in doc["model"]["merges"]]
+    return LlamaTokenizer(vocab=doc["model"]["vocab"], merges=merges, add_bos_token=True)
+
+
+@lru_cache(maxsize=1)
+def _sentencepiece_bpe():
+    """tokenizer.json text of the BPE the sentencepiece styles share (see sentencepiece_tokenizer)."""
+    doc = json.loads(_train_sentencepiece_bpe(vocab_size=3000, limit_alphabet=60, chars=200_000).to_str())
     doc["added_tokens"] = [t for t in doc["added_tokens"] if t["content"] in ("<unk>", "<s>", "</s>")]
     vocab = doc["model"]["vocab"]
     for run in (SP * 2, SP * 4):
@@ -593,8 +610,8 @@ def _metaspace(scheme, split):
     return {"type": "Metaspace", "replacement": SP, "prepend_scheme": scheme, "split": split}
 
 
-LLAMA2_NORMALIZER = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": SP},
-                                                         {"type": "Replace", "pattern": {"String": " "}, "content": SP}]}
+LLAMA2_NORMALIZER = {"type": "Sequence", "normalizers": [
+    {"type": "Prepend", "prepend": SP}, {"type": "Replace", "pattern": {"String": " "}, "content": SP}]}
 METASPACE_VARIANTS = {
     "always_split": {"pre_tokenizer": _metaspace("always", True), "decoder": _metaspace_decoder("always")},
     "never_split": {"pre_tokenizer": _metaspace("never", True), "decoder": _metaspace_decoder("never")},
@@ -679,26 +696,13 @@ def test_metaspace_variants_equal_hf(driver, tmp_path, name):
 
 def _tiny_sentencepiece_tokenizer(style, vocab_size):
     """A transformers tokenizer of `style` (llama2-style or transformers-llama) with `vocab_size` tokens."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import LlamaTokenizer, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    from tda_export.text import corpus
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SP, prepend_scheme="always", split=True)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, limit_alphabet=40, show_progress=False,
-                                  special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)])
-    tok.train_from_iterator([corpus("calibration")[:100_000]], trainer)
+    tok = _train_sentencepiece_bpe(vocab_size=vocab_size, limit_alphabet=40, chars=100_000)
     if style == "transformers-llama":
-        doc = json.loads(tok.to_str())
-        return LlamaTokenizer(vocab=doc["model"]["vocab"], merges=[tuple(m) for m in doc["model"]["merges"]],
-                              add_bos_token=True)
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend(SP), normalizers.Replace(" ", SP)])
-    tok.pre_tokenizer = None
-    tok.decoder = decoders.Sequence([decoders.Replace(SP, " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+        return _transformers_llama(json.loads(tok.to_str()))
+    return PreTrainedTokenizerFast(tokenizer_object=_as_style(tok, style), unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
 
 
 @pytest.mark.parametrize("style", ["llama2-style", "transformers-llama"])
