@@ -20,7 +20,9 @@ namespace tda::detail {
 class Normalizer {
  public:
   virtual ~Normalizer() = default;
-  virtual std::string normalize(std::string text) const = 0;
+  // `start_kept`, when given, is cleared if the output's first character no longer stands for the input's
+  // first one (HF's alignments: a Replace deleted it), which Metaspace's prepend_scheme "first" tells apart.
+  virtual std::string normalize(std::string text, bool* start_kept = nullptr) const = 0;
 };
 std::unique_ptr<Normalizer> make_normalizer(const Field& f);  // nullptr for null
 

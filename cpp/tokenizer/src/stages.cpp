@@ -39,10 +39,14 @@ size_t count(const Field& f) {
 
 bool starts_with(std::string_view s, std::string_view prefix) { return s.substr(0, prefix.size()) == prefix; }
 
-std::string replace_all(const Pattern& pattern, const std::string& content, const std::string& text) {
+// `start_kept` as Normalizer::normalize: cleared when a match at the start is deleted, so the output begins
+// with a later character (a replacement's characters stand for the text they replace, as in HF).
+std::string replace_all(const Pattern& pattern, const std::string& content, const std::string& text,
+                        bool* start_kept = nullptr) {
   Spans spans;
   pattern.find_all(text, spans);
   if (spans.empty()) return text;
+  if (start_kept && spans[0].first == 0 && spans[0].second > 0 && content.empty()) *start_kept = false;
   std::string out;
   size_t last = 0;
   for (auto [b, e] : spans) {
@@ -60,7 +64,7 @@ std::string replace_all(const Pattern& pattern, const std::string& content, cons
 class PrependNormalizer : public Normalizer {
  public:
   explicit PrependNormalizer(const Field& f) : prepend_(f["prepend"].str()) {}
-  std::string normalize(std::string text) const override {
+  std::string normalize(std::string text, bool* = nullptr) const override {
     if (!text.empty()) text.insert(0, prepend_);
     return text;
   }
@@ -72,7 +76,9 @@ class PrependNormalizer : public Normalizer {
 class ReplaceNormalizer : public Normalizer {
  public:
   explicit ReplaceNormalizer(const Field& f) : pattern_(make_pattern(f["pattern"])), content_(f["content"].str()) {}
-  std::string normalize(std::string text) const override { return replace_all(pattern_, content_, text); }
+  std::string normalize(std::string text, bool* start_kept = nullptr) const override {
+    return replace_all(pattern_, content_, text, start_kept);
+  }
 
  private:
   Pattern pattern_;
@@ -86,8 +92,8 @@ class SequenceNormalizer : public Normalizer {
     for (size_t i = 0; i < list.array().size(); ++i)
       if (auto n = make_normalizer(list[i])) stages_.push_back(std::move(n));
   }
-  std::string normalize(std::string text) const override {
-    for (const auto& s : stages_) text = s->normalize(std::move(text));
+  std::string normalize(std::string text, bool* start_kept = nullptr) const override {
+    for (const auto& s : stages_) text = s->normalize(std::move(text), start_kept);
     return text;
   }
 

@@ -59,7 +59,9 @@ struct TokenizerImpl {
         ids.push_back(seg.id);
         continue;
       }
-      const std::string normalized = normalizer ? normalizer->normalize(std::string(seg.text)) : std::string(seg.text);
+      bool start_kept = true;
+      const std::string normalized =
+          normalizer ? normalizer->normalize(std::string(seg.text), &start_kept) : std::string(seg.text);
       normalized_parts.clear();
       added->split(normalized, true, normalized_parts);
       for (const auto& part : normalized_parts) {
@@ -69,7 +71,8 @@ struct TokenizerImpl {
         }
         pieces.text.assign(1, std::string(part.text));
         // HF's offsets into the input, reduced to what Metaspace's prepend_scheme "first" asks of them.
-        pieces.first_at_input_start = seg.text.data() == text.data() && part.text.data() == normalized.data();
+        pieces.first_at_input_start =
+            start_kept && seg.text.data() == text.data() && part.text.data() == normalized.data();
         if (pre_tokenizer) pre_tokenizer->pre_tokenize(pieces);
         for (const auto& p : pieces.text) model->tokenize(p, ids);
       }
