@@ -617,6 +617,18 @@ METASPACE_VARIANTS = {
     "never_split": {"pre_tokenizer": _metaspace("never", True), "decoder": _metaspace_decoder("never")},
     "first_split": {"pre_tokenizer": _metaspace("first", True), "decoder": _metaspace_decoder("first")},
     "always_whole": {"pre_tokenizer": _metaspace("always", False), "decoder": _metaspace_decoder("always")},
+    # Oniguruma (HF) anchors ^ and $ at each line, not only at the text's ends
+    "line_anchors": {"normalizer": {"type": "Sequence", "normalizers": [
+        {"type": "Replace", "pattern": {"Regex": "^(?=.)"}, "content": "["},
+        {"type": "Replace", "pattern": {"Regex": "$"}, "content": "]"},
+        {"type": "Replace", "pattern": {"Regex": "\\Z"}, "content": "|"}]},
+        "pre_tokenizer": _metaspace("always", True), "decoder": _metaspace_decoder("always")},
+    # a normalizer that deletes the first character moves the text's start: "first" then prepends nothing
+    "first_after_deletion": {"normalizer": {"type": "Sequence", "normalizers": [
+        {"type": "Replace", "pattern": {"Regex": "^\\s+"}, "content": ""},
+        {"type": "Replace", "pattern": {"String": "T"}, "content": ""},
+        {"type": "Replace", "pattern": {"String": "W"}, "content": "VV"}]},
+        "pre_tokenizer": _metaspace("first", False), "decoder": _metaspace_decoder("first")},
     "older_fields": {"pre_tokenizer": {"type": "Metaspace", "replacement": SP, "str_rep": SP, "add_prefix_space": True},
                      "decoder": {"type": "Metaspace", "replacement": SP, "str_rep": SP, "add_prefix_space": True}},
     "after_split": {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
@@ -664,7 +676,7 @@ def test_metaspace_variants_equal_hf(driver, tmp_path, name):
     path = tmp_path / "tokenizer.json"
     hf.save(str(path))
     texts = [corpus("evaluation")[:20_000], "hello world and hello  world, thee <raw> thee<raw>thee <sp> x<sp>",
-             " one leading", "  two leading", "<s>after the bos", "x<s> y </s>", "12 ab  34cd 5", "9", " 9 x",
+             " one leading", "  two leading", "<s>after the bos", "The cat", "TTThe", "What", " The", "x<s> y </s>", "12 ab  34cd 5", "9", " 9 x",
              "a\u2581b \u2581\u2581c", "\u2581"] + EDGE_TEXTS[:30]
     if plain_texts_only:
         texts = [corpus("evaluation")[:20_000], "   three leading, two trailing  ", "x  y   z    "]
