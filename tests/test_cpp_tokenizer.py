@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import subprocess
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "cpp" / "tokenizer"
 MODELS = ["smollm2-135m", pytest.param("gemma3-270m", marks=pytest.mark.slow)]
+# No Llama-2 or Mistral checkpoint exists here: their tokenizer.json formats are rebuilt around a BPE trained on the
+# project's text (sentencepiece_tokenizer below), which gives them the same pipeline with a smaller vocabulary.
+SENTENCEPIECE_STYLES = ["llama2-style", "mistral-style", "transformers-llama"]
+SP = "\u2581"  # sentencepiece's word-boundary mark
+EVALUATION_CHARS = {"transformers-llama": 200_000}  # same pipeline as mistral-style: a slice of the split suffices
 
 
 def _compiler():
@@ -112,16 +118,112 @@ def special_texts(hf):
     return texts
 
 
-@pytest.fixture(scope="module", params=MODELS)
-def model_run(request, driver, saved_tokenizer, tmp_path_factory):
-    """All cases of one real tokenizer: (hf tokenizer, {name: (case, answer)})."""
+@pytest.fixture(scope="session")
+def sentencepiece_tokenizer(tmp_path_factory):
+    """style -> tokenizer.json of a sentencepiece-converted BPE as Llama-2 and Mistral checkpoints carry.
+
+    The BPE (byte fallback, fused <unk>, <s> and </s>) is trained on the calibration text; as in Llama's vocabulary
+    the 256 <0xXX> tokens are model tokens, not added ones, and runs of the mark are tokens merged first.
+    - llama2-style: Llama-2-7b-hf's file (the legacy conversion): normalizer Prepend(mark) + Replace(" ", mark),
+      no pre-tokenizer;
+    - mistral-style: the non-legacy conversion (transformers >= 4.38) newer Mistral files carry: Metaspace
+      (prepend_scheme "first", split false) and no normalizer, with [INST] control tokens;
+    - transformers-llama: what an engine build writes (models.save_tokenizer) for a Llama tokenizer with the
+      installed transformers.
+    All three decode with Replace(mark, " "), ByteFallback, Fuse, Strip(" ", 1, 0) and add <s> by a template.
+    """
+    made = {}
+
+    def get(style):
+        if style in made:
+            return made[style]
+        from tokenizers import AddedToken, Tokenizer
+
+        from tda_export.models import save_tokenizer
+
+        doc = json.loads(_sentencepiece_bpe())
+        out = tmp_path_factory.mktemp(style)
+        if style == "transformers-llama":
+            save_tokenizer(_transformers_llama(doc), out)
+        else:
+            tok = _as_style(Tokenizer.from_str(json.dumps(doc)), style)
+            if style == "mistral-style":
+                tok.add_special_tokens([AddedToken("[INST]", normalized=False, special=True),
+                                        AddedToken("[/INST]", normalized=False, special=True)])
+            tok.save(str(out / "tokenizer.json"))
+        made[style] = out / "tokenizer.json"
+        return made[style]
+
+    return get
+
+
+def _train_sentencepiece_bpe(vocab_size, limit_alphabet, chars):
+    """A byte-fallback BPE with <unk>, <s>, </s>, trained on the calibration text split at the mark."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from tda_export.text import corpus
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SP, prepend_scheme="always", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, limit_alphabet=limit_alphabet, show_progress=False,
+                                  special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)])
+    tok.train_from_iterator([corpus("calibration")[:chars]], trainer)
+    return tok
+
+
+def _as_style(tok, style):
+    """`tok` with the pipeline of llama2-style or mistral-style (see sentencepiece_tokenizer)."""
+    from tokenizers import decoders, normalizers, pre_tokenizers, processors
+
+    if style == "llama2-style":
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend(SP), normalizers.Replace(" ", SP)])
+        tok.pre_tokenizer = None
+    else:
+        tok.normalizer = None
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SP, prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace(SP, " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s>:1 $B:1",
+                                                       special_tokens=[("<s>", 1)])
+    return tok
+
+
+def _transformers_llama(doc):
+    """transformers' Llama tokenizer over the vocabulary and merges of tokenizer.json `doc`."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import LlamaTokenizer
+
+    merges = [tuple(m) for m in doc["model"]["merges"]]
+    return LlamaTokenizer(vocab=doc["model"]["vocab"], merges=merges, add_bos_token=True)
+
+
+@lru_cache(maxsize=1)
+def _sentencepiece_bpe():
+    """tokenizer.json text of the BPE the sentencepiece styles share (see sentencepiece_tokenizer)."""
+    doc = json.loads(_train_sentencepiece_bpe(vocab_size=3000, limit_alphabet=60, chars=200_000).to_str())
+    doc["added_tokens"] = [t for t in doc["added_tokens"] if t["content"] in ("<unk>", "<s>", "</s>")]
+    vocab = doc["model"]["vocab"]
+    for run in (SP * 2, SP * 4):
+        vocab[run] = len(vocab)
+    doc["model"]["merges"] = [[SP, SP], [SP * 2, SP * 2]] + doc["model"]["merges"]
+    return json.dumps(doc)
+
+
+@pytest.fixture(scope="module", params=MODELS + SENTENCEPIECE_STYLES)
+def model_run(request, driver, saved_tokenizer, sentencepiece_tokenizer, tmp_path_factory):
+    """All cases of one tokenizer: (hf tokenizer, {name: (case, answer)})."""
     import tokenizers
 
     from tda_export.text import corpus
 
-    path = saved_tokenizer(request.param)
+    if request.param in SENTENCEPIECE_STYLES:
+        path = sentencepiece_tokenizer(request.param)
+    else:
+        path = saved_tokenizer(request.param)
     hf = tokenizers.Tokenizer.from_file(str(path))
     evaluation = corpus("evaluation")
+    if request.param in EVALUATION_CHARS:  # the whole split where it adds no other pipeline (CI time)
+        evaluation = evaluation[:evaluation.index("\n", EVALUATION_CHARS[request.param]) + 1]
     eval_ids = hf.encode(evaluation, add_special_tokens=False).ids
     cases = {"evaluation": {"hex": evaluation.encode().hex(), "add_special": False},
              "evaluation_decode": {"ids": eval_ids, "skip": True},
@@ -142,7 +244,8 @@ def model_run(request, driver, saved_tokenizer, tmp_path_factory):
         cases[f"bytes/{name}"] = {"ids": ids, "skip": True}
     vocab = hf.get_vocab()
     probe = sorted(vocab)[:: max(1, len(vocab) // 50)] + ["<bos>", "<|im_start|>", "no such token \u2603"]
-    cases["vocab"] = {"tokens": probe}
+    of_ids = sorted(hf.get_added_tokens_decoder())[:50] + list(range(0, size, max(1, size // 50))) + [size + 3]
+    cases["vocab"] = {"tokens": probe, "of_ids": of_ids}
     answers = run_cases(driver, path, list(cases.values()), tmp_path_factory.mktemp("cases"))
     return hf, dict(zip(cases, zip(cases.values(), answers)))
 
@@ -155,7 +258,8 @@ def byte_pieces(hf):
         fallback = hf.token_to_id(f"<0x{b:02X}>")  # byte-fallback models spell bytes <0xXX>
         token_of_byte[b] = fallback if fallback is not None else hf.token_to_id(char_of_byte[b])
     assert None not in token_of_byte.values(), token_of_byte
-    a = hf.encode("a", add_special_tokens=False).ids
+    a = [hf.token_to_id("a")]  # the letter alone (sentencepiece-style files would encode "a" as "\u2581a")
+    assert a != [None]
     e2, x82, xac = token_of_byte[0xE2], token_of_byte[0x82], token_of_byte[0xAC]
     return {"e2": [e2], "e2_82": [e2, x82], "euro": [e2, x82, xac], "e2_a": [e2] + a,
             "a_e2_82_a": a + [e2, x82] + a, "82_alone": [x82], "euro_twice": [e2, x82, xac, e2, x82, xac]}
@@ -175,10 +279,24 @@ def _gpt2_alphabet():
 
 
 def hf_stream(hf, ids, skip):
+    """DecodeStream's steps ("" for none), or None where HF refuses to go on: a text that no longer starts with what
+    was emitted, which sentencepiece's Strip decoder can produce on arbitrary ids."""
     from tokenizers.decoders import DecodeStream
 
     stream = DecodeStream(skip_special_tokens=skip)
-    return [stream.step(hf, i) or "" for i in ids]
+    try:
+        return [stream.step(hf, i) or "" for i in ids]
+    except Exception as e:
+        if "Invalid prefix" not in str(e):
+            raise
+        return None
+
+
+def assert_stream_as_hf(got, hf, ids, skip):
+    want = hf_stream(hf, ids, skip)
+    assert got.get("stream") == want, ids
+    if want is None:
+        assert "no longer starts with the text already emitted" in got["stream_error"], got
 
 
 def test_evaluation_text_ids_equal_hf(model_run):
@@ -186,7 +304,7 @@ def test_evaluation_text_ids_equal_hf(model_run):
     case, got = results["evaluation"]
     text = bytes.fromhex(case["hex"]).decode()
     assert len(text) >= 100_000
-    want = hf.encode(text, add_special_tokens=False).ids
+    want = results["evaluation_decode"][0]["ids"]  # HF's ids of this text, computed once by model_run
     assert len(got["ids"]) == len(want)
     first_diff = next((i for i, (g, w) in enumerate(zip(got["ids"], want)) if g != w), None)
     if first_diff is not None:
@@ -246,7 +364,7 @@ def test_decode_of_any_ids_equals_hf(model_run):
     for name, (case, got) in results.items():
         if name.startswith("random") or name == "unknown_ids":
             assert got["text"] == hf.decode(case["ids"], skip_special_tokens=case["skip"]), case["ids"]
-            assert got["stream"] == hf_stream(hf, case["ids"], case["skip"]), case["ids"]
+            assert_stream_as_hf(got, hf, case["ids"], case["skip"])
 
 
 def test_incomplete_utf8_pieces_decode_as_hf_and_raw_bytes_stay_exact(model_run):
@@ -267,6 +385,23 @@ def test_vocabulary_queries_equal_hf(model_run):
     case, got = results["vocab"]
     assert got["vocab_size"] == hf.get_vocab_size()
     assert got["ids"] == [hf.token_to_id(t) for t in case["tokens"]]
+    assert got["tokens"] == [hf.id_to_token(i) for i in case["of_ids"]]
+
+
+@pytest.mark.parametrize("style", SENTENCEPIECE_STYLES)
+def test_sentencepiece_styles_declare_the_checkpoint_pipelines(sentencepiece_tokenizer, style):
+    """The rebuilt files hold the pipelines Llama-2 and Mistral checkpoints declare, so the parity above is theirs."""
+    doc = json.loads(Path(sentencepiece_tokenizer(style)).read_text())
+    assert [d["type"] for d in doc["decoder"]["decoders"]] == ["Replace", "ByteFallback", "Fuse", "Strip"]
+    assert doc["decoder"]["decoders"][3] == {"type": "Strip", "content": " ", "start": 1, "stop": 0}
+    assert doc["model"]["type"] == "BPE" and doc["model"]["byte_fallback"] and doc["model"]["fuse_unk"]
+    assert doc["post_processor"]["single"][0] == {"SpecialToken": {"id": "<s>", "type_id": 0}}
+    if style == "llama2-style":
+        assert doc["normalizer"]["normalizers"] == LLAMA2_NORMALIZER["normalizers"] and doc["pre_tokenizer"] is None
+    else:
+        assert doc["normalizer"] is None
+        assert doc["pre_tokenizer"] == {"type": "Metaspace", "replacement": SP, "prepend_scheme": "first",
+                                        "split": False}
 
 
 # ---- files the tokenizer must refuse clearly
@@ -323,7 +458,27 @@ BAD_FILES = {
         "type": "TemplateProcessing", "special_tokens": {},
         "single": [{"SpecialToken": {"id": "<s>"}}, {"Sequence": {"id": "A"}}]}),
                  "post_processor.single[0].SpecialToken.id = <s> is not in post_processor.special_tokens"),
+    "metaspace_scheme": (tiny_tokenizer(pre_tokenizer={"type": "Metaspace", "replacement": SP,
+                                                       "prepend_scheme": "sometimes"}),
+                         "pre_tokenizer.prepend_scheme = sometimes is not supported"),
+    "metaspace_replacement": (tiny_tokenizer(pre_tokenizer={"type": "Metaspace", "replacement": "ab"}),
+                              "pre_tokenizer.replacement must be a single character"),
+    "metaspace_prefix_space": (tiny_tokenizer(pre_tokenizer={"type": "Metaspace", "replacement": SP,
+                                                             "add_prefix_space": False}),
+                               "pre_tokenizer.add_prefix_space = false contradicts prepend_scheme"),
+    "metaspace_decoder": (tiny_tokenizer(decoder={"type": "Metaspace", "replacement": SP, "prepend_scheme": "last"}),
+                          "decoder.prepend_scheme = last is not supported"),
+    "strip_count": (tiny_tokenizer(decoder={"type": "Sequence", "decoders": [
+        {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": -1, "stop": 0}]}),
+                    "decoder.decoders[1].start must be a non-negative integer"),
+    "strip_content": (tiny_tokenizer(decoder={"type": "Strip", "content": "  ", "start": 1, "stop": 0}),
+                      "decoder.content must be a single character"),
+    "prepend_missing": (tiny_tokenizer(normalizer={"type": "Sequence", "normalizers": [{"type": "Prepend"}]}),
+                        "normalizer.normalizers[0].prepend is missing"),
 }
+# Files HF itself refuses to load: the C++ tokenizer refuses them too, rather than guess.
+HF_REFUSES = ["metaspace_scheme", "metaspace_replacement", "metaspace_prefix_space", "metaspace_decoder",
+              "strip_count", "strip_content", "prepend_missing"]
 
 
 @pytest.mark.parametrize("name", list(BAD_FILES))
@@ -337,6 +492,14 @@ def test_bad_tokenizer_file_is_refused_by_name(driver, tmp_path, name):
     err = r.stderr.decode()
     assert r.returncode == 2, (r.returncode, err)  # an error exit, not a signal
     assert err.startswith(f"error: {path}: ") and message in err, err
+
+
+@pytest.mark.parametrize("name", HF_REFUSES)
+def test_files_hf_refuses_are_refused(name):
+    import tokenizers
+
+    with pytest.raises(Exception):
+        tokenizers.Tokenizer.from_str(BAD_FILES[name][0])
 
 
 def test_missing_tokenizer_file_is_refused(driver, tmp_path):
@@ -433,3 +596,155 @@ def test_generic_pieces_equal_hf(driver, tmp_path, name):
         assert got.get("ids") == want, (text[:200], got)
         assert got["decoded"] == hf.decode(want), text[:200]
         assert got["decoded_all"] == hf.decode(want, skip_special_tokens=False), text[:200]
+
+
+# ---- Metaspace, Prepend and Strip beyond the two checkpoint styles: every prepend scheme, split or not, the older
+# add_prefix_space/str_rep fields, Metaspace after a Split, normalized added tokens under Prepend, the Metaspace decoder
+
+def _metaspace_decoder(scheme):
+    return {"type": "Sequence", "decoders": [{"type": "Metaspace", "replacement": SP, "prepend_scheme": scheme},
+                                             {"type": "ByteFallback"}, {"type": "Fuse"}]}
+
+
+def _metaspace(scheme, split):
+    return {"type": "Metaspace", "replacement": SP, "prepend_scheme": scheme, "split": split}
+
+
+LLAMA2_NORMALIZER = {"type": "Sequence", "normalizers": [
+    {"type": "Prepend", "prepend": SP}, {"type": "Replace", "pattern": {"String": " "}, "content": SP}]}
+METASPACE_VARIANTS = {
+    "always_split": {"pre_tokenizer": _metaspace("always", True), "decoder": _metaspace_decoder("always")},
+    "never_split": {"pre_tokenizer": _metaspace("never", True), "decoder": _metaspace_decoder("never")},
+    "first_split": {"pre_tokenizer": _metaspace("first", True), "decoder": _metaspace_decoder("first")},
+    "always_whole": {"pre_tokenizer": _metaspace("always", False), "decoder": _metaspace_decoder("always")},
+    # Oniguruma (HF) anchors ^ and $ at each line, not only at the text's ends
+    "line_anchors": {"normalizer": {"type": "Sequence", "normalizers": [
+        {"type": "Replace", "pattern": {"Regex": "^(?=.)"}, "content": "["},
+        {"type": "Replace", "pattern": {"Regex": "$"}, "content": "]"},
+        {"type": "Replace", "pattern": {"Regex": "\\Z"}, "content": "|"}]},
+        "pre_tokenizer": _metaspace("always", True), "decoder": _metaspace_decoder("always")},
+    # a normalizer that deletes the first character moves the text's start: "first" then prepends nothing
+    "first_after_deletion": {"normalizer": {"type": "Sequence", "normalizers": [
+        {"type": "Replace", "pattern": {"Regex": "^\\s+"}, "content": ""},
+        {"type": "Replace", "pattern": {"String": "T"}, "content": ""},
+        {"type": "Replace", "pattern": {"String": "W"}, "content": "VV"}]},
+        "pre_tokenizer": _metaspace("first", False), "decoder": _metaspace_decoder("first")},
+    "older_fields": {"pre_tokenizer": {"type": "Metaspace", "replacement": SP, "str_rep": SP, "add_prefix_space": True},
+                     "decoder": {"type": "Metaspace", "replacement": SP, "str_rep": SP, "add_prefix_space": True}},
+    "after_split": {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "\\d| {2,}"}, "behavior": "Removed", "invert": False},
+        _metaspace("first", True)]}, "decoder": _metaspace_decoder("first")},
+    "prepend_added": {"normalizer": LLAMA2_NORMALIZER, "pre_tokenizer": None, "added": True,
+                      "decoder": {"type": "Sequence", "decoders": [
+                          {"type": "Replace", "pattern": {"String": SP}, "content": " "}, {"type": "ByteFallback"},
+                          {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 2, "stop": 0}]}},
+    # Llama-2 files are also seen with normalized <unk>/<s>/</s>: matched only after "\u2581", and (tokenizers 0.23)
+    # kept by skip_special_tokens since their normalized form is no special content
+    "llama2_normalized_specials": {"normalizer": LLAMA2_NORMALIZER, "pre_tokenizer": None, "normalized_specials": True,
+                                   "decoder": {"type": "Sequence", "decoders": [
+                                       {"type": "Replace", "pattern": {"String": SP}, "content": " "},
+                                       {"type": "ByteFallback"}, {"type": "Fuse"},
+                                       {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}},
+    # HF's Strip panics where its two cuts cross (an empty or all-space text with stop > 0): texts without those
+    "strip_both_ends": {"normalizer": LLAMA2_NORMALIZER, "pre_tokenizer": None, "plain_texts_only": True,
+                        "decoder": {"type": "Sequence", "decoders": [
+                            {"type": "Replace", "pattern": {"String": SP}, "content": " "}, {"type": "ByteFallback"},
+                            {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 3, "stop": 2}]}},
+}
+
+
+@pytest.mark.parametrize("name", list(METASPACE_VARIANTS))
+def test_metaspace_variants_equal_hf(driver, tmp_path, name):
+    import tokenizers
+    from tokenizers import AddedToken
+
+    from tda_export.text import corpus
+
+    doc = json.loads(_sentencepiece_bpe())
+    variant = dict(METASPACE_VARIANTS[name])
+    with_added = variant.pop("added", False)
+    plain_texts_only = variant.pop("plain_texts_only", False)
+    if variant.pop("normalized_specials", False):
+        for token in doc["added_tokens"]:
+            token["normalized"] = True
+    doc.update(variant)
+    hf = tokenizers.Tokenizer.from_str(json.dumps(doc))
+    if with_added:  # normalized ones are matched after the normalizer, so Prepend decides where they can match
+        hf.add_tokens([AddedToken("hello world", normalized=True), AddedToken(f"{SP}thee", normalized=True),
+                       AddedToken("<raw>", normalized=False)])
+        hf.add_special_tokens([AddedToken("<sp>", normalized=True, special=True)])  # kept by skip_special, as HF
+    path = tmp_path / "tokenizer.json"
+    hf.save(str(path))
+    texts = [corpus("evaluation")[:20_000], "hello world and hello  world, thee <raw> thee<raw>thee <sp> x<sp>",
+             " one leading", "  two leading", "<s>after the bos", "The cat", "TTThe", "What", " The", "x<s> y </s>", "12 ab  34cd 5", "9", " 9 x",
+             "a\u2581b \u2581\u2581c", "\u2581"] + EDGE_TEXTS[:30]
+    if plain_texts_only:
+        texts = [corpus("evaluation")[:20_000], "   three leading, two trailing  ", "x  y   z    "]
+    cases = [{"hex": t.encode().hex(), "add_special": add} for t in texts for add in (True, False)]
+    rng = random.Random(1)
+    decodes = [[rng.randrange(hf.get_vocab_size()) for _ in range(rng.randint(1, 40))] for _ in range(20)]
+    if plain_texts_only:
+        decodes = []
+    cases += [{"ids": ids, "skip": skip} for ids in decodes for skip in (True, False)]
+    added_ids = sorted(hf.get_added_tokens_decoder())
+    cases.append({"tokens": [t.content for t in hf.get_added_tokens_decoder().values()], "of_ids": added_ids})
+    answers = run_cases(driver, path, cases, tmp_path)
+    for case, got in zip(cases, answers):
+        if "tokens" in case:  # since tokenizers 0.23 id_to_token gives a normalized token's normalized form
+            assert got["ids"] == [hf.token_to_id(t) for t in case["tokens"]]
+            assert got["tokens"] == [hf.id_to_token(i) for i in case["of_ids"]]
+        elif "hex" in case:
+            text = bytes.fromhex(case["hex"]).decode()
+            want = hf.encode(text, add_special_tokens=case["add_special"]).ids
+            assert got.get("ids") == want, (text[:200], got)
+            assert got["decoded"] == hf.decode(want), text[:200]
+            assert got["decoded_all"] == hf.decode(want, skip_special_tokens=False), text[:200]
+        else:
+            assert got["text"] == hf.decode(case["ids"], skip_special_tokens=case["skip"]), case["ids"]
+            assert_stream_as_hf(got, hf, case["ids"], case["skip"])
+
+
+# ---- through tda-run: the runtime tokenizes text prompts and detokenizes its output with this library
+
+def _tiny_sentencepiece_tokenizer(style, vocab_size):
+    """A transformers tokenizer of `style` (llama2-style or transformers-llama) with `vocab_size` tokens."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _train_sentencepiece_bpe(vocab_size=vocab_size, limit_alphabet=40, chars=100_000)
+    if style == "transformers-llama":
+        return _transformers_llama(json.loads(tok.to_str()))
+    return PreTrainedTokenizerFast(tokenizer_object=_as_style(tok, style), unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
+
+
+@pytest.mark.parametrize("style", ["llama2-style", "transformers-llama"])
+def test_tda_run_text_equals_python_runtime_on_a_sentencepiece_engine(tmp_path, style):
+    """A tiny Llama engine carrying a Llama-2- or Mistral-style tokenizer.json: tda-run's streamed text equals the
+    ONNX Runtime backend's generation loop (which tokenizes with transformers) for text prompts."""
+    from tda_export.native import build_native
+    from tda_export.runtime.engine import Engine
+    from tda_export.runtime.generate import generate
+    from tda_export.runtime.sampling import SamplingParams
+    from test_runtime import build_engine
+    from tiny_models import COMMON, tiny_model
+
+    if not shutil.which("cmake") or not _compiler():
+        pytest.skip("cmake and a C++ compiler are needed to build tda-run")
+    native = build_native()
+    model_dir = tmp_path / "model"
+    tiny_model("llama").save_pretrained(model_dir, safe_serialization=True)
+    _tiny_sentencepiece_tokenizer(style, COMMON["vocab_size"]).save_pretrained(model_dir)
+    out, _ = build_engine(model_dir, tmp_path / "engine", tmp_path)
+    doc = json.loads((out / "tokenizer.json").read_text())
+    if style == "llama2-style":  # the engine kept the legacy pipeline
+        assert [n["type"] for n in doc["normalizer"]["normalizers"]] == ["Prepend", "Replace"], doc["normalizer"]
+    else:
+        assert doc["pre_tokenizer"]["type"] == "Metaspace" and doc["pre_tokenizer"]["prepend_scheme"] == "first"
+    ort = Engine.load(out, backend="onnxruntime")
+    params = SamplingParams(max_new_tokens=10)
+    for prompt in ("The capital of France is", "  two leading spaces,  inner  runs ", "caf\u00e9 \u65e5\u672c"):
+        want = generate(ort, [prompt], params, 0.5)
+        r = subprocess.run([str(native.cli), "-e", str(out), "-p", prompt, "-n", "10", "-d", "0.5"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == want[0], (prompt, r.stdout, want)

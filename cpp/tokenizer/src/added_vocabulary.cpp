@@ -35,16 +35,14 @@ size_t AddedVocabulary::Trie::longest_at(std::string_view text, size_t i, int32_
 AddedVocabulary::AddedVocabulary(const Field& list, const Normalizer* normalizer) {
   for (size_t i = 0; i < list.array().size(); ++i) {
     const Field t = list[i];
-    Token token{t["id"].id(), t["content"].str(), t.flag("special", false), false};
+    Token token{t["id"].id(), t["content"].str(), t.flag("special", false), false, {}};
     token.normalized = t.flag("normalized", !token.special);  // HF's default
     for (const char* unsupported_flag : {"lstrip", "rstrip", "single_word"})
       if (t.flag(unsupported_flag, false)) t[unsupported_flag].unsupported();
     if (token.content.empty()) continue;  // HF never matches an empty token
-    if (token.normalized) {
-      normalized_.insert(normalizer ? normalizer->normalize(token.content) : token.content, token.id);
-    } else {
-      raw_.insert(token.content, token.id);
-    }
+    token.piece = token.normalized && normalizer ? normalizer->normalize(token.content) : token.content;
+    (token.normalized ? normalized_ : raw_).insert(token.piece, token.id);
+    if (token.special) special_contents_.insert(token.content);
     index_of_id_[token.id] = tokens_.size();
     id_of_content_[token.content] = token.id;
     tokens_.push_back(std::move(token));

@@ -9,6 +9,7 @@
 #include <string>
 #include <string_view>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "json_fields.h"
@@ -19,15 +20,25 @@ namespace tda::detail {
 class Normalizer {
  public:
   virtual ~Normalizer() = default;
-  virtual std::string normalize(std::string text) const = 0;
+  // `start_kept`, when given, is cleared if the output's first character no longer stands for the input's
+  // first one (HF's alignments: a Replace deleted it), which Metaspace's prepend_scheme "first" tells apart.
+  virtual std::string normalize(std::string text, bool* start_kept = nullptr) const = 0;
 };
 std::unique_ptr<Normalizer> make_normalizer(const Field& f);  // nullptr for null
 
-// Splits each piece of a word list further (HF's PreTokenizedString with offsets dropped).
+// The pieces one normalized segment is split into (HF's PreTokenizedString). HF tracks each piece's offsets;
+// the pipeline needs one fact from them: whether the first piece starts at byte 0 of the input text, which
+// decides Metaspace's prepend_scheme "first".
+struct Pieces {
+  std::vector<std::string> text;
+  bool first_at_input_start = false;
+};
+
+// Splits each piece further.
 class PreTokenizer {
  public:
   virtual ~PreTokenizer() = default;
-  virtual void pre_tokenize(std::vector<std::string>& pieces) const = 0;
+  virtual void pre_tokenize(Pieces& pieces) const = 0;
 };
 std::unique_ptr<PreTokenizer> make_pre_tokenizer(const Field& f);  // nullptr for null
 
@@ -92,6 +103,9 @@ class AddedVocabulary {
     int32_t id;
     std::string content;
     bool special, normalized;
+    // What HF's decode and id_to_token give for it: since tokenizers 0.23 the normalizer's output for a
+    // normalized token (the form its trie matches), else the content.
+    std::string piece;
   };
   struct Segment {
     std::string_view text;  // empty for a token
@@ -101,6 +115,9 @@ class AddedVocabulary {
   // Splits `text` at the raw (normalized = false) or the normalized tokens.
   void split(std::string_view text, bool normalized, std::vector<Segment>& out) const;
   const Token* by_id(int32_t id) const;
+  // HF's decode(skip_special_tokens) drops a token whose string is the content of a special added token; a
+  // special normalized token whose normalized form differs is therefore kept, as in HF.
+  bool is_special_content(const std::string& s) const { return special_contents_.count(s) > 0; }
   std::optional<int32_t> id_of(std::string_view content) const;
   const std::vector<Token>& tokens() const { return tokens_; }
 
@@ -114,6 +131,7 @@ class AddedVocabulary {
   std::vector<Token> tokens_;
   std::unordered_map<int32_t, size_t> index_of_id_;
   std::unordered_map<std::string, int32_t> id_of_content_;
+  std::unordered_set<std::string> special_contents_;
   Trie raw_, normalized_;
 };
 

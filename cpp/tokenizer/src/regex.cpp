@@ -3,6 +3,7 @@
 
 #include <pcre2.h>
 
+#include <new>
 #include <stdexcept>
 
 #include "tda/tokenizer.h"
@@ -18,8 +19,14 @@ struct Regex::Code {
 Regex::Regex(const std::string& pattern) : code_(std::make_unique<Code>()) {
   int error = 0;
   PCRE2_SIZE offset = 0;
+  // Oniguruma's Ruby syntax, which HF uses, anchors ^ and $ at every "\n" (not after a final one): PCRE2's
+  // multiline mode with LF as the only newline.
+  std::unique_ptr<pcre2_compile_context, void (*)(pcre2_compile_context*)> context(
+      pcre2_compile_context_create(nullptr), pcre2_compile_context_free);
+  if (!context) throw std::bad_alloc();
+  pcre2_set_newline(context.get(), PCRE2_NEWLINE_LF);
   code_->code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
-                              PCRE2_UTF | PCRE2_UCP, &error, &offset, nullptr);
+                              PCRE2_UTF | PCRE2_UCP | PCRE2_MULTILINE, &error, &offset, context.get());
   if (!code_->code) {
     PCRE2_UCHAR message[256];
     pcre2_get_error_message(error, message, sizeof message);

@@ -23,10 +23,30 @@ Pattern make_pattern(const Field& f) {
   f.fail("must hold \"String\" or \"Regex\"");
 }
 
-std::string replace_all(const Pattern& pattern, const std::string& content, const std::string& text) {
+// The one character a field names (Metaspace's replacement, Strip's content), as UTF-8.
+std::string one_char(const Field& f) {
+  const std::string& s = f.str();
+  if (s.empty() || !utf8_valid(s) || utf8_char_len(static_cast<unsigned char>(s[0])) != s.size())
+    f.fail("must be a single character");
+  return s;
+}
+
+size_t count(const Field& f) {
+  if (!f.value.is_number_unsigned() && !(f.value.is_number_integer() && f.value.get<int64_t>() >= 0))
+    f.fail("must be a non-negative integer");
+  return f.value.get<size_t>();
+}
+
+bool starts_with(std::string_view s, std::string_view prefix) { return s.substr(0, prefix.size()) == prefix; }
+
+// `start_kept` as Normalizer::normalize: cleared when a match at the start is deleted, so the output begins
+// with a later character (a replacement's characters stand for the text they replace, as in HF).
+std::string replace_all(const Pattern& pattern, const std::string& content, const std::string& text,
+                        bool* start_kept = nullptr) {
   Spans spans;
   pattern.find_all(text, spans);
   if (spans.empty()) return text;
+  if (start_kept && spans[0].first == 0 && spans[0].second > 0 && content.empty()) *start_kept = false;
   std::string out;
   size_t last = 0;
   for (auto [b, e] : spans) {
@@ -40,10 +60,25 @@ std::string replace_all(const Pattern& pattern, const std::string& content, cons
 
 // ---- normalizers
 
+// Prepends its string to every non-empty segment (Llama-2's "▁" before the text, and after each added token).
+class PrependNormalizer : public Normalizer {
+ public:
+  explicit PrependNormalizer(const Field& f) : prepend_(f["prepend"].str()) {}
+  std::string normalize(std::string text, bool* = nullptr) const override {
+    if (!text.empty()) text.insert(0, prepend_);
+    return text;
+  }
+
+ private:
+  std::string prepend_;
+};
+
 class ReplaceNormalizer : public Normalizer {
  public:
   explicit ReplaceNormalizer(const Field& f) : pattern_(make_pattern(f["pattern"])), content_(f["content"].str()) {}
-  std::string normalize(std::string text) const override { return replace_all(pattern_, content_, text); }
+  std::string normalize(std::string text, bool* start_kept = nullptr) const override {
+    return replace_all(pattern_, content_, text, start_kept);
+  }
 
  private:
   Pattern pattern_;
@@ -57,8 +92,8 @@ class SequenceNormalizer : public Normalizer {
     for (size_t i = 0; i < list.array().size(); ++i)
       if (auto n = make_normalizer(list[i])) stages_.push_back(std::move(n));
   }
-  std::string normalize(std::string text) const override {
-    for (const auto& s : stages_) text = s->normalize(std::move(text));
+  std::string normalize(std::string text, bool* start_kept = nullptr) const override {
+    for (const auto& s : stages_) text = s->normalize(std::move(text), start_kept);
     return text;
   }
 
@@ -71,7 +106,8 @@ class SequenceNormalizer : public Normalizer {
 // HF's SplitDelimiterBehavior applied to the pieces `matches` cut `text` into.
 enum class Behavior { Removed, Isolated, MergedWithPrevious, MergedWithNext, Contiguous };
 
-void split_by(const std::string& text, const Spans& matches, Behavior behavior, bool invert,
+// Returns whether the first piece it appends starts at text[0] (false when it appends none).
+bool split_by(const std::string& text, const Spans& matches, Behavior behavior, bool invert,
               std::vector<std::string>& out) {
   // Every byte of text, as (span, is_match) in order.
   std::vector<std::pair<std::pair<size_t, size_t>, bool>> parts;
@@ -116,8 +152,26 @@ void split_by(const std::string& text, const Spans& matches, Behavior behavior, 
       std::reverse(spans.begin(), spans.end());
       break;
   }
-  for (auto [b, e] : spans)
-    if (e > b) out.emplace_back(text, b, e - b);
+  bool first_at_start = false, first = true;
+  for (auto [b, e] : spans) {
+    if (e <= b) continue;  // HF drops empty pieces
+    if (first) first_at_start = b == 0, first = false;
+    out.emplace_back(text, b, e - b);
+  }
+  return first_at_start;
+}
+
+// Splits every piece with `split_one(piece, out)`, which returns split_by's answer, keeping track of whether
+// the first piece still starts at the input's first byte.
+template <class SplitOne>
+void split_each(Pieces& pieces, SplitOne split_one) {
+  std::vector<std::string> out;
+  for (size_t i = 0; i < pieces.text.size(); ++i) {
+    const bool first_at_start = split_one(pieces.text[i], out);
+    if (i == 0) pieces.first_at_input_start = pieces.first_at_input_start && first_at_start;
+  }
+  if (pieces.text.empty()) pieces.first_at_input_start = false;
+  pieces.text.swap(out);
 }
 
 class SplitPreTokenizer : public PreTokenizer {
@@ -133,15 +187,13 @@ class SplitPreTokenizer : public PreTokenizer {
     else b.unsupported();
     invert_ = f.flag("invert", false);
   }
-  void pre_tokenize(std::vector<std::string>& pieces) const override {
-    std::vector<std::string> out;
+  void pre_tokenize(Pieces& pieces) const override {
     Spans matches;
-    for (const auto& piece : pieces) {
+    split_each(pieces, [&](const std::string& piece, std::vector<std::string>& out) {
       matches.clear();
       pattern_.find_all(piece, matches);
-      split_by(piece, matches, behavior_, invert_, out);
-    }
-    pieces.swap(out);
+      return split_by(piece, matches, behavior_, invert_, out);
+    });
   }
 
  private:
@@ -160,18 +212,19 @@ class ByteLevelPreTokenizer : public PreTokenizer {
       : add_prefix_space_(f.flag("add_prefix_space", true)), use_regex_(f.flag("use_regex", true)) {
     if (use_regex_) regex_ = std::make_unique<Regex>(kGpt2Pattern);
   }
-  void pre_tokenize(std::vector<std::string>& pieces) const override {
+  void pre_tokenize(Pieces& pieces) const override {
     const auto& alphabet = ByteLevelAlphabet::get();
-    std::vector<std::string> out;
     Spans matches;
-    for (auto& piece : pieces) {
+    std::vector<std::string> words;
+    split_each(pieces, [&](std::string& piece, std::vector<std::string>& out) {
       if (add_prefix_space_ && (piece.empty() || piece[0] != ' ')) piece.insert(0, 1, ' ');
-      std::vector<std::string> words;
+      words.clear();
+      bool first_at_start = !piece.empty();
       if (use_regex_) {
         matches.clear();
         regex_->find_all(piece, matches);
-        split_by(piece, matches, Behavior::Isolated, false, words);
-      } else {
+        first_at_start = split_by(piece, matches, Behavior::Isolated, false, words);
+      } else if (!piece.empty()) {
         words.push_back(piece);
       }
       for (const auto& w : words) {
@@ -180,13 +233,71 @@ class ByteLevelPreTokenizer : public PreTokenizer {
         for (unsigned char c : w) mapped += alphabet.char_of_byte[c];
         out.push_back(std::move(mapped));
       }
-    }
-    pieces.swap(out);
+      return first_at_start;
+    });
   }
 
  private:
   bool add_prefix_space_, use_regex_;
   std::unique_ptr<Regex> regex_;
+};
+
+// HF's PrependScheme, read as HF reads it: "prepend_scheme" (default "always"), and the older
+// "add_prefix_space": false, which means "never" and is refused beside any other declared scheme.
+enum class PrependScheme { Always, First, Never };
+
+PrependScheme read_prepend_scheme(const Field& f) {
+  PrependScheme scheme = PrependScheme::Always;
+  if (f.present("prepend_scheme")) {
+    const Field s = f["prepend_scheme"];
+    if (s.str() == "always") scheme = PrependScheme::Always;
+    else if (s.str() == "first") scheme = PrependScheme::First;
+    else if (s.str() == "never") scheme = PrependScheme::Never;
+    else s.unsupported();
+  }
+  if (f.present("add_prefix_space") && !f["add_prefix_space"].boolean()) {
+    if (scheme != PrependScheme::Never)
+      f["add_prefix_space"].fail("= false contradicts prepend_scheme (absent means \"always\"), as HF refuses it");
+    scheme = PrependScheme::Never;
+  }
+  return scheme;
+}
+
+// SentencePiece's whitespace rule: spaces become the replacement character ("▁"), which is prepended to
+// every piece (always) or only to the one at the start of the input (first: not after an added token), then
+// pieces are split before each replacement character when `split` is true (the default).
+class MetaspacePreTokenizer : public PreTokenizer {
+ public:
+  explicit MetaspacePreTokenizer(const Field& f)
+      : replacement_(one_char(f["replacement"])),
+        scheme_(read_prepend_scheme(f)),
+        split_(f.flag("split", true)),
+        replacement_pattern_(Pattern::literal(replacement_)) {}
+  void pre_tokenize(Pieces& pieces) const override {
+    Spans matches;
+    size_t index = 0;
+    const bool input_start = pieces.first_at_input_start;
+    split_each(pieces, [&](const std::string& original, std::vector<std::string>& out) {
+      std::string piece = replace_all(space_, replacement_, original);
+      const bool at_input_start = index++ == 0 && input_start;
+      const bool prepend = scheme_ == PrependScheme::Always || (scheme_ == PrependScheme::First && at_input_start);
+      if (prepend && !piece.empty() && !starts_with(piece, replacement_)) piece.insert(0, replacement_);
+      if (!split_) {
+        if (piece.empty()) return false;
+        out.push_back(std::move(piece));
+        return true;
+      }
+      matches.clear();
+      replacement_pattern_.find_all(piece, matches);
+      return split_by(piece, matches, Behavior::MergedWithNext, false, out);
+    });
+  }
+
+ private:
+  std::string replacement_;
+  PrependScheme scheme_;
+  bool split_;
+  Pattern replacement_pattern_, space_ = Pattern::literal(" ");
 };
 
 class SequencePreTokenizer : public PreTokenizer {
@@ -196,7 +307,7 @@ class SequencePreTokenizer : public PreTokenizer {
     for (size_t i = 0; i < list.array().size(); ++i)
       if (auto p = make_pre_tokenizer(list[i])) stages_.push_back(std::move(p));
   }
-  void pre_tokenize(std::vector<std::string>& pieces) const override {
+  void pre_tokenize(Pieces& pieces) const override {
     for (const auto& s : stages_) s->pre_tokenize(pieces);
   }
 
@@ -292,6 +403,45 @@ class ByteFallbackDecoder : public Decoder {
   }
 };
 
+// Removes up to `start` leading and `stop` trailing `content` characters from each token (HF's Strip; the
+// Llama-2 sequence ends with Strip(" ", 1, 0): the space that stood for the prepended "▁").
+class StripDecoder : public Decoder {
+ public:
+  explicit StripDecoder(const Field& f)
+      : content_(one_char(f["content"])), start_(count(f["start"])), stop_(count(f["stop"])) {}
+  std::vector<std::string> decode_chain(std::vector<std::string> tokens, bool) const override {
+    const size_t n = content_.size();
+    for (auto& t : tokens) {
+      size_t begin = 0, end = t.size();
+      for (size_t k = 0; k < start_ && t.compare(begin, n, content_) == 0; ++k) begin += n;
+      for (size_t k = 0; k < stop_ && end >= n && t.compare(end - n, n, content_) == 0; ++k) end -= n;
+      t = end > begin ? t.substr(begin, end - begin) : std::string();  // HF panics where both ends overlap
+    }
+    return tokens;
+  }
+
+ private:
+  std::string content_;
+  size_t start_, stop_;
+};
+
+// The replacement character becomes a space; in the first token it is dropped (every one of them, as HF
+// does) unless prepend_scheme is "never".
+class MetaspaceDecoder : public Decoder {
+ public:
+  explicit MetaspaceDecoder(const Field& f)
+      : replacement_(Pattern::literal(one_char(f["replacement"]))), scheme_(read_prepend_scheme(f)) {}
+  std::vector<std::string> decode_chain(std::vector<std::string> tokens, bool) const override {
+    for (size_t i = 0; i < tokens.size(); ++i)
+      tokens[i] = replace_all(replacement_, i == 0 && scheme_ != PrependScheme::Never ? "" : " ", tokens[i]);
+    return tokens;
+  }
+
+ private:
+  Pattern replacement_;
+  PrependScheme scheme_;
+};
+
 class FuseDecoder : public Decoder {
  public:
   std::vector<std::string> decode_chain(std::vector<std::string> tokens, bool) const override {
@@ -338,6 +488,7 @@ std::unique_ptr<Normalizer> make_normalizer(const Field& f) {
   if (f.value.is_null()) return nullptr;
   const Field type = f["type"];
   if (type.str() == "Replace") return std::make_unique<ReplaceNormalizer>(f);
+  if (type.str() == "Prepend") return std::make_unique<PrependNormalizer>(f);
   if (type.str() == "Sequence") return std::make_unique<SequenceNormalizer>(f);
   type.unsupported();
 }
@@ -347,6 +498,7 @@ std::unique_ptr<PreTokenizer> make_pre_tokenizer(const Field& f) {
   const Field type = f["type"];
   if (type.str() == "ByteLevel") return std::make_unique<ByteLevelPreTokenizer>(f);
   if (type.str() == "Split") return std::make_unique<SplitPreTokenizer>(f);
+  if (type.str() == "Metaspace") return std::make_unique<MetaspacePreTokenizer>(f);
   if (type.str() == "Sequence") return std::make_unique<SequencePreTokenizer>(f);
   type.unsupported();
 }
@@ -358,6 +510,8 @@ std::unique_ptr<Decoder> make_decoder(const Field& f) {
   if (type.str() == "Replace") return std::make_unique<ReplaceDecoder>(f);
   if (type.str() == "ByteFallback") return std::make_unique<ByteFallbackDecoder>();
   if (type.str() == "Fuse") return std::make_unique<FuseDecoder>();
+  if (type.str() == "Strip") return std::make_unique<StripDecoder>(f);
+  if (type.str() == "Metaspace") return std::make_unique<MetaspaceDecoder>(f);
   if (type.str() == "Sequence") return std::make_unique<SequenceDecoder>(f);
   type.unsupported();
 }

@@ -53,13 +53,15 @@ struct TokenizerImpl {
   void encode_text(std::string_view text, std::vector<int32_t>& ids) const {
     std::vector<AddedVocabulary::Segment> raw, normalized_parts;
     added->split(text, false, raw);
-    std::vector<std::string> pieces;
+    Pieces pieces;
     for (const auto& seg : raw) {
       if (seg.id >= 0) {
         ids.push_back(seg.id);
         continue;
       }
-      const std::string normalized = normalizer ? normalizer->normalize(std::string(seg.text)) : std::string(seg.text);
+      bool start_kept = true;
+      const std::string normalized =
+          normalizer ? normalizer->normalize(std::string(seg.text), &start_kept) : std::string(seg.text);
       normalized_parts.clear();
       added->split(normalized, true, normalized_parts);
       for (const auto& part : normalized_parts) {
@@ -67,9 +69,12 @@ struct TokenizerImpl {
           ids.push_back(part.id);
           continue;
         }
-        pieces.assign(1, std::string(part.text));
+        pieces.text.assign(1, std::string(part.text));
+        // HF's offsets into the input, reduced to what Metaspace's prepend_scheme "first" asks of them.
+        pieces.first_at_input_start =
+            start_kept && seg.text.data() == text.data() && part.text.data() == normalized.data();
         if (pre_tokenizer) pre_tokenizer->pre_tokenize(pieces);
-        for (const auto& p : pieces) model->tokenize(p, ids);
+        for (const auto& p : pieces.text) model->tokenize(p, ids);
       }
     }
   }
@@ -78,11 +83,11 @@ struct TokenizerImpl {
     std::vector<std::string> tokens;
     tokens.reserve(ids.size());
     for (int32_t id : ids) {
-      if (const auto* t = added->by_id(id)) {
-        if (!(skip_special && t->special)) tokens.push_back(t->content);
-      } else if (const std::string* t = model->id_to_token(id)) {
-        tokens.push_back(*t);
-      }
+      // HF: the added token's piece, else the model's token; skipped when that string is a special content.
+      const std::string* t = nullptr;
+      if (const auto* added_token = added->by_id(id)) t = &added_token->piece;
+      else t = model->id_to_token(id);
+      if (t && !(skip_special && added->is_special_content(*t))) tokens.push_back(*t);
     }
     std::string out;
     if (!decoder) {
@@ -170,7 +175,7 @@ std::optional<int32_t> Tokenizer::token_to_id(std::string_view token) const {
 }
 
 std::optional<std::string> Tokenizer::id_to_token(int32_t id) const {
-  if (const auto* t = impl_->added->by_id(id)) return t->content;
+  if (const auto* t = impl_->added->by_id(id)) return t->piece;
   if (const std::string* t = impl_->model->id_to_token(id)) return *t;
   return std::nullopt;
 }

@@ -44,9 +44,11 @@ std::string unhex(const std::string& h) {
 std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::strict); }
 
 // Each input line is {"hex": TEXT_BYTES, "add_special": bool} (encode), {"ids": [...], "skip": bool}
-// (decode) or {"tokens": [...]} (vocabulary). Encode answers {"ids", "decoded", "decoded_all"}; decode
-// answers {"text", "bytes_hex", "stream"} where "stream" holds DecodeStream's steps ("" for none);
-// vocabulary answers {"vocab_size", "ids"} (null for an unknown token). Failures answer {"error"}.
+// (decode) or {"tokens": [...], "of_ids": [...]} (vocabulary). Encode answers {"ids", "decoded",
+// "decoded_all"}; decode answers {"text", "bytes_hex", "stream"} where "stream" holds DecodeStream's steps
+// ("" for none), or "stream_error" in its place when DecodeStream refuses; vocabulary answers
+// {"vocab_size", "ids", "tokens"}: token_to_id of "tokens" and id_to_token of "of_ids", null for an unknown
+// one. Failures answer {"error"}.
 void run_cases(const tda::Tokenizer& tok, const std::string& path) {
   std::istringstream lines(read_file(path));
   std::string line;
@@ -66,17 +68,27 @@ void run_cases(const tda::Tokenizer& tok, const std::string& path) {
           const auto id = tok.token_to_id(t.get<std::string>());
           ids.push_back(id ? json(*id) : json(nullptr));
         }
+        json tokens = json::array();
+        for (const auto& id : in.value("of_ids", json::array())) {
+          const auto t = tok.id_to_token(id.get<int32_t>());
+          tokens.push_back(t ? json(*t) : json(nullptr));
+        }
         out["vocab_size"] = tok.vocab_size();
         out["ids"] = ids;
+        out["tokens"] = tokens;
       } else {
         const auto ids = in["ids"].get<std::vector<int32_t>>();
         const bool skip = in.value("skip", true);
         out["text"] = tok.decode(ids, skip);
         out["bytes_hex"] = hex(tok.decode_bytes(ids, skip));
-        tda::DecodeStream stream(tok, skip);
-        json steps = json::array();
-        for (int32_t id : ids) steps.push_back(stream.step(id).value_or(""));
-        out["stream"] = steps;
+        try {  // HF's DecodeStream too refuses some id sequences: the text and bytes above still count
+          tda::DecodeStream stream(tok, skip);
+          json steps = json::array();
+          for (int32_t id : ids) steps.push_back(stream.step(id).value_or(""));
+          out["stream"] = steps;
+        } catch (const tda::TokenizerError& e) {
+          out["stream_error"] = e.what();
+        }
       }
     } catch (const tda::TokenizerError& e) {
       out = json{{"error", e.what()}};

@@ -1,11 +1,13 @@
 // Hugging Face `tokenizer.json` tokenizers in C++17, token-for-token equal to the `tokenizers` library.
 //
-// Supported (exactly what SmolLM2 and Gemma-3 declare, plus the generic pieces they need):
+// Supported (what SmolLM2, Gemma-3 and the Llama-2 / Mistral sentencepiece conversions declare, plus the
+// generic pieces they need):
 //   model:          BPE (vocab + merges, byte_fallback, unk_token, fuse_unk, ignore_merges)
-//   normalizer:     null | Replace | Sequence
-//   pre_tokenizer:  null | ByteLevel | Split (String or Regex pattern) | Sequence
+//   normalizer:     null | Replace | Prepend | Sequence
+//   pre_tokenizer:  null | ByteLevel | Split (String or Regex pattern) | Metaspace (prepend_scheme
+//                   always/first/never, split) | Sequence
 //   post_processor: null | TemplateProcessing (the "single" template)
-//   decoder:        null | ByteLevel | Replace | ByteFallback | Fuse | Sequence
+//   decoder:        null | ByteLevel | Replace | ByteFallback | Fuse | Strip | Metaspace | Sequence
 //   added_tokens:   matched (leftmost-longest) before the model runs, as HF does; lstrip/rstrip/single_word
 //                   must be false.
 // Anything else raises TokenizerError naming the file and the field, e.g.
@@ -59,6 +61,7 @@ class Tokenizer {
   std::string decode_bytes(const std::vector<int32_t>& ids, bool skip_special_tokens = true) const;
 
   std::optional<int32_t> token_to_id(std::string_view token) const;
+  // HF id_to_token: for an added token with normalized: true, the normalizer's output (tokenizers >= 0.23).
   std::optional<std::string> id_to_token(int32_t id) const;
   // HF get_vocab_size(with_added_tokens=True): distinct tokens of the model and the added vocabulary.
   size_t vocab_size() const;
