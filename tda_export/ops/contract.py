@@ -182,6 +182,15 @@ undefined.""",
 DEFAULT_DENSITY_MARGIN = 0.05
 NO_CLAMP = (0.0, 1.0)
 
+
+def density_bounds(densities, margin: float = DEFAULT_DENSITY_MARGIN) -> list[tuple[float, float]]:
+    """Per-layer SelectActive density_bounds for per-layer target densities: (d - margin, d + margin),
+    no clamp for a dense layer (d >= 1)."""
+    if not 0.0 <= margin <= 1.0:
+        raise ValueError(f"density margin must be in [0, 1], got {margin}")
+    return [NO_CLAMP if d >= 1.0 else (max(0.0, float(d) - margin), min(1.0, float(d) + margin))
+            for d in densities]
+
 OPS = (SPARSE_GATED_MLP, SELECT_ACTIVE)
 OPS_BY_NAME = {op.name: op for op in OPS}
 
