@@ -48,6 +48,7 @@ struct Session {
   std::vector<int64_t> next_pos;           // [B]
   std::vector<std::vector<int32_t>> idx;   // per layer [B, I]
   std::vector<std::vector<int32_t>> count; // per layer [B]
+  std::vector<float> density_bounds;       // [L, 2] SelectActive clamp of this prefill; empty = none
   // per layer: decode through BLAS (active share above dense_above) instead of the sparse kernel,
   // with each sequence's inactive neurons zeroed by keep[layer] [B, I] (empty when all are active)
   std::vector<bool> dense;
