@@ -8,11 +8,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#ifdef __CUDACC__
-#define TDA_HD __host__ __device__ __forceinline__
-#else
-#define TDA_HD inline
-#endif
+#include "host_device.h"
 
 namespace tda {
 
