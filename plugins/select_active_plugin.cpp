@@ -41,7 +41,7 @@ class SelectActivePlugin final : public IPluginV3,
 
   int32_t getOutputShapes(DimsExprs const* in, int32_t nb_in, DimsExprs const*, int32_t, DimsExprs* out,
                           int32_t nb_out, IExprBuilder&) noexcept override {
-    if (nb_in != sel::kNbIn || nb_out != sel::kNbOut) return report("SelectActive: expected 2 inputs, 2 outputs");
+    if (nb_in != sel::kNbIn || nb_out != sel::kNbOut) return report("SelectActive: expected 3 inputs, 2 outputs");
     if (int32_t rc = check(in, nb_in, [](DimsExprs const& d) -> DimsExprs const& { return d; })) return rc;
     for (int32_t o = 0; o < nb_out; ++o) write_output_shape(select_output_shape(o), in, &out[o]);
     return 0;
@@ -77,6 +77,7 @@ class SelectActivePlugin final : public IPluginV3,
       const tda_select_args_t a = select_args(inter, b0, chunk_batch(batch, b0),
                                               static_cast<float const*>(inputs[sel::kScores]),
                                               static_cast<float const*>(inputs[sel::kThreshold]),
+                                              static_cast<float const*>(inputs[sel::kDensityBounds]),
                                               static_cast<int32_t*>(outputs[0]), static_cast<int32_t*>(outputs[1]));
       if (int32_t rc = report_abi(tda_select_active(&a, workspace, tda_select_active_workspace_size(&a), stream),
                                   "tda_select_active"))

@@ -168,6 +168,7 @@ TDA_TRT_API int tda_trt_mlp_prefill_plan(int32_t dtype, int32_t activation, int3
 }
 
 TDA_TRT_API void tda_trt_select_args(int64_t inter, int64_t b0, int64_t nb, const float* scores,
-                                     const float* threshold, int32_t* idx, int32_t* count, tda_select_args_t* out) {
-  *out = select_args(inter, b0, nb, scores, threshold, idx, count);
+                                     const float* threshold, const float* density_bounds, int32_t* idx,
+                                     int32_t* count, tda_select_args_t* out) {
+  *out = select_args(inter, b0, nb, scores, threshold, density_bounds, idx, count);
 }

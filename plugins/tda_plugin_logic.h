@@ -69,11 +69,11 @@ constexpr int kRank[] = {3, 3, 2, 2, 1, 2, 2, 3, 2};
 }  // namespace mlp
 
 namespace sel {
-enum In { kScores, kThreshold, kNbIn };
+enum In { kScores, kThreshold, kDensityBounds, kNbIn };
 enum Out { kActiveIdx = kNbIn, kActiveCount, kNbIo };
 constexpr int kNbOut = kNbIo - kNbIn;
-constexpr const char* kNames[] = {"scores", "threshold", "active_idx", "active_count"};
-constexpr int kRank[] = {2, 0, 2, 1};
+constexpr const char* kNames[] = {"scores", "threshold", "density_bounds", "active_idx", "active_count"};
+constexpr int kRank[] = {2, 0, 1, 2, 1};
 }  // namespace sel
 
 // ---- Fields ----
@@ -285,6 +285,8 @@ inline Error mlp_max_sizes(const Dims* max, int32_t nb_in, MlpSizes* out) {
 
 inline Error select_check_shapes(const Dims* in, int32_t nb_in, int64_t* batch, int64_t* inter) {
   if (Error e = check_ranks(in, nb_in, sel::kNbIn, sel::kRank, sel::kNames); !e.empty()) return e;
+  if (in[sel::kDensityBounds].d[0] >= 0 && in[sel::kDensityBounds].d[0] != 2)
+    return "density_bounds: must have 2 entries (lo, hi)";
   *batch = in[sel::kScores].d[0];
   *inter = in[sel::kScores].d[1];
   return {};
@@ -300,7 +302,7 @@ inline Error mlp_output_types(const DType* in, int32_t nb_in, DType* out) {
 }
 
 inline Error select_output_types(const DType* in, int32_t nb_in, DType* out) {
-  if (nb_in != sel::kNbIn) return "expected 2 inputs";
+  if (nb_in != sel::kNbIn) return "expected 3 inputs";
   if (in[sel::kScores] != DType::kFloat) return "scores: must be float32";
   out[0] = out[1] = DType::kInt32;
   return {};
@@ -502,8 +504,10 @@ inline Error prefill_plan(DType t, const MlpAttrs& attrs, const MlpSizes& s, con
 }
 
 inline tda_select_args_t select_args(int64_t inter, int64_t b0, int64_t nb, const float* scores,
-                                     const float* threshold, int32_t* idx, int32_t* count) {
+                                     const float* threshold, const float* density_bounds, int32_t* idx,
+                                     int32_t* count) {
   tda_select_args_t a{};
+  a.density_bounds = density_bounds;
   a.batch = int32_t(nb);
   a.intermediate = int32_t(inter);
   a.scores = scores ? scores + b0 * inter : nullptr;
@@ -517,7 +521,7 @@ inline tda_select_args_t select_args(int64_t inter, int64_t b0, int64_t nb, cons
 inline size_t select_workspace_size(int64_t max_batch, int64_t inter, const KernelQueries& q) {
   size_t ws = 0;
   for (int64_t b = 1; b <= std::min<int64_t>(max_batch, TDA_MAX_BATCH); ++b) {
-    const tda_select_args_t a = select_args(inter, 0, b, nullptr, nullptr, nullptr, nullptr);
+    const tda_select_args_t a = select_args(inter, 0, b, nullptr, nullptr, nullptr, nullptr, nullptr);
     ws = std::max(ws, q.select(&a));
   }
   return ws;

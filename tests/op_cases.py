@@ -36,3 +36,22 @@ def score_cases(rng):
     s[1, :] = 0.0                       # no valid prompt token -> dense
     s[2, 5] = s[2].max() * np.float32(0.25)  # exactly at tau=0.5
     return [(s, 0.5), (s, 0.0), (s, -1.0), (s, 0.9), (s, 1.0), (s, 2.0), (rng.random((1, I)).astype(np.float32), 0.3)]
+
+
+def bound_cases(rng):
+    """(scores [B, I], tau, density_bounds) for the clamp: bounds that bind from below and from above, crossed
+    bounds, ties at the cut, odd and single-neuron widths, batch 0, all-zero rows (no clamp) and no clamp."""
+    s = rng.random((4, I)).astype(np.float32)
+    s[1, :] = 0.0                                   # no valid prompt token: dense, never clamped
+    s[2, ::3] = np.float32(0.75)                    # ties across the cut, -0/+0 in row 3
+    s[3, :10], s[3, 10:20] = np.float32(0.0), np.float32(-0.0)
+    odd = rng.random((3, 37)).astype(np.float32)
+    odd[0, 4] = odd[0, 9] = odd[0].max()            # a tie at the top
+    one = rng.random((2, 1)).astype(np.float32)
+    ties = np.repeat(rng.random((2, 1)).astype(np.float32), I, 1)
+    return [(s, 0.5, (0.0, 1.0)), (s, 0.9, (0.45, 0.55)), (s, 0.1, (0.45, 0.55)), (s, 0.5, (0.5, 0.5)),
+            (s, 0.0, (0.2, 0.3)), (s, 2.0, (0.0, 1.0)), (s, 2.0, (0.25, 1.0)), (s, 0.3, (0.7, 0.2)),
+            (s, 0.5, (-1.0, 2.0)), (s, 0.99, (1.0, 1.0)), (s, 0.0, (0.0, 0.0)),
+            (odd, 0.5, (0.33, 0.37)), (odd, 0.95, (0.4, 0.6)), (odd, 0.05, (0.4, 0.6)),
+            (one, 0.5, (0.5, 0.5)), (one, 0.5, (0.0, 0.0)), (ties, 0.5, (0.3, 0.6)), (ties, 0.5, (0.0, 0.33)),
+            (np.zeros((0, I), np.float32), 0.5, (0.4, 0.6))]

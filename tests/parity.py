@@ -1,6 +1,6 @@
 """Run an exported graph in ONNX Runtime and, as the reference, the HF model itself with its MLPs
 replaced by tda::sparse_gated_mlp (dense prompt collecting scores, then decode with masks from
-reference.select_active at the same thresholds)."""
+reference.select_active at the same thresholds and density bounds)."""
 from __future__ import annotations
 
 import numpy as np
@@ -45,8 +45,9 @@ def prompt(batch_lens, vocab, seed=0):
     return ids, mask, pos
 
 
-def reference_run(model, activation, thresholds, ids, mask, pos, steps):
-    """[(logits [B,S,V], [(active_idx, active_count, scores)] per layer)] for the prompt and each decode step."""
+def reference_run(model, activation, thresholds, ids, mask, pos, steps, bounds=None):
+    """[(logits [B,S,V], [(active_idx, active_count, scores)] per layer)] for the prompt and each decode step;
+    bounds: per-layer SelectActive density_bounds (None: no clamp)."""
     layers = arch.decoder_layers(model)
     states = [_State() for _ in layers]
     originals = [l.mlp for l in layers]
@@ -67,8 +68,8 @@ def reference_run(model, activation, thresholds, ids, mask, pos, steps):
                 out = model(input_ids=ids_t, attention_mask=mask_t, position_ids=pos_t, cache=cache,
                             use_cache=True)
             cache = out.past_key_values
-            for st, tau in zip(states, thresholds):
-                idx, cnt = reference.select_active(st.scores.numpy(), tau)
+            for n, (st, tau) in enumerate(zip(states, thresholds)):
+                idx, cnt = reference.select_active(st.scores.numpy(), tau, (0.0, 1.0) if bounds is None else bounds[n])
                 st.idx, st.count = torch.from_numpy(idx), torch.from_numpy(cnt)
             results.append((out.logits.float().numpy(),
                             [(s.idx.numpy(), s.count.numpy(), s.scores.numpy()) for s in states]))

@@ -13,3 +13,45 @@ def test_plugin_fields_are_the_attributes():
     for op in OPS:
         assert PLUGIN_FIELDS[op.name] == tuple(a.name for a in op.attributes)
         assert op.check_attrs({}) == {a.name: a.default for a in op.attributes}
+
+
+def test_reference_clamp_by_hand():
+    """The contract's clamp, on cases worked out by hand (not by another implementation)."""
+    import numpy as np
+
+    from tda_export.ops import reference
+
+    s = np.array([[3.0, 1.0, 2.0, 2.0, 0.5]], np.float32)
+    idx, cnt = reference.select_active(s, 0.9)                       # only 3.0 passes sqrt(s/3) >= 0.9
+    assert cnt.tolist() == [1] and idx.tolist() == [[0, 0, 0, 0, 0]]
+    idx, cnt = reference.select_active(s, 0.9, (0.6, 1.0))           # ceil(0.6*5) = 3 from below; tie 2,3
+    assert cnt.tolist() == [3] and idx.tolist() == [[0, 2, 3, 0, 0]]
+    idx, cnt = reference.select_active(s, 0.9, (0.5, 1.0))           # ceil(2.5) = 3: the tie goes to index 2
+    assert cnt.tolist() == [3] and idx[0, :3].tolist() == [0, 2, 3]
+    idx, cnt = reference.select_active(s, 0.9, (0.4, 1.0))           # 2: the lower index of the tie
+    assert idx[0, :2].tolist() == [0, 2]
+    idx, cnt = reference.select_active(s, 0.0, (0.0, 0.5))           # all pass; floor(2.5) = 2 from above
+    assert cnt.tolist() == [2] and idx[0, :2].tolist() == [0, 2]
+    idx, cnt = reference.select_active(s, 0.0, (0.5, 0.5))           # crossed (3 > 2): the lower bound wins
+    assert cnt.tolist() == [3]
+    idx, cnt = reference.select_active(np.zeros((1, 5), np.float32), 0.9, (0.0, 0.2))  # no evidence: dense
+    assert cnt.tolist() == [5]
+    idx, cnt = reference.select_active(np.ones((1, 4), np.float32), 0.5, (0.0, 0.5))  # all tied: lowest indices
+    assert idx[0, :2].tolist() == [0, 1] and cnt.tolist() == [2]
+
+
+def test_bound_cases_bind_from_both_sides():
+    """The shared clamp cases (tests/op_cases.py) exercise both bounds and ties, so realizations tested on them
+    are tested on the clamp."""
+    import numpy as np
+
+    from op_cases import bound_cases
+    from tda_export.ops import reference
+
+    below = above = 0
+    for scores, tau, bounds in bound_cases(np.random.default_rng(5)):
+        _, plain = reference.select_active(scores, tau)
+        _, clamped = reference.select_active(scores, tau, bounds)
+        below += int((clamped > plain).sum())
+        above += int((clamped < plain).sum())
+    assert below >= 5 and above >= 5

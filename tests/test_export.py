@@ -32,7 +32,10 @@ def _export_and_compare(tmp_path, model_dir, dtype):
     taus = parity.half_density_thresholds(loaded.model, loaded.activation, ids, mask, pos)
     parity.write_calibration(tmp_path / "cal.json", loaded, taus)
     out = build(str(model_dir), tmp_path / "export", dtype, str(tmp_path / "cal.json"), progress=False)
-    ref = parity.reference_run(loaded.model, loaded.activation, taus, ids, mask, pos, STEPS)
+    # the graph's tda_density_bounds initializer holds the built density's clamp, so the reference applies it too
+    bounds = json.loads((out / "manifest.json").read_text())["calibration"]["density_bounds"]
+    assert bounds == [[0.45, 0.55]] * len(taus)
+    ref = parity.reference_run(loaded.model, loaded.activation, taus, ids, mask, pos, STEPS, bounds)
     got = parity.onnx_run(out / "model.onnx", ids, mask, pos, STEPS, ref)
     return out, ref, got, mask
 
@@ -185,7 +188,8 @@ def test_smollm2_fp32_parity(tmp_path):
     parity.write_calibration(tmp_path / "cal.json", loaded, taus)
     out = build("smollm2-135m", tmp_path / "export", "float32", str(tmp_path / "cal.json"), progress=False)
     onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
-    ref = parity.reference_run(loaded.model, loaded.activation, taus, ids, mask, pos, STEPS)
+    bounds = json.loads((out / "manifest.json").read_text())["calibration"]["density_bounds"]
+    ref = parity.reference_run(loaded.model, loaded.activation, taus, ids, mask, pos, STEPS, bounds)
     got = parity.onnx_run(out / "model.onnx", ids, mask, pos, STEPS, ref)
     for step, ((ref_logits, ref_state), g) in enumerate(zip(ref, got)):
         sel = mask.astype(bool) if step == 0 else np.ones(ref_logits.shape[:2], bool)

@@ -27,3 +27,12 @@ def test_python_mirror_matches_header():
     status = _enum("tda_status_t")
     assert status["TDA_OK"] == abi.TDA_OK
     assert sorted(status.values()) == list(range(len(status)))
+
+
+def test_abi_version_matches_mirror():
+    """The ctypes mirror's struct layouts follow TDA_KERNELS_ABI_VERSION (3: tda_select_args_t.density_bounds)."""
+    text = HEADER.read_text()
+    assert int(re.search(r"#define TDA_KERNELS_ABI_VERSION (\d+)", text).group(1)) == abi.ABI_VERSION
+    select = re.search(r"typedef struct \{([^}]*)\}\s*tda_select_args_t;", text).group(1)
+    fields = re.findall(r"(\w+);", select)
+    assert fields == [name for name, _ in abi.SelectArgs._fields_]

@@ -15,6 +15,7 @@ from tda_export.kernels import abi, testing
 from tda_export.kernels import torch_ops as K
 from tda_export.ops import reference
 from tda_export.ops.contract import ACTIVATIONS, SCORE_NORMS
+from op_cases import bound_cases
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Multiples of 8 but not of 64 (tails of every vector loop), and a real shape.
@@ -207,12 +208,31 @@ def test_decode_fake_matches_real_layout(device):
     torch.library.opcheck(K.sparse_gated_mlp_decode, (x_t, gu, wd, idx, cnt), test_utils=("test_faketensor",))
 
 
-def _check_select(device, scores: np.ndarray, tau: float):
+def _check_select(device, scores: np.ndarray, tau: float, bounds=None):
     s = torch.from_numpy(scores.astype(np.float32)).to(device)
-    idx, cnt = K.select_active(s, torch.tensor(tau, device=device))
-    ref_idx, ref_cnt = reference.select_active(scores, tau)
-    np.testing.assert_array_equal(cnt.cpu().numpy(), ref_cnt)
-    np.testing.assert_array_equal(idx.cpu().numpy(), ref_idx)
+    b = None if bounds is None else torch.tensor(bounds, dtype=torch.float32, device=device)
+    idx, cnt = K.select_active(s, torch.tensor(tau, device=device), b)
+    ref_idx, ref_cnt = reference.select_active(scores, tau, (0.0, 1.0) if bounds is None else bounds)
+    np.testing.assert_array_equal(cnt.cpu().numpy(), ref_cnt, err_msg=f"tau={tau} bounds={bounds}")
+    np.testing.assert_array_equal(idx.cpu().numpy(), ref_idx, err_msg=f"tau={tau} bounds={bounds}")
+
+
+def test_select_active_clamp_cases(device):
+    for scores, tau, bounds in bound_cases(np.random.default_rng(5)):
+        _check_select(device, scores, tau, bounds)
+
+
+@pytest.mark.parametrize("inter", [13, 1536, 14336])
+@pytest.mark.parametrize("tau,bounds", [(0.9, (0.45, 0.55)), (0.05, (0.45, 0.55)), (0.3, (0.1, 0.2)),
+                                        (0.3, (0.5, 0.5)), (0.0, (0.0, 0.0))])
+def test_select_active_clamp_wide(device, inter, tau, bounds):
+    """Wide rows (several block rounds on the GPU), many ties across the k-th score, negative scores."""
+    rng = np.random.default_rng(inter)
+    scores = rng.gamma(0.3, size=(4, inter)).astype(np.float32)
+    scores[1] = np.round(scores[1] * 4) / 4            # heavy ties
+    scores[2] = -scores[2]                             # all negative: max < 0
+    scores[3, : inter // 2] = 0.0                      # half zero (ties at the bottom)
+    _check_select(device, scores, tau, bounds)
 
 
 @pytest.mark.parametrize("inter", [1, 13, 72, 1536, 14336])
@@ -296,6 +316,8 @@ def test_torch_ops_opcheck(device):
                           test_utils=checks)
     torch.library.opcheck(K.select_active, (torch.rand(2, 72, device=device), torch.tensor(0.4, device=device)),
                           test_utils=checks)
+    torch.library.opcheck(K.select_active, (torch.rand(2, 72, device=device), torch.tensor(0.4, device=device),
+                                            torch.tensor([0.5, 0.6], device=device)), test_utils=checks)
     torch.library.opcheck(K.prefill_scores, (torch.randn(2, 3, 72, device=device), torch.ones(2, 3, device=device),
                                              torch.zeros(2, 72, device=device)), test_utils=checks)
 

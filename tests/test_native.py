@@ -32,8 +32,8 @@ def engines(tiny_dirs, tmp_path_factory):
     return {f: build_engine(tiny_dirs[f], root / f"{f}-engine", root, family=f)[0] for f in FAMILIES}
 
 
-def greedy(backend, ids, mask, thresholds, steps=STEPS):
-    logits, state = backend.prefill(ids, mask, thresholds)
+def greedy(backend, ids, mask, thresholds, steps=STEPS, bounds=None):
+    logits, state = backend.prefill(ids, mask, thresholds, bounds)
     counts = backend.active_counts(state)
     out = []
     for _ in range(steps):
@@ -60,12 +60,17 @@ def test_greedy_tokens_equal_onnxruntime(native, engines, family):
     ids, mask = prompts(ort.manifest["vocab_size"])
     for density in (1.0, 0.5):
         th = ort.thresholds(density, 7)
-        want, want_counts = greedy(ort.backend, ids, mask, th)
-        got, got_counts = greedy(nat.backend, ids, mask, th)
-        np.testing.assert_array_equal(got, want, err_msg=f"{family} density {density}")
-        np.testing.assert_array_equal(got_counts, want_counts)
-        if density < 1.0:
-            assert (got_counts < ort.manifest["intermediate_size"]).any()  # TDA really sparse here
+        for bounds in (None, ort.density_bounds(density), np.asarray([[0.3, 0.35]] * ort.num_layers, np.float32)):
+            want, want_counts = greedy(ort.backend, ids, mask, th, bounds=bounds)
+            got, got_counts = greedy(nat.backend, ids, mask, th, bounds=bounds)
+            np.testing.assert_array_equal(got, want, err_msg=f"{family} density {density} bounds {bounds}")
+            np.testing.assert_array_equal(got_counts, want_counts)
+            if density < 1.0:
+                assert (got_counts < ort.manifest["intermediate_size"]).any()  # TDA really sparse here
+            if bounds is not None and density < 1.0:  # the clamp holds every sequence and layer
+                inter = ort.manifest["intermediate_size"]
+                lo, hi = np.ceil(bounds[:, :1] * inter), np.floor(bounds[:, 1:] * inter)
+                assert ((got_counts >= lo) & (got_counts <= np.maximum(lo, hi))).all()
     # the generation loop on top of the backend: same text
     params = SamplingParams(max_new_tokens=6)
     for density in (None, 0.5):
@@ -79,7 +84,7 @@ def test_tda_run_streams_onnxruntime_tokens(native, engines, family):
     for density in ("1.0", "0.5"):
         ids = np.asarray([prompt], np.int64)
         th = ort.thresholds(float(density), len(prompt))
-        want, _ = greedy(ort.backend, ids, np.ones_like(ids), th, steps=10)
+        want, _ = greedy(ort.backend, ids, np.ones_like(ids), th, steps=10, bounds=ort.density_bounds(float(density)))
         eos = ort.manifest["eos_token_id"]
         want = want[0].tolist()
         want = want[:want.index(eos)] if eos in want else want
@@ -98,6 +103,8 @@ def test_thresholds_rule_equals_python(native, engines):
         for density in (None, 0.5, 1.0):
             for prompt_len in (None, 1, 2, 3, 5, 11, 16, 17, 40, 1000):
                 np.testing.assert_array_equal(cpp.thresholds(density, prompt_len), py.thresholds(density, prompt_len))
+            np.testing.assert_array_equal(cpp.density_bounds(density), py.density_bounds(density))
+        np.testing.assert_array_equal(cpp.density_bounds(0.7), np.asarray([[0.65, 0.75]] * py.num_layers, np.float32))
         with pytest.raises(NativeError, match="no thresholds for density 0.33"):
             cpp.thresholds(0.33, None)
 

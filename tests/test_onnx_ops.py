@@ -9,7 +9,7 @@ from tda_export.ops import reference
 from tda_export.ops.contract import ACTIVATIONS, PLUGIN_NAMESPACE, SCORE_NORMS, SELECT_ACTIVE, SPARSE_GATED_MLP
 from tda_export.ops.onnx_ops import BODY_OPSET, functions_for, make_node, op_schema, opset_imports, tensor_type
 
-from op_cases import masks, mlp_inputs, score_cases
+from op_cases import bound_cases, masks, mlp_inputs, score_cases
 
 NP = {"float32": np.float32, "float16": np.float16}
 
@@ -69,11 +69,22 @@ def test_select_active_exact():
     rng = np.random.default_rng(3)
     sess = _session(_model(SELECT_ACTIVE, "float32"))
     for scores, tau in score_cases(rng):
-        idx, cnt = sess.run(None, {"scores": scores, "threshold": np.array(tau, np.float32)})
+        idx, cnt = sess.run(None, {"scores": scores, "threshold": np.array(tau, np.float32),
+                                   "density_bounds": np.array([0.0, 1.0], np.float32)})
         ref_idx, ref_cnt = reference.select_active(scores, tau)
         assert idx.dtype == np.int32 and cnt.dtype == np.int32
         np.testing.assert_array_equal(idx, ref_idx, err_msg=f"tau={tau}")
         np.testing.assert_array_equal(cnt, ref_cnt, err_msg=f"tau={tau}")
+
+
+def test_select_active_clamp_exact():
+    sess = _session(_model(SELECT_ACTIVE, "float32"))
+    for scores, tau, bounds in bound_cases(np.random.default_rng(5)):
+        idx, cnt = sess.run(None, {"scores": scores, "threshold": np.array(tau, np.float32),
+                                   "density_bounds": np.array(bounds, np.float32)})
+        ref_idx, ref_cnt = reference.select_active(scores, tau, bounds)
+        np.testing.assert_array_equal(idx, ref_idx, err_msg=f"tau={tau} bounds={bounds}")
+        np.testing.assert_array_equal(cnt, ref_cnt, err_msg=f"tau={tau} bounds={bounds}")
 
 
 def test_mixed_specialisations_refused():

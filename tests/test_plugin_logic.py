@@ -209,8 +209,10 @@ def test_profile_still_checks_weights(run):
 
 
 def test_select_shapes(run):
-    assert run("select_shapes 2,24 -", "select_shapes 130,0 -", "select_shapes 2,24 1", "select_shapes 24 -") == \
-        ["ok 2 24", "ok 130 0", "error threshold: rank 1, expected 0", "error scores: rank 1, expected 2"]
+    assert run("select_shapes 2,24 - 2", "select_shapes 130,0 - 2", "select_shapes 2,24 1 2", "select_shapes 24 - 2",
+               "select_shapes 2,24 - 3", "select_shapes 2,24 - -1", "select_shapes 2,24 -") == \
+        ["ok 2 24", "ok 130 0", "error threshold: rank 1, expected 0", "error scores: rank 1, expected 2",
+         "error density_bounds: must have 2 entries (lo, hi)", "ok 2 24", "error expected 3 inputs, got 2"]
 
 
 def test_output_shapes_follow_inputs(run):
@@ -230,7 +232,8 @@ def test_output_types(run):
         ["ok f32 f32", "ok f16 f32", "ok bf16 f32"]
     assert run(f"mlp_types i32 i32 i32 {fixed}", f"mlp_types other other other {fixed}") == \
         ["error hidden_states: T must be float32, float16 or bfloat16"] * 2
-    assert run("select_types f32 f32", "select_types f16 f32") == ["ok i32 i32", "error scores: must be float32"]
+    assert run("select_types f32 f32 f32", "select_types f16 f32 f32", "select_types f32 f32") == \
+        ["ok i32 i32", "error scores: must be float32", "error expected 3 inputs"]
 
 
 @pytest.mark.parametrize("io, ok", [
@@ -247,8 +250,9 @@ def test_mlp_format_support(run, io, ok):
 
 
 @pytest.mark.parametrize("io, ok", [
-    ("f32", True), ("f16", False), ("f32 f32", True), ("f32 i32", False), ("f32 f32 i32", True),
-    ("f32 f32 f32", False), ("f32 f32 i32 i32", True), ("f32 f32 i32 i32!", False),
+    ("f32", True), ("f16", False), ("f32 f32", True), ("f32 i32", False), ("f32 f32 f32", True),
+    ("f32 f32 i32", False), ("f32 f32 f32 i32", True), ("f32 f32 f32 f32", False), ("f32 f32 f32 i32 i32", True),
+    ("f32 f32 f32 i32 i32!", False),
 ])
 def test_select_format_support(run, io, ok):
     assert run(f"select_supports {io}") == ["yes" if ok else "no"]

@@ -93,6 +93,36 @@ def test_density_per_request_changes_active_neurons(engine_llama):
         engine.thresholds(0.33)
 
 
+def test_density_bounds_hold_each_sequence_and_layer(engine_llama):
+    """A request for density d runs SelectActive clamped to d +- density_margin (the manifest's): every
+    sequence's and layer's active count lands in [ceil((d-m)*I), floor((d+m)*I)], also where the thresholds
+    alone would miss it."""
+    engine, _ = engine_llama
+    inter = engine.manifest["intermediate_size"]
+    assert engine.density_margin == 0.05
+    np.testing.assert_array_equal(engine.density_bounds(), np.float32(engine.manifest["calibration"]["density_bounds"]))
+    np.testing.assert_array_equal(engine.density_bounds(1.0), [[0.0, 1.0]] * engine.num_layers)
+    rng = np.random.default_rng(3)
+    x = rng.integers(5, 300, (3, 14)).astype(np.int64)
+    m = np.ones_like(x)
+    x[2, :6], m[2, :6] = 0, 0
+    missed = 0
+    for density in (0.5, 0.1):
+        th, bounds = engine.thresholds(density), engine.density_bounds(density)
+        np.testing.assert_allclose(bounds, [[max(0.0, density - 0.05), density + 0.05]] * engine.num_layers, rtol=1e-6)
+        _, plain = engine.backend.prefill(x, m, th)
+        _, clamped = engine.backend.prefill(x, m, th, bounds)
+        lo, hi = np.ceil(np.float32(bounds[:, :1]) * inter), np.floor(np.float32(bounds[:, 1:]) * inter)
+        got, before = engine.backend.active_counts(clamped), engine.backend.active_counts(plain)
+        assert ((got >= lo) & (got <= np.maximum(lo, hi))).all(), (density, got)
+        missed += int(((before < lo) | (before > hi)).sum())
+    assert missed > 0  # the thresholds alone miss somewhere, so the clamp is what held the density
+    # an engine exported before the clamp has no tda_density_bounds input: no bounds, thresholds alone
+    old = Engine(engine.directory, {k: v for k, v in engine.manifest.items() if k != "density_bounds_input"},
+                 engine.tokenizer, engine.backend, engine.calibration)
+    assert old.density_bounds(0.5) is None
+
+
 def test_stop_strings_context_and_sampling(engine_llama):
     engine, _ = engine_llama
     prompt = list(range(40, 52))

@@ -48,10 +48,10 @@ def _load(path, backend, **kw):
         return Engine.load(path, backend=backend, verify=False, **kw)
 
 
-def _decode_both(torch_b, ort_b, ids, mask, thresholds):
+def _decode_both(torch_b, ort_b, ids, mask, thresholds, bounds=None):
     """Prefill + STEPS greedy steps on both, feeding ORT's tokens to both; returns per-step rel errors."""
-    lo, so = ort_b.prefill(ids, mask, thresholds)
-    lt, st = torch_b.prefill(ids, mask, thresholds)
+    lo, so = ort_b.prefill(ids, mask, thresholds, bounds)
+    lt, st = torch_b.prefill(ids, mask, thresholds, bounds)
     np.testing.assert_array_equal(torch_b.active_counts(st), ort_b.active_counts(so))
     errs = [parity.rel(lt, lo)]
     for _ in range(STEPS):
@@ -68,9 +68,11 @@ def test_matches_ort(engines, family, decode_path, monkeypatch):
     monkeypatch.setattr(torch_tda, "CPU_KERNEL_MAX_BATCH", 64 if decode_path == "kernel" else 1)
     t, o = _load(engines[family], "torch", max_context=64), _load(engines[family], "onnxruntime")
     ids, mask, _ = parity.prompt(LENS, t.manifest["vocab_size"])
-    errs, counts = _decode_both(t.backend, o.backend, ids, mask, t.thresholds())
+    errs, counts = _decode_both(t.backend, o.backend, ids, mask, t.thresholds(), t.density_bounds())
     assert max(errs) < 1e-4, errs
     inter = t.manifest["intermediate_size"]
+    lo, hi = np.ceil(t.density_bounds()[:, :1] * inter), np.floor(t.density_bounds()[:, 1:] * inter)
+    assert ((counts >= lo) & (counts <= hi)).all()  # the engine's default clamp, the same in both
     assert 0 < counts.min() and counts.max() < inter  # really sparse
     assert (counts[:, 0] != counts[:, 1]).any()        # each sequence has its own mask
 

@@ -7,7 +7,7 @@ from tda_export.ops import reference
 from tda_export.ops.contract import ACTIVATIONS, SCORE_NORMS
 from tda_export.ops.torch_ops import select_active, sparse_gated_mlp
 
-from op_cases import I, masks, mlp_inputs, score_cases
+from op_cases import I, bound_cases, masks, mlp_inputs, score_cases
 
 
 def _run(args, **attrs):
@@ -66,7 +66,8 @@ def test_half_types_keep_dtype_and_float32_scores(dtype):
 def test_select_active_matches_reference_exactly():
     rng = np.random.default_rng(3)
     for scores, tau in score_cases(rng):
-        idx, cnt = select_active(torch.from_numpy(scores), torch.tensor(tau, dtype=torch.float32))
+        idx, cnt = select_active(torch.from_numpy(scores), torch.tensor(tau, dtype=torch.float32),
+                                 torch.tensor([0.0, 1.0]))
         ref_idx, ref_cnt = reference.select_active(scores, tau)
         assert idx.dtype == torch.int32 and cnt.dtype == torch.int32
         np.testing.assert_array_equal(idx.numpy(), ref_idx, err_msg=f"tau={tau}")
@@ -80,7 +81,7 @@ def test_fake_kernels_give_shapes_without_data():
         h = torch.empty(2, 1, 8)
         out, s = sparse_gated_mlp(h, torch.empty(6, 2, 8), torch.empty(6, 8), torch.empty(2, 6, dtype=torch.int32),
                                   torch.empty(2, dtype=torch.int32), torch.empty(2, 1), torch.empty(2, 6))
-        idx, cnt = select_active(torch.empty(2, 6), torch.empty(()))
+        idx, cnt = select_active(torch.empty(2, 6), torch.empty(()), torch.empty(2))
     assert out.shape == (2, 1, 8) and s.shape == (2, 6)
     assert idx.shape == (2, 6) and idx.dtype == torch.int32 and cnt.shape == (2,)
 
@@ -91,4 +92,14 @@ def test_opcheck():
     idx, cnt = masks(rng)[4][1:]
     args = [torch.from_numpy(a) for a in (hidden, gu, dt, idx, cnt, valid[:, :1], sin)]
     torch.library.opcheck(sparse_gated_mlp, args)
-    torch.library.opcheck(select_active, (torch.from_numpy(score_cases(rng)[0][0]), torch.tensor(0.5)))
+    torch.library.opcheck(select_active, (torch.from_numpy(score_cases(rng)[0][0]), torch.tensor(0.5),
+                                          torch.tensor([0.4, 0.6])))
+
+
+def test_select_active_clamp_matches_reference_exactly():
+    for scores, tau, bounds in bound_cases(np.random.default_rng(5)):
+        idx, cnt = select_active(torch.from_numpy(scores), torch.tensor(tau, dtype=torch.float32),
+                                 torch.tensor(bounds, dtype=torch.float32))
+        ref_idx, ref_cnt = reference.select_active(scores, tau, bounds)
+        np.testing.assert_array_equal(idx.numpy(), ref_idx, err_msg=f"tau={tau} bounds={bounds}")
+        np.testing.assert_array_equal(cnt.numpy(), ref_cnt, err_msg=f"tau={tau} bounds={bounds}")

@@ -92,15 +92,16 @@ def test_launch_arguments(L):
     assert plan.tokens == 10 and plan.scores.score_norm == 1 and plan.scores.seq_len == 5
     assert plan.gate_up == ctypes.addressof(ws) and plan.z > plan.gate_up
     assert (plan.gate_up_gemm.m, plan.gate_up_gemm.n, plan.gate_up_gemm.k) == (48, 10, 16)
-    s = L.select_args(24, 64, 2, 0x1000, 0x2000, 0x3000, 0x4000)
+    s = L.select_args(24, 64, 2, 0x1000, 0x2000, 0x5000, 0x3000, 0x4000)
     assert (s.batch, s.intermediate, s.scores, s.active_idx, s.active_count) == (2, 24, 0x1000 + 64 * 24 * 4,
                                                                                   0x3000 + 64 * 24 * 4, 0x4000 + 64 * 4)
+    assert (s.threshold, s.density_bounds) == (0x2000, 0x5000)  # scalars of the layer, not per row
 
 
 def test_types_formats_and_output_shapes(L):
     assert L.output_types(lg.MLP, [lg.BF16] * 3 + [lg.INT32] * 2 + [lg.FLOAT] * 2) == (lg.BF16, lg.FLOAT)
     with pytest.raises(lg.LogicError, match="scores: must be float32"):
-        L.output_types(lg.SELECT, [lg.HALF, lg.FLOAT])
+        L.output_types(lg.SELECT, [lg.HALF, lg.FLOAT, lg.FLOAT])
     assert L.supports(lg.MLP, 1, [(lg.HALF, True), (lg.HALF, True)])
     assert not L.supports(lg.MLP, 1, [(lg.HALF, True), (lg.BF16, True)])
     assert not L.supports(lg.SELECT, 0, [(lg.FLOAT, False)])
@@ -232,22 +233,25 @@ def test_backend_io_mapping_matches_onnx_runtime(llama_fp16):
     import numpy as np
 
     from tda_export.trt.backend import ProfileBoundsError, select_profile
-    from tda_export.trt.goldens import prompt, thresholds_of
+    from tda_export.trt.goldens import bounds_of, prompt, thresholds_of
 
     data, ort, trt = _backends(llama_fp16)
     assert trt.presents == ort.presents
-    # tda_thresholds is an overridable initializer, which ONNX Runtime does not list as an input.
-    assert {n: i.type for n, i in trt.inputs.items() if n != "tda_thresholds"} == \
+    # tda_thresholds and tda_density_bounds are overridable initializers, which ONNX Runtime does not list
+    # as inputs.
+    assert {n: i.type for n, i in trt.inputs.items() if n not in ("tda_thresholds", "tda_density_bounds")} == \
         {n: i.type for n, i in ort.inputs.items()}
     empty_t, empty_o = trt._empty_past(2), ort._empty_past(2)
     assert {k: (v.shape, v.dtype) for k, v in empty_t.items()} == {k: (v.shape, v.dtype) for k, v in empty_o.items()}
     # Prefill feeds pick profile 0, decode feeds profile 1, from the state ORT's own steps produce.
     ids, mask = prompt(data["vocab_size"])
-    state = {"mask": mask, "thresholds": thresholds_of(data), "past": empty_o}
+    assert bounds_of(data) is None  # built without a calibration: no clamp recorded
+    bounds = np.asarray([[0.0, 1.0]] * data["num_layers"], np.float32)
+    state = {"mask": mask, "thresholds": thresholds_of(data), "bounds": bounds, "past": empty_o}
     from tda_export.runtime.backend import position_ids
 
     feeds = trt._feeds(state, ids, position_ids(mask))
-    assert set(feeds) == set(data["tensorrt"]["profiles"][0]["shapes"]) | {"tda_thresholds"}
+    assert set(feeds) == set(data["tensorrt"]["profiles"][0]["shapes"]) | {"tda_thresholds", "tda_density_bounds"}
     assert select_profile(trt.section, feeds) == 0
     _, st = ort.prefill(ids, mask, thresholds_of(data))
     dec = trt._feeds(dict(st, mask=np.concatenate([st["mask"], np.ones((2, 1), np.int64)], 1)),

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from op_cases import H, I, masks, mlp_inputs, score_cases
+from op_cases import H, I, bound_cases, masks, mlp_inputs, score_cases
 from tda_export.kernels.abi import cpu_library
 from tda_export.ops import reference
 from tda_export.trt import device, logic as lg, plugins
@@ -112,16 +112,20 @@ def test_sparse_gated_mlp_fp16_and_batch_zero(on_cpu):
 def test_select_active(on_cpu):
     plugin = plugins.plugin_classes(trt)[1]().create_plugin("sel", trt.PluginFieldCollection([]),
                                                             trt.TensorRTPhase.RUNTIME)
-    for scores, tau in score_cases(np.random.default_rng(2)):
+    cases = [(s, t, (0.0, 1.0)) for s, t in score_cases(np.random.default_rng(2))]
+    cases += [c for c in bound_cases(np.random.default_rng(5)) if c[0].shape[0] > 0]
+    for scores, tau, bounds in cases:
         threshold = np.array(tau, np.float32)
+        density_bounds = np.array(bounds, np.float32)
         idx = np.full(scores.shape, -7, np.int32)
         count = np.full(scores.shape[:1], -7, np.int32)
-        descs = [_desc(scores, trt.DataType.FLOAT), _desc(threshold, trt.DataType.FLOAT)]
+        descs = [_desc(scores, trt.DataType.FLOAT), _desc(threshold, trt.DataType.FLOAT),
+                 _desc(density_bounds, trt.DataType.FLOAT)]
         _keep, ws = _workspace(plugin.get_workspace_size(descs, []))
-        plugin.enqueue(descs, [], [scores.ctypes.data, threshold.ctypes.data], [idx.ctypes.data, count.ctypes.data],
-                       ws, 0)
-        ref_idx, ref_count = reference.select_active(scores, tau)
-        assert np.array_equal(idx, ref_idx) and np.array_equal(count, ref_count), tau
+        plugin.enqueue(descs, [], [scores.ctypes.data, threshold.ctypes.data, density_bounds.ctypes.data],
+                       [idx.ctypes.data, count.ctypes.data], ws, 0)
+        ref_idx, ref_count = reference.select_active(scores, tau, bounds)
+        assert np.array_equal(idx, ref_idx) and np.array_equal(count, ref_count), (tau, bounds)
 
 
 def test_creator_rejects_a_bad_field():

@@ -157,8 +157,23 @@ tda_rt_status_t tda_rt_session_new(tda_rt_engine* engine, tda_rt_session** out) 
 
 void tda_rt_session_free(tda_rt_session* session) { delete session; }
 
+tda_rt_status_t tda_rt_engine_density_bounds(const tda_rt_engine* engine, double density, float* out) {
+  return guarded([&] {
+    TDA_RT_REQUIRE(engine);
+    TDA_RT_REQUIRE(out);
+    auto b = engine->dir.density_bounds(density > 0 ? std::optional<double>(density) : std::nullopt);
+    std::memcpy(out, b.data(), b.size() * sizeof(float));
+  });
+}
+
 tda_rt_status_t tda_rt_prefill(tda_rt_session* session, int32_t batch, int32_t seq, const int64_t* input_ids,
                                const int64_t* attention_mask, const float* thresholds, float* logits) {
+  return tda_rt_prefill_bounded(session, batch, seq, input_ids, attention_mask, thresholds, nullptr, logits);
+}
+
+tda_rt_status_t tda_rt_prefill_bounded(tda_rt_session* session, int32_t batch, int32_t seq, const int64_t* input_ids,
+                                       const int64_t* attention_mask, const float* thresholds,
+                                       const float* density_bounds, float* logits) {
   return guarded([&] {
     TDA_RT_REQUIRE(session);
     TDA_RT_REQUIRE(input_ids);
@@ -177,7 +192,13 @@ tda_rt_status_t tda_rt_prefill(tda_rt_session* session, int32_t batch, int32_t s
       defaults = session->engine->dir.thresholds(std::nullopt, shortest > 0 ? std::optional<int64_t>(shortest) : std::nullopt);
       thresholds = defaults.data();
     }
-    session->engine->exec->prefill(*session->state, batch, seq, input_ids, attention_mask, thresholds, logits);
+    std::vector<float> bounds;  // explicit thresholds alone: no clamp
+    if (density_bounds)
+      bounds.assign(density_bounds, density_bounds + 2 * dir.spec.num_layers);
+    else if (!defaults.empty() && dir.has_density_bounds)
+      bounds = dir.density_bounds(std::nullopt);
+    session->engine->exec->prefill(*session->state, batch, seq, input_ids, attention_mask, thresholds,
+                                   bounds.empty() ? nullptr : bounds.data(), logits);
   });
 }
 

@@ -324,7 +324,8 @@ void CpuExecutor::mlp(Session& s, int64_t n, int64_t S, const float* xn, const f
     size_t ws = tda_prefill_scores_workspace_size(&pa);
     check(tda_prefill_scores(&pa, aligned_workspace(s.workspace, ws), ws, nullptr), "tda_prefill_scores");
     tda_select_args_t sa{static_cast<int32_t>(B), static_cast<int32_t>(I), t.scores.data(), thresholds + n,
-                         s.idx[ln].data(), s.count[ln].data()};
+                         s.idx[ln].data(), s.count[ln].data(),
+                         s.density_bounds.empty() ? nullptr : s.density_bounds.data() + 2 * n};
     ws = tda_select_active_workspace_size(&sa);
     check(tda_select_active(&sa, aligned_workspace(s.workspace, ws), ws, nullptr), "tda_select_active");
     choose_decode_path(s, n);

@@ -47,6 +47,7 @@ struct Session : ExecutorState {
   std::vector<int64_t> next_pos;           // [B]
   std::vector<std::vector<int32_t>> idx;   // per layer [B, I]
   std::vector<std::vector<int32_t>> count; // per layer [B]
+  std::vector<float> density_bounds;       // [L, 2] SelectActive clamp of this prefill; empty = none
   // per layer: decode through BLAS (active share above dense_above) instead of the sparse kernel,
   // with each sequence's inactive neurons zeroed by keep[layer] [B, I] (empty when all are active)
   std::vector<bool> dense;
@@ -70,9 +71,12 @@ class CpuExecutor : public Executor {
   // Executor: the state is a Session.
   const char* name() const override { return "cpu"; }
   std::unique_ptr<ExecutorState> new_state() const override { return std::make_unique<Session>(); }
-  void prefill(ExecutorState& s, int64_t batch, int64_t seq, const int64_t* ids, const int64_t* mask,
-               const float* thresholds, float* logits) override {
-    prefill(static_cast<Session&>(s), batch, seq, ids, mask, thresholds, logits);
+  void prefill(ExecutorState& state, int64_t batch, int64_t seq, const int64_t* ids, const int64_t* mask,
+               const float* thresholds, const float* density_bounds, float* logits) override {
+    auto& s = static_cast<Session&>(state);
+    if (density_bounds) s.density_bounds.assign(density_bounds, density_bounds + 2 * spec_.num_layers);
+    else s.density_bounds.clear();
+    prefill(s, batch, seq, ids, mask, thresholds, logits);
   }
   void decode(ExecutorState& s, const int64_t* tokens, float* logits) override {
     decode(static_cast<Session&>(s), tokens, logits);

@@ -308,6 +308,22 @@ const Calibration::Table& Calibration::table(int64_t prompt_len) const {
   return *best;
 }
 
+std::vector<float> EngineDir::density_bounds(std::optional<double> density) const {
+  if (density && !(*density > 0.0 && *density <= 1.0))
+    throw ArgumentError("density must be in (0, 1], got " + std::to_string(*density));
+  std::vector<float> out;
+  for (int64_t n = 0; n < spec.num_layers; ++n) out.insert(out.end(), {0.0f, 1.0f});
+  if (!has_density_bounds || !calibration || (density && *density >= 1.0)) return out;
+  if (!density && !built_density_bounds.empty()) return built_density_bounds;
+  for (int64_t n = 0; n < spec.num_layers; ++n) {  // contract.density_bounds: (d - margin, d + margin)
+    const double d = density ? *density : (selected_density ? *selected_density : calibration->default_densities.at(n));
+    if (d >= 1.0) continue;
+    out[2 * n] = static_cast<float>(std::max(0.0, d - density_margin));
+    out[2 * n + 1] = static_cast<float>(std::min(1.0, d + density_margin));
+  }
+  return out;
+}
+
 std::vector<float> EngineDir::thresholds(std::optional<double> density, std::optional<int64_t> prompt_len) const {
   const auto L = static_cast<size_t>(spec.num_layers);
   if (density && !(*density > 0.0 && *density <= 1.0))
@@ -356,6 +372,16 @@ EngineDir EngineDir::open(const std::string& directory, bool verify) {
     e.built_thresholds = field<std::vector<float>>(cal, "thresholds", mpath + " calibration");
     if (static_cast<int64_t>(e.built_thresholds.size()) != e.spec.num_layers)
       throw EngineError(mpath + ": calibration.thresholds must have num_layers entries");
+  }
+  e.has_density_bounds = m.value("density_bounds_input", "") == "tda_density_bounds";
+  if (cal.contains("density_margin")) e.density_margin = field<double>(cal, "density_margin", mpath + " calibration");
+  if (cal.contains("density_bounds")) {
+    for (const auto& lh : field<std::vector<std::vector<float>>>(cal, "density_bounds", mpath + " calibration")) {
+      if (lh.size() != 2) throw EngineError(mpath + ": calibration.density_bounds entries must be [lo, hi]");
+      e.built_density_bounds.insert(e.built_density_bounds.end(), lh.begin(), lh.end());
+    }
+    if (static_cast<int64_t>(e.built_density_bounds.size()) != 2 * e.spec.num_layers)
+      throw EngineError(mpath + ": calibration.density_bounds must have num_layers entries");
   }
   if (cal.contains("selected") && cal.at("selected").is_object()) {
     const json& sel = cal.at("selected");

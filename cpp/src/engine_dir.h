@@ -77,6 +77,11 @@ struct EngineDir {
   DecoderSpec spec;
   std::optional<Calibration> calibration;
   std::vector<float> built_thresholds;   // manifest calibration.thresholds (zeros if none)
+  // SelectActive clamp: the manifest's calibration.density_bounds [L*2] and density_margin; an engine
+  // exported before the clamp (no density_bounds_input) has none and is never clamped
+  bool has_density_bounds = false;
+  std::vector<float> built_density_bounds;
+  double density_margin = 0.05;
   std::optional<double> selected_density;
   std::vector<int64_t> eos_ids;
   int64_t bos_id = -1, pad_id = -1;
@@ -85,6 +90,8 @@ struct EngineDir {
   static EngineDir open(const std::string& directory, bool verify);
   // Engine.thresholds(density, prompt_len): density nullopt = the engine's default.
   std::vector<float> thresholds(std::optional<double> density, std::optional<int64_t> prompt_len) const;
+  // Engine.density_bounds(density): [L*2] (lo, hi) per layer; (0, 1) everywhere = no clamp.
+  std::vector<float> density_bounds(std::optional<double> density) const;
 };
 
 std::string sha256_file(const std::string& path);

@@ -29,10 +29,11 @@ class Executor {
   // Bytes of weights one decode step streams at density 1 (tda_rt_engine_info.weight_bytes).
   virtual int64_t decode_bytes() const = 0;
   virtual std::unique_ptr<ExecutorState> new_state() const = 0;
-  // ids/mask [batch, seq] (left padded, checked by check_prompt), thresholds [num_layers];
+  // ids/mask [batch, seq] (left padded, checked by check_prompt), thresholds [num_layers],
+  // density_bounds [num_layers, 2] SelectActive's clamp (nullptr: none, select by thresholds alone);
   // logits [batch, vocab] of the last position. A new prefill starts the state afresh.
   virtual void prefill(ExecutorState& s, int64_t batch, int64_t seq, const int64_t* ids, const int64_t* mask,
-                       const float* thresholds, float* logits) = 0;
+                       const float* thresholds, const float* density_bounds, float* logits) = 0;
   // tokens [batch of the last prefill] -> logits [batch, vocab]; StateError before a prefill.
   virtual void decode(ExecutorState& s, const int64_t* tokens, float* logits) = 0;
   // counts [num_layers, batch]: active MLP neurons per layer and sequence after the last prefill.

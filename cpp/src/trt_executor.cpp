@@ -182,7 +182,7 @@ int64_t parse_version(const std::string& s) {
 }
 
 // ---- the state protocol: names and shapes from the manifest's io tables -------------------------
-enum class Role { kIds, kMask, kPositions, kThresholds, kPast, kLogits, kPresent };
+enum class Role { kIds, kMask, kPositions, kThresholds, kDensityBounds, kPast, kLogits, kPresent };
 
 struct Tensor {
   std::string name;
@@ -235,8 +235,9 @@ struct TrtState : ExecutorState {
   bool prefilled = false;
   int cur = 0;                     // which buffer of each pair holds the pasts
   std::vector<std::array<DeviceBuffer, 2>> pairs;
-  DeviceBuffer ids, mask, positions, thresholds, logits;
+  DeviceBuffer ids, mask, positions, thresholds, density_bounds, logits;
   std::vector<int64_t> host_mask, host_positions;
+  std::vector<float> host_bounds;    // [L, 2], kept until the copy has run
   std::vector<int32_t> host_narrow;  // int64 -> int32 inputs when the plan takes int32
   std::vector<int32_t> counts;     // [L, B] after the prefill
 };
@@ -253,7 +254,7 @@ class TrtExecutor final : public Executor {
     return s;
   }
   void prefill(ExecutorState& s, int64_t batch, int64_t seq, const int64_t* ids, const int64_t* mask,
-               const float* thresholds, float* logits) override;
+               const float* thresholds, const float* density_bounds, float* logits) override;
   void decode(ExecutorState& s, const int64_t* tokens, float* logits) override;
   void active_counts(const ExecutorState& state, int32_t* counts) const override {
     const auto& s = static_cast<const TrtState&>(state);
@@ -275,6 +276,7 @@ class TrtExecutor final : public Executor {
 
   std::string where_;              // manifest.json path, for messages
   std::string thresholds_name_;    // manifest thresholds_input (contract.THRESHOLDS_INPUT)
+  std::string bounds_name_;        // manifest density_bounds_input (contract.DENSITY_BOUNDS_INPUT); "" before the clamp
   int device_ = 0;
   int32_t library_version_ = 0;
   std::string plan_path_;
@@ -298,6 +300,7 @@ class TrtExecutor final : public Executor {
 TrtExecutor::TrtExecutor(const EngineDir& dir, const TrtOptions& options)
     : where_(dir.directory + "/manifest.json"),
       thresholds_name_(dir.manifest.value("thresholds_input", std::string("tda_thresholds"))),
+      bounds_name_(dir.manifest.value("density_bounds_input", std::string())),
       device_(options.device),
       spec_(dir.spec) {
   section_ = dir.manifest.at("tensorrt");
@@ -450,6 +453,7 @@ void TrtExecutor::read_io() {
       else if (t.name == "attention_mask") t.role = Role::kMask;
       else if (t.name == "position_ids") t.role = Role::kPositions;
       else if (t.name == thresholds_name_) t.role = Role::kThresholds;
+      else if (!bounds_name_.empty() && t.name == bounds_name_) t.role = Role::kDensityBounds;
       else if (t.name == "logits") t.role = Role::kLogits;
       else if (input && t.name.rfind("past", 0) == 0) t.role = Role::kPast;
       else if (!input && t.name.rfind("present", 0) == 0) t.role = Role::kPresent;
@@ -457,7 +461,8 @@ void TrtExecutor::read_io() {
       if ((t.role == Role::kIds || t.role == Role::kMask || t.role == Role::kPositions) &&
           t.type != DataType::kINT64 && t.type != DataType::kINT32)
         throw UnsupportedError(plan_path_ + ": input '" + t.name + "' is neither int64 nor int32");
-      if ((t.role == Role::kThresholds || t.role == Role::kLogits) && t.type != DataType::kFLOAT)
+      if ((t.role == Role::kThresholds || t.role == Role::kDensityBounds || t.role == Role::kLogits) &&
+          t.type != DataType::kFLOAT)
         throw UnsupportedError(plan_path_ + ": '" + t.name + "' is not float32");
       names.push_back(t.name);
       tensors_.push_back(std::move(t));
@@ -535,6 +540,7 @@ void TrtExecutor::run(TrtState& st, const Sizes& sz, const int64_t* ids, float* 
       case Role::kMask: upload(st.mask, st.host_mask.data(), volume(d), t.type, st); ptr = st.mask.get(); break;
       case Role::kPositions: upload(st.positions, st.host_positions.data(), B * S, t.type, st); ptr = st.positions.get(); break;
       case Role::kThresholds: ptr = st.thresholds.get(); break;
+      case Role::kDensityBounds: ptr = st.density_bounds.get(); break;
       case Role::kLogits: ptr = st.logits.reserve(bytes); break;
       case Role::kPast: ptr = bytes ? st.pairs[static_cast<size_t>(t.pair)][static_cast<size_t>(st.cur)].get() : empty_.get(); break;
       case Role::kPresent: ptr = st.pairs[static_cast<size_t>(t.pair)][static_cast<size_t>(1 - st.cur)].get(); break;
@@ -562,7 +568,7 @@ void TrtExecutor::run(TrtState& st, const Sizes& sz, const int64_t* ids, float* 
 }
 
 void TrtExecutor::prefill(ExecutorState& state, int64_t batch, int64_t seq, const int64_t* ids, const int64_t* mask,
-                          const float* thresholds, float* logits) {
+                          const float* thresholds, const float* density_bounds, float* logits) {
   auto& st = static_cast<TrtState&>(state);
   check_profile(0, Sizes{batch, seq, 0});  // before anything is allocated for this batch
   std::lock_guard<std::mutex> g(run_mu_);
@@ -588,6 +594,13 @@ void TrtExecutor::prefill(ExecutorState& state, int64_t batch, int64_t seq, cons
   const size_t L = static_cast<size_t>(spec_.num_layers);
   cuda_check(cudaMemcpyAsync(st.thresholds.reserve(L * 4), thresholds, L * 4, cudaMemcpyHostToDevice, stream_),
              "cudaMemcpyAsync (thresholds)");
+  if (!bounds_name_.empty()) {  // the plan's input has no default at run time: none asked = (0, 1), no clamp
+    st.host_bounds.assign(2 * L, 0.0f);
+    for (size_t l = 0; l < L; ++l) st.host_bounds[2 * l + 1] = 1.0f;
+    if (density_bounds) st.host_bounds.assign(density_bounds, density_bounds + 2 * L);
+    cuda_check(cudaMemcpyAsync(st.density_bounds.reserve(2 * L * 4), st.host_bounds.data(), 2 * L * 4,
+                               cudaMemcpyHostToDevice, stream_), "cudaMemcpyAsync (density bounds)");
+  }
   st.host_mask.assign(mask, mask + batch * seq);
   st.host_positions.resize(static_cast<size_t>(batch * seq));
   for (int64_t b = 0; b < batch; ++b) {  // positions skip left padding (runtime/backend.py position_ids)

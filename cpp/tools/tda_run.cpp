@@ -248,6 +248,8 @@ int generate(const Options& o, Engine& eng) {
   std::fill(mask.end() - static_cast<int64_t>(prompt.size()), mask.end(), 1);
   std::vector<float> ths(static_cast<size_t>(eng.info.num_layers));
   check(tda_rt_engine_thresholds(eng.e, o.density, static_cast<int32_t>(prompt.size()), ths.data()));
+  std::vector<float> bounds(static_cast<size_t>(2 * eng.info.num_layers));  // the density clamp of the request
+  check(tda_rt_engine_density_bounds(eng.e, o.density, bounds.data()));
   int32_t n_eos = 0;
   check(tda_rt_engine_eos_ids(eng.e, nullptr, 0, &n_eos));
   std::vector<int32_t> eos(static_cast<size_t>(n_eos));
@@ -259,7 +261,8 @@ int generate(const Options& o, Engine& eng) {
   const int64_t V = eng.info.vocab_size;
   std::vector<float> logits(static_cast<size_t>(V));
   auto t0 = std::chrono::steady_clock::now();
-  check(tda_rt_prefill(s, 1, static_cast<int32_t>(width), ids.data(), mask.data(), ths.data(), logits.data()));
+  check(tda_rt_prefill_bounded(s, 1, static_cast<int32_t>(width), ids.data(), mask.data(), ths.data(), bounds.data(),
+                               logits.data()));
   const double ttft = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::vector<int32_t> counts(static_cast<size_t>(eng.info.num_layers));
   check(tda_rt_active_counts(s, counts.data()));
@@ -354,7 +357,10 @@ int bench(const Options& o, Engine& eng) {
     for (auto& row : rows) {
       std::vector<float> ths(static_cast<size_t>(in.num_layers));
       check(tda_rt_engine_thresholds(eng.e, row.density, static_cast<int32_t>(S), ths.data()));
-      check(tda_rt_prefill(s, static_cast<int32_t>(B), static_cast<int32_t>(S), ids.data(), mask.data(), ths.data(), logits.data()));
+      std::vector<float> bounds(static_cast<size_t>(2 * in.num_layers));
+      check(tda_rt_engine_density_bounds(eng.e, row.density, bounds.data()));
+      check(tda_rt_prefill_bounded(s, static_cast<int32_t>(B), static_cast<int32_t>(S), ids.data(), mask.data(),
+                                   ths.data(), bounds.data(), logits.data()));
       check(tda_rt_active_counts(s, counts.data()));
       row.active = std::accumulate(counts.begin(), counts.end(), 0.0) / counts.size() / in.intermediate_size;
       std::vector<int64_t> next(static_cast<size_t>(B));

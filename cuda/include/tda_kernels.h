@@ -30,8 +30,10 @@
 extern "C" {
 #endif
 
-/* 2: tda_decode_args_t gained `version` (last field). */
-#define TDA_KERNELS_ABI_VERSION 2
+/* 2: tda_decode_args_t gained `version` (last field).
+ * 3: tda_select_args_t gained `density_bounds` (last field; NULL = no clamp, so a
+ *    zero-initialised struct keeps version 2's results). */
+#define TDA_KERNELS_ABI_VERSION 3
 /* Largest batch of one call: decode keeps one bit per sequence per neuron. */
 #define TDA_MAX_BATCH 64
 /* H and I must be multiples of this (16-byte vectors of 16-bit types). */
@@ -105,9 +107,14 @@ size_t tda_sparse_gated_mlp_decode_workspace_size(const tda_decode_args_t* args)
 tda_status_t tda_sparse_gated_mlp_decode(const tda_decode_args_t* args, void* workspace,
                                          size_t workspace_size, void* stream);
 
-/* ---- Selection: scores + relative threshold -> sorted active list ----
- * active iff tau <= 0, or max_k scores[b,k] == 0, or
- * scores[b,j] >= (tau*tau) * max_k scores[b,k]   (all float32).
+/* ---- Selection: scores + relative threshold + density bounds -> sorted active list ----
+ * m = max_k scores[b,k]. If m == 0 every neuron is active (no clamp). Else
+ * neuron j passes iff tau <= 0 or scores[b,j] >= (tau*tau) * m (float32),
+ * c = #passing, and with (lo, hi) = density_bounds (float32 products):
+ *   n_lo = clip(ceilf(lo*I), 0, I), n_hi = clip(floorf(hi*I), 0, I),
+ *   k = max(n_lo, min(c, n_hi));
+ * the active neurons are the k highest scores, equal scores by ascending
+ * index (-0 == +0); k == c is exactly the passing set.
  * active_idx[b,:count] ascending, active_idx[b,count:] = 0. Any I >= 0. */
 typedef struct {
   int32_t batch;
@@ -116,6 +123,9 @@ typedef struct {
   const float* threshold;  /* scalar tau (device pointer for CUDA) */
   int32_t* active_idx;     /* [B, I] */
   int32_t* active_count;   /* [B] */
+  /* [2] (lo, hi) fractions of I (device pointer for CUDA); NULL = no clamp
+   * (same as (0, 1)). */
+  const float* density_bounds;
 } tda_select_args_t;
 
 size_t tda_select_active_workspace_size(const tda_select_args_t* args);

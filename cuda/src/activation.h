@@ -6,11 +6,7 @@
 
 #include "tda_kernels.h"
 
-#ifdef __CUDACC__
-#define TDA_HD __host__ __device__ __forceinline__
-#else
-#define TDA_HD inline
-#endif
+#include "host_device.h"
 
 namespace tda {
 

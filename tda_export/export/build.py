@@ -20,7 +20,8 @@ import onnx
 from .. import __version__, manifest
 from ..calibration import CALIBRATION_FILE, Calibration
 from ..models import load_structure, resolve, save_tokenizer
-from ..ops.contract import DOMAIN, OPSET_VERSION, PLUGIN_NAMESPACE, PLUGIN_VERSION, THRESHOLDS_INPUT
+from ..ops.contract import (DEFAULT_DENSITY_MARGIN, DENSITY_BOUNDS_INPUT, DOMAIN, OPSET_VERSION, PLUGIN_NAMESPACE,
+                            PLUGIN_VERSION, THRESHOLDS_INPUT, density_bounds)
 from .decoder import OPSET, build_decoder
 from .spec import ExportError, decoder_spec
 from .weights import WeightWriter
@@ -48,10 +49,16 @@ def thresholds_for(cal: Calibration | None, density: float | None, num_layers: i
             ths, kind = cal.thresholds_for(density), {"kind": "density", "density": density}
         except KeyError as e:
             raise ExportError(f"--calibration {cal_path}: {e.args[0]}") from None
+        layer_densities = [density] * num_layers
     else:
         ths, kind = cal.default["thresholds"], {k: v for k, v in cal.default.items() if k != "thresholds"}
+        layer_densities = cal.default["densities"]
+    # thresholds do not transfer across text; the clamp holds each sequence's density near the target
+    margin = DEFAULT_DENSITY_MARGIN
     summary = {"path": str(cal_path), "model": cal.model, "fingerprint": cal.fingerprint, "score_norm": cal.score_norm,
-               "densities": sorted(cal.thresholds), "selected": kind, "thresholds": [float(t) for t in ths]}
+               "densities": sorted(cal.thresholds), "selected": kind, "thresholds": [float(t) for t in ths],
+               "density_margin": margin,
+               "density_bounds": [list(b) for b in density_bounds(layer_densities, margin)]}
     return [float(t) for t in ths], summary
 
 
@@ -139,7 +146,8 @@ def build(model: str, out: str | Path, dtype: str = "float32", calibration: str 
         tmp.chmod(0o755)  # mkdtemp's 0700 would make the export private to this user
         writer = WeightWriter(dtype, tmp / WEIGHTS_FILE)
         try:
-            proto = build_decoder(loaded, spec, thresholds, writer, progress=progress)
+            proto = build_decoder(loaded, spec, thresholds, writer, progress=progress,
+                                  density_bounds=cal_summary.get("density_bounds"))
         finally:
             writer.close()
         if progress:
@@ -188,6 +196,7 @@ def _manifest_data(loaded, spec, cal_summary, proto) -> dict:
         "decoder_spec": spec.as_dict(),  # what a runtime needs to rebuild the network from the initializers
         "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
         "calibration": cal_summary, "thresholds_input": THRESHOLDS_INPUT,
+        "density_bounds_input": DENSITY_BOUNDS_INPUT,
         "opset": {"": OPSET, DOMAIN: OPSET_VERSION},
         "tda_ops": {"domain": DOMAIN, "version": OPSET_VERSION, "plugin_namespace": PLUGIN_NAMESPACE,
                     "plugin_version": PLUGIN_VERSION},

@@ -19,7 +19,7 @@ from onnx import TensorProto, helper
 from tqdm import tqdm
 
 from .. import arch
-from ..ops.contract import SELECT_ACTIVE, SPARSE_GATED_MLP, STATE_TENSORS
+from ..ops.contract import NO_CLAMP, SELECT_ACTIVE, SPARSE_GATED_MLP, STATE_TENSORS
 from ..ops.onnx_ops import functions_for, make_node
 from ..ops.onnx_ops import opset_imports as tda_opset_imports
 from . import io, names
@@ -70,6 +70,7 @@ class _Decoder:
             for what, (dtype, shape) in io.tda_state_shapes(s.intermediate).items():
                 g.input(io.past_state_name(n, what), _ELEM[dtype], list(shape))
         g.input(io.THRESHOLDS_INPUT, F32, [s.num_layers])
+        g.input(io.DENSITY_BOUNDS_INPUT, F32, [s.num_layers, 2])
 
     def attention_masks(self) -> dict[int | None, str]:
         """Additive [B, 1, S, P+S] masks, one per distinct window: causal by cache index, padding from
@@ -145,15 +146,17 @@ class _Decoder:
         g.add_node(make_node(SPARSE_GATED_MLP, [args[i] for i in SPARSE_GATED_MLP.input_names], [out, scores],
                              f"{p}.sparse_gated_mlp", activation=self.s.activation))
         tau = g.op("Gather", io.THRESHOLDS_INPUT, g.i64(n), name=f"{p}.threshold")
-        g.add_node(make_node(SELECT_ACTIVE, [scores, tau],
+        bounds = g.op("Gather", io.DENSITY_BOUNDS_INPUT, g.i64(n), name=f"{p}.density_bounds")
+        g.add_node(make_node(SELECT_ACTIVE, [scores, tau, bounds],
                              [io.present_state_name(n, "active_idx"), io.present_state_name(n, "active_count")],
                              f"{p}.select_active"))
         return out
 
-    def build(self, thresholds: list[float], progress: bool) -> onnx.ModelProto:
+    def build(self, thresholds: list[float], bounds, progress: bool) -> onnx.ModelProto:
         g, s = self.g, self.s
         self.inputs()
         self.w.add_array(io.THRESHOLDS_INPUT, np.asarray(thresholds, np.float32))
+        self.w.add_array(io.DENSITY_BOUNDS_INPUT, np.asarray(bounds, np.float32).reshape(s.num_layers, 2))
         embed = self.m.get_input_embeddings()
         embed_w = self.w.add(names.EMBED, self.lm.tensor(embed))
         x = g.op("Gather", embed_w, io.INPUT_IDS, name="embed")
@@ -206,8 +209,12 @@ class _Decoder:
 
 
 def build_decoder(loaded, spec: DecoderSpec, thresholds: list[float], writer: WeightWriter,
-                  progress: bool = False) -> onnx.ModelProto:
+                  progress: bool = False, density_bounds=None) -> onnx.ModelProto:
+    """density_bounds: per-layer (lo, hi) held by the tda_density_bounds initializer (None: no clamp)."""
     if len(thresholds) != spec.num_layers:
         raise ValueError(f"{len(thresholds)} thresholds for {spec.num_layers} layers")
+    bounds = density_bounds if density_bounds is not None else [NO_CLAMP] * spec.num_layers
+    if len(bounds) != spec.num_layers:
+        raise ValueError(f"{len(bounds)} density bounds for {spec.num_layers} layers")
     with torch.no_grad():
-        return _Decoder(loaded, spec, writer).build(thresholds, progress)
+        return _Decoder(loaded, spec, writer).build(thresholds, bounds, progress)

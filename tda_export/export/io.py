@@ -1,7 +1,7 @@
 """Graph input/output names and symbolic shapes: the interface the runtime binds to."""
 from __future__ import annotations
 
-from ..ops.contract import (SPARSE_GATED_MLP, STATE_TENSORS, THRESHOLDS_INPUT, past_state_name,
+from ..ops.contract import (DENSITY_BOUNDS_INPUT, SPARSE_GATED_MLP, STATE_TENSORS, THRESHOLDS_INPUT, past_state_name,
                             present_state_name)
 
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
@@ -29,5 +29,5 @@ def tda_state_shapes(intermediate: int) -> dict[str, tuple[str, tuple]]:
 
 
 __all__ = ["INPUT_IDS", "ATTENTION_MASK", "POSITION_IDS", "LOGITS", "BATCH", "SEQ", "PAST", "TOTAL", "past_key",
-           "present_key", "tda_state_shapes", "STATE_TENSORS", "THRESHOLDS_INPUT", "past_state_name",
+           "present_key", "tda_state_shapes", "STATE_TENSORS", "THRESHOLDS_INPUT", "DENSITY_BOUNDS_INPUT", "past_state_name",
            "present_state_name"]

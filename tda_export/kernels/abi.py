@@ -9,7 +9,7 @@ from ..ops.contract import ACTIVATIONS, DTYPES, SCORE_NORMS
 from . import build
 
 TDA_OK = 0
-ABI_VERSION = 2  # TDA_KERNELS_ABI_VERSION of the header this file mirrors
+ABI_VERSION = 3  # TDA_KERNELS_ABI_VERSION of the header this file mirrors
 MAX_BATCH = 64
 WORKSPACE_ALIGNMENT = 256
 SIZE_MULTIPLE = 8
@@ -38,6 +38,7 @@ class SelectArgs(ctypes.Structure):
     _fields_ = [
         ("batch", c_int32), ("intermediate", c_int32),
         ("scores", c_void_p), ("threshold", c_void_p), ("active_idx", c_void_p), ("active_count", c_void_p),
+        ("density_bounds", c_void_p),
     ]
 
 
@@ -73,6 +74,9 @@ class Library:
         self._lib = lib
         self.backend = lib.tda_backend().decode()
         self.abi_version = lib.tda_abi_version()
+        if self.abi_version != ABI_VERSION:  # a struct layout mismatch would read garbage, not fail
+            raise OSError(f"{self.path}: kernel ABI version {self.abi_version}, this tda-export needs {ABI_VERSION}; "
+                          f"rebuild the library")
 
     def status_string(self, status: int) -> str:
         return self._lib.tda_status_string(status).decode()

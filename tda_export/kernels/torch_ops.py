@@ -9,6 +9,8 @@ be captured in a CUDA graph.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -113,20 +115,25 @@ def _(hidden_states, gate_up_weight, down_weight_t, active_idx, active_count, ac
 
 
 @torch.library.custom_op(f"{NAMESPACE}::{SELECT_ACTIVE.torch_name}", mutates_args=(), device_types=("cpu", "cuda"))
-def select_active(scores: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor]:
-    """scores [B, I] float32, threshold scalar float32 tensor -> (active_idx [B, I], active_count [B]) int32."""
+def select_active(scores: Tensor, threshold: Tensor, density_bounds: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """scores [B, I] float32, threshold scalar float32 tensor, density_bounds [2] float32 (None: no clamp)
+    -> (active_idx [B, I], active_count [B]) int32."""
     s = scores.to(torch.float32).contiguous()
     tau = threshold.to(device=s.device, dtype=torch.float32).reshape(()).contiguous()
+    bounds = None
+    if density_bounds is not None:
+        bounds = density_bounds.to(device=s.device, dtype=torch.float32).reshape(2).contiguous()
     idx = torch.empty(s.shape, dtype=torch.int32, device=s.device)
     cnt = torch.empty(s.shape[:1], dtype=torch.int32, device=s.device)
     args = abi.SelectArgs(batch=s.shape[0], intermediate=s.shape[1], scores=s.data_ptr(), threshold=tau.data_ptr(),
-                          active_idx=idx.data_ptr(), active_count=cnt.data_ptr())
+                          active_idx=idx.data_ptr(), active_count=cnt.data_ptr(),
+                          density_bounds=bounds.data_ptr() if bounds is not None else None)
     _call(_library(s.device), "tda_select_active", args, s.device)
     return idx, cnt
 
 
 @select_active.register_fake
-def _(scores, threshold):
+def _(scores, threshold, density_bounds=None):
     return (torch.empty(scores.shape, dtype=torch.int32, device=scores.device),
             torch.empty(scores.shape[:1], dtype=torch.int32, device=scores.device))
 

@@ -47,9 +47,11 @@ def library() -> C.CDLL:
             "tda_rt_engine_close": ([P], None),
             "tda_rt_engine_info_get": ([P, C.POINTER(EngineInfo)], C.c_int),
             "tda_rt_engine_thresholds": ([P, C.c_double, i32, f32p], C.c_int),
+            "tda_rt_engine_density_bounds": ([P, C.c_double, f32p], C.c_int),
             "tda_rt_session_new": ([P, C.POINTER(P)], C.c_int),
             "tda_rt_session_free": ([P], None),
             "tda_rt_prefill": ([P, i32, i32, i64p, i64p, f32p, f32p], C.c_int),
+            "tda_rt_prefill_bounded": ([P, i32, i32, i64p, i64p, f32p, f32p, f32p], C.c_int),
             "tda_rt_decode": ([P, i64p, f32p], C.c_int),
             "tda_rt_active_counts": ([P, C.POINTER(C.c_int32)], C.c_int),
         }
@@ -85,6 +87,11 @@ class NativeEngine:
                                                   _ptr(out, C.c_float)))
         return out
 
+    def density_bounds(self, density: float | None) -> np.ndarray:
+        out = np.zeros((self.info.num_layers, 2), _F32)
+        _check(library().tda_rt_engine_density_bounds(self._h, float(density or 0.0), _ptr(out, C.c_float)))
+        return out
+
     def __del__(self):
         if getattr(self, "_h", None) and _lib is not None:
             _lib.tda_rt_engine_close(self._h)
@@ -115,17 +122,23 @@ class NativeBackend:
         self.manifest = manifest
         self.max_context = self.engine.info.max_context
 
-    def prefill(self, input_ids, attention_mask, thresholds):
+    def prefill(self, input_ids, attention_mask, thresholds, density_bounds=None):
         ids = np.ascontiguousarray(input_ids, _I64)
         mask = np.ascontiguousarray(attention_mask, _I64)
         ths = np.ascontiguousarray(thresholds, _F32)
         if ths.shape != (self.engine.info.num_layers,):
             raise ValueError(f"thresholds must have shape ({self.engine.info.num_layers},), got {ths.shape}")
+        L = self.engine.info.num_layers
+        bounds = (np.asarray([[0.0, 1.0]] * L, _F32) if density_bounds is None  # None: no clamp, as elsewhere
+                  else np.ascontiguousarray(density_bounds, _F32))
+        if bounds.shape != (L, 2):
+            raise ValueError(f"density_bounds must have shape ({L}, 2), got {bounds.shape}")
         s = _Session(self.engine)
         B, S = ids.shape
         logits = np.empty((B, self.engine.info.vocab_size), _F32)
-        _check(library().tda_rt_prefill(s.h, B, S, _ptr(ids, C.c_int64), _ptr(mask, C.c_int64),
-                                        _ptr(ths, C.c_float), _ptr(logits, C.c_float)))
+        _check(library().tda_rt_prefill_bounded(s.h, B, S, _ptr(ids, C.c_int64), _ptr(mask, C.c_int64),
+                                                _ptr(ths, C.c_float), _ptr(bounds, C.c_float),
+                                                _ptr(logits, C.c_float)))
         s.batch = B
         return logits, s
 

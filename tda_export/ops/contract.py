@@ -148,11 +148,14 @@ Accumulation is in float32 whatever T is; z is rounded to T before the down proj
 SELECT_ACTIVE = OpSpec(
     name="SelectActive",
     torch_name="select_active",
-    doc="Turn accumulated prompt scores and a layer's relative threshold into the sorted "
-        "active-neuron list used by SparseGatedMLP in decode.",
+    doc="Turn accumulated prompt scores, a layer's relative threshold and its density bounds into the "
+        "sorted active-neuron list used by SparseGatedMLP in decode.",
     inputs=(
         TensorSpec("scores", "float32", ("B", "I"), "Accumulated scores s^2 (sum of squares) from SparseGatedMLP."),
         TensorSpec("threshold", "float32", (), "Relative threshold tau of this layer (a scalar)."),
+        TensorSpec("density_bounds", "float32", ("2",),
+                   "(lo, hi): fractions of I between which each sequence's active count is clamped; "
+                   "(0, 1) is no clamp."),
     ),
     outputs=(
         TensorSpec("active_idx", "int32", ("B", "I"), "Ascending active neuron indices, then 0-padding."),
@@ -160,12 +163,33 @@ SELECT_ACTIVE = OpSpec(
     ),
     type_constraint=("float32",),
     semantics="""\
-Neuron j is active iff r_j = sqrt(scores[b,j] / max_k scores[b,k]) >= tau, evaluated in float32 as
-  tau <= 0                          -> active
-  scores[b,j] >= (tau * tau) * m    -> active, with m = max_k scores[b,k]
-If m == 0 (no valid prompt token), every neuron is active (dense fallback).
-active_idx[b,:count] lists active neurons ascending; active_idx[b,count:] = 0.""",
+Threshold: neuron j passes iff r_j = sqrt(scores[b,j] / max_k scores[b,k]) >= tau, evaluated in float32 as
+  tau <= 0                          -> passes
+  scores[b,j] >= (tau * tau) * m    -> passes, with m = max_k scores[b,k]
+  c[b] = number of neurons that pass.
+Clamp (per sequence): with (lo, hi) = density_bounds and float32 products lo*I, hi*I,
+  n_lo = min(max(ceil(lo * I), 0), I),  n_hi = min(max(floor(hi * I), 0), I)
+  k[b] = max(n_lo, min(c[b], n_hi))     (the lower bound wins if they cross: lo = hi = d is top-ceil(d*I))
+  the active neurons are the first k[b] in rank order: descending score, equal scores by ascending index
+  (-0 == +0). A threshold keeps a prefix of that order, so k[b] == c[b] gives exactly the threshold's set.
+If m == 0 (no valid prompt token), every neuron is active and no clamp applies (no evidence to rank by).
+active_idx[b,:count] lists active neurons ascending; active_idx[b,count:] = 0. NaN scores or bounds are
+undefined.""",
 )
+
+# The clamp that makes a requested density hold on text the calibration did not see: a request for
+# density d runs with density_bounds (d - margin, d + margin) per layer (bench/QUALITY.md, 2026-12-01).
+DEFAULT_DENSITY_MARGIN = 0.05
+NO_CLAMP = (0.0, 1.0)
+
+
+def density_bounds(densities, margin: float = DEFAULT_DENSITY_MARGIN) -> list[tuple[float, float]]:
+    """Per-layer SelectActive density_bounds for per-layer target densities: (d - margin, d + margin),
+    no clamp for a dense layer (d >= 1)."""
+    if not 0.0 <= margin <= 1.0:
+        raise ValueError(f"density margin must be in [0, 1], got {margin}")
+    return [NO_CLAMP if d >= 1.0 else (max(0.0, float(d) - margin), min(1.0, float(d) + margin))
+            for d in densities]
 
 OPS = (SPARSE_GATED_MLP, SELECT_ACTIVE)
 OPS_BY_NAME = {op.name: op for op in OPS}
@@ -189,6 +213,9 @@ def present_state_name(layer: int, what: str) -> str:
 
 
 THRESHOLDS_INPUT = "tda_thresholds"
+# [L, 2] float32: row n is layer n's SelectActive density_bounds; the initializer is NO_CLAMP per layer, so a
+# runtime that does not feed it gets the plain thresholds.
+DENSITY_BOUNDS_INPUT = "tda_density_bounds"
 
 
 def render_markdown() -> str:
@@ -211,7 +238,10 @@ def render_markdown() -> str:
         + ", ".join(f"`{past_state_name(0, w).replace('.0.', '.N.')}` -> `{present_state_name(0, w).replace('.0.', '.N.')}`"
                     for w in STATE_TENSORS)
         + f"; per-layer thresholds come in as the graph input `{THRESHOLDS_INPUT}` [L] float32 "
-        "whose initializer holds the calibrated defaults.",
+        "whose initializer holds the calibrated defaults, and per-layer density bounds as "
+        f"`{DENSITY_BOUNDS_INPUT}` [L, 2] float32 whose initializer is `{NO_CLAMP}` per layer (no clamp); "
+        f"runtimes feed (d - m, d + m) for a request of density d, m = the engine's `density_margin` "
+        f"(default {DEFAULT_DENSITY_MARGIN}).",
         "",
         "C enums (cuda/include/tda_kernels.h) use the list order: activations "
         + ", ".join(f"{i}=`{a}`" for i, a in enumerate(ACTIVATIONS))

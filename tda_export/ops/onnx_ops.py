@@ -106,26 +106,39 @@ def _sparse_gated_mlp_body(activation: str, score_norm: str) -> list[onnx.NodePr
 
 
 def _select_active_body() -> list[onnx.NodeProto]:
-    scores, tau = SELECT_ACTIVE.input_names
+    scores, tau, bounds = SELECT_ACTIVE.input_names
     active_idx, active_count = SELECT_ACTIVE.output_names
     b = _Body()
     i64, f32 = TensorProto.INT64, TensorProto.FLOAT
     axis1 = b.const([1], i64)
+    inter = b("Shape", scores, start=1, end=2)
     m = b("ReduceMax", scores, axis1, keepdims=1)
-    keep = b("GreaterOrEqual", scores, b("Mul", b("Mul", tau, tau), m))
-    dense = b("Or", b("LessOrEqual", tau, b.const(0.0, f32)), b("Equal", m, b.const(0.0, f32)))
-    keep = b("Or", keep, dense)
+    passes = b("Or", b("GreaterOrEqual", scores, b("Mul", b("Mul", tau, tau), m)),
+               b("LessOrEqual", tau, b.const(0.0, f32)))
+    passed = b("Cast", b("ReduceSum", b("Cast", passes, to=i64), axis1, keepdims=1), to=f32)  # [B, 1]
+    # the clamp, in float32 like the contract: k = max(n_lo, min(c, n_hi))
+    inter_f = b("Cast", inter, to=f32)
+    scaled = b("Mul", bounds, inter_f)
+    zero_f = b.const(0.0, f32)
+    n_lo = b("Min", b("Max", b("Ceil", b("Slice", scaled, b.const([0], i64), b.const([1], i64))), zero_f), inter_f)
+    n_hi = b("Min", b("Max", b("Floor", b("Slice", scaled, b.const([1], i64), b.const([2], i64))), zero_f), inter_f)
+    k = b("Max", n_lo, b("Min", passed, n_hi))                                               # [B, 1]
+    # rank order: TopK's sorted output breaks ties by the lower index, as the contract's rank order does;
+    # Add 0 turns -0 into +0 so they tie
+    order = b("TopK", b("Add", scores, zero_f), inter, axis=1, largest=1, sorted=1, outputs=2)[1]
+    positions = b("Expand", b("Range", b.const(0, i64), b("Squeeze", inter), b.const(1, i64)), b("Shape", scores))
+    rank = b("ScatterElements", b("ConstantOfShape", b("Shape", scores), value=helper.make_tensor("z", i64, [1], [0])),
+             order, positions, axis=1)
+    keep = b("Or", b("Less", b("Cast", rank, to=f32), k), b("Equal", m, zero_f))
     keep64 = b("Cast", keep, to=i64)
     b("Cast", b("ReduceSum", keep64, axis1, keepdims=0), to=TensorProto.INT32, out=active_count)
     # ascending compaction: kept neuron j goes to slot (#kept up to j) - 1, a dropped one to the spare slot
     # I + (#dropped before j) = I + j - #kept up to j; slots are unique, so no scatter reduction is needed
-    inter = b("Shape", scores, start=1, end=2)
     kept_upto = b("CumSum", keep64, b.const(1, i64))
-    k = b("Expand", b("Range", b.const(0, i64), b("Squeeze", inter), b.const(1, i64)), b("Shape", scores))
-    slot = b("Where", keep, b("Sub", kept_upto, b.const(1, i64)), b("Add", inter, b("Sub", k, kept_upto)))
+    slot = b("Where", keep, b("Sub", kept_upto, b.const(1, i64)), b("Add", inter, b("Sub", positions, kept_upto)))
     buf = b("ConstantOfShape", b("Concat", b("Shape", scores, start=0, end=1), b("Add", inter, inter), axis=0),
             value=helper.make_tensor("zero", i64, [1], [0]))
-    filled = b("ScatterElements", buf, slot, k, axis=1)
+    filled = b("ScatterElements", buf, slot, positions, axis=1)
     b("Cast", b("Slice", filled, b.const([0], i64), inter, axis1), to=TensorProto.INT32, out=active_idx)
     return b.nodes
 

@@ -65,7 +65,20 @@ def sparse_gated_mlp(hidden, gate_up_weight, down_weight_t, active_idx, active_c
     return z @ w_down, scores_out
 
 
-def select_active(scores: np.ndarray, threshold: float):
+def clamp_count(count: int, inter: int, density_bounds) -> int:
+    """k = max(n_lo, min(count, n_hi)) of the contract, with the float32 products lo*I and hi*I."""
+    lo, hi = (np.float32(v) * np.float32(inter) for v in density_bounds)
+    n_lo = int(min(max(np.ceil(lo), 0), inter))
+    n_hi = int(min(max(np.floor(hi), 0), inter))
+    return max(n_lo, min(count, n_hi))
+
+
+def rank_order(scores_row: np.ndarray) -> np.ndarray:
+    """Neuron indices by descending score, equal scores by ascending index (-0 == +0)."""
+    return np.lexsort((np.arange(scores_row.size), -(scores_row.astype(np.float64) + 0.0)))
+
+
+def select_active(scores: np.ndarray, threshold: float, density_bounds=(0.0, 1.0)):
     """Returns (active_idx int32 [B,I], active_count int32 [B]) exactly as the contract specifies."""
     scores = scores.astype(np.float32)
     tau = np.float32(threshold)
@@ -74,10 +87,13 @@ def select_active(scores: np.ndarray, threshold: float):
     count = np.zeros((batch,), dtype=np.int32)
     for b in range(batch):
         m = scores[b].max() if inter else np.float32(0)
-        if tau <= 0 or m == 0:
+        if m == 0:
             keep = np.ones(inter, dtype=bool)
         else:
-            keep = scores[b] >= (tau * tau) * m
+            keep = np.ones(inter, dtype=bool) if tau <= 0 else scores[b] >= (tau * tau) * m
+            k = clamp_count(int(keep.sum()), inter, density_bounds)
+            keep = np.zeros(inter, dtype=bool)
+            keep[rank_order(scores[b])[:k]] = True
         active = np.nonzero(keep)[0]
         idx[b, : active.size] = active
         count[b] = active.size

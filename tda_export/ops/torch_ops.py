@@ -60,15 +60,34 @@ def _sparse_gated_mlp(hidden_states, gate_up_weight, down_weight_t, active_idx, 
     return torch.stack(rows).to(dtype), scores_in.clone()
 
 
-def _select_active(scores, threshold):
+def clamp_counts(count: torch.Tensor, inter: int, density_bounds: torch.Tensor) -> torch.Tensor:
+    """The contract's k = max(n_lo, min(count, n_hi)), from float32 products lo*I and hi*I."""
+    scaled = density_bounds.float() * torch.tensor(float(inter), dtype=torch.float32)
+    n_lo = scaled[0].ceil().clamp(0, inter).long()
+    n_hi = scaled[1].floor().clamp(0, inter).long()
+    return torch.maximum(n_lo, torch.minimum(count, n_hi))
+
+
+def rank_of(scores: torch.Tensor) -> torch.Tensor:
+    """Position of each neuron in the contract's rank order (descending score, ties by ascending index)."""
+    order = torch.sort(scores + 0.0, dim=-1, descending=True, stable=True).indices  # + 0.0: -0 -> +0
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
+    return rank
+
+
+def _select_active(scores, threshold, density_bounds):
     scores = scores.float()
     tau = threshold.float()
-    m = scores.amax(-1, keepdim=True) if scores.shape[-1] else torch.zeros_like(scores[:, :1])
-    keep = (scores >= (tau * tau) * m) | (tau <= 0) | (m == 0)
+    inter = scores.shape[-1]
+    m = scores.amax(-1, keepdim=True) if inter else torch.zeros_like(scores[:, :1])
+    passes = (scores >= (tau * tau) * m) | (tau <= 0)
+    k = clamp_counts(passes.sum(-1), inter, density_bounds)
+    keep = (rank_of(scores) < k[:, None]) | (m == 0)
     count = keep.sum(-1)
     # a stable sort of "not kept" puts kept neurons first, in ascending index order
     order = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices
-    slot = torch.arange(scores.shape[-1], device=scores.device)
+    slot = torch.arange(inter, device=scores.device)
     idx = torch.where(slot < count[:, None], order, 0)
     return idx.to(torch.int32), count.to(torch.int32)
 
@@ -84,7 +103,7 @@ def _fake_sparse_gated_mlp(hidden_states, gate_up_weight, down_weight_t, active_
     return torch.empty_like(hidden_states), torch.empty_like(scores_in)
 
 
-def _fake_select_active(scores, threshold):
+def _fake_select_active(scores, threshold, density_bounds):
     return (torch.empty(scores.shape, dtype=torch.int32, device=scores.device),
             torch.empty(scores.shape[:1], dtype=torch.int32, device=scores.device))
 

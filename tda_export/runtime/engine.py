@@ -10,6 +10,7 @@ import numpy as np
 
 from .. import __version__, manifest
 from ..calibration import CALIBRATION_FILE, Calibration
+from ..ops.contract import DEFAULT_DENSITY_MARGIN, DENSITY_BOUNDS_INPUT, NO_CLAMP, density_bounds
 
 BACKENDS = ("auto", "torch", "onnxruntime", "native", "tensorrt")
 
@@ -108,6 +109,30 @@ class Engine:
                               np.float32)
         except KeyError as e:
             raise EngineError(str(e.args[0])) from None
+
+    @property
+    def density_margin(self) -> float:
+        """How far each sequence's per-layer density may stray from the target (manifest calibration)."""
+        return float((self.manifest.get("calibration") or {}).get("density_margin", DEFAULT_DENSITY_MARGIN))
+
+    def density_bounds(self, density: float | None = None) -> np.ndarray | None:
+        """Per-layer SelectActive density bounds [L, 2] for a request (the built default for None): the
+        target density +- density_margin, so the density asked for is the density each sequence gets
+        (thresholds alone drift on text the calibration did not see, bench/QUALITY.md). None for engines
+        exported before the clamp (no tda_density_bounds input): they select by thresholds alone."""
+        if self.manifest.get("density_bounds_input") != DENSITY_BOUNDS_INPUT:
+            return None
+        if density is not None and not 0.0 < density <= 1.0:
+            raise EngineError(f"density must be in (0, 1], got {density}")
+        dense_default = density is None and self.choice is not None and self.choice.dense_default
+        if density == 1.0 or dense_default or self.calibration is None:
+            return np.asarray([NO_CLAMP] * self.num_layers, np.float32)
+        if density is None:
+            built = (self.manifest.get("calibration") or {}).get("density_bounds")
+            if built is not None:
+                return np.asarray(built, np.float32)
+        densities = self.default_densities() if density is None else [density] * self.num_layers
+        return np.asarray(density_bounds(densities, self.density_margin), np.float32)
 
     def default_densities(self) -> list[float]:
         """Per-layer densities the engine was built with (a --density, or the calibration's default)."""

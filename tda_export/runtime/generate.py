@@ -95,6 +95,7 @@ def stream(engine: Engine, prompts: list, params: SamplingParams | list[Sampling
     # Short prompts give peakier scores; the shortest prompt's table keeps at least the requested density
     # for every sequence of the batch.
     thresholds = engine.thresholds(density, min(map(len, ids)))
+    bounds = engine.density_bounds(density)
     pad = engine.manifest.get("pad_token_id")
     pad = pad if pad is not None else 0
     width = max(2, max(map(len, ids)))  # a 1-token call would be a decode step
@@ -107,7 +108,7 @@ def stream(engine: Engine, prompts: list, params: SamplingParams | list[Sampling
     seqs = [_Sequence(p, _eos_ids(engine)) for p in params]
 
     t0 = time.perf_counter()
-    logits, state = engine.backend.prefill(input_ids, mask, thresholds)
+    logits, state = engine.backend.prefill(input_ids, mask, thresholds, bounds)
     stats.time_to_first_token = time.perf_counter() - t0
     counts = engine.backend.active_counts(state)
     stats.active_fraction = float(counts.mean() / engine.manifest["intermediate_size"])

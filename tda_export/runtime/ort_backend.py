@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..ops.contract import THRESHOLDS_INPUT
+from ..ops.contract import DENSITY_BOUNDS_INPUT, NO_CLAMP, THRESHOLDS_INPUT
 from .backend import position_ids
 
 NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
@@ -40,6 +40,8 @@ class OrtBackend:
                                             providers=providers or ort.get_available_providers())
         self.manifest = manifest
         self.inputs = {i.name: i for i in self.session.get_inputs()}
+        # engines exported before the clamp have no such input (and select by thresholds alone)
+        self.has_bounds = manifest.get("density_bounds_input") == DENSITY_BOUNDS_INPUT
         self.presents = [o.name for o in self.session.get_outputs() if o.name.startswith("present")]
         missing = [past_name(p) for p in self.presents if past_name(p) not in self.inputs]
         if missing:
@@ -61,8 +63,11 @@ class OrtBackend:
 
     @staticmethod
     def _feeds(state: dict, input_ids: np.ndarray, positions: np.ndarray) -> dict:
-        return {"input_ids": input_ids, "attention_mask": state["mask"], "position_ids": positions,
-                THRESHOLDS_INPUT: state["thresholds"], **state["past"]}
+        feeds = {"input_ids": input_ids, "attention_mask": state["mask"], "position_ids": positions,
+                 THRESHOLDS_INPUT: state["thresholds"], **state["past"]}
+        if state.get("bounds") is not None:
+            feeds[DENSITY_BOUNDS_INPUT] = state["bounds"]
+        return feeds
 
     def _run(self, state: dict, input_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         feeds = self._feeds(state, input_ids, positions)
@@ -70,8 +75,13 @@ class OrtBackend:
         state["past"] = {past_name(p): v for p, v in zip(self.presents, outs[1:])}
         return outs[0][:, -1].astype(np.float32)
 
-    def prefill(self, input_ids, attention_mask, thresholds):
-        state = {"mask": attention_mask.astype(np.int64), "thresholds": np.asarray(thresholds, np.float32),
+    def prefill(self, input_ids, attention_mask, thresholds, density_bounds=None):
+        thresholds = np.asarray(thresholds, np.float32)
+        bounds = None
+        if self.has_bounds:  # fed even when None: the initializer holds the built density's clamp, not none
+            bounds = np.asarray(density_bounds if density_bounds is not None else [NO_CLAMP] * thresholds.size,
+                                np.float32).reshape(thresholds.size, 2)
+        state = {"mask": attention_mask.astype(np.int64), "thresholds": thresholds, "bounds": bounds,
                  "past": self._empty_past(input_ids.shape[0])}
         logits = self._run(state, input_ids.astype(np.int64), position_ids(state["mask"]))
         return logits, state

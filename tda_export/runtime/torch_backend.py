@@ -69,7 +69,7 @@ class TorchBackend:
         self._graphs = _DecodeGraphs(self) if device.type == "cuda" and cuda_graphs else None
 
     @torch.inference_mode()
-    def prefill(self, input_ids, attention_mask, thresholds):
+    def prefill(self, input_ids, attention_mask, thresholds, density_bounds=None):
         B, S = input_ids.shape
         if B > self.max_batch:
             raise TorchBackendError(f"batch {B} > max_batch {self.max_batch} of this torch backend")
@@ -81,6 +81,8 @@ class TorchBackend:
         self.pad_mask[:B, :S] = mask
         self.mlp.token_valid = mask.float()
         self.mlp.thresholds = torch.as_tensor(np.asarray(thresholds, np.float32), device=dev)
+        self.mlp.density_bounds = (None if density_bounds is None else
+                                   torch.as_tensor(np.asarray(density_bounds, np.float32).reshape(-1, 2), device=dev))
         ids = torch.from_numpy(input_ids.astype(np.int64)).to(dev)
         pos = torch.from_numpy(position_ids(attention_mask)).to(dev)
         logits = self.net.forward(ids, pos, torch.zeros(1, dtype=torch.int64, device=dev), S, self.pad_mask[:B, :S],

@@ -1,8 +1,8 @@
 """TDA MLP for the torch backend: dense prefill that scores neurons, per-layer selection, sparse decode.
 
 Prefill is compute-bound, so it runs as torch GEMMs and only the score reduction is ours
-(tda_kernels::prefill_scores); tda_kernels::select_active turns scores and the layer's threshold into
-the sorted active list, and decode streams only those rows (tda_kernels::sparse_gated_mlp_decode).
+(tda_kernels::prefill_scores); tda_kernels::select_active turns scores, the layer's threshold and density
+bounds into the sorted active list, and decode streams only those rows (tda_kernels::sparse_gated_mlp_decode).
 The state lives in static [max_batch, ...] buffers so a captured CUDA graph can read it in place.
 """
 from __future__ import annotations
@@ -38,6 +38,7 @@ class TdaMLP:
         self.dense_mask: list[torch.Tensor | None] = [None] * L
         self.token_valid: torch.Tensor | None = None
         self.thresholds: torch.Tensor | None = None
+        self.density_bounds: torch.Tensor | None = None  # [L, 2], None = no clamp
         # decode kernel algorithm (tda_decode_args_t.version): 0 = the library's default; read when a
         # step runs or is captured, so a captured CUDA graph keeps the version it was captured with
         self.kernel_version = 0
@@ -53,7 +54,8 @@ class TdaMLP:
         z = self._z(n, h)
         B = h.shape[0]
         scores = torch.ops.tda_kernels.prefill_scores(z, self.token_valid, torch.zeros(B, z.shape[-1], device=z.device))
-        idx, cnt = torch.ops.tda_kernels.select_active(scores, self.thresholds[n])
+        bounds = self.density_bounds[n] if self.density_bounds is not None else None
+        idx, cnt = torch.ops.tda_kernels.select_active(scores, self.thresholds[n], bounds)
         self.idx[n][:B].copy_(idx)
         self.count[n][:B].copy_(cnt)
         self.dense_mask[n] = self._dense_mask(idx, cnt) if self.net.device.type == "cpu" else None

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..ops.contract import DENSITY_BOUNDS_INPUT
 from ..runtime.ort_backend import OrtBackend, past_name
 
 # bf16 state lives on the host as 2-byte words (numpy has no bf16; TensorRT reads only the bytes):
@@ -73,6 +74,7 @@ class TensorRTBackend(OrtBackend):
         self.manifest, self.section = manifest, section
         self.max_context, self.max_batch = section["limits"]["max_seq_len"], section["limits"]["max_batch"]
         self.inputs, self.presents = io_tables(manifest)
+        self.has_bounds = DENSITY_BOUNDS_INPUT in self.inputs
         trt = import_module(section["flavour"])
         register(trt)
         self._trt, self._torch = trt, torch

@@ -26,9 +26,15 @@ def thresholds_of(manifest: dict) -> np.ndarray:
     return np.asarray(manifest["calibration"].get("thresholds", [0.0] * manifest["num_layers"]), np.float32)
 
 
+def bounds_of(manifest: dict) -> np.ndarray | None:
+    """The built density's clamp (None for engines built without one: no clamp)."""
+    bounds = (manifest.get("calibration") or {}).get("density_bounds")
+    return None if bounds is None else np.asarray(bounds, np.float32)
+
+
 def replay(backend, manifest: dict, ids: np.ndarray, mask: np.ndarray, tokens: np.ndarray | None = None) -> dict:
     """Prefill then DECODE_STEPS decode steps; the tokens fed are `tokens` if given, else greedy."""
-    logits, state = backend.prefill(ids, mask, thresholds_of(manifest))
+    logits, state = backend.prefill(ids, mask, thresholds_of(manifest), bounds_of(manifest))
     out, fed = {"prefill": logits}, []
     for step in range(DECODE_STEPS):
         nxt = tokens[:, step] if tokens is not None else logits.argmax(-1).astype(np.int64)

@@ -122,7 +122,7 @@ class Logic:
                                          POINTER(DecodeArgs)], None),
             "tda_trt_mlp_prefill_plan": ([c_int32, c_int32, c_int32, i64p, POINTER(MlpBuffers), c_void_p,
                                           POINTER(KernelQueries), POINTER(PrefillPlan), errp], c_int),
-            "tda_trt_select_args": ([c_int64, c_int64, c_int64, c_void_p, c_void_p, c_void_p, c_void_p,
+            "tda_trt_select_args": ([c_int64, c_int64, c_int64, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p,
                                      POINTER(SelectArgs)], None),
         }
         for name, (args, res) in sig.items():
@@ -240,9 +240,9 @@ class Logic:
                    byref(buffers), workspace, byref(queries), byref(out))
         return out
 
-    def select_args(self, inter, b0, nb, scores, threshold, idx, count) -> SelectArgs:
+    def select_args(self, inter, b0, nb, scores, threshold, density_bounds, idx, count) -> SelectArgs:
         out = SelectArgs()
-        self._lib.tda_trt_select_args(inter, b0, nb, scores, threshold, idx, count, byref(out))
+        self._lib.tda_trt_select_args(inter, b0, nb, scores, threshold, density_bounds, idx, count, byref(out))
         return out
 
 

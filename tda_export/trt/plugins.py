@@ -172,7 +172,8 @@ def plugin_classes(trt):
             batch, inter = L.select_check_shapes(_shapes(input_desc, "dims"))
             kernels = _kernels()
             for b0, nb in L.chunks(batch):
-                a = L.select_args(inter, b0, nb, int(inputs[0]), int(inputs[1]), int(outputs[0]), int(outputs[1]))
+                a = L.select_args(inter, b0, nb, int(inputs[0]), int(inputs[1]), int(inputs[2]), int(outputs[0]),
+                                  int(outputs[1]))
                 kernels.call("tda_select_active", a, int(workspace),
                              kernels.workspace_size("tda_select_active", a), int(stream))
 

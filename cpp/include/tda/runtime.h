@@ -88,6 +88,11 @@ tda_rt_status_t tda_rt_engine_eos_ids(const tda_rt_engine* engine, int32_t* ids,
 tda_rt_status_t tda_rt_engine_thresholds(const tda_rt_engine* engine, double density, int32_t prompt_len,
                                          float* out);
 
+/* Per-layer SelectActive density bounds [num_layers, 2] (lo, hi) for a request, the rule of
+ * Engine.density_bounds: density +- the engine's density_margin; density <= 0 means "the engine's
+ * default"; 1.0, or an engine exported before the clamp, gives (0, 1) = no clamp. */
+tda_rt_status_t tda_rt_engine_density_bounds(const tda_rt_engine* engine, double density, float* out);
+
 tda_rt_status_t tda_rt_session_new(tda_rt_engine* engine, tda_rt_session** out);
 void tda_rt_session_free(tda_rt_session* session);
 
@@ -95,6 +100,11 @@ void tda_rt_session_free(tda_rt_session* session);
  * (NULL: the engine's default at this prompt length). logits [batch, vocab_size] of the last position. */
 tda_rt_status_t tda_rt_prefill(tda_rt_session* session, int32_t batch, int32_t seq, const int64_t* input_ids,
                                const int64_t* attention_mask, const float* thresholds, float* logits);
+/* tda_rt_prefill with each layer's density bounds [num_layers, 2] (see tda_rt_engine_density_bounds).
+ * NULL: the engine's default bounds when thresholds is NULL too, else no clamp (thresholds alone). */
+tda_rt_status_t tda_rt_prefill_bounded(tda_rt_session* session, int32_t batch, int32_t seq, const int64_t* input_ids,
+                                       const int64_t* attention_mask, const float* thresholds,
+                                       const float* density_bounds, float* logits);
 /* tokens [batch] (the batch of the last prefill) -> logits [batch, vocab_size]. */
 tda_rt_status_t tda_rt_decode(tda_rt_session* session, const int64_t* tokens, float* logits);
 /* counts [num_layers, batch]: active MLP neurons per layer and sequence after the last prefill. */
