@@ -15,6 +15,16 @@ masked phase (input columns of gate/up by |x|*||W column||, up rows and down
 columns by |act(gate)|, down columns by |z|*||W_down column||). Masking gives
 the same values as computing only the kept rows and columns; `byte_fractions`
 counts the weight bytes a decode step would then stream.
+
+Frontier studies (research, evaluator only): `neuron_density` is a per-token
+hindsight oracle that computes z exactly and then keeps the neurons with the
+largest true contribution |z_i|*||W_down[:,i]|| (their gate and up rows and down
+columns counted as streamed, the others as skipped); `pooled` replaces per-token
+top-k by one hindsight threshold per layer over every token of the batch (the
+best a calibrated per-layer threshold could do); `rotated` sparsifies x and z in
+a per-layer orthogonal basis (LaRoSA: eigenvectors of the calibration inputs'
+second moment, folded into the weights offline). `TDAHooks.gating` may be one
+TokenGating for all layers or one per layer (per-layer allocation).
 """
 from __future__ import annotations
 
@@ -94,25 +104,44 @@ class TokenGating:
       ("wina") or |x_j| ("teal");
     gate_density: of the masked neurons, by |act(gate)| (skips up rows and down columns; CATS-like);
     z_density: of the neurons still kept, by |z_i|*||W_down[:,i]|| ("wina") or |z_i| ("teal")
-      (skips down columns).
+      (skips down columns);
+    neuron_density (hindsight oracle): of the neurons still kept, by the true contribution
+      |z_i|*||W_down[:,i]|| of the exact z (skips gate and up rows and down columns);
+    pooled: each fraction is kept over all tokens of the batch and layer at once (one hindsight
+      threshold per layer) instead of per token;
+    rotated: x and z are sparsified after the layer's orthogonal rotations (`TDAHooks.rotations`,
+      LaRoSA); the rotated weights stream the same bytes per kept column.
     """
     x_density: float = 1.0
     gate_density: float = 1.0
     z_density: float = 1.0
     score: str = "wina"
+    neuron_density: float = 1.0
+    pooled: bool = False
+    rotated: bool = False
 
     def __post_init__(self):
         if self.score not in ("wina", "teal"):
             raise ValueError(f"TokenGating score {self.score!r} not in ['wina', 'teal']")
-        for name in ("x_density", "gate_density", "z_density"):
+        if self.rotated and (self.gate_density < 1.0 or self.neuron_density < 1.0):
+            raise ValueError("TokenGating rotated applies to x and z only: gate_density and neuron_density "
+                             "select neurons, which a rotation of z mixes")
+        for name in ("x_density", "gate_density", "z_density", "neuron_density"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"TokenGating {name} must be in (0, 1], got {getattr(self, name)}")
 
 
-def keep_fraction(scores: torch.Tensor, allowed: torch.Tensor | None, fraction: float) -> torch.Tensor:
-    """Per row of the last axis, keep the ceil(fraction * #allowed) highest scores among the allowed."""
+def keep_fraction(scores: torch.Tensor, allowed: torch.Tensor | None, fraction: float,
+                  pooled: bool = False) -> torch.Tensor:
+    """Per row of the last axis, keep the ceil(fraction * #allowed) highest scores among the allowed.
+
+    `pooled`: one selection over all rows at once (a single threshold), so rows keep different counts.
+    """
     if allowed is None:
         allowed = torch.ones_like(scores, dtype=torch.bool)
+    if pooled:
+        flat = keep_fraction(scores.reshape(1, -1), allowed.reshape(1, -1), fraction)
+        return flat.reshape(scores.shape)
     count = allowed.sum(-1)
     k = torch.ceil(count * fraction - 1e-9).long()
     return keep_top(scores.float().masked_fill(~allowed, -math.inf), k) & allowed
@@ -144,6 +173,9 @@ class TDAHooks:
         # per layer: [tokens, sum of gate, up and down weight fractions streamed] over masked-phase tokens
         self.bytes_seen = [[0.0, 0.0, 0.0, 0.0] for _ in self.mlps]
         self._norms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # per layer (Q_x [H, H], Q_z [I, I]) orthogonal, for TokenGating.rotated (see `set_rotations`)
+        self.rotations: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.mlps)
+        self._rotated_norms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def column_norms(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(||[W_gate; W_up][:, j]|| over hidden j, ||W_down[:, i]|| over intermediate i) of a layer."""
@@ -152,6 +184,24 @@ class TDAHooks:
             gu = (mlp.gate_proj.weight.float().square().sum(0) + mlp.up_proj.weight.float().square().sum(0)).sqrt()
             self._norms[layer] = (gu, mlp.down_proj.weight.float().norm(dim=0))
         return self._norms[layer]
+
+    def set_rotations(self, rotations):
+        """Per-layer (Q_x, Q_z) orthogonal matrices: x is sparsified as x @ Q_x (weights W_gate Q_x, W_up Q_x),
+        z as z @ Q_z (weights W_down Q_z)."""
+        self.rotations = list(rotations)
+        self._rotated_norms = {}
+
+    def rotated_column_norms(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """column_norms of the rotated weights [W_gate; W_up] Q_x and W_down Q_z."""
+        if layer not in self._rotated_norms:
+            mlp, (qx, qz) = self.mlps[layer], self.rotations[layer]
+            gu = torch.cat([mlp.gate_proj.weight.float(), mlp.up_proj.weight.float()]) @ qx
+            self._rotated_norms[layer] = (gu.norm(dim=0), (mlp.down_proj.weight.float() @ qz).norm(dim=0))
+        return self._rotated_norms[layer]
+
+    def gating_for(self, layer: int) -> "TokenGating | None":
+        g = self.gating
+        return g[layer] if isinstance(g, (list, tuple)) else g
 
     @property
     def num_layers(self) -> int:
@@ -171,7 +221,7 @@ class TDAHooks:
         hooks = self
 
         def forward(mlp, x):
-            if hooks.phase == "masked" and hooks.gating is not None:
+            if hooks.phase == "masked" and hooks.gating_for(layer) is not None:
                 return hooks._gated_forward(layer, mlp, x)
             z = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
             if hooks.phase == "score":
@@ -198,26 +248,39 @@ class TDAHooks:
         return forward
 
     def _gated_forward(self, layer: int, mlp, x: torch.Tensor) -> torch.Tensor:
-        g, static = self.gating, self.masks[layer][:, None, :]   # [B, 1, I]
-        gu_norm, down_norm = self.column_norms(layer)
+        g, static = self.gating_for(layer), self.masks[layer][:, None, :]   # [B, 1, I]
+        if g.rotated:
+            if self.rotations[layer] is None:
+                raise ValueError(f"TokenGating rotated needs TDAHooks.rotations for layer {layer}")
+            (qx, qz), (gu_norm, down_norm) = self.rotations[layer], self.rotated_column_norms(layer)
+        else:
+            gu_norm, down_norm = self.column_norms(layer)
         wina = g.score == "wina"
         hidden, inter = x.shape[-1], static.shape[-1]
         x_frac = torch.ones(x.shape[:2])
         if g.x_density < 1.0:
-            keep_x = keep_fraction(x.abs().float() * (gu_norm if wina else 1.0), None, g.x_density)
-            x = x * keep_x.to(x.dtype)
+            xr = x.float() @ qx if g.rotated else x
+            keep_x = keep_fraction(xr.abs().float() * (gu_norm if wina else 1.0), None, g.x_density, g.pooled)
+            x = ((xr * keep_x) @ qx.T).to(x.dtype) if g.rotated else x * keep_x.to(x.dtype)
             x_frac = keep_x.sum(-1) / hidden
         a = mlp.act_fn(mlp.gate_proj(x))
         kept = static.expand(a.shape)
+        gate_rows = kept.sum(-1) / inter
         if g.gate_density < 1.0:
-            kept = keep_fraction(a.abs(), kept, g.gate_density)
+            kept = keep_fraction(a.abs(), kept, g.gate_density, g.pooled)
         up_rows = kept.sum(-1) / inter
         z = a * mlp.up_proj(x) * kept.to(a.dtype)
-        if g.z_density < 1.0:
-            kept = keep_fraction(z.abs().float() * (down_norm if wina else 1.0), kept, g.z_density)
+        if g.neuron_density < 1.0:
+            # hindsight: the exact z is known before choosing, so skipped neurons skip gate and up rows too
+            kept = keep_fraction(z.abs().float() * down_norm, kept, g.neuron_density, g.pooled)
             z = z * kept.to(z.dtype)
-        static_rows = static.float().mean(-1).expand(x.shape[:2])
-        self._count_bytes(layer, static_rows * x_frac, up_rows * x_frac, kept.sum(-1) / inter)
+            gate_rows = up_rows = kept.sum(-1) / inter
+        if g.z_density < 1.0:
+            zr = z.float() @ qz if g.rotated else z
+            allowed = None if g.rotated else kept
+            kept = keep_fraction(zr.abs().float() * (down_norm if wina else 1.0), allowed, g.z_density, g.pooled)
+            z = ((zr * kept) @ qz.T).to(z.dtype) if g.rotated else z * kept.to(z.dtype)
+        self._count_bytes(layer, gate_rows * x_frac, up_rows * x_frac, kept.sum(-1) / inter)
         return mlp.down_proj(z)
 
     def _count_bytes(self, layer: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor):
