@@ -12,7 +12,9 @@ Stages (each appends its reports to --out as it goes, so a stopped run keeps wha
            token and pooled, and LaRoSA (the same after per-layer PCA rotations);
   alloc    greedy per-layer allocation (tuned on calibration windows) of the best realisable input mode,
            evaluated held out at several mean savings;
-  mask     the prompt's static mask (topk, clamped tda) with per-token gating inside it.
+  mask     the prompt's static mask (topk, clamped tda) with per-token gating inside it;
+  predictor  a deployable neuron choice: the oracle's ranking from rank-r truncated SVDs of W_gate and W_up
+           (their 2r(H+I) weights counted as streamed), against the oracle at finer savings.
 
     python bench/quality_modes.py --model smollm2-135m --out bench/quality-smollm2-135m-modes.json
 """
@@ -150,6 +152,12 @@ def main():
             # the same mean saving, uniform, for a paired comparison
             uniform = round(1.0 - r["mlp_bytes"]["skipped_fraction"], 3)
             run(f"{family} uniform {uniform}", "alloc", {**dense_mode, "gating": make(uniform)})
+
+    if "predictor" in stages:
+        run("oracle neuron 0.55", "predictor", {**dense_mode, "gating": TokenGating(neuron_density=0.55)})
+        for rank, d in ((16, 0.6), (32, 0.6), (64, 0.5), (32, 0.55), (16, 0.5)):
+            run(f"SVD-{rank} predictor, neuron {d}", "predictor",
+                {**dense_mode, "gating": TokenGating(neuron_density=d, predictor_rank=rank)})
 
     if "mask" in stages:
         topk = {"mode": "topk", "requested_density": 0.9, "densities": [0.9] * n}

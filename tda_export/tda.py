@@ -110,7 +110,10 @@ class TokenGating:
     pooled: each fraction is kept over all tokens of the batch and layer at once (one hindsight
       threshold per layer) instead of per token;
     rotated: x and z are sparsified after the layer's orthogonal rotations (`TDAHooks.rotations`,
-      LaRoSA); the rotated weights stream the same bytes per kept column.
+      LaRoSA); the rotated weights stream the same bytes per kept column;
+    predictor_rank r (with neuron_density): choose the neurons by a rank-r SVD estimate
+      |act(gate_r(x)) * up_r(x)|*||W_down[:,i]|| instead of the exact z (a training-free predictor one can
+      deploy); its 2r(H+I) weights are counted as streamed.
     """
     x_density: float = 1.0
     gate_density: float = 1.0
@@ -119,10 +122,13 @@ class TokenGating:
     neuron_density: float = 1.0
     pooled: bool = False
     rotated: bool = False
+    predictor_rank: int = 0
 
     def __post_init__(self):
         if self.score not in ("wina", "teal"):
             raise ValueError(f"TokenGating score {self.score!r} not in ['wina', 'teal']")
+        if self.predictor_rank < 0 or (self.predictor_rank and self.neuron_density >= 1.0):
+            raise ValueError("TokenGating predictor_rank must be >= 0 and needs neuron_density < 1")
         if self.rotated and (self.gate_density < 1.0 or self.neuron_density < 1.0):
             raise ValueError("TokenGating rotated applies to x and z only: gate_density and neuron_density "
                              "select neurons, which a rotation of z mixes")
@@ -171,11 +177,12 @@ class TDAHooks:
         self.masks: list[torch.Tensor | None] = [None] * len(self.mlps)
         self.gating: TokenGating | None = None
         # per layer: [tokens, sum of gate, up and down weight fractions streamed] over masked-phase tokens
-        self.bytes_seen = [[0.0, 0.0, 0.0, 0.0] for _ in self.mlps]
+        self.bytes_seen = [[0.0] * 5 for _ in self.mlps]
         self._norms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # per layer (Q_x [H, H], Q_z [I, I]) orthogonal, for TokenGating.rotated (see `set_rotations`)
         self.rotations: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.mlps)
         self._rotated_norms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._low_rank: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def column_norms(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(||[W_gate; W_up][:, j]|| over hidden j, ||W_down[:, i]|| over intermediate i) of a layer."""
@@ -198,6 +205,17 @@ class TDAHooks:
             gu = torch.cat([mlp.gate_proj.weight.float(), mlp.up_proj.weight.float()]) @ qx
             self._rotated_norms[layer] = (gu.norm(dim=0), (mlp.down_proj.weight.float() @ qz).norm(dim=0))
         return self._rotated_norms[layer]
+
+    def low_rank(self, layer: int, rank: int):
+        """Rank-`rank` factors (A [I, r], B [r, H]) of W_gate and W_up, A = U S, B = V^T (truncated SVD)."""
+        if layer not in self._low_rank:
+            mlp = self.mlps[layer]
+            out = []
+            for w in (mlp.gate_proj.weight, mlp.up_proj.weight):
+                u, sv, vh = torch.linalg.svd(w.float(), full_matrices=False)
+                out.append((u * sv, vh))
+            self._low_rank[layer] = out
+        return [(a[:, :rank], b[:rank]) for a, b in self._low_rank[layer]]
 
     def gating_for(self, layer: int) -> "TokenGating | None":
         g = self.gating
@@ -270,9 +288,17 @@ class TDAHooks:
             kept = keep_fraction(a.abs(), kept, g.gate_density, g.pooled)
         up_rows = kept.sum(-1) / inter
         z = a * mlp.up_proj(x) * kept.to(a.dtype)
+        extra = 0.0
         if g.neuron_density < 1.0:
-            # hindsight: the exact z is known before choosing, so skipped neurons skip gate and up rows too
-            kept = keep_fraction(z.abs().float() * down_norm, kept, g.neuron_density, g.pooled)
+            if g.predictor_rank:
+                (ag, bg), (au, bu) = self.low_rank(layer, g.predictor_rank)
+                xf = x.float()
+                estimate = mlp.act_fn((xf @ bg.T) @ ag.T) * ((xf @ bu.T) @ au.T)
+                extra = 2 * g.predictor_rank * (hidden + inter) / (hidden * inter)
+            else:
+                # hindsight: the exact z is known before choosing, so skipped neurons skip gate and up rows too
+                estimate = z
+            kept = keep_fraction(estimate.abs().float() * down_norm, kept, g.neuron_density, g.pooled)
             z = z * kept.to(z.dtype)
             gate_rows = up_rows = kept.sum(-1) / inter
         if g.z_density < 1.0:
@@ -280,11 +306,13 @@ class TDAHooks:
             allowed = None if g.rotated else kept
             kept = keep_fraction(zr.abs().float() * (down_norm if wina else 1.0), allowed, g.z_density, g.pooled)
             z = ((zr * kept) @ qz.T).to(z.dtype) if g.rotated else z * kept.to(z.dtype)
-        self._count_bytes(layer, gate_rows * x_frac, up_rows * x_frac, kept.sum(-1) / inter)
+        self._count_bytes(layer, gate_rows * x_frac, up_rows * x_frac, kept.sum(-1) / inter, extra)
         return mlp.down_proj(z)
 
-    def _count_bytes(self, layer: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor):
-        """Fractions of gate, up and down weights streamed by each [B, S] token of a masked pass."""
+    def _count_bytes(self, layer: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                     extra: float = 0.0):
+        """Fractions of gate, up and down weights streamed by each [B, S] token of a masked pass (`extra`:
+        other weights streamed per token, in units of one H x I matrix, e.g. a predictor's)."""
         if self.token_valid is not None:
             v = self.token_valid.float()
             gate, up, down = gate * v, up * v, down * v
@@ -296,13 +324,14 @@ class TDAHooks:
         acc[1] += float(gate.sum())
         acc[2] += float(up.sum())
         acc[3] += float(down.sum())
+        acc[4] += extra * n
 
     def reset_bytes(self):
-        self.bytes_seen = [[0.0, 0.0, 0.0, 0.0] for _ in self.mlps]
+        self.bytes_seen = [[0.0] * 5 for _ in self.mlps]
 
     def byte_fractions(self) -> list[float]:
         """Per layer, the fraction of its MLP weight bytes streamed per masked-phase token so far."""
-        return [(g + u + d) / (3 * n) if n else 1.0 for n, g, u, d in self.bytes_seen]
+        return [(g + u + d + e) / (3 * n) if n else 1.0 for n, g, u, d, e in self.bytes_seen]
 
     def reset_scores(self):
         self.scores = [None] * len(self.mlps)

@@ -167,3 +167,35 @@ def test_per_layer_gating_and_greedy_allocation(llama):
     final = [TokenGating(x_density=d, z_density=d) if d < 1.0 else None for d in path[-1]["levels"]]
     measured = ev.continuation(batches, 16, "dense", gating=final)
     assert abs((1 - sum(measured.byte_fractions) / n) - path[-1]["predicted_saving"]) < 1e-6
+
+
+def test_svd_predictor_chooses_from_a_low_rank_estimate_and_pays_for_it(llama):
+    layer = 2
+    mlp = arch.mlp_modules(llama.model)[layer]
+    wg, wu, wd = weights(mlp)
+    hidden, inter = llama.config.hidden_size, llama.config.intermediate_size
+    torch.manual_seed(5)
+    x = torch.randn(1, 4, hidden)
+    static = torch.ones(1, inter, dtype=torch.bool)
+    # full rank: the estimate is the exact z, so the choice is the oracle's; only the bytes differ
+    oracle, f_oracle = gated(llama, layer, x, static, TokenGating(neuron_density=0.5))
+    full, f_full = gated(llama, layer, x, static, TokenGating(neuron_density=0.5, predictor_rank=hidden))
+    assert torch.allclose(oracle, full, rtol=1e-4, atol=1e-5)
+    assert abs(f_full - f_oracle - 2 * hidden * (hidden + inter) / (3 * hidden * inter)) < 1e-6
+    # rank 4: neurons chosen by |act(g_4) * u_4| * ||W_down[:, i]|| from truncated SVDs of W_gate and W_up
+    got, streamed = gated(llama, layer, x, static, TokenGating(neuron_density=0.5, predictor_rank=4))
+    approx = []
+    for w in (wg, wu):
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        approx.append((u[:, :4] * s[:4]) @ vh[:4])
+    ref = torch.zeros(got.shape, dtype=torch.float64)
+    k = ceil(0.5 * inter - 1e-9)
+    for t in range(4):
+        xt = x[0, t].double()
+        est = mlp.act_fn(approx[0] @ xt) * (approx[1] @ xt)
+        keep = (est.abs() * wd.norm(dim=0)).topk(k).indices
+        ref[0, t] = wd[:, keep] @ (mlp.act_fn(wg[keep] @ xt) * (wu[keep] @ xt))
+    assert (got.double() - ref).norm() / ref.norm() < 1e-5
+    assert abs(streamed - (k / inter + 2 * 4 * (hidden + inter) / (3 * hidden * inter))) < 1e-6
+    with pytest.raises(ValueError, match="predictor_rank"):
+        TokenGating(predictor_rank=4)
