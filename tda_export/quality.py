@@ -275,25 +275,10 @@ def allocate_budget(ev: Evaluator, batches: list[Prefilled], prompt_len: int, th
             cost[layer].append(ppl_for(idx) / base - 1.0)
             if cost[layer][-1] > 4 * max_increase:  # deeper levels only cost more; stop measuring
                 break
-    current, steps, predicted = [0] * n_layers, [], 0.0
-    while True:
-        best = None
-        for layer in range(n_layers):
-            li = current[layer]
-            if li + 1 >= len(cost[layer]):
-                continue
-            step_cost = max(cost[layer][li + 1] - cost[layer][li], 1e-6)
-            if predicted + step_cost > max_increase:
-                continue
-            gain = (levels[li] - levels[li + 1]) / step_cost
-            if best is None or gain > best[0]:
-                best = (gain, layer, step_cost)
-        if best is None:
-            break
-        _, layer, step_cost = best
-        current[layer] += 1
-        predicted += step_cost
-        steps.append(layer)
+    greedy = greedy_layer_steps(cost, [[1.0 - levels[i] for i in range(len(c))] for c in cost], max_increase)
+    steps = [layer for layer, _ in greedy]
+    predicted = greedy[-1][1] if greedy else 0.0
+    current = [steps.count(layer) for layer in range(n_layers)]
     measured = ppl_for(current) / base - 1.0
     while measured > max_increase and steps:
         current[steps.pop()] -= 1
@@ -304,6 +289,30 @@ def allocate_budget(ev: Evaluator, batches: list[Prefilled], prompt_len: int, th
             "predicted_increase": predicted, "measured_increase": measured, "dense_ppl": base,
             "mean_density": sum(densities) / n_layers, "sensitivity": cost, "steps": steps,
             "levels": list(levels)}
+
+
+def greedy_layer_steps(cost, saved, max_cost: float = math.inf) -> list[tuple[int, float]]:
+    """Greedy path through per-layer levels: each step deepens the layer whose next level saves the most
+    per unit of cost, costs assumed additive (cost[layer][i], saved[layer][i]: of level i alone; level 0
+    is off, 0 and 0) and their sum kept within `max_cost`. Returns [(layer, predicted cost after the step)]."""
+    current, predicted, steps = [0] * len(cost), 0.0, []
+    while True:
+        best = None
+        for layer, li in enumerate(current):
+            if li + 1 >= len(cost[layer]):
+                continue
+            step_cost = max(cost[layer][li + 1] - cost[layer][li], 1e-6)
+            if predicted + step_cost > max_cost:
+                continue
+            gain = (saved[layer][li + 1] - saved[layer][li]) / step_cost
+            if best is None or gain > best[0]:
+                best = (gain, layer, step_cost)
+        if best is None:
+            return steps
+        _, layer, step_cost = best
+        current[layer] += 1
+        predicted += step_cost
+        steps.append((layer, predicted))
 
 
 def hold_budget(ev: Evaluator, batches: list[Prefilled], prompt_len: int, thresholds: dict[str, list[float]],
@@ -453,22 +462,9 @@ def allocate_gating(ev: Evaluator, batches: list[Prefilled], prompt_len: int, ma
             saved[layer].append(1.0 - run.byte_fractions[layer])
             if cost[layer][-1] > stop_cost:  # deeper levels only cost more; stop measuring
                 break
-    current, predicted, path = [0] * n_layers, 0.0, []
-    while True:
-        best = None
-        for layer in range(n_layers):
-            li = current[layer]
-            if li + 1 >= len(cost[layer]):
-                continue
-            step_cost = max(cost[layer][li + 1] - cost[layer][li], 1e-6)
-            gain = (saved[layer][li + 1] - saved[layer][li]) / step_cost
-            if best is None or gain > best[0]:
-                best = (gain, layer, step_cost)
-        if best is None:
-            break
-        _, layer, step_cost = best
+    current, path = [0] * n_layers, []
+    for layer, predicted in greedy_layer_steps(cost, saved):
         current[layer] += 1
-        predicted += step_cost
         path.append({"levels": [levels[i] for i in current], "level_index": list(current),
                      "predicted_saving": sum(saved[la][i] for la, i in enumerate(current)) / n_layers,
                      "predicted_log_ppl_increase": predicted})
