@@ -14,9 +14,11 @@ Stages (each appends its reports to --out as it goes, so a stopped run keeps wha
            evaluated held out at several mean savings;
   mask     the prompt's static mask (topk, clamped tda) with per-token gating inside it;
   predictor  a deployable neuron choice: the oracle's ranking from rank-r truncated SVDs of W_gate and W_up
-           (their 2r(H+I) weights counted as streamed), against the oracle at finer savings.
+           (their 2r(H+I) weights counted as streamed), against the oracle at finer savings;
+  quantized  the same ranking from 2/3/4-bit copies of W_gate and W_up (2b/16 of a matrix counted).
 
     python bench/quality_modes.py --model smollm2-135m --out bench/quality-smollm2-135m-modes.json
+    python bench/quality_modes.py --report bench/quality-smollm2-135m-modes*.json   # markdown tables
 """
 from __future__ import annotations
 
@@ -43,8 +45,30 @@ def log(*a):
     print(time.strftime("%H:%M:%S"), *a, flush=True)
 
 
+def report(paths):
+    """Markdown tables (one per domain and stage) of saved bytes against perplexity change."""
+    rows = {}
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        for r in data["reports"]:
+            rows.setdefault((r["text"]["source"], r["stage"]), []).append(r)
+    for (source, stage), rs in rows.items():
+        print(f"#### {stage}, {source}: dense perplexity {rs[0]['dense']['perplexity']:.2f}, "
+              f"{rs[0]['text']['sequences']} windows of {PROMPT}+{rs[0]['text']['continuation_tokens']} tokens\n")
+        print("| config | MLP bytes saved | perplexity change (95% CI) | teacher-forced top-1 agreement (95% CI) |")
+        print("|---|---|---|---|")
+        for r in sorted(rs, key=lambda r: r["mlp_bytes"]["skipped_fraction"]):
+            t, a = r["tda"], r["teacher_forced_top1"]
+            print(f"| {r['config']} | {r['mlp_bytes']['skipped_fraction']:.1%} | {t['perplexity_increase']:+.1%} "
+                  f"({t['increase_ci95'][0]:+.1%}, {t['increase_ci95'][1]:+.1%}) "
+                  f"| {a['mean']:.1%} ({a['low']:.1%}, {a['high']:.1%}) |")
+        print()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--report", nargs="+", metavar="JSON", help="print markdown tables of earlier runs and exit")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--sequences", type=int, default=24, help="held-out evaluation windows")
     ap.add_argument("--continuation", type=int, default=32)
@@ -55,18 +79,30 @@ def main():
                     "LaRoSA-teal or LaRoSA-wina")
     ap.add_argument("--alloc-targets", default="0.3,0.35,0.4,0.45")
     ap.add_argument("--stages", default="oracle,input,alloc,mask")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--domain", default="in-domain", choices=("in-domain", "cross-domain"),
+                    help="held-out Shakespeare/Milton, or the Python docs' prose (bench/quality.py)")
+    ap.add_argument("--out")
     args = ap.parse_args()
+    if args.report:
+        return report(args.report)
+    if not args.out:
+        ap.error("--out is required (or --report)")
     torch.manual_seed(0)
     t0 = time.time()
     lm = load_model(args.model)
     n = lm.config.num_hidden_layers
     ev = Evaluator(lm, quiet=True)
-    ids = tokenize(lm.tokenizer, corpus("evaluation"))
+    if args.domain == "in-domain":
+        text, source = corpus("evaluation"), "in-domain (shakespeare eval split)"
+    else:
+        from quality import python_docs_text  # bench/quality.py, beside this script
+
+        text, source = python_docs_text(), "cross-domain (python docs prose)"
+    ids = tokenize(lm.tokenizer, text)
     windows = token_windows(ids, args.sequences, PROMPT + args.continuation)
     batches = ev.prefill(windows, PROMPT)
     dense = ev.continuation(batches, PROMPT, "dense")
-    text_meta = {"source": "in-domain (shakespeare eval split)", "sequences": args.sequences,
+    text_meta = {"source": source, "sequences": args.sequences,
                  "prompt_tokens": PROMPT, "continuation_tokens": args.continuation}
     log(f"dense perplexity {dense.perplexity:.3f} over {args.sequences} windows")
     cal_ids = tokenize(lm.tokenizer, corpus("calibration"))
@@ -158,6 +194,11 @@ def main():
         for rank, d in ((16, 0.6), (32, 0.6), (64, 0.5), (32, 0.55), (16, 0.5)):
             run(f"SVD-{rank} predictor, neuron {d}", "predictor",
                 {**dense_mode, "gating": TokenGating(neuron_density=d, predictor_rank=rank)})
+
+    if "quantized" in stages:
+        for bits, d, pooled in ((2, 0.5, False), (3, 0.5, False), (4, 0.45, False), (2, 0.5, True)):
+            run(f"{bits}-bit predictor, neuron {d}" + (" pooled" if pooled else ""), "predictor",
+                {**dense_mode, "gating": TokenGating(neuron_density=d, predictor_bits=bits, pooled=pooled)})
 
     if "mask" in stages:
         topk = {"mode": "topk", "requested_density": 0.9, "densities": [0.9] * n}

@@ -96,6 +96,19 @@ def keep_top(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return rank < k[..., None]
 
 
+# uniform quantizer step per bit width, in units of a weight row's standard deviation (close to the
+# mean-squared-error optimum for Gaussian weights with 2^b - 1 levels)
+QUANT_STEP = {2: 1.2, 3: 0.6, 4: 0.34}
+
+
+def quantize_rows(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-row uniform symmetric quantization to 2^bits - 1 levels (dequantized, float32)."""
+    w = w.float()
+    step = QUANT_STEP[bits] * w.std(dim=-1, keepdim=True).clamp_min(1e-12)
+    top = 2 ** (bits - 1) - 1
+    return (w / step).round().clamp(-top, top) * step
+
+
 @dataclass(frozen=True)
 class TokenGating:
     """Per-token gating inside the prompt's mask, for every decode token (fractions kept, 1.0 = off).
@@ -113,7 +126,9 @@ class TokenGating:
       LaRoSA); the rotated weights stream the same bytes per kept column;
     predictor_rank r (with neuron_density): choose the neurons by a rank-r SVD estimate
       |act(gate_r(x)) * up_r(x)|*||W_down[:,i]|| instead of the exact z (a training-free predictor one can
-      deploy); its 2r(H+I) weights are counted as streamed.
+      deploy); its 2r(H+I) weights are counted as streamed;
+    predictor_bits b (with neuron_density): the same estimate from b-bit copies of W_gate and W_up (per-row
+      uniform symmetric quantization, 2^b - 1 levels); counted as 2b/16 of one matrix per token (16-bit weights).
     """
     x_density: float = 1.0
     gate_density: float = 1.0
@@ -123,12 +138,17 @@ class TokenGating:
     pooled: bool = False
     rotated: bool = False
     predictor_rank: int = 0
+    predictor_bits: int = 0
 
     def __post_init__(self):
         if self.score not in ("wina", "teal"):
             raise ValueError(f"TokenGating score {self.score!r} not in ['wina', 'teal']")
         if self.predictor_rank < 0 or (self.predictor_rank and self.neuron_density >= 1.0):
             raise ValueError("TokenGating predictor_rank must be >= 0 and needs neuron_density < 1")
+        if self.predictor_bits not in QUANT_STEP and self.predictor_bits != 0 or (
+                self.predictor_bits and (self.neuron_density >= 1.0 or self.predictor_rank)):
+            raise ValueError(f"TokenGating predictor_bits must be 0 or one of {sorted(QUANT_STEP)}, needs "
+                             f"neuron_density < 1 and excludes predictor_rank")
         if self.rotated and (self.gate_density < 1.0 or self.neuron_density < 1.0):
             raise ValueError("TokenGating rotated applies to x and z only: gate_density and neuron_density "
                              "select neurons, which a rotation of z mixes")
@@ -183,6 +203,7 @@ class TDAHooks:
         self.rotations: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.mlps)
         self._rotated_norms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._low_rank: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._quantized: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def column_norms(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(||[W_gate; W_up][:, j]|| over hidden j, ||W_down[:, i]|| over intermediate i) of a layer."""
@@ -216,6 +237,13 @@ class TDAHooks:
                 out.append((u * sv, vh))
             self._low_rank[layer] = out
         return [(a[:, :rank], b[:rank]) for a, b in self._low_rank[layer]]
+
+    def quantized(self, layer: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (layer, bits)
+        if key not in self._quantized:
+            mlp = self.mlps[layer]
+            self._quantized[key] = (quantize_rows(mlp.gate_proj.weight, bits), quantize_rows(mlp.up_proj.weight, bits))
+        return self._quantized[key]
 
     def gating_for(self, layer: int) -> "TokenGating | None":
         g = self.gating
@@ -295,6 +323,11 @@ class TDAHooks:
                 xf = x.float()
                 estimate = mlp.act_fn((xf @ bg.T) @ ag.T) * ((xf @ bu.T) @ au.T)
                 extra = 2 * g.predictor_rank * (hidden + inter) / (hidden * inter)
+            elif g.predictor_bits:
+                qg, qu = self.quantized(layer, g.predictor_bits)
+                xf = x.float()
+                estimate = mlp.act_fn(xf @ qg.T) * (xf @ qu.T)
+                extra = 2 * g.predictor_bits / 16
             else:
                 # hindsight: the exact z is known before choosing, so skipped neurons skip gate and up rows too
                 estimate = z

@@ -199,3 +199,30 @@ def test_svd_predictor_chooses_from_a_low_rank_estimate_and_pays_for_it(llama):
     assert abs(streamed - (k / inter + 2 * 4 * (hidden + inter) / (3 * hidden * inter))) < 1e-6
     with pytest.raises(ValueError, match="predictor_rank"):
         TokenGating(predictor_rank=4)
+
+
+def test_quantized_predictor_ranks_by_low_bit_weights_and_pays_for_them(llama):
+    from tda_export.tda import quantize_rows
+
+    layer = 1
+    mlp = arch.mlp_modules(llama.model)[layer]
+    wg, wu, wd = weights(mlp)
+    hidden, inter = llama.config.hidden_size, llama.config.intermediate_size
+    q = quantize_rows(mlp.gate_proj.weight, 2)
+    assert all(len(torch.unique(row)) <= 3 for row in q)  # 2 bits: 3 levels per row
+    assert (quantize_rows(mlp.gate_proj.weight, 4) - mlp.gate_proj.weight).norm() < (q - mlp.gate_proj.weight).norm()
+    torch.manual_seed(6)
+    x = torch.randn(1, 3, hidden)
+    static = torch.ones(1, inter, dtype=torch.bool)
+    got, streamed = gated(llama, layer, x, static, TokenGating(neuron_density=0.4, predictor_bits=3))
+    qg, qu = quantize_rows(mlp.gate_proj.weight, 3).double(), quantize_rows(mlp.up_proj.weight, 3).double()
+    k = ceil(0.4 * inter - 1e-9)
+    ref = torch.zeros(got.shape, dtype=torch.float64)
+    for t in range(3):
+        xt = x[0, t].double()
+        keep = ((mlp.act_fn(qg @ xt) * (qu @ xt)).abs() * wd.norm(dim=0)).topk(k).indices
+        ref[0, t] = wd[:, keep] @ (mlp.act_fn(wg[keep] @ xt) * (wu[keep] @ xt))
+    assert (got.double() - ref).norm() / ref.norm() < 1e-5
+    assert abs(streamed - (k / inter + 2 * 3 / 16 / 3)) < 1e-6
+    with pytest.raises(ValueError, match="predictor_bits"):
+        TokenGating(neuron_density=0.5, predictor_bits=5)
