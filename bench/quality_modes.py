@@ -76,7 +76,7 @@ def main():
     ap.add_argument("--tune-sequences", type=int, default=6, help="calibration windows for the allocation")
     ap.add_argument("--alloc-levels", default="1.0,0.7,0.5")
     ap.add_argument("--alloc-family", default="auto", help="auto (best input mode near 40%% saved), wina, "
-                    "LaRoSA-teal or LaRoSA-wina")
+                    "LaRoSA-teal, LaRoSA-wina or oracle (the hindsight neuron oracle)")
     ap.add_argument("--alloc-targets", default="0.3,0.35,0.4,0.45")
     ap.add_argument("--stages", default="oracle,input,alloc,mask")
     ap.add_argument("--domain", default="in-domain", choices=("in-domain", "cross-domain"),
@@ -138,7 +138,7 @@ def main():
                 {**dense_mode, "gating": TokenGating(neuron_density=d, pooled=True)})
 
     rotations = None
-    if "input" in stages or "alloc" in stages:
+    if "input" in stages or ("alloc" in stages and args.alloc_family in ("auto", "LaRoSA-teal", "LaRoSA-wina")):
         rotations = activation_rotations(lm, token_windows(cal_ids[:half], args.rotation_sequences, 256))
         ev.hooks.set_rotations(rotations)
         log("rotations ready")
@@ -164,6 +164,8 @@ def main():
             family = f"LaRoSA-{best['gating']['score']}" if best["gating"]["rotated"] else "wina"
 
         def make(d):
+            if family == "oracle":
+                return TokenGating(neuron_density=d)
             if family == "wina":
                 return TokenGating(x_density=d, z_density=d)
             return TokenGating(x_density=d, z_density=d, rotated=True, score=family.split("-")[1])
