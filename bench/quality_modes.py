@@ -202,6 +202,18 @@ def main():
             run(f"{bits}-bit predictor, neuron {d}" + (" pooled" if pooled else ""), "predictor",
                 {**dense_mode, "gating": TokenGating(neuron_density=d, predictor_bits=bits, pooled=pooled)})
 
+    if "quantized2" in stages:  # around the best low-bit point
+        for bits, d, pooled, x in ((4, 0.45, True, 1.0), (4, 0.4, False, 1.0), (3, 0.45, False, 1.0),
+                                   (4, 0.5, False, 0.8), (4, 0.55, False, 1.0)):
+            name = f"{bits}-bit predictor, neuron {d}" + (" pooled" if pooled else "") + (f", x {x}" if x < 1 else "")
+            run(name, "predictor", {**dense_mode, "gating": TokenGating(neuron_density=d, predictor_bits=bits,
+                                                                        pooled=pooled, x_density=x)})
+
+    if "quantized3" in stages:  # one hindsight threshold per layer on the low-bit ranking
+        for bits, d in ((4, 0.4), (3, 0.45), (4, 0.5)):
+            run(f"{bits}-bit predictor, neuron {d} pooled", "predictor",
+                {**dense_mode, "gating": TokenGating(neuron_density=d, predictor_bits=bits, pooled=True)})
+
     if "mask" in stages:
         topk = {"mode": "topk", "requested_density": 0.9, "densities": [0.9] * n}
         run("topk 0.9 + oracle neuron 0.7", "mask", {**topk, "gating": TokenGating(neuron_density=0.7)})
