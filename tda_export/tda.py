@@ -23,8 +23,10 @@ columns counted as streamed, the others as skipped); `pooled` replaces per-token
 top-k by one hindsight threshold per layer over every token of the batch (the
 best a calibrated per-layer threshold could do); `rotated` sparsifies x and z in
 a per-layer orthogonal basis (LaRoSA: eigenvectors of the calibration inputs'
-second moment, folded into the weights offline). `TDAHooks.gating` may be one
-TokenGating for all layers or one per layer (per-layer allocation).
+second moment, folded into the weights offline); `predictor_rank`/`predictor_bits`
+make the oracle's ranking deployable from truncated-SVD or low-bit copies of gate
+and up (their bytes counted). `TDAHooks.gating` may be one TokenGating for all
+layers or one per layer (per-layer allocation).
 """
 from __future__ import annotations
 
@@ -195,8 +197,9 @@ class TDAHooks:
         self.prefix_lengths: tuple[int, ...] = ()
         self.prefix_scores: list[dict[int, torch.Tensor]] = [{} for _ in self.mlps]
         self.masks: list[torch.Tensor | None] = [None] * len(self.mlps)
-        self.gating: TokenGating | None = None
-        # per layer: [tokens, sum of gate, up and down weight fractions streamed] over masked-phase tokens
+        self.gating: TokenGating | list[TokenGating | None] | None = None  # one for all layers, or per layer
+        # per layer: [tokens, sums of gate, up and down weight fractions streamed, and of other weights
+        # streamed (a predictor's, in units of one H x I matrix)] over masked-phase tokens
         self.bytes_seen = [[0.0] * 5 for _ in self.mlps]
         self._norms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # per layer (Q_x [H, H], Q_z [I, I]) orthogonal, for TokenGating.rotated (see `set_rotations`)
