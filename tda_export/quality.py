@@ -275,25 +275,10 @@ def allocate_budget(ev: Evaluator, batches: list[Prefilled], prompt_len: int, th
             cost[layer].append(ppl_for(idx) / base - 1.0)
             if cost[layer][-1] > 4 * max_increase:  # deeper levels only cost more; stop measuring
                 break
-    current, steps, predicted = [0] * n_layers, [], 0.0
-    while True:
-        best = None
-        for layer in range(n_layers):
-            li = current[layer]
-            if li + 1 >= len(cost[layer]):
-                continue
-            step_cost = max(cost[layer][li + 1] - cost[layer][li], 1e-6)
-            if predicted + step_cost > max_increase:
-                continue
-            gain = (levels[li] - levels[li + 1]) / step_cost
-            if best is None or gain > best[0]:
-                best = (gain, layer, step_cost)
-        if best is None:
-            break
-        _, layer, step_cost = best
-        current[layer] += 1
-        predicted += step_cost
-        steps.append(layer)
+    greedy = greedy_layer_steps(cost, [[1.0 - levels[i] for i in range(len(c))] for c in cost], max_increase)
+    steps = [layer for layer, _ in greedy]
+    predicted = greedy[-1][1] if greedy else 0.0
+    current = [steps.count(layer) for layer in range(n_layers)]
     measured = ppl_for(current) / base - 1.0
     while measured > max_increase and steps:
         current[steps.pop()] -= 1
@@ -304,6 +289,30 @@ def allocate_budget(ev: Evaluator, batches: list[Prefilled], prompt_len: int, th
             "predicted_increase": predicted, "measured_increase": measured, "dense_ppl": base,
             "mean_density": sum(densities) / n_layers, "sensitivity": cost, "steps": steps,
             "levels": list(levels)}
+
+
+def greedy_layer_steps(cost, saved, max_cost: float = math.inf) -> list[tuple[int, float]]:
+    """Greedy path through per-layer levels: each step deepens the layer whose next level saves the most
+    per unit of cost, costs assumed additive (cost[layer][i], saved[layer][i]: of level i alone; level 0
+    is off, 0 and 0) and their sum kept within `max_cost`. Returns [(layer, predicted cost after the step)]."""
+    current, predicted, steps = [0] * len(cost), 0.0, []
+    while True:
+        best = None
+        for layer, li in enumerate(current):
+            if li + 1 >= len(cost[layer]):
+                continue
+            step_cost = max(cost[layer][li + 1] - cost[layer][li], 1e-6)
+            if predicted + step_cost > max_cost:
+                continue
+            gain = (saved[layer][li + 1] - saved[layer][li]) / step_cost
+            if best is None or gain > best[0]:
+                best = (gain, layer, step_cost)
+        if best is None:
+            return steps
+        _, layer, step_cost = best
+        current[layer] += 1
+        predicted += step_cost
+        steps.append((layer, predicted))
 
 
 def hold_budget(ev: Evaluator, batches: list[Prefilled], prompt_len: int, thresholds: dict[str, list[float]],
@@ -392,6 +401,77 @@ def build_calibration(lm: LoadedModel, text: str, text_desc: str, densities, seq
                        by_prompt_length={str(n): t for n, t in by_length.items()})
 
 
+@torch.no_grad()
+def activation_rotations(lm: LoadedModel, windows: torch.Tensor, batch_size: int = 8):
+    """Per layer (Q_x, Q_z): eigenvectors, by decreasing eigenvalue, of the second moment of the MLP's input x
+    and of down's input z over calibration windows (LaRoSA's PCA rotation; dense forward passes)."""
+    from . import arch
+
+    mlps = arch.mlp_modules(lm.model)
+    moments = [[None, None] for _ in mlps]
+
+    def accumulate(layer, slot):
+        def hook(_module, args):
+            v = args[0].detach().double().reshape(-1, args[0].shape[-1])
+            m = v.T @ v
+            moments[layer][slot] = m if moments[layer][slot] is None else moments[layer][slot] + m
+        return hook
+
+    handles = [h for layer, mlp in enumerate(mlps)
+               for h in (mlp.register_forward_pre_hook(accumulate(layer, 0)),
+                         mlp.down_proj.register_forward_pre_hook(accumulate(layer, 1)))]
+    try:
+        for b in windows.split(batch_size):
+            forward(lm.model, b, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+
+    def basis(m):
+        _, vecs = torch.linalg.eigh(m)
+        return vecs.flip(-1).float().contiguous()
+
+    return [(basis(mx), basis(mz)) for mx, mz in moments]
+
+
+def allocate_gating(ev: Evaluator, batches: list[Prefilled], prompt_len: int, make_gating, levels,
+                    stop_cost: float = 0.25) -> dict:
+    """TEAL-style greedy per-layer allocation of one gating knob, as a path from dense to the deepest level.
+
+    `make_gating(level)` gives a layer's TokenGating at `levels[i]` (levels[0] = off). The cost of each
+    (layer, level) alone (increase of the mean NLL per token over dense, i.e. log perplexity ratio) and the
+    MLP bytes it saves are measured on these (tuning) windows; steps are then taken greedily by bytes saved
+    per unit of cost, assuming additivity. Returns the sensitivity table and the path: after each step the
+    per-layer level indices with the predicted saving and cost. Evaluate the path's points on other text.
+    """
+    n_layers = ev.hooks.num_layers
+    dense = ev.continuation(batches, prompt_len, "dense")
+    tokens = dense.nll.size * dense.tokens
+
+    def gating_of(idx):
+        return [make_gating(levels[i]) if i else None for i in idx]
+
+    cost = [[0.0] for _ in range(n_layers)]
+    saved = [[0.0] for _ in range(n_layers)]
+    for layer in _progress(range(n_layers), "sensitivity", ev.quiet):
+        for li in range(1, len(levels)):
+            idx = [0] * n_layers
+            idx[layer] = li
+            run = ev.continuation(batches, prompt_len, "dense", gating=gating_of(idx))
+            cost[layer].append(float(run.nll.sum() - dense.nll.sum()) / tokens)
+            saved[layer].append(1.0 - run.byte_fractions[layer])
+            if cost[layer][-1] > stop_cost:  # deeper levels only cost more; stop measuring
+                break
+    current, path = [0] * n_layers, []
+    for layer, predicted in greedy_layer_steps(cost, saved):
+        current[layer] += 1
+        path.append({"levels": [levels[i] for i in current], "level_index": list(current),
+                     "predicted_saving": sum(saved[la][i] for la, i in enumerate(current)) / n_layers,
+                     "predicted_log_ppl_increase": predicted})
+    return {"levels": list(levels), "sensitivity_cost": cost, "sensitivity_saved": saved, "path": path,
+            "tuning": {"windows": len(dense.nll), "tokens_per_window": dense.tokens}}
+
+
 def bytes_per_param(lm: LoadedModel) -> int:
     """Deployment dtype size: the recipe's dtype, else the loaded weights' dtype."""
     dtype = lm.source.recipe.dtype if lm.source.recipe else str(lm.model.dtype).removeprefix("torch.")
@@ -424,40 +504,47 @@ def evaluate_configs(lm: LoadedModel, text: str, text_desc: str, configs: list[d
     dense = ev.continuation(batches, prompt_len, "dense")
     prompts = windows[sequences:, :prompt_len]
     gen_dense = ev.greedy(prompts, generate_tokens, "dense") if generate_prompts else None
+    text_meta = {"source": text_desc, "sequences": sequences, "prompt_tokens": prompt_len,
+                 "continuation_tokens": continuation}
+    return [config_report(ev, batches, prompt_len, dense, cfg, text_meta, prompts, gen_dense, generate_tokens)
+            for cfg in _progress(configs, "configs", quiet or len(configs) == 1)]
+
+
+def config_report(ev: Evaluator, batches: list[Prefilled], prompt_len: int, dense: Continuation, cfg: dict,
+                  text_meta: dict, prompts=None, gen_dense=None, generate_tokens: int = 0) -> dict:
+    """One mask configuration against the dense baseline `dense` of the same prefilled windows."""
+    lm = ev.lm
     c = lm.config
     per_layer_bytes = mlp_bytes_per_token(c, bytes_per_param(lm))
     dense_bytes = per_layer_bytes * c.num_hidden_layers
-    reports = []
-    for cfg in _progress(configs, "configs", quiet or len(configs) == 1):
-        mode, thresholds, densities = cfg["mode"], cfg.get("thresholds"), cfg.get("densities")
-        clamp, gating = cfg.get("clamp"), cfg.get("gating")
-        run = ev.continuation(batches, prompt_len, mode, thresholds, densities, clamp, gating)
-        increase = bootstrap_increase(dense, run)
-        realised = run.density.mean(0).tolist()
-        per_seq = run.density.mean(1)
-        skipped = sum((1.0 - f) * per_layer_bytes for f in run.byte_fractions)
-        report = {
-            "model": lm.name, "mode": mode, "requested_density": cfg.get("requested_density"),
-            "score_norm": score_norm, "clamp": clamp,
-            "gating": None if gating is None else dataclasses.asdict(gating),
-            "text": {"source": text_desc, "sequences": sequences, "prompt_tokens": prompt_len,
-                     "continuation_tokens": continuation},
-            "dense": {"perplexity": dense.perplexity},
-            "tda": {"perplexity": run.perplexity, "perplexity_increase": increase[0],
-                    "increase_ci95": list(increase[1:])},
-            "teacher_forced_top1": dict(zip(("mean", "low", "high"), bootstrap_mean(run.top1))),
-            "realised_density": {"mean": sum(realised) / len(realised), "per_layer": realised,
-                                 "per_sequence_min": float(per_seq.min()), "per_sequence_max": float(per_seq.max()),
-                                 "per_layer_min": min(realised), "per_layer_max": max(realised)},
-            "mlp_bytes": {"dense_per_token": dense_bytes, "skipped_per_token": skipped,
-                          "skipped_fraction": skipped / dense_bytes, "bytes_per_param": bytes_per_param(lm)},
-        }
-        if generate_prompts:
-            gen = ev.greedy(prompts, generate_tokens, mode, thresholds, densities, clamp, gating)
-            report["greedy"] = {"prompts": generate_prompts, "new_tokens": generate_tokens,
-                                **agreement(gen_dense, gen)}
-        reports.append(report)
-    return reports
+    mode, thresholds, densities = cfg["mode"], cfg.get("thresholds"), cfg.get("densities")
+    clamp, gating = cfg.get("clamp"), cfg.get("gating")
+    run = ev.continuation(batches, prompt_len, mode, thresholds, densities, clamp, gating)
+    increase = bootstrap_increase(dense, run)
+    realised = run.density.mean(0).tolist()
+    per_seq = run.density.mean(1)
+    skipped = sum((1.0 - f) * per_layer_bytes for f in run.byte_fractions)
+    report = {
+        "model": lm.name, "mode": mode, "requested_density": cfg.get("requested_density"),
+        "score_norm": ev.hooks.score_norm, "clamp": clamp,
+        "gating": None if gating is None else ([None if g is None else dataclasses.asdict(g) for g in gating]
+                                               if isinstance(gating, (list, tuple)) else dataclasses.asdict(gating)),
+        "text": text_meta,
+        "dense": {"perplexity": dense.perplexity},
+        "tda": {"perplexity": run.perplexity, "perplexity_increase": increase[0],
+                "increase_ci95": list(increase[1:])},
+        "teacher_forced_top1": dict(zip(("mean", "low", "high"), bootstrap_mean(run.top1))),
+        "realised_density": {"mean": sum(realised) / len(realised), "per_layer": realised,
+                             "per_sequence_min": float(per_seq.min()), "per_sequence_max": float(per_seq.max()),
+                             "per_layer_min": min(realised), "per_layer_max": max(realised)},
+        "mlp_bytes": {"dense_per_token": dense_bytes, "skipped_per_token": skipped,
+                      "skipped_fraction": skipped / dense_bytes, "bytes_per_param": bytes_per_param(lm),
+                      "per_layer_streamed_fraction": list(run.byte_fractions)},
+    }
+    if gen_dense is not None:
+        gen = ev.greedy(prompts, generate_tokens, mode, thresholds, densities, clamp, gating)
+        report["greedy"] = {"prompts": len(prompts), "new_tokens": generate_tokens, **agreement(gen_dense, gen)}
+    return report
 
 
 def evaluate(lm: LoadedModel, text: str, text_desc: str, mode: str, thresholds=None, densities=None,
