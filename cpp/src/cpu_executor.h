@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "engine_dir.h"
+#include "parallel.h"
 
 namespace tda {
 
@@ -84,9 +85,9 @@ class CpuExecutor {
 
   DecoderSpec spec_;
   Weights w_;
-  int threads_;
   int act_;
   double dense_above_;
+  par::Pool pool_;
 };
 
 }  // namespace tda

@@ -377,12 +377,14 @@ int bench(const Options& o, Engine& eng) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  // OpenBLAS's workers spin 2^28 cycles before sleeping, which on a busy machine starves the other
-  // threads of every small GEMV (bench/RESULTS.md, native section: 2-5x slower decode). It reads the
-  // variable when the library loads, before main, so set it and re-execute once.
-  if (!std::getenv("OPENBLAS_THREAD_TIMEOUT")) {
-    setenv("OPENBLAS_THREAD_TIMEOUT", "4", 1);
-    execv("/proc/self/exe", argv);  // on failure, carry on with the default
+  // One pool, OpenMP's, with OpenBLAS single-threaded inside it and a bounded spin (runtime.h says
+  // why). Both libraries read their settings when they load, before main, so set them and
+  // re-execute once; a user's own GOMP_SPINCOUNT / OMP_WAIT_POLICY / OPENBLAS_NUM_THREADS stand.
+  const bool set_spin = !std::getenv("GOMP_SPINCOUNT") && !std::getenv("OMP_WAIT_POLICY");
+  if (set_spin || !std::getenv("OPENBLAS_NUM_THREADS")) {
+    if (set_spin) setenv("GOMP_SPINCOUNT", TDA_RT_GOMP_SPINCOUNT, 1);
+    setenv("OPENBLAS_NUM_THREADS", "1", 0);
+    execv("/proc/self/exe", argv);  // on failure, carry on with the defaults
   }
   Options o = parse(argc, argv);
   Engine eng;

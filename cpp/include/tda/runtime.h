@@ -23,6 +23,14 @@ extern "C" {
 
 #define TDA_RT_API_VERSION 1
 
+/* Threads: one OpenMP pool (libgomp) runs everything, OpenBLAS single-threaded inside it. Both read
+ * their settings from the environment once, when they load, so set these before loading the library
+ * (unless already set; tda-run and the Python binding do): OPENBLAS_NUM_THREADS=1, and
+ * GOMP_SPINCOUNT=TDA_RT_GOMP_SPINCOUNT, a spin of ~100 us before an idle worker sleeps (it bridges
+ * the gaps between a decode step's ~150 parallel regions without burning a core between requests).
+ * GOMP_SPINCOUNT=0 (or OMP_WAIT_POLICY=PASSIVE) sleeps at once, OMP_WAIT_POLICY=ACTIVE spins. */
+#define TDA_RT_GOMP_SPINCOUNT "6000"
+
 typedef enum {
   TDA_RT_OK = 0,
   TDA_RT_ERR_ARGUMENT = 1,   /* NULL pointer, size or value out of range; the message names it */
