@@ -69,6 +69,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS * 2)
+    ap.add_argument("--dense-above", type=float, default=None,
+                    help="also run the TDA densities with TDA_NATIVE_DENSE_ABOVE=X (sparse kernel up to share X)")
     ap.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime dense")
     ap.add_argument("--llama-bench", default=None, help="path of llama.cpp's llama-bench (optional)")
     ap.add_argument("--gguf", default="", help="NAME=file.gguf,... for --llama-bench")
@@ -92,6 +94,14 @@ def main():
     for d in densities:
         th = nat.thresholds(d, args.prompt_tokens)
         cands.append((f"native d={d:.2f}", lambda th=th: decode_rate(nat.backend, prompt, th, args.steps)))
+    if args.dense_above is not None:  # the same densities with another dense/sparse switch point
+        os.environ["TDA_NATIVE_DENSE_ABOVE"] = str(args.dense_above)
+        alt = Engine.load(args.engine, backend="native", threads=args.threads)
+        del os.environ["TDA_NATIVE_DENSE_ABOVE"]
+        for d in densities[1:]:
+            th = alt.thresholds(d, args.prompt_tokens)
+            cands.append((f"native d={d:.2f} sparse<={args.dense_above:g}",
+                          lambda th=th: decode_rate(alt.backend, prompt, th, args.steps)))
     llama = []
     if args.llama_bench and os.path.exists(args.llama_bench):
         for item in filter(None, args.gguf.split(",")):
