@@ -132,7 +132,7 @@ def main():
     print(f"engine {args.engine}  batch {args.batch}  threads {threads}  prompt {args.prompt_tokens}  steps "
           f"{args.steps}  repeats {args.repeats} (interleaved)  copy bandwidth {bandwidth / 1e9:.1f} GB/s (max of "
           f"{len(bw)}; min {min(bw) / 1e9:.1f})  dense weight bytes/step {weight_bytes / 1e6:.1f} MB  "
-          f"load {os.getloadavg()[0]:.2f}")
+          f"load {os.getloadavg()[0]:.2f}  GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}")
     print(f"| candidate | MLP rows read | tok/s min | tok/s median | tok/s max | vs native dense | vs ORT dense "
           f"| % floor (median) |\n|---|---|---|---|---|---|---|---|")
     for name in rates:

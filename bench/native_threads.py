@@ -3,11 +3,12 @@
 libgomp reads its spin count once, when it loads, so every policy is its own `tda-run --bench`
 process; the policies are interleaved, round after round:
   passive  GOMP_SPINCOUNT=0            an idle worker sleeps at once (futex wake-up per region)
-  bounded  (tda-run's default)         GOMP_SPINCOUNT=TDA_RT_GOMP_SPINCOUNT, ~100 us, then sleep
+  bounded  GOMP_SPINCOUNT=TDA_RT_GOMP_SPINCOUNT (tda-run's default below 2x load per core): ~100 us
   spin     OMP_WAIT_POLICY=ACTIVE      spins ~minutes before sleeping
 `--busy 0,1` also runs with N competing busy-loop processes (a shared box) and reports the cores each
-side got (CPU time / wall time): a pool that spins takes them from the others. `--also NAME=PATH` adds another tda-run binary (e.g.
-an older build) under its own defaults.
+side got (CPU time / wall time, tda-run's whole process: load, prefill and decode): a pool that spins
+takes them from the others. `--also NAME=PATH` adds another tda-run binary (e.g. an older build) under
+its own defaults.
 
   python bench/native_threads.py -e smollm2-engine [--rounds 3] [--busy 0,1] [--densities 0.5]
 """
@@ -15,14 +16,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from tda_export.native import build_native
 
-POLICIES = {"passive": {"GOMP_SPINCOUNT": "0"}, "bounded": {}, "spin": {"OMP_WAIT_POLICY": "ACTIVE"}}
+RUNTIME_H = Path(__file__).resolve().parents[1] / "cpp" / "include" / "tda" / "runtime.h"
+BOUNDED = re.search(r'#define TDA_RT_GOMP_SPINCOUNT "(\d+)"', RUNTIME_H.read_text()).group(1)
+# explicit, so tda-run's busy-box rule (no spin above 2x load per core) does not pick for us
+POLICIES = {"passive": {"GOMP_SPINCOUNT": "0"}, "bounded": {"GOMP_SPINCOUNT": BOUNDED},
+            "spin": {"OMP_WAIT_POLICY": "ACTIVE"}}
 
 
 def cpu_seconds(pid: int) -> float:
