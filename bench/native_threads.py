@@ -3,7 +3,7 @@
 libgomp reads its spin count once, when it loads, so every policy is its own `tda-run --bench`
 process; the policies are interleaved, round after round:
   passive  GOMP_SPINCOUNT=0            an idle worker sleeps at once (futex wake-up per region)
-  bounded  GOMP_SPINCOUNT=TDA_RT_GOMP_SPINCOUNT (tda-run's default below 2x load per core): ~100 us
+  bounded  GOMP_SPINCOUNT=TDA_RT_GOMP_SPINCOUNT (tda-run's default below 2x load per core): ~5 us
   spin     OMP_WAIT_POLICY=ACTIVE      spins ~minutes before sleeping
 `--busy 0,1` also runs with N competing busy-loop processes (a shared box) and reports the cores each
 side got (CPU time / wall time, tda-run's whole process: load, prefill and decode): a pool that spins

@@ -6,9 +6,9 @@
 // environment once, when it loads (GOMP_SPINCOUNT; OMP_WAIT_POLICY). A decode step forks ~150 short
 // regions a few µs apart: sleeping at once (PASSIVE) pays a futex wake-up (~20-30 µs, a scheduler
 // slice on a busy box) per region; spinning for seconds (ACTIVE) burns a core that other processes
-// want between requests. TDA_RT_GOMP_SPINCOUNT (include/tda/runtime.h) is the middle: ~6000
-// `pause`s (~16 ns each on the Xeon of bench/RESULTS.md), a spin of ~100 µs that bridges the gaps
-// inside and between decode steps, then sleep. tda-run and the Python binding set it before libgomp
+// want between requests. TDA_RT_GOMP_SPINCOUNT (include/tda/runtime.h) is the middle: 300
+// `pause`s (~16 ns each on the Xeon of bench/RESULTS.md), a spin of ~5 µs that bridges the gaps
+// between a step's regions, then sleep (6000, ~100 µs, lost to it with a competing process). tda-run and the Python binding set it before libgomp
 // loads; bench/RESULTS.md measures all three.
 #pragma once
 

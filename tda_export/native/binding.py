@@ -36,7 +36,7 @@ _lib = None
 
 def thread_environment() -> None:
     """One pool (cpp/include/tda/runtime.h, "Threads"): OpenBLAS single-threaded inside libgomp's
-    pool, whose idle workers spin TDA_RT_GOMP_SPINCOUNT (~100 µs) before they sleep (not at all when
+    pool, whose idle workers spin TDA_RT_GOMP_SPINCOUNT (~5 µs) before they sleep (not at all when
     the load average says the machine is oversubscribed). Both read the environment once, when they
     load, so this runs before the library loads; a GOMP_SPINCOUNT of the user's stands (0: sleep at
     once). A process that imported torch first already has torch's libgomp.so.1, which the library then
