@@ -66,7 +66,7 @@ class CpuExecutor {
   // Above this share of neurons active in a layer (union over the batch) decode runs the MLP densely
   // through BLAS with the inactive neurons zeroed (the same sum): the sparse kernel streams its rows
   // slower than OpenBLAS's GEMV, so past the break-even share it would be slower than dense.
-  // bench/RESULTS.md (native section) measured the break-even; TDA_NATIVE_DENSE_ABOVE overrides it.
+  // bench/RESULTS.md (quiet window, session 2) measured it; TDA_NATIVE_DENSE_ABOVE overrides it.
   static constexpr double kDenseAbove = 0.8;
   int64_t decode_bytes() const { return w_.decode_bytes; }
   void prefill(Session& s, int64_t batch, int64_t seq, const int64_t* ids, const int64_t* mask,
