@@ -3,6 +3,7 @@ through the Python binding (backend="native") and through tda-run; the C++ thres
 Engine.thresholds(); bad engine directories and C API misuse give error codes and messages, also under
 AddressSanitizer + UndefinedBehaviorSanitizer."""
 import json
+import os
 import shutil
 import subprocess
 
@@ -75,6 +76,21 @@ def test_greedy_tokens_equal_onnxruntime(native, engines, family):
     params = SamplingParams(max_new_tokens=6)
     for density in (None, 0.5):
         assert generate(nat, ["ab", [5, 6, 7]], params, density) == generate(ort, ["ab", [5, 6, 7]], params, density)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])
+def test_threaded_slices_equal_onnxruntime(native, engines, family, monkeypatch):
+    """Every GEMV/GEMM split over two threads (TDA_NATIVE_SLICE_BYTES=1 forks even the tiny models'
+    calls): per-thread output slices, biases on slices, attention heads split, batch 2 with padding."""
+    monkeypatch.setenv("TDA_NATIVE_SLICE_BYTES", "1")
+    ort = Engine.load(engines[family], backend="onnxruntime", threads=1)
+    nat = Engine.load(engines[family], backend="native", threads=2)
+    ids, mask = prompts(ort.manifest["vocab_size"], seed=1)
+    for density in (1.0, 0.5):
+        th = ort.thresholds(density, 7)
+        want, _ = greedy(ort.backend, ids, mask, th)
+        got, _ = greedy(nat.backend, ids, mask, th)
+        np.testing.assert_array_equal(got, want, err_msg=f"{family} density {density}")
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
@@ -193,7 +209,8 @@ def test_sanitizers(engines):
         r = subprocess.run([str(san.tests), str(engines[family])], capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stdout + r.stderr
         r = subprocess.run([str(san.cli), "-e", str(engines[family]), "--prompt-ids", "3,4,5,6", "-n", "6", "-d", "0.5",
-                            "--threads", "2"], capture_output=True, text=True, timeout=600)
+                            "--threads", "2"], capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "TDA_NATIVE_SLICE_BYTES": "1"})  # the threaded slices too
         assert r.returncode == 0 and "ERROR" not in r.stderr and "runtime error" not in r.stderr, r.stderr
 
 

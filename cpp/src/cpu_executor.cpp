@@ -7,7 +7,7 @@
 #include <limits>
 
 #include "blas.h"
-#include <omp.h>
+#include "parallel.h"
 
 #include "tda_kernels.h"
 
@@ -34,18 +34,6 @@ inline float activate(int act, float g) {
     case TDA_ACT_GELU: return 0.5f * g * (1.0f + std::erf(g * 0.7071067811865476f));
     default: return g > 0.0f ? g : 0.0f;
   }
-}
-
-// y[M, N] = x[M, K] @ w[K, N] (+ bias)
-void matmul(const float* x, const float* w, const float* bias, float* y, int64_t M, int64_t K, int64_t N) {
-  if (M == 1) {
-    cblas_sgemv(CblasRowMajor, CblasTrans, K, N, 1.0f, w, N, x, 1, 0.0f, y, 1);
-  } else {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, N, K, 1.0f, x, K, w, N, 0.0f, y, N);
-  }
-  if (bias)
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t j = 0; j < N; ++j) y[m * N + j] += bias[j];
 }
 
 void* aligned_workspace(std::vector<unsigned char>& buf, size_t bytes) {
@@ -135,9 +123,15 @@ CpuExecutor::CpuExecutor(const EngineDir& dir, int threads) : spec_(dir.spec), w
       throw ArgumentError(std::string("TDA_NATIVE_DENSE_ABOVE=") + env + ": expected a share in [0, 1]");
     dense_above_ = v;
   }
-  threads_ = threads > 0 ? threads : std::max(1, omp_get_num_procs());
-  openblas_set_num_threads(threads_);
-  omp_set_num_threads(threads_);
+  int64_t slice_bytes = par::kSliceBytes;
+  if (const char* env = std::getenv("TDA_NATIVE_SLICE_BYTES")) {  // tests: 1 forks every call
+    char* end = nullptr;
+    const long long v = std::strtoll(env, &end, 10);
+    if (!*env || *end || v < 1)
+      throw ArgumentError(std::string("TDA_NATIVE_SLICE_BYTES=") + env + ": expected a positive byte count");
+    slice_bytes = v;
+  }
+  pool_ = par::Pool(threads, slice_bytes);
 }
 
 CpuExecutor::~CpuExecutor() = default;
@@ -188,9 +182,8 @@ void CpuExecutor::attention(Session& s, int64_t n, int64_t S, const float* xn, c
   const int64_t start = s.len, T = start + S;
   Scratch& t = s.tmp;
   float *q = t.q.data(), *k = t.k.data(), *v = t.v.data(), *y = t.y.data();
-  matmul(xn, lw.wq, lw.bq, q, M, H, qd);
-  matmul(xn, lw.wk, lw.bk, k, M, H, kvd);
-  matmul(xn, lw.wv, lw.bv, v, M, H, kvd);
+  pool_.linear(M, {{xn, lw.wq, lw.bq, q, H, qd, true}, {xn, lw.wk, lw.bk, k, H, kvd, true},
+                  {xn, lw.wv, lw.bv, v, H, kvd, true}});
   if (sp.qk_norm) {
     rms_norm(q, lw.q_norm, q, M * sp.heads, hd);
     rms_norm(k, lw.k_norm, k, M * sp.kv_heads, hd);
@@ -224,11 +217,16 @@ void CpuExecutor::attention(Session& s, int64_t n, int64_t S, const float* xn, c
   const float scale = static_cast<float>(sp.attn_scale);
   const float cap = sp.attn_softcap ? static_cast<float>(*sp.attn_softcap) : 0.0f;
   const int64_t window = lw.window;
-  t.att.resize(static_cast<size_t>(S * T));
-  float* sc = t.att.data();
-  for (int64_t b = 0; b < B; ++b) {
-    const uint8_t* pad = s.pad.data() + b * s.cap;
-    for (int64_t h = 0; h < sp.heads; ++h) {
+  // One (sequence, head) pair per work item, each thread on its own scores buffer; the work is the
+  // K and V bytes every query row reads.
+  const int64_t pairs = B * sp.heads;
+  const int nt = static_cast<int>(std::min<int64_t>(pool_.threads_for(pairs * S * T * hd * 8), pairs));
+  t.att.resize(static_cast<size_t>(nt * S * T));
+  par::fork(nt, [&](int tid, int nth) {
+    float* sc = t.att.data() + tid * S * T;
+    for (int64_t p = pairs * tid / nth; p < pairs * (tid + 1) / nth; ++p) {
+      const int64_t b = p / sp.heads, h = p % sp.heads;
+      const uint8_t* pad = s.pad.data() + b * s.cap;
       const int64_t g = h / group;
       const float* K = kc + (b * sp.kv_heads + g) * s.cap * hd;
       const float* Vv = vc + (b * sp.kv_heads + g) * s.cap * hd;
@@ -272,8 +270,8 @@ void CpuExecutor::attention(Session& s, int64_t n, int64_t S, const float* xn, c
       else
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, S, hd, T, 1.0f, sc, T, Vv, hd, 0.0f, Y, qd);
     }
-  }
-  matmul(y, lw.wo, lw.bo, out, M, qd, H);
+  });
+  pool_.linear(M, {{y, lw.wo, lw.bo, out, qd, H, true}});
 }
 
 void CpuExecutor::choose_decode_path(Session& s, int64_t n) const {
@@ -303,21 +301,26 @@ void CpuExecutor::mlp(Session& s, int64_t n, int64_t S, const float* xn, const f
   const int64_t B = s.batch, M = B * S, H = spec_.hidden, I = spec_.intermediate;
   Scratch& t = s.tmp;
   const size_t ln = static_cast<size_t>(n);
-  auto dense_z = [&]() {
-    float* gu = t.gu.data();
-    if (M == 1)
-      cblas_sgemv(CblasRowMajor, CblasNoTrans, 2 * I, H, 1.0f, lw.gate_up, H, xn, 1, 0.0f, gu, 1);
-    else
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, 2 * I, H, 1.0f, xn, H, lw.gate_up, H, 0.0f, gu, 2 * I);
-    float* z = t.z.data();
+  // gate_up and act(gate) * up in one pass: each thread owns a slice of neurons (its gate/up rows
+  // are adjacent, [I, 2, H]), and applies `keep` (the sequences' masks) when given.
+  auto dense_z = [&](const float* keep) {
+    float *gu = t.gu.data(), *z = t.z.data();
+    const par::Linear job{xn, lw.gate_up, nullptr, gu, H, 2 * I, false};
     const int act = act_;
-#pragma omp parallel for schedule(static) if (M * I > 16384)
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t j = 0; j < I; ++j)
-        z[m * I + j] = activate(act, gu[m * 2 * I + 2 * j]) * gu[m * 2 * I + 2 * j + 1];
+    par::fork(pool_.threads_for(2 * I * H * 4), [&](int tid, int nth) {
+      int64_t c0, c1;  // even: slices are whole 16-column blocks
+      par::slice(2 * I, tid, nth, &c0, &c1);
+      par::linear_slice(M, job, c0, c1);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t j = c0 / 2; j < c1 / 2; ++j) {
+          const float v = activate(act, gu[m * 2 * I + 2 * j]) * gu[m * 2 * I + 2 * j + 1];
+          z[m * I + j] = keep ? v * keep[m * I + j] : v;
+        }
+    });
   };
+  auto down = [&]() { pool_.linear(M, {{t.z.data(), lw.down_t, nullptr, out, I, H, true}}); };
   if (S > 1) {
-    dense_z();
+    dense_z(nullptr);
     tda_prefill_scores_args_t pa{TDA_F32, TDA_SCORE_NORM_TOKEN_L2, static_cast<int32_t>(B), static_cast<int32_t>(S),
                                  static_cast<int32_t>(I), t.z.data(), token_valid, t.scores.data(), t.scores.data()};
     std::fill(t.scores.begin(), t.scores.end(), 0.0f);
@@ -329,14 +332,12 @@ void CpuExecutor::mlp(Session& s, int64_t n, int64_t S, const float* xn, const f
     ws = tda_select_active_workspace_size(&sa);
     check(tda_select_active(&sa, aligned_workspace(s.workspace, ws), ws, nullptr), "tda_select_active");
     choose_decode_path(s, n);
-    matmul(t.z.data(), lw.down_t, nullptr, out, M, I, H);
+    down();
     return;
   }
   if (s.dense[ln]) {  // the same sum as the sparse kernel, through BLAS
-    dense_z();
-    if (!s.keep[ln].empty())
-      for (int64_t i = 0; i < M * I; ++i) t.z[static_cast<size_t>(i)] *= s.keep[ln][static_cast<size_t>(i)];
-    matmul(t.z.data(), lw.down_t, nullptr, out, M, I, H);
+    dense_z(s.keep[ln].empty() ? nullptr : s.keep[ln].data());
+    down();
     return;
   }
   tda_decode_args_t da{TDA_F32, static_cast<tda_activation_t>(act_), static_cast<int32_t>(B), static_cast<int32_t>(H),
@@ -351,6 +352,7 @@ void CpuExecutor::forward(Session& s, int64_t S, const int64_t* ids, const int64
   const DecoderSpec& sp = spec_;
   const int64_t B = s.batch, M = B * S, H = sp.hidden, I = sp.intermediate, V = sp.vocab;
   Scratch& t = s.tmp;
+  omp_set_num_threads(pool_.threads);  // our kernels fork up to this many (OpenMP: the same pool)
   auto size = [](std::vector<float>& b, int64_t n) { if (b.size() < static_cast<size_t>(n)) b.resize(static_cast<size_t>(n)); };
   size(t.x, M * H); size(t.xn, M * H); size(t.h, M * H);
   size(t.q, M * sp.heads * sp.head_dim); size(t.y, M * sp.heads * sp.head_dim);
@@ -382,10 +384,7 @@ void CpuExecutor::forward(Session& s, int64_t S, const int64_t* ids, const int64
   s.len += S;
   float* last = t.last.data();
   for (int64_t b = 0; b < B; ++b) rms_norm(x + (b * S + S - 1) * H, w_.final_norm, last + b * H, 1, H);
-  if (B == 1)
-    cblas_sgemv(CblasRowMajor, CblasNoTrans, V, H, 1.0f, w_.lm_head, H, last, 1, 0.0f, logits, 1);
-  else
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, B, V, H, 1.0f, last, H, w_.lm_head, H, 0.0f, logits, V);
+  pool_.linear(B, {{last, w_.lm_head, nullptr, logits, H, V, false}});
   if (sp.final_softcap) {
     const float cap = static_cast<float>(*sp.final_softcap);
     for (int64_t i = 0; i < B * V; ++i) logits[i] = std::tanh(logits[i] / cap) * cap;

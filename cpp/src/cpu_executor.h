@@ -9,6 +9,7 @@
 
 #include "engine_dir.h"
 #include "executor.h"
+#include "parallel.h"
 
 namespace tda {
 
@@ -65,8 +66,8 @@ class CpuExecutor : public Executor {
   // Above this share of neurons active in a layer (union over the batch) decode runs the MLP densely
   // through BLAS with the inactive neurons zeroed (the same sum): the sparse kernel streams its rows
   // slower than OpenBLAS's GEMV, so past the break-even share it would be slower than dense.
-  // bench/RESULTS.md (native section) measured the break-even; TDA_NATIVE_DENSE_ABOVE overrides it.
-  static constexpr double kDenseAbove = 0.5;
+  // bench/RESULTS.md (quiet window, session 2) measured it; TDA_NATIVE_DENSE_ABOVE overrides it.
+  static constexpr double kDenseAbove = 0.8;
   int64_t decode_bytes() const override { return w_.decode_bytes; }
   // Executor: the state is a Session.
   const char* name() const override { return "cpu"; }
@@ -106,9 +107,9 @@ class CpuExecutor : public Executor {
 
   DecoderSpec spec_;
   Weights w_;
-  int threads_;
   int act_;
   double dense_above_;
+  par::Pool pool_;
 };
 
 }  // namespace tda

@@ -376,18 +376,21 @@ int bench(const Options& o, Engine& eng) {
     }
   std::printf("engine %s  batch %lld  prompt %d  new %d  repeats %d  copy bandwidth %.1f GB/s\n", o.engine.c_str(),
               static_cast<long long>(B), o.prompt_tokens, o.new_tokens, o.repeats, bw / 1e9);
-  std::printf("%-8s %8s %12s %12s %10s %10s\n", "density", "active", "tok/s max", "tok/s med", "vs dense", "% floor");
+  std::printf("%-8s %8s %10s %10s %10s %10s %10s\n", "density", "active", "tok/s min", "tok/s med", "tok/s max",
+              "vs dense", "% floor");
   double dense_med = 0;
   for (auto& row : rows) {
     std::sort(row.rates.begin(), row.rates.end());
-    const double best = row.rates.back(), med = row.rates[row.rates.size() / 2];
+    const size_t n = row.rates.size();
+    const double med = n % 2 ? row.rates[n / 2] : (row.rates[n / 2 - 1] + row.rates[n / 2]) / 2;
     if (row.density == 1.0) dense_med = med;
     // bytes one step must stream: all weights but the MLP's inactive share (the union over the batch
     // can only be larger, so this is the floor's lower bound for B > 1)
     const double bytes = static_cast<double>(in.weight_bytes - mlp_bytes) + mlp_bytes * std::min(1.0, row.active * 1.0);
     const double floor_steps = bw / bytes;  // steps per second at the bandwidth floor
-    std::printf("%-8.2f %7.1f%% %12.1f %12.1f %9.2fx %9.0f%%\n", row.density, row.active * 100, best, med,
-                dense_med > 0 ? med / dense_med : 1.0, 100.0 * (best / B) / floor_steps);
+    std::printf("%-8.2f %7.1f%% %10.1f %10.1f %10.1f %9.2fx %9.0f%%\n", row.density, row.active * 100,
+                row.rates.front(), med, row.rates.back(), dense_med > 0 ? med / dense_med : 1.0,
+                100.0 * (med / B) / floor_steps);
   }
   return 0;
 }
@@ -395,12 +398,16 @@ int bench(const Options& o, Engine& eng) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  // OpenBLAS's workers spin 2^28 cycles before sleeping, which on a busy machine starves the other
-  // threads of every small GEMV (bench/RESULTS.md, native section: 2-5x slower decode). It reads the
-  // variable when the library loads, before main, so set it and re-execute once.
-  if (!std::getenv("OPENBLAS_THREAD_TIMEOUT")) {
-    setenv("OPENBLAS_THREAD_TIMEOUT", "4", 1);
-    execv("/proc/self/exe", argv);  // on failure, carry on with the default
+  // One pool, OpenMP's, with OpenBLAS single-threaded inside it and a bounded spin, none on a busy
+  // box (runtime.h says why). Both libraries read their settings when they load, before main, so set them and
+  // re-execute once; a user's own GOMP_SPINCOUNT / OMP_WAIT_POLICY / OPENBLAS_NUM_THREADS stand.
+  const bool set_spin = !std::getenv("GOMP_SPINCOUNT") && !std::getenv("OMP_WAIT_POLICY");
+  if (set_spin || !std::getenv("OPENBLAS_NUM_THREADS")) {
+    double load = 0;
+    const bool busy = getloadavg(&load, 1) == 1 && load > TDA_RT_BUSY_LOAD_PER_CORE * sysconf(_SC_NPROCESSORS_ONLN);
+    if (set_spin) setenv("GOMP_SPINCOUNT", busy ? "0" : TDA_RT_GOMP_SPINCOUNT, 1);
+    setenv("OPENBLAS_NUM_THREADS", "1", 0);
+    execv("/proc/self/exe", argv);  // on failure, carry on with the defaults
   }
   Options o = parse(argc, argv);
   Engine eng;

@@ -26,18 +26,20 @@ def run_bench(engine: Engine, densities: list[float] | None, prompt_tokens: int,
         labels += [float(d) for d in engine.densities() if float(d) < 1.0] or [None]
     else:
         labels += [d for d in densities if d != 1.0]
+    # Interleaved: every density once per round, so a noisy neighbour slows them alike.
+    runs: dict = {i: [] for i in range(len(labels))}
+    for _ in range(repeats):
+        for i, density in enumerate(labels):
+            runs[i].append(_time_once(engine, prompts, new_tokens, density))
     rows = []
-    for density in labels:
-        best = None
-        for _ in range(repeats):
-            s = _time_once(engine, prompts, new_tokens, density)
-            rate = batch * s.decode_steps / s.decode_seconds
-            if best is None or rate > best[1]:
-                best = (s, rate)
-        s, rate = best
+    for i, density in enumerate(labels):
+        rates = sorted(batch * s.decode_steps / s.decode_seconds for s in runs[i])
+        s = runs[i][0]
         rows.append({"density": "built default" if density is None else f"{density:.2f}",
-                     "active_fraction": s.active_fraction, "ttft_ms": s.time_to_first_token * 1e3,
-                     "decode_tok_s": rate})
+                     "active_fraction": s.active_fraction,
+                     "ttft_ms": float(np.median([r.time_to_first_token for r in runs[i]])) * 1e3,
+                     "decode_tok_s": float(np.median(rates)), "decode_tok_s_min": rates[0],
+                     "decode_tok_s_max": rates[-1]})
     for r in rows:
         r["speedup_vs_dense"] = r["decode_tok_s"] / rows[0]["decode_tok_s"]
     return rows

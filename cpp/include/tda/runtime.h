@@ -27,6 +27,17 @@ extern "C" {
 
 #define TDA_RT_API_VERSION 2
 
+/* Threads: one OpenMP pool (libgomp) runs everything, OpenBLAS single-threaded inside it. Both read
+ * their settings from the environment once, when they load, so set these before loading the library
+ * (unless already set; tda-run and the Python binding do): OPENBLAS_NUM_THREADS=1, and
+ * GOMP_SPINCOUNT=TDA_RT_GOMP_SPINCOUNT, a spin of ~5 us before an idle worker sleeps (it bridges
+ * the gaps between a decode step's ~150 parallel regions without burning a core between requests),
+ * or 0 (sleep at once) when the 1-minute load average exceeds TDA_RT_BUSY_LOAD_PER_CORE x the cores:
+ * on an oversubscribed box any spin loses to sleeping (bench/RESULTS.md). GOMP_SPINCOUNT=0 (or
+ * OMP_WAIT_POLICY=PASSIVE) sleeps at once, OMP_WAIT_POLICY=ACTIVE spins. */
+#define TDA_RT_GOMP_SPINCOUNT "300"
+#define TDA_RT_BUSY_LOAD_PER_CORE 2
+
 typedef enum {
   TDA_RT_OK = 0,
   TDA_RT_ERR_ARGUMENT = 1,   /* NULL pointer, size or value out of range; the message names it */

@@ -12,6 +12,7 @@
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include <algorithm>
 
@@ -179,14 +180,27 @@ DecodeKernels select_kernels(tda_dtype_t d, tda_activation_t a) {
   return generic_kernels(d, a);
 }
 
-// Multiply-adds per thread below which a thread does not pay for itself.
-// Measured with OMP_WAIT_POLICY=PASSIVE (the sane setting on a shared box):
-// waking and joining a sleeping worker costs ~20-30 µs, and on a loaded box
-// a barrier can wait a whole scheduler slice (ms) for a descheduled worker.
-// 2^20 fp32 multiply-adds stream ~4 MB of weights, ~60 µs on one core, so
-// calls shorter than that stay on the calling thread (no fork/join at all).
+// Multiply-adds per thread below which a thread does not pay for itself; it
+// depends on how the pool's idle workers wait, which libgomp reads from the
+// environment once. Sleeping at once (OMP_WAIT_POLICY=PASSIVE or
+// GOMP_SPINCOUNT=0, what the Python CLI sets for torch): waking and joining a
+// worker costs ~20-30 µs, and on a loaded box a barrier can wait a whole
+// scheduler slice (ms) for a descheduled worker; 2^20 fp32 multiply-adds
+// stream ~4 MB of weights, ~60 µs on one core, so shorter calls stay on the
+// calling thread. Spinning workers (libgomp's default, ACTIVE, or the native
+// runtime's bounded GOMP_SPINCOUNT, cpp/src/parallel.h) join in ~1-3 µs, so
+// 2^17 (~0.5 MB, a SmolLM2 layer at d=0.5 is ~1.8M) is already worth a fork.
 // The caller's thread count (OMP_NUM_THREADS, torch.set_num_threads) caps it.
-constexpr int64_t kWorkPerThread = int64_t(1) << 20;
+int64_t work_per_thread() {
+  static const int64_t work = [] {
+    const char* spin = getenv("GOMP_SPINCOUNT");
+    const char* policy = getenv("OMP_WAIT_POLICY");
+    const bool passive = spin ? (spin[0] >= '0' && spin[0] <= '9' && strtoull(spin, nullptr, 10) == 0)
+                              : (policy && strcasecmp(policy, "passive") == 0);
+    return passive ? int64_t(1) << 20 : int64_t(1) << 17;
+  }();
+  return work;
+}
 
 template <tda_dtype_t D>
 void run(const tda_decode_args_t* a, const DecodeWs& w) {
@@ -201,7 +215,7 @@ void run(const tda_decode_args_t* a, const DecodeWs& w) {
 
   // Work: 3 multiply-adds per (pair, column), plus the union rows' reads.
   const int64_t work = 3 * (pairs + U) * int64_t(H);
-  const int nt = int(std::min<int64_t>(omp_get_max_threads(), std::max<int64_t>(1, work / kWorkPerThread)));
+  const int nt = int(std::min<int64_t>(omp_get_max_threads(), std::max<int64_t>(1, work / work_per_thread())));
   // Column slices are multiples of 16 floats (64 bytes), so threads never
   // share a cache line of acc/output.
   const int32_t H16 = (H + 15) / 16;

@@ -154,8 +154,18 @@ static void down(const DecodeCtx& c, int32_t c0, int32_t c1) {
   // Four rows per pass over the slice: one accumulator load/store per four
   // FMAs, and every element still sums its rows in ascending order.
   constexpr int G = 4;
+  // Active rows are scattered, where no hardware prefetcher looks: fetch this slice of the rows
+  // two groups ahead (~2 x 4 x 1.2 KB for SmolLM2 on 2 threads) while this group streams.
+  constexpr int kAhead = 2 * G;
+  const int32_t slice_bytes = (c1 - c0) * int32_t(sizeof(T));
+  auto prefetch_row = [&](int32_t k) {
+    const char* p = reinterpret_cast<const char*>(wd + int64_t(c.rows[k]) * H + c0);
+    for (int32_t o = 0; o < slice_bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+  };
+  for (int32_t k = 0; k < kAhead && k < U; ++k) prefetch_row(k);
   for (int32_t k0 = 0; k0 < U; k0 += G) {
     const int32_t nk = U - k0 < G ? U - k0 : G;
+    for (int32_t k = k0 + kAhead; k < k0 + kAhead + G && k < U; ++k) prefetch_row(k);
     const T* r[G];
     uint64_t m[G];
     for (int32_t i = 0; i < nk; ++i) {
