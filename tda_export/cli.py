@@ -9,7 +9,12 @@ import os
 # Decode runs hundreds of short OpenMP regions per token (torch ops and our CPU kernel share torch's
 # libgomp). With libgomp's default active spin-wait a loaded machine loses a scheduler tick per barrier:
 # SmolLM2 torch-backend decode measured 3 tok/s spinning vs 11-16 passive on the shared 2-core box.
-# libgomp reads this once when torch loads it, so it is set before anything imports torch.
+# libgomp reads this once when torch loads it, so it is set before anything imports torch. The native
+# runtime shares that libgomp: without a bounded spin (GOMP_SPINCOUNT, which passive mode obeys) its
+# ~150 parallel regions per step would each sleep and wake (~20% of native decode, docs/native.md).
+from .native.threads import gomp_spin_default  # noqa: E402  (standard library only)
+
+gomp_spin_default()
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import click  # noqa: E402

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .build import CPP, build_native
+from .build import build_native
+from .threads import pool_environment
 
 _I32, _I64, _F32 = np.int32, np.int64, np.float32
 
@@ -34,26 +35,10 @@ class EngineInfo(C.Structure):
 _lib = None
 
 
-def thread_environment() -> None:
-    """One pool (cpp/include/tda/runtime.h, "Threads"): OpenBLAS single-threaded inside libgomp's
-    pool, whose idle workers spin TDA_RT_GOMP_SPINCOUNT (~5 µs) before they sleep (not at all when
-    the load average says the machine is oversubscribed). Both read the environment once, when they
-    load, so this runs before the library loads; a GOMP_SPINCOUNT of the user's stands (0: sleep at
-    once). A process that imported torch first already has torch's libgomp.so.1, which the library then
-    shares, with the environment it had (the CLI's OMP_WAIT_POLICY=PASSIVE; docs/native.md)."""
-    header = (CPP / "include" / "tda" / "runtime.h").read_text()
-    spin = re.search(r'#define TDA_RT_GOMP_SPINCOUNT "(\d+)"', header).group(1)
-    busy_per_core = float(re.search(r"#define TDA_RT_BUSY_LOAD_PER_CORE (\d+)", header).group(1))
-    if os.getloadavg()[0] > busy_per_core * (os.cpu_count() or 1):
-        spin = "0"
-    os.environ.setdefault("GOMP_SPINCOUNT", spin)
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
-
 def library() -> C.CDLL:
     global _lib
     if _lib is None:
-        thread_environment()
+        pool_environment()  # one pool: cpp/include/tda/runtime.h "Threads"
         lib = C.CDLL(str(build_native().library))
         P, i32, f32p, i64p = C.c_void_p, C.c_int32, C.POINTER(C.c_float), C.POINTER(C.c_int64)
         sigs = {
