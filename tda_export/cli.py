@@ -5,6 +5,7 @@ Data flows one way: model -> calibrate -> eval -> build (export) -> run/serve/be
 from __future__ import annotations
 
 import os
+import sys
 
 # Decode runs hundreds of short OpenMP regions per token (torch ops and our CPU kernel share torch's
 # libgomp). With libgomp's default active spin-wait a loaded machine loses a scheduler tick per barrier:
@@ -27,7 +28,18 @@ class UserError(click.ClickException):
     exit_code = 2
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Commands(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            # the reader left (`tda-export inspect DIR | head`): stop quietly with the shell's SIGPIPE
+            # status, as Unix tools do. stdout goes to /dev/null so the interpreter's final flush stays quiet.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(141)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="tda-export")
 def main():
     """Sparse-MLP (TDA) decoding for Hugging Face LLMs: calibrate, evaluate, export, serve.

@@ -111,6 +111,8 @@ def inspect(directory):
         click.echo(f"error: {failure}", err=True)
     try:
         _summary(directory, data)
+    except BrokenPipeError:
+        raise  # the reader left: cli.py stops quietly
     except Exception as e:  # noqa: BLE001 - a damaged export must give a message, never a traceback
         message = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
         click.echo(f"error: {message}", err=True)

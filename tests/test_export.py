@@ -1,5 +1,6 @@
 """Exported graphs: ONNX checker, ORT parity with the HF model under the same TDA masks, CLI behaviour."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -91,6 +92,13 @@ def test_cli_build_inspect_and_tamper(tmp_path, tiny_dirs):
     r = _cli("inspect", out)
     assert r.returncode == 0, r.stderr
     assert "plugin_namespace=tda" in r.stdout and "tda::SparseGatedMLP" in r.stdout and "verified" in r.stdout
+    # a reader that left (`inspect DIR | head`): the shell's SIGPIPE status, no error or traceback
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    cmd = [sys.executable, "-c", "from tda_export.cli import main; main()", "inspect", str(out)]
+    r = subprocess.run(cmd, stdout=write_end, stderr=subprocess.PIPE, text=True)
+    os.close(write_end)
+    assert r.returncode == 141 and "rror" not in r.stderr and "Traceback" not in r.stderr, r.stderr
     with open(out / "tokenizer.json", "a") as f:
         f.write(" ")
     r = _cli("inspect", out)
