@@ -37,8 +37,9 @@ def copy_bandwidth(repeats: int = 3) -> float:
     return best
 
 
-def decode_rate(backend, prompt, thresholds, steps):
-    logits, state = backend.prefill(prompt, np.ones_like(prompt), thresholds)
+def decode_rate(backend, prompt, thresholds, steps, bounds=None):
+    # bounds: the density clamp a user's request gets (Engine.density_bounds; None on engines without it)
+    logits, state = backend.prefill(prompt, np.ones_like(prompt), thresholds, bounds)
     counts = backend.active_counts(state)
     t = time.perf_counter()
     for _ in range(steps):
@@ -92,16 +93,16 @@ def main():
         th = ort.thresholds(1.0, args.prompt_tokens)
         cands.append(("onnxruntime dense", lambda th=th: decode_rate(ort.backend, prompt, th, args.steps)))
     for d in densities:
-        th = nat.thresholds(d, args.prompt_tokens)
-        cands.append((f"native d={d:.2f}", lambda th=th: decode_rate(nat.backend, prompt, th, args.steps)))
+        th, bd = nat.thresholds(d, args.prompt_tokens), nat.density_bounds(d)
+        cands.append((f"native d={d:.2f}", lambda th=th, bd=bd: decode_rate(nat.backend, prompt, th, args.steps, bd)))
     if args.dense_above is not None:  # the same densities with another dense/sparse switch point
         os.environ["TDA_NATIVE_DENSE_ABOVE"] = str(args.dense_above)
         alt = Engine.load(args.engine, backend="native", threads=args.threads)
         del os.environ["TDA_NATIVE_DENSE_ABOVE"]
         for d in densities[1:]:
-            th = alt.thresholds(d, args.prompt_tokens)
+            th, bd = alt.thresholds(d, args.prompt_tokens), alt.density_bounds(d)
             cands.append((f"native d={d:.2f} sparse<={args.dense_above:g}",
-                          lambda th=th: decode_rate(alt.backend, prompt, th, args.steps)))
+                          lambda th=th, bd=bd: decode_rate(alt.backend, prompt, th, args.steps, bd)))
     llama = []
     if args.llama_bench and os.path.exists(args.llama_bench):
         for item in filter(None, args.gguf.split(",")):

@@ -39,7 +39,8 @@ def cpu_seconds(pid: int) -> float:
 
 def bench_once(cli: str, env_extra: dict, args, busy: int) -> tuple[dict, float, float]:
     """density -> decode tok/s of one tda-run --bench process; the cores it used on average (CPU time /
-    wall time); the cores its busy competitors got."""
+    wall time); the cores its busy competitors got. Only tda-run is reaped between the two os.times()
+    readings (the busy processes after), so their difference is its CPU time alone."""
     env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")} | env_extra
     cmd = [cli, "-e", args.engine, "--no-verify", "--bench", "--repeats", "1", "--new-tokens", str(args.steps),
            "--prompt-tokens", str(args.prompt_tokens), "--densities", args.densities, "--batch", str(args.batch)]
@@ -48,23 +49,24 @@ def bench_once(cli: str, env_extra: dict, args, busy: int) -> tuple[dict, float,
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
     time.sleep(0.2 if busy else 0)
     hog0 = [cpu_seconds(h.pid) for h in hogs]
-    t = time.perf_counter()
+    t, before = time.perf_counter(), os.times()
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = p.communicate()
     dt = time.perf_counter() - t
+    after = os.times()
     hog_cores = sum(cpu_seconds(h.pid) - c for h, c in zip(hogs, hog0)) / dt
     for h in hogs:
         h.kill()
         h.wait()
     if p.returncode != 0:
         raise SystemExit(f"{cmd[0]} failed: {err}")
-    usage = os.times()  # children's CPU time so far, cumulative
     rates = {}
     for line in out.splitlines():
         parts = line.split()
         if len(parts) >= 5 and parts[1].endswith("%") and parts[0][0].isdigit():
             rates[parts[0]] = float(parts[3])  # tok/s median (of one repeat: the rate)
-    return rates, usage.children_user + usage.children_system, hog_cores
+    cpu = after.children_user + after.children_system - before.children_user - before.children_system
+    return rates, cpu / dt, hog_cores
 
 
 def main():
@@ -88,14 +90,11 @@ def main():
     cands = [(name, cli, env) for name, env in policies.items()]
     cands += [(a.split("=", 1)[0], a.split("=", 1)[1], {}) for a in args.also]
     rows, cores, hogs = {}, {}, {}
-    children = 0.0
     for busy in [int(b) for b in args.busy.split(",")]:
         for _ in range(args.rounds):
             for name, path, env in cands:
-                t = time.perf_counter()
-                rates, cum, hog = bench_once(path, env, args, busy)
-                cores.setdefault((busy, name), []).append((cum - children) / (time.perf_counter() - t))
-                children = cum
+                rates, used, hog = bench_once(path, env, args, busy)
+                cores.setdefault((busy, name), []).append(used)
                 hogs.setdefault((busy, name), []).append(hog)
                 for d, r in rates.items():
                     rows.setdefault((busy, name, d), []).append(r)

@@ -94,7 +94,7 @@ def keep_top(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Bool mask of the k[...] highest entries along the last axis (k broadcasts over the leading axes)."""
     order = torch.argsort(scores, dim=-1, descending=True, stable=True)
     rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(scores.shape[-1]).expand_as(order))
+    rank.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
     return rank < k[..., None]
 
 
@@ -306,7 +306,7 @@ class TDAHooks:
             gu_norm, down_norm = self.column_norms(layer)
         wina = g.score == "wina"
         hidden, inter = x.shape[-1], static.shape[-1]
-        x_frac = torch.ones(x.shape[:2])
+        x_frac = torch.ones(x.shape[:2], device=x.device)
         if g.x_density < 1.0:
             xr = x.float() @ qx if g.rotated else x
             keep_x = keep_fraction(xr.abs().float() * (gu_norm if wina else 1.0), None, g.x_density, g.pooled)

@@ -395,14 +395,7 @@ void CpuExecutor::prefill(Session& s, int64_t batch, int64_t seq, const int64_t*
                           const float* thresholds, float* logits) {
   if (batch < 1 || batch > TDA_MAX_BATCH)
     throw ArgumentError("batch must be in 1.." + std::to_string(TDA_MAX_BATCH) + ", got " + std::to_string(batch));
-  if (seq < 2) throw ArgumentError("a prompt call needs seq >= 2 (a 1-token call is a decode step), got " + std::to_string(seq));
-  for (int64_t i = 0; i < batch * seq; ++i) {
-    if (ids[i] < 0 || ids[i] >= spec_.vocab)
-      throw ArgumentError("input_ids[" + std::to_string(i) + "] = " + std::to_string(ids[i]) + " is outside the vocabulary of " +
-                          std::to_string(spec_.vocab));
-    if (mask[i] != 0 && mask[i] != 1)
-      throw ArgumentError("attention_mask[" + std::to_string(i) + "] = " + std::to_string(mask[i]) + " is not 0 or 1");
-  }
+  // seq, ids and mask: check_prompt (executor.h), which the C API runs before any executor
   s.prefilled = false;
   s.batch = batch;
   s.len = 0;
@@ -435,18 +428,16 @@ void CpuExecutor::prefill(Session& s, int64_t batch, int64_t seq, const int64_t*
 }
 
 void CpuExecutor::decode(Session& s, const int64_t* tokens, float* logits) {
-  if (!s.prefilled) throw StateError("decode before prefill");
-  for (int64_t b = 0; b < s.batch; ++b)
-    if (tokens[b] < 0 || tokens[b] >= spec_.vocab)
-      throw ArgumentError("tokens[" + std::to_string(b) + "] = " + std::to_string(tokens[b]) +
-                          " is outside the vocabulary of " + std::to_string(spec_.vocab));
+  if (!s.prefilled) throw StateError("decode before prefill");  // tokens: check_tokens, run by the C API
   ensure_capacity(s, s.len + 1);
   s.tmp.positions.resize(static_cast<size_t>(s.batch));
   for (int64_t b = 0; b < s.batch; ++b) {
     s.tmp.positions[static_cast<size_t>(b)] = s.next_pos[static_cast<size_t>(b)]++;
     s.pad[static_cast<size_t>(b * s.cap + s.len)] = 1;
   }
+  s.prefilled = false;  // until this step has succeeded: positions moved on, half a step is no usable state
   forward(s, 1, tokens, s.tmp.positions.data(), nullptr, nullptr, logits);
+  s.prefilled = true;
 }
 
 }  // namespace tda

@@ -39,16 +39,6 @@ J read_json(const std::string& path) {
   }
 }
 
-template <class T, class J>
-T field(const J& obj, const char* key, const std::string& where) {
-  if (!obj.is_object() || !obj.contains(key)) throw EngineError(where + ": field '" + key + "' missing");
-  try {
-    return obj.at(key).template get<T>();
-  } catch (const std::exception&) {
-    throw EngineError(where + ": field '" + key + "' has the wrong type");
-  }
-}
-
 template <class J>
 std::optional<double> optional_number(const J& obj, const char* key, const std::string& where) {
   if (!obj.contains(key) || obj.at(key).is_null()) return std::nullopt;

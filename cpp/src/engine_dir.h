@@ -96,4 +96,16 @@ struct EngineDir {
 
 std::string sha256_file(const std::string& path);
 
+// obj[key] as T, or EngineError "<where>: field '<key>' missing / has the wrong type" (every manifest
+// reader: engine_dir.cpp, trt_executor.cpp).
+template <class T>
+T field(const nlohmann::json& obj, const char* key, const std::string& where) {
+  if (!obj.is_object() || !obj.contains(key)) throw EngineError(where + ": field '" + key + "' missing");
+  try {
+    return obj.at(key).get<T>();
+  } catch (const std::exception&) {
+    throw EngineError(where + ": field '" + key + "' has the wrong type");
+  }
+}
+
 }  // namespace tda

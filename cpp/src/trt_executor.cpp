@@ -164,16 +164,6 @@ size_t element_size(DataType t) {
   }
 }
 
-template <class T>
-T field(const json& obj, const char* key, const std::string& where) {
-  if (!obj.is_object() || !obj.contains(key)) throw EngineError(where + ": field '" + key + "' missing");
-  try {
-    return obj.at(key).get<T>();
-  } catch (const std::exception&) {
-    throw EngineError(where + ": field '" + key + "' has the wrong type");
-  }
-}
-
 // major.minor.patch of "1.7.1.116" as TensorRT's integer version (-1 if unparsable)
 int64_t parse_version(const std::string& s) {
   int a = 0, b = 0, c = 0;
@@ -283,7 +273,7 @@ class TrtExecutor final : public Executor {
   DecoderSpec spec_;
   json section_;                   // manifest "tensorrt"
   json io_;                        // manifest "io"
-  int64_t max_batch_ = 0, max_seq_len_ = 0, max_prompt_ = 0, weight_bytes_ = 0;
+  int64_t max_seq_len_ = 0, max_prompt_ = 0, weight_bytes_ = 0;
   Logger logger_;
   void* (*create_runtime_)(void*, int32_t) = nullptr;
   Stream stream_;                  // declared before the TensorRT objects: destroyed after them
@@ -312,7 +302,7 @@ TrtExecutor::TrtExecutor(const EngineDir& dir, const TrtOptions& options)
                            flavour + "'s: configure cpp/ with -DTDA_TENSORRT_INCLUDE=<the " + flavour + " SDK's include/>");
   plan_path_ = dir.directory + "/" + field<std::string>(section_, "plan_file", w);
   const json limits = section_.contains("limits") ? section_.at("limits") : json();
-  max_batch_ = field<int64_t>(limits, "max_batch", w + ".limits");
+  field<int64_t>(limits, "max_batch", w + ".limits");  // validated; the profiles enforce it
   max_seq_len_ = field<int64_t>(limits, "max_seq_len", w + ".limits");
   max_prompt_ = field<int64_t>(limits, "max_prompt", w + ".limits");
   const json& profiles = section_.contains("profiles") ? section_.at("profiles") : json();

@@ -6,12 +6,11 @@ The backend keeps runtime/backend.py's interface, so the generation loop, `run`,
 from __future__ import annotations
 
 import ctypes as C
-import os
-import re
 from pathlib import Path
 
 import numpy as np
 
+from ..ops.contract import NO_CLAMP
 from .build import build_native
 from .threads import pool_environment
 
@@ -129,7 +128,7 @@ class NativeBackend:
         if ths.shape != (self.engine.info.num_layers,):
             raise ValueError(f"thresholds must have shape ({self.engine.info.num_layers},), got {ths.shape}")
         L = self.engine.info.num_layers
-        bounds = (np.asarray([[0.0, 1.0]] * L, _F32) if density_bounds is None  # None: no clamp, as elsewhere
+        bounds = (np.asarray([NO_CLAMP] * L, _F32) if density_bounds is None  # None: no clamp, as elsewhere
                   else np.ascontiguousarray(density_bounds, _F32))
         if bounds.shape != (L, 2):
             raise ValueError(f"density_bounds must have shape ({L}, 2), got {bounds.shape}")

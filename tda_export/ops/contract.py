@@ -213,8 +213,9 @@ def present_state_name(layer: int, what: str) -> str:
 
 
 THRESHOLDS_INPUT = "tda_thresholds"
-# [L, 2] float32: row n is layer n's SelectActive density_bounds; the initializer is NO_CLAMP per layer, so a
-# runtime that does not feed it gets the plain thresholds.
+# [L, 2] float32: row n is layer n's SelectActive density_bounds; the initializer holds the built density's
+# bounds (manifest calibration.density_bounds; NO_CLAMP for an engine built without calibration), so a runtime
+# that does not feed it still gets the honest density.
 DENSITY_BOUNDS_INPUT = "tda_density_bounds"
 
 
@@ -239,7 +240,8 @@ def render_markdown() -> str:
                     for w in STATE_TENSORS)
         + f"; per-layer thresholds come in as the graph input `{THRESHOLDS_INPUT}` [L] float32 "
         "whose initializer holds the calibrated defaults, and per-layer density bounds as "
-        f"`{DENSITY_BOUNDS_INPUT}` [L, 2] float32 whose initializer is `{NO_CLAMP}` per layer (no clamp); "
+        f"`{DENSITY_BOUNDS_INPUT}` [L, 2] float32 whose initializer holds the built density's bounds "
+        f"(manifest `calibration.density_bounds`; `{NO_CLAMP}` per layer, no clamp, without a calibration); "
         f"runtimes feed (d - m, d + m) for a request of density d, m = the engine's `density_margin` "
         f"(default {DEFAULT_DENSITY_MARGIN}).",
         "",

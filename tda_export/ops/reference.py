@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from .contract import ACTIVATIONS, NORM_FLOOR, SCORE_NORMS
+from .contract import ACTIVATIONS, NO_CLAMP, NORM_FLOOR, SCORE_NORMS
 
 
 def activation(name: str, x: np.ndarray) -> np.ndarray:
@@ -78,7 +78,7 @@ def rank_order(scores_row: np.ndarray) -> np.ndarray:
     return np.lexsort((np.arange(scores_row.size), -(scores_row.astype(np.float64) + 0.0)))
 
 
-def select_active(scores: np.ndarray, threshold: float, density_bounds=(0.0, 1.0)):
+def select_active(scores: np.ndarray, threshold: float, density_bounds=NO_CLAMP):
     """Returns (active_idx int32 [B,I], active_count int32 [B]) exactly as the contract specifies."""
     scores = scores.astype(np.float32)
     tau = np.float32(threshold)
