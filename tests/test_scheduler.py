@@ -34,6 +34,13 @@ class Collect:
         if isinstance(item, Done):
             self.done.set()
 
+    def started(self, timeout=60):
+        """Wait for the first generated text: the job is running."""
+        end = time.monotonic() + timeout
+        while not any(isinstance(i, Event) for i in self.items):
+            assert time.monotonic() < end, "the job never started"
+            time.sleep(0.005)
+
     def text(self, index=0):
         return "".join(i.text for i in self.items if isinstance(i, Event) and i.index == index)
 
@@ -95,8 +102,7 @@ def test_full_queue_raises_with_retry_after(engine, scheduler):
 def test_cancelled_job_frees_its_slot_within_a_step(engine, scheduler):
     long, c = job(engine, "a", n=400)
     scheduler.submit(long)
-    while not any(isinstance(i, Event) for i in c.items):
-        time.sleep(0.01)
+    c.started()
     long.cancel()
     waiting, cw = job(engine, "b", n=2)
     scheduler.submit(waiting)  # the queue (size 1) is free: the cancelled job is running, not waiting
@@ -118,18 +124,6 @@ def test_cancelled_job_frees_its_slot_within_a_step(engine, scheduler):
     assert ca.done.wait(60) and cb.done.wait(60)
 
 
-def slow_decode(engine, monkeypatch, seconds):
-    """Make every decode step take `seconds` (the tiny model is too fast to watch a queue drain); counts steps."""
-    decode, steps = engine.backend.decode, [0]
-
-    def slow(*args, **kwargs):
-        time.sleep(seconds)
-        steps[0] += 1
-        return decode(*args, **kwargs)
-    monkeypatch.setattr(engine.backend, "decode", slow)
-    return steps
-
-
 def many(engine, prompt, count, n, density=None):
     """One job of `count` sequences of `prompt` (a body with several prompts, or n choices)."""
     c = Collect()
@@ -139,15 +133,14 @@ def many(engine, prompt, count, n, density=None):
 
 @pytest.mark.parametrize("density", [None, 1.0], ids=["same-batch-key", "other-density"])
 @pytest.mark.parametrize("scheduler", [(64, 2)], indirect=True)
-def test_a_large_job_does_not_hold_the_queue(engine, scheduler, monkeypatch, density):
+def test_a_large_job_does_not_hold_the_queue(engine, scheduler, slow_decode, density):
     """12 sequences at max_batch 2 are 6 rounds; a small job sent behind them runs in the next round (round
     robin among waiting jobs) or, with other thresholds, the one after (the large job gives up the head after
     its turn), not after all 6."""
-    slow_decode(engine, monkeypatch, 0.01)
+    slow_decode(engine, 0.01)
     big, cb = many(engine, "the quick brown", 12, 20)
     scheduler.submit(big)
-    while not any(isinstance(i, Event) for i in cb.items):
-        time.sleep(0.005)
+    cb.started()
     small, cs = job(engine, "the quick brown", n=4, density=density)
     scheduler.submit(small)
     assert cs.done.wait(60)
@@ -171,10 +164,10 @@ def test_admission_counts_sequences_and_caps_a_request(engine):
 
 
 @pytest.mark.parametrize("scheduler", [(2, 1)], indirect=True)
-def test_retry_after_follows_the_measured_drain_rate(engine, scheduler, monkeypatch):
+def test_retry_after_follows_the_measured_drain_rate(engine, scheduler, slow_decode):
     """Each refusal is told to come back when the queue, drained at the rate measured so far, has room for it
     and for the clients refused before it: a burst's retries are spread, not all sent 1 s later."""
-    slow_decode(engine, monkeypatch, 0.05)
+    slow_decode(engine, 0.05)
     first, c = job(engine, "warm up", n=10)  # one batch of one sequence: ~0.5 s measured
     scheduler.submit(first)
     assert c.done.wait(60)
@@ -182,8 +175,7 @@ def test_retry_after_follows_the_measured_drain_rate(engine, scheduler, monkeypa
     assert rate is not None and 0.2 < rate < 5
     blockers = [job(engine, f"block {i}", n=200) for i in range(3)]  # one runs, two fill the queue
     scheduler.submit(blockers[0][0])
-    while not any(isinstance(i, Event) for i in blockers[0][1].items):
-        time.sleep(0.01)
+    blockers[0][1].started()
     blockers = [b for b, _ in blockers]
     for b in blockers[1:]:
         scheduler.submit(b)
@@ -202,8 +194,7 @@ def test_retry_after_follows_the_measured_drain_rate(engine, scheduler, monkeypa
 def test_cancelled_metric_counts_running_and_waiting_jobs(engine, scheduler):
     running, c = job(engine, "a", n=400)
     scheduler.submit(running)
-    while not any(isinstance(i, Event) for i in c.items):
-        time.sleep(0.01)
+    c.started()
     waiting, _ = job(engine, "b", n=4)
     scheduler.submit(waiting)
     waiting.cancel()

@@ -318,18 +318,6 @@ def test_serve_cli_refuses_a_busy_port_before_loading(tmp_path):
     assert "Traceback" not in r.output
 
 
-def slow_decode(engine, monkeypatch, seconds):
-    """Make every decode step take `seconds`, so a request runs long enough to watch; counts the steps."""
-    decode, steps = engine.backend.decode, [0]
-
-    def slow(*args, **kwargs):
-        time.sleep(seconds)
-        steps[0] += 1
-        return decode(*args, **kwargs)
-    monkeypatch.setattr(engine.backend, "decode", slow)
-    return steps
-
-
 def wait_for(condition, timeout):
     end = time.monotonic() + timeout
     while not condition():
@@ -369,9 +357,9 @@ def test_a_huge_body_is_refused_naming_the_cap_and_does_not_delay_others(engine)
         thread.join(timeout=10)
 
 
-def test_a_non_streaming_client_that_leaves_is_cancelled_within_a_step(engine, server, http, monkeypatch):
+def test_a_non_streaming_client_that_leaves_is_cancelled_within_a_step(engine, server, http, slow_decode):
     """Tokens arrive faster than the old 0.5 s idle poll, so a gone client's request used to run to the end."""
-    steps = slow_decode(engine, monkeypatch, 0.05)  # 400 tokens would take 20 s
+    steps = slow_decode(engine, 0.05)  # 400 tokens would take 20 s
     before = cancelled_total(http)
     body = json.dumps({"prompt": "the quick brown", "max_tokens": 400}).encode()
     sock = socket.create_connection(("127.0.0.1", server.port))
@@ -385,8 +373,8 @@ def test_a_non_streaming_client_that_leaves_is_cancelled_within_a_step(engine, s
     assert cancelled_total(http) == before + 1
 
 
-def test_a_stream_cancelled_mid_generation_is_counted(engine, server, http, monkeypatch):
-    slow_decode(engine, monkeypatch, 0.02)
+def test_a_stream_cancelled_mid_generation_is_counted(engine, server, http, slow_decode):
+    slow_decode(engine, 0.02)
     before = cancelled_total(http)
     with http.stream("POST", "/v1/completions", json={"prompt": "to be or", "max_tokens": 400, "stream": True}) as r:
         lines = r.iter_lines()
