@@ -148,7 +148,7 @@ class Scheduler:
         self.max_request = min(max_request or queue_size, queue_size)
         self.metrics = Metrics()
         self.drain = DrainMeter()
-        self._promised: deque[tuple[float, int]] = deque()  # (when, units) of refused jobs told to come back
+        self._promised: list[tuple[float, int]] = []  # (when, units) of refused jobs told to come back
         self._waiting: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -185,12 +185,11 @@ class Scheduler:
 
     def _retry_after(self, waiting: int, size: int) -> int:
         """Seconds until this job would fit, at the measured drain rate (call with the lock held). Jobs refused
-        earlier and told to come back before then are counted ahead of it, so the refused clients of a burst
+        earlier whose retry time has not come yet are counted ahead of it, so the refused clients of a burst
         are spread over the time the queue takes to drain instead of all retrying at once. Before any batch
         has finished the rate is unknown: one batch of max_batch units per second is assumed."""
         now = time.monotonic()
-        while self._promised and self._promised[0][0] <= now:
-            self._promised.popleft()
+        self._promised = [(when, units) for when, units in self._promised if when > now]
         ahead = sum(units for _, units in self._promised)
         rate = self.drain.rate() or float(self.max_batch)
         seconds = max(1, min(3600, math.ceil((waiting + ahead + size - self.queue_size) / rate)))
