@@ -137,7 +137,7 @@ def test_a_large_job_does_not_hold_the_queue(engine, scheduler, slow_decode, den
     """12 sequences at max_batch 2 are 6 rounds; a small job sent behind them runs in the next round (round
     robin among waiting jobs) or, with other thresholds, the one after (the large job gives up the head after
     its turn), not after all 6."""
-    slow_decode(engine, 0.01)
+    slow_decode(engine, 0.03)  # a round takes 0.6 s: the small job arrives while the first one runs
     big, cb = many(engine, "the quick brown", 12, 20)
     scheduler.submit(big)
     cb.started()
