@@ -92,12 +92,15 @@ def build(model, backend, out, dtype, calibration, no_calibrate, density, force,
 @click.command()
 @click.argument("directory", type=click.Path(path_type=Path))
 def inspect(directory):
-    """Verify every file's sha256 of an exported model directory, then summarise it.
+    """Verify every file's sha256 of an exported model directory and check it as `run` and `serve` would
+    (version, thresholds, tokenizer, safetensors header), then summarise it.
 
-    A failed verification is reported first; the summary still prints what can be read. Exit code 1 when
-    verification fails, 2 when the directory is not an export at all.
+    A failed verification is reported first, then each failed check naming its file; the summary still
+    prints what can be read. Exit code 1 when verification or a check fails, 2 when the directory is not an
+    export at all.
     """
     from . import manifest
+    from .runtime.validate import problems
 
     try:
         data = manifest.read(directory)
@@ -109,6 +112,9 @@ def inspect(directory):
     except manifest.ManifestError as e:
         failure = f"verification failed: {e}"
         click.echo(f"error: {failure}", err=True)
+    for problem in problems(directory, data):
+        click.echo(f"error: {problem}", err=True)
+        failure = failure or problem
     try:
         _summary(directory, data)
     except BrokenPipeError:

@@ -83,8 +83,11 @@ def run(engine_dir, prompt, max_new_tokens, temperature, top_k, top_p, stop, see
 @ENGINE
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
-@click.option("--queue-size", type=click.IntRange(1), default=64, show_default=True,
-              help="Waiting requests before new ones get 429 (with Retry-After).")
+@click.option("--queue-size", type=click.IntRange(1), default=256, show_default=True,
+              help="Waiting sequences (prompts x n, and prompts scored for echo) before new requests get 429 "
+                   "(with Retry-After from the measured drain rate).")
+@click.option("--max-request-sequences", "max_request", type=click.IntRange(1), default=64, show_default=True,
+              help="Sequences one request may hold (at most --queue-size); a larger request gets 400.")
 @click.option("--max-batch", type=click.IntRange(1), default=8, show_default=True,
               help="Sequences run together in one batch.")
 @click.option("--model-name", default=None,
@@ -93,7 +96,7 @@ def run(engine_dir, prompt, max_new_tokens, temperature, top_k, top_p, stop, see
               help="Seconds a client may take to send a request body before it gets 408.")
 @THREADS
 @BACKEND
-def serve(engine_dir, host, port, queue_size, max_batch, model_name, body_timeout, threads, backend):
+def serve(engine_dir, host, port, queue_size, max_request, max_batch, model_name, body_timeout, threads, backend):
     """Serve an OpenAI-compatible API: /v1/completions, /v1/chat/completions (SSE streaming), /v1/models,
     /health, /metrics.
 
@@ -114,9 +117,10 @@ def serve(engine_dir, host, port, queue_size, max_batch, model_name, body_timeou
         raise UserError(f"{e} (is another server running? pick another --port)") from None
     engine = _engine(engine_dir, threads, backend, max_batch)
     server = Server(engine, host, port, queue_size, max_batch, sock=sock, model_name=model_name,
-                    body_timeout=body_timeout)
+                    body_timeout=body_timeout, max_request=max_request)
     click.echo(f"serving {server.model_name} on http://{host}:{server.port} (backend {engine.backend.name}, "
-               f"max batch {max_batch}, queue {queue_size})", err=True)
+               f"max batch {max_batch}, queue {queue_size} sequences, at most {server.scheduler.max_request} "
+               f"per request)", err=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

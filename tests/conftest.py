@@ -1,3 +1,5 @@
+import time
+
 import pytest
 
 from tiny_models import FAMILIES, save_tiny
@@ -25,3 +27,20 @@ def served_engine_dir(tiny_dirs, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("served")
     out, _ = build_engine(tiny_dirs["llama"], tmp / "engine", tmp)
     return out
+
+
+@pytest.fixture
+def slow_decode(monkeypatch):
+    """slow_decode(engine, seconds): every decode step of the engine's backend takes `seconds` more (the tiny
+    models decode too fast to watch a queue drain or a client leave) until the test ends; returns a one-item
+    list counting the steps."""
+    def slow_down(engine, seconds):
+        decode, steps = engine.backend.decode, [0]
+
+        def slow(*args, **kwargs):
+            time.sleep(seconds)
+            steps[0] += 1
+            return decode(*args, **kwargs)
+        monkeypatch.setattr(engine.backend, "decode", slow)
+        return steps
+    return slow_down

@@ -8,7 +8,7 @@ import pytest
 from tda_export.runtime.engine import Engine
 from tda_export.runtime.generate import Event, generate
 from tda_export.runtime.sampling import SamplingParams
-from tda_export.runtime.scheduler import Done, Failed, Job, QueueFull, Scheduler, Scored
+from tda_export.runtime.scheduler import Done, Failed, Job, QueueFull, RequestTooLarge, Scheduler, Scored
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +33,13 @@ class Collect:
         self.items.append(item)
         if isinstance(item, Done):
             self.done.set()
+
+    def started(self, timeout=60):
+        """Wait for the first generated text: the job is running."""
+        end = time.monotonic() + timeout
+        while not any(isinstance(i, Event) for i in self.items):
+            assert time.monotonic() < end, "the job never started"
+            time.sleep(0.005)
 
     def text(self, index=0):
         return "".join(i.text for i in self.items if isinstance(i, Event) and i.index == index)
@@ -95,8 +102,7 @@ def test_full_queue_raises_with_retry_after(engine, scheduler):
 def test_cancelled_job_frees_its_slot_within_a_step(engine, scheduler):
     long, c = job(engine, "a", n=400)
     scheduler.submit(long)
-    while not any(isinstance(i, Event) for i in c.items):
-        time.sleep(0.01)
+    c.started()
     long.cancel()
     waiting, cw = job(engine, "b", n=2)
     scheduler.submit(waiting)  # the queue (size 1) is free: the cancelled job is running, not waiting
@@ -116,6 +122,89 @@ def test_cancelled_job_frees_its_slot_within_a_step(engine, scheduler):
     scheduler.submit(again)  # would be QueueFull if the cancelled one still held the place
     blocker.cancel()
     assert ca.done.wait(60) and cb.done.wait(60)
+
+
+def many(engine, prompt, count, n, density=None):
+    """One job of `count` sequences of `prompt` (a body with several prompts, or n choices)."""
+    c = Collect()
+    ids = engine.tokenizer(prompt).input_ids
+    return Job([ids] * count, [SamplingParams(max_new_tokens=n)] * count, density, on_event=c), c
+
+
+@pytest.mark.parametrize("density", [None, 1.0], ids=["same-batch-key", "other-density"])
+@pytest.mark.parametrize("scheduler", [(64, 2)], indirect=True)
+def test_a_large_job_does_not_hold_the_queue(engine, scheduler, slow_decode, density):
+    """12 sequences at max_batch 2 are 6 rounds; a small job sent behind them runs in the next round (round
+    robin among waiting jobs) or, with other thresholds, the one after (the large job gives up the head after
+    its turn), not after all 6."""
+    slow_decode(engine, 0.03)  # a round takes 0.6 s: the small job arrives while the first one runs
+    big, cb = many(engine, "the quick brown", 12, 20)
+    scheduler.submit(big)
+    cb.started()
+    small, cs = job(engine, "the quick brown", n=4, density=density)
+    scheduler.submit(small)
+    assert cs.done.wait(60)
+    assert not cb.done.is_set(), "the small job waited for the whole large job"
+    assert scheduler.metrics.batches <= (2 if density is None else 3)  # another key: after the big job's turn
+    assert cb.done.wait(60)
+    assert cs.text() == generate(engine, ["the quick brown"], SamplingParams(max_new_tokens=4), density)[0]
+
+
+def test_admission_counts_sequences_and_caps_a_request(engine):
+    s = Scheduler(engine, queue_size=8, max_batch=2, max_request=4)  # not started: nothing drains
+    with pytest.raises(RequestTooLarge, match="holds 5 sequences; a request may hold at most 4"):
+        s.submit(many(engine, "x y", 5, 4)[0])
+    s.submit(many(engine, "x y", 4, 4)[0])
+    s.submit(many(engine, "x y", 3, 4)[0])
+    assert s.depth() == 7
+    with pytest.raises(QueueFull, match="7 sequences are waiting and this request adds 2"):
+        s.submit(many(engine, "x y", 2, 4)[0])
+    s.submit(job(engine, "x y")[0])  # one more sequence still fits
+    assert Scheduler(engine, queue_size=8, max_request=100).max_request == 8
+
+
+@pytest.mark.parametrize("scheduler", [(2, 1)], indirect=True)
+def test_retry_after_follows_the_measured_drain_rate(engine, scheduler, slow_decode):
+    """Each refusal is told to come back when the queue, drained at the rate measured so far, has room for it
+    and for the clients refused before it: a burst's retries are spread, not all sent 1 s later."""
+    slow_decode(engine, 0.05)
+    first, c = job(engine, "warm up", n=10)  # one batch of one sequence: ~0.5 s measured
+    scheduler.submit(first)
+    assert c.done.wait(60)
+    rate = scheduler.drain.rate()
+    assert rate is not None and 0.2 < rate < 5
+    blockers = [job(engine, f"block {i}", n=200) for i in range(3)]  # one runs, two fill the queue
+    scheduler.submit(blockers[0][0])
+    blockers[0][1].started()
+    blockers = [b for b, _ in blockers]
+    for b in blockers[1:]:
+        scheduler.submit(b)
+    refused = []
+    for i in range(6):
+        with pytest.raises(QueueFull) as e:
+            scheduler.submit(job(engine, f"late {i}")[0])
+        refused.append(e.value.retry_after)
+    for b in blockers:
+        b.cancel()
+    assert refused == sorted(refused) and refused[-1] > refused[0], refused
+    assert refused[-1] >= int(6 / rate), (refused, rate)
+
+
+@pytest.mark.parametrize("scheduler", [(4, 1)], indirect=True)
+def test_cancelled_metric_counts_running_and_waiting_jobs(engine, scheduler):
+    running, c = job(engine, "a", n=400)
+    scheduler.submit(running)
+    c.started()
+    waiting, _ = job(engine, "b", n=4)
+    scheduler.submit(waiting)
+    waiting.cancel()
+    running.cancel()
+    assert c.done.wait(60)
+    finished, cf = job(engine, "c", n=2)
+    scheduler.submit(finished)
+    assert cf.done.wait(60)
+    finished.cancel()  # after Done, as the server does for every request: not a cancellation
+    assert scheduler.depth() == 0 and scheduler.metrics.cancelled == 2
 
 
 def test_a_failing_request_fails_alone(engine, scheduler):

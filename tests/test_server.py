@@ -2,9 +2,11 @@
 conformance (logprobs, echo, n, stream_options, chat content parts, models), exact usage, bad input answered
 with 4xx JSON naming the field, and the HTTP details that come from uvicorn/Starlette."""
 import asyncio
+import itertools
 import json
 import socket
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -140,7 +142,8 @@ def test_chat_logprobs_shape(client):
     assert len(content) == r.usage.completion_tokens
     for t in content:
         assert isinstance(t.token, str) and t.logprob <= 0 and len(t.top_logprobs) == 2
-        assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob and bytes(t.bytes).decode() == t.token
+        assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob
+        assert "\ufffd" in t.token or bytes(t.bytes).decode() == t.token  # partial characters: see below
 
 
 def test_echo_loglikelihood_equals_engine(engine, http):
@@ -313,3 +316,101 @@ def test_serve_cli_refuses_a_busy_port_before_loading(tmp_path):
         busy.close()
     assert r.exit_code == 2 and "cannot listen" in r.output and "no-such-engine" not in r.output
     assert "Traceback" not in r.output
+
+
+def wait_for(condition, timeout):
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def cancelled_total(http):
+    line = next(l for l in http.get("/metrics").text.splitlines() if l.startswith("tda_cancelled_requests_total "))
+    return float(line.split()[1])
+
+
+def test_a_huge_body_is_refused_naming_the_cap_and_does_not_delay_others(engine):
+    """2000 prompts x n=16 used to take one queue place and starve the FIFO: a 4-token request behind it got
+    no answer. Admission counts sequences, so that body is a 400 naming the cap, and the request is served."""
+    srv, thread = start(engine, queue_size=64, max_batch=8)
+    try:
+        url = f"http://127.0.0.1:{srv.port}/v1/completions"
+        big = {}
+        sender = threading.Thread(target=lambda: big.update(r=httpx.post(
+            url, json={"prompt": [[17, 40, 99]] * 2000, "n": 16, "max_tokens": 16}, timeout=60)))
+        sender.start()
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        small = httpx.post(url, json={"prompt": "the quick", "max_tokens": 4}, timeout=20)
+        assert small.status_code == 200 and time.monotonic() - t0 < 10
+        sender.join(60)
+        r = big["r"]
+        assert r.status_code == 400, r.text
+        message = r.json()["error"]["message"]
+        assert "32000 sequences (2000 prompt(s) x n=16)" in message and "at most 64" in message
+        assert "--max-request-sequences" in message and r.json()["error"]["param"] == "n"
+    finally:
+        srv.shutdown()
+        thread.join(timeout=10)
+
+
+def test_a_non_streaming_client_that_leaves_is_cancelled_within_a_step(engine, server, http, slow_decode):
+    """Tokens arrive faster than the old 0.5 s idle poll, so a gone client's request used to run to the end."""
+    steps = slow_decode(engine, 0.05)  # 400 tokens would take 20 s
+    before = cancelled_total(http)
+    body = json.dumps({"prompt": "the quick brown", "max_tokens": 400}).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert wait_for(lambda: steps[0] >= 3, 30)
+    sock.close()
+    at_close = steps[0]
+    assert wait_for(lambda: not server.scheduler.running, 5), "the request kept running after its client left"
+    assert steps[0] - at_close <= 2, f"{steps[0] - at_close} decode steps after the client left"
+    assert cancelled_total(http) == before + 1
+
+
+def test_a_stream_cancelled_mid_generation_is_counted(engine, server, http, slow_decode):
+    slow_decode(engine, 0.02)
+    before = cancelled_total(http)
+    with http.stream("POST", "/v1/completions", json={"prompt": "to be or", "max_tokens": 400, "stream": True}) as r:
+        lines = r.iter_lines()
+        assert sum(1 for l in itertools.islice(lines, 6) if l.startswith("data: ")) >= 2
+    assert wait_for(lambda: not server.scheduler.running, 5)
+    assert wait_for(lambda: cancelled_total(http) == before + 1, 5), cancelled_total(http)
+
+
+def test_chat_logprob_bytes_are_the_tokens_own(client):
+    """A token holding part of a UTF-8 character decodes alone to U+FFFD; its `bytes` must be its own bytes (the
+    tiny byte-level vocabulary has all 128 continuation and lead bytes as tokens), so that joining the bytes of
+    the chosen tokens gives the text."""
+    r = client.chat.completions.create(model="llama", messages=[{"role": "user", "content": "héllo wörld ✓"}],
+                                       max_tokens=16, logprobs=True, top_logprobs=20, temperature=0)
+    content = r.choices[0].logprobs.content
+    entries = [e for t in content for e in [t, *t.top_logprobs]]
+    partial = [e for e in entries if "\ufffd" in e.token]
+    assert partial, "no token holding part of a character among the top 20: the test checks nothing"
+    replacement = list("\ufffd".encode())
+    assert all(len(e.bytes) == 1 and e.bytes[0] >= 0x80 and e.bytes != replacement for e in partial)
+    assert all(bytes(e.bytes).decode() == e.token for e in entries if e not in partial)
+    chosen = content[:-1] if r.choices[0].finish_reason == "stop" else content  # EOS is not in the text
+    joined = b"".join(bytes(t.bytes) for t in chosen)
+    assert joined.decode("utf-8", "replace") == r.choices[0].message.content
+
+
+def test_token_bytes_rebuild_the_text(engine):
+    from tda_export.runtime.token_bytes import token_bytes
+
+    tok = engine.tokenizer
+    text = "héllo wörld ✓ 日本"
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert any("\ufffd" in tok.decode([i]) for i in ids)
+    assert b"".join(token_bytes(tok, i, tok.decode([i])) for i in ids) == text.encode()
+
+    class ByteFallback:  # SentencePiece's byte pieces, as Llama/Mistral tokenizers write them
+        def convert_ids_to_tokens(self, token):
+            return "<0xE2>"
+    assert token_bytes(ByteFallback(), 7, "\ufffd") == b"\xe2"

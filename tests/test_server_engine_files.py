@@ -77,3 +77,27 @@ def test_inspect_on_a_truncated_model_reports_verification_first(engine_copy):
 def test_inspect_of_a_good_engine_verifies(served_engine_dir):
     r = CliRunner().invoke(main, ["inspect", str(served_engine_dir)])
     assert r.exit_code == 0 and r.output.splitlines()[-1].startswith("verified")
+
+
+def corrupt_safetensors_header(directory):
+    path = directory / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[8:20] = b"not json at "  # the header's first bytes, after its 8-byte length
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage,file,needle", [
+    (lambda d: edit_calibration(d, lambda c: c["thresholds"]["0.50"].__setitem__(0, float("nan"))),
+     CALIBRATION_FILE, "nan"),
+    (lambda d: ((d / "tokenizer.json").write_text("garbage{{"), rehash(d)), "tokenizer.json", "tokenizer"),
+    (lambda d: (corrupt_safetensors_header(d), rehash(d)), "model.safetensors", "safetensors"),
+], ids=["nan-thresholds", "garbage-tokenizer", "safetensors-header"])
+def test_inspect_refuses_what_run_refuses_naming_the_file(engine_copy, damage, file, needle):
+    """The hashes match (the manifest was re-signed after the edit), yet the engine is unusable: inspect must
+    not say "verified", and names the file."""
+    damage(engine_copy)
+    r = CliRunner().invoke(main, ["inspect", str(engine_copy)])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    errors = [l for l in r.output.splitlines() if l.startswith("error: ")]
+    assert errors and str(engine_copy / file) in errors[0] and needle in errors[0], r.output
+    assert not any(l.startswith("verified") for l in r.output.splitlines())

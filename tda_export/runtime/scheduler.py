@@ -1,10 +1,14 @@
 """Request scheduling, independent of any web framework: one thread owns the engine and runs batches.
 
 A `Job` is one client request: one or more sequences to generate (several prompts, `n` choices each) and,
-for `echo`, prompts to score. The scheduler keeps a bounded FIFO of waiting jobs (`submit` raises
-`QueueFull` with a Retry-After estimate when it is full), and each round takes up to `max_batch` units of
-the same kind from the head of that FIFO: generation units with the same thresholds (one density, one
-prompt-length table) run as one batch (request batching, per-request density), scoring units as another. A job may span several rounds.
+for `echo`, prompts to score; each of those is a unit. Admission counts units, not requests: a job of more
+than `max_request` units is refused (`RequestTooLarge`), and one that would take the waiting units past
+`queue_size` gets `QueueFull` with a Retry-After computed from the measured drain rate (`DrainMeter`).
+Each round takes up to `max_batch` units of the same kind, one unit per waiting job in turn (round robin,
+in arrival order), and the job whose key started the round moves behind the others if it has units left:
+so a large job shares the engine with the jobs behind it instead of holding the FIFO until it is done.
+Generation units with the same thresholds (one density, one prompt-length table) run as one batch
+(request batching, per-request density), scoring units as another. A job may span several rounds.
 
 Results go back through `job.on_event(item)`, called on the scheduler thread, with in order:
 `Scored(prompt, logprobs)` per scored prompt, generation `Event`s (index = the job's sequence), and finally
@@ -30,9 +34,18 @@ from .sampling import SamplingParams, TokenLogprob
 
 
 class QueueFull(Exception):
-    def __init__(self, retry_after: int):
-        super().__init__(f"server busy: the request queue is full, retry after {retry_after} s")
+    def __init__(self, retry_after: int, waiting: int, size: int, queue_size: int):
+        super().__init__(f"server busy: {waiting} sequences are waiting and this request adds {size}, more than "
+                         f"the queue holds ({queue_size}); retry after {retry_after} s")
         self.retry_after = retry_after
+
+
+class RequestTooLarge(ValueError):
+    """A job of more units than one request may hold: retrying cannot help, the client must split it."""
+
+    def __init__(self, size: int, cap: int):
+        super().__init__(f"this request holds {size} sequences; a request may hold at most {cap}")
+        self.size, self.cap = size, cap
 
 
 @dataclass
@@ -68,6 +81,7 @@ class Job:
             raise ValueError(f"{len(self.prompts)} prompts but {len(self.params)} sampling params")
         self._todo = [("score", i) for i in range(len(self.score))] + [("gen", i) for i in range(len(self.prompts))]
         self._open = len(self._todo)       # units not finished yet
+        self._cancel_counted = False
 
     def cancel(self):
         self.cancelled.set()
@@ -82,6 +96,25 @@ class _Unit:
     @property
     def key(self):
         return ("score",) if self.kind == "score" else self.job._gen_keys[self.index]
+
+
+class DrainMeter:
+    """How fast the queue drains: units finished per second of batch time over the last `window` batches.
+    Batch time, not wall time, so idle periods do not lower the rate (the queue is only full when busy)."""
+
+    def __init__(self, window: int = 16):
+        self._recent: deque[tuple[int, float]] = deque(maxlen=window)
+        self._lock = threading.Lock()
+
+    def record(self, units: int, seconds: float) -> None:
+        with self._lock:
+            self._recent.append((units, seconds))
+
+    def rate(self) -> float | None:
+        """Units per second, None before any batch has finished."""
+        with self._lock:
+            seconds = sum(s for _, s in self._recent)
+            return sum(u for u, _ in self._recent) / seconds if seconds > 0 else None
 
 
 class Metrics:
@@ -106,9 +139,16 @@ class Metrics:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, queue_size: int = 32, max_batch: int = 8, gather_seconds: float = 0.005):
+    """queue_size: waiting units (sequences and scored prompts) before `submit` raises QueueFull; max_request:
+    the most units one job may hold (at most queue_size, which is also the default)."""
+
+    def __init__(self, engine: Engine, queue_size: int = 32, max_batch: int = 8, gather_seconds: float = 0.005,
+                 max_request: int | None = None):
         self.engine, self.queue_size, self.max_batch, self.gather = engine, queue_size, max_batch, gather_seconds
+        self.max_request = min(max_request or queue_size, queue_size)
         self.metrics = Metrics()
+        self.drain = DrainMeter()
+        self._promised: list[tuple[float, int]] = []  # (when, units) of refused jobs told to come back
         self._waiting: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -120,27 +160,41 @@ class Scheduler:
         if not job._todo:
             _deliver(job, Done())
             return
+        if len(job._todo) > self.max_request:
+            raise RequestTooLarge(len(job._todo), self.max_request)
         # Sequences batch together only when they would use the same thresholds alone (the density and, with
         # per-prompt-length calibration tables, the same table), so a batched result equals the unbatched one.
         job._gen_keys = [("gen", job.density, self.engine.thresholds(job.density, len(p)).tobytes())
                          for p in job.prompts]
         with self._cond:
             self._drop_cancelled()
-            if len(self._waiting) >= self.queue_size:
-                raise QueueFull(self.retry_after())
+            waiting = self._units_waiting()
+            if waiting + len(job._todo) > self.queue_size:
+                raise QueueFull(self._retry_after(waiting, len(job._todo)), waiting, len(job._todo), self.queue_size)
             self._waiting.append(job)
             self._cond.notify()
 
     def depth(self) -> int:
+        """Waiting units (sequences to generate and prompts to score)."""
         with self._cond:
             self._drop_cancelled()
-            return len(self._waiting)
+            return self._units_waiting()
 
-    def retry_after(self) -> int:
-        """Seconds until the queue has likely drained one batch: the mean batch time so far, rounded up."""
-        m = self.metrics
-        mean = m.batch_seconds / m.batches if m.batches else 1.0
-        return max(1, math.ceil(mean))
+    def _units_waiting(self) -> int:
+        return sum(len(j._todo) for j in self._waiting)
+
+    def _retry_after(self, waiting: int, size: int) -> int:
+        """Seconds until this job would fit, at the measured drain rate (call with the lock held). Jobs refused
+        earlier whose retry time has not come yet are counted ahead of it, so the refused clients of a burst
+        are spread over the time the queue takes to drain instead of all retrying at once. Before any batch
+        has finished the rate is unknown: one batch of max_batch units per second is assumed."""
+        now = time.monotonic()
+        self._promised = [(when, units) for when, units in self._promised if when > now]
+        ahead = sum(units for _, units in self._promised)
+        rate = self.drain.rate() or float(self.max_batch)
+        seconds = max(1, min(3600, math.ceil((waiting + ahead + size - self.queue_size) / rate)))
+        self._promised.append((now + seconds, size))
+        return seconds
 
     def start(self):
         self._thread.start()
@@ -158,8 +212,20 @@ class Scheduler:
         gone = [j for j in self._waiting if j.cancelled.is_set()]
         for j in gone:
             self._waiting.remove(j)
-            with self.metrics.lock:
+            self._count_cancelled(j)
+
+    def _count_cancelled(self, job: Job) -> None:
+        """Count a job cancelled before it finished, once (waiting or running)."""
+        with self.metrics.lock:
+            if not job._cancel_counted:
+                job._cancel_counted = True
                 self.metrics.cancelled += 1
+
+    def _stop_if_cancelled(self, job: Job) -> bool:
+        if job.cancelled.is_set():
+            self._count_cancelled(job)
+            return True
+        return False
 
     def _next_batch(self) -> list[_Unit] | None:
         with self._cond:
@@ -178,17 +244,20 @@ class Scheduler:
             head = self._waiting[0]
             key = _Unit(head, *head._todo[0]).key
             units: list[_Unit] = []
-            for job in list(self._waiting):
-                while job._todo and len(units) < self.max_batch:
-                    unit = _Unit(job, *job._todo[0])
-                    if unit.key != key:
+            took = True
+            while took and len(units) < self.max_batch:  # round robin: one unit of each job per pass
+                took = False
+                for job in self._waiting:
+                    if len(units) == self.max_batch:
                         break
-                    units.append(unit)
-                    job._todo.pop(0)
-                if not job._todo:
-                    self._waiting.remove(job)
-                if len(units) >= self.max_batch:
-                    break
+                    if job._todo and _Unit(job, *job._todo[0]).key == key:
+                        units.append(_Unit(job, *job._todo.pop(0)))
+                        took = True
+            for job in [j for j in self._waiting if not j._todo]:
+                self._waiting.remove(job)
+            if head._todo:  # its turn is over: the next round starts from the job behind it
+                self._waiting.remove(head)
+                self._waiting.append(head)
             return units
 
     def _run(self):
@@ -196,9 +265,11 @@ class Scheduler:
             if not units:
                 continue
             self.running = list({id(u.job): u.job for u in units}.values())
+            t0 = time.perf_counter()
             try:
                 self._run_units(units, retry_alone=len(units) > 1)
             finally:
+                self.drain.record(len(units), time.perf_counter() - t0)
                 self.running = []
                 for u in units:
                     self._finish_unit(u)
@@ -225,7 +296,7 @@ class Scheduler:
             self.metrics.batch_seconds += time.perf_counter() - t0
 
     def _score(self, units: list[_Unit]) -> bool:
-        live = [u for u in units if not u.job.cancelled.is_set()]
+        live = [u for u in units if not self._stop_if_cancelled(u.job)]
         if not live:
             return False
         top = max(u.job.score_top for u in live)
@@ -242,7 +313,7 @@ class Scheduler:
         stats = Stats()
         jobs = [u.job for u in units]
         events = stream(self.engine, [u.job.prompts[u.index] for u in units], [u.job.params[u.index] for u in units],
-                        jobs[0].density, stats, cancelled=lambda b: jobs[b].cancelled.is_set())
+                        jobs[0].density, stats, cancelled=lambda b: self._stop_if_cancelled(jobs[b]))
         try:
             for ev in events:
                 u = units[ev.index]

@@ -29,12 +29,15 @@ from .openai_api import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatComp
                          ChatCompletionRequest, ChatLogprobs, ChatTokenLogprob, Completion, CompletionChoice,
                          CompletionLogprobs, CompletionRequest, Delta, ErrorResponse, ModelCard, ModelList,
                          TopLogprob, Usage, finite_or_none)
-from .scheduler import Done, Failed, Job, QueueFull, Scheduler, Scored
+from .scheduler import Done, Failed, Job, QueueFull, RequestTooLarge, Scheduler, Scored
+from .token_bytes import token_bytes
 
 MAX_BODY = 1 << 20
 BODY_TIMEOUT = 10.0          # seconds a client may take to send its whole body
 DEFAULT_MAX_TOKENS = 64
 BACKLOG = 2048
+QUEUE_SIZE = 256             # waiting sequences (prompts x n, and prompts to score) before 429
+MAX_REQUEST = 64             # sequences one request may hold (at most QUEUE_SIZE) before 400
 
 
 class ApiError(Exception):
@@ -122,6 +125,9 @@ async def _send_error(send, status: int, message: str):
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
                             (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": data})
+
+
+_GONE = object()  # put in an inbox when its client disconnected
 
 
 class _Inbox:
@@ -263,14 +269,28 @@ def create_app(engine: Engine, scheduler: Scheduler, model_name: str, max_body: 
     def default_tokens(ids: list[list[int]]) -> int:
         return max(1, min(DEFAULT_MAX_TOKENS, engine.max_context - max(map(len, ids))))
 
-    def submit(gen_prompts, params, density, score, score_top) -> tuple[Job, _Inbox]:
+    def submit(gen_prompts, params, density, score, score_top, prompts: int, n: int) -> tuple[Job, _Inbox]:
         inbox = _Inbox()
         job = Job(gen_prompts, params, density, score, score_top, on_event=inbox.put)
         try:
             scheduler.submit(job)
         except QueueFull as e:
             raise ApiError(429, str(e), "rate_limit_error", headers={"Retry-After": str(e.retry_after)}) from None
+        except RequestTooLarge as e:
+            parts = f"{prompts} prompt(s) x n={n}" + (f" + {len(score)} scored prompt(s)" if score else "")
+            raise ApiError(400, f"this request holds {e.size} sequences ({parts}); this server takes at most {e.cap} "
+                                f"per request (serve --max-request-sequences): split it into smaller requests",
+                           param="prompt" if n == 1 else "n") from None
         return job, inbox
+
+    async def cancel_on_disconnect(job: Job, inbox: _Inbox, request: Request):
+        """Wait for the client to go away, then cancel its job (the scheduler stops it before its next decode
+        step) and end its wait for items. For non-streaming requests, whose response is sent only at the end;
+        Starlette watches streaming ones itself."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        job.cancel()
+        inbox.put(_GONE)
 
     async def items(job: Job, inbox: _Inbox, request: Request):
         """The job's items until Done; a client that went away cancels the job."""
@@ -282,7 +302,7 @@ def create_app(engine: Engine, scheduler: Scheduler, model_name: str, max_body: 
                     if await request.is_disconnected():
                         return
                     continue
-                if isinstance(item, Done):
+                if isinstance(item, Done) or item is _GONE:
                     return
                 yield item
         finally:
@@ -308,8 +328,12 @@ def create_app(engine: Engine, scheduler: Scheduler, model_name: str, max_body: 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def collected(job, inbox, request, r: _Request) -> None:
-        async for item in items(job, inbox, request):
-            r.apply(item)
+        watcher = asyncio.create_task(cancel_on_disconnect(job, inbox, request))
+        try:
+            async for item in items(job, inbox, request):
+                r.apply(item)
+        finally:
+            watcher.cancel()
         if r.error:
             raise ApiError(500, f"generation failed: {r.error}", "server_error")
 
@@ -333,7 +357,7 @@ def create_app(engine: Engine, scheduler: Scheduler, model_name: str, max_body: 
     def chat_logprobs(entries) -> ChatLogprobs:
         def top(t, v):
             s = piece(t)
-            return TopLogprob(token=s, logprob=finite_or_none(v), bytes=list(s.encode("utf-8", "replace")))
+            return TopLogprob(token=s, logprob=finite_or_none(v), bytes=list(token_bytes(tok, t, s)))
 
         return ChatLogprobs(content=[ChatTokenLogprob(**top(t, lp.logprob).model_dump(),
                                                       top_logprobs=[top(a, v) for a, v in lp.top])
@@ -356,7 +380,7 @@ def create_app(engine: Engine, scheduler: Scheduler, model_name: str, max_body: 
                     gen.append(p)
                     params.append(req.sampling(max_tokens, req.logprobs, j))
         score = ids if req.echo and req.logprobs is not None else []
-        job, inbox = submit(gen, params, req.density, score, req.logprobs or 0)
+        job, inbox = submit(gen, params, req.density, score, req.logprobs or 0, len(ids), req.n)
         rid, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         offsets = [0] * len(r.choices)
 
@@ -395,7 +419,7 @@ def create_app(engine: Engine, scheduler: Scheduler, model_name: str, max_body: 
         top = (req.top_logprobs or 0) if req.logprobs else None
         r = _Request(ids, [text], req.n, max_tokens, False, top)
         params = [req.sampling(max_tokens, top, j) for j in range(req.n)]
-        job, inbox = submit(ids * req.n, params, req.density, [], 0)
+        job, inbox = submit(ids * req.n, params, req.density, [], 0, 1, req.n)
         rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def chunk(choices, usage=None):
@@ -468,13 +492,13 @@ def render_metrics(scheduler: Scheduler, status_counts: dict) -> str:
 class Server:
     """The scheduler and uvicorn serving the app; `serve_forever()` blocks, `shutdown()` stops both."""
 
-    def __init__(self, engine: Engine, host="127.0.0.1", port=8000, queue_size=64, max_batch=8,
+    def __init__(self, engine: Engine, host="127.0.0.1", port=8000, queue_size=QUEUE_SIZE, max_batch=8,
                  sock: socket.socket | None = None, model_name: str | None = None, body_timeout=BODY_TIMEOUT,
-                 max_body=MAX_BODY):
+                 max_body=MAX_BODY, max_request=MAX_REQUEST):
         import uvicorn
 
         self.sock = sock if sock is not None else bind_socket(host, port)
-        self.scheduler = Scheduler(engine, queue_size, max_batch)
+        self.scheduler = Scheduler(engine, queue_size, max_batch, max_request=max_request)
         self.model_name = model_name or str(engine.manifest.get("model", "tda-model"))
         app = create_app(engine, self.scheduler, self.model_name, max_body, body_timeout)
         config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=5, backlog=BACKLOG,

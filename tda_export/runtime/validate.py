@@ -1,0 +1,80 @@
+"""What an engine directory must pass beyond its hashes before a runtime uses it, one check per part, each
+failure an EngineError naming the file: the tda-export version that built it, the thresholds (manifest and
+calibration.json), the tokenizer files and the safetensors header. `problems()` runs them all, so `inspect`
+refuses what `run` and `serve` refuse, even in a directory whose manifest was re-hashed after an edit.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .. import __version__, manifest
+from ..calibration import CALIBRATION_FILE, Calibration
+from .engine import EngineError, check_thresholds
+
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                  "vocab.json")
+
+
+def check_version(directory: Path, data: dict) -> None:
+    built_with = data.get("versions", {}).get("tda-export")
+    if built_with and built_with.split(".")[0] != __version__.split(".")[0]:
+        raise EngineError(f"{directory / manifest.NAME}: built by tda-export {built_with}, this is "
+                          f"{__version__} (major versions differ); rebuild the engine")
+
+
+def load_calibration(directory: Path, data: dict) -> Calibration | None:
+    """calibration.json (None when the engine has none), its thresholds and the manifest's checked."""
+    path = directory / CALIBRATION_FILE
+    try:
+        calibration = Calibration.load(path) if path.is_file() else None
+    except ValueError as e:
+        raise EngineError(str(e)) from None
+    check_thresholds(directory, data, calibration)
+    return calibration
+
+
+def load_tokenizer(directory: Path):
+    """The engine's tokenizer; a file that is not JSON is named, and so are the files of one that fails."""
+    from transformers import AutoTokenizer
+
+    for name in TOKENIZER_JSON:
+        path = directory / name
+        if path.is_file():
+            try:
+                json.loads(path.read_bytes())
+            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+                raise EngineError(f"{path}: not a readable tokenizer file (invalid JSON: {e})") from None
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except Exception as e:  # noqa: BLE001 - tokenizers and transformers raise many types for a bad file
+        present = [n for n in TOKENIZER_JSON if (directory / n).is_file()] or ["no tokenizer files"]
+        raise EngineError(f"{directory}: cannot load its tokenizer ({', '.join(present)}): "
+                          f"{type(e).__name__}: {str(e)[:300]}") from None
+
+
+def check_weights(directory: Path, data: dict) -> None:
+    """The safetensors header parses and its tensors lie inside the file (what the native runtime reads)."""
+    from safetensors import safe_open
+
+    name = data.get("weights_file")
+    if not name:
+        return  # weights inside model.onnx (older engines)
+    path = directory / name
+    try:
+        with safe_open(path, "numpy") as f:
+            f.keys()
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError
+        raise EngineError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def problems(directory, data: dict) -> list[str]:
+    """Every check's failure message (empty when the directory passes)."""
+    directory = Path(directory)
+    found = []
+    for check in (check_version, load_calibration, lambda d, _: load_tokenizer(d), check_weights):
+        try:
+            check(directory, data)
+        except EngineError as e:
+            found.append(str(e))
+    return found
