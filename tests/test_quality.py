@@ -190,36 +190,52 @@ def test_budget_backs_off_until_validation_holds(llama):
     assert impossible["densities"] == [1.0] * 3 and impossible["kept_steps"] == 0
 
 
+def engine_density(engine, tokenizer, text_file, sequences: int, prompt: int, continuation: int, bounds):
+    """[sequences, layers] share of neurons the engine keeps after a prefill of the prompts `eval` reads from
+    text_file (the first `sequences` held-out windows, one more window for greedy generation)."""
+    import numpy as np
+
+    windows = token_windows(tokenize(tokenizer, read_text(text_file, "evaluation")), sequences + 1,
+                            prompt + continuation)
+    ids = windows[:sequences, :prompt].numpy().astype(np.int64)
+    _, state = engine.backend.prefill(ids, np.ones_like(ids), engine.thresholds(0.5, prompt), bounds)
+    return engine.backend.active_counts(state).T / engine.manifest["intermediate_size"]
+
+
+def eval_json(model, calibration, text_file, sequences: int, prompt: int, continuation: int, *extra) -> dict:
+    r = cli("eval", "-m", model, "-c", calibration, "--density", "0.5", "--text", text_file, "--prompt-tokens", prompt,
+            "--sequences", sequences, "--continuation-tokens", continuation, "--generate-prompts", 1,
+            "--generate-tokens", 2, "--json", "-q", *extra)
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout[r.stdout.index("{"):])
+
+
+def assert_same_density(report: dict, kept, tol: float = 0.01):
+    import numpy as np
+
+    got = report["realised_density"]
+    assert abs(got["mean"] - kept.mean()) < tol, (got["mean"], kept.mean())
+    np.testing.assert_allclose(got["per_layer"], kept.mean(0), atol=tol)
+    assert abs(got["per_sequence_min"] - kept.mean(1).min()) < tol
+    assert abs(got["per_sequence_max"] - kept.mean(1).max()) < tol
+
+
 def test_eval_density_is_the_exported_engines_on_the_same_windows(served_engine_dir, tiny_dirs, llama, tmp_path):
     """`eval --density 0.5 --json` reports the density the exported engine keeps on the same windows (ONNX
     Runtime, the engine's own thresholds table and clamp); --no-clamp reports the engine fed thresholds alone."""
-    import numpy as np
-
     from tda_export.runtime.engine import Engine
 
     engine = Engine.load(served_engine_dir, backend="onnxruntime", threads=1)
     f = tmp_path / "t.txt"
     f.write_text(random_text(800, seed=2))  # not the text the engine was calibrated on: thresholds drift
-    sequences, prompt, cont = 8, 16, 8
-    reports = {}
-    for clamp in ("", "--no-clamp"):
-        r = cli("eval", "-m", tiny_dirs["llama"], "-c", served_engine_dir / "calibration.json", "--density", "0.5",
-                "--text", f, "--prompt-tokens", prompt, "--sequences", sequences, "--continuation-tokens", cont,
-                "--generate-prompts", 1, "--generate-tokens", 2, "--json", "-q", *([clamp] if clamp else []))
-        assert r.exit_code == 0, r.output
-        reports[clamp] = json.loads(r.stdout[r.stdout.index("{"):])
-    sel = reports[""]["selection"]
-    assert sel["as_engine"] and sel["density_margin"] == 0.05 and sel["threshold_table_prompt_tokens"] == prompt
-    assert reports["--no-clamp"]["selection"]["density_bounds"] is None
-    # the windows eval read: the evaluation part of f, its first `sequences` windows' prompts
-    windows = token_windows(tokenize(llama.tokenizer, read_text(f, "evaluation")), sequences + 1, prompt + cont)
-    ids = windows[:sequences, :prompt].numpy().astype(np.int64)
-    inter = engine.manifest["intermediate_size"]
-    for clamp, bounds in (("", engine.density_bounds(0.5)), ("--no-clamp", None)):
-        _, state = engine.backend.prefill(ids, np.ones_like(ids), engine.thresholds(0.5, prompt), bounds)
-        kept = engine.backend.active_counts(state).T / inter  # [sequences, layers]
-        got = reports[clamp]["realised_density"]
-        assert abs(got["mean"] - kept.mean()) < 0.01, (clamp, got["mean"], kept.mean())
-        np.testing.assert_allclose(got["per_layer"], kept.mean(0), atol=0.01)
-        assert abs(got["per_sequence_min"] - kept.mean(1).min()) < 0.01
-        assert abs(got["per_sequence_max"] - kept.mean(1).max()) < 0.01
+    shape = (8, 16, 8)  # windows, prompt and continuation tokens
+    cal = served_engine_dir / "calibration.json"
+    clamped = eval_json(tiny_dirs["llama"], cal, f, *shape)
+    sel = clamped["selection"]
+    assert sel["as_engine"] and sel["density_margin"] == 0.05 and sel["threshold_table_prompt_tokens"] == 16
+    assert_same_density(clamped, engine_density(engine, llama.tokenizer, f, *shape, engine.density_bounds(0.5)))
+    alone = eval_json(tiny_dirs["llama"], cal, f, *shape, "--no-clamp")
+    assert alone["selection"]["density_bounds"] is None and not alone["selection"]["as_engine"]
+    assert_same_density(alone, engine_density(engine, llama.tokenizer, f, *shape, None))
+    # here the thresholds alone keep far less than asked: only the clamp makes eval's figure the engine's
+    assert alone["realised_density"]["mean"] < clamped["realised_density"]["mean"] - 0.03
