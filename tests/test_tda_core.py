@@ -11,6 +11,7 @@ from tda_export.calibration import Calibration
 from tda_export.cli import main
 from tda_export.models import forward, load_model
 from tda_export.ops import reference
+from tda_export.ops.contract import DEFAULT_DENSITY_MARGIN
 from tda_export.quality import Evaluator, build_calibration, calibrate_thresholds, token_windows
 from tda_export.tda import TDAHooks, prompt_scores, select_mask, thresholds_for_density
 from tiny_models import FAMILIES
@@ -167,6 +168,18 @@ def test_budget_allocation_stays_within_budget(tiny_models):
     assert 0 <= b["kept_steps"] <= b["tuned_steps"] == len(b["steps"])
     assert cal.default["kind"] == "budget" and len(cal.default["thresholds"]) == lm.config.num_hidden_layers
     assert min(b["densities"]) < 1.0, "a 5% budget on a random model should allow some sparsity"
+    assert b["density_margin"] == DEFAULT_DENSITY_MARGIN  # tuned and validated with the engines' clamp
+
+
+def test_cli_calibrate_no_clamp_tunes_the_budget_on_thresholds_alone(tiny_dirs, tmp_path):
+    text, out = tmp_path / "t.txt", tmp_path / "cal.json"
+    text.write_text(TEXT)
+    r = CliRunner().invoke(main, ["calibrate", "-m", str(tiny_dirs["qwen2"]), "--text", str(text), "--densities", "0.5",
+                                  "--sequences", "4", "--prompt-tokens", "16", "--max-ppl-increase", "0.05",
+                                  "--tune-sequences", "2", "--validation-sequences", "2", "--no-clamp", "-q",
+                                  "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["budget"]["density_margin"] is None
 
 
 def test_cli_eval_json_on_hf_dir(tiny_dirs, tmp_path):
