@@ -23,9 +23,9 @@ import time
 import numpy as np
 import torch
 
+from gating_modes import GatedHooks, TokenGating  # bench/, beside this script
 from tda_export.models import load_model
-from tda_export.quality import Evaluator, build_calibration, evaluate_configs, tokenize, token_windows
-from tda_export.tda import TokenGating
+from tda_export.quality import build_calibration, evaluate_configs, selection_bounds
 from tda_export.text import corpus
 
 DENSITY_GRID = (0.3, 0.5, 0.7, 0.9)
@@ -109,7 +109,7 @@ def mask_densities(ev, batches, cal, prompt_len: int = 128) -> dict:
             dens = []
             for p in batches:
                 ev.hooks.scores = p.scores
-                ev.hooks.set_masks(mode, th, ds, clamp)
+                ev.hooks.set_masks(mode, th, ds, selection_bounds(mode, ds, clamp))
                 dens.append(torch.stack([m.float().mean(-1) for m in ev.hooks.masks], 1))
             dens = torch.cat(dens).numpy()  # [W, L]
             seq, layer = dens.mean(1), dens.mean(0)
@@ -168,7 +168,7 @@ def main():
         chosen = phase or (args.configs if dom.startswith("in-domain") else args.cross_configs)
         configs = [c for s in chosen.split(",") if s for c in config_set(cal, s)]
         part = evaluate_configs(lm, text, dom, configs, sequences=args.sequences, continuation=args.continuation,
-                                generate_prompts=0, quiet=True, on_prefilled=study_once(dom))
+                                generate_prompts=0, quiet=True, on_prefilled=study_once(dom), hooks_type=GatedHooks)
         for cfg, r in zip(configs, part):
             r["config"], r["domain"] = cfg["name"], dom
         reports += part

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import domains, meta  # noqa: E402
 
 from tda_export.models import load_model  # noqa: E402
+from tda_export.ops.contract import DEFAULT_DENSITY_MARGIN  # noqa: E402
 from tda_export.quality import build_calibration, evaluate_configs  # noqa: E402
 from tda_export.text import corpus  # noqa: E402
 
@@ -47,10 +48,12 @@ def main():
                             confidence=args.confidence, levels=levels, continuation=args.continuation)
     b, v = cal.budget, cal.budget["validation"]
     near = round(b["mean_density"], 1)
+    # both as engines select (the budget was tuned and validated with the same clamp)
     configs = [{"name": f"budget {args.budget:+.0%}", "mode": "tda", "thresholds": b["thresholds"],
-                "densities": b["densities"]},
+                "densities": b["densities"], "clamp": DEFAULT_DENSITY_MARGIN},
                {"name": f"uniform tda d={near}", "mode": "tda", "requested_density": near,
-                "thresholds": cal.thresholds_for(near), "densities": [near] * cal.num_layers}]
+                "thresholds": cal.thresholds_for(near), "densities": [near] * cal.num_layers,
+                "clamp": DEFAULT_DENSITY_MARGIN}]
     reports = []
     for dom, text in domains("both").items():
         part = evaluate_configs(lm, text, dom, configs, sequences=args.sequences, continuation=args.continuation,

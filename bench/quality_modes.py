@@ -32,10 +32,9 @@ import time
 
 import torch
 
+from gating_modes import GatedHooks, TokenGating, activation_rotations, allocate_gating  # bench/, beside this
 from tda_export.models import load_model
-from tda_export.quality import (Evaluator, activation_rotations, allocate_gating, build_calibration,
-                                config_report, tokenize, token_windows)
-from tda_export.tda import TokenGating
+from tda_export.quality import Evaluator, build_calibration, config_report, tokenize, token_windows
 from tda_export.text import corpus
 
 PROMPT = 128
@@ -91,7 +90,7 @@ def main():
     t0 = time.time()
     lm = load_model(args.model)
     n = lm.config.num_hidden_layers
-    ev = Evaluator(lm, quiet=True)
+    ev = Evaluator(lm, quiet=True, hooks_type=GatedHooks)
     if args.domain == "in-domain":
         text, source = corpus("evaluation"), "in-domain (shakespeare eval split)"
     else:

@@ -40,12 +40,17 @@ class Calibration:
     format: str = FORMAT
     extra: dict = field(default_factory=dict)
 
-    def table(self, prompt_len: int | None = None) -> dict[str, list[float]]:
-        """density -> per-layer thresholds for prompts of about `prompt_len` tokens (nearest in log scale)."""
+    def nearest_length(self, prompt_len: int | None = None) -> int | None:
+        """The calibrated prompt length whose table serves prompts of about `prompt_len` tokens (nearest in log
+        scale); None where the file has one table only (or no length is given)."""
         if prompt_len is None or not self.by_prompt_length:
-            return self.thresholds
-        nearest = min(self.by_prompt_length, key=lambda n: abs(math.log(int(n) / max(prompt_len, 1))))
-        return self.by_prompt_length[nearest]
+            return None
+        return int(min(self.by_prompt_length, key=lambda n: abs(math.log(int(n) / max(prompt_len, 1)))))
+
+    def table(self, prompt_len: int | None = None) -> dict[str, list[float]]:
+        """density -> per-layer thresholds for prompts of about `prompt_len` tokens (see nearest_length)."""
+        nearest = self.nearest_length(prompt_len)
+        return self.thresholds if nearest is None else self.by_prompt_length[str(nearest)]
 
     def thresholds_for(self, density: float, prompt_len: int | None = None) -> list[float]:
         key, table = density_key(density), self.table(prompt_len)

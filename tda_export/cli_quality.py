@@ -8,7 +8,7 @@ import click
 
 from .cli import UserError
 from .cli_device import device_options, resolve as resolve_device
-from .ops.contract import SCORE_NORMS
+from .ops.contract import DEFAULT_DENSITY_MARGIN, SCORE_NORMS
 
 
 def model_options(f):
@@ -45,6 +45,13 @@ def _load(model: str, weights: str | None, device: str = "auto", compute_dtype: 
         return load_model(model, weights, dtype, device)
     except (ModelNotFound, UnsupportedModel, ValueError) as e:
         raise UserError(str(e)) from None
+
+
+def no_clamp_option(what: str):
+    return click.option("--no-clamp", is_flag=True,
+                        help=f"{what} by thresholds alone, without the engines' clamp of each sequence's per-layer "
+                             f"density to d +- {DEFAULT_DENSITY_MARGIN} (to study thresholds; exported engines "
+                             f"clamp).")
 
 
 def _densities(value: str) -> list[float]:
@@ -89,10 +96,11 @@ def _text(path, split):
                    "less backing off).")
 @click.option("--sequences", type=click.IntRange(1), default=None,
               help="Calibration prompts [recipe's calibration.sequences, else 64].")
+@no_clamp_option("With --max-ppl-increase: tune and validate the allocation selecting")
 @click.option("--out", "-o", type=click.Path(), default=None,
               help="Calibration file to write [<model>.calibration.json].")
 def calibrate(model, weights, text, prompt_tokens, score_norm, batch_size, quiet, device, compute_dtype, densities,
-              max_ppl_increase, budget_confidence, tune_sequences, validation_sequences, sequences, out):
+              max_ppl_increase, budget_confidence, tune_sequences, validation_sequences, sequences, no_clamp, out):
     """Calibrate per-layer TDA thresholds on text and write a calibration file.
 
     For each density d and layer, the threshold keeps a fraction d of the
@@ -103,6 +111,8 @@ def calibrate(model, weights, text, prompt_tokens, score_norm, batch_size, quiet
     A budget is tuned greedily on one part of the text, then validated on a
     disjoint part: greedy steps are undone until the upper bound at
     --budget-confidence of the validation increase is within the budget.
+    Both select neurons as exported engines do (SelectActive, each sequence's
+    per-layer density clamped to d +- the engines' margin; --no-clamp: not).
     Unseen text of another domain can still cost more (bench/QUALITY.md).
 
     \b
@@ -120,7 +130,8 @@ def calibrate(model, weights, text, prompt_tokens, score_norm, batch_size, quiet
     try:
         cal = build_calibration(lm, corpus, desc, dens, sequences, prompt_tokens, score_norm, max_ppl_increase,
                                 default_density, batch_size=batch_size, quiet=quiet, tune_sequences=tune_sequences,
-                                validation_sequences=validation_sequences, confidence=budget_confidence)
+                                validation_sequences=validation_sequences, confidence=budget_confidence,
+                                margin=None if no_clamp else DEFAULT_DENSITY_MARGIN)
     except ValueError as e:
         raise UserError(str(e)) from None
     out = Path(out or f"{lm.name}.calibration.json")
@@ -145,8 +156,9 @@ def calibrate(model, weights, text, prompt_tokens, score_norm, batch_size, quiet
 @click.option("--calibration", "-c", "calibration_path", type=click.Path(), default=None,
               help="Calibration file from `tda-export calibrate` (its default, or --density from it).")
 @click.option("--mode", type=click.Choice(["tda", "topk"]), default="tda", show_default=True,
-              help="tda: per-layer thresholds (the paper); topk: keep the ceil(d*I) best-scoring neurons "
-                   "(GRIFFIN control).")
+              help="tda: per-layer thresholds (the paper), clamped as engines clamp; topk: keep the ceil(d*I) "
+                   "best-scoring neurons (GRIFFIN control; SelectActive with density bounds (d, d)).")
+@no_clamp_option("With --mode tda: select")
 @click.option("--sequences", type=click.IntRange(1), default=32, show_default=True,
               help="Held-out windows for perplexity.")
 @click.option("--continuation-tokens", type=click.IntRange(2), default=64, show_default=True)
@@ -157,12 +169,16 @@ def calibrate(model, weights, text, prompt_tokens, score_norm, batch_size, quiet
               help="Calibration prompts when --density is calibrated on the fly.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def eval_(model, weights, text, prompt_tokens, score_norm, batch_size, quiet, device, compute_dtype, density,
-          calibration_path, mode,
-          sequences, continuation_tokens, generate_prompts, generate_tokens, calibration_sequences, as_json):
+          calibration_path, mode, no_clamp, sequences, continuation_tokens, generate_prompts, generate_tokens, calibration_sequences, as_json):
     """Measure what TDA costs: perplexity, greedy agreement, realised density, bytes skipped.
 
     Perplexity is on held-out text (disjoint from calibration): the prompt part
     runs dense and chooses the mask, the continuation is teacher forced with it.
+    Neurons are selected as an exported engine selects them (SelectActive with
+    the calibration table of the prompt's length, each sequence's per-layer
+    density clamped to d +- the engines' margin), so the density and
+    perplexity reported are an engine's on this text; --no-clamp studies the
+    thresholds alone.
     With --text F, eval reads F's last quarter and, without -c, calibrates on
     its first three quarters. Text that overlaps the calibration file's
     recorded text is refused.
@@ -179,13 +195,14 @@ def eval_(model, weights, text, prompt_tokens, score_norm, batch_size, quiet, de
         raise click.UsageError("give --density D or --calibration FILE (or both)")
     lm = _load(model, weights, device, compute_dtype)
     c = lm.config
-    thresholds = densities = passages = None
+    thresholds = densities = passages = table = None
     if calibration_path:
         try:
             cal = Calibration.load(calibration_path)
             cal.check_model(lm.fingerprint(), c.num_hidden_layers, c.intermediate_size, calibration_path)
             thresholds = (cal.thresholds_for(density, prompt_tokens) if density is not None
                           else cal.thresholds_for_layers(cal.default["densities"], prompt_tokens))
+            table = cal.nearest_length(prompt_tokens)
         except (OSError, ValueError, KeyError) as e:
             raise UserError(str(e).strip('"')) from None
         densities = [density] * c.num_hidden_layers if density is not None else cal.default["densities"]
@@ -205,10 +222,13 @@ def eval_(model, weights, text, prompt_tokens, score_norm, batch_size, quiet, de
             except ValueError as e:
                 raise UserError(str(e)) from None
             thresholds = cal.thresholds_for(density, prompt_tokens)
+            table = cal.nearest_length(prompt_tokens)
             passages = cal.text["passages"]
     corpus, desc = _text(text, "evaluation")
     try:
-        report = evaluate(lm, corpus, desc, mode, thresholds, densities, density, sequences=sequences,
+        report = evaluate(lm, corpus, desc, mode, thresholds, densities, density,
+                          margin=None if no_clamp else DEFAULT_DENSITY_MARGIN, threshold_table=table,
+                          sequences=sequences,
                           prompt_len=prompt_tokens, continuation=continuation_tokens,
                           generate_prompts=generate_prompts, generate_tokens=generate_tokens,
                           score_norm=score_norm, batch_size=batch_size, quiet=quiet,
@@ -221,12 +241,24 @@ def eval_(model, weights, text, prompt_tokens, score_norm, batch_size, quiet, de
         click.echo(format_report(report))
 
 
+def _selection(r: dict) -> str:
+    sel = r["selection"]
+    if r["mode"] == "topk":
+        return "top ceil(d*I) per sequence and layer (not what engines do)"
+    table = (f", {sel['threshold_table_prompt_tokens']}-token threshold table"
+             if sel["threshold_table_prompt_tokens"] else "")
+    if sel["density_margin"] is None:
+        return f"thresholds alone (--no-clamp; engines clamp){table}"
+    return f"as engines: thresholds, clamped to d +- {sel['density_margin']} per sequence and layer{table}"
+
+
 def format_report(r: dict) -> str:
     mb = r["mlp_bytes"]
     rows = [
         ("model", r["model"]), ("mode", r["mode"]),
         ("requested density", "per-layer (calibration)" if r["requested_density"] is None
          else f"{r['requested_density']:.2f}"),
+        ("selection", _selection(r)),
         ("realised density", f"{r['realised_density']['mean']:.3f}"),
         ("dense perplexity", f"{r['dense']['perplexity']:.3f}"),
         ("TDA perplexity", f"{r['tda']['perplexity']:.3f} ({r['tda']['perplexity_increase']:+.2%}; 95% CI "

@@ -6,11 +6,16 @@ into a prompt (first P tokens, run dense, scores collected) and a continuation
 dense prefill; the rest are predicted with the sequence's fixed TDA mask.
 Because the prompt is dense, its KV cache and scores are shared by every mask
 configuration, which makes per-layer sensitivity sweeps cheap.
+
+Selection is an engine's (tda.TDAHooks.set_masks: the contract's SelectActive):
+thresholds from the calibration table of the prompt's length, each sequence's
+count clamped per layer to (d - margin, d + margin), margin = the engines'
+DEFAULT_DENSITY_MARGIN, unless a caller passes margin None (thresholds alone,
+for studying them). So eval's density and perplexity are an exported engine's.
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import sys
 from dataclasses import dataclass
@@ -21,9 +26,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .calibration import Calibration, density_key
-from .text import HELD_IN_FRACTION
 from .models import LoadedModel, forward
-from .tda import TDAHooks, TokenGating, mlp_bytes_per_token, relative_scores, thresholds_for_density
+from .ops.contract import DEFAULT_DENSITY_MARGIN, density_bounds
+from .tda import TDAHooks, mlp_bytes_per_token, relative_scores, thresholds_for_density
+from .text import HELD_IN_FRACTION
 
 DEFAULT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 BUDGET_LEVELS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
@@ -130,10 +136,21 @@ def bootstrap_mean(values: np.ndarray, resamples: int = 2000, seed: int = 0,
     return float(values.mean()), float(np.quantile(boot, tail)), float(np.quantile(boot, 1 - tail))
 
 
+def selection_bounds(mode: str, densities, margin: float | None):
+    """Per-layer SelectActive density bounds an engine feeds for per-layer target `densities` (None: no
+    clamp, for mode tda with margin None and for the modes that do not threshold)."""
+    if mode != "tda" or margin is None:
+        return None
+    return density_bounds(densities, margin)
+
+
 class Evaluator:
-    def __init__(self, lm: LoadedModel, score_norm: str = "token_l2", batch_size: int = 8, quiet: bool = False):
+    """`hooks_type`: TDAHooks, or a research extension of it (bench/gating_modes.py)."""
+
+    def __init__(self, lm: LoadedModel, score_norm: str = "token_l2", batch_size: int = 8, quiet: bool = False,
+                 hooks_type=TDAHooks):
         self.lm, self.batch_size, self.quiet = lm, batch_size, quiet
-        self.hooks = TDAHooks(lm.model, score_norm)
+        self.hooks = hooks_type(lm.model, score_norm)
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, prompt_len: int, keep_cache: bool = True) -> list[Prefilled]:
@@ -154,66 +171,60 @@ class Evaluator:
 
     @torch.no_grad()
     def continuation(self, batches: list[Prefilled], prompt_len: int, mode: str, thresholds=None, densities=None,
-                     clamp: float | None = None, gating: TokenGating | None = None) -> "Continuation":
-        """Teacher-forced continuation of every window under one mask configuration."""
+                     bounds=None) -> "Continuation":
+        """Teacher-forced continuation of every window under one mask configuration (`bounds`: per-layer
+        density bounds, None for thresholds alone; see TDAHooks.set_masks)."""
         nll, top1, dens = [], [], []
         self.hooks.reset_bytes()
-        self.hooks.gating = gating
-        try:
-            with self.hooks:
-                for p in batches:
-                    self.hooks.scores = p.scores
-                    self.hooks.set_masks(mode, thresholds, densities, clamp)
-                    dens.append(torch.stack([m.float().mean(-1) for m in self.hooks.masks], 1).cpu())  # [B, L]
-                    with self.hooks.phase_("masked"):
-                        logits, _ = forward(self.lm.model, p.ids[:, prompt_len:-1], copy.deepcopy(p.cache))
-                    logits = torch.cat([p.first_logits[:, None].to(logits.device), logits.float()], 1)
-                    targets = p.ids[:, prompt_len:].to(logits.device)  # --device cuda: the model's device
-                    nll.append(F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").double().sum(1).cpu())
-                    argmax = logits.argmax(-1)
-                    if p.dense_top1 is None and mode == "dense" and gating is None:
-                        p.dense_top1 = argmax
-                    if p.dense_top1 is not None:
-                        top1.append((argmax == p.dense_top1)[:, 1:].double().mean(1).cpu())  # token 0 is dense
-                    del logits
-        finally:
-            self.hooks.gating = None
+        with self.hooks:
+            for p in batches:
+                self.hooks.scores = p.scores
+                self.hooks.set_masks(mode, thresholds, densities, bounds)
+                dens.append(torch.stack([m.float().mean(-1) for m in self.hooks.masks], 1).cpu())  # [B, L]
+                with self.hooks.phase_("masked"):
+                    logits, _ = forward(self.lm.model, p.ids[:, prompt_len:-1], copy.deepcopy(p.cache))
+                logits = torch.cat([p.first_logits[:, None].to(logits.device), logits.float()], 1)
+                targets = p.ids[:, prompt_len:].to(logits.device)  # --device cuda: the model's device
+                nll.append(F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").double().sum(1).cpu())
+                argmax = logits.argmax(-1)
+                if p.dense_top1 is None and mode == "dense" and self.hooks.exact:
+                    p.dense_top1 = argmax
+                if p.dense_top1 is not None:
+                    top1.append((argmax == p.dense_top1)[:, 1:].double().mean(1).cpu())  # token 0 is dense
+                del logits
         return Continuation(torch.cat(nll).numpy(), targets.shape[1], torch.cat(dens).numpy(),
                             torch.cat(top1).numpy() if top1 else None, self.hooks.byte_fractions())
 
     def continuation_nll(self, batches: list[Prefilled], prompt_len: int, mode: str, thresholds=None,
-                         densities=None) -> tuple[float, int, list[float]]:
+                         densities=None, bounds=None) -> tuple[float, int, list[float]]:
         """(summed NLL over continuation tokens, token count, realised density per layer)."""
-        c = self.continuation(batches, prompt_len, mode, thresholds, densities)
+        c = self.continuation(batches, prompt_len, mode, thresholds, densities, bounds)
         return float(c.nll.sum()), c.nll.size * c.tokens, c.density.mean(0).tolist()
 
-    def perplexity(self, batches, prompt_len, mode, thresholds=None, densities=None) -> tuple[float, list[float]]:
-        nll, n, dens = self.continuation_nll(batches, prompt_len, mode, thresholds, densities)
+    def perplexity(self, batches, prompt_len, mode, thresholds=None, densities=None,
+                   bounds=None) -> tuple[float, list[float]]:
+        nll, n, dens = self.continuation_nll(batches, prompt_len, mode, thresholds, densities, bounds)
         return math.exp(nll / n), dens
 
     @torch.no_grad()
     def greedy(self, prompts: torch.Tensor, new_tokens: int, mode: str, thresholds=None, densities=None,
-               clamp: float | None = None, gating: TokenGating | None = None):
+               bounds=None):
         """Greedy generation with a dense prompt pass and a fixed mask: [N, new_tokens] token ids."""
         outs = []
-        self.hooks.gating = gating
-        try:
-            with self.hooks:
-                for b in prompts.split(self.batch_size):
-                    self.hooks.reset_scores()
-                    with self.hooks.phase_("score"):
-                        logits, cache = forward(self.lm.model, b, logits_to_keep=1)
-                    self.hooks.set_masks(mode, thresholds, densities, clamp)
-                    tok = logits[:, -1].argmax(-1)
-                    gen = [tok]
-                    with self.hooks.phase_("masked"):
-                        for _ in range(new_tokens - 1):
-                            logits, cache = forward(self.lm.model, tok[:, None], cache)
-                            tok = logits[:, -1].argmax(-1)
-                            gen.append(tok)
-                    outs.append(torch.stack(gen, 1))
-        finally:
-            self.hooks.gating = None
+        with self.hooks:
+            for b in prompts.split(self.batch_size):
+                self.hooks.reset_scores()
+                with self.hooks.phase_("score"):
+                    logits, cache = forward(self.lm.model, b, logits_to_keep=1)
+                self.hooks.set_masks(mode, thresholds, densities, bounds)
+                tok = logits[:, -1].argmax(-1)
+                gen = [tok]
+                with self.hooks.phase_("masked"):
+                    for _ in range(new_tokens - 1):
+                        logits, cache = forward(self.lm.model, tok[:, None], cache)
+                        tok = logits[:, -1].argmax(-1)
+                        gen.append(tok)
+                outs.append(torch.stack(gen, 1))
         return torch.cat(outs)
 
 
@@ -252,19 +263,21 @@ def calibrate_thresholds(ev: Evaluator, prompts: torch.Tensor, densities,
 
 
 def allocate_budget(ev: Evaluator, batches: list[Prefilled], prompt_len: int, thresholds: dict[str, list[float]],
-                    max_increase: float, levels=BUDGET_LEVELS) -> dict:
+                    max_increase: float, levels=BUDGET_LEVELS, margin: float | None = DEFAULT_DENSITY_MARGIN) -> dict:
     """Greedy per-layer densities maximising MLP bytes saved with perplexity within budget.
 
     Sensitivity of each (layer, level) is measured alone; steps are taken in
     order of bytes saved per predicted perplexity cost assuming additivity, then
     the combination is measured and the last steps undone until it fits.
+    Every measurement selects as engines do: each layer clamped to its level +- `margin` (None: thresholds alone).
     """
     n_layers = ev.hooks.num_layers
     base, _ = ev.perplexity(batches, prompt_len, "dense")
 
     def ppl_for(level_idx: list[int]) -> float:
-        ths = [thresholds[density_key(levels[i])][layer] for layer, i in enumerate(level_idx)]
-        return ev.perplexity(batches, prompt_len, "tda", thresholds=ths)[0]
+        dens = [levels[i] for i in level_idx]
+        ths = [thresholds[density_key(d)][layer] for layer, d in enumerate(dens)]
+        return ev.perplexity(batches, prompt_len, "tda", ths, bounds=selection_bounds("tda", dens, margin))[0]
 
     cost = [[0.0] for _ in range(n_layers)]  # cost[layer][level index] = relative ppl increase alone
     sweep = _progress(range(n_layers), "sensitivity", ev.quiet)
@@ -288,7 +301,7 @@ def allocate_budget(ev: Evaluator, batches: list[Prefilled], prompt_len: int, th
             "thresholds": [thresholds[density_key(d)][layer] for layer, d in enumerate(densities)],
             "predicted_increase": predicted, "measured_increase": measured, "dense_ppl": base,
             "mean_density": sum(densities) / n_layers, "sensitivity": cost, "steps": steps,
-            "levels": list(levels)}
+            "levels": list(levels), "density_margin": margin}
 
 
 def greedy_layer_steps(cost, saved, max_cost: float = math.inf) -> list[tuple[int, float]]:
@@ -322,6 +335,7 @@ def hold_budget(ev: Evaluator, batches: list[Prefilled], prompt_len: int, thresh
     The allocation after its first k greedy steps is accepted when the one-sided `confidence` upper
     bound of its perplexity increase (paired bootstrap over validation windows) is within the budget;
     the largest such k is found by bisection (more steps never cost less, up to noise). k = 0 is dense.
+    Selection is clamped as in `allocate_budget`, with the budget's density_margin.
     """
     levels, steps, n_layers = budget["levels"], budget["steps"], ev.hooks.num_layers
     dense = ev.continuation(batches, prompt_len, "dense")
@@ -337,7 +351,8 @@ def hold_budget(ev: Evaluator, batches: list[Prefilled], prompt_len: int, thresh
     def check(k: int) -> bool:
         dens = allocation(k)
         run = ev.continuation(batches, prompt_len, "tda", [thresholds[density_key(d)][layer]
-                                                            for layer, d in enumerate(dens)])
+                                                            for layer, d in enumerate(dens)],
+                              bounds=selection_bounds("tda", dens, budget.get("density_margin")))
         upper = bootstrap_increase(dense, run, level=2 * confidence - 1)[2]
         checked[k] = (bootstrap_increase(dense, run), upper)
         return upper <= budget["max_ppl_increase"]
@@ -367,7 +382,9 @@ def build_calibration(lm: LoadedModel, text: str, text_desc: str, densities, seq
                       score_norm: str, max_ppl_increase: float | None, default_density: float,
                       batch_size: int = 8, quiet: bool = False, tune_sequences: int = 16,
                       continuation: int = 64, validation_sequences: int = 32, confidence: float = 0.9,
-                      levels=BUDGET_LEVELS) -> Calibration:
+                      levels=BUDGET_LEVELS, margin: float | None = DEFAULT_DENSITY_MARGIN) -> Calibration:
+    """Thresholds per prompt length for each density; with `max_ppl_increase`, a per-layer budget tuned and
+    validated under the engines' selection (clamp +- `margin`; None: thresholds alone)."""
     ev = Evaluator(lm, score_norm, batch_size, quiet)
     grid = sorted(set(DEFAULT_GRID) | set(densities) | set(levels) | {default_density})
     ids = tokenize(lm.tokenizer, text)
@@ -385,7 +402,7 @@ def build_calibration(lm: LoadedModel, text: str, text_desc: str, densities, seq
         val = token_windows(ids[cuts[1]:], validation_sequences, prompt_len + continuation)
         read += [tune, val]
         budget = allocate_budget(ev, ev.prefill(tune, prompt_len), prompt_len, thresholds, max_ppl_increase,
-                                 levels)
+                                 levels, margin)
         budget = hold_budget(ev, ev.prefill(val, prompt_len), prompt_len, thresholds, budget, confidence)
         default = {"kind": "budget", "densities": budget["densities"], "thresholds": budget["thresholds"]}
     else:
@@ -401,77 +418,6 @@ def build_calibration(lm: LoadedModel, text: str, text_desc: str, densities, seq
                        by_prompt_length={str(n): t for n, t in by_length.items()})
 
 
-@torch.no_grad()
-def activation_rotations(lm: LoadedModel, windows: torch.Tensor, batch_size: int = 8):
-    """Per layer (Q_x, Q_z): eigenvectors, by decreasing eigenvalue, of the second moment of the MLP's input x
-    and of down's input z over calibration windows (LaRoSA's PCA rotation; dense forward passes)."""
-    from . import arch
-
-    mlps = arch.mlp_modules(lm.model)
-    moments = [[None, None] for _ in mlps]
-
-    def accumulate(layer, slot):
-        def hook(_module, args):
-            v = args[0].detach().double().reshape(-1, args[0].shape[-1])
-            m = v.T @ v
-            moments[layer][slot] = m if moments[layer][slot] is None else moments[layer][slot] + m
-        return hook
-
-    handles = [h for layer, mlp in enumerate(mlps)
-               for h in (mlp.register_forward_pre_hook(accumulate(layer, 0)),
-                         mlp.down_proj.register_forward_pre_hook(accumulate(layer, 1)))]
-    try:
-        for b in windows.split(batch_size):
-            forward(lm.model, b, logits_to_keep=1)
-    finally:
-        for h in handles:
-            h.remove()
-
-    def basis(m):
-        _, vecs = torch.linalg.eigh(m)
-        return vecs.flip(-1).float().contiguous()
-
-    return [(basis(mx), basis(mz)) for mx, mz in moments]
-
-
-def allocate_gating(ev: Evaluator, batches: list[Prefilled], prompt_len: int, make_gating, levels,
-                    stop_cost: float = 0.25) -> dict:
-    """TEAL-style greedy per-layer allocation of one gating knob, as a path from dense to the deepest level.
-
-    `make_gating(level)` gives a layer's TokenGating at `levels[i]` (levels[0] = off). The cost of each
-    (layer, level) alone (increase of the mean NLL per token over dense, i.e. log perplexity ratio) and the
-    MLP bytes it saves are measured on these (tuning) windows; steps are then taken greedily by bytes saved
-    per unit of cost, assuming additivity. Returns the sensitivity table and the path: after each step the
-    per-layer level indices with the predicted saving and cost. Evaluate the path's points on other text.
-    """
-    n_layers = ev.hooks.num_layers
-    dense = ev.continuation(batches, prompt_len, "dense")
-    tokens = dense.nll.size * dense.tokens
-
-    def gating_of(idx):
-        return [make_gating(levels[i]) if i else None for i in idx]
-
-    cost = [[0.0] for _ in range(n_layers)]
-    saved = [[0.0] for _ in range(n_layers)]
-    for layer in _progress(range(n_layers), "sensitivity", ev.quiet):
-        for li in range(1, len(levels)):
-            idx = [0] * n_layers
-            idx[layer] = li
-            run = ev.continuation(batches, prompt_len, "dense", gating=gating_of(idx))
-            cost[layer].append(float(run.nll.sum() - dense.nll.sum()) / tokens)
-            saved[layer].append(1.0 - run.byte_fractions[layer])
-            if cost[layer][-1] > stop_cost:  # deeper levels only cost more; stop measuring
-                break
-    current, path = [0] * n_layers, []
-    for layer, predicted in greedy_layer_steps(cost, saved):
-        current[layer] += 1
-        path.append({"levels": [levels[i] for i in current], "level_index": list(current),
-                     "predicted_saving": sum(saved[la][i] for la, i in enumerate(current)) / n_layers,
-                     "predicted_log_ppl_increase": predicted})
-    return {"levels": list(levels), "sensitivity_cost": cost, "sensitivity_saved": saved, "path": path,
-            "tuning": {"windows": len(dense.nll), "tokens_per_window": dense.tokens}}
-
-
 def bytes_per_param(lm: LoadedModel) -> int:
     """Deployment dtype size: the recipe's dtype, else the loaded weights' dtype."""
     dtype = lm.source.recipe.dtype if lm.source.recipe else str(lm.model.dtype).removeprefix("torch.")
@@ -481,15 +427,18 @@ def bytes_per_param(lm: LoadedModel) -> int:
 def evaluate_configs(lm: LoadedModel, text: str, text_desc: str, configs: list[dict], sequences: int = 32,
                      prompt_len: int = 128, continuation: int = 64, generate_prompts: int = 8,
                      generate_tokens: int = 32, score_norm: str = "token_l2", batch_size: int = 8,
-                     quiet: bool = False, calibration_passages=None, on_prefilled=None) -> list[dict]:
+                     quiet: bool = False, calibration_passages=None, on_prefilled=None,
+                     hooks_type=TDAHooks) -> list[dict]:
     """Evaluate several mask configurations against one dense baseline on the same held-out windows.
 
-    Each config: {"mode", "thresholds", "densities", "requested_density"}. The dense prompt passes and
-    the dense greedy generations are shared, so a sweep costs little more than one evaluation.
-    `calibration_passages` (a calibration file's text.passages) makes overlapping text an error;
-    `on_prefilled(evaluator, batches)` sees the dense prompt passes (e.g. to study mask densities).
+    Each config: {"mode", "thresholds", "densities", "requested_density", "clamp" (the density margin of
+    the engines' clamp; absent or None: thresholds alone), "threshold_table" (the calibration's prompt
+    length the thresholds are for)}. The dense prompt passes and the dense greedy generations are shared,
+    so a sweep costs little more than one evaluation. `calibration_passages` (a calibration file's
+    text.passages) makes overlapping text an error; `on_prefilled(evaluator, batches)` sees the dense
+    prompt passes (e.g. to study mask densities).
     """
-    ev = Evaluator(lm, score_norm, batch_size, quiet)
+    ev = Evaluator(lm, score_norm, batch_size, quiet, hooks_type)
     ids = tokenize(lm.tokenizer, text)
     windows = token_windows(ids, sequences + generate_prompts, prompt_len + continuation)
     overlap = overlapping_windows(windows, calibration_passages)
@@ -517,9 +466,13 @@ def config_report(ev: Evaluator, batches: list[Prefilled], prompt_len: int, dens
     c = lm.config
     per_layer_bytes = mlp_bytes_per_token(c, bytes_per_param(lm))
     dense_bytes = per_layer_bytes * c.num_hidden_layers
-    mode, thresholds, densities = cfg["mode"], cfg.get("thresholds"), cfg.get("densities")
-    clamp, gating = cfg.get("clamp"), cfg.get("gating")
-    run = ev.continuation(batches, prompt_len, mode, thresholds, densities, clamp, gating)
+    mode, thresholds, densities, clamp = cfg["mode"], cfg.get("thresholds"), cfg.get("densities"), cfg.get("clamp")
+    bounds = selection_bounds(mode, densities, clamp)
+    with ev.hooks.configured(cfg) as extra:
+        exact = ev.hooks.exact  # no research gating on top of the static mask
+        run = ev.continuation(batches, prompt_len, mode, thresholds, densities, bounds)
+        gen = (ev.greedy(prompts, generate_tokens, mode, thresholds, densities, bounds)
+               if gen_dense is not None else None)
     increase = bootstrap_increase(dense, run)
     realised = run.density.mean(0).tolist()
     per_seq = run.density.mean(1)
@@ -527,8 +480,11 @@ def config_report(ev: Evaluator, batches: list[Prefilled], prompt_len: int, dens
     report = {
         "model": lm.name, "mode": mode, "requested_density": cfg.get("requested_density"),
         "score_norm": ev.hooks.score_norm, "clamp": clamp,
-        "gating": None if gating is None else ([None if g is None else dataclasses.asdict(g) for g in gating]
-                                               if isinstance(gating, (list, tuple)) else dataclasses.asdict(gating)),
+        "selection": {"op": "SelectActive", "density_margin": clamp if mode == "tda" else None,
+                      "density_bounds": None if bounds is None else [list(b) for b in bounds],
+                      "threshold_table_prompt_tokens": cfg.get("threshold_table"),
+                      "as_engine": mode == "tda" and clamp == DEFAULT_DENSITY_MARGIN and exact},
+        **extra,
         "text": text_meta,
         "dense": {"perplexity": dense.perplexity},
         "tda": {"perplexity": run.perplexity, "perplexity_increase": increase[0],
@@ -541,14 +497,17 @@ def config_report(ev: Evaluator, batches: list[Prefilled], prompt_len: int, dens
                       "skipped_fraction": skipped / dense_bytes, "bytes_per_param": bytes_per_param(lm),
                       "per_layer_streamed_fraction": list(run.byte_fractions)},
     }
-    if gen_dense is not None:
-        gen = ev.greedy(prompts, generate_tokens, mode, thresholds, densities, clamp, gating)
+    if gen is not None:
         report["greedy"] = {"prompts": len(prompts), "new_tokens": generate_tokens, **agreement(gen_dense, gen)}
     return report
 
 
 def evaluate(lm: LoadedModel, text: str, text_desc: str, mode: str, thresholds=None, densities=None,
-             requested_density: float | None = None, **kw) -> dict:
-    """Dense vs TDA perplexity, greedy agreement, realised density and MLP bytes skipped per token."""
-    config = {"mode": mode, "thresholds": thresholds, "densities": densities, "requested_density": requested_density}
+             requested_density: float | None = None, margin: float | None = DEFAULT_DENSITY_MARGIN,
+             threshold_table: int | None = None, **kw) -> dict:
+    """Dense vs TDA perplexity, greedy agreement, realised density and MLP bytes skipped per token, with
+    an engine's selection (mode tda, each sequence and layer clamped to density +- `margin`; None:
+    thresholds alone). `threshold_table`: the calibration prompt length the thresholds are for (reported)."""
+    config = {"mode": mode, "thresholds": thresholds, "densities": densities, "requested_density": requested_density,
+              "clamp": margin if mode == "tda" else None, "threshold_table": threshold_table}
     return evaluate_configs(lm, text, text_desc, [config], **kw)[0]

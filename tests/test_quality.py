@@ -136,97 +136,36 @@ def test_calibration_memory_stays_flat_over_windows():
     assert grown < 4 * leak_per_batch, f"RSS grew {grown / 1e6:.0f} MB over 16 batches"
 
 
-def test_clamped_threshold_mask_bounds_each_sequence():
-    from tda_export.tda import clamped_threshold_mask, threshold_mask
+def test_tda_masks_are_the_engines_selection():
+    """eval's tda masks are SelectActive with the engines' bounds (d - m, d + m): the count rule of the contract
+    (floor(hi*I) above, ceil(lo*I) below), each sequence clamped per layer."""
+    from tda_export.ops import reference
+    from tda_export.ops.contract import density_bounds
+    from tda_export.quality import selection_bounds
+    from tda_export.tda import TDAHooks
 
     torch.manual_seed(0)
-    inter = 203  # odd-sized
+    inter = 203  # odd-sized: 0.55 * 203 = 111.65 keeps 111, not 112
     peaked = torch.rand(6, inter) ** torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0, 0.5])[:, None]
-    for tau in (0.1, 0.4, 0.8):
-        plain = threshold_mask(peaked, tau)
-        got = clamped_threshold_mask(peaked, tau, 0.4, 0.6)
-        lo, hi = 82, 122  # ceil(0.4 * 203), ceil(0.6 * 203)
-        n, k = plain.sum(-1), got.sum(-1)
-        assert torch.equal(k, n.clamp(lo, hi))
-        # the clamped mask keeps the best-scoring neurons: a superset or a subset of the threshold's
-        assert torch.all((got | plain) == torch.where((n < lo)[:, None], got, plain))
-        worst_kept = peaked.masked_fill(~got, 2.0).amin(-1)
-        best_dropped = peaked.masked_fill(got, -1.0).amax(-1)
-        assert torch.all(worst_kept >= best_dropped)
-
-
-def sparse_reference(mlp, x, static, gating, gu_norm, down_norm):
-    """Per token, compute only the kept rows and columns of gate, up and down (float64, explicit gathers)."""
-    from math import ceil
-
-    wg, wu, wd = (w.double() for w in (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight))
-    out = torch.zeros(x.shape[0], x.shape[1], wd.shape[0], dtype=torch.float64)
-    streamed = []
-    for b in range(x.shape[0]):
-        s_idx = static[b].nonzero()[:, 0]
-        for t in range(x.shape[1]):
-            xt = x[b, t].double()
-            x_idx = (xt.abs() * gu_norm.double()).topk(ceil(gating.x_density * xt.numel() - 1e-9)).indices
-            a = mlp.act_fn(wg[s_idx][:, x_idx] @ xt[x_idx])
-            g_sel = a.abs().topk(ceil(gating.gate_density * s_idx.numel() - 1e-9)).indices
-            g_idx = s_idx[g_sel]
-            z = a[g_sel] * (wu[g_idx][:, x_idx] @ xt[x_idx])
-            z_sel = (z.abs() * down_norm[g_idx].double()).topk(ceil(gating.z_density * g_idx.numel() - 1e-9)).indices
-            out[b, t] = wd[:, g_idx[z_sel]] @ z[z_sel]
-            inter, hidden = static.shape[-1], xt.numel()
-            streamed.append((s_idx.numel() * x_idx.numel() / (inter * hidden)
-                             + g_idx.numel() * x_idx.numel() / (inter * hidden) + z_sel.numel() / inter) / 3)
-    return out, sum(streamed) / len(streamed)
-
-
-@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
-def test_token_gating_equals_computing_only_kept_weights(tiny_dirs, family):
-    from tda_export import arch
-    from tda_export.tda import TDAHooks, TokenGating
-
-    lm = load_model(str(tiny_dirs[family]))
-    layer = 1
-    mlp = arch.mlp_modules(lm.model)[layer]
-    torch.manual_seed(1)
-    x = torch.randn(2, 3, lm.config.hidden_size)
-    static = torch.rand(2, lm.config.intermediate_size) > 0.4
-    static[1] = False
-    static[1, :5] = True  # a five-neuron mask
-    gating = TokenGating(x_density=0.55, gate_density=0.6, z_density=0.7)
-    with TDAHooks(lm.model) as hooks:
-        hooks.masks[layer] = static
-        hooks.gating = gating
-        with hooks.phase_("masked"):
-            got = mlp(x)
-        ref, streamed = sparse_reference(mlp, x, static, gating, *hooks.column_norms(layer))
-        assert abs(hooks.byte_fractions()[layer] - streamed) < 1e-6
-    assert (got.double() - ref).norm() / ref.norm() < 1e-5
-
-
-def test_token_gating_off_is_the_static_mask(tiny_dirs):
-    from tda_export import arch
-    from tda_export.tda import TDAHooks, TokenGating
-
-    lm = load_model(str(tiny_dirs["qwen2"]))
-    mlp = arch.mlp_modules(lm.model)[0]
-    x = torch.randn(2, 4, lm.config.hidden_size)
-    static = torch.rand(2, lm.config.intermediate_size) > 0.5
-    outs, fractions = [], []
-    for gating in (None, TokenGating()):
-        with TDAHooks(lm.model) as hooks:
-            hooks.masks[0], hooks.gating = static, gating
-            with hooks.phase_("masked"):
-                outs.append(mlp(x))
-            fractions.append(hooks.byte_fractions()[0])
-    assert torch.allclose(outs[0], outs[1], rtol=1e-6, atol=1e-7)
-    assert abs(fractions[0] - static.float().mean().item()) < 1e-6 and abs(fractions[1] - fractions[0]) < 1e-6
-    with pytest.raises(ValueError, match="x_density"):
-        TokenGating(x_density=0.0)
+    hooks = TDAHooks.__new__(TDAHooks)  # set_masks needs only the scores
+    hooks.scores = [peaked] * 3
+    densities = [0.5, 0.9, 1.0]
+    bounds = selection_bounds("tda", densities, 0.05)
+    assert bounds == density_bounds(densities, 0.05)
+    for tau in (0.0, 0.1, 0.4, 0.8):
+        hooks.set_masks("tda", [tau] * 3, densities, bounds)
+        for mask, b in zip(hooks.masks, bounds):
+            idx, count = reference.select_active(peaked.numpy(), tau, b)
+            assert (mask.numpy() == reference.mask_from_state(idx, count, inter).astype(bool)).all()
+        k = hooks.masks[0].sum(-1)
+        assert k.min() >= 92 and k.max() <= 111  # ceil(0.45 * 203), floor(0.55 * 203)
+    assert selection_bounds("tda", densities, None) is None and selection_bounds("topk", densities, 0.05) is None
 
 
 def test_budget_backs_off_until_validation_holds(llama):
     """A budget that tuning windows allow but validation does not is backed off, and says so."""
-    from tda_export.quality import allocate_budget, bootstrap_increase, hold_budget
+    from tda_export.ops.contract import DEFAULT_DENSITY_MARGIN
+    from tda_export.quality import allocate_budget, bootstrap_increase, hold_budget, selection_bounds
 
     ev = Evaluator(llama, batch_size=8, quiet=True)
     ids = tokenize(llama.tokenizer, random_text(600))
@@ -238,11 +177,65 @@ def test_budget_backs_off_until_validation_holds(llama):
     held = hold_budget(ev, val, 16, thresholds, tuned, confidence=0.9)
     v = held["validation"]
     assert v["upper_bound"] <= 0.05 and held["kept_steps"] <= held["tuned_steps"]
-    # the report is the measurement: re-measure the accepted allocation on the validation windows
-    run = ev.continuation(val, 16, "tda", held["thresholds"])
+    # the report is the measurement: re-measure the accepted allocation on the validation windows, selected as
+    # engines select it (clamped to each layer's density +- the engines' margin)
+    assert held["density_margin"] == DEFAULT_DENSITY_MARGIN
+    bounds = selection_bounds("tda", held["densities"], DEFAULT_DENSITY_MARGIN)
+    run = ev.continuation(val, 16, "tda", held["thresholds"], bounds=bounds)
     dense = ev.continuation(val, 16, "dense")
     assert abs(bootstrap_increase(dense, run)[0] - v["increase"]) < 1e-9
     # a budget no sparse allocation can meet (random weights may even gain from sparsity) leaves dense
     assert tuned["steps"], "a 5% budget on a random model should allow some sparsity"
     impossible = hold_budget(ev, val, 16, thresholds, {**tuned, "max_ppl_increase": -0.99})
     assert impossible["densities"] == [1.0] * 3 and impossible["kept_steps"] == 0
+
+
+def engine_density(engine, tokenizer, text_file, sequences: int, prompt: int, continuation: int, bounds):
+    """[sequences, layers] share of neurons the engine keeps after a prefill of the prompts `eval` reads from
+    text_file (the first `sequences` held-out windows, one more window for greedy generation)."""
+    import numpy as np
+
+    windows = token_windows(tokenize(tokenizer, read_text(text_file, "evaluation")), sequences + 1,
+                            prompt + continuation)
+    ids = windows[:sequences, :prompt].numpy().astype(np.int64)
+    _, state = engine.backend.prefill(ids, np.ones_like(ids), engine.thresholds(0.5, prompt), bounds)
+    return engine.backend.active_counts(state).T / engine.manifest["intermediate_size"]
+
+
+def eval_json(model, calibration, text_file, sequences: int, prompt: int, continuation: int, *extra) -> dict:
+    r = cli("eval", "-m", model, "-c", calibration, "--density", "0.5", "--text", text_file, "--prompt-tokens", prompt,
+            "--sequences", sequences, "--continuation-tokens", continuation, "--generate-prompts", 1,
+            "--generate-tokens", 2, "--json", "-q", *extra)
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout[r.stdout.index("{"):])
+
+
+def assert_same_density(report: dict, kept, tol: float = 0.01):
+    import numpy as np
+
+    got = report["realised_density"]
+    assert abs(got["mean"] - kept.mean()) < tol, (got["mean"], kept.mean())
+    np.testing.assert_allclose(got["per_layer"], kept.mean(0), atol=tol)
+    assert abs(got["per_sequence_min"] - kept.mean(1).min()) < tol
+    assert abs(got["per_sequence_max"] - kept.mean(1).max()) < tol
+
+
+def test_eval_density_is_the_exported_engines_on_the_same_windows(served_engine_dir, tiny_dirs, llama, tmp_path):
+    """`eval --density 0.5 --json` reports the density the exported engine keeps on the same windows (ONNX
+    Runtime, the engine's own thresholds table and clamp); --no-clamp reports the engine fed thresholds alone."""
+    from tda_export.runtime.engine import Engine
+
+    engine = Engine.load(served_engine_dir, backend="onnxruntime", threads=1)
+    f = tmp_path / "t.txt"
+    f.write_text(random_text(800, seed=2))  # not the text the engine was calibrated on: thresholds drift
+    shape = (8, 16, 8)  # windows, prompt and continuation tokens
+    cal = served_engine_dir / "calibration.json"
+    clamped = eval_json(tiny_dirs["llama"], cal, f, *shape)
+    sel = clamped["selection"]
+    assert sel["as_engine"] and sel["density_margin"] == 0.05 and sel["threshold_table_prompt_tokens"] == 16
+    assert_same_density(clamped, engine_density(engine, llama.tokenizer, f, *shape, engine.density_bounds(0.5)))
+    alone = eval_json(tiny_dirs["llama"], cal, f, *shape, "--no-clamp")
+    assert alone["selection"]["density_bounds"] is None and not alone["selection"]["as_engine"]
+    assert_same_density(alone, engine_density(engine, llama.tokenizer, f, *shape, None))
+    # here the thresholds alone keep far less than asked: only the clamp makes eval's figure the engine's
+    assert alone["realised_density"]["mean"] < clamped["realised_density"]["mean"] - 0.03

@@ -1,18 +1,24 @@
-"""Frontier gating modes of the quality reference (issue 12 item 4): the hindsight neuron oracle, pooled
-(one threshold per layer) selection, LaRoSA rotations, per-layer gating and its greedy allocation.
+"""Research gating modes beside the bench scripts (bench/gating_modes.py; issue 12 item 4): per-token gating
+(CATS, TEAL, WINA) inside the static mask, the hindsight neuron oracle, pooled (one threshold per layer)
+selection, LaRoSA rotations, low-rank and low-bit predictors, per-layer gating and its greedy allocation.
 
 Each checks the mask and the bytes-saved arithmetic against an explicit float64 reference that computes
 only the kept rows and columns, on tiny random-weight models.
 """
+import sys
 from math import ceil
+from pathlib import Path
 
 import pytest
 import torch
 
 from tda_export import arch
 from tda_export.models import load_model
-from tda_export.quality import Evaluator, activation_rotations, allocate_gating, token_windows, tokenize
-from tda_export.tda import TDAHooks, TokenGating, keep_fraction
+from tda_export.quality import Evaluator, token_windows, tokenize
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from gating_modes import (GatedHooks, TokenGating, activation_rotations, allocate_gating,  # noqa: E402
+                          gated_continuation, keep_fraction, quantize_rows)
 
 TEXT = " ".join(["the quick brown fox jumps over the lazy dog while to be or not to be is the question"] * 40)
 
@@ -23,7 +29,7 @@ def llama(tiny_dirs):
 
 
 def gated(lm, layer, x, static, gating, rotations=None):
-    with TDAHooks(lm.model) as hooks:
+    with GatedHooks(lm.model) as hooks:
         if rotations is not None:
             hooks.set_rotations(rotations)
         hooks.masks[layer] = static
@@ -142,11 +148,11 @@ def test_activation_rotations_order_the_calibration_energy(llama):
 
 def test_per_layer_gating_and_greedy_allocation(llama):
     n, hidden, inter = llama.config.num_hidden_layers, llama.config.hidden_size, llama.config.intermediate_size
-    ev = Evaluator(llama, batch_size=4, quiet=True)
+    ev = Evaluator(llama, batch_size=4, quiet=True, hooks_type=GatedHooks)
     ids = tokenize(llama.tokenizer, TEXT)
     batches = ev.prefill(token_windows(ids, 4, 24), 16)
     # per-layer gating: None leaves a layer dense
-    run = ev.continuation(batches, 16, "dense", gating=[None, TokenGating(x_density=0.5, z_density=0.5), None])
+    run = gated_continuation(ev, batches, 16, [None, TokenGating(x_density=0.5, z_density=0.5), None])
     assert run.byte_fractions[0] == 1.0 and run.byte_fractions[2] == 1.0
     assert abs(run.byte_fractions[1] - (2 * ceil(0.5 * hidden) / hidden + ceil(0.5 * inter) / inter) / 3) < 1e-6
     levels = (1.0, 0.7, 0.4)
@@ -165,7 +171,7 @@ def test_per_layer_gating_and_greedy_allocation(llama):
     assert all(a["predicted_saving"] < b["predicted_saving"] for a, b in zip(path, path[1:]))
     # the path's last point, measured, saves what it predicts
     final = [TokenGating(x_density=d, z_density=d) if d < 1.0 else None for d in path[-1]["levels"]]
-    measured = ev.continuation(batches, 16, "dense", gating=final)
+    measured = gated_continuation(ev, batches, 16, final)
     assert abs((1 - sum(measured.byte_fractions) / n) - path[-1]["predicted_saving"]) < 1e-6
 
 
@@ -202,8 +208,6 @@ def test_svd_predictor_chooses_from_a_low_rank_estimate_and_pays_for_it(llama):
 
 
 def test_quantized_predictor_ranks_by_low_bit_weights_and_pays_for_them(llama):
-    from tda_export.tda import quantize_rows
-
     layer = 1
     mlp = arch.mlp_modules(llama.model)[layer]
     wg, wu, wd = weights(mlp)
@@ -226,3 +230,66 @@ def test_quantized_predictor_ranks_by_low_bit_weights_and_pays_for_them(llama):
     assert abs(streamed - (k / inter + 2 * 3 / 16 / 3)) < 1e-6
     with pytest.raises(ValueError, match="predictor_bits"):
         TokenGating(neuron_density=0.5, predictor_bits=5)
+
+
+def sparse_reference(mlp, x, static, gating, gu_norm, down_norm):
+    """Per token, compute only the kept rows and columns of gate, up and down (float64, explicit gathers)."""
+    from math import ceil
+
+    wg, wu, wd = (w.double() for w in (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight))
+    out = torch.zeros(x.shape[0], x.shape[1], wd.shape[0], dtype=torch.float64)
+    streamed = []
+    for b in range(x.shape[0]):
+        s_idx = static[b].nonzero()[:, 0]
+        for t in range(x.shape[1]):
+            xt = x[b, t].double()
+            x_idx = (xt.abs() * gu_norm.double()).topk(ceil(gating.x_density * xt.numel() - 1e-9)).indices
+            a = mlp.act_fn(wg[s_idx][:, x_idx] @ xt[x_idx])
+            g_sel = a.abs().topk(ceil(gating.gate_density * s_idx.numel() - 1e-9)).indices
+            g_idx = s_idx[g_sel]
+            z = a[g_sel] * (wu[g_idx][:, x_idx] @ xt[x_idx])
+            z_sel = (z.abs() * down_norm[g_idx].double()).topk(ceil(gating.z_density * g_idx.numel() - 1e-9)).indices
+            out[b, t] = wd[:, g_idx[z_sel]] @ z[z_sel]
+            inter, hidden = static.shape[-1], xt.numel()
+            streamed.append((s_idx.numel() * x_idx.numel() / (inter * hidden)
+                             + g_idx.numel() * x_idx.numel() / (inter * hidden) + z_sel.numel() / inter) / 3)
+    return out, sum(streamed) / len(streamed)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_token_gating_equals_computing_only_kept_weights(tiny_dirs, family):
+    lm = load_model(str(tiny_dirs[family]))
+    layer = 1
+    mlp = arch.mlp_modules(lm.model)[layer]
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, lm.config.hidden_size)
+    static = torch.rand(2, lm.config.intermediate_size) > 0.4
+    static[1] = False
+    static[1, :5] = True  # a five-neuron mask
+    gating = TokenGating(x_density=0.55, gate_density=0.6, z_density=0.7)
+    with GatedHooks(lm.model) as hooks:
+        hooks.masks[layer] = static
+        hooks.gating = gating
+        with hooks.phase_("masked"):
+            got = mlp(x)
+        ref, streamed = sparse_reference(mlp, x, static, gating, *hooks.column_norms(layer))
+        assert abs(hooks.byte_fractions()[layer] - streamed) < 1e-6
+    assert (got.double() - ref).norm() / ref.norm() < 1e-5
+
+
+def test_token_gating_off_is_the_static_mask(tiny_dirs):
+    lm = load_model(str(tiny_dirs["qwen2"]))
+    mlp = arch.mlp_modules(lm.model)[0]
+    x = torch.randn(2, 4, lm.config.hidden_size)
+    static = torch.rand(2, lm.config.intermediate_size) > 0.5
+    outs, fractions = [], []
+    for gating in (None, TokenGating()):
+        with GatedHooks(lm.model) as hooks:
+            hooks.masks[0], hooks.gating = static, gating
+            with hooks.phase_("masked"):
+                outs.append(mlp(x))
+            fractions.append(hooks.byte_fractions()[0])
+    assert torch.allclose(outs[0], outs[1], rtol=1e-6, atol=1e-7)
+    assert abs(fractions[0] - static.float().mean().item()) < 1e-6 and abs(fractions[1] - fractions[0]) < 1e-6
+    with pytest.raises(ValueError, match="x_density"):
+        TokenGating(x_density=0.0)

@@ -31,6 +31,30 @@ def test_eval_smollm2_density_half_json():
     assert 5 < report["dense"]["perplexity"] < report["tda"]["perplexity"]
 
 
+def test_eval_smollm2_density_is_the_exported_engines(tmp_path):
+    """On text of another domain than the calibration's (Python docs prose), eval's realised density at 0.5 is
+    the exported engine's (ONNX Runtime, fp32) on the same windows, within 0.01."""
+    from pydoc_data.topics import topics
+
+    from test_quality import assert_same_density, engine_density, eval_json
+    from tda_export.export.build import build
+    from tda_export.models import load_model
+    from tda_export.runtime.engine import Engine
+
+    cal = tmp_path / "cal.json"
+    r = CliRunner().invoke(main, ["calibrate", "-m", "smollm2-135m", "--densities", "0.5", "--sequences", "8", "-q",
+                                  "-o", str(cal)])
+    assert r.exit_code == 0, r.output
+    out = build("smollm2-135m", tmp_path / "engine", "float32", str(cal), density=0.5, progress=False)
+    engine = Engine.load(out, backend="onnxruntime", threads=2)
+    text = tmp_path / "docs.txt"
+    text.write_text("\n\n".join(topics[k] for k in sorted(topics)))
+    shape = (8, 128, 8)
+    report = eval_json("smollm2-135m", cal, text, *shape)
+    kept = engine_density(engine, load_model("smollm2-135m").tokenizer, text, *shape, engine.density_bounds(0.5))
+    assert_same_density(report, kept)
+
+
 def test_gemma3_gguf_assembled_from_chunks():
     from tda_export.models import load
 

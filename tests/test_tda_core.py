@@ -11,8 +11,9 @@ from tda_export.calibration import Calibration
 from tda_export.cli import main
 from tda_export.models import forward, load_model
 from tda_export.ops import reference
+from tda_export.ops.contract import DEFAULT_DENSITY_MARGIN
 from tda_export.quality import Evaluator, build_calibration, calibrate_thresholds, token_windows
-from tda_export.tda import TDAHooks, prompt_scores, threshold_mask, thresholds_for_density, topk_mask
+from tda_export.tda import TDAHooks, prompt_scores, select_mask, thresholds_for_density
 from tiny_models import FAMILIES
 
 TEXT = " ".join(f"line {i}: the quick brown fox jumps over the lazy dog, to be or not to be." for i in range(400))
@@ -29,20 +30,26 @@ def test_prompt_scores_match_reference():
 
 
 @pytest.mark.parametrize("tau", [-1.0, 0.0, 0.3, 0.7, 1.0, 1.5])
-def test_threshold_mask_matches_reference_select(tau):
+@pytest.mark.parametrize("bounds", [(0.0, 1.0), (0.4, 0.6), (0.25, 0.3), (0.5, 0.5)])
+def test_select_mask_matches_reference_select(tau, bounds):
     rng = np.random.default_rng(1)
     scores = rng.random((4, 40)).astype(np.float32) ** 3
     scores[2] = 0.0  # no valid prompt token -> dense fallback
-    idx, count = reference.select_active(scores, tau)
+    scores[3, :10] = scores[3, 10:20]  # ties: the lower index wins
+    idx, count = reference.select_active(scores, tau, bounds)
     expect = reference.mask_from_state(idx, count, 40).astype(bool)
-    assert (threshold_mask(torch.tensor(scores), tau).numpy() == expect).all()
+    assert (select_mask(torch.tensor(scores), tau, bounds).numpy() == expect).all()
     assert expect[2].all()
 
 
-def test_topk_mask_keeps_ceil_density():
+def test_topk_mode_keeps_ceil_density():
+    """The topk control is SelectActive with bounds (d, d): the top ceil(d*I) of each sequence."""
     scores = torch.rand(3, 50)
+    hooks = TDAHooks.__new__(TDAHooks)  # set_masks needs only the scores
     for d in (0.02, 0.33, 0.5, 1.0):
-        m = topk_mask(scores, d)
+        hooks.scores = [scores]
+        hooks.set_masks("topk", densities=[d])
+        m = hooks.masks[0]
         assert (m.sum(-1) == int(np.ceil(d * 50))).all()
         kept_min = torch.where(m, scores, torch.inf).amin(-1)
         dropped_max = torch.where(m, -torch.inf, scores).amax(-1)
@@ -161,6 +168,18 @@ def test_budget_allocation_stays_within_budget(tiny_models):
     assert 0 <= b["kept_steps"] <= b["tuned_steps"] == len(b["steps"])
     assert cal.default["kind"] == "budget" and len(cal.default["thresholds"]) == lm.config.num_hidden_layers
     assert min(b["densities"]) < 1.0, "a 5% budget on a random model should allow some sparsity"
+    assert b["density_margin"] == DEFAULT_DENSITY_MARGIN  # tuned and validated with the engines' clamp
+
+
+def test_cli_calibrate_no_clamp_tunes_the_budget_on_thresholds_alone(tiny_dirs, tmp_path):
+    text, out = tmp_path / "t.txt", tmp_path / "cal.json"
+    text.write_text(TEXT)
+    r = CliRunner().invoke(main, ["calibrate", "-m", str(tiny_dirs["qwen2"]), "--text", str(text), "--densities", "0.5",
+                                  "--sequences", "4", "--prompt-tokens", "16", "--max-ppl-increase", "0.05",
+                                  "--tune-sequences", "2", "--validation-sequences", "2", "--no-clamp", "-q",
+                                  "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["budget"]["density_margin"] is None
 
 
 def test_cli_eval_json_on_hf_dir(tiny_dirs, tmp_path):

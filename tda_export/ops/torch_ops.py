@@ -92,6 +92,15 @@ def _select_active(scores, threshold, density_bounds):
     return idx.to(torch.int32), count.to(torch.int32)
 
 
+def mask_from_state(active_idx: torch.Tensor, active_count: torch.Tensor, inter: int) -> torch.Tensor:
+    """Dense bool mask [B, I] from the index-list state (padding entries never mark neuron 0)."""
+    slot = torch.arange(active_idx.shape[-1], device=active_idx.device)
+    keep = slot < active_count[:, None].long()
+    mask = torch.zeros(active_idx.shape[0], inter + 1, dtype=torch.bool, device=active_idx.device)
+    mask.scatter_(1, torch.where(keep, active_idx.long(), inter), True)  # padding goes to a spare column I
+    return mask[:, :inter]
+
+
 def _define(op: OpSpec, impl, fake):
     lib_op = torch.library.custom_op(f"tda::{op.torch_name}", impl, mutates_args=(), schema=_schema(op))
     lib_op.register_fake(fake)
