@@ -54,14 +54,16 @@ def native(directory: Path, data: dict, threads):
 
 
 class Machine:
-    """What auto asks about this machine, each answered at most once. native() opens the native backend
-    to answer (build on first use included) and keeps it, so choosing it costs no second open."""
+    """What auto asks about this machine (select asks each question at most once, and only when its rule
+    reaches it). native() opens the native backend to answer, building cpp/ on first use, and keeps it,
+    so taking it costs no second open."""
 
     def __init__(self, directory: Path, data: dict, threads):
         self.directory, self.data, self.threads = directory, data, threads
         self.native_backend = None
 
     def cuda(self) -> bool | str:
+        """True: torch sees a GPU and the CUDA kernels load; False: no GPU; else why the kernels do not."""
         import torch as _torch
 
         if not _torch.cuda.is_available():
@@ -75,6 +77,7 @@ class Machine:
         return True
 
     def native(self) -> str | None:
+        """None where the native runtime runs the engine here, else the first line of why not."""
         backend = _open_native(self.directory, self.data, self.threads)
         if isinstance(backend, Exception):
             return first_line(str(backend) or type(backend).__name__)
@@ -96,7 +99,8 @@ def construct(sel: Selection, machine: Machine, torch_options: dict):
         return onnxruntime(directory, data, threads), None
     if sel.backend == "tensorrt":  # never picked by auto: a plan runs only on GPUs its TensorRT supports
         return tensorrt(directory, data), None
-    assert sel.backend == MEASURE, sel.backend
+    if sel.backend != MEASURE:
+        raise ValueError(f"unknown selection {sel.backend!r}")
     from .choose import choose_cpu
 
     choice, backend = choose_cpu(lambda: torch(directory, data, threads, torch_options),
