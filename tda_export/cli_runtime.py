@@ -28,13 +28,7 @@ def _engine(engine_dir, threads, backend, max_batch=None):
         engine = Engine.load(engine_dir, backend=backend, threads=threads, max_batch=max_batch)
     except (EngineError, FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
-    if engine.choice is not None:
-        c = engine.choice
-        rates = ", ".join(f"{k} {v:.1f}" for k, v in c.tok_s.items())
-        click.echo(f"backend auto -> {c.backend}{' (cached choice)' if c.cached else ''}: decode tok/s at the "
-                   f"default thresholds {rates}" + ("; TDA slower than dense here, so the default is dense"
-                                                    if c.dense_default else ""), err=True)
-    return engine
+    return engine  # Engine.load said on stderr where auto passed over a faster backend, and why
 
 
 @click.command()

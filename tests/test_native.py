@@ -177,8 +177,10 @@ def test_bad_engine_dirs_clear_errors(native, engines, tmp_path, case):
 
 def test_auto_picks_native_on_cpu(native, engines, monkeypatch, tmp_path):
     monkeypatch.setenv("TDA_EXPORT_CACHE", str(tmp_path))
-    e = Engine.load(engines["qwen2"], backend="auto", device="cpu", threads=1)
+    said = []
+    e = Engine.load(engines["qwen2"], backend="auto", device="cpu", threads=1, report=said.append)
     assert e.backend.name == "native" and e.choice is None  # no load-time probe
+    assert said == []  # auto got its first preference: nothing to explain
 
 
 def test_old_engine_without_safetensors(engines, tmp_path):

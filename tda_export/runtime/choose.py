@@ -1,7 +1,7 @@
-"""Which backend an engine runs on by default (`backend="auto"`), decided by measurement.
+"""The faster of torch and ONNX Runtime on this CPU, decided by measurement: what `backend="auto"` runs
+where the native runtime cannot run the engine (selection.py holds the whole rule).
 
-On a GPU the torch backend with CUDA kernels is the only one that decodes sparsely on the device, so it
-is taken. On a CPU the answer depends on the model's shapes, the thresholds and the machine (our CPU
+The answer depends on the model's shapes, the thresholds and the machine (our CPU
 kernel is portable SSE2 against MKL/ORT's AVX GEMVs), so both backends decode a few steps at the
 engine's default thresholds, interleaved and best-of-N against the noise of a shared machine, next to
 dense ONNX Runtime. The faster one wins; if even that is slower than dense ONNX Runtime, TDA does not
@@ -77,8 +77,10 @@ def _cache_path(manifest: dict, thresholds: np.ndarray, threads: int | None) -> 
     return root / "backend-choice" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
-def choose_cpu(make_torch, make_ort, manifest: dict, thresholds: np.ndarray, threads: int | None):
+def choose_cpu(make_torch, make_ort, manifest: dict, threads: int | None):
     """(Choice, the chosen backend instance). make_*: () -> backend, so a cached choice builds only one."""
+    thresholds = np.asarray((manifest.get("calibration") or {}).get("thresholds", [0.0] * manifest["num_layers"]),
+                            np.float32)
     path = _cache_path(manifest, thresholds, threads)
     if path.is_file():
         choice = Choice(**dict(json.loads(path.read_text()), cached=True))

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -11,27 +12,32 @@ import numpy as np
 from .. import __version__, manifest
 from ..calibration import CALIBRATION_FILE, Calibration
 from ..ops.contract import DEFAULT_DENSITY_MARGIN, DENSITY_BOUNDS_INPUT, NO_CLAMP, density_bounds
+from . import adapters
+from .errors import EngineError
+from .selection import BACKENDS, Request, native_unusable_reason, report_line, select
 
-BACKENDS = ("auto", "torch", "onnxruntime", "native", "tensorrt")
 
-
-class EngineError(ValueError):
-    pass
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 class Engine:
     def __init__(self, directory: Path, data: dict, tokenizer, backend, calibration: Calibration | None,
-                 choice=None):
+                 choice=None, selection=None):
         self.directory, self.manifest, self.tokenizer = directory, data, tokenizer
         self.backend, self.calibration = backend, calibration
         self.choice = choice  # choose.Choice when backend="auto" measured on a CPU, else None
+        self.selection = selection  # selection.Selection: what was chosen and why
 
     @classmethod
     def load(cls, directory, backend: str = "auto", threads: int | None = None, verify: bool = True,
-             device: str | None = None, max_batch: int | None = None, max_context: int | None = None) -> "Engine":
+             device: str | None = None, max_batch: int | None = None, max_context: int | None = None,
+             report: Callable[[str], None] | None = _to_stderr) -> "Engine":
         """backend: "auto" (torch on a GPU; on a CPU the native C++ runtime where it can run the engine, else
-        whichever decodes faster, see choose.py), "torch", "onnxruntime" or "native" (cpp/, built on
-        demand). device/max_batch/max_context configure the torch backend."""
+        whichever of torch and ONNX Runtime decodes faster; selection.py has the rule), "torch",
+        "onnxruntime", "native" (cpp/, built on demand) or "tensorrt". device/max_batch/max_context
+        configure the torch backend. report: told one line where auto passed over a faster backend (and
+        why, and how to get it) or measured; stderr by default, None for silence."""
         from transformers import AutoTokenizer
 
         directory = Path(directory)
@@ -52,33 +58,17 @@ class Engine:
             raise EngineError(str(e)) from None
         check_thresholds(directory, data, calibration)
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        torch_opts = {k: v for k, v in dict(device=device, max_batch=max_batch, max_context=max_context).items()
-                      if v is not None}
-        make_torch = lambda: _torch(directory, data, threads, torch_opts)  # noqa: E731
-        make_ort = lambda: _ort(directory, data, threads)  # noqa: E731
-        choice = None
-        if backend == "onnxruntime":
-            impl = make_ort()
-        elif backend == "tensorrt":  # never picked by auto: a plan runs only on GPUs its TensorRT supports
-            impl = _tensorrt(directory, data)
-        elif backend == "torch":
-            impl = make_torch()
-        elif backend == "native":
-            impl = _native(directory, data, threads)
-        elif "decoder_spec" not in data:
-            warnings.warn(f"{directory}: built by an older tda-export without a decoder_spec, so only ONNX Runtime "
-                          f"can run it; rebuild it for the torch backend", stacklevel=2)
-            impl = make_ort()
-        elif device != "cpu" and _cuda_kernels_usable():
-            impl = make_torch()
-        elif (native := _native_if_usable(directory, data, threads)) is not None:
-            impl = native  # measured faster than torch and ONNX Runtime on a CPU (choose.py says why)
-        else:
-            from .choose import choose_cpu
-
-            choice, impl = choose_cpu(lambda: _torch(directory, data, threads, dict(torch_opts, device="cpu")),
-                                      make_ort, data, _built_thresholds(data), threads)
-        return cls(directory, data, tokenizer, impl, calibration, choice)
+        request = Request(backend, device, decoder_spec="decoder_spec" in data,
+                          native_reason=native_unusable_reason(data),
+                          native_off=os.environ.get("TDA_EXPORT_NATIVE", "1") == "0")
+        machine = adapters.Machine(directory, data, threads)
+        chosen = select(request, machine.cuda, machine.native)
+        torch_options = {k: v for k, v in dict(device=device, max_batch=max_batch, max_context=max_context).items()
+                         if v is not None}
+        impl, choice = adapters.construct(chosen, machine, torch_options)
+        if report is not None and (line := report_line(chosen, impl.name, choice)) is not None:
+            report(line)
+        return cls(directory, data, tokenizer, impl, calibration, choice, chosen)
 
     @property
     def num_layers(self) -> int:
@@ -179,86 +169,3 @@ def check_thresholds(directory: Path, data: dict, calibration: Calibration | Non
     densities = calibration.default.get("densities", [])
     if any(not isinstance(d, (int, float)) or not (math.isfinite(d) and 0 < d <= 1) for d in densities):
         raise EngineError(f"{where}: default densities must be in (0, 1], got {densities}")
-
-
-def _built_thresholds(data: dict) -> np.ndarray:
-    cal = data.get("calibration") or {}
-    return np.asarray(cal.get("thresholds", [0.0] * data["num_layers"]), np.float32)
-
-
-def _cuda_kernels_usable() -> bool:
-    import torch
-
-    if not torch.cuda.is_available():
-        return False
-    from ..kernels import BuildError, cuda_library
-
-    try:
-        cuda_library()
-    except (BuildError, OSError) as e:
-        warnings.warn(f"GPU present but the CUDA kernels are unusable ({e}); choosing a CPU backend", stacklevel=3)
-        return False
-    return True
-
-
-def _torch(directory: Path, data: dict, threads, options: dict):
-    from .torch_backend import TorchBackend, TorchBackendError
-
-    try:
-        return TorchBackend.from_engine(directory / data["model_file"], data, threads=threads, **options)
-    except TorchBackendError as e:
-        raise EngineError(str(e)) from None
-
-
-def _tensorrt(directory: Path, data: dict):
-    from ..trt.backend import TensorRTBackend
-    from ..trt.flavour import TensorRTMissing
-
-    try:
-        return TensorRTBackend(directory, data)
-    except (TensorRTMissing, ValueError, RuntimeError) as e:
-        raise EngineError(f"backend tensorrt: {e}") from None
-
-
-def _native(directory: Path, data: dict, threads):
-    from ..native import NativeBuildError
-    from ..native.binding import NativeBackend, NativeError
-
-    if (reason := native_unusable_reason(data)) is not None:
-        raise EngineError(f"{directory}: {reason}")
-    try:
-        return NativeBackend(directory, data, threads)
-    except (NativeError, NativeBuildError) as e:
-        raise EngineError(f"native backend: {e}") from None
-
-
-def native_unusable_reason(data: dict) -> str | None:
-    """Why the native CPU executor cannot run this engine (None if it can): decided from the manifest."""
-    if data.get("weights_file") != "model.safetensors":
-        return "built before model.safetensors (weights inside model.onnx); rebuild it for the native backend"
-    if data.get("dtype") != "float32":
-        return f"the native CPU executor runs float32 engines, this one is {data.get('dtype')}"
-    return None
-
-
-def _native_if_usable(directory: Path, data: dict, threads):
-    """auto on a CPU: the native runtime wherever it runs the engine, with no load-time probe. It decodes
-    faster than torch and ONNX Runtime at every density (bench/RESULTS.md, native section), and its own
-    per-layer rule (cpp/src/cpu_executor.h kDenseAbove) keeps a TDA layer from decoding slower than dense,
-    so the probe's two questions (which backend; does TDA pay) have their answers without measuring at
-    load. The probe (choose.py) remains for engines it cannot run. TDA_EXPORT_NATIVE=0 turns it off."""
-    if native_unusable_reason(data) is not None or os.environ.get("TDA_EXPORT_NATIVE", "1") == "0":
-        return None
-    from ..native import NativeBuildError
-
-    try:
-        return _native(directory, data, threads)
-    except (EngineError, NativeBuildError) as e:  # no compiler or BLAS here: the Python backends still run
-        warnings.warn(f"native backend unusable ({e}); choosing between torch and ONNX Runtime", stacklevel=3)
-        return None
-
-
-def _ort(directory: Path, data: dict, threads):
-    from .ort_backend import OrtBackend
-
-    return OrtBackend(directory / data["model_file"], data, threads)
