@@ -1,7 +1,6 @@
 """Engine.load(DIR): a verified exported directory, its tokenizer, thresholds and a backend."""
 from __future__ import annotations
 
-import math
 import os
 import sys
 from collections.abc import Callable
@@ -9,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__, manifest
-from ..calibration import CALIBRATION_FILE, Calibration
+from .. import manifest
+from ..calibration import CALIBRATION_FILE, Calibration  # noqa: F401  (CALIBRATION_FILE: re-exported)
 from ..ops.contract import DEFAULT_DENSITY_MARGIN, DENSITY_BOUNDS_INPUT, NO_CLAMP, density_bounds
-from . import adapters
+from . import adapters, validate
 from .errors import EngineError
 from .selection import BACKENDS, Request, native_unusable_reason, report_line, select
 
@@ -38,8 +37,6 @@ class Engine:
         "onnxruntime", "native" (cpp/, built on demand) or "tensorrt". device/max_batch/max_context
         configure the torch backend. report: told one line where auto passed over a faster backend (and
         why, and how to get it) or measured; stderr by default, None for silence."""
-        from transformers import AutoTokenizer
-
         directory = Path(directory)
         if backend not in BACKENDS:
             raise EngineError(f"backend {backend!r} not in {list(BACKENDS)}")
@@ -47,17 +44,9 @@ class Engine:
             data = manifest.verify(directory) if verify else manifest.read(directory)
         except manifest.ManifestError as e:
             raise EngineError(str(e)) from None
-        built_with = data.get("versions", {}).get("tda-export")
-        if built_with and built_with.split(".")[0] != __version__.split(".")[0]:
-            raise EngineError(f"{directory / manifest.NAME}: built by tda-export {built_with}, this is "
-                              f"{__version__} (major versions differ); rebuild the engine")
-        cal_path = directory / CALIBRATION_FILE
-        try:
-            calibration = Calibration.load(cal_path) if cal_path.is_file() else None
-        except ValueError as e:
-            raise EngineError(str(e)) from None
-        check_thresholds(directory, data, calibration)
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        validate.check_version(directory, data)
+        calibration = validate.load_calibration(directory, data)
+        tokenizer = validate.load_tokenizer(directory)
         request = Request(backend, device, decoder_spec="decoder_spec" in data,
                           native_reason=native_unusable_reason(data),
                           native_off=os.environ.get("TDA_EXPORT_NATIVE", "1") == "0")
@@ -133,39 +122,3 @@ class Engine:
 
     def densities(self) -> list[str]:
         return sorted(self.calibration.thresholds) if self.calibration else ["1.00"]
-
-
-def check_thresholds(directory: Path, data: dict, calibration: Calibration | None) -> None:
-    """Every threshold the engine may use is a number in [0, 1] (relative to the top score; above 1 no
-    neuron is active, NaN selects garbage), one per layer, and the calibration is this model's."""
-    layers = data.get("num_layers")
-
-    def check(where: str, values) -> None:
-        if not isinstance(values, list) or len(values) != layers:
-            raise EngineError(f"{where}: expected a list of {layers} thresholds (one per layer), got {values!r:.80}")
-        for i, v in enumerate(values):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= 1:
-                raise EngineError(f"{where}: threshold of layer {i} is {v!r}; thresholds must be finite and in "
-                                  f"[0, 1]; rebuild or recalibrate the engine")
-
-    built = data.get("calibration") or {}
-    if "thresholds" in built:
-        check(f"{directory / manifest.NAME} calibration.thresholds", built["thresholds"])
-    if calibration is None:
-        return
-    where = directory / CALIBRATION_FILE
-    try:
-        calibration.check_model(data.get("fingerprint", calibration.fingerprint), layers,
-                                data.get("intermediate_size"), str(where))
-    except ValueError as e:
-        raise EngineError(str(e)) from None
-    for key, ths in calibration.thresholds.items():
-        check(f"{where} thresholds[{key}]", ths)
-    for n, table in calibration.by_prompt_length.items():
-        for key, ths in table.items():
-            check(f"{where} by_prompt_length[{n}][{key}]", ths)
-    if "thresholds" in calibration.default:
-        check(f"{where} default.thresholds", calibration.default["thresholds"])
-    densities = calibration.default.get("densities", [])
-    if any(not isinstance(d, (int, float)) or not (math.isfinite(d) and 0 < d <= 1) for d in densities):
-        raise EngineError(f"{where}: default densities must be in (0, 1], got {densities}")

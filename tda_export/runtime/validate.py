@@ -6,11 +6,12 @@ refuses what `run` and `serve` refuse, even in a directory whose manifest was re
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .. import __version__, manifest
 from ..calibration import CALIBRATION_FILE, Calibration
-from .engine import EngineError, check_thresholds
+from .errors import EngineError
 
 TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                   "vocab.json")
@@ -78,3 +79,39 @@ def problems(directory, data: dict) -> list[str]:
         except EngineError as e:
             found.append(str(e))
     return found
+
+
+def check_thresholds(directory: Path, data: dict, calibration: Calibration | None) -> None:
+    """Every threshold the engine may use is a number in [0, 1] (relative to the top score; above 1 no
+    neuron is active, NaN selects garbage), one per layer, and the calibration is this model's."""
+    layers = data.get("num_layers")
+
+    def check(where: str, values) -> None:
+        if not isinstance(values, list) or len(values) != layers:
+            raise EngineError(f"{where}: expected a list of {layers} thresholds (one per layer), got {values!r:.80}")
+        for i, v in enumerate(values):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= 1:
+                raise EngineError(f"{where}: threshold of layer {i} is {v!r}; thresholds must be finite and in "
+                                  f"[0, 1]; rebuild or recalibrate the engine")
+
+    built = data.get("calibration") or {}
+    if "thresholds" in built:
+        check(f"{directory / manifest.NAME} calibration.thresholds", built["thresholds"])
+    if calibration is None:
+        return
+    where = directory / CALIBRATION_FILE
+    try:
+        calibration.check_model(data.get("fingerprint", calibration.fingerprint), layers,
+                                data.get("intermediate_size"), str(where))
+    except ValueError as e:
+        raise EngineError(str(e)) from None
+    for key, ths in calibration.thresholds.items():
+        check(f"{where} thresholds[{key}]", ths)
+    for n, table in calibration.by_prompt_length.items():
+        for key, ths in table.items():
+            check(f"{where} by_prompt_length[{n}][{key}]", ths)
+    if "thresholds" in calibration.default:
+        check(f"{where} default.thresholds", calibration.default["thresholds"])
+    densities = calibration.default.get("densities", [])
+    if any(not isinstance(d, (int, float)) or not (math.isfinite(d) and 0 < d <= 1) for d in densities):
+        raise EngineError(f"{where}: default densities must be in (0, 1], got {densities}")
