@@ -6,6 +6,7 @@
 #include <type_traits>
 
 #include "../activation.h"
+#include "blocks.h"
 #include "decode_ctx.h"
 #include "fp.h"
 
@@ -46,13 +47,38 @@ struct V {
       return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
     }
   }
+  // A block's 32 weights, dequantized exactly (blocks.h): w[r] = weights 8r..8r+7.
+  static constexpr int QV = 4;
+  template <tda_weight_format_t F>
+  static void deq(const uint8_t* b, R* w) {
+    const float d = _cvtsh_ss(load_u16(b));
+    const R dv = set1(d);
+    const uint8_t* qs = b + Block<F>::qs;
+    if constexpr (F == TDA_WEIGHTS_Q8_0) {
+      for (int r = 0; r < 4; ++r)
+        w[r] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                 _mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + 8 * r)))), dv);
+    } else {
+      const R cv = set1(F == TDA_WEIGHTS_Q4_0 ? -8.0f * d : _cvtsh_ss(load_u16(b + 2)));
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+      const __m256i lo = _mm256_cvtepu8_epi32(bytes), hi = _mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8));
+      const __m256i nib = _mm256_set1_epi32(15);
+      w[0] = fma(_mm256_cvtepi32_ps(_mm256_and_si256(lo, nib)), dv, cv);  // low nibbles: weights 0-15
+      w[1] = fma(_mm256_cvtepi32_ps(_mm256_and_si256(hi, nib)), dv, cv);
+      w[2] = fma(_mm256_cvtepi32_ps(_mm256_srli_epi32(lo, 4)), dv, cv);   // high nibbles: weights 16-31
+      w[3] = fma(_mm256_cvtepi32_ps(_mm256_srli_epi32(hi, 4)), dv, cv);
+    }
+  }
 };
 
 #include "decode_simd.h"
+#include "decode_quant_simd.h"
 
 }  // namespace
 
-DecodeKernels avx2_kernels(tda_dtype_t d, tda_activation_t a) { return kernels(d, a); }
+DecodeKernels avx2_kernels(tda_dtype_t d, tda_activation_t a, tda_weight_format_t w) {
+  return w == TDA_WEIGHTS_DTYPE ? kernels(d, a) : block_kernels<Simd>(d, a, w);
+}
 
 }  // namespace cpu
 }  // namespace tda

@@ -7,15 +7,18 @@
 #include <type_traits>
 
 #include "../activation.h"
+#include "blocks.h"
 #include "decode_ctx.h"
 #include "fp.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx2,fma,f16c")
 // GCC 12's avx512fintrin.h builds its "undefined" pass-through operand as
-// `__m512i __Y = __Y;`, which -Wmaybe-uninitialized flags once inlined.
+// `__m512i __Y = __Y;`, which -Wmaybe-uninitialized (and, where it is
+// inlined into some loops, -Wuninitialized) flags.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 namespace tda {
 namespace cpu {
@@ -57,13 +60,34 @@ struct V {
     if constexpr (D == TDA_F32) return _mm512_maskz_loadu_ps(kLow8, p);
     else return widen<D>(_mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   }
+  // A block's 32 weights, dequantized exactly (blocks.h): w[r] = weights 16r..16r+15.
+  static constexpr int QV = 2;
+  template <tda_weight_format_t F>
+  static void deq(const uint8_t* b, R* w) {
+    const float d = _cvtsh_ss(load_u16(b));
+    const R dv = set1(d);
+    const uint8_t* qs = b + Block<F>::qs;
+    if constexpr (F == TDA_WEIGHTS_Q8_0) {
+      for (int r = 0; r < 2; ++r)
+        w[r] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                 _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16 * r)))), dv);
+    } else {
+      const R cv = set1(F == TDA_WEIGHTS_Q4_0 ? -8.0f * d : _cvtsh_ss(load_u16(b + 2)));
+      const __m512i e = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
+      w[0] = fma(_mm512_cvtepi32_ps(_mm512_and_si512(e, _mm512_set1_epi32(15))), dv, cv);  // weights 0-15
+      w[1] = fma(_mm512_cvtepi32_ps(_mm512_srli_epi32(e, 4)), dv, cv);                     // weights 16-31
+    }
+  }
 };
 
 #include "decode_simd.h"
+#include "decode_quant_simd.h"
 
 }  // namespace
 
-DecodeKernels avx512_kernels(tda_dtype_t d, tda_activation_t a) { return kernels(d, a); }
+DecodeKernels avx512_kernels(tda_dtype_t d, tda_activation_t a, tda_weight_format_t w) {
+  return w == TDA_WEIGHTS_DTYPE ? kernels(d, a) : block_kernels<Simd>(d, a, w);
+}
 
 }  // namespace cpu
 }  // namespace tda
