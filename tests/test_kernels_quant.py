@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gguf
@@ -244,13 +245,18 @@ def test_sanitizers(tmp_path):
     """The quantized kernels under ASan + UBSan: a C driver (tests/kernels_sanitize_main.cpp) runs every format,
     ISA, dtype and mask kind on weights allocated to the exact byte, so a read past a row's last block faults."""
     src = Path(build.SRC_ROOT)
+    flags = ["g++", "-std=c++17", "-O1", "-g", "-fopenmp", "-fsanitize=address,undefined", "-fno-omit-frame-pointer",
+             "-fno-sanitize-recover=all", "-Wall", "-Wextra", "-Werror"]
+    sources = [Path(__file__).parent / "kernels_sanitize_main.cpp", *sorted((src / "src" / "cpu").glob("*.cpp"))]
+    objs = [tmp_path / f"{i}_{s.stem}.o" for i, s in enumerate(sources)]
+    compile_one = lambda s, o: subprocess.run(  # noqa: E731
+        [*flags, f"-I{src / 'include'}", f"-I{src / 'src'}", "-c", str(s), "-o", str(o)], check=True,
+        capture_output=True)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # one g++ per source: ~3x faster
+        list(pool.map(compile_one, sources, objs))
     exe = tmp_path / "kernels_sanitize"
-    cmd = ["g++", "-std=c++17", "-O1", "-g", "-fopenmp", "-fsanitize=address,undefined", "-fno-omit-frame-pointer",
-           "-fno-sanitize-recover=all", "-Wall", "-Wextra", "-Werror", f"-I{src / 'include'}", f"-I{src / 'src'}",
-           str(Path(__file__).parent / "kernels_sanitize_main.cpp"), *map(str, sorted((src / "src" / "cpu").glob("*.cpp"))),
-           "-o", str(exe)]
-    subprocess.run(cmd, check=True, capture_output=True)
-    for isa in ("generic", "avx2", "best"):
+    subprocess.run([*flags, *map(str, objs), "-o", str(exe)], check=True, capture_output=True)
+    for isa in ISAS:
         env = {**os.environ, "TDA_CPU_ISA": isa, "OMP_NUM_THREADS": "2", "ASAN_OPTIONS": "detect_leaks=0"}
         r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600, env=env)
         assert r.returncode == 0 and "runtime error" not in r.stderr, (isa, r.stdout[-2000:], r.stderr[-4000:])
