@@ -105,7 +105,8 @@ void run_case(int fmt, int dtype, int H, int I, int B, std::mt19937& rng) {
         return;
       }
     }
-  if (es == 4 ? !isnan(out32[size_t(B) * H]) : out16[size_t(B) * H] != 0xffff) fail("wrote past output", fmt, dtype, H, I, B);
+  const bool past = es == 4 ? !isnan(out32[size_t(B) * H]) : out16[size_t(B) * H] != 0xffff;
+  if (past) fail("wrote past output", fmt, dtype, H, I, B);
 }
 
 }  // namespace

@@ -336,7 +336,8 @@ def render_markdown() -> str:
               "GGUF's blocks of the same name. fp16 fields are IEEE binary16, little-endian; in the 4-bit formats "
               "byte k of qs holds weight k in its low nibble and weight k + 16 in its high nibble. Quantizers "
               "round to nearest per block as ggml's reference quantizers do (1/d from the float32 d, 0 if d == 0).",
-              "", "| format | ggml type | bytes/block | block layout | dequantize | quantize |", "|---|---|---|---|---|---|"]
+              "", "| format | ggml type | bytes/block | block layout | dequantize | quantize |",
+              "|---|---|---|---|---|---|"]
     lines += [f"| `{f.name}` | {f.ggml_type} | {f.block_bytes} | {f.layout} | {f.dequantize} | {f.quantize} |"
               for f in BLOCK_FORMATS.values()]
     lines += ["", "| input | dtype | shape | meaning |", "|---|---|---|---|"]

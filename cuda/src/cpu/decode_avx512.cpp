@@ -60,24 +60,18 @@ struct V {
     if constexpr (D == TDA_F32) return _mm512_maskz_loadu_ps(kLow8, p);
     else return widen<D>(_mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   }
-  // A block's 32 weights, dequantized exactly (blocks.h): w[r] = weights 16r..16r+15.
+  // Block weights (decode_quant_simd.h), as in decode_avx2.cpp.
   static constexpr int QV = 2;
-  template <tda_weight_format_t F>
-  static void deq(const uint8_t* b, R* w) {
-    const float d = _cvtsh_ss(load_u16(b));
-    const R dv = set1(d);
-    const uint8_t* qs = b + Block<F>::qs;
-    if constexpr (F == TDA_WEIGHTS_Q8_0) {
-      for (int r = 0; r < 2; ++r)
-        w[r] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                                 _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16 * r)))), dv);
-    } else {
-      const R cv = set1(F == TDA_WEIGHTS_Q4_0 ? -8.0f * d : _cvtsh_ss(load_u16(b + 2)));
-      const __m512i e = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
-      w[0] = fma(_mm512_cvtepi32_ps(_mm512_and_si512(e, _mm512_set1_epi32(15))), dv, cv);  // weights 0-15
-      w[1] = fma(_mm512_cvtepi32_ps(_mm512_srli_epi32(e, 4)), dv, cv);                     // weights 16-31
-    }
+  static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  static R i8(const uint8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   }
+  static void nibbles(const uint8_t* qs, R* q) {
+    const __m512i e = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
+    q[0] = _mm512_cvtepi32_ps(_mm512_and_si512(e, _mm512_set1_epi32(15)));
+    q[1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(e, 4));
+  }
+  static float f16(const uint8_t* p) { return _cvtsh_ss(load_u16(p)); }
 };
 
 #include "decode_simd.h"
