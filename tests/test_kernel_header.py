@@ -3,7 +3,7 @@ import re
 from pathlib import Path
 
 from tda_export.kernels import abi
-from tda_export.ops.contract import ACTIVATIONS, DTYPES, SCORE_NORMS
+from tda_export.ops.contract import ACTIVATIONS, DTYPES, QUANT_BLOCK, SCORE_NORMS, WEIGHT_FORMATS
 
 HEADER = Path(__file__).resolve().parents[1] / "cuda" / "include" / "tda_kernels.h"
 
@@ -18,21 +18,28 @@ def test_enums_match_contract():
                                     "TDA_BF16": DTYPES.index("bfloat16")}
     assert _enum("tda_activation_t") == {f"TDA_ACT_{a.upper()}": i for i, a in enumerate(ACTIVATIONS)}
     assert _enum("tda_score_norm_t") == {f"TDA_SCORE_NORM_{n.upper()}": i for i, n in enumerate(SCORE_NORMS)}
+    assert _enum("tda_weight_format_t") == {f"TDA_WEIGHTS_{n.upper()}": i for i, n in enumerate(WEIGHT_FORMATS)}
+    assert abi.WEIGHT_FORMAT_CODE == {n: i for i, n in enumerate(WEIGHT_FORMATS)}
 
 
 def test_python_mirror_matches_header():
     text = HEADER.read_text()
     assert int(re.search(r"#define TDA_MAX_BATCH (\d+)", text).group(1)) == abi.MAX_BATCH
     assert int(re.search(r"#define TDA_SIZE_MULTIPLE (\d+)", text).group(1)) == abi.SIZE_MULTIPLE
+    assert int(re.search(r"#define TDA_QUANT_BLOCK (\d+)", text).group(1)) == QUANT_BLOCK == abi.QUANT_BLOCK_SIZE
     status = _enum("tda_status_t")
     assert status["TDA_OK"] == abi.TDA_OK
     assert sorted(status.values()) == list(range(len(status)))
 
 
 def test_abi_version_matches_mirror():
-    """The ctypes mirror's struct layouts follow TDA_KERNELS_ABI_VERSION (3: tda_select_args_t.density_bounds)."""
+    """The ctypes mirror's struct layouts follow TDA_KERNELS_ABI_VERSION (3: tda_select_args_t.density_bounds;
+    4: tda_decode_args_t.weight_format)."""
     text = HEADER.read_text()
     assert int(re.search(r"#define TDA_KERNELS_ABI_VERSION (\d+)", text).group(1)) == abi.ABI_VERSION
     select = re.search(r"typedef struct \{([^}]*)\}\s*tda_select_args_t;", text).group(1)
     fields = re.findall(r"(\w+);", select)
     assert fields == [name for name, _ in abi.SelectArgs._fields_]
+    decode = re.search(r"typedef struct \{([^}]*)\}\s*tda_decode_args_t;", text).group(1)
+    decode = re.sub(r"/\*.*?\*/", "", decode, flags=re.S)
+    assert re.findall(r"(\w+);", decode) == [name for name, _ in abi.DecodeArgs._fields_]

@@ -11,7 +11,9 @@
  *    pointers for the CUDA library and host pointers for the CPU library;
  *    this includes `threshold`, which is a tensor in a graph, not a constant.
  *  - Decode's hidden_states, weights and output must be 16-byte aligned
- *    (vector loads); index/count arrays 4-byte aligned.
+ *    (vector loads); index/count arrays 4-byte aligned. Block-quantized
+ *    weights (weight_format != TDA_WEIGHTS_DTYPE) are byte arrays with no
+ *    alignment requirement.
  *  - `stream` is a cudaStream_t passed as void* (ignored by the CPU library),
  *    so this header needs no CUDA include. Nothing synchronises the host and
  *    nothing allocates, so every call can be captured in a CUDA graph.
@@ -32,12 +34,17 @@ extern "C" {
 
 /* 2: tda_decode_args_t gained `version` (last field).
  * 3: tda_select_args_t gained `density_bounds` (last field; NULL = no clamp, so a
- *    zero-initialised struct keeps version 2's results). */
-#define TDA_KERNELS_ABI_VERSION 3
+ *    zero-initialised struct keeps version 2's results).
+ * 4: tda_decode_args_t gained `weight_format` (last field; 0 = weights in
+ *    dtype, so a zero-initialised struct keeps version 3's results). */
+#define TDA_KERNELS_ABI_VERSION 4
 /* Largest batch of one call: decode keeps one bit per sequence per neuron. */
 #define TDA_MAX_BATCH 64
 /* H and I must be multiples of this (16-byte vectors of 16-bit types). */
 #define TDA_SIZE_MULTIPLE 8
+/* Weights per block of the block-quantized formats, along a row's input
+ * dimension; H must be a multiple of it for those formats (I need not be). */
+#define TDA_QUANT_BLOCK 32
 
 typedef enum {
   TDA_F32 = 0,
@@ -57,12 +64,28 @@ typedef enum {
   TDA_SCORE_NORM_NONE = 1
 } tda_score_norm_t;
 
+/* How decode's gate_up_weight / down_weight_t are stored (contract
+ * WEIGHT_FORMATS, docs/ops.md "Block-quantized weights"). DTYPE: in `dtype`,
+ * as before version 4. The others: neuron-major rows as for float weights,
+ * each row H/32 GGUF-compatible blocks of 32 weights along H:
+ *   Q8_0 (34 bytes): fp16 d, 32 x int8 q;            w = d * q
+ *   Q4_0 (18 bytes): fp16 d, 16 bytes of nibbles;    w = d * (q - 8)
+ *   Q4_1 (20 bytes): fp16 d, fp16 m, 16 bytes;       w = d * q + m
+ * (byte k of a 4-bit block holds weight k low, weight k + 16 high). The op is
+ * the float op on these float32 weights: x is not quantized. */
+typedef enum {
+  TDA_WEIGHTS_DTYPE = 0,
+  TDA_WEIGHTS_Q8_0 = 1,
+  TDA_WEIGHTS_Q4_0 = 2,
+  TDA_WEIGHTS_Q4_1 = 3
+} tda_weight_format_t;
+
 typedef enum {
   TDA_OK = 0,
   TDA_ERR_NULL_POINTER = 1,
-  TDA_ERR_BAD_DTYPE = 2,
+  TDA_ERR_BAD_DTYPE = 2,          /* dtype, or a weight_format this library does not run */
   TDA_ERR_BAD_ENUM = 3,          /* activation, score_norm or decode version out of range */
-  TDA_ERR_BAD_SIZE = 4,          /* H or I not a positive multiple of 8 */
+  TDA_ERR_BAD_SIZE = 4,          /* H or I not a positive multiple of 8 (block formats: H of 32, I > 0) */
   TDA_ERR_BAD_BATCH = 5,         /* batch < 0 or > TDA_MAX_BATCH */
   TDA_ERR_MISALIGNED = 6,        /* a decode pointer or a workspace not aligned (see Conventions) */
   TDA_ERR_WORKSPACE_TOO_SMALL = 7,
@@ -90,8 +113,8 @@ typedef struct {
    * atomics (order varies run to run; fewer workspace bytes). */
   int32_t deterministic;
   const void* hidden_states;   /* [B, H] dtype */
-  const void* gate_up_weight;  /* [I, 2, H] dtype */
-  const void* down_weight_t;   /* [I, H] dtype */
+  const void* gate_up_weight;  /* [I, 2, H] dtype, or [I, 2, H/32] blocks */
+  const void* down_weight_t;   /* [I, H] dtype, or [I, H/32] blocks */
   const int32_t* active_idx;   /* [B, I] ascending, then 0-padding */
   const int32_t* active_count; /* [B] */
   void* output;                /* [B, H] dtype */
@@ -101,6 +124,10 @@ typedef struct {
    * CPU library has one algorithm and accepts 0..2. Query the workspace with
    * the same value. Zero-initialised structs get the default. */
   int32_t version;
+  /* tda_weight_format_t of gate_up_weight and down_weight_t (ABI 4). The CPU
+   * library runs every format; the CUDA library only TDA_WEIGHTS_DTYPE so far
+   * (others: TDA_ERR_BAD_DTYPE). */
+  int32_t weight_format;
 } tda_decode_args_t;
 
 size_t tda_sparse_gated_mlp_decode_workspace_size(const tda_decode_args_t* args);

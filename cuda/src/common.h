@@ -15,9 +15,12 @@ inline const char* status_text(tda_status_t s) {
   switch (s) {
     case TDA_OK: return "ok";
     case TDA_ERR_NULL_POINTER: return "a required pointer is NULL";
-    case TDA_ERR_BAD_DTYPE: return "dtype is not TDA_F32, TDA_F16 or TDA_BF16";
+    case TDA_ERR_BAD_DTYPE:
+      return "dtype is not TDA_F32, TDA_F16 or TDA_BF16, or weight_format is not one this library runs";
     case TDA_ERR_BAD_ENUM: return "activation, score_norm or decode version value out of range";
-    case TDA_ERR_BAD_SIZE: return "hidden/intermediate size must be a positive multiple of 8";
+    case TDA_ERR_BAD_SIZE:
+      return "hidden/intermediate size must be a positive multiple of 8 (block-quantized weights: hidden a "
+             "multiple of 32, any intermediate)";
     case TDA_ERR_BAD_BATCH: return "batch must be in 0..TDA_MAX_BATCH (64)";
     case TDA_ERR_MISALIGNED:
       return "a pointer is misaligned (16 bytes for data, 4 for indices, 256 for the workspace)";
@@ -50,27 +53,36 @@ inline int32_t decode_version(const tda_decode_args_t* a) {
   return env && env[0] == '2' && env[1] == '\0' ? 2 : 1;
 }
 
-// Sizes/enums only: what the workspace queries may rely on.
-inline tda_status_t check_decode_shape(const tda_decode_args_t* a) {
+inline bool block_weights(const tda_decode_args_t* a) { return a->weight_format != TDA_WEIGHTS_DTYPE; }
+
+// Sizes/enums only: what the workspace queries may rely on. A library that
+// runs the block-quantized weight formats says so (the CUDA one does not yet).
+inline tda_status_t check_decode_shape(const tda_decode_args_t* a, bool runs_block_weights = false) {
   if (!a) return TDA_ERR_NULL_POINTER;
   if (a->dtype < TDA_F32 || a->dtype > TDA_BF16) return TDA_ERR_BAD_DTYPE;
+  if (a->weight_format < TDA_WEIGHTS_DTYPE || a->weight_format > TDA_WEIGHTS_Q4_1) return TDA_ERR_BAD_DTYPE;
+  if (block_weights(a) && !runs_block_weights) return TDA_ERR_BAD_DTYPE;
   if (a->activation < TDA_ACT_SILU || a->activation > TDA_ACT_RELU) return TDA_ERR_BAD_ENUM;
   if (a->version < 0 || a->version > kMaxDecodeVersion) return TDA_ERR_BAD_ENUM;
   if (a->batch < 0 || a->batch > TDA_MAX_BATCH) return TDA_ERR_BAD_BATCH;
-  if (!size_ok(a->hidden) || !size_ok(a->intermediate)) return TDA_ERR_BAD_SIZE;
+  if (block_weights(a) ? a->hidden <= 0 || a->hidden % TDA_QUANT_BLOCK != 0 || a->intermediate <= 0
+                       : !size_ok(a->hidden) || !size_ok(a->intermediate))
+    return TDA_ERR_BAD_SIZE;
   return TDA_OK;
 }
 
-inline tda_status_t check_decode(const tda_decode_args_t* a, const void* ws, size_t ws_size, size_t ws_needed) {
-  tda_status_t s = check_decode_shape(a);
+inline tda_status_t check_decode(const tda_decode_args_t* a, const void* ws, size_t ws_size, size_t ws_needed,
+                                 bool runs_block_weights = false) {
+  tda_status_t s = check_decode_shape(a, runs_block_weights);
   if (s != TDA_OK || a->batch == 0) return s;
   const void* ptrs[] = {a->hidden_states, a->gate_up_weight, a->down_weight_t, a->active_idx, a->active_count,
                         a->output};
   for (const void* p : ptrs)
     if (!p) return TDA_ERR_NULL_POINTER;
-  // Only the tensors read or written with 16-byte vectors need alignment.
-  for (const void* p : {a->hidden_states, a->gate_up_weight, a->down_weight_t, static_cast<const void*>(a->output)})
+  // Only the tensors read or written with 16-byte vectors need alignment (blocks are read unaligned).
+  for (const void* p : {a->hidden_states, static_cast<const void*>(a->output)})
     if (!aligned16(p)) return TDA_ERR_MISALIGNED;
+  if (!block_weights(a) && !(aligned16(a->gate_up_weight) && aligned16(a->down_weight_t))) return TDA_ERR_MISALIGNED;
   if ((reinterpret_cast<uintptr_t>(a->active_idx) | reinterpret_cast<uintptr_t>(a->active_count)) & 3u)
     return TDA_ERR_MISALIGNED;
   return check_workspace(ws, ws_size, ws_needed);

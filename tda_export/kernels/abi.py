@@ -5,19 +5,21 @@ import ctypes
 import functools
 from ctypes import POINTER, c_char_p, c_int, c_int32, c_size_t, c_void_p
 
-from ..ops.contract import ACTIVATIONS, DTYPES, SCORE_NORMS
+from ..ops.contract import ACTIVATIONS, DTYPES, QUANT_BLOCK, SCORE_NORMS, WEIGHT_FORMATS
 from . import build
 
 TDA_OK = 0
-ABI_VERSION = 3  # TDA_KERNELS_ABI_VERSION of the header this file mirrors
+ABI_VERSION = 4  # TDA_KERNELS_ABI_VERSION of the header this file mirrors
 MAX_BATCH = 64
 WORKSPACE_ALIGNMENT = 256
 SIZE_MULTIPLE = 8
+QUANT_BLOCK_SIZE = QUANT_BLOCK  # TDA_QUANT_BLOCK
 
 # Enum values are the contract's list positions (a test checks the header agrees).
 DTYPE_CODE = {name: i for i, name in enumerate(DTYPES)}
 ACTIVATION_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
 SCORE_NORM_CODE = {name: i for i, name in enumerate(SCORE_NORMS)}
+WEIGHT_FORMAT_CODE = {name: i for i, name in enumerate(WEIGHT_FORMATS)}
 
 
 class DecodeArgs(ctypes.Structure):
@@ -26,7 +28,7 @@ class DecodeArgs(ctypes.Structure):
         ("batch", c_int32), ("hidden", c_int32), ("intermediate", c_int32), ("deterministic", c_int32),
         ("hidden_states", c_void_p), ("gate_up_weight", c_void_p), ("down_weight_t", c_void_p),
         ("active_idx", c_void_p), ("active_count", c_void_p), ("output", c_void_p),
-        ("version", c_int32),
+        ("version", c_int32), ("weight_format", c_int32),
     ]
 
 
@@ -105,4 +107,4 @@ def cuda_library() -> Library:
 
 
 __all__ = ["DecodeArgs", "SelectArgs", "PrefillArgs", "Library", "KernelError", "cpu_library", "cuda_library",
-           "DTYPE_CODE", "ACTIVATION_CODE", "SCORE_NORM_CODE", "MAX_BATCH", "SIZE_MULTIPLE"]
+           "DTYPE_CODE", "ACTIVATION_CODE", "SCORE_NORM_CODE", "WEIGHT_FORMAT_CODE", "MAX_BATCH", "SIZE_MULTIPLE"]

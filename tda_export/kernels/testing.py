@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..ops import reference
+from ..ops import blocks, reference
 from . import abi
 from .torch_ops import workspace
 
@@ -56,6 +56,17 @@ def decode_problem(batch: int, hidden: int, inter: int, dtype, masks: list[np.nd
     return (x.to(**to), gu.to(**to), wd.to(**to), torch.from_numpy(idx).to(device), torch.from_numpy(cnt).to(device))
 
 
+def block_decode_problem(batch: int, hidden: int, inter: int, weight_format: str, dtype, masks: list[np.ndarray],
+                         seed: int = 0):
+    """decode_problem's random problem with its weights quantized to a block format: returns (x, gate_up blocks
+    uint8 [I, 2, H/32*bytes], down_t blocks uint8 [I, H/32*bytes], idx, cnt, gate_up float32, down_t float32),
+    the float32 weights being the blocks' exact dequantized values (the contract's operands)."""
+    x, gu, wd, idx, cnt = decode_problem(batch, hidden, inter, torch.float32, masks, seed)
+    gu_q, wd_q = (blocks.quantize(weight_format, t.numpy()) for t in (gu, wd))
+    gu_f, wd_f = (torch.from_numpy(blocks.dequantize(weight_format, q)) for q in (gu_q, wd_q))
+    return x.to(dtype), torch.from_numpy(gu_q), torch.from_numpy(wd_q), idx, cnt, gu_f, wd_f
+
+
 def decode_reference(x, gu, wd, idx, cnt, activation="silu") -> np.ndarray:
     f = lambda t: t.detach().cpu().to(torch.float64).numpy()  # noqa: E731
     b = x.shape[0]
@@ -104,9 +115,11 @@ def _stream(device) -> int:
 
 
 def run_decode(x, gu, wd, idx, cnt, activation="silu", deterministic=True, poison=True, out=None,
-               workspace_bytes=None, hidden=None, workspace_offset=0, version=0) -> tuple[int, torch.Tensor]:
+               workspace_bytes=None, hidden=None, workspace_offset=0, version=0,
+               weight_format="dtype") -> tuple[int, torch.Tensor]:
     """Direct ABI call with a NaN-filled output and a garbage-filled 256-byte aligned workspace (moved
-    by workspace_offset bytes to test the alignment check); returns (status, output)."""
+    by workspace_offset bytes to test the alignment check); returns (status, output). For a block
+    weight_format, gu and wd are the uint8 block tensors (block_decode_problem)."""
     if out is None:
         out = torch.full_like(x, float("nan")) if poison else torch.empty_like(x)
     lib = library_for(x.device)
@@ -115,7 +128,8 @@ def run_decode(x, gu, wd, idx, cnt, activation="silu", deterministic=True, poiso
                           hidden=x.shape[-1] if hidden is None else hidden, intermediate=gu.shape[0],
                           deterministic=int(deterministic), hidden_states=x.data_ptr(), gate_up_weight=gu.data_ptr(),
                           down_weight_t=wd.data_ptr(), active_idx=idx.data_ptr(), active_count=cnt.data_ptr(),
-                          output=out.data_ptr(), version=version)
+                          output=out.data_ptr(), version=version,
+                          weight_format=abi.WEIGHT_FORMAT_CODE[weight_format])
     need = lib.workspace_size("tda_sparse_gated_mlp_decode", args)
     size = need if workspace_bytes is None else workspace_bytes
     _buf, ptr = workspace(max(size, need) + workspace_offset, x.device, fill=0xA5)  # garbage, not zeros

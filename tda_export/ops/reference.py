@@ -1,7 +1,7 @@
 """numpy reference of the TDA ops (float64 math), written from contract.SEMANTICS.
 
 Every other realization (torch op, ONNX function, CPU and CUDA kernels) is
-tested against these two functions.
+tested against these functions.
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 
+from . import blocks
 from .contract import ACTIVATIONS, NO_CLAMP, NORM_FLOOR, SCORE_NORMS
 
 
@@ -63,6 +64,16 @@ def sparse_gated_mlp(hidden, gate_up_weight, down_weight_t, active_idx, active_c
     else:
         z = z * mask_from_state(active_idx, active_count, w_down.shape[0])[:, None, :]
     return z @ w_down, scores_out
+
+
+def sparse_gated_mlp_blocks(hidden, gate_up_blocks, down_blocks_t, weight_format: str, active_idx, active_count,
+                            token_valid, scores_in, activation: str = "silu", score_norm: str = "token_l2"):
+    """SparseGatedMLP with block-quantized weights (contract.QUANTIZED_SEMANTICS): the float op on the
+    dequantized float32 weights. gate_up_blocks uint8 [I, 2, H/32*block_bytes], down_blocks_t uint8
+    [I, H/32*block_bytes]. Returns (output float64 [B,S,H], scores_out float64 [B,I])."""
+    return sparse_gated_mlp(hidden, blocks.dequantize(weight_format, gate_up_blocks),
+                            blocks.dequantize(weight_format, down_blocks_t), active_idx, active_count, token_valid,
+                            scores_in, activation, score_norm)
 
 
 def clamp_count(count: int, inter: int, density_bounds) -> int:

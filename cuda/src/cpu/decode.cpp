@@ -9,6 +9,8 @@
 // chosen per call from CPUID: AVX-512F (decode_avx512.cpp), AVX2+FMA+F16C
 // (decode_avx2.cpp) and this file's portable `omp simd` loops. TDA_CPU_ISA=
 // avx2 or generic caps the choice (tests use it to cover every variant).
+// Block-quantized weights (tda_weight_format_t) take the same phases with
+// decode_quant.cpp / decode_quant_simd.h's loops.
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,6 +26,8 @@
 namespace tda {
 namespace cpu {
 namespace {
+
+constexpr int32_t kQuantBlock = TDA_QUANT_BLOCK;
 
 struct DecodeWs {
   float* x;        // [B, H] inputs widened to fp32
@@ -171,13 +175,13 @@ Isa cpu_isa() {
   return best;
 }
 
-DecodeKernels select_kernels(tda_dtype_t d, tda_activation_t a) {
+DecodeKernels select_kernels(tda_dtype_t d, tda_activation_t a, tda_weight_format_t w) {
   switch (cpu_isa()) {
-    case kAvx512: return avx512_kernels(d, a);
-    case kAvx2: return avx2_kernels(d, a);
+    case kAvx512: return avx512_kernels(d, a, w);
+    case kAvx2: return avx2_kernels(d, a, w);
     case kGeneric: break;
   }
-  return generic_kernels(d, a);
+  return w == TDA_WEIGHTS_DTYPE ? generic_kernels(d, a) : generic_block_kernels(d, a, w);
 }
 
 // Multiply-adds per thread below which a thread does not pay for itself; it
@@ -211,19 +215,21 @@ void run(const tda_decode_args_t* a, const DecodeWs& w) {
   int64_t pairs;
   const int32_t U = build_union(a, w, &pairs);
   const DecodeCtx c{B, H, U, w.x, w.mask, w.rows, w.z, w.acc, a->gate_up_weight, a->down_weight_t, a->output};
-  const DecodeKernels k = select_kernels(a->dtype, a->activation);
+  const tda_weight_format_t wf = static_cast<tda_weight_format_t>(a->weight_format);
+  const DecodeKernels k = select_kernels(a->dtype, a->activation, wf);
 
   // Work: 3 multiply-adds per (pair, column), plus the union rows' reads.
   const int64_t work = 3 * (pairs + U) * int64_t(H);
   const int nt = int(std::min<int64_t>(omp_get_max_threads(), std::max<int64_t>(1, work / work_per_thread())));
   // Column slices are multiples of 16 floats (64 bytes), so threads never
-  // share a cache line of acc/output.
-  const int32_t H16 = (H + 15) / 16;
+  // share a cache line of acc/output; of 32 for block weights (whole blocks).
+  const int32_t cw = wf == TDA_WEIGHTS_DTYPE ? 16 : kQuantBlock;
+  const int32_t Hc = (H + cw - 1) / cw;
   auto body = [&](int t, int n) {
     k.gate_up(c, int32_t(int64_t(U) * t / n), int32_t(int64_t(U) * (t + 1) / n));
   };
   auto cols = [&](int t, int n) {
-    const int32_t c0 = int32_t(int64_t(H16) * t / n) * 16, c1 = std::min(H, int32_t(int64_t(H16) * (t + 1) / n) * 16);
+    const int32_t c0 = int32_t(int64_t(Hc) * t / n) * cw, c1 = std::min(H, int32_t(int64_t(Hc) * (t + 1) / n) * cw);
     if (c0 < c1) k.down(c, c0, c1);
   };
   if (nt <= 1) {
@@ -246,13 +252,14 @@ void run(const tda_decode_args_t* a, const DecodeWs& w) {
 
 extern "C" size_t tda_sparse_gated_mlp_decode_workspace_size(const tda_decode_args_t* a) {
   // Batch 0 does nothing and needs nothing, as in the CUDA library.
-  if (tda::check_decode_shape(a) != TDA_OK || a->batch == 0) return 0;
+  if (tda::check_decode_shape(a, /*runs_block_weights=*/true) != TDA_OK || a->batch == 0) return 0;
   return tda::cpu::carve(a, nullptr).bytes;
 }
 
 extern "C" tda_status_t tda_sparse_gated_mlp_decode(const tda_decode_args_t* a, void* ws, size_t ws_size,
                                                     void* /*stream*/) {
-  const tda_status_t s = tda::check_decode(a, ws, ws_size, tda_sparse_gated_mlp_decode_workspace_size(a));
+  const tda_status_t s =
+      tda::check_decode(a, ws, ws_size, tda_sparse_gated_mlp_decode_workspace_size(a), /*runs_block_weights=*/true);
   if (s != TDA_OK || a->batch == 0) return s;
   const tda::cpu::DecodeWs w = tda::cpu::carve(a, ws);
   switch (a->dtype) {

@@ -6,6 +6,7 @@
 #include <type_traits>
 
 #include "../activation.h"
+#include "blocks.h"
 #include "decode_ctx.h"
 #include "fp.h"
 
@@ -46,13 +47,34 @@ struct V {
       return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
     }
   }
+  // Block weights (decode_quant_simd.h): QV vectors per block of 32; i8(p)
+  // widens W int8 values to fp32, nibbles(qs, q) a 4-bit block's 32 values
+  // (weight k: low nibble of byte k, weight k + 16: its high nibble).
+  static constexpr int QV = 4;
+  static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  static R i8(const uint8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  static void nibbles(const uint8_t* qs, R* q) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+    const __m256i lo = _mm256_cvtepu8_epi32(bytes), hi = _mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8));
+    const __m256i low4 = _mm256_set1_epi32(15);
+    q[0] = _mm256_cvtepi32_ps(_mm256_and_si256(lo, low4));
+    q[1] = _mm256_cvtepi32_ps(_mm256_and_si256(hi, low4));
+    q[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(lo, 4));
+    q[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(hi, 4));
+  }
+  static float f16(const uint8_t* p) { return _cvtsh_ss(load_u16(p)); }
 };
 
 #include "decode_simd.h"
+#include "decode_quant_simd.h"
 
 }  // namespace
 
-DecodeKernels avx2_kernels(tda_dtype_t d, tda_activation_t a) { return kernels(d, a); }
+DecodeKernels avx2_kernels(tda_dtype_t d, tda_activation_t a, tda_weight_format_t w) {
+  return w == TDA_WEIGHTS_DTYPE ? kernels(d, a) : block_kernels<Simd>(d, a, w);
+}
 
 }  // namespace cpu
 }  // namespace tda

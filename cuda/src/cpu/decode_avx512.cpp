@@ -7,15 +7,18 @@
 #include <type_traits>
 
 #include "../activation.h"
+#include "blocks.h"
 #include "decode_ctx.h"
 #include "fp.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx2,fma,f16c")
 // GCC 12's avx512fintrin.h builds its "undefined" pass-through operand as
-// `__m512i __Y = __Y;`, which -Wmaybe-uninitialized flags once inlined.
+// `__m512i __Y = __Y;`, which -Wmaybe-uninitialized (and, where it is
+// inlined into some loops, -Wuninitialized) flags.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 namespace tda {
 namespace cpu {
@@ -57,13 +60,28 @@ struct V {
     if constexpr (D == TDA_F32) return _mm512_maskz_loadu_ps(kLow8, p);
     else return widen<D>(_mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   }
+  // Block weights (decode_quant_simd.h), as in decode_avx2.cpp.
+  static constexpr int QV = 2;
+  static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  static R i8(const uint8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static void nibbles(const uint8_t* qs, R* q) {
+    const __m512i e = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
+    q[0] = _mm512_cvtepi32_ps(_mm512_and_si512(e, _mm512_set1_epi32(15)));
+    q[1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(e, 4));
+  }
+  static float f16(const uint8_t* p) { return _cvtsh_ss(load_u16(p)); }
 };
 
 #include "decode_simd.h"
+#include "decode_quant_simd.h"
 
 }  // namespace
 
-DecodeKernels avx512_kernels(tda_dtype_t d, tda_activation_t a) { return kernels(d, a); }
+DecodeKernels avx512_kernels(tda_dtype_t d, tda_activation_t a, tda_weight_format_t w) {
+  return w == TDA_WEIGHTS_DTYPE ? kernels(d, a) : block_kernels<Simd>(d, a, w);
+}
 
 }  // namespace cpu
 }  // namespace tda

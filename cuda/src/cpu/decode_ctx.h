@@ -16,13 +16,14 @@ struct DecodeCtx {
   const int32_t* rows;     // [U] union of active rows, ascending
   float* z;                // [U, B] intermediate, 0 where masked
   float* acc;              // [B, H] fp32 output accumulators
-  const void* gate_up;     // [I, 2, H] dtype
-  const void* down;        // [I, H] dtype
+  const void* gate_up;     // [I, 2, H] dtype or [I, 2, H/32] blocks
+  const void* down;        // [I, H] dtype or [I, H/32] blocks
   void* out;               // [B, H] dtype
 };
 
 // gate_up fills z for union positions [k0, k1); down writes output columns
-// [c0, c1) (c0 a multiple of 16, c1 one too or H) from all of z. Each output
+// [c0, c1) (c0 a multiple of 16, c1 one too or H; multiples of 32 for block
+// weights, which never split a block) from all of z. Each output
 // element is summed by one thread in row order, so results never depend on
 // how the ranges are split.
 using GateUpFn = void (*)(const DecodeCtx&, int32_t k0, int32_t k1);
@@ -33,9 +34,53 @@ struct DecodeKernels {
 };
 
 // Defined in decode_avx2.cpp / decode_avx512.cpp (compiled for those ISAs with
-// target pragmas; only called after a CPUID check).
-DecodeKernels avx2_kernels(tda_dtype_t d, tda_activation_t a);
-DecodeKernels avx512_kernels(tda_dtype_t d, tda_activation_t a);
+// target pragmas; only called after a CPUID check), and the portable block
+// weight kernels in decode_quant.cpp. d is the dtype of x, z and the output;
+// w the weights' format.
+DecodeKernels avx2_kernels(tda_dtype_t d, tda_activation_t a, tda_weight_format_t w);
+DecodeKernels avx512_kernels(tda_dtype_t d, tda_activation_t a, tda_weight_format_t w);
+DecodeKernels generic_block_kernels(tda_dtype_t d, tda_activation_t a, tda_weight_format_t w);
+
+}  // namespace cpu
+}  // namespace tda
+
+namespace tda {
+namespace cpu {
+
+// The kernel table of a family K<D, F, A> (static gate_up and down members)
+// for run-time enums: one switch tree for every variant of the block formats.
+template <template <tda_dtype_t, tda_weight_format_t, tda_activation_t> class K, tda_dtype_t D,
+          tda_weight_format_t F>
+DecodeKernels block_kernels_for(tda_activation_t a) {
+  switch (a) {
+    case TDA_ACT_SILU: return {K<D, F, TDA_ACT_SILU>::gate_up, K<D, F, TDA_ACT_SILU>::down};
+    case TDA_ACT_GELU_TANH: return {K<D, F, TDA_ACT_GELU_TANH>::gate_up, K<D, F, TDA_ACT_GELU_TANH>::down};
+    case TDA_ACT_GELU: return {K<D, F, TDA_ACT_GELU>::gate_up, K<D, F, TDA_ACT_GELU>::down};
+    case TDA_ACT_RELU: break;
+  }
+  return {K<D, F, TDA_ACT_RELU>::gate_up, K<D, F, TDA_ACT_RELU>::down};
+}
+
+template <template <tda_dtype_t, tda_weight_format_t, tda_activation_t> class K, tda_dtype_t D>
+DecodeKernels block_kernels_for(tda_activation_t a, tda_weight_format_t w) {
+  switch (w) {
+    case TDA_WEIGHTS_Q8_0: return block_kernels_for<K, D, TDA_WEIGHTS_Q8_0>(a);
+    case TDA_WEIGHTS_Q4_0: return block_kernels_for<K, D, TDA_WEIGHTS_Q4_0>(a);
+    case TDA_WEIGHTS_DTYPE:  // not a block format: never asked for (check_decode_shape)
+    case TDA_WEIGHTS_Q4_1: break;
+  }
+  return block_kernels_for<K, D, TDA_WEIGHTS_Q4_1>(a);
+}
+
+template <template <tda_dtype_t, tda_weight_format_t, tda_activation_t> class K>
+DecodeKernels block_kernels(tda_dtype_t d, tda_activation_t a, tda_weight_format_t w) {
+  switch (d) {
+    case TDA_F16: return block_kernels_for<K, TDA_F16>(a, w);
+    case TDA_BF16: return block_kernels_for<K, TDA_BF16>(a, w);
+    case TDA_F32: break;
+  }
+  return block_kernels_for<K, TDA_F32>(a, w);
+}
 
 }  // namespace cpu
 }  // namespace tda

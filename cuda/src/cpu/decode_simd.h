@@ -7,9 +7,31 @@
 // storef(p, r), ld<D>(p) (W elements of dtype D widened to fp32) and, when
 // W == 16, the 8-lane tail versions loadf8/storef8/ld8<D> (upper lanes 0).
 // H is a multiple of 8, so W = 8 needs no tail and W = 16 at most one of 8.
+//
+// gate_up and down are written over a weights policy Wt (FloatWeights<D>
+// here, BlockWeights<D, F> in decode_quant_simd.h): Wt::D is the dtype of x,
+// z and the output, Wt::P a row pointer, Wt::row(base, r, H) row r of a
+// weight matrix, Wt::dots<NB, UNR> the gate/up dot products of one neuron,
+// Wt::axpy<N> the down projection's update from N rows and
+// Wt::slice(row, c0, c1) the bytes of a row's columns [c0, c1) (prefetch).
 
 template <tda_dtype_t D>
 using T_ = typename Elem<D>::type;
+
+// go[s], uo[s] = the sums of sequence s's C gate / up accumulator chains.
+template <int NB, int C>
+static inline void sum_chains(const typename V::R (&ag)[NB][C], const typename V::R (&au)[NB][C], float* go,
+                              float* uo) {
+  for (int s = 0; s < NB; ++s) {
+    typename V::R sg = ag[s][0], su = au[s][0];
+    for (int r = 1; r < C; ++r) {
+      sg = V::add(sg, ag[s][r]);
+      su = V::add(su, au[s][r]);
+    }
+    go[s] = V::hsum(sg);
+    uo[s] = V::hsum(su);
+  }
+}
 
 // Gate and up dot products of one weight row pair with NB sequences' inputs
 // (xs[s]); UNR vectors per step give NB*UNR*2 independent FMA chains.
@@ -54,36 +76,28 @@ static inline void dots(const float* const* xs, const T_<D>* g, const T_<D>* u, 
       }
     }
   }
-  for (int s = 0; s < NB; ++s) {
-    typename V::R sg = ag[s][0], su = au[s][0];
-    for (int r = 1; r < UNR; ++r) {
-      sg = V::add(sg, ag[s][r]);
-      su = V::add(su, au[s][r]);
-    }
-    go[s] = V::hsum(sg);
-    uo[s] = V::hsum(su);
-  }
+  sum_chains<NB, UNR>(ag, au, go, uo);
 }
 
-template <tda_dtype_t D, tda_activation_t A>
+template <class Wt, tda_activation_t A>
 static void gate_up(const DecodeCtx& c, int32_t k0, int32_t k1) {
-  using T = T_<D>;
-  const T* gu = static_cast<const T*>(c.gate_up);
+  constexpr tda_dtype_t D = Wt::D;
+  using P = typename Wt::P;
   const int32_t B = c.B, H = c.H;
   // Batch 1 wants many FMA chains per row; batched tiles already have them
   // (and AVX2 has only 16 registers).
   constexpr int UNR4 = V::W == 16 ? 2 : 1;
   for (int32_t k = k0; k < k1; ++k) {
     const int32_t j = c.rows[k];
-    const T* g = gu + int64_t(j) * 2 * H;
+    const P g = Wt::row(c.gate_up, 2 * int64_t(j), H), u = Wt::row(c.gate_up, 2 * int64_t(j) + 1, H);
     // The next active row is not where the hardware prefetcher would look.
-    const T* pf = k + 1 < k1 ? gu + int64_t(c.rows[k + 1]) * 2 * H : nullptr;
+    const P pf = k + 1 < k1 ? Wt::row(c.gate_up, 2 * int64_t(c.rows[k + 1]), H) : nullptr;
     float* zr = c.z + int64_t(k) * B;
     uint64_t m = c.mask[j];
     if (B == 1) {
       const float* xs[1] = {c.x};
       float gv, uv;
-      dots<D, 1, 4>(xs, g, g + H, H, &gv, &uv, pf);
+      Wt::template dots<1, 4>(xs, g, u, H, &gv, &uv, pf);
       zr[0] = Elem<D>::round(activate<A>(gv) * uv);
       continue;
     }
@@ -101,7 +115,7 @@ static void gate_up(const DecodeCtx& c, int32_t k0, int32_t k1) {
       const float* xs[NB];
       float gv[NB], uv[NB];
       for (int s = 0; s < NB; ++s) xs[s] = c.x + int64_t(seq[s0 + s]) * H;
-      dots<D, NB, UNR>(xs, g, g + H, H, gv, uv, s0 == 0 ? pf : nullptr);
+      Wt::template dots<NB, UNR>(xs, g, u, H, gv, uv, s0 == 0 ? pf : nullptr);
       for (int s = 0; s < NB; ++s) zr[seq[s0 + s]] = Elem<D>::round(activate<A>(gv[s]) * uv[s]);
       s0 += NB;
     };
@@ -144,10 +158,29 @@ static inline void axpy_rows(float* acc, const T_<D>* const* r, const float* zs,
   }
 }
 
-template <tda_dtype_t D>
+template <tda_dtype_t D_>
+struct FloatWeights {
+  static constexpr tda_dtype_t D = D_;
+  using P = const T_<D>*;
+  static P row(const void* base, int64_t r, int32_t H) { return static_cast<P>(base) + r * H; }
+  template <int NB, int UNR>
+  static void dots(const float* const* xs, P g, P u, int32_t H, float* go, float* uo, P pf) {
+    ::tda::cpu::dots<D, NB, UNR>(xs, g, u, H, go, uo, pf);
+  }
+  template <int N>
+  static void axpy(float* acc, const P* r, const float* zs, int32_t c0, int32_t c1) {
+    axpy_rows<D, N>(acc, r, zs, c0, c1);
+  }
+  static const char* slice(P row, int32_t c0, int32_t c1, int32_t* bytes) {
+    *bytes = (c1 - c0) * int32_t(sizeof(T_<D>));
+    return reinterpret_cast<const char*>(row + c0);
+  }
+};
+
+template <class Wt>
 static void down(const DecodeCtx& c, int32_t c0, int32_t c1) {
-  using T = T_<D>;
-  const T* wd = static_cast<const T*>(c.down);
+  constexpr tda_dtype_t D = Wt::D;
+  using P = typename Wt::P;
   const int32_t B = c.B, H = c.H, U = c.U;
   for (int32_t b = 0; b < B; ++b)
     for (int32_t i = c0; i < c1; ++i) c.acc[int64_t(b) * H + i] = 0.0f;
@@ -157,23 +190,23 @@ static void down(const DecodeCtx& c, int32_t c0, int32_t c1) {
   // Active rows are scattered, where no hardware prefetcher looks: fetch this slice of the rows
   // two groups ahead (~2 x 4 x 1.2 KB for SmolLM2 on 2 threads) while this group streams.
   constexpr int kAhead = 2 * G;
-  const int32_t slice_bytes = (c1 - c0) * int32_t(sizeof(T));
   auto prefetch_row = [&](int32_t k) {
-    const char* p = reinterpret_cast<const char*>(wd + int64_t(c.rows[k]) * H + c0);
+    int32_t slice_bytes;
+    const char* p = Wt::slice(Wt::row(c.down, c.rows[k], H), c0, c1, &slice_bytes);
     for (int32_t o = 0; o < slice_bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
   };
   for (int32_t k = 0; k < kAhead && k < U; ++k) prefetch_row(k);
   for (int32_t k0 = 0; k0 < U; k0 += G) {
     const int32_t nk = U - k0 < G ? U - k0 : G;
     for (int32_t k = k0 + kAhead; k < k0 + kAhead + G && k < U; ++k) prefetch_row(k);
-    const T* r[G];
+    P r[G];
     uint64_t m[G];
     for (int32_t i = 0; i < nk; ++i) {
-      r[i] = wd + int64_t(c.rows[k0 + i]) * H;
+      r[i] = Wt::row(c.down, c.rows[k0 + i], H);
       m[i] = c.mask[c.rows[k0 + i]];
     }
     for (int32_t b = 0; b < B; ++b) {
-      const T* rb[G];
+      P rb[G];
       float zb[G];
       int n = 0;
       for (int32_t i = 0; i < nk; ++i)
@@ -183,28 +216,29 @@ static void down(const DecodeCtx& c, int32_t c0, int32_t c1) {
         }
       float* acc = c.acc + int64_t(b) * H;
       switch (n) {
-        case 4: axpy_rows<D, 4>(acc, rb, zb, c0, c1); break;
-        case 3: axpy_rows<D, 3>(acc, rb, zb, c0, c1); break;
-        case 2: axpy_rows<D, 2>(acc, rb, zb, c0, c1); break;
-        case 1: axpy_rows<D, 1>(acc, rb, zb, c0, c1); break;
+        case 4: Wt::template axpy<4>(acc, rb, zb, c0, c1); break;
+        case 3: Wt::template axpy<3>(acc, rb, zb, c0, c1); break;
+        case 2: Wt::template axpy<2>(acc, rb, zb, c0, c1); break;
+        case 1: Wt::template axpy<1>(acc, rb, zb, c0, c1); break;
         default: break;
       }
     }
   }
-  T* out = static_cast<T*>(c.out);
+  T_<D>* out = static_cast<T_<D>*>(c.out);
   for (int32_t b = 0; b < B; ++b)
     for (int32_t i = c0; i < c1; ++i) Elem<D>::store(out, int64_t(b) * H + i, c.acc[int64_t(b) * H + i]);
 }
 
 template <tda_dtype_t D>
 static DecodeKernels kernels_for(tda_activation_t a) {
+  using Wt = FloatWeights<D>;
   switch (a) {
-    case TDA_ACT_SILU: return {gate_up<D, TDA_ACT_SILU>, down<D>};
-    case TDA_ACT_GELU_TANH: return {gate_up<D, TDA_ACT_GELU_TANH>, down<D>};
-    case TDA_ACT_GELU: return {gate_up<D, TDA_ACT_GELU>, down<D>};
+    case TDA_ACT_SILU: return {gate_up<Wt, TDA_ACT_SILU>, down<Wt>};
+    case TDA_ACT_GELU_TANH: return {gate_up<Wt, TDA_ACT_GELU_TANH>, down<Wt>};
+    case TDA_ACT_GELU: return {gate_up<Wt, TDA_ACT_GELU>, down<Wt>};
     case TDA_ACT_RELU: break;
   }
-  return {gate_up<D, TDA_ACT_RELU>, down<D>};
+  return {gate_up<Wt, TDA_ACT_RELU>, down<Wt>};
 }
 
 static DecodeKernels kernels(tda_dtype_t d, tda_activation_t a) {

@@ -1,0 +1,276 @@
+"""Block-quantized weights (contract.BLOCK_FORMATS): the numpy (de)quantizers against the gguf package
+byte for byte, and the CPU library's quantized sparse decode against a float64 reference of the same
+dequantized weights, on every SIMD variant this machine runs."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import quants
+
+from tda_export.kernels import abi, build, testing
+from tda_export.ops import blocks, contract, reference
+
+FORMATS = tuple(contract.BLOCK_FORMATS)
+GGML = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0,
+        "q4_1": gguf.GGMLQuantizationType.Q4_1}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ISAS = ("generic", "avx2", "best")  # TDA_CPU_ISA caps (a cap above the CPU falls back to the best it has)
+# H a multiple of 32 (so of 8), I odd or not a multiple of 8 (allowed for block weights), a real shape.
+SHAPES = ((32, 7), (96, 13), (160, 72), (576, 1536))
+# Dequantized weights are exact float32 values, so the float32 tolerance holds (fp16/bf16 round x, z and y).
+TOLERANCE = testing.TOLERANCE
+
+
+def _edge_blocks() -> np.ndarray:
+    """Rows of 32 weights that hit the quantizers' corner cases."""
+    rng = np.random.default_rng(1)
+    rows = [np.zeros(32), np.full(32, 0.75), np.full(32, -3.0), np.arange(32) - 15.5, -(np.arange(32) - 15.5),
+            np.r_[2.0, -2.0, rng.standard_normal(30)],        # |max| tie: the first wins (q4_0 sign of d)
+            np.r_[-2.0, 2.0, rng.standard_normal(30)],
+            (np.arange(32) - 16) * (127 / 16) + 0.5,          # q8_0 products near .5: halves away from zero
+            rng.standard_normal(32) * 1e-6, rng.standard_normal(32) * 1e3, np.r_[1e-8, np.zeros(31)],
+            np.r_[np.zeros(31), -1e-8]]  # 12 rows: whole 64-weight rows with the 41 * 8 random blocks
+    return np.stack(rows).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_contract_formats_are_ggml_blocks(name):
+    fmt = contract.BLOCK_FORMATS[name]
+    assert fmt.ggml_type == GGML[name]
+    assert gguf.GGML_QUANT_SIZES[GGML[name]] == (contract.QUANT_BLOCK, fmt.block_bytes)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_quantize_matches_gguf_bytes(name):
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    w = (rng.standard_normal((41, 256)) * rng.uniform(1e-3, 3.0, (41, 1))).astype(np.float32)
+    w = np.concatenate([w.reshape(-1, 32), _edge_blocks()]).reshape(-1, 64)
+    ours = blocks.quantize(name, w)
+    assert ours.dtype == np.uint8 and ours.shape == (w.shape[0], 2 * contract.BLOCK_FORMATS[name].block_bytes)
+    np.testing.assert_array_equal(ours, quants.quantize(w, GGML[name]))
+    # Round trip: the dequantized values are gguf's, bit for bit, and within about half a step of the input
+    # (q4_0: a whole step on the side opposite the largest |w|, whose range [-8d, 7d] is clipped), plus the
+    # fp16 rounding of the scale (a block of ~1e-6 weights has a scale below fp16's subnormals).
+    deq = blocks.dequantize(name, ours)
+    np.testing.assert_array_equal(deq.view(np.int32), quants.dequantize(ours, GGML[name]).view(np.int32))
+    amax = np.abs(w.reshape(-1, 32)).max(1, keepdims=True)
+    bound = {"q8_0": 0.6 * amax / 127, "q4_0": 1.05 * amax / 8, "q4_1": 0.6 * 2 * amax / 15}[name]
+    assert (np.abs(deq - w).reshape(-1, 32) <= bound + 1e-5).all()
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_dequantize_any_block_matches_gguf(name):
+    """Arbitrary bytes (every nibble and int8 value, any finite fp16 scale) dequantize as gguf does."""
+    fmt = contract.BLOCK_FORMATS[name]
+    rng = np.random.default_rng(7)
+    raw = rng.integers(0, 256, (300, fmt.block_bytes), dtype=np.uint8)
+    n_fp16 = 2 if name == "q4_1" else 1
+    scales = rng.standard_normal((300, n_fp16)).astype(np.float16)
+    scales[:4] = np.array([0.0, -0.0, 6.1e-5, 65504.0], np.float16)[:, None]  # zero, subnormal edge, fp16 max
+    raw[:, : 2 * n_fp16] = scales.view(np.uint8)
+    np.testing.assert_array_equal(blocks.dequantize(name, raw), quants.dequantize(raw, GGML[name]))
+
+
+def test_block_layout_by_hand():
+    """The nibble order and fields, on one block worked out by hand: weight k in byte k's low nibble,
+    weight k + 16 in its high nibble; Q4_0 w = d (q - 8), Q4_1 w = d q + m."""
+    q = np.arange(32) % 16
+    q4 = np.zeros(16, np.uint8) | q[:16].astype(np.uint8) | (q[16:].astype(np.uint8)[::-1] << 4)
+    d = np.array([0.5], "<f2").view(np.uint8)
+    m = np.array([-1.0], "<f2").view(np.uint8)
+    w40 = blocks.dequantize("q4_0", np.concatenate([d, q4]))
+    w41 = blocks.dequantize("q4_1", np.concatenate([d, m, q4]))
+    expect = np.r_[q[:16], q[16:][::-1]].astype(np.float32)
+    np.testing.assert_array_equal(w40, 0.5 * (expect - 8))
+    np.testing.assert_array_equal(w41, 0.5 * expect - 1.0)
+    w80 = blocks.dequantize("q8_0", np.concatenate([d, np.arange(-16, 16, dtype=np.int8).view(np.uint8)]))
+    np.testing.assert_array_equal(w80, 0.5 * np.arange(-16, 16))
+
+
+def test_quantize_refuses_bad_input():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        blocks.quantize("q4_0", np.zeros((2, 40), np.float32))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        blocks.quantize("q8_0", np.full((1, 32), np.inf, np.float32))
+    with pytest.raises(ValueError, match="overflows fp16"):
+        blocks.quantize("q4_1", np.r_[np.zeros(31), 1e7].astype(np.float32)[None])
+    with pytest.raises(ValueError, match="not a block format"):
+        blocks.quantize("q5_0", np.zeros((1, 32), np.float32))
+    with pytest.raises(ValueError, match="whole blocks of 18 bytes"):
+        blocks.dequantize("q4_0", np.zeros((2, 20), np.uint8))
+
+
+def test_reference_is_the_float_op_on_dequantized_weights():
+    x, gu_q, wd_q, idx, cnt, gu, wd = testing.block_decode_problem(2, 64, 24, "q4_1", torch.float32,
+                                                                   _masks(["random", "full"], 24, 3), 3)
+    args = (idx.numpy(), cnt.numpy(), np.ones((2, 1), np.float32), np.zeros((2, 24), np.float32))
+    got, _ = reference.sparse_gated_mlp_blocks(x.numpy()[:, None], gu_q.numpy(), wd_q.numpy(), "q4_1", *args)
+    want, _ = reference.sparse_gated_mlp(x.numpy()[:, None], gu.numpy(), wd.numpy(), *args)
+    np.testing.assert_array_equal(got, want)
+    assert np.abs(got).max() > 0.1
+
+
+# ---- CPU kernels ----
+
+def _masks(kinds, inter, seed):
+    rng = np.random.default_rng(seed)
+    return [testing.make_mask(k, inter, rng, density=rng.uniform(0.05, 0.9)) for k in kinds]
+
+
+def _check(name, dtype, hidden, inter, kinds, activation="silu", seed=0):
+    x, gu_q, wd_q, idx, cnt, gu, wd = testing.block_decode_problem(len(kinds), hidden, inter, name, dtype,
+                                                                   _masks(kinds, inter, seed), seed)
+    status, out = testing.run_decode(x, gu_q, wd_q, idx, cnt, activation, weight_format=name)
+    assert status == abi.TDA_OK
+    assert out.dtype == dtype and out.shape == (len(kinds), hidden)
+    for b, kind in enumerate(kinds):
+        if kind == "empty":
+            assert torch.all(out[b] == 0), "an empty mask must give an exact zero row"
+    ref = testing.decode_reference(x, gu, wd, idx, cnt, activation)
+    err = testing.rel_error(out, ref)
+    assert err < TOLERANCE[dtype], (err, name, dtype, hidden, inter, kinds)
+    return x, gu_q, wd_q, idx, cnt, out
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("hidden,inter", SHAPES)
+def test_decode_masks(monkeypatch, isa, name, hidden, inter):
+    if isa != "best":
+        monkeypatch.setenv("TDA_CPU_ISA", isa)
+    for kind in testing.MASK_KINDS:
+        _check(name, torch.float32, hidden, inter, [kind], seed=zlib.crc32(f"{hidden}-{kind}".encode()) % 1000)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch", [1, 4, 7])
+def test_decode_batch(monkeypatch, isa, name, dtype, batch):
+    """Per-sequence masks (tiles of 4/2/1 active sequences per row, rows no sequence of a tile uses)."""
+    if isa != "best":
+        monkeypatch.setenv("TDA_CPU_ISA", isa)
+    kinds = [testing.MASK_KINDS[(b * 5 + 3) % len(testing.MASK_KINDS)] for b in range(batch)]
+    _check(name, dtype, 96, 13, kinds, activation="gelu_tanh", seed=batch)
+    x, gu_q, wd_q, idx, cnt, out = _check(name, dtype, 160, 72, ["random"] * batch, seed=batch + 1)
+    # Each sequence sees only its own mask (a single call sums in other chains: fp32 noise, which can move a
+    # 16-bit rounding of z or y by one unit, so 16-bit types get torch's default tolerance for them).
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else {}
+    for b in range(batch):
+        status, single = testing.run_decode(x[b:b + 1], gu_q, wd_q, idx[b:b + 1], cnt[b:b + 1], weight_format=name)
+        assert status == abi.TDA_OK
+        torch.testing.assert_close(out[b:b + 1], single, **tol)
+
+
+@pytest.mark.parametrize("activation", contract.ACTIVATIONS)
+def test_decode_activations(activation):
+    for name in FORMATS:
+        _check(name, torch.float32, 64, 9, ["random", "full", "single"], activation, seed=5)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_decode_batch_zero(name):
+    lib = abi.cpu_library()
+    args = abi.DecodeArgs(dtype=0, activation=0, batch=0, hidden=4096, intermediate=14335,
+                          weight_format=abi.WEIGHT_FORMAT_CODE[name])
+    assert lib.workspace_size("tda_sparse_gated_mlp_decode", args) == 0
+    assert lib.call_status("tda_sparse_gated_mlp_decode", args, 0, 0) == abi.TDA_OK
+
+
+def test_decode_isas_agree_and_threads_are_invariant(monkeypatch):
+    """Every variant meets the reference; each is bitwise-equal for 1, 2 and 3 OpenMP threads (the
+    column split of the down projection moves in whole blocks)."""
+    before = torch.get_num_threads()
+    try:
+        for name in FORMATS:
+            x, gu_q, wd_q, idx, cnt, gu, wd = testing.block_decode_problem(3, 1056, 2051, name, torch.float32,
+                                                                           _masks(["full", "random", "single"],
+                                                                                  2051, 8), 8)
+            ref = testing.decode_reference(x, gu, wd, idx, cnt)
+            for isa in ISAS:
+                monkeypatch.setenv("TDA_CPU_ISA", isa) if isa != "best" else monkeypatch.delenv("TDA_CPU_ISA",
+                                                                                                raising=False)
+                outs = []
+                for n in (1, 2, 3):
+                    torch.set_num_threads(n)
+                    outs.append(testing.run_decode(x, gu_q, wd_q, idx, cnt, weight_format=name)[1])
+                assert testing.rel_error(outs[0], ref) < 1e-5, (name, isa)
+                assert all(torch.equal(outs[0], o) for o in outs[1:]), (name, isa)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_float_formats_unchanged_by_weight_format_field():
+    """weight_format 0 (a zero-initialised struct) is the float op of ABI 3."""
+    x, gu, wd, idx, cnt = testing.decode_problem(2, 40, 72, torch.float32, _masks(["random", "full"], 72, 4), 4)
+    _, out = testing.run_decode(x, gu, wd, idx, cnt, weight_format="dtype")
+    assert testing.rel_error(out, testing.decode_reference(x, gu, wd, idx, cnt)) < TOLERANCE[torch.float32]
+
+
+def test_decode_bad_arguments():
+    x, gu_q, wd_q, idx, cnt, _, _ = testing.block_decode_problem(2, 64, 13, "q4_0", torch.float32,
+                                                                 _masks(["full", "random"], 13, 6), 6)
+    run = testing.run_decode
+    assert run(x, gu_q, wd_q, idx, cnt, weight_format="q4_0", hidden=40)[0] == 4  # TDA_ERR_BAD_SIZE: H % 32
+    assert run(x, gu_q, wd_q, idx, cnt, weight_format="q4_0", hidden=0)[0] == 4
+    lib = abi.cpu_library()
+    args = abi.DecodeArgs(dtype=0, activation=0, batch=1, hidden=64, intermediate=13, weight_format=4)
+    assert lib.call_status("tda_sparse_gated_mlp_decode", args, 0, 0) == 2  # TDA_ERR_BAD_DTYPE
+    args.weight_format = -1
+    assert lib.call_status("tda_sparse_gated_mlp_decode", args, 0, 0) == 2
+    args.weight_format, args.intermediate = abi.WEIGHT_FORMAT_CODE["q8_0"], 0
+    assert lib.call_status("tda_sparse_gated_mlp_decode", args, 0, 0) == 4
+    assert "multiple of 32" in lib.status_string(4) and "weight_format" in lib.status_string(2)
+    # Blocks need no alignment (18-byte blocks never are), but x and the output still do.
+    gu_odd = torch.empty(gu_q.numel() + 1, dtype=torch.uint8)[1:].view(gu_q.shape)
+    gu_odd.copy_(gu_q)
+    assert run(x, gu_odd, wd_q, idx, cnt, weight_format="q4_0")[0] == abi.TDA_OK
+    out = torch.empty(2 * 64 + 1, dtype=torch.float32)[1:].view(2, 64)
+    assert run(x, gu_q, wd_q, idx, cnt, weight_format="q4_0", out=out)[0] == 6  # TDA_ERR_MISALIGNED
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", FORMATS)
+def test_cuda_library_refuses_block_formats(name):
+    """Until the CUDA library runs block weights it refuses them (TDA_ERR_BAD_DTYPE), never reading blocks as
+    floats."""
+    lib = abi.cuda_library()
+    args = abi.DecodeArgs(dtype=0, activation=0, batch=1, hidden=64, intermediate=8,
+                          weight_format=abi.WEIGHT_FORMAT_CODE[name])
+    assert lib.workspace_size("tda_sparse_gated_mlp_decode", args) == 0
+    assert lib.call_status("tda_sparse_gated_mlp_decode", args, 0, 0) == 2
+
+
+# ---- AddressSanitizer + UndefinedBehaviorSanitizer ----
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
+def test_sanitizers(tmp_path):
+    """The quantized kernels under ASan + UBSan: a C driver (tests/kernels_sanitize_main.cpp) runs every format,
+    ISA, dtype and mask kind on weights allocated to the exact byte, so a read past a row's last block faults."""
+    src = Path(build.SRC_ROOT)
+    flags = ["g++", "-std=c++17", "-O1", "-g", "-fopenmp", "-fsanitize=address,undefined", "-fno-omit-frame-pointer",
+             "-fno-sanitize-recover=all", "-Wall", "-Wextra", "-Werror"]
+    sources = [Path(__file__).parent / "kernels_sanitize_main.cpp", *sorted((src / "src" / "cpu").glob("*.cpp"))]
+    objs = [tmp_path / f"{i}_{s.stem}.o" for i, s in enumerate(sources)]
+    compile_one = lambda s, o: subprocess.run(  # noqa: E731
+        [*flags, f"-I{src / 'include'}", f"-I{src / 'src'}", "-c", str(s), "-o", str(o)], check=True,
+        capture_output=True)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # one g++ per source: ~3x faster
+        list(pool.map(compile_one, sources, objs))
+    exe = tmp_path / "kernels_sanitize"
+    subprocess.run([*flags, *map(str, objs), "-o", str(exe)], check=True, capture_output=True)
+    for isa in ISAS:
+        env = {**os.environ, "TDA_CPU_ISA": isa, "OMP_NUM_THREADS": "2", "ASAN_OPTIONS": "detect_leaks=0"}
+        r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600, env=env)
+        assert r.returncode == 0 and "runtime error" not in r.stderr, (isa, r.stdout[-2000:], r.stderr[-4000:])
+        assert r.stdout.strip().endswith("ok"), r.stdout[-2000:]
