@@ -31,21 +31,26 @@ def test_identity_and_fields_are_the_contracts(L):
     # Serialized like the C++ plugin: kCHAR, the value and its NUL.
     for a, act in enumerate(ACTIVATIONS):
         for n, norm in enumerate(SCORE_NORMS):
-            assert L.mlp_serialized_fields(a, n) == [("activation", act.encode() + b"\0"),
-                                                     ("score_norm", norm.encode() + b"\0")]
+            attrs = lg.MlpAttrs(a, n, 2)
+            assert L.mlp_serialized_fields(attrs) == [("activation", act.encode() + b"\0"),
+                                                      ("score_norm", norm.encode() + b"\0"),
+                                                      ("decode_version", b"2\0")]
             # ... and parsed back, with or without the NUL (ONNX parsers pass none).
-            assert L.parse_mlp_fields([(k, v, True) for k, v in L.mlp_serialized_fields(a, n)]) == (a, n)
-            assert L.parse_mlp_fields([("activation", act.encode(), True), ("score_norm", norm.encode(), True)]) == (a, n)
+            assert L.parse_mlp_fields([(k, v, True) for k, v in L.mlp_serialized_fields(attrs)], False) == attrs
+            assert L.parse_mlp_fields([("activation", act.encode(), True), ("score_norm", norm.encode(), True)],
+                                      False) == (a, n, 1)
 
 
 def test_bad_fields_name_the_field(L):
     with pytest.raises(lg.LogicError, match="activation 'swish' not in silu"):
-        L.parse_mlp_fields([("activation", b"swish", True)])
+        L.parse_mlp_fields([("activation", b"swish", True)], True)
     with pytest.raises(lg.LogicError, match="unknown field activaton"):
-        L.parse_mlp_fields([("activaton", b"silu", True)])
+        L.parse_mlp_fields([("activaton", b"silu", True)], True)
     with pytest.raises(lg.LogicError, match="must be a char"):
-        L.parse_mlp_fields([("activation", b"\x01\x00\x00\x00", False)])
-    assert L.parse_mlp_fields([("plugin_namespace", b"tda", True)]) == (0, 0)
+        L.parse_mlp_fields([("activation", b"\x01\x00\x00\x00", False)], True)
+    with pytest.raises(lg.LogicError, match="decode_version '3' not in 1, 2"):
+        L.parse_mlp_fields([("decode_version", b"3", True)], False)
+    assert L.parse_mlp_fields([("plugin_namespace", b"tda", True)], False) == (0, 0, 1)
     with pytest.raises(lg.LogicError, match="SelectActive: unknown field activation"):
         L.parse_select_fields([("activation", b"silu", True)])
 
@@ -70,10 +75,12 @@ def test_workspace_uses_the_kernel_librarys_queries(L):
     q = lg.kernel_queries(cpu)
     sizes = L.mlp_max_sizes(_mlp_shapes(B=4, S=1, S_valid=100))
     want = max(cpu.workspace_size("tda_sparse_gated_mlp_decode",
-                                  DecodeArgs(dtype=1, activation=0, batch=b, hidden=16, intermediate=24, deterministic=1))
+                                  DecodeArgs(dtype=1, activation=0, batch=b, hidden=16, intermediate=24, deterministic=1,
+                                             version=1))
                for b in range(1, 5))
-    assert L.mlp_workspace_size(lg.HALF, 0, 0, sizes, 1, q) == want
-    prefill = L.mlp_workspace_size(lg.HALF, 0, 0, L.mlp_max_sizes(_mlp_shapes(B=2, S=9)), 2, q)
+    attrs = lg.MlpAttrs(0, 0, 1)
+    assert L.mlp_workspace_size(lg.HALF, attrs, sizes, 1, q) == want
+    prefill = L.mlp_workspace_size(lg.HALF, attrs, L.mlp_max_sizes(_mlp_shapes(B=2, S=9)), 2, q)
     assert prefill >= 2 * 9 * 24 * 3 * 2 + (32 << 20)  # gate/up + z in fp16, plus cuBLAS's 32 MiB
 
 
@@ -82,13 +89,16 @@ def test_launch_arguments(L):
     sizes = (130, 1, 16, 24)
     chunks = list(L.chunks(130))
     assert chunks == [(0, 64), (64, 64), (128, 2)]
-    a = L.decode_args(lg.BF16, 1, 0, sizes, 64, 64, buf)
-    assert (a.dtype, a.activation, a.batch, a.hidden, a.intermediate, a.deterministic) == (2, 1, 64, 16, 24, 1)
-    assert a.hidden_states == buf.hidden + 64 * 16 * 2 and a.active_idx == buf.active_idx + 64 * 24 * 4
-    ws = ctypes.create_string_buffer(1 << 26)
     from tda_export.kernels.abi import cpu_library
 
-    plan = L.prefill_plan(lg.HALF, 0, 1, (2, 5, 16, 24), buf, ctypes.addressof(ws), lg.kernel_queries(cpu_library()))
+    q = lg.kernel_queries(cpu_library())
+    a, nbytes = L.decode_call(lg.BF16, lg.MlpAttrs(1, 0, 2), sizes, 64, 64, buf, q)
+    assert (a.dtype, a.activation, a.batch, a.hidden, a.intermediate, a.deterministic, a.version) == \
+        (2, 1, 64, 16, 24, 1, 2)
+    assert nbytes == cpu_library().workspace_size("tda_sparse_gated_mlp_decode", a)
+    assert a.hidden_states == buf.hidden + 64 * 16 * 2 and a.active_idx == buf.active_idx + 64 * 24 * 4
+    ws = ctypes.create_string_buffer(1 << 26)
+    plan = L.prefill_plan(lg.HALF, lg.MlpAttrs(0, 1, 1), (2, 5, 16, 24), buf, ctypes.addressof(ws), q)
     assert plan.tokens == 10 and plan.scores.score_norm == 1 and plan.scores.seq_len == 5
     assert plan.gate_up == ctypes.addressof(ws) and plan.z > plan.gate_up
     assert (plan.gate_up_gemm.m, plan.gate_up_gemm.n, plan.gate_up_gemm.k) == (48, 10, 16)
