@@ -191,3 +191,49 @@ def test_creator_rejects_a_bad_field():
     creator = plugins.plugin_classes(trt)[0]()
     with pytest.raises(lg.LogicError, match="activation 'swish' not in"):
         creator.create_plugin("mlp", _fields(activation="swish"), trt.TensorRTPhase.BUILD)
+
+
+def test_prefill_allocates_nothing_and_accumulates_in_fp32(on_cpu, monkeypatch):
+    """enqueue may run under CUDA graph capture, where allocating is illegal: the prefill's GEMMs and gated
+    step write only into TensorRT's workspace and outputs (torch's allocator sees no allocation), and its
+    GEMMs run with reduced-precision reductions off (the contract accumulates in float32)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    seen = []
+    matmul = torch.matmul
+
+    def recording_matmul(*args, **kwargs):
+        m = torch.backends.cuda.matmul
+        seen.append((m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction,
+                     "out" in kwargs))
+        return matmul(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "matmul", recording_matmul)
+    flags = torch.backends.cuda.matmul
+    saved = flags.allow_fp16_reduced_precision_reduction
+    flags.allow_fp16_reduced_precision_reduction = True
+    try:
+        _prefill_allocates_nothing(seen)
+    finally:
+        flags.allow_fp16_reduced_precision_reduction = saved
+
+
+def _prefill_allocates_nothing(seen):
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    plugin = plugins.plugin_classes(trt)[0]().create_plugin("mlp", _fields(activation="gelu_tanh"),
+                                                            trt.TensorRTPhase.RUNTIME)
+    rng = np.random.default_rng(4)
+    hidden, gate_up, down_t, token_valid, scores_in = mlp_inputs(rng, 2, 7, np.float16)
+    _, idx, count = masks(rng, 2)[4]
+    tensors = [np.ascontiguousarray(x) for x in (hidden, gate_up, down_t, idx, count, token_valid, scores_in)]
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out, _ = _run_mlp(plugin, tensors, trt.DataType.HALF, np.float16)
+    allocating = [(e.name, e.cpu_memory_usage) for e in prof.events() if e.cpu_memory_usage > 0]
+    assert allocating == []
+    assert seen == [(False, False, True)] * 2
+    assert torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction  # the process's setting is back
+    ref, _ = reference.sparse_gated_mlp(*tensors, activation="gelu_tanh")
+    assert _rel(out, ref) < 5e-3
