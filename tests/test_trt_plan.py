@@ -307,3 +307,41 @@ def test_plan_stream_writer_appends_and_keeps_its_error(tmp_path):
         assert w.write(b"abc") == 3 and w.write(b"de") == 2
     assert path.read_bytes() == b"abcde" and w.error is None
     assert w.write(b"x") == 0 and isinstance(w.error, ValueError)  # the file is closed now
+
+
+def test_backend_contexts_share_one_activation_block():
+    """The prefill and decode contexts never run at once: one user-managed block sized for the larger
+    profile, not TensorRT's static block per context (a fake engine; the real one needs a GPU)."""
+    from types import SimpleNamespace
+
+    from tda_export.trt.backend import shared_contexts
+
+    class Context:
+        def __init__(self, strategy):
+            self.strategy, self.profile, self.memory = strategy, None, None
+
+        def set_optimization_profile_async(self, i, stream):
+            self.profile = (i, stream)
+
+        def set_device_memory(self, ptr, size):
+            self.memory = (ptr, size)
+
+    class Engine:
+        def get_device_memory_size_for_profile_v2(self, i):
+            return (1400 << 20, 96 << 20)[i]
+
+        def create_execution_context(self, strategy="STATIC"):
+            return Context(strategy)
+
+    allocations = []
+
+    def allocate(n):
+        allocations.append(n)
+        return SimpleNamespace(data_ptr=lambda: 0x7000)
+
+    rtx = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 not installed")
+    contexts, block = shared_contexts(rtx, Engine(), 2, 42, allocate)
+    assert allocations == [1400 << 20]
+    assert [c.strategy for c in contexts] == [rtx.ExecutionContextAllocationStrategy.USER_MANAGED] * 2
+    assert [c.profile for c in contexts] == [(0, 42), (1, 42)]
+    assert [c.memory for c in contexts] == [(0x7000, 1400 << 20)] * 2 and block.data_ptr() == 0x7000
