@@ -70,7 +70,7 @@ def build(model, backend, out, dtype, calibration, no_calibrate, density, force,
     from .export.build import DenseWarning, build as run_build
     from .models import ModelNotFound
     from .trt.flavour import TensorRTMissing
-    from .trt.plan import PlanOptions
+    from .trt.build.plan import PlanOptions
 
     plan = None
     if target != "onnx":

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from tda_export.cli import main
 from tda_export.export.build import build
-from tda_export.trt.plan import PlanOptions
+from tda_export.trt.build.plan import PlanOptions
 from trt_records import plugin_records
 
 pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 not installed")
@@ -118,7 +118,7 @@ def test_plugin_coverage_failure_leaves_nothing(tiny_dirs, tmp_path, monkeypatch
 @pytest.mark.parametrize("family,dtype", [("llama", "float16"), ("gemma3_text", "bfloat16")])
 def test_cpp_and_python_plugins_serialize_the_same_records(tiny_dirs, tmp_path, family, dtype):
     """A plan built with the C++ creators carries the same plugin records as one built with the Python creators."""
-    from tda_export.trt.plan import build_plan
+    from tda_export.trt.build.plan import build_plan
 
     onnx_dir = build(str(tiny_dirs[family]), tmp_path / "onnx", dtype, progress=False)
     data = json.loads((onnx_dir / "manifest.json").read_text())

@@ -12,9 +12,9 @@ from tda_export.cli import main
 from tda_export.ops.contract import ACTIVATIONS, PLUGIN_FIELDS, PLUGIN_NAMESPACE, PLUGIN_VERSION, SCORE_NORMS
 from tda_export.ops.contract import SELECT_ACTIVE, SPARSE_GATED_MLP
 from tda_export.trt import logic as lg
-from tda_export.trt.layers import Layer, PluginCoverageError, check_coverage, summary
-from tda_export.trt.plan import PlanError, PlanOptions, check_options, compute_capabilities
-from tda_export.trt.profiles import Limits, ProfileError, profiles
+from tda_export.trt.build.layers import Layer, PluginCoverageError, check_coverage, summary
+from tda_export.trt.build.plan import PlanError, PlanOptions, check_options, compute_capabilities
+from tda_export.trt.build.profiles import Limits, ProfileError, profiles
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +228,7 @@ def llama_fp16(tmp_path_factory):
 
 def _backends(directory):
     from tda_export.runtime.ort_backend import OrtBackend
-    from tda_export.trt.backend import TensorRTBackend, io_tables
+    from tda_export.runtime.trt_backend import TensorRTBackend, io_tables
 
     data = json.loads((directory / "manifest.json").read_text())
     data["tensorrt"] = {"profiles": profiles(data["io"]["inputs"], Limits.checked(2, 32, 16, data["max_context"]))}
@@ -242,7 +242,7 @@ def _backends(directory):
 def test_backend_io_mapping_matches_onnx_runtime(llama_fp16):
     import numpy as np
 
-    from tda_export.trt.backend import ProfileBoundsError, select_profile
+    from tda_export.runtime.trt_backend import ProfileBoundsError, select_profile
     from tda_export.trt.goldens import bounds_of, prompt, thresholds_of
 
     data, ort, trt = _backends(llama_fp16)
@@ -299,7 +299,7 @@ def test_plan_stream_writer_appends_and_keeps_its_error(tmp_path):
     """The builder streams the plan to disk (no whole-plan host copy); a write failure, which TensorRT
     would only log, is kept so the builder reports it instead of leaving a truncated plan."""
     trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 not installed")
-    from tda_export.trt.builder import _file_writer
+    from tda_export.trt.build.builder import _file_writer
 
     path = tmp_path / "plan"
     with open(path, "wb") as f:
@@ -314,7 +314,7 @@ def test_backend_contexts_share_one_activation_block():
     profile, not TensorRT's static block per context (a fake engine; the real one needs a GPU)."""
     from types import SimpleNamespace
 
-    from tda_export.trt.backend import shared_contexts
+    from tda_export.runtime.trt_backend import shared_contexts
 
     class Context:
         def __init__(self, strategy):

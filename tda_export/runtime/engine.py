@@ -211,7 +211,7 @@ def _torch(directory: Path, data: dict, threads, options: dict):
 
 
 def _tensorrt(directory: Path, data: dict):
-    from ..trt.backend import TensorRTBackend
+    from .trt_backend import TensorRTBackend
     from ..trt.flavour import TensorRTMissing
 
     try:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..ops.contract import DENSITY_BOUNDS_INPUT
-from ..runtime.ort_backend import OrtBackend, past_name
+from .ort_backend import OrtBackend, past_name
 
 # bf16 state lives on the host as 2-byte words (numpy has no bf16; TensorRT reads only the bytes):
 # the empty past is zeros, whose bytes are the same as float16 zeros.
@@ -85,8 +85,8 @@ class TensorRTBackend(OrtBackend):
     def __init__(self, directory: Path, manifest: dict):
         import torch
 
-        from .flavour import import_module
-        from .plugins import register
+        from ..trt.flavour import import_module
+        from ..trt.plugins import register
 
         section = manifest.get("tensorrt")
         if not isinstance(section, dict):
