@@ -72,6 +72,8 @@ TDA_TRT_API const char* tda_trt_identity(int32_t what) {
 }
 
 // ---- fields ----
+// The decode_version a plan built in this process records (an ONNX node carries none).
+TDA_TRT_API int32_t tda_trt_build_decode_version(void) { return absent_decode_version(true); }
 TDA_TRT_API int32_t tda_trt_mlp_nb_fields(void) { return kSparseGatedMlpNbFields; }
 TDA_TRT_API const char* tda_trt_mlp_field_name(int32_t i) { return kSparseGatedMlpFields[i]; }
 

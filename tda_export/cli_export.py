@@ -163,7 +163,9 @@ def _show_tensorrt(trt: dict) -> None:
                f"({trt.get('plan_bytes', 0) / 2**20:.1f} MiB, sha256 {str(trt.get('plan_sha256'))[:16]}...)  "
                f"targets {', '.join(trt.get('compute_capabilities') or ['this GPU'])}")
     plugin = trt.get("plugin", {})
-    click.echo(f"plugins    {plugin.get('namespace')} v{plugin.get('version')} built with {plugin.get('built_with')}: "
+    decode = f", decode kernel v{plugin['decode_version']}" if "decode_version" in plugin else ""
+    click.echo(f"plugins    {plugin.get('namespace')} v{plugin.get('version')} built with {plugin.get('built_with')}"
+               f"{decode}: "
                + ", ".join(f"{k} {v} layers" for k, v in layers.get("plugins", {}).items())
                + f" (of {layers.get('num_layers')} layers)")
     shown = ("input_ids", "attention_mask", "past_key_values.0.key")

@@ -117,7 +117,7 @@ class Logic:
         sig = {
             "tda_trt_err_len": ([], c_size_t), "tda_trt_sizeof_prefill_plan": ([], c_size_t),
             "tda_trt_sizeof_mlp_buffers": ([], c_size_t), "tda_trt_identity": ([c_int32], c_char_p),
-            "tda_trt_mlp_nb_fields": ([], c_int32), "tda_trt_mlp_field_name": ([c_int32], c_char_p),
+            "tda_trt_mlp_nb_fields": ([], c_int32), "tda_trt_build_decode_version": ([], c_int32), "tda_trt_mlp_field_name": ([c_int32], c_char_p),
             "tda_trt_mlp_parse_fields": ([c_int32, POINTER(c_char_p), POINTER(c_void_p), i32p, i32p, c_int32, i32p,
                                           errp], c_int),
             "tda_trt_select_parse_fields": ([c_int32, POINTER(c_char_p), POINTER(c_void_p), i32p, i32p, errp], c_int),
@@ -178,6 +178,10 @@ class Logic:
     def parse_select_fields(self, fields) -> None:
         nb, names, data, lengths, is_char, _keep = self._fields(fields)
         self._call(self._lib.tda_trt_select_parse_fields, nb, names, data, lengths, is_char)
+
+    def build_decode_version(self) -> int:
+        """The decode_version a plan built in this process records ($TDA_DECODE_VERSION, else 1)."""
+        return self._lib.tda_trt_build_decode_version()
 
     def mlp_serialized_fields(self, attrs: MlpAttrs) -> list[tuple[str, bytes]]:
         """(name, bytes) as the C++ plugin serializes them: the value string plus its NUL."""

@@ -128,6 +128,7 @@ def run(job: dict) -> dict:
         tmp.write_bytes(memoryview(ser))
         os.replace(tmp, cache_path)
     return {"version": trt.__version__, "module": trt.__name__, "plugin_source": plugin_source,
+            "decode_version": logic().build_decode_version(),  # what the plugins recorded in the plan
             "build_seconds": round(time.time() - t0, 2), "plan_bytes": out.stat().st_size,
             "compute_capabilities": ccs, "optimization_level": job.get("optimization_level"),
             "layers": summary(layers)}

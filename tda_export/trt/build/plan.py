@@ -108,6 +108,7 @@ def build_plan(onnx_path: Path, out_dir: Path, io_inputs: list[dict], max_contex
         "plan_file": PLAN_FILE, "plan_sha256": sha256_file(plan), "plan_bytes": report["plan_bytes"],
         "plugin": {"library": PLUGIN_LIBRARY, "built_with": report["plugin_source"],
                    "namespace": PLUGIN_NAMESPACE, "version": PLUGIN_VERSION,
+                   "decode_version": report["decode_version"],
                    "creators": {op.name: {"fields": list(PLUGIN_FIELDS[op.name])} for op in OPS}},
         "limits": {"max_batch": limits.max_batch, "max_seq_len": limits.max_seq_len, "max_prompt": limits.max_prompt},
         "profiles": profs, "compute_capabilities": ccs, "optimization_level": report["optimization_level"],
