@@ -70,7 +70,7 @@ def test_cli_build_inspect_and_rebuild(tiny_dirs, tmp_path):
     assert trt["compute_capabilities"] == ["SM86", "SM120"]
     shown = runner.invoke(main, ["inspect", str(tmp_path / "a")])
     assert shown.exit_code == 0, shown.output
-    assert "tensorrt   tensorrt-rtx" in shown.output
+    assert "tensorrt   tensorrt-rtx" in shown.output and "decode kernel v1" in shown.output
     assert "tda::SparseGatedMLP/1 3 layers" in shown.output and "verified" in shown.output
     assert shown.output.count("plugin     layers.") == 6
     assert (tmp_path / "a" / "trt_goldens.npz").is_file()  # ONNX Runtime logits for `check`
