@@ -16,7 +16,7 @@ made by a child too.
     python bench/build_scale.py --layers 1,2,4 --steps trt --trt-dtype fp16   # + the TensorRT-RTX plan
 
 The `trt` step is `build --target tensorrt-rtx --no-calibrate`; the plan is built in a grandchild
-(`python -m tda_export.trt.builder`) running while the export process is still alive, so besides
+(`python -m tda_export.trt.build.builder`) running while the export process is still alive, so besides
 wait4's peak (the largest single process) the watchdog samples the RSS of every process in the
 child's session and reports the peak of their sum, the export process's and the builder's
 (fp16 also runs ONNX Runtime for the goldens, in the export process, after the plan).
@@ -154,7 +154,7 @@ def run_measured(cmd: list[str], min_available_gb: float, log: Path) -> dict:
             tree["tree_rss_gb"] = max(tree["tree_rss_gb"], sum(r for _, r in procs.values()))
             if proc.pid in procs:
                 tree["main_rss_gb"] = max(tree["main_rss_gb"], procs[proc.pid][1])
-            builder = [r for c, r in procs.values() if "tda_export.trt.builder" in c]
+            builder = [r for c, r in procs.values() if "tda_export.trt.build.builder" in c]
             if builder:
                 now = time.perf_counter() - start
                 tree["builder_start_s"] = tree["builder_start_s"] or now

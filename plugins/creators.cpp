@@ -22,10 +22,11 @@ class SparseGatedMlpCreator final : public IPluginCreatorV3One {
     collection_.fields = fields_;
   }
 
-  IPluginV3* createPlugin(AsciiChar const*, PluginFieldCollection const* fc, TensorRTPhase) noexcept override {
+  IPluginV3* createPlugin(AsciiChar const*, PluginFieldCollection const* fc, TensorRTPhase phase) noexcept override {
     const std::vector<FieldView> fields = fields_of(fc);
     MlpAttrs attrs;
-    if (report(parse_mlp_fields(fields.data(), int32_t(fields.size()), &attrs))) return nullptr;
+    if (report(parse_mlp_fields(fields.data(), int32_t(fields.size()), phase == TensorRTPhase::kBUILD, &attrs)))
+      return nullptr;
     return make_sparse_gated_mlp(attrs);
   }
 

@@ -52,10 +52,10 @@ class SparseGatedMlpPlugin final : public IPluginV3,
   explicit SparseGatedMlpPlugin(MlpAttrs const& attrs) : attrs_(attrs) {
     // Strings point into the logic header's static tables, so they outlive
     // the collection; the NUL is included for readers that expect C strings.
-    char const* act = name_of(kActivations, attrs_.activation);
-    char const* norm = name_of(kScoreNorms, attrs_.score_norm);
-    fields_[0] = PluginField(kSparseGatedMlpFields[0], act, PluginFieldType::kCHAR, int32_t(std::strlen(act) + 1));
-    fields_[1] = PluginField(kSparseGatedMlpFields[1], norm, PluginFieldType::kCHAR, int32_t(std::strlen(norm) + 1));
+    for (int32_t i = 0; i < kSparseGatedMlpNbFields; ++i) {
+      char const* value = mlp_field_value(i, attrs_);
+      fields_[i] = PluginField(kSparseGatedMlpFields[i], value, PluginFieldType::kCHAR, int32_t(std::strlen(value) + 1));
+    }
     collection_.nbFields = kSparseGatedMlpNbFields;
     collection_.fields = fields_;
   }
@@ -178,10 +178,12 @@ class SparseGatedMlpPlugin final : public IPluginV3,
   }
 
   int32_t decode(DType t, MlpSizes const& s, MlpBuffers const& buf, void* ws, cudaStream_t st) noexcept {
+    // The plan's decode version and the bytes it needs (within what
+    // getWorkspaceSize reserved), not a query under today's $TDA_DECODE_VERSION.
     for (int64_t b0 = 0; b0 < s.batch; b0 += TDA_MAX_BATCH) {
-      const tda_decode_args_t a = decode_args(t, attrs_, s, b0, chunk_batch(s.batch, b0), buf);
-      const size_t bytes = tda_sparse_gated_mlp_decode_workspace_size(&a);
-      if (int32_t rc = report_abi(tda_sparse_gated_mlp_decode(&a, ws, bytes, st), "tda_sparse_gated_mlp_decode"))
+      const DecodeCall c = decode_call(t, attrs_, s, b0, chunk_batch(s.batch, b0), buf, abi_queries());
+      if (int32_t rc = report_abi(tda_sparse_gated_mlp_decode(&c.args, ws, c.workspace_bytes, st),
+                                  "tda_sparse_gated_mlp_decode"))
         return rc;
     }
     // Decode leaves the scores unchanged (contract): a plain copy, no aliasing

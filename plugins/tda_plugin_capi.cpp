@@ -48,10 +48,12 @@ void sizes_out(const MlpSizes& s, int64_t* out) {
 
 MlpSizes sizes_in(const int64_t* v) { return MlpSizes{v[0], v[1], v[2], v[3]}; }
 
-MlpAttrs attrs_in(int32_t activation, int32_t score_norm) {
+// attrs: activation, score_norm, decode_version (the plugin's fields, parsed).
+MlpAttrs attrs_in(const int32_t* attrs) {
   MlpAttrs a;
-  a.activation = tda_activation_t(activation);
-  a.score_norm = tda_score_norm_t(score_norm);
+  a.activation = tda_activation_t(attrs[0]);
+  a.score_norm = tda_score_norm_t(attrs[1]);
+  a.decode_version = attrs[2];
   return a;
 }
 
@@ -70,17 +72,22 @@ TDA_TRT_API const char* tda_trt_identity(int32_t what) {
 }
 
 // ---- fields ----
+// The decode_version a plan built in this process records (an ONNX node carries none).
+TDA_TRT_API int32_t tda_trt_build_decode_version(void) { return absent_decode_version(true); }
 TDA_TRT_API int32_t tda_trt_mlp_nb_fields(void) { return kSparseGatedMlpNbFields; }
 TDA_TRT_API const char* tda_trt_mlp_field_name(int32_t i) { return kSparseGatedMlpFields[i]; }
 
+// attrs: 3 int32 out (activation, score_norm, decode_version); building as
+// TensorRT's BUILD phase.
 TDA_TRT_API int tda_trt_mlp_parse_fields(int32_t nb, const char* const* names, const void* const* data,
-                                         const int32_t* lengths, const int32_t* is_char, int32_t* activation,
-                                         int32_t* score_norm, char* err) {
+                                         const int32_t* lengths, const int32_t* is_char, int32_t building,
+                                         int32_t* attrs, char* err) {
   const std::vector<FieldView> f = fields_of(nb, names, data, lengths, is_char);
   MlpAttrs a;
-  if (int rc = fail(parse_mlp_fields(f.data(), nb, &a), err)) return rc;
-  *activation = a.activation;
-  *score_norm = a.score_norm;
+  if (int rc = fail(parse_mlp_fields(f.data(), nb, building != 0, &a), err)) return rc;
+  attrs[0] = a.activation;
+  attrs[1] = a.score_norm;
+  attrs[2] = a.decode_version;
   return 0;
 }
 
@@ -92,9 +99,8 @@ TDA_TRT_API int tda_trt_select_parse_fields(int32_t nb, const char* const* names
 
 // The serialized value of field i for these attributes: the same string the
 // C++ plugin writes (its length + 1 bytes, NUL included, are serialized).
-TDA_TRT_API const char* tda_trt_mlp_field_value(int32_t i, int32_t activation, int32_t score_norm) {
-  return i == 0 ? name_of(kActivations, tda_activation_t(activation))
-                : name_of(kScoreNorms, tda_score_norm_t(score_norm));
+TDA_TRT_API const char* tda_trt_mlp_field_value(int32_t i, const int32_t* attrs) {
+  return mlp_field_value(i, attrs_in(attrs));
 }
 
 // ---- shapes and types ----
@@ -144,9 +150,9 @@ TDA_TRT_API int tda_trt_supports(int32_t op, int32_t pos, const int32_t* types, 
 }
 
 // ---- workspace and launches ----
-TDA_TRT_API size_t tda_trt_mlp_workspace_size(int32_t dtype, int32_t activation, int32_t score_norm,
-                                              const int64_t* max_sizes, int64_t min_seq, const KernelQueries* q) {
-  return mlp_workspace_size(DType(dtype), attrs_in(activation, score_norm), sizes_in(max_sizes), min_seq, *q);
+TDA_TRT_API size_t tda_trt_mlp_workspace_size(int32_t dtype, const int32_t* attrs, const int64_t* max_sizes,
+                                              int64_t min_seq, const KernelQueries* q) {
+  return mlp_workspace_size(DType(dtype), attrs_in(attrs), sizes_in(max_sizes), min_seq, *q);
 }
 
 TDA_TRT_API size_t tda_trt_select_workspace_size(int64_t max_batch, int64_t inter, const KernelQueries* q) {
@@ -156,15 +162,19 @@ TDA_TRT_API size_t tda_trt_select_workspace_size(int64_t max_batch, int64_t inte
 TDA_TRT_API int tda_trt_mlp_is_decode(int64_t seq) { return mlp_mode(seq) == Mode::kDecode; }
 TDA_TRT_API int64_t tda_trt_chunk_batch(int64_t batch, int64_t b0) { return chunk_batch(batch, b0); }
 
-TDA_TRT_API void tda_trt_mlp_decode_args(int32_t dtype, int32_t activation, int32_t score_norm, const int64_t* sizes,
-                                         int64_t b0, int64_t nb, const MlpBuffers* buf, tda_decode_args_t* out) {
-  *out = decode_args(DType(dtype), attrs_in(activation, score_norm), sizes_in(sizes), b0, nb, *buf);
+// One decode chunk: its arguments and the workspace bytes to pass (decode_call).
+TDA_TRT_API size_t tda_trt_mlp_decode_call(int32_t dtype, const int32_t* attrs, const int64_t* sizes, int64_t b0,
+                                           int64_t nb, const MlpBuffers* buf, const KernelQueries* q,
+                                           tda_decode_args_t* out) {
+  const DecodeCall c = decode_call(DType(dtype), attrs_in(attrs), sizes_in(sizes), b0, nb, *buf, *q);
+  *out = c.args;
+  return c.workspace_bytes;
 }
 
-TDA_TRT_API int tda_trt_mlp_prefill_plan(int32_t dtype, int32_t activation, int32_t score_norm, const int64_t* sizes,
+TDA_TRT_API int tda_trt_mlp_prefill_plan(int32_t dtype, const int32_t* attrs, const int64_t* sizes,
                                          const MlpBuffers* buf, void* ws, const KernelQueries* q, PrefillPlan* out,
                                          char* err) {
-  return fail(prefill_plan(DType(dtype), attrs_in(activation, score_norm), sizes_in(sizes), *buf, ws, *q, out), err);
+  return fail(prefill_plan(DType(dtype), attrs_in(attrs), sizes_in(sizes), *buf, ws, *q, out), err);
 }
 
 TDA_TRT_API void tda_trt_select_args(int64_t inter, int64_t b0, int64_t nb, const float* scores,

@@ -14,6 +14,7 @@
 #include <cstring>
 #include <string>
 
+#include "decode_version.h"  // cuda/src
 #include "tda_kernels.h"
 
 namespace tda_trt {
@@ -24,8 +25,10 @@ constexpr const char* kSparseGatedMlpName = "SparseGatedMLP";
 constexpr const char* kSelectActiveName = "SelectActive";
 
 // contract.PLUGIN_FIELDS; every field is a string, passed as a kCHAR field.
-constexpr const char* kSparseGatedMlpFields[] = {"activation", "score_norm"};
-constexpr int kSparseGatedMlpNbFields = 2;
+// The ONNX attributes, then the plan fields (contract.PLAN_FIELDS) the
+// builder fixes and the plan records.
+constexpr const char* kSparseGatedMlpFields[] = {"activation", "score_norm", "decode_version"};
+constexpr int kSparseGatedMlpNbFields = 3;
 // SelectActive has no fields.
 
 // ONNX node metadata that a parser may forward as fields; not attributes.
@@ -41,6 +44,8 @@ constexpr NamedEnum<tda_activation_t> kActivations[] = {
     {"silu", TDA_ACT_SILU}, {"gelu_tanh", TDA_ACT_GELU_TANH}, {"gelu", TDA_ACT_GELU}, {"relu", TDA_ACT_RELU}};
 constexpr NamedEnum<tda_score_norm_t> kScoreNorms[] = {{"token_l2", TDA_SCORE_NORM_TOKEN_L2},
                                                        {"none", TDA_SCORE_NORM_NONE}};
+// decode_version field -> tda_decode_args_t.version (contract.DECODE_VERSIONS).
+constexpr NamedEnum<int32_t> kDecodeVersions[] = {{"1", 1}, {"2", 2}};
 
 // Tensor element types the plugins see (the adapter maps TensorRT's DataType).
 enum class DType : int32_t { kFloat, kHalf, kBFloat16, kInt32, kOther };
@@ -87,7 +92,16 @@ struct FieldView {
 struct MlpAttrs {
   tda_activation_t activation = TDA_ACT_SILU;            // contract default "silu"
   tda_score_norm_t score_norm = TDA_SCORE_NORM_TOKEN_L2;  // contract default "token_l2"
+  // The decode algorithm the plan's workspace was sized for, passed to every
+  // decode call: never 0, so $TDA_DECODE_VERSION at run time cannot change
+  // the kernel's workspace needs under TensorRT's reservation.
+  int32_t decode_version = 1;
 };
+
+// decode_version when the fields do not carry it: an ONNX node (building)
+// takes the kernel library's default of the build process, once; a plan
+// serialized before the field existed was sized for version 1.
+inline int32_t absent_decode_version(bool building) { return building ? tda::env_decode_version() : 1; }
 
 template <class E, size_t N>
 bool lookup(const NamedEnum<E> (&table)[N], const std::string& s, E* out) {
@@ -125,14 +139,18 @@ inline Error field_string(const FieldView& f, std::string* out) {
   return {};
 }
 
-inline Error parse_mlp_fields(const FieldView* fields, int32_t nb, MlpAttrs* out) {
+// building: TensorRT's BUILD phase (fields from an ONNX node), else a plan
+// being deserialized (fields as the plugin serialized them).
+inline Error parse_mlp_fields(const FieldView* fields, int32_t nb, bool building, MlpAttrs* out) {
   MlpAttrs a;
+  a.decode_version = absent_decode_version(building);
   for (int32_t i = 0; i < nb; ++i) {
     const FieldView& f = fields[i];
     if (!f.name) return "a field has no name";
     const bool is_act = std::strcmp(f.name, kSparseGatedMlpFields[0]) == 0;
     const bool is_norm = std::strcmp(f.name, kSparseGatedMlpFields[1]) == 0;
-    if (!is_act && !is_norm) {
+    const bool is_version = std::strcmp(f.name, kSparseGatedMlpFields[2]) == 0;
+    if (!is_act && !is_norm && !is_version) {
       if (ignored_field(f.name)) continue;
       return std::string("SparseGatedMLP: unknown field ") + f.name;
     }
@@ -142,9 +160,20 @@ inline Error parse_mlp_fields(const FieldView* fields, int32_t nb, MlpAttrs* out
       return "SparseGatedMLP: activation '" + s + "' not in " + choices(kActivations);
     if (is_norm && !lookup(kScoreNorms, s, &a.score_norm))
       return "SparseGatedMLP: score_norm '" + s + "' not in " + choices(kScoreNorms);
+    if (is_version && !lookup(kDecodeVersions, s, &a.decode_version))
+      return "SparseGatedMLP: decode_version '" + s + "' not in " + choices(kDecodeVersions);
   }
   *out = a;
   return {};
+}
+
+// The serialized value of field i (the C++ and Python plugins write the same strings).
+inline const char* mlp_field_value(int32_t i, const MlpAttrs& a) {
+  switch (i) {
+    case 0: return name_of(kActivations, a.activation);
+    case 1: return name_of(kScoreNorms, a.score_norm);
+    default: return name_of(kDecodeVersions, a.decode_version);
+  }
 }
 
 inline Error parse_select_fields(const FieldView* fields, int32_t nb) {
@@ -415,6 +444,7 @@ inline tda_decode_args_t decode_args(DType t, const MlpAttrs& attrs, const MlpSi
   a.hidden = int32_t(s.hidden);
   a.intermediate = int32_t(s.inter);
   a.deterministic = kDeterministic;
+  a.version = attrs.decode_version;
   const size_t row = size_t(s.hidden) * elem_size(t);  // one [H] row of hidden/output, in bytes
   a.hidden_states = buf.hidden ? static_cast<const char*>(buf.hidden) + b0 * row : nullptr;
   a.gate_up_weight = buf.gate_up;
@@ -438,6 +468,22 @@ inline size_t decode_workspace(DType t, const MlpAttrs& attrs, const MlpSizes& m
     ws = std::max(ws, q.decode(&a));
   }
   return ws;
+}
+
+// One decode chunk's launch: its arguments (the plan's decode version) and the
+// workspace bytes to pass, which that version needs for this chunk: at most
+// what decode_workspace reserved, whatever $TDA_DECODE_VERSION says now.
+struct DecodeCall {
+  tda_decode_args_t args;
+  size_t workspace_bytes;
+};
+
+inline DecodeCall decode_call(DType t, const MlpAttrs& attrs, const MlpSizes& s, int64_t b0, int64_t nb,
+                              const MlpBuffers& buf, const KernelQueries& q) {
+  DecodeCall c;
+  c.args = decode_args(t, attrs, s, b0, nb, buf);
+  c.workspace_bytes = q.decode(&c.args);
+  return c;
 }
 
 // max: the profile's largest sizes; min_seq: its smallest S (S > 1 only

@@ -70,7 +70,7 @@ def build(model, backend, out, dtype, calibration, no_calibrate, density, force,
     from .export.build import DenseWarning, build as run_build
     from .models import ModelNotFound
     from .trt.flavour import TensorRTMissing
-    from .trt.plan import PlanOptions
+    from .trt.build.plan import PlanOptions
 
     plan = None
     if target != "onnx":
@@ -169,7 +169,9 @@ def _show_tensorrt(trt: dict) -> None:
                f"({trt.get('plan_bytes', 0) / 2**20:.1f} MiB, sha256 {str(trt.get('plan_sha256'))[:16]}...)  "
                f"targets {', '.join(trt.get('compute_capabilities') or ['this GPU'])}")
     plugin = trt.get("plugin", {})
-    click.echo(f"plugins    {plugin.get('namespace')} v{plugin.get('version')} built with {plugin.get('built_with')}: "
+    decode = f", decode kernel v{plugin['decode_version']}" if "decode_version" in plugin else ""
+    click.echo(f"plugins    {plugin.get('namespace')} v{plugin.get('version')} built with {plugin.get('built_with')}"
+               f"{decode}: "
                + ", ".join(f"{k} {v} layers" for k, v in layers.get("plugins", {}).items())
                + f" (of {layers.get('num_layers')} layers)")
     shown = ("input_ids", "attention_mask", "past_key_values.0.key")

@@ -44,7 +44,7 @@ def check(directory, atol, rtol):
     click.echo(f"plan       {section['flavour']} {section['version']}, plugin layers: "
                + ", ".join(f"{k} x{v}" for k, v in plugins.items()))
     try:
-        from .trt.backend import TensorRTBackend
+        from .runtime.trt_backend import TensorRTBackend
 
         backend = TensorRTBackend(directory, data)
     except Exception as e:  # noqa: BLE001 - no GPU / no TensorRT: one clear line, not a traceback

@@ -58,8 +58,13 @@ std::vector<FieldView> parse_fields(std::istream& in, std::vector<OwnedField>* o
 }
 
 // Fake ABI queries with a decode size that is largest at batch 3, to check
-// that the plugin takes the maximum over chunk sizes, not the size at max batch.
-size_t fake_decode(const tda_decode_args_t* a) { return 1000 * size_t(a->batch) + (a->batch == 3 ? 100000 : 0); }
+// that the plugin takes the maximum over chunk sizes, not the size at max batch,
+// and that, like the CUDA library's, grows by 500000 for decode version 2
+// (version 0: $TDA_DECODE_VERSION, read per call).
+size_t fake_decode(const tda_decode_args_t* a) {
+  const int32_t version = a->version ? a->version : tda::env_decode_version();
+  return 1000 * size_t(a->batch) + (a->batch == 3 ? 100000 : 0) + (version == 2 ? 500000 : 0);
+}
 size_t fake_prefill(const tda_prefill_scores_args_t* a) { return 4 * size_t(a->batch) * a->seq_len; }
 size_t fake_select(const tda_select_args_t* a) { return 64 * size_t(a->batch); }
 const KernelQueries kFake{fake_decode, fake_prefill, fake_select};
@@ -139,14 +144,19 @@ std::string answer(const std::string& line) {
   std::istringstream in(line);
   std::string cmd;
   in >> cmd;
-  if (cmd == "mlp_fields" || cmd == "select_fields") {
+  // mlp_fields: an ONNX node's fields (TensorRT's BUILD phase); plan_fields: a plan's (RUNTIME).
+  if (cmd == "mlp_fields" || cmd == "plan_fields" || cmd == "select_fields") {
     std::vector<OwnedField> own;
     const std::vector<FieldView> f = parse_fields(in, &own);
     MlpAttrs a;
-    const Error e = cmd == "mlp_fields" ? parse_mlp_fields(f.data(), int32_t(f.size()), &a)
-                                        : parse_select_fields(f.data(), int32_t(f.size()));
+    const Error e = cmd == "select_fields" ? parse_select_fields(f.data(), int32_t(f.size()))
+                                           : parse_mlp_fields(f.data(), int32_t(f.size()), cmd == "mlp_fields", &a);
     if (!e.empty()) return "error " + e;
-    return cmd == "mlp_fields" ? "ok " + std::to_string(a.activation) + " " + std::to_string(a.score_norm) : "ok";
+    if (cmd == "select_fields") return "ok";
+    std::string out = "ok " + std::to_string(a.activation) + " " + std::to_string(a.score_norm) + " " +
+                      std::to_string(a.decode_version);
+    for (int32_t i = 0; i < kSparseGatedMlpNbFields; ++i) out += std::string(i ? "," : " ") + mlp_field_value(i, a);
+    return out;
   }
   if (cmd == "names") {  // the tables as the plugin sees them: name=ABI value
     std::string s = "ok";
@@ -218,7 +228,9 @@ std::string answer(const std::string& line) {
     MlpSizes s;
     int64_t min_seq = 1;
     in >> t >> s.batch >> s.seq >> s.hidden >> s.inter >> min_seq;
-    if (cmd == "mlp_ws") return std::to_string(mlp_workspace_size(parse_type(t), MlpAttrs{}, s, min_seq, kFake));
+    MlpAttrs built;  // what a build from an ONNX node (no decode_version field) records in this process
+    built.decode_version = absent_decode_version(true);
+    if (cmd == "mlp_ws") return std::to_string(mlp_workspace_size(parse_type(t), built, s, min_seq, kFake));
     const PrefillLayout l = prefill_layout(parse_type(t), s.batch, s.seq, s.inter, kFake);
     return std::to_string(l.gate_up) + " " + std::to_string(l.z) + " " + std::to_string(l.scores) + " " +
            std::to_string(l.cublas) + " " + std::to_string(l.total);
@@ -227,6 +239,19 @@ std::string answer(const std::string& line) {
     int64_t b, i;
     in >> b >> i;
     return std::to_string(select_workspace_size(b, i, kFake));
+  }
+  if (cmd == "decode_calls") {  // type B H I version: per chunk, the version and bytes passed to the ABI
+    std::string t;
+    MlpSizes s;
+    MlpAttrs attrs;
+    in >> t >> s.batch >> s.hidden >> s.inter >> attrs.decode_version;
+    s.seq = 1;
+    std::string out = "ok";
+    for (int64_t b0 = 0; b0 < s.batch; b0 += TDA_MAX_BATCH) {
+      const DecodeCall c = decode_call(parse_type(t), attrs, s, b0, chunk_batch(s.batch, b0), MlpBuffers{}, kFake);
+      out += " v" + std::to_string(c.args.version) + ":" + std::to_string(c.workspace_bytes);
+    }
+    return out;
   }
   if (cmd == "decode_chunks") {  // type B H I: per chunk b0 batch and byte offsets of hidden, idx, count, output
     std::string t;

@@ -1,7 +1,7 @@
 """docs/ops.md is generated from the op contract and must not drift from it."""
 from pathlib import Path
 
-from tda_export.ops.contract import OPS, PLUGIN_FIELDS, render_markdown
+from tda_export.ops.contract import OPS, PLAN_FIELDS, PLUGIN_FIELDS, render_markdown
 
 
 def test_docs_ops_md_is_current():
@@ -9,9 +9,11 @@ def test_docs_ops_md_is_current():
     assert committed == render_markdown(), "regenerate: python -m tda_export.ops.contract > docs/ops.md"
 
 
-def test_plugin_fields_are_the_attributes():
+def test_plugin_fields_are_the_attributes_then_the_plan_fields():
     for op in OPS:
-        assert PLUGIN_FIELDS[op.name] == tuple(a.name for a in op.attributes)
+        plan = tuple(a.name for a in PLAN_FIELDS[op.name])
+        assert PLUGIN_FIELDS[op.name] == tuple(a.name for a in op.attributes) + plan
+        assert not set(plan) & {a.name for a in op.attributes}  # a plan field is never an ONNX attribute
         assert op.check_attrs({}) == {a.name: a.default for a in op.attributes}
 
 

@@ -141,7 +141,7 @@ def _nothing_written(tmp_path, before):
 
 
 @pytest.mark.parametrize("case", ["unsupported", "fp16_gemma", "exists", "other_calibration", "bad_calibration",
-                                  "density_without_calibration"])
+                                  "density_without_calibration", "misaligned_intermediate"])
 def test_bad_input_clear_error_nothing_written(tmp_path, tiny_dirs, case):
     out = tmp_path / "out"
     args = ["build", "--model", tiny_dirs["llama"], "--out", out]
@@ -166,6 +166,16 @@ def test_bad_input_clear_error_nothing_written(tmp_path, tiny_dirs, case):
         (tmp_path / "cal.json").write_text("{}")
         args += ["--calibration", tmp_path / "cal.json"]
         expect = "cal.json"
+    elif case == "misaligned_intermediate":  # runs in ONNX Runtime, but the kernels need multiples of 8
+        from tiny_models import tiny_config, tiny_tokenizer
+        from transformers import AutoModelForCausalLM
+
+        bad = tmp_path / "i132"
+        config = tiny_config("llama")
+        config.intermediate_size = 132
+        AutoModelForCausalLM.from_config(config).save_pretrained(bad)
+        tiny_tokenizer().save_pretrained(bad)
+        args[2], expect = bad, "i132: config.intermediate_size=132 is not a positive multiple of 8"
     else:
         args += ["--density", "0.5", "--no-calibrate"]
         expect = "--calibration"

@@ -56,7 +56,7 @@ def rtx_library() -> Path:
 def rtx_engine(tiny_dirs, tmp_path_factory):
     """A tiny Llama fp16 engine with a real TensorRT-RTX plan (one target keeps the build short)."""
     from tda_export.export.build import build
-    from tda_export.trt.plan import PlanOptions
+    from tda_export.trt.build.plan import PlanOptions
 
     out = tmp_path_factory.mktemp("native-trt") / "llama-rtx"
     return build(str(tiny_dirs["llama"]), out, "float16", progress=False,

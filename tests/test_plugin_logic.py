@@ -5,6 +5,7 @@ plugin sources are also parsed as text so their names and enum tables cannot dri
 tda_export/ops/contract.py. The TensorRT adapters themselves are only compile-checked
 (plugins/README.md).
 """
+import os
 import re
 import shutil
 import subprocess
@@ -30,8 +31,12 @@ def run(tmp_path_factory):
                     f"-I{ROOT / 'cuda' / 'include'}", f"-I{ROOT / 'cuda' / 'src'}",
                     str(ROOT / "tests" / "plugin_logic_main.cpp"), "-o", str(exe)], check=True)
 
-    def ask(*commands: str) -> list[str]:
-        out = subprocess.run([str(exe)], input="\n".join(commands) + "\n", capture_output=True, text=True, check=True)
+    def ask(*commands: str, decode_version_env: str | None = None) -> list[str]:
+        env = {k: v for k, v in os.environ.items() if k != "TDA_DECODE_VERSION"}
+        if decode_version_env is not None:
+            env["TDA_DECODE_VERSION"] = decode_version_env
+        out = subprocess.run([str(exe)], input="\n".join(commands) + "\n", capture_output=True, text=True, check=True,
+                             env=env)
         answers = out.stdout.splitlines()
         assert len(answers) == len(commands)
         return answers
@@ -89,6 +94,8 @@ def test_enum_tables_match_contract_order():
     assert [values[e] for _, e in _table("kActivations")] == list(range(len(ACTIVATIONS)))
     assert [n for n, _ in _table("kScoreNorms")] == list(SCORE_NORMS)
     assert [values[e] for _, e in _table("kScoreNorms")] == list(range(len(SCORE_NORMS)))
+    assert re.findall(r'\{"(\w+)", (\d+)\}', re.search(r"kDecodeVersions\[\]\s*=\s*\{(.*?)\};", LOGIC.read_text(),
+                                                         re.S).group(1)) == [(v, v) for v in contract.DECODE_VERSIONS]
     assert [n for n, _ in _table("kDtypes")] == list(DTYPES)
     assert [values[e] for _, e in _table("kDtypes")] == list(range(len(DTYPES)))
 
@@ -104,10 +111,28 @@ def test_compiled_tables_match_contract_order(run):
 
 # ---- field parsing ----
 
+def _ok(act: int, norm: int, version: int = 1) -> str:
+    """The answer of a parse: codes, then the values the plugin serializes."""
+    return f"ok {act} {norm} {version} {ACTIVATIONS[act]},{SCORE_NORMS[norm]},{version}"
+
+
 def test_every_contract_value_parses(run):
     cmds = [f"mlp_fields activation={a} score_norm={n}" for a in ACTIVATIONS for n in SCORE_NORMS]
-    expect = [f"ok {i} {j}" for i in range(len(ACTIVATIONS)) for j in range(len(SCORE_NORMS))]
+    expect = [_ok(i, j) for i in range(len(ACTIVATIONS)) for j in range(len(SCORE_NORMS))]
     assert run(*cmds) == expect
+    assert run(*[f"plan_fields decode_version={v}" for v in contract.DECODE_VERSIONS]) == \
+        [_ok(0, 0, int(v)) for v in contract.DECODE_VERSIONS]
+
+
+def test_decode_version_fixed_when_building_and_kept_by_the_plan(run):
+    # An ONNX node has no decode_version: the build takes the building process's default, once.
+    assert run("mlp_fields", decode_version_env="2") == [_ok(0, 0, 2)]
+    assert run("mlp_fields", decode_version_env="3") == [_ok(0, 0, 1)]
+    # A plan keeps what it recorded whatever the running process says; one without the field was sized for 1.
+    assert run("plan_fields decode_version=1", "plan_fields", decode_version_env="2") == [_ok(0, 0, 1)] * 2
+    assert run("plan_fields decode_version=2") == [_ok(0, 0, 2)]
+    (bad,) = run("plan_fields decode_version=0")
+    assert bad.startswith("error") and "decode_version '0' not in 1, 2" in bad
 
 
 def test_field_defaults_nul_and_metadata(run):
@@ -116,7 +141,7 @@ def test_field_defaults_nul_and_metadata(run):
     assert run("mlp_fields", "mlp_fields activation:nul=gelu score_norm:nul=none",
                "mlp_fields plugin_namespace=tda plugin_version=1", "select_fields",
                "select_fields plugin_namespace=tda") == \
-        [f"ok {defaults[0]} {defaults[1]}", "ok 2 1", f"ok {defaults[0]} {defaults[1]}", "ok", "ok"]
+        [_ok(*defaults), _ok(2, 1), _ok(*defaults), "ok", "ok"]
 
 
 @pytest.mark.parametrize("fields, message", [
@@ -274,6 +299,20 @@ def test_workspace_covers_the_profile(run):
         ["103000", "2000", "103000"]  # the largest need over chunk sizes 1..min(B, 64), not the need at B
     assert run("mlp_ws f16 4 9 16 24 1", "mlp_ws f16 4 9 16 24 2") == [str(prefill_total)] * 2
     assert run("select_ws 130 24", "select_ws 5 24") == ["4096", "320"]
+
+
+def test_decode_passes_what_the_plan_reserved_whatever_the_environment(run):
+    # A plan built without $TDA_DECODE_VERSION reserves version 1's need (largest chunk: B == 3); run where
+    # TDA_DECODE_VERSION=2, each decode call still asks for version 1 and passes version 1's bytes, within
+    # the reservation (the fake query adds 500000 for version 2, as the CUDA library's v2 needs more).
+    (reserved,) = run("mlp_ws f16 4 1 16 24 1")
+    assert reserved == "103000"
+    calls = run("decode_calls f16 70 16 24 1", decode_version_env="2")[0].split()[1:]
+    assert calls == ["v1:64000", "v1:6000"] and all(int(c.split(":")[1]) <= int(reserved) for c in calls)
+    # Built where TDA_DECODE_VERSION=2: version 2 reserved, recorded and passed, wherever the plan runs.
+    (reserved2,) = run("mlp_ws f16 4 1 16 24 1", decode_version_env="2")
+    assert reserved2 == "603000"
+    assert run("decode_calls f16 4 16 24 2") == ["ok v2:504000"]
 
 
 def test_decode_chunks_and_offsets(run):

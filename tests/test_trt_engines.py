@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from tda_export.cli import main
 from tda_export.export.build import build
-from tda_export.trt.plan import PlanOptions
+from tda_export.trt.build.plan import PlanOptions
 from trt_records import plugin_records
 
 pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 not installed")
@@ -38,7 +38,9 @@ def check_plan(out, num_layers, activation):
     assert [p["name"] for p in trt["profiles"]] == ["prefill", "decode"]
     records = plugin_records((out / "model.plan").read_bytes())
     assert set(records["names"]) == {"SparseGatedMLP", "SelectActive"}
-    assert {f for f, _, _ in records["fields"]} == {"activation", "score_norm"}
+    assert {f for f, _, _ in records["fields"]} == {"activation", "score_norm", "decode_version"}
+    assert {v for f, _, v in records["fields"] if f == "decode_version"} == {b"1\0"}  # built without the variable
+    assert trt["plugin"]["decode_version"] == 1
     assert {v for f, _, v in records["fields"] if f == "activation"} == {activation.encode() + b"\0"}
     return trt
 
@@ -68,7 +70,7 @@ def test_cli_build_inspect_and_rebuild(tiny_dirs, tmp_path):
     assert trt["compute_capabilities"] == ["SM86", "SM120"]
     shown = runner.invoke(main, ["inspect", str(tmp_path / "a")])
     assert shown.exit_code == 0, shown.output
-    assert "tensorrt   tensorrt-rtx" in shown.output
+    assert "tensorrt   tensorrt-rtx" in shown.output and "decode kernel v1" in shown.output
     assert "tda::SparseGatedMLP/1 3 layers" in shown.output and "verified" in shown.output
     assert shown.output.count("plugin     layers.") == 6
     assert (tmp_path / "a" / "trt_goldens.npz").is_file()  # ONNX Runtime logits for `check`
@@ -117,7 +119,7 @@ def test_plugin_coverage_failure_leaves_nothing(tiny_dirs, tmp_path, monkeypatch
 @pytest.mark.parametrize("family,dtype", [("llama", "float16"), ("gemma3_text", "bfloat16")])
 def test_cpp_and_python_plugins_serialize_the_same_records(tiny_dirs, tmp_path, family, dtype):
     """A plan built with the C++ creators carries the same plugin records as one built with the Python creators."""
-    from tda_export.trt.plan import build_plan
+    from tda_export.trt.build.plan import build_plan
 
     onnx_dir = build(str(tiny_dirs[family]), tmp_path / "onnx", dtype, progress=False)
     data = json.loads((onnx_dir / "manifest.json").read_text())

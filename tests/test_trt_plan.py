@@ -12,9 +12,9 @@ from tda_export.cli import main
 from tda_export.ops.contract import ACTIVATIONS, PLUGIN_FIELDS, PLUGIN_NAMESPACE, PLUGIN_VERSION, SCORE_NORMS
 from tda_export.ops.contract import SELECT_ACTIVE, SPARSE_GATED_MLP
 from tda_export.trt import logic as lg
-from tda_export.trt.layers import Layer, PluginCoverageError, check_coverage, summary
-from tda_export.trt.plan import PlanError, PlanOptions, check_options, compute_capabilities
-from tda_export.trt.profiles import Limits, ProfileError, profiles
+from tda_export.trt.build.layers import Layer, PluginCoverageError, check_coverage, summary
+from tda_export.trt.build.plan import PlanError, PlanOptions, check_options, compute_capabilities
+from tda_export.trt.build.profiles import Limits, ProfileError, profiles
 
 
 @pytest.fixture(scope="module")
@@ -31,21 +31,26 @@ def test_identity_and_fields_are_the_contracts(L):
     # Serialized like the C++ plugin: kCHAR, the value and its NUL.
     for a, act in enumerate(ACTIVATIONS):
         for n, norm in enumerate(SCORE_NORMS):
-            assert L.mlp_serialized_fields(a, n) == [("activation", act.encode() + b"\0"),
-                                                     ("score_norm", norm.encode() + b"\0")]
+            attrs = lg.MlpAttrs(a, n, 2)
+            assert L.mlp_serialized_fields(attrs) == [("activation", act.encode() + b"\0"),
+                                                      ("score_norm", norm.encode() + b"\0"),
+                                                      ("decode_version", b"2\0")]
             # ... and parsed back, with or without the NUL (ONNX parsers pass none).
-            assert L.parse_mlp_fields([(k, v, True) for k, v in L.mlp_serialized_fields(a, n)]) == (a, n)
-            assert L.parse_mlp_fields([("activation", act.encode(), True), ("score_norm", norm.encode(), True)]) == (a, n)
+            assert L.parse_mlp_fields([(k, v, True) for k, v in L.mlp_serialized_fields(attrs)], False) == attrs
+            assert L.parse_mlp_fields([("activation", act.encode(), True), ("score_norm", norm.encode(), True)],
+                                      False) == (a, n, 1)
 
 
 def test_bad_fields_name_the_field(L):
     with pytest.raises(lg.LogicError, match="activation 'swish' not in silu"):
-        L.parse_mlp_fields([("activation", b"swish", True)])
+        L.parse_mlp_fields([("activation", b"swish", True)], True)
     with pytest.raises(lg.LogicError, match="unknown field activaton"):
-        L.parse_mlp_fields([("activaton", b"silu", True)])
+        L.parse_mlp_fields([("activaton", b"silu", True)], True)
     with pytest.raises(lg.LogicError, match="must be a char"):
-        L.parse_mlp_fields([("activation", b"\x01\x00\x00\x00", False)])
-    assert L.parse_mlp_fields([("plugin_namespace", b"tda", True)]) == (0, 0)
+        L.parse_mlp_fields([("activation", b"\x01\x00\x00\x00", False)], True)
+    with pytest.raises(lg.LogicError, match="decode_version '3' not in 1, 2"):
+        L.parse_mlp_fields([("decode_version", b"3", True)], False)
+    assert L.parse_mlp_fields([("plugin_namespace", b"tda", True)], False) == (0, 0, 1)
     with pytest.raises(lg.LogicError, match="SelectActive: unknown field activation"):
         L.parse_select_fields([("activation", b"silu", True)])
 
@@ -70,10 +75,12 @@ def test_workspace_uses_the_kernel_librarys_queries(L):
     q = lg.kernel_queries(cpu)
     sizes = L.mlp_max_sizes(_mlp_shapes(B=4, S=1, S_valid=100))
     want = max(cpu.workspace_size("tda_sparse_gated_mlp_decode",
-                                  DecodeArgs(dtype=1, activation=0, batch=b, hidden=16, intermediate=24, deterministic=1))
+                                  DecodeArgs(dtype=1, activation=0, batch=b, hidden=16, intermediate=24, deterministic=1,
+                                             version=1))
                for b in range(1, 5))
-    assert L.mlp_workspace_size(lg.HALF, 0, 0, sizes, 1, q) == want
-    prefill = L.mlp_workspace_size(lg.HALF, 0, 0, L.mlp_max_sizes(_mlp_shapes(B=2, S=9)), 2, q)
+    attrs = lg.MlpAttrs(0, 0, 1)
+    assert L.mlp_workspace_size(lg.HALF, attrs, sizes, 1, q) == want
+    prefill = L.mlp_workspace_size(lg.HALF, attrs, L.mlp_max_sizes(_mlp_shapes(B=2, S=9)), 2, q)
     assert prefill >= 2 * 9 * 24 * 3 * 2 + (32 << 20)  # gate/up + z in fp16, plus cuBLAS's 32 MiB
 
 
@@ -82,13 +89,16 @@ def test_launch_arguments(L):
     sizes = (130, 1, 16, 24)
     chunks = list(L.chunks(130))
     assert chunks == [(0, 64), (64, 64), (128, 2)]
-    a = L.decode_args(lg.BF16, 1, 0, sizes, 64, 64, buf)
-    assert (a.dtype, a.activation, a.batch, a.hidden, a.intermediate, a.deterministic) == (2, 1, 64, 16, 24, 1)
-    assert a.hidden_states == buf.hidden + 64 * 16 * 2 and a.active_idx == buf.active_idx + 64 * 24 * 4
-    ws = ctypes.create_string_buffer(1 << 26)
     from tda_export.kernels.abi import cpu_library
 
-    plan = L.prefill_plan(lg.HALF, 0, 1, (2, 5, 16, 24), buf, ctypes.addressof(ws), lg.kernel_queries(cpu_library()))
+    q = lg.kernel_queries(cpu_library())
+    a, nbytes = L.decode_call(lg.BF16, lg.MlpAttrs(1, 0, 2), sizes, 64, 64, buf, q)
+    assert (a.dtype, a.activation, a.batch, a.hidden, a.intermediate, a.deterministic, a.version) == \
+        (2, 1, 64, 16, 24, 1, 2)
+    assert nbytes == cpu_library().workspace_size("tda_sparse_gated_mlp_decode", a)
+    assert a.hidden_states == buf.hidden + 64 * 16 * 2 and a.active_idx == buf.active_idx + 64 * 24 * 4
+    ws = ctypes.create_string_buffer(1 << 26)
+    plan = L.prefill_plan(lg.HALF, lg.MlpAttrs(0, 1, 1), (2, 5, 16, 24), buf, ctypes.addressof(ws), q)
     assert plan.tokens == 10 and plan.scores.score_norm == 1 and plan.scores.seq_len == 5
     assert plan.gate_up == ctypes.addressof(ws) and plan.z > plan.gate_up
     assert (plan.gate_up_gemm.m, plan.gate_up_gemm.n, plan.gate_up_gemm.k) == (48, 10, 16)
@@ -218,7 +228,7 @@ def llama_fp16(tmp_path_factory):
 
 def _backends(directory):
     from tda_export.runtime.ort_backend import OrtBackend
-    from tda_export.trt.backend import TensorRTBackend, io_tables
+    from tda_export.runtime.trt_backend import TensorRTBackend, io_tables
 
     data = json.loads((directory / "manifest.json").read_text())
     data["tensorrt"] = {"profiles": profiles(data["io"]["inputs"], Limits.checked(2, 32, 16, data["max_context"]))}
@@ -232,7 +242,7 @@ def _backends(directory):
 def test_backend_io_mapping_matches_onnx_runtime(llama_fp16):
     import numpy as np
 
-    from tda_export.trt.backend import ProfileBoundsError, select_profile
+    from tda_export.runtime.trt_backend import ProfileBoundsError, select_profile
     from tda_export.trt.goldens import bounds_of, prompt, thresholds_of
 
     data, ort, trt = _backends(llama_fp16)
@@ -289,7 +299,7 @@ def test_plan_stream_writer_appends_and_keeps_its_error(tmp_path):
     """The builder streams the plan to disk (no whole-plan host copy); a write failure, which TensorRT
     would only log, is kept so the builder reports it instead of leaving a truncated plan."""
     trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 not installed")
-    from tda_export.trt.builder import _file_writer
+    from tda_export.trt.build.builder import _file_writer
 
     path = tmp_path / "plan"
     with open(path, "wb") as f:
@@ -297,3 +307,41 @@ def test_plan_stream_writer_appends_and_keeps_its_error(tmp_path):
         assert w.write(b"abc") == 3 and w.write(b"de") == 2
     assert path.read_bytes() == b"abcde" and w.error is None
     assert w.write(b"x") == 0 and isinstance(w.error, ValueError)  # the file is closed now
+
+
+def test_backend_contexts_share_one_activation_block():
+    """The prefill and decode contexts never run at once: one user-managed block sized for the larger
+    profile, not TensorRT's static block per context (a fake engine; the real one needs a GPU)."""
+    from types import SimpleNamespace
+
+    from tda_export.runtime.trt_backend import shared_contexts
+
+    class Context:
+        def __init__(self, strategy):
+            self.strategy, self.profile, self.memory = strategy, None, None
+
+        def set_optimization_profile_async(self, i, stream):
+            self.profile = (i, stream)
+
+        def set_device_memory(self, ptr, size):
+            self.memory = (ptr, size)
+
+    class Engine:
+        def get_device_memory_size_for_profile_v2(self, i):
+            return (1400 << 20, 96 << 20)[i]
+
+        def create_execution_context(self, strategy="STATIC"):
+            return Context(strategy)
+
+    allocations = []
+
+    def allocate(n):
+        allocations.append(n)
+        return SimpleNamespace(data_ptr=lambda: 0x7000)
+
+    rtx = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 not installed")
+    contexts, block = shared_contexts(rtx, Engine(), 2, 42, allocate)
+    assert allocations == [1400 << 20]
+    assert [c.strategy for c in contexts] == [rtx.ExecutionContextAllocationStrategy.USER_MANAGED] * 2
+    assert [c.profile for c in contexts] == [(0, 42), (1, 42)]
+    assert [c.memory for c in contexts] == [(0x7000, 1400 << 20)] * 2 and block.data_ptr() == 0x7000

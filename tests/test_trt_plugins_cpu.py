@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from op_cases import H, I, bound_cases, masks, mlp_inputs, score_cases
-from tda_export.kernels.abi import cpu_library
+from tda_export.kernels import build as kbuild
+from tda_export.kernels.abi import cpu_library, cuda_library
 from tda_export.ops import reference
 from tda_export.trt import device, logic as lg, plugins
 
@@ -61,13 +62,13 @@ def _workspace(nbytes):
     return buf, (buf.ctypes.data + 255) // 256 * 256
 
 
-def _run_mlp(plugin, tensors, trt_type, out_dtype):
+def _run_mlp(plugin, tensors, trt_type, out_dtype, workspace_bytes=None):
     B, S = tensors[0].shape[:2]
     out = np.full((B, S, H), np.nan, out_dtype)
     scores_out = np.full((B, I), np.nan, np.float32)
     types = [trt_type] * 3 + [trt.DataType.INT32] * 2 + [trt.DataType.FLOAT] * 2
     descs = [_desc(t, ty) for t, ty in zip(tensors, types)]
-    _keep, ws = _workspace(plugin.get_workspace_size(descs, []))
+    _keep, ws = _workspace(plugin.get_workspace_size(descs, []) if workspace_bytes is None else workspace_bytes)
     plugin.enqueue(descs, [], [t.ctypes.data for t in tensors], [out.ctypes.data, scores_out.ctypes.data], ws, 0)
     return out, scores_out
 
@@ -82,7 +83,8 @@ def test_sparse_gated_mlp_prefill_and_decode(on_cpu, activation, score_norm):
     plugin = creator.create_plugin("mlp", _fields(activation=activation, score_norm=score_norm),
                                    trt.TensorRTPhase.RUNTIME)
     served = {f.name: bytes(np.asarray(f.data).tobytes()) for f in plugin.get_fields_to_serialize()}
-    assert served == {"activation": activation.encode() + b"\0", "score_norm": score_norm.encode() + b"\0"}
+    assert served == {"activation": activation.encode() + b"\0", "score_norm": score_norm.encode() + b"\0",
+                      "decode_version": b"1\0"}
     rng = np.random.default_rng(0)
     for seq in (5, 1):  # prefill, then decode with every mask shape
         hidden, gate_up, down_t, token_valid, scores_in = mlp_inputs(rng, 3, seq)
@@ -128,7 +130,110 @@ def test_select_active(on_cpu):
         assert np.array_equal(idx, ref_idx) and np.array_equal(count, ref_count), (tau, bounds)
 
 
+class _RecordingKernels:
+    """The CUDA library's workspace queries (host code, no GPU needed), the CPU library's launches, and a
+    record of what the plugin passed: (decode version, workspace bytes) per decode call."""
+
+    def __init__(self, cuda, cpu):
+        self.cuda, self.cpu, self.calls = cuda, cpu, []
+
+    def workspace_size(self, fn, args):
+        return self.cuda.workspace_size(fn, args)
+
+    def call(self, fn, args, workspace, workspace_size, stream=0):
+        self.calls.append((args.version, workspace_size))
+        self.cpu.call(fn, args, workspace, self.cpu.workspace_size(fn, args), stream)
+
+
+@pytest.mark.skipif(kbuild.nvcc_path() is None, reason="nvcc not installed (the CUDA library's workspace queries)")
+def test_decode_workspace_is_the_plans_whatever_the_environment(on_cpu, monkeypatch):
+    """A plan built without $TDA_DECODE_VERSION, run where TDA_DECODE_VERSION=2: the CUDA library's v2 needs
+    more workspace than TensorRT reserved for v1, so enqueue must keep to the recorded version and pass its
+    size (the old enqueue passed a fresh query: v2's size over a v1 reservation)."""
+    cuda = cuda_library()
+    kernels = _RecordingKernels(cuda, cpu_library())
+    monkeypatch.setattr(plugins, "_kernels", lambda: kernels)
+    monkeypatch.setattr(plugins, "_queries", lambda: lg.kernel_queries(cuda))
+    monkeypatch.delenv("TDA_DECODE_VERSION", raising=False)
+    creator = plugins.plugin_classes(trt)[0]()
+    built = creator.create_plugin("mlp", _fields(activation="silu"), trt.TensorRTPhase.BUILD)
+    rng = np.random.default_rng(3)
+    hidden, gate_up, down_t, token_valid, scores_in = mlp_inputs(rng, 3, 1, np.float16)
+    _, idx, count = masks(rng, 3)[4]
+    tensors = [np.ascontiguousarray(x) for x in (hidden, gate_up, down_t, idx, count, token_valid, scores_in)]
+    types = [trt.DataType.HALF] * 3 + [trt.DataType.INT32] * 2 + [trt.DataType.FLOAT] * 2
+    descs = [_desc(t, ty) for t, ty in zip(tensors, types)]
+    reserved = built.get_workspace_size(descs, [])
+    # What the CUDA library would ask for under TDA_DECODE_VERSION=2 here: more than the reservation.
+    monkeypatch.setenv("TDA_DECODE_VERSION", "2")
+    v2_need = max(cuda.workspace_size("tda_sparse_gated_mlp_decode", a) for a in _decode_args(3))
+    assert v2_need > reserved, "the shapes no longer show the overrun: pick ones where v2 needs more"
+    # The plan as TensorRT deserializes it, in the process where the variable is set.
+    serialized = built.get_fields_to_serialize()
+    fc = trt.PluginFieldCollection([trt.PluginField(f.name, np.asarray(f.data).copy(), f.type) for f in serialized])
+    _KEEP.append(fc)
+    plugin = creator.create_plugin("mlp", fc, trt.TensorRTPhase.RUNTIME)
+    out, _ = _run_mlp(plugin, tensors, trt.DataType.HALF, np.float16, workspace_bytes=reserved)
+    assert kernels.calls and all(version == 1 and nbytes <= reserved for version, nbytes in kernels.calls), \
+        (kernels.calls, reserved)
+    ref, _ = reference.sparse_gated_mlp(*tensors)
+    assert _rel(out, ref) < 5e-3
+
+
+def _decode_args(batch):
+    from tda_export.kernels.abi import DTYPE_CODE, DecodeArgs
+
+    return [DecodeArgs(dtype=DTYPE_CODE["float16"], batch=b, hidden=H, intermediate=I, deterministic=1)
+            for b in range(1, batch + 1)]
+
+
 def test_creator_rejects_a_bad_field():
     creator = plugins.plugin_classes(trt)[0]()
     with pytest.raises(lg.LogicError, match="activation 'swish' not in"):
         creator.create_plugin("mlp", _fields(activation="swish"), trt.TensorRTPhase.BUILD)
+
+
+def test_prefill_allocates_nothing_and_accumulates_in_fp32(on_cpu, monkeypatch):
+    """enqueue may run under CUDA graph capture, where allocating is illegal: the prefill's GEMMs and gated
+    step write only into TensorRT's workspace and outputs (torch's allocator sees no allocation), and its
+    GEMMs run with reduced-precision reductions off (the contract accumulates in float32)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    seen = []
+    matmul = torch.matmul
+
+    def recording_matmul(*args, **kwargs):
+        m = torch.backends.cuda.matmul
+        seen.append((m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction,
+                     "out" in kwargs))
+        return matmul(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "matmul", recording_matmul)
+    flags = torch.backends.cuda.matmul
+    saved = flags.allow_fp16_reduced_precision_reduction
+    flags.allow_fp16_reduced_precision_reduction = True
+    try:
+        _prefill_allocates_nothing(seen)
+    finally:
+        flags.allow_fp16_reduced_precision_reduction = saved
+
+
+def _prefill_allocates_nothing(seen):
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    plugin = plugins.plugin_classes(trt)[0]().create_plugin("mlp", _fields(activation="gelu_tanh"),
+                                                            trt.TensorRTPhase.RUNTIME)
+    rng = np.random.default_rng(4)
+    hidden, gate_up, down_t, token_valid, scores_in = mlp_inputs(rng, 2, 7, np.float16)
+    _, idx, count = masks(rng, 2)[4]
+    tensors = [np.ascontiguousarray(x) for x in (hidden, gate_up, down_t, idx, count, token_valid, scores_in)]
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out, _ = _run_mlp(plugin, tensors, trt.DataType.HALF, np.float16)
+    allocating = [(e.name, e.cpu_memory_usage) for e in prof.events() if e.cpu_memory_usage > 0]
+    assert allocating == []
+    assert seen == [(False, False, True)] * 2
+    assert torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction  # the process's setting is back
+    ref, _ = reference.sparse_gated_mlp(*tensors, activation="gelu_tanh")
+    assert _rel(out, ref) < 5e-3

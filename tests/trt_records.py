@@ -11,9 +11,11 @@ import re
 import struct
 from collections import Counter
 
+from tda_export.ops.contract import PLUGIN_FIELDS
+
 
 def plugin_records(plan: bytes, names=("SparseGatedMLP", "SelectActive"),
-                   fields=("activation", "score_norm")) -> dict:
+                   fields=PLUGIN_FIELDS["SparseGatedMLP"]) -> dict:
     counts = Counter(m.group(1).decode() for m in re.finditer(
         b"(" + b"|".join(n.encode() for n in names) + b")\\x00", plan))
     found = []

@@ -279,6 +279,8 @@ class TrtExecutor final : public Executor {
   Stream stream_;                  // declared before the TensorRT objects: destroyed after them
   std::unique_ptr<nvinfer1::IRuntime> runtime_;
   std::unique_ptr<nvinfer1::ICudaEngine> engine_;
+  // The contexts' activation memory: one block for both (see the constructor), destroyed after them.
+  DeviceBuffer activations_;
   std::vector<std::unique_ptr<nvinfer1::IExecutionContext>> contexts_;  // one per profile
   DeviceBuffer empty_;             // the address of zero-volume tensors (an empty past)
   std::vector<Tensor> tensors_;
@@ -350,18 +352,26 @@ TrtExecutor::TrtExecutor(const EngineDir& dir, const TrtOptions& options)
     throw EngineError(plan_path_ + ": " + std::to_string(engine_->getNbOptimizationProfiles()) +
                       " optimization profile(s), the manifest lists 2 (prefill, decode)");
   read_io();
+  // The two contexts never run at once (run_mu_, one stream), so they share one activation block sized
+  // for the larger profile, instead of each holding its own (prefill's is ~1.4 GB at Mistral 8x2048).
+  int64_t activation_bytes = 0;
+  for (int32_t p = 0; p < 2; ++p)
+    activation_bytes = std::max(activation_bytes, engine_->getDeviceMemorySizeForProfileV2(p));
+  void* activations = activations_.reserve(size_t(activation_bytes));  // cudaMalloc: 256-byte aligned
   for (int32_t p = 0; p < 2; ++p) {
-    std::unique_ptr<nvinfer1::IExecutionContext> ctx(engine_->createExecutionContext());
-    if (!ctx) throw std::runtime_error(logger_.explain("createExecutionContext failed (device memory?)"));
+    std::unique_ptr<nvinfer1::IExecutionContext> ctx(
+        engine_->createExecutionContext(nvinfer1::ExecutionContextAllocationStrategy::kUSER_MANAGED));
+    if (!ctx) throw std::runtime_error(logger_.explain("createExecutionContext failed"));
     if (!ctx->setOptimizationProfileAsync(p, stream_))
       throw std::runtime_error(logger_.explain("setOptimizationProfileAsync(" + std::to_string(p) + ") failed"));
+    ctx->setDeviceMemoryV2(activations, activation_bytes);
     contexts_.push_back(std::move(ctx));
   }
   empty_.reserve(256);
   cuda_check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
 }
 
-TrtExecutor::~TrtExecutor() = default;  // members go in reverse: contexts, engine, runtime, stream, logger
+TrtExecutor::~TrtExecutor() = default;  // members go in reverse: contexts, their activations, engine, runtime, stream, logger
 
 void TrtExecutor::load_tensorrt(const std::string& library) {
   void* h = dlopen(library.c_str(), RTLD_NOW | RTLD_LOCAL);

@@ -2,7 +2,7 @@
 // deserialized with our plugin library loaded, one execution context per optimization profile
 // (0 prefill, 1 decode), the KV cache and TDA state kept in device memory and fed back from each
 // call's present* outputs to the next call's past* inputs: the protocol of the Python `tensorrt`
-// backend (tda_export/trt/backend.py) and the ONNX Runtime backend it extends.
+// backend (tda_export/runtime/trt_backend.py) and the ONNX Runtime backend it extends.
 //
 // No TensorRT type appears here, so only trt_executor.cpp needs TensorRT's headers. TensorRT itself
 // is dlopened (see trt_executor.cpp for why), in the flavour its headers are.

@@ -7,6 +7,7 @@
 
 #include <initializer_list>
 
+#include "decode_version.h"
 #include "tda_kernels.h"
 
 namespace tda {
@@ -43,15 +44,10 @@ inline tda_status_t check_workspace(const void* ws, size_t ws_size, size_t ws_ne
   return TDA_OK;
 }
 
-constexpr int32_t kMaxDecodeVersion = 2;
-
 // The decode algorithm a call asked for: its `version`, else
 // $TDA_DECODE_VERSION (read per call, so one process can time both), else 1.
-inline int32_t decode_version(const tda_decode_args_t* a) {
-  if (a->version) return a->version;
-  const char* env = getenv("TDA_DECODE_VERSION");
-  return env && env[0] == '2' && env[1] == '\0' ? 2 : 1;
-}
+// Callers that size a workspace ahead (TensorRT plans) pass a non-zero version.
+inline int32_t decode_version(const tda_decode_args_t* a) { return a->version ? a->version : env_decode_version(); }
 
 inline bool block_weights(const tda_decode_args_t* a) { return a->weight_format != TDA_WEIGHTS_DTYPE; }
 

@@ -111,7 +111,7 @@ def build(model: str, out: str | Path, dtype: str = "float32", calibration: str 
           density: float | None = None, force: bool = False, weights: str | None = None,
           progress: bool = True, auto_calibrate: bool = False, plan=None, device: str = "auto",
           compute_dtype: str | None = None) -> Path:
-    """Export. `plan` (tda_export.trt.plan.PlanOptions) also builds a TensorRT plan.
+    """Export. `plan` (tda_export.trt.build.plan.PlanOptions) also builds a TensorRT plan.
     Raises ExportError/ValueError/FileNotFoundError on bad input."""
     out = Path(out)
     if out.exists() and not force:
@@ -120,7 +120,7 @@ def build(model: str, out: str | Path, dtype: str = "float32", calibration: str 
         raise ExportError(f"--out {out}: exists, is not empty and is not an export (no {manifest.NAME}); "
                           f"refusing to replace it even with --force")
     if plan is not None:  # every --target option is checked before the model loads ...
-        from ..trt.plan import check_options
+        from ..trt.build.plan import check_options
 
         check_options(plan, None, dtype)
     cal = Calibration.load(calibration) if calibration else None
@@ -161,7 +161,7 @@ def build(model: str, out: str | Path, dtype: str = "float32", calibration: str 
         data = _manifest_data(loaded, spec, cal_summary, proto)
         del proto
         if plan is not None:
-            from ..trt.plan import build_plan
+            from ..trt.build.plan import build_plan
 
             if progress:
                 print(f"building the {plan.target} plan", file=sys.stderr)

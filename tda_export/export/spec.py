@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 
 from .. import arch
+from ..kernels.abi import SIZE_MULTIPLE
 
 DTYPES = ("float32", "float16", "bfloat16")
 # Gemma activations and residuals exceed float16's range (HF warns the same); bf16 keeps fp32's exponent.
@@ -71,6 +72,13 @@ def decoder_spec(loaded, dtype: str) -> DecoderSpec:
     if dtype == "float16" and family in NO_FP16:
         raise ExportError(f"--dtype fp16: {loaded.name} is a {family} model whose activations overflow float16; "
                           f"use bf16 or fp32")
+    for field in ("hidden_size", "intermediate_size"):  # H and I of the SparseGatedMLP op
+        value = getattr(c, field)
+        if value <= 0 or value % SIZE_MULTIPLE:
+            raise ExportError(f"{loaded.name}: config.{field}={value} is not a positive multiple of {SIZE_MULTIPLE}, "
+                              f"which the sparse-MLP kernels need (TDA_SIZE_MULTIPLE, cuda/include/tda_kernels.h: "
+                              f"16-byte vectors of 16-bit types); the native, CUDA and TensorRT runtimes would refuse "
+                              f"it at the first decode step")
     if getattr(c, "use_bidirectional_attention", False):
         raise ExportError(f"{loaded.name}: config.use_bidirectional_attention=True is not a causal decoder")
     layers_mod = arch.decoder_layers(loaded.model)

@@ -262,8 +262,20 @@ float op on the same float32 weights and agrees within float32 accumulation nois
 OPS = (SPARSE_GATED_MLP, SELECT_ACTIVE)
 OPS_BY_NAME = {op.name: op for op in OPS}
 
-# TensorRT plugin fields == ONNX attributes (strings are passed as char arrays).
-PLUGIN_FIELDS = {op.name: tuple(a.name for a in op.attributes) for op in OPS}
+# What a TensorRT plan records next to the ONNX attributes: choices the builder fixes for the plan's life
+# because the workspace TensorRT reserves depends on them. decode_version is the kernel library's
+# tda_decode_args_t.version (cuda/include/tda_kernels.h); every version computes this contract, so the ONNX
+# node does not carry it: the plugin creator takes the building process's default ($TDA_DECODE_VERSION, else
+# "1") and the plan keeps it, whatever $TDA_DECODE_VERSION says where the plan runs.
+DECODE_VERSIONS = ("1", "2")
+PLAN_FIELDS = {
+    SPARSE_GATED_MLP.name: (AttrSpec("decode_version", "string", "1", DECODE_VERSIONS,
+                                     "Decode kernel algorithm the plan's workspace was sized for."),),
+    SELECT_ACTIVE.name: (),
+}
+
+# TensorRT plugin fields: the ONNX attributes, then the plan fields (strings are passed as char arrays).
+PLUGIN_FIELDS = {op.name: tuple(a.name for a in op.attributes + PLAN_FIELDS[op.name]) for op in OPS}
 
 # Names of the TDA state tensors in exported graphs, next to the KV cache
 # (past_key_values.N.key -> present.N.key).

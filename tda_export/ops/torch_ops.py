@@ -21,15 +21,16 @@ def _schema(op: OpSpec) -> str:
     return f"({', '.join(args)}) -> ({outs})"
 
 
-def activation(name: str, x: torch.Tensor) -> torch.Tensor:
+def activation(name: str, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """act(x); inplace: into x itself (no temporary, for callers that may not allocate)."""
+    F = torch.nn.functional
     if name == "silu":
-        return torch.nn.functional.silu(x)
-    if name == "gelu_tanh":
-        return torch.nn.functional.gelu(x, approximate="tanh")
-    if name == "gelu":
-        return torch.nn.functional.gelu(x)
+        return F.silu(x, inplace=inplace)
+    if name in ("gelu_tanh", "gelu"):
+        approximate = "tanh" if name == "gelu_tanh" else "none"
+        return torch.ops.aten.gelu_(x, approximate=approximate) if inplace else F.gelu(x, approximate=approximate)
     if name == "relu":
-        return torch.relu(x)
+        return torch.relu_(x) if inplace else torch.relu(x)
     raise ValueError(f"activation {name!r} not in {SPARSE_GATED_MLP.attr('activation').choices}")
 
 

@@ -24,7 +24,7 @@ def onnxruntime(directory: Path, data: dict, threads):
 
 
 def tensorrt(directory: Path, data: dict):
-    from ..trt.backend import TensorRTBackend
+    from .trt_backend import TensorRTBackend
     from ..trt.flavour import TensorRTMissing
 
     try:

@@ -6,6 +6,8 @@ The kernels' own work always goes through the C ABI (tda_export/kernels).
 """
 from __future__ import annotations
 
+import contextlib
+
 _TYPESTR = {"float32": "<f4", "float16": "<f2", "bfloat16": "<i2", "int32": "<i4"}
 
 
@@ -34,20 +36,55 @@ def copy(dst: int, src: int, count: int, dtype: str, stream: int) -> None:
         tensor(dst, (count,), dtype).copy_(tensor(src, (count,), dtype), non_blocking=True)
 
 
+@contextlib.contextmanager
+def fp32_accumulation():
+    """torch GEMMs that accumulate in float32 as the contract (and the C++ plugin's CUBLAS_COMPUTE_32F) do:
+    no reduced-precision reductions for float16/bfloat16, no TF32 for float32. The flags are process-wide,
+    so they are restored on the way out."""
+    import torch
+
+    m = torch.backends.cuda.matmul
+    names = ("allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction", "allow_tf32")
+    saved = [getattr(m, n) for n in names]
+    try:
+        for n in names:
+            setattr(m, n, False)
+        yield
+    finally:
+        for n, v in zip(names, saved):
+            setattr(m, n, v)
+
+
 def prefill(plan, dtype: str, activation: str, sizes, hidden: int, gate_up_w: int, down_t: int, output: int,
             kernels, stream: int) -> None:
-    """gate/up GEMM, act(gate)*up rounded to T, the C ABI's score reduction, down GEMM (plan: logic.PrefillPlan)."""
+    """gate/up GEMM, act(gate)*up rounded to T, the C ABI's score reduction, down GEMM (plan: logic.PrefillPlan).
+
+    Nothing is allocated on TensorRT's stream (enqueue may be under CUDA graph capture): the GEMMs write
+    into the workspace (plan.gate_up) and the output, and the float32 gated step runs in row chunks in the
+    workspace piece the C++ plugin hands to cuBLAS (torch's GEMMs use torch's own cuBLAS workspace)."""
+    import torch
+
     from ..ops.torch_ops import activation as act_fn
 
     B, S, H, I = sizes
     M = B * S
-    with stream_scope(stream):
+    with stream_scope(stream), fp32_accumulation():
         if M > 0:
             gu = tensor(plan.gate_up, (M, I, 2), dtype)
             x, w = tensor(hidden, (M, H), dtype), tensor(gate_up_w, (2 * I, H), dtype)
-            gu.view(M, 2 * I).copy_(x @ w.t())  # rounded to T, as the ONNX reference and the C++ plugin do
+            torch.matmul(x, w.t(), out=gu.view(M, 2 * I))  # rounded to T, as the ONNX reference and C++ plugin do
             z = tensor(plan.z, (M, I), dtype)
-            z.copy_(act_fn(activation, gu[..., 0].float()) * gu[..., 1].float())
+            rows = plan.cublas_ws_bytes // (2 * 4 * I)  # two float32 [rows, I] buffers
+            if rows < 1:
+                raise ValueError(f"prefill: I = {I} needs {8 * I} bytes of scratch per row, the workspace has "
+                                 f"{plan.cublas_ws_bytes}")
+            scratch = tensor(plan.cublas_ws, (2, rows, I), "float32")
+            for r0 in range(0, M, rows):
+                n = min(rows, M - r0)
+                g, u = scratch[0, :n], scratch[1, :n]
+                g.copy_(gu[r0:r0 + n, :, 0])
+                u.copy_(gu[r0:r0 + n, :, 1])
+                z[r0:r0 + n].copy_(act_fn(activation, g, inplace=True).mul_(u))
         kernels.call("tda_prefill_scores", plan.scores, plan.scores_ws or 0, plan.scores_ws_bytes, stream)
         if M > 0:
-            tensor(output, (M, H), dtype).copy_(z @ tensor(down_t, (I, H), dtype))
+            torch.matmul(z, tensor(down_t, (I, H), dtype), out=tensor(output, (M, H), dtype))

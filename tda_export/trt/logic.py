@@ -15,12 +15,14 @@ import subprocess
 import tempfile
 from ctypes import POINTER, byref, c_bool, c_char_p, c_int, c_int32, c_int64, c_size_t, c_void_p
 from pathlib import Path
+from typing import NamedTuple
 
 from ..kernels.abi import DecodeArgs, PrefillArgs, SelectArgs
 
 ROOT = Path(__file__).resolve().parents[2]
 PLUGINS = ROOT / "plugins"
-SOURCES = (PLUGINS / "tda_plugin_capi.cpp", PLUGINS / "tda_plugin_logic.h", ROOT / "cuda" / "include" / "tda_kernels.h")
+SOURCES = (PLUGINS / "tda_plugin_capi.cpp", PLUGINS / "tda_plugin_logic.h", ROOT / "cuda" / "include" / "tda_kernels.h",
+           ROOT / "cuda" / "src" / "decode_version.h")
 FLAGS = ["-std=c++17", "-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wextra", "-Werror"]
 
 # tda_trt::DType
@@ -28,6 +30,13 @@ FLOAT, HALF, BF16, INT32, OTHER = range(5)
 DTYPE_CODE = {"float32": FLOAT, "float16": HALF, "bfloat16": BF16, "int32": INT32}
 MLP, SELECT = 0, 1
 MLP_NB_IN, SELECT_NB_IN = 7, 2
+
+
+class MlpAttrs(NamedTuple):
+    """A SparseGatedMLP plugin's parsed fields, as C ABI codes (tda_trt::MlpAttrs)."""
+    activation: int
+    score_norm: int
+    decode_version: int  # tda_decode_args_t.version the plan was built for; never 0
 
 
 class LogicError(ValueError):
@@ -75,13 +84,18 @@ def build_logic() -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
-    cmd = [cxx, *FLAGS, f"-I{PLUGINS}", f"-I{ROOT / 'cuda' / 'include'}", str(SOURCES[0]), "-o", tmp]
+    cmd = [cxx, *FLAGS, f"-I{PLUGINS}", f"-I{ROOT / 'cuda' / 'include'}", f"-I{ROOT / 'cuda' / 'src'}", str(SOURCES[0]),
+           "-o", tmp]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         os.unlink(tmp)
         raise RuntimeError(f"{' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
     os.replace(tmp, lib)  # concurrent builders never see a half-written library
     return lib
+
+
+def _attrs(attrs: MlpAttrs):
+    return (c_int32 * 3)(*attrs)
 
 
 def _dims(shapes) -> tuple:
@@ -103,24 +117,23 @@ class Logic:
         sig = {
             "tda_trt_err_len": ([], c_size_t), "tda_trt_sizeof_prefill_plan": ([], c_size_t),
             "tda_trt_sizeof_mlp_buffers": ([], c_size_t), "tda_trt_identity": ([c_int32], c_char_p),
-            "tda_trt_mlp_nb_fields": ([], c_int32), "tda_trt_mlp_field_name": ([c_int32], c_char_p),
-            "tda_trt_mlp_parse_fields": ([c_int32, POINTER(c_char_p), POINTER(c_void_p), i32p, i32p, i32p, i32p,
+            "tda_trt_mlp_nb_fields": ([], c_int32), "tda_trt_build_decode_version": ([], c_int32), "tda_trt_mlp_field_name": ([c_int32], c_char_p),
+            "tda_trt_mlp_parse_fields": ([c_int32, POINTER(c_char_p), POINTER(c_void_p), i32p, i32p, c_int32, i32p,
                                           errp], c_int),
             "tda_trt_select_parse_fields": ([c_int32, POINTER(c_char_p), POINTER(c_void_p), i32p, i32p, errp], c_int),
-            "tda_trt_mlp_field_value": ([c_int32, c_int32, c_int32], c_char_p),
+            "tda_trt_mlp_field_value": ([c_int32, i32p], c_char_p),
             "tda_trt_mlp_check_shapes": ([c_int32, i32p, i64p, i64p, errp], c_int),
             "tda_trt_mlp_max_sizes": ([c_int32, i32p, i64p, i64p, errp], c_int),
             "tda_trt_select_check_shapes": ([c_int32, i32p, i64p, i64p, errp], c_int),
             "tda_trt_output_shape": ([c_int32, c_int32, i32p], c_int32),
             "tda_trt_output_types": ([c_int32, c_int32, i32p, i32p, errp], c_int),
             "tda_trt_supports": ([c_int32, c_int32, i32p, i32p], c_int),
-            "tda_trt_mlp_workspace_size": ([c_int32, c_int32, c_int32, i64p, c_int64, POINTER(KernelQueries)],
-                                           c_size_t),
+            "tda_trt_mlp_workspace_size": ([c_int32, i32p, i64p, c_int64, POINTER(KernelQueries)], c_size_t),
             "tda_trt_select_workspace_size": ([c_int64, c_int64, POINTER(KernelQueries)], c_size_t),
             "tda_trt_mlp_is_decode": ([c_int64], c_int), "tda_trt_chunk_batch": ([c_int64, c_int64], c_int64),
-            "tda_trt_mlp_decode_args": ([c_int32, c_int32, c_int32, i64p, c_int64, c_int64, POINTER(MlpBuffers),
-                                         POINTER(DecodeArgs)], None),
-            "tda_trt_mlp_prefill_plan": ([c_int32, c_int32, c_int32, i64p, POINTER(MlpBuffers), c_void_p,
+            "tda_trt_mlp_decode_call": ([c_int32, i32p, i64p, c_int64, c_int64, POINTER(MlpBuffers),
+                                         POINTER(KernelQueries), POINTER(DecodeArgs)], c_size_t),
+            "tda_trt_mlp_prefill_plan": ([c_int32, i32p, i64p, POINTER(MlpBuffers), c_void_p,
                                           POINTER(KernelQueries), POINTER(PrefillPlan), errp], c_int),
             "tda_trt_select_args": ([c_int64, c_int64, c_int64, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p,
                                      POINTER(SelectArgs)], None),
@@ -154,20 +167,25 @@ class Logic:
         is_char = (c_int32 * n)(*[int(c) for _, _, c in fields])
         return len(fields), names, data, lengths, is_char, keep
 
-    def parse_mlp_fields(self, fields) -> tuple[int, int]:
-        """-> (activation, score_norm) C ABI codes; raises LogicError naming a bad field or value."""
+    def parse_mlp_fields(self, fields, building: bool) -> MlpAttrs:
+        """building: TensorRT's BUILD phase (an absent decode_version is then the build process's default,
+        else 1). Raises LogicError naming a bad field or value."""
         nb, names, data, lengths, is_char, _keep = self._fields(fields)
-        act, norm = c_int32(), c_int32()
-        self._call(self._lib.tda_trt_mlp_parse_fields, nb, names, data, lengths, is_char, byref(act), byref(norm))
-        return act.value, norm.value
+        out = (c_int32 * 3)()
+        self._call(self._lib.tda_trt_mlp_parse_fields, nb, names, data, lengths, is_char, int(building), out)
+        return MlpAttrs(*out)
 
     def parse_select_fields(self, fields) -> None:
         nb, names, data, lengths, is_char, _keep = self._fields(fields)
         self._call(self._lib.tda_trt_select_parse_fields, nb, names, data, lengths, is_char)
 
-    def mlp_serialized_fields(self, activation: int, score_norm: int) -> list[tuple[str, bytes]]:
+    def build_decode_version(self) -> int:
+        """The decode_version a plan built in this process records ($TDA_DECODE_VERSION, else 1)."""
+        return self._lib.tda_trt_build_decode_version()
+
+    def mlp_serialized_fields(self, attrs: MlpAttrs) -> list[tuple[str, bytes]]:
         """(name, bytes) as the C++ plugin serializes them: the value string plus its NUL."""
-        return [(name, self._lib.tda_trt_mlp_field_value(i, activation, score_norm) + b"\0")
+        return [(name, self._lib.tda_trt_mlp_field_value(i, _attrs(attrs)) + b"\0")
                 for i, name in enumerate(self.mlp_fields)]
 
     # ---- shapes and types ----
@@ -208,10 +226,10 @@ class Logic:
         return bool(self._lib.tda_trt_supports(op, pos, types, linear))
 
     # ---- workspace and launches ----
-    def mlp_workspace_size(self, dtype: int, activation: int, score_norm: int, max_sizes, min_seq: int,
+    def mlp_workspace_size(self, dtype: int, attrs: MlpAttrs, max_sizes, min_seq: int,
                            queries: KernelQueries) -> int:
-        return self._lib.tda_trt_mlp_workspace_size(dtype, activation, score_norm, (c_int64 * 4)(*max_sizes),
-                                                    min_seq, byref(queries))
+        return self._lib.tda_trt_mlp_workspace_size(dtype, _attrs(attrs), (c_int64 * 4)(*max_sizes), min_seq,
+                                                    byref(queries))
 
     def select_workspace_size(self, max_batch: int, inter: int, queries: KernelQueries) -> int:
         return self._lib.tda_trt_select_workspace_size(max_batch, inter, byref(queries))
@@ -227,16 +245,18 @@ class Logic:
             yield b0, nb
             b0 += nb
 
-    def decode_args(self, dtype, activation, score_norm, sizes, b0, nb, buffers: MlpBuffers) -> DecodeArgs:
+    def decode_call(self, dtype, attrs: MlpAttrs, sizes, b0, nb, buffers: MlpBuffers,
+                    queries: KernelQueries) -> tuple[DecodeArgs, int]:
+        """One decode chunk: (arguments with the plan's decode version, workspace bytes to pass)."""
         out = DecodeArgs()
-        self._lib.tda_trt_mlp_decode_args(dtype, activation, score_norm, (c_int64 * 4)(*sizes), b0, nb,
-                                          byref(buffers), byref(out))
-        return out
+        nbytes = self._lib.tda_trt_mlp_decode_call(dtype, _attrs(attrs), (c_int64 * 4)(*sizes), b0, nb,
+                                                   byref(buffers), byref(queries), byref(out))
+        return out, nbytes
 
-    def prefill_plan(self, dtype, activation, score_norm, sizes, buffers: MlpBuffers, workspace: int,
+    def prefill_plan(self, dtype, attrs: MlpAttrs, sizes, buffers: MlpBuffers, workspace: int,
                      queries: KernelQueries) -> PrefillPlan:
         out = PrefillPlan()
-        self._call(self._lib.tda_trt_mlp_prefill_plan, dtype, activation, score_norm, (c_int64 * 4)(*sizes),
+        self._call(self._lib.tda_trt_mlp_prefill_plan, dtype, _attrs(attrs), (c_int64 * 4)(*sizes),
                    byref(buffers), workspace, byref(queries), byref(out))
         return out
 

@@ -105,12 +105,12 @@ def plugin_classes(trt):
     class SparseGatedMlpPlugin(_Base):
         op = lg.MLP
 
-        def __init__(self, activation: int, score_norm: int):
+        def __init__(self, attrs: lg.MlpAttrs):
             super().__init__(L.mlp_name, 2)
-            self.activation, self.score_norm = activation, score_norm
+            self.attrs = attrs
 
         def clone(self):
-            return SparseGatedMlpPlugin(self.activation, self.score_norm)
+            return SparseGatedMlpPlugin(self.attrs)
 
         def _check(self, dims):
             return L.mlp_check_shapes(dims)
@@ -118,15 +118,14 @@ def plugin_classes(trt):
         def get_fields_to_serialize(self):
             # PluginField holds a pointer into the array: the arrays must outlive TensorRT's read.
             self._serialized = [(name, np.frombuffer(value, dtype=np.int8).copy())
-                                for name, value in L.mlp_serialized_fields(self.activation, self.score_norm)]
+                                for name, value in L.mlp_serialized_fields(self.attrs)]
             return trt.PluginFieldCollection([trt.PluginField(name, data, trt.PluginFieldType.CHAR)
                                               for name, data in self._serialized])
 
         def get_workspace_size(self, input_desc, output_desc):
             sizes = L.mlp_max_sizes(_shapes(input_desc, "max"))
             min_seq = tuple(input_desc[0].min)[1]
-            return L.mlp_workspace_size(_code(trt, input_desc[0].desc.type), self.activation, self.score_norm,
-                                        sizes, min_seq, _queries())
+            return L.mlp_workspace_size(_code(trt, input_desc[0].desc.type), self.attrs, sizes, min_seq, _queries())
 
         def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
             from . import device
@@ -140,13 +139,14 @@ def plugin_classes(trt):
             kernels = _kernels()
             if L.is_decode(S):
                 for b0, nb in L.chunks(B):
-                    a = L.decode_args(t, self.activation, self.score_norm, sizes, b0, nb, buf)
-                    kernels.call("tda_sparse_gated_mlp_decode", a, int(workspace),
-                                 kernels.workspace_size("tda_sparse_gated_mlp_decode", a), int(stream))
+                    # the plan's decode version and what it needs (within the reservation), never a query
+                    # under today's $TDA_DECODE_VERSION
+                    a, nbytes = L.decode_call(t, self.attrs, sizes, b0, nb, buf, _queries())
+                    kernels.call("tda_sparse_gated_mlp_decode", a, int(workspace), nbytes, int(stream))
                 device.copy(outputs[1], inputs[6], B * I, "float32", stream)  # decode keeps the scores
             else:
-                plan = L.prefill_plan(t, self.activation, self.score_norm, sizes, buf, int(workspace), _queries())
-                device.prefill(plan, DTYPES[t], ACTIVATIONS[self.activation], sizes, inputs[0], inputs[1],
+                plan = L.prefill_plan(t, self.attrs, sizes, buf, int(workspace), _queries())
+                device.prefill(plan, DTYPES[t], ACTIVATIONS[self.attrs.activation], sizes, inputs[0], inputs[1],
                                inputs[2], outputs[0], kernels, stream)
 
     class SelectActivePlugin(_Base):
@@ -190,7 +190,8 @@ def plugin_classes(trt):
             super().__init__(L.mlp_name, L.mlp_fields)
 
         def create_plugin(self, name, fc, phase):
-            return SparseGatedMlpPlugin(*L.parse_mlp_fields(_fields(trt, fc)))
+            # BUILD: fields from an ONNX node, the decode version is fixed now; RUNTIME: a plan's fields
+            return SparseGatedMlpPlugin(L.parse_mlp_fields(_fields(trt, fc), phase == trt.TensorRTPhase.BUILD))
 
     class SelectActiveCreator(_Creator):
         def __init__(self):

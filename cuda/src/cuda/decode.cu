@@ -326,8 +326,14 @@ tda_status_t run(const tda_decode_args_t* a, const Plan& p, const Ws& w, cudaStr
   const int32_t* rows = a->active_idx;
   const int32_t* n_rows = a->active_count;
   const unsigned long long* row_mask = nullptr;
+  // Everything that can fail before the first launch: the header promises that
+  // a non-OK status launched nothing (the SM count is a device query, the
+  // memsets are the only other runtime calls).
+  const int gu_sms = num_sms();
+  if (B > 1 && cudaMemsetAsync(w.mask, 0, sizeof(unsigned long long) * I, st) != cudaSuccess) return TDA_ERR_CUDA;
+  if (!a->deterministic && cudaMemsetAsync(w.part, 0, sizeof(float) * B * H, st) != cudaSuccess)
+    return TDA_ERR_CUDA;
   if (B > 1) {
-    if (cudaMemsetAsync(w.mask, 0, sizeof(unsigned long long) * I, st) != cudaSuccess) return TDA_ERR_CUDA;
     scatter_mask<<<dim3((I + 255) / 256, B), 256, 0, st>>>(a->active_idx, a->active_count, I, w.mask);
     compact_union<<<1, kCompactThreads, 0, st>>>(w.mask, I, w.rows, w.row_mask, w.n_rows);
     rows = w.rows;
@@ -335,7 +341,7 @@ tda_status_t run(const tda_decode_args_t* a, const Plan& p, const Ws& w, cudaStr
     row_mask = w.row_mask;
   }
   const int groups = (I + kGroup - 1) / kGroup;
-  const int gu_blocks = std::min(groups, num_sms() * 4);
+  const int gu_blocks = std::min(groups, gu_sms * 4);
   if constexpr (D == TDA_F32) {
     gate_up_f32<<<gu_blocks, kGateUpWarps * 32, 0, st>>>(
         reinterpret_cast<const float*>(a->hidden_states), reinterpret_cast<const float*>(a->gate_up_weight), H, I,
@@ -360,8 +366,6 @@ tda_status_t run(const tda_decode_args_t* a, const Plan& p, const Ws& w, cudaStr
                                                                          a->activation, w.z);
     }
   }
-  if (!a->deterministic && cudaMemsetAsync(w.part, 0, sizeof(float) * B * H, st) != cudaSuccess)
-    return TDA_ERR_CUDA;
   const dim3 down_grid(p.col_blocks * p.tiles, p.splits);
   const T* wd = static_cast<const T*>(a->down_weight_t);
   if (p.bt == 1) {

@@ -24,6 +24,8 @@
 // `deterministic` says.
 #include <stdlib.h>
 
+#include <atomic>
+
 #include <cub/block/block_scan.cuh>
 
 #include "common.h"
@@ -411,17 +413,20 @@ Ws carve(const tda_decode_args_t* a, const Plan& p, void* base) {
 // Hopper and later run the dependent launches early; TDA_PDL=0 turns it off
 // (to measure what it gains, or to rule it out).
 bool use_pdl() {
-  static int cache[64] = {};  // 0 unknown, 1 no, 2 yes
+  // One atomic slot per device (see num_sms): enqueuing threads may race here.
+  static std::atomic<int> cache[64] = {};  // 0 unknown, 1 no, 2 yes
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
-  if (!cache[dev]) {
+  int v = cache[dev].load(std::memory_order_relaxed);
+  if (!v) {
     int major = 0;
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    cache[dev] = major >= 9 ? 2 : 1;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) major = 0;
+    v = major >= 9 ? 2 : 1;
+    cache[dev].store(v, std::memory_order_relaxed);
   }
   const char* env = getenv("TDA_PDL");
   if (env && env[0] == '0') return false;
-  return cache[dev] == 2;
+  return v == 2;
 }
 
 template <typename... KernelArgs, typename... Args>
@@ -453,6 +458,8 @@ cudaError_t launch_down(const tda_decode_args_t* a, const Plan& p, const Rows& r
 template <tda_dtype_t D>
 tda_status_t run_typed(const tda_decode_args_t* a, void* ws, cudaStream_t st) {
   using T = typename Ty<D>::T;
+  // Device queries (and their caches) before the first launch: a failure
+  // after a launch would break the header's "non-OK launched nothing".
   const Plan p = plan(a, num_sms());
   const Ws w = carve(a, p, ws);
   const bool pdl = use_pdl();

@@ -7,6 +7,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <atomic>
+
 #include "activation.h"
 #include "tda_kernels.h"
 
@@ -90,17 +92,19 @@ __device__ __forceinline__ float activate_rt(tda_activation_t a, float x) {
 __device__ __forceinline__ int32_t clamp_count_dev(int32_t c, int32_t n) { return c < 0 ? 0 : (c > n ? n : c); }
 
 // SM count of the current device, cached: grids are sized from it and
-// cudaDeviceGetAttribute is legal during stream capture.
+// cudaDeviceGetAttribute is legal during stream capture. Several threads may
+// enqueue at once (one per TensorRT context or stream): each slot is an
+// atomic, written with the same value by whichever thread gets there first.
 inline int num_sms() {
-  static int cache[64] = {};
+  static std::atomic<int> cache[64] = {};
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 132;
-  if (!cache[dev]) {
-    int n = 0;
-    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-    cache[dev] = n > 0 ? n : 132;
+  int n = cache[dev].load(std::memory_order_relaxed);
+  if (!n) {
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0) n = 132;
+    cache[dev].store(n, std::memory_order_relaxed);
   }
-  return cache[dev];
+  return n;
 }
 
 inline tda_status_t launch_status() {

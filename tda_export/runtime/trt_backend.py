@@ -3,7 +3,8 @@
 Thin on purpose: the state (mask, thresholds, past KV and TDA tensors, fed back from the matching
 presents) and the prefill/decode steps are the ONNX Runtime backend's, so the generation loop is
 the same; only `_run` differs. Prefill calls run in execution context 0 (prefill profile), decode
-calls in context 1 (decode profile), each built with its own profile. The plugins run as the
+calls in context 1 (decode profile), each built with its own profile; both use one activation block
+(shared_contexts). The plugins run as the
 Python plugins (tda_export.trt.plugins), registered before deserializing.
 
 Needs a GPU TensorRT supports (RTX plans: cc 7.5-12.x, not Hopper) and CUDA torch for the buffers.
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..ops.contract import DENSITY_BOUNDS_INPUT
-from ..runtime.ort_backend import OrtBackend, past_name
+from .ort_backend import OrtBackend, past_name
 
 # bf16 state lives on the host as 2-byte words (numpy has no bf16; TensorRT reads only the bytes):
 # the empty past is zeros, whose bytes are the same as float16 zeros.
@@ -59,14 +60,33 @@ def io_tables(manifest: dict) -> tuple[dict, list[str]]:
     return inputs, presents
 
 
+def shared_contexts(trt, engine, n_profiles: int, stream: int, allocate) -> tuple[list, object]:
+    """One execution context per profile, all on one activation block sized for the largest profile:
+    the contexts never run at once (one backend, one stream, prefill then decode), so a block each
+    (TensorRT's default) would hold prefill's workspace twice (~1.4 GB at Mistral 8x2048).
+    allocate(nbytes) -> a buffer with .data_ptr() (256-byte aligned; torch's are). Returns (contexts, buffer);
+    the buffer must outlive the contexts."""
+    nbytes = max(engine.get_device_memory_size_for_profile_v2(i) for i in range(n_profiles))
+    block = allocate(nbytes)
+    contexts = []
+    for i in range(n_profiles):
+        ctx = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if ctx is None:
+            raise RuntimeError(f"TensorRT could not create the execution context of profile {i}")
+        ctx.set_optimization_profile_async(i, stream)
+        ctx.set_device_memory(block.data_ptr(), nbytes)
+        contexts.append(ctx)
+    return contexts, block
+
+
 class TensorRTBackend(OrtBackend):
     name = "tensorrt"
 
     def __init__(self, directory: Path, manifest: dict):
         import torch
 
-        from .flavour import import_module
-        from .plugins import register
+        from ..trt.flavour import import_module
+        from ..trt.plugins import register
 
         section = manifest.get("tensorrt")
         if not isinstance(section, dict):
@@ -85,11 +105,9 @@ class TensorRTBackend(OrtBackend):
             raise RuntimeError(f"{directory / section['plan_file']}: TensorRT could not deserialize the plan "
                                "(it needs a GPU this TensorRT supports)")
         self._stream = torch.cuda.Stream()
-        self.contexts = []
-        for i in range(len(section["profiles"])):
-            ctx = self.engine.create_execution_context()
-            ctx.set_optimization_profile_async(i, self._stream.cuda_stream)
-            self.contexts.append(ctx)
+        self.contexts, self._activations = shared_contexts(
+            trt, self.engine, len(section["profiles"]), self._stream.cuda_stream,
+            lambda n: torch.empty(max(n, 1), dtype=torch.uint8, device="cuda"))
 
     def _run(self, state: dict, input_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         torch = self._torch

@@ -1,6 +1,6 @@
 """The TensorRT side of `build --target tensorrt-rtx|tensorrt`: parse, check, configure, build, serialize.
 
-Runs in a child process started by plan.py (`python -m tda_export.trt.builder JOB.json`), whose
+Runs in a child process started by plan.py (`python -m tda_export.trt.build.builder JOB.json`), whose
 environment works around the TensorRT-RTX library-name trap (flavour.py). The job and the report
 are JSON files; the decisions (profiles, layer accounting) were made in plain Python before.
 """
@@ -51,8 +51,8 @@ def _plugin_of(trt, layer) -> str | None:
 def run(job: dict) -> dict:
     import onnx
 
-    from .flavour import import_module
-    from .logic import logic
+    from ..flavour import import_module
+    from ..logic import logic
 
     trt = import_module(job["target"])
     t0 = time.time()
@@ -62,8 +62,8 @@ def run(job: dict) -> dict:
         registry.load_library(job["plugin_library"])
         plugin_source = job["plugin_library"]
     else:
-        from ..kernels.build import BuildError
-        from .plugins import _queries, register
+        from ...kernels.build import BuildError
+        from ..plugins import _queries, register
 
         try:  # here, not inside TensorRT's getWorkspaceSize callback, which would hide the reason
             _queries()
@@ -128,6 +128,7 @@ def run(job: dict) -> dict:
         tmp.write_bytes(memoryview(ser))
         os.replace(tmp, cache_path)
     return {"version": trt.__version__, "module": trt.__name__, "plugin_source": plugin_source,
+            "decode_version": logic().build_decode_version(),  # what the plugins recorded in the plan
             "build_seconds": round(time.time() - t0, 2), "plan_bytes": out.stat().st_size,
             "compute_capabilities": ccs, "optimization_level": job.get("optimization_level"),
             "layers": summary(layers)}

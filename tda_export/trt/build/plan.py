@@ -12,9 +12,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..manifest import sha256_file
-from ..ops.contract import OPS, PLUGIN_FIELDS, PLUGIN_NAMESPACE, PLUGIN_VERSION
-from . import flavour as fl
+from ...manifest import sha256_file
+from ...ops.contract import OPS, PLUGIN_FIELDS, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from .. import flavour as fl
 from .profiles import Limits, profiles
 
 PLAN_FILE = "model.plan"
@@ -91,7 +91,7 @@ def build_plan(onnx_path: Path, out_dir: Path, io_inputs: list[dict], max_contex
                "plugin_library": str(Path(options.plugin_library).resolve()) if options.plugin_library else None,
                "report": str(Path(tmp) / "report.json")}
         (Path(tmp) / "job.json").write_text(json.dumps(job))
-        proc = subprocess.run([sys.executable, "-m", "tda_export.trt.builder", str(Path(tmp) / "job.json")],
+        proc = subprocess.run([sys.executable, "-m", "tda_export.trt.build.builder", str(Path(tmp) / "job.json")],
                               env=fl.child_env(f), stdout=subprocess.PIPE, stderr=None if progress else subprocess.PIPE,
                               text=True)
         report_path = Path(job["report"])
@@ -108,6 +108,7 @@ def build_plan(onnx_path: Path, out_dir: Path, io_inputs: list[dict], max_contex
         "plan_file": PLAN_FILE, "plan_sha256": sha256_file(plan), "plan_bytes": report["plan_bytes"],
         "plugin": {"library": PLUGIN_LIBRARY, "built_with": report["plugin_source"],
                    "namespace": PLUGIN_NAMESPACE, "version": PLUGIN_VERSION,
+                   "decode_version": report["decode_version"],
                    "creators": {op.name: {"fields": list(PLUGIN_FIELDS[op.name])} for op in OPS}},
         "limits": {"max_batch": limits.max_batch, "max_seq_len": limits.max_seq_len, "max_prompt": limits.max_prompt},
         "profiles": profs, "compute_capabilities": ccs, "optimization_level": report["optimization_level"],
