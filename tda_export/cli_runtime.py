@@ -7,6 +7,7 @@ import sys
 import click
 
 from .cli import UserError
+from .cli_density import Densities, Density
 
 ENGINE = click.option("--engine", "-e", "engine_dir", required=True, type=click.Path(),
                       help="Directory written by `tda-export build`.")
@@ -17,7 +18,7 @@ BACKEND = click.option("--backend", type=click.Choice(["auto", "torch", "onnxrun
                              "for float32 engines, else whichever of torch and ONNX Runtime decodes faster "
                              "(measured once per machine and cached). tensorrt: the engine's model.plan "
                              "(--target tensorrt-rtx|tensorrt; a GPU its TensorRT supports).")
-DENSITY = click.option("--density", "-d", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+DENSITY = click.option("--density", "-d", type=Density(), default=None,
                        help="Density for this run (needs the engine's calibration); default: the built thresholds.")
 
 
@@ -125,7 +126,7 @@ def serve(engine_dir, host, port, queue_size, max_batch, model_name, body_timeou
 
 @click.command()
 @ENGINE
-@click.option("--densities", default=None,
+@click.option("--densities", type=Densities(), default=None,
               help="Comma-separated densities to time besides 1.0 [every density the engine's calibration has, "
                    "else the built default].")
 @click.option("--prompt-tokens", type=click.IntRange(2), default=128, show_default=True)
@@ -141,8 +142,7 @@ def bench(engine_dir, densities, prompt_tokens, new_tokens, batch, repeats, as_j
 
     engine = _engine(engine_dir, threads, backend, batch)
     try:
-        wanted = [float(d) for d in densities.split(",")] if densities else None
-        rows = run_bench(engine, wanted, prompt_tokens, new_tokens, batch, repeats)
+        rows = run_bench(engine, densities, prompt_tokens, new_tokens, batch, repeats)
     except ValueError as e:
         raise UserError(str(e)) from None
     if as_json:

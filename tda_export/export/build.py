@@ -1,4 +1,4 @@
-"""`tda-export build --backend onnx`: an output directory holding model, tokenizer and manifest.
+"""`tda-export build`: an output directory holding model, tokenizer and manifest.
 
 All input is checked before anything is written; the directory is assembled in a
 temporary sibling and renamed into place only when complete, so a failed or
@@ -20,6 +20,7 @@ import onnx
 from .. import __version__, manifest
 from ..calibration import CALIBRATION_FILE, Calibration
 from ..models import load_structure, resolve, save_tokenizer
+from ..recipes import engine_dtype
 from ..ops.contract import (DEFAULT_DENSITY_MARGIN, DENSITY_BOUNDS_INPUT, DOMAIN, OPSET_VERSION, PLUGIN_NAMESPACE,
                             PLUGIN_VERSION, THRESHOLDS_INPUT, density_bounds)
 from .decoder import OPSET, build_decoder
@@ -107,18 +108,20 @@ def calibrate_default(source, progress: bool, device: str = "auto", compute_dtyp
                              sequences, prompt_len, "token_l2", None, density, quiet=not progress)
 
 
-def build(model: str, out: str | Path, dtype: str = "float32", calibration: str | None = None,
+def build(model: str, out: str | Path, dtype: str | None = None, calibration: str | None = None,
           density: float | None = None, force: bool = False, weights: str | None = None,
           progress: bool = True, auto_calibrate: bool = False, plan=None, device: str = "auto",
           compute_dtype: str | None = None) -> Path:
-    """Export. `plan` (tda_export.trt.plan.PlanOptions) also builds a TensorRT plan.
-    Raises ExportError/ValueError/FileNotFoundError on bad input."""
+    """Export in `dtype` (None: the recipe's dtype, else float32). `plan` (tda_export.trt.plan.PlanOptions)
+    also builds a TensorRT plan. Raises ExportError/ValueError/FileNotFoundError on bad input."""
     out = Path(out)
     if out.exists() and not force:
         raise ExportError(f"--out {out}: already exists (use --force to replace it)")
     if out.exists() and not (out / manifest.NAME).is_file() and any(out.iterdir()):
         raise ExportError(f"--out {out}: exists, is not empty and is not an export (no {manifest.NAME}); "
                           f"refusing to replace it even with --force")
+    source = resolve(model, weights)
+    dtype = dtype or engine_dtype(source.recipe)
     if plan is not None:  # every --target option is checked before the model loads ...
         from ..trt.plan import check_options
 
@@ -126,7 +129,6 @@ def build(model: str, out: str | Path, dtype: str = "float32", calibration: str 
     cal = Calibration.load(calibration) if calibration else None
     # The export reads the checkpoint tensor by tensor (no model in memory); the fingerprint is of the
     # stored tensors too, so a calibration made in any compute dtype or on any device matches.
-    source = resolve(model, weights)
     loaded = load_structure(source)
     spec = decoder_spec(loaded, dtype)
     if cal is not None:
@@ -187,7 +189,7 @@ def _manifest_data(loaded, spec, cal_summary, proto) -> dict:
     return {
         "model": loaded.name, "source": loaded.source.description, "fingerprint": loaded.fingerprint(),
         "recipe": dataclasses.asdict(recipe) if recipe else None,
-        "backend": "onnx", "dtype": spec.dtype, "family": spec.family, "activation": spec.activation,
+        "dtype": spec.dtype, "family": spec.family, "activation": spec.activation,
         "model_file": MODEL_FILE, "weights_file": WEIGHTS_FILE, "external_data": WEIGHTS_FILE,
         "num_layers": spec.num_layers, "hidden_size": spec.hidden, "intermediate_size": spec.intermediate,
         "num_heads": spec.heads, "num_kv_heads": spec.kv_heads, "head_dim": spec.head_dim,
