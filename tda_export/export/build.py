@@ -171,8 +171,7 @@ def build(model: str, out: str | Path, dtype: str | None = None, calibration: st
 
             data["tensorrt"] = build_plan(tmp / MODEL_FILE, tmp, data["io"]["inputs"], spec.max_context, dtype,
                                           plan, progress)
-            if dtype == "float16":  # ONNX Runtime logits for `tda-export check` (its CPU EP has no bf16 graph path)
-                save_goldens(tmp, tmp / MODEL_FILE, data)
+            save_goldens(tmp, tmp / MODEL_FILE, data)  # reference logits for `tda-export check` (trt/goldens.py)
         manifest.write(tmp, data)
         if out.exists():
             shutil.rmtree(out)
