@@ -68,7 +68,8 @@ def main():
 
 @main.command()
 def recipes():
-    """List the built-in model recipes."""
+    """List the built-in model recipes: name, architecture, engine dtype (build's default --dtype), default
+    density, where the weights come from. Any recipe name works as --model."""
     from .recipes import list_recipes
 
     for r in list_recipes().values():

