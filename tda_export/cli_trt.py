@@ -13,7 +13,7 @@ from .cli import UserError
               type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Engine directory built with --target tensorrt-rtx|tensorrt.")
 @click.option("--atol", type=click.FloatRange(0.0), default=None,
-              help="Absolute tolerance on logits [fp16 plans 0.1, bf16 plans 0.5].")
+              help="Absolute tolerance on logits [fp16 plans 0.1, bf16 plans 4.0].")
 @click.option("--rtol", type=click.FloatRange(0.0), default=None,
               help="Relative tolerance on logits [fp16 plans 0.05, bf16 plans 0.1]; an element fails when it "
                    "misses both.")

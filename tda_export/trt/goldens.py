@@ -16,8 +16,12 @@ import numpy as np
 GOLDENS_FILE = "trt_goldens.npz"
 DECODE_STEPS = 2
 # check's default (atol, rtol) on logits by the plan's dtype; an element fails when it misses both.
-# bf16 keeps 8 mantissa bits to fp16's 11, and its reference is float32, not the same bf16 graph.
-TOLERANCES = {"float16": (0.1, 0.05), "bfloat16": (0.5, 0.1)}
+# bf16 keeps 8 mantissa bits to fp16's 11 and is compared with float32, not with the same bf16 graph:
+# SmolLM2-135M built bf16 at d=0.9, run in bf16 by the torch backend, strays from its float32 goldens by
+# max |err| 0.48 at prefill (the same dense), 0.83 and 2.09 on the decode steps (mean 0.12, 0.25, 0.60;
+# logits span about -20..28; bench/bf16_goldens.py). 4.0 leaves room for another model and engine; a
+# broken plugin moves logits by far more.
+TOLERANCES = {"float16": (0.1, 0.05), "bfloat16": (4.0, 0.1)}
 
 
 def prompt(vocab: int, length: int = 8) -> tuple[np.ndarray, np.ndarray]:
