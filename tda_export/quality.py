@@ -519,7 +519,8 @@ def config_report(ev: Evaluator, batches: list[Prefilled], prompt_len: int, dens
     """One mask configuration against the dense baseline `dense` of the same prefilled windows."""
     lm = ev.lm
     c = lm.config
-    per_layer_bytes = mlp_bytes_per_token(c, bytes_per_param(lm, cfg.get("dtype")))
+    dtype = engine_dtype_of(lm, cfg.get("dtype"))
+    per_layer_bytes = mlp_bytes_per_token(c, bytes_per_param(lm, dtype))
     dense_bytes = per_layer_bytes * c.num_hidden_layers
     mode, thresholds, densities = cfg["mode"], cfg.get("thresholds"), cfg.get("densities")
     clamp, gating = cfg.get("clamp"), cfg.get("gating")
@@ -542,8 +543,8 @@ def config_report(ev: Evaluator, batches: list[Prefilled], prompt_len: int, dens
                              "per_sequence_min": float(per_seq.min()), "per_sequence_max": float(per_seq.max()),
                              "per_layer_min": min(realised), "per_layer_max": max(realised)},
         "mlp_bytes": {"dense_per_token": dense_bytes, "skipped_per_token": skipped,
-                      "skipped_fraction": skipped / dense_bytes, "bytes_per_param": bytes_per_param(lm, cfg.get("dtype")),
-                      "dtype": engine_dtype_of(lm, cfg.get("dtype")),
+                      "skipped_fraction": skipped / dense_bytes, "bytes_per_param": bytes_per_param(lm, dtype),
+                      "dtype": dtype,
                       "per_layer_streamed_fraction": list(run.byte_fractions)},
     }
     if gen_dense is not None:

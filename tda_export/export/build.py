@@ -20,9 +20,9 @@ import onnx
 from .. import __version__, manifest
 from ..calibration import CALIBRATION_FILE, Calibration
 from ..models import load_structure, resolve, save_tokenizer
-from ..recipes import engine_dtype
 from ..ops.contract import (DEFAULT_DENSITY_MARGIN, DENSITY_BOUNDS_INPUT, DOMAIN, OPSET_VERSION, PLUGIN_NAMESPACE,
                             PLUGIN_VERSION, THRESHOLDS_INPUT, density_bounds)
+from ..recipes import engine_dtype
 from .decoder import OPSET, build_decoder
 from .spec import ExportError, decoder_spec
 from .weights import WeightWriter
