@@ -27,7 +27,7 @@ def _no_backend(ctx, param, value):
 @click.option("--dtype", type=click.Choice(list(CLI_DTYPES)), default=None,
               help="Compute dtype of the graph [the recipe's dtype (tda-export recipes), else fp32]. TDA scores "
                    "and logits are always fp32. The native CPU runtime runs fp32 engines.")
-@click.option("--calibration", "-c", type=click.Path(path_type=Path),
+@click.option("--calibration", "-c", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Calibration file (tda-export calibrate). Without it, thresholds are calibrated now on the "
                    "built-in text at the recipe's density (see --no-calibrate).")
 @click.option("--no-calibrate", is_flag=True, help="Without --calibration: export dense thresholds (all 0).")
@@ -35,7 +35,8 @@ def _no_backend(ctx, param, value):
               help="Build at this density (kept fraction of MLP neurons, two decimals) instead of the calibration's "
                    "default; the built-in calibration adds it to its grid.")
 @click.option("--force", is_flag=True, help="Replace an existing export in --out.")
-@click.option("--weights", help="Weights for a recipe model (HF directory or .gguf) instead of its default source.")
+@click.option("--weights", type=click.Path(exists=True),
+              help="Weights for a recipe model (HF directory or .gguf) instead of its default source.")
 @click.option("--target", type=click.Choice(["onnx", "tensorrt-rtx", "tensorrt"]), default="onnx", show_default=True,
               help="onnx: the ONNX export only. tensorrt-rtx: also model.plan for TensorRT-RTX (builds on a CPU; "
                    "runs on RTX-class GPUs, cc 7.5-12.x, not Hopper). tensorrt: also model.plan for datacenter "

