@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from .cli import UserError
+from .trt.goldens import TOLERANCES
 
 
 @click.command()
@@ -13,10 +14,11 @@ from .cli import UserError
               type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Engine directory built with --target tensorrt-rtx|tensorrt.")
 @click.option("--atol", type=click.FloatRange(0.0), default=None,
-              help="Absolute tolerance on logits [fp16 plans 0.1, bf16 plans 4.0].")
+              help=f"Absolute tolerance on logits [fp16 plans {TOLERANCES['float16'][0]}, bf16 plans "
+                   f"{TOLERANCES['bfloat16'][0]}].")
 @click.option("--rtol", type=click.FloatRange(0.0), default=None,
-              help="Relative tolerance on logits [fp16 plans 0.05, bf16 plans 0.1]; an element fails when it "
-                   "misses both.")
+              help=f"Relative tolerance on logits [fp16 plans {TOLERANCES['float16'][1]}, bf16 plans "
+                   f"{TOLERANCES['bfloat16'][1]}]; an element fails when it misses both.")
 def check(directory, atol, rtol):
     """Run the plan (GPU with TensorRT) on the build-time prompt and compare its logits with the build-time
     reference: ONNX Runtime on the same graph for fp16 plans, float32 logits for bf16 plans.
