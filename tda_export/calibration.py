@@ -95,5 +95,20 @@ class Calibration:
         return cal
 
 
+DENSITY_GRID = 100  # tables are keyed per 0.01 of density (density_key)
+
+
 def density_key(density: float) -> str:
     return f"{float(density):.2f}"
+
+
+def density_problem(d: float) -> str | None:
+    """Why `d` cannot be asked for, or None: it must be in (0, 1] and on the tables' 0.01 grid (0.555 would
+    silently read 0.56's thresholds)."""
+    if not math.isfinite(d) or not 0.0 < d <= 1.0:
+        return "a density (the kept fraction of MLP neurons) must be in (0, 1]"
+    if abs(d * DENSITY_GRID - round(d * DENSITY_GRID)) > 1e-6:
+        return (f"calibrations keep thresholds per 0.01 of density, so use two decimals "
+                f"(e.g. {math.floor(d * DENSITY_GRID) / DENSITY_GRID:.2f} or "
+                f"{math.ceil(d * DENSITY_GRID) / DENSITY_GRID:.2f})")
+    return None

@@ -29,6 +29,9 @@ class UserError(click.ClickException):
 
 
 class _Commands(click.Group):
+    def list_commands(self, ctx):
+        return list(self.commands)  # in the order of the flow (model -> calibrate -> ... -> bench), not a-z
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -45,19 +48,28 @@ def main():
     """Sparse-MLP (TDA) decoding for Hugging Face LLMs: calibrate, evaluate, export, serve.
 
     \b
-    Typical flow on the embedded default model:
-      tda-export calibrate --model smollm2-135m --out cal.json
-      tda-export eval      --model smollm2-135m --calibration cal.json
-      tda-export build     --model smollm2-135m --backend onnx --calibration cal.json --out engine/
+    Quick start (build calibrates at the recipe's density when not given -c):
+      tda-export build -m smollm2-135m -o engine/
+      tda-export run   -e engine/ -p "The capital of France is" -n 32
+
+    \b
+    Step by step on the embedded default model:
+      tda-export calibrate -m smollm2-135m -o cal.json
+      tda-export eval      -m smollm2-135m -c cal.json
+      tda-export build     -m smollm2-135m -c cal.json -o engine/   [--target tensorrt-rtx --dtype fp16]
+      tda-export inspect   engine/
+      tda-export serve     -e engine/ --port 8000
 
     --model takes a recipe name (see `tda-export recipes`), a Hugging Face model
-    directory (config.json + *.safetensors) or a .gguf file.
+    directory (config.json + *.safetensors) or a .gguf file. `tda-export COMMAND -h`
+    explains each command's options.
     """
 
 
 @main.command()
 def recipes():
-    """List the built-in model recipes."""
+    """List the built-in model recipes: name, architecture, engine dtype (build's default --dtype), default
+    density, where the weights come from. Any recipe name works as --model."""
     from .recipes import list_recipes
 
     for r in list_recipes().values():

@@ -8,23 +8,35 @@ from pathlib import Path
 import click
 
 from .cli import UserError
+from .cli_density import Density
 from .cli_device import device_options, resolve as resolve_device
 from .export.spec import CLI_DTYPES
 
 
+def _no_backend(ctx, param, value):
+    if value is not None:  # scripts written for older versions: say what replaced it, not just "no such option"
+        raise click.UsageError(f"build --backend {value}: removed; the output is chosen with --target onnx|"
+                               f"tensorrt-rtx|tensorrt, and runtime backends with run/serve/bench --backend")
+
+
 @click.command()
 @click.option("--model", "-m", required=True, help="Recipe name, Hugging Face model directory or .gguf file.")
-@click.option("--backend", type=click.Choice(["onnx"]), default="onnx", show_default=True)
+@click.option("--backend", hidden=True, expose_value=False, callback=_no_backend,
+              help="Removed: the output format is --target; runtime backends are chosen by run/serve/bench.")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Output directory.")
-@click.option("--dtype", type=click.Choice(list(CLI_DTYPES)), default="fp32", show_default=True,
-              help="Compute dtype of the graph (TDA scores are always fp32, logits are fp32).")
-@click.option("--calibration", "-c", type=click.Path(path_type=Path),
+@click.option("--dtype", type=click.Choice(list(CLI_DTYPES)), default=None,
+              help="Compute dtype of the graph [the recipe's dtype (tda-export recipes), else fp32]. TDA scores "
+                   "and logits are always fp32. The native CPU runtime runs fp32 engines.")
+@click.option("--calibration", "-c", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Calibration file (tda-export calibrate). Without it, thresholds are calibrated now on the "
                    "built-in text at the recipe's density (see --no-calibrate).")
 @click.option("--no-calibrate", is_flag=True, help="Without --calibration: export dense thresholds (all 0).")
-@click.option("--density", type=float, help="Use the calibration's thresholds for this density instead of its default.")
+@click.option("--density", "-d", type=Density(),
+              help="Build at this density (kept fraction of MLP neurons, two decimals) instead of the calibration's "
+                   "default; the built-in calibration adds it to its grid.")
 @click.option("--force", is_flag=True, help="Replace an existing export in --out.")
-@click.option("--weights", help="Weights for a recipe model (HF directory or .gguf) instead of its default source.")
+@click.option("--weights", type=click.Path(exists=True),
+              help="Weights for a recipe model (HF directory or .gguf) instead of its default source.")
 @click.option("--target", type=click.Choice(["onnx", "tensorrt-rtx", "tensorrt"]), default="onnx", show_default=True,
               help="onnx: the ONNX export only. tensorrt-rtx: also model.plan for TensorRT-RTX (builds on a CPU; "
                    "runs on RTX-class GPUs, cc 7.5-12.x, not Hopper). tensorrt: also model.plan for datacenter "
@@ -42,7 +54,7 @@ from .export.spec import CLI_DTYPES
               help="[tensorrt] Build with the C++ libtda_trt_plugins.so (plugins/README.md) instead of the Python "
                    "plugins; the plan's plugin records are the same.")
 @device_options
-def build(model, backend, out, dtype, calibration, no_calibrate, density, force, weights, target, max_batch,
+def build(model, out, dtype, calibration, no_calibrate, density, force, weights, target, max_batch,
           max_seq_len, max_prompt, timing_cache, builder_optimization_level, compute_capabilities, plugin_library,
           device, compute_dtype):
     """Export the decoder with TDA sparse MLPs to ONNX (one graph for prefill and decode).
@@ -81,7 +93,7 @@ def build(model, backend, out, dtype, calibration, no_calibrate, density, force,
         warnings.simplefilter("always", DenseWarning)
         warnings.showwarning = lambda msg, *a, **k: click.echo(f"warning: {msg}", err=True)
         try:
-            path = run_build(model, out, CLI_DTYPES[dtype], calibration, density, force, weights,
+            path = run_build(model, out, CLI_DTYPES[dtype] if dtype else None, calibration, density, force, weights,
                              auto_calibrate=not no_calibrate, plan=plan, device=device,
                              compute_dtype=compute_dtype)
         except (ValueError, FileNotFoundError, UnsupportedModel, ModelNotFound, TensorRTMissing) as e:
@@ -98,6 +110,10 @@ def inspect(directory):
     A failed verification is reported first, then each failed check naming its file; the summary still
     prints what can be read. Exit code 1 when verification or a check fails, 2 when the directory is not an
     export at all.
+
+    \b
+    Example:
+      tda-export inspect smollm2-engine
     """
     from . import manifest
     from .runtime.validate import problems
@@ -136,7 +152,8 @@ def _summary(directory: Path, data: dict) -> None:
     g = lambda key: data.get(key, "?")  # noqa: E731 - a manifest from another version may lack a field
     cal = data.get("calibration") or {}
     click.echo(f"model      {g('model')} ({g('family')}, {g('activation')}) from {g('source')}")
-    click.echo(f"backend    {g('backend')}  dtype {g('dtype')}  opset {g('opset')}")
+    target = "onnx" + (f" + {data['tensorrt'].get('flavour')} plan" if isinstance(data.get("tensorrt"), dict) else "")
+    click.echo(f"target     {target}  dtype {g('dtype')}  opset {g('opset')}")
     click.echo(f"shape      layers {g('num_layers')}  hidden {g('hidden_size')}  intermediate "
                f"{g('intermediate_size')}  heads {g('num_heads')}/{g('num_kv_heads')}x{g('head_dim')}  "
                f"vocab {g('vocab_size')}  context {g('max_context')}")

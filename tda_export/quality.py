@@ -29,6 +29,7 @@ from .calibration import Calibration, density_key
 from .models import LoadedModel, forward
 from .ops.contract import DEFAULT_DENSITY_MARGIN, density_bounds
 from .tda import TDAHooks, mlp_bytes_per_token, relative_scores, thresholds_for_density
+from .recipes import engine_dtype
 from .text import HELD_IN_FRACTION
 
 DEFAULT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -418,10 +419,13 @@ def build_calibration(lm: LoadedModel, text: str, text_desc: str, densities, seq
                        by_prompt_length={str(n): t for n, t in by_length.items()})
 
 
-def bytes_per_param(lm: LoadedModel) -> int:
-    """Deployment dtype size: the recipe's dtype, else the loaded weights' dtype."""
-    dtype = lm.source.recipe.dtype if lm.source.recipe else str(lm.model.dtype).removeprefix("torch.")
-    return 4 if dtype == "float32" else 2
+def engine_dtype_of(lm: LoadedModel, dtype: str | None = None) -> str:
+    """The dtype of the engine whose MLP bytes are counted: `dtype`, else what `build` would use."""
+    return dtype or engine_dtype(lm.source.recipe)
+
+
+def bytes_per_param(lm: LoadedModel, dtype: str | None = None) -> int:
+    return 4 if engine_dtype_of(lm, dtype) == "float32" else 2
 
 
 def evaluate_configs(lm: LoadedModel, text: str, text_desc: str, configs: list[dict], sequences: int = 32,
@@ -464,7 +468,8 @@ def config_report(ev: Evaluator, batches: list[Prefilled], prompt_len: int, dens
     """One mask configuration against the dense baseline `dense` of the same prefilled windows."""
     lm = ev.lm
     c = lm.config
-    per_layer_bytes = mlp_bytes_per_token(c, bytes_per_param(lm))
+    dtype = engine_dtype_of(lm, cfg.get("dtype"))
+    per_layer_bytes = mlp_bytes_per_token(c, bytes_per_param(lm, dtype))
     dense_bytes = per_layer_bytes * c.num_hidden_layers
     mode, thresholds, densities, clamp = cfg["mode"], cfg.get("thresholds"), cfg.get("densities"), cfg.get("clamp")
     bounds = selection_bounds(mode, densities, clamp)
@@ -494,7 +499,8 @@ def config_report(ev: Evaluator, batches: list[Prefilled], prompt_len: int, dens
                              "per_sequence_min": float(per_seq.min()), "per_sequence_max": float(per_seq.max()),
                              "per_layer_min": min(realised), "per_layer_max": max(realised)},
         "mlp_bytes": {"dense_per_token": dense_bytes, "skipped_per_token": skipped,
-                      "skipped_fraction": skipped / dense_bytes, "bytes_per_param": bytes_per_param(lm),
+                      "skipped_fraction": skipped / dense_bytes, "bytes_per_param": bytes_per_param(lm, dtype),
+                      "dtype": dtype,
                       "per_layer_streamed_fraction": list(run.byte_fractions)},
     }
     if gen is not None:
@@ -504,10 +510,12 @@ def config_report(ev: Evaluator, batches: list[Prefilled], prompt_len: int, dens
 
 def evaluate(lm: LoadedModel, text: str, text_desc: str, mode: str, thresholds=None, densities=None,
              requested_density: float | None = None, margin: float | None = DEFAULT_DENSITY_MARGIN,
-             threshold_table: int | None = None, **kw) -> dict:
+             threshold_table: int | None = None, dtype: str | None = None, **kw) -> dict:
     """Dense vs TDA perplexity, greedy agreement, realised density and MLP bytes skipped per token, with
     an engine's selection (mode tda, each sequence and layer clamped to density +- `margin`; None:
-    thresholds alone). `threshold_table`: the calibration prompt length the thresholds are for (reported)."""
+    thresholds alone); bytes counted for an engine in `dtype` (default the one `build` makes: the
+    recipe's dtype, else float32). `threshold_table`: the calibration prompt length the thresholds are
+    for (reported)."""
     config = {"mode": mode, "thresholds": thresholds, "densities": densities, "requested_density": requested_density,
-              "clamp": margin if mode == "tda" else None, "threshold_table": threshold_table}
+              "clamp": margin if mode == "tda" else None, "threshold_table": threshold_table, "dtype": dtype}
     return evaluate_configs(lm, text, text_desc, [config], **kw)[0]

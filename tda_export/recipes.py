@@ -7,6 +7,8 @@ from pathlib import Path
 
 import yaml
 
+from .ops.contract import DTYPES
+
 SOURCE_KINDS = ("pip-gguf", "pip-gguf-chunks", "hf")
 REQUIRED = ("name", "architecture", "activation", "dtype", "source")
 
@@ -16,7 +18,7 @@ class Recipe:
     name: str
     architecture: str
     activation: str
-    dtype: str
+    dtype: str  # the engine dtype: build's default --dtype and the dtype eval counts MLP bytes in
     source: dict
     description: str = ""
     density: float = 0.9
@@ -45,12 +47,20 @@ def _parse(path: Path) -> Recipe:
     kind = data["source"].get("kind")
     if kind not in SOURCE_KINDS:
         raise ValueError(f"{path}: source.kind {kind!r} not in {list(SOURCE_KINDS)}")
+    if data["dtype"] not in DTYPES:
+        raise ValueError(f"{path}: dtype {data['dtype']!r} not in {list(DTYPES)}")
     density = float(data.get("tda", {}).get("density", 0.9))
     if not 0.0 < density <= 1.0:
         raise ValueError(f"{path}: tda.density {density} must be in (0, 1]")
     return Recipe(name=data["name"], architecture=data["architecture"], activation=data["activation"],
                   dtype=data["dtype"], source=data["source"], description=data.get("description", ""),
                   density=density, calibration=data.get("calibration", {}), path=str(path))
+
+
+def engine_dtype(recipe: Recipe | None) -> str:
+    """The dtype an engine is built in, and eval counts bytes in, unless --dtype says otherwise: the
+    recipe's, else float32 (a model given as a directory or .gguf)."""
+    return recipe.dtype if recipe is not None else "float32"
 
 
 def list_recipes() -> dict[str, Recipe]:

@@ -26,7 +26,7 @@ def build_engine(model_dir, out, tmp_path, family="llama"):
     r = CliRunner().invoke(main, ["calibrate", "-m", str(model_dir), "--text", str(text), "--densities", "0.5",
                                   "--sequences", "8", "--prompt-tokens", "16", "-q", "-o", str(cal)])
     assert r.exit_code == 0, r.output
-    r = CliRunner().invoke(main, ["build", "--model", str(model_dir), "--backend", "onnx", "--calibration",
+    r = CliRunner().invoke(main, ["build", "--model", str(model_dir), "--calibration",
                                   str(cal), "--density", "0.5", "--out", str(out)])
     assert r.exit_code == 0, r.output
     return out, cal

@@ -202,8 +202,90 @@ def test_cli_errors_are_clear(tmp_path):
     assert r.exit_code == 2 and "neither an existing path" in r.output and "smollm2-135m" in r.output
     r = runner.invoke(main, ["eval", "-m", "mistral-7b", "--density", "0.5"])
     assert r.exit_code == 2 and "--weights" in r.output and "looked in" in r.output
-    r = runner.invoke(main, ["calibrate", "-m", str(tmp_path), "--densities", "0.5,2"])
-    assert r.exit_code == 2 and "densities must be in (0, 1]" in r.output
     (tmp_path / "config.json").write_text("{}")
     r = runner.invoke(main, ["calibrate", "-m", str(tmp_path)])
     assert r.exit_code == 2 and "no *.safetensors" in r.output
+
+
+BAD_DENSITIES = [("1.5", "must be in (0, 1]"), ("0", "must be in (0, 1]"), ("nan", "must be in (0, 1]"),
+                 ("0.555", "0.55 or 0.56"), ("half", "'half' is not a number")]
+
+
+@pytest.mark.parametrize("value,message", BAD_DENSITIES)
+@pytest.mark.parametrize("command,flag,rest", [("build", "--density", ["-m", "smollm2-135m", "-o", "out"]),
+                                               ("run", "--density", ["-e", ".", "-p", "hi"]),
+                                               ("eval", "--density", ["-m", "smollm2-135m"]),
+                                               ("bench", "--densities", ["-e", "."]),
+                                               ("calibrate", "--densities", ["-m", "smollm2-135m"])])
+def test_every_density_flag_is_checked_alike(command, flag, rest, value, message, tmp_path, monkeypatch):
+    """One validator: the flag and the value named in one line, exit code 2, before any model or engine loads."""
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, [command] + rest + [flag, f"0.5,{value}" if flag == "--densities" else value])
+    assert r.exit_code == 2, r.output
+    assert f"Invalid value for '{flag}'" in r.output and message in r.output, r.output
+    assert "Traceback" not in r.output and (r.exception is None or isinstance(r.exception, SystemExit))
+    assert not (tmp_path / "out").exists()
+
+
+def test_build_backend_flag_is_gone_with_a_pointer_to_target():
+    r = CliRunner().invoke(main, ["build", "-m", "smollm2-135m", "--backend", "onnx", "-o", "x"])
+    assert r.exit_code == 2 and "--target onnx|tensorrt-rtx|tensorrt" in r.output, r.output
+    for args in (["-h"], ["build", "-h"]):
+        help_text = CliRunner().invoke(main, args).output
+        assert "--backend" not in help_text and "--target" in help_text
+
+
+def test_recipe_dtype_is_builds_default_and_evals_byte_count(tiny_dirs, tmp_path):
+    """A recipe's dtype means one thing: the engine dtype build makes and eval counts MLP bytes for;
+    --dtype overrides both. mistral-7b's recipe says bfloat16; its weights here are the tiny mistral."""
+    from tda_export.recipes import get_recipe
+
+    assert get_recipe("mistral-7b").dtype == "bfloat16" and get_recipe("smollm2-135m").dtype == "float32"
+    weights = str(tiny_dirs["mistral"])
+    dtypes = {}
+    for extra in ([], ["--dtype", "fp32"]):
+        out = tmp_path / f"e{len(extra)}"
+        r = CliRunner().invoke(main, ["build", "-m", "mistral-7b", "--weights", weights, "--no-calibrate",
+                                      "-o", str(out)] + extra)
+        assert r.exit_code == 0, r.output
+        dtypes[len(extra)] = json.loads((out / "manifest.json").read_text())["dtype"]
+    assert dtypes == {0: "bfloat16", 2: "float32"}
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    counted = {}
+    for extra in ([], ["--dtype", "fp32"]):
+        r = CliRunner().invoke(main, ["eval", "-m", "mistral-7b", "--weights", weights, "--density", "0.5", "--json",
+                                      "-q", "--text", str(text), "--mode", "topk", "--sequences", "2",
+                                      "--prompt-tokens", "8", "--continuation-tokens", "4", "--generate-prompts", "1",
+                                      "--generate-tokens", "2"] + extra)
+        assert r.exit_code == 0, r.output
+        mb = json.loads(r.stdout[r.stdout.index("{"):])["mlp_bytes"]
+        counted[len(extra)] = (mb["dtype"], mb["bytes_per_param"])
+    assert counted == {0: ("bfloat16", 2), 2: ("float32", 4)}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["run", "-e", "nodir", "-p", "hi"], "Invalid value for '--engine' / '-e': Directory 'nodir' does not exist"),
+    (["serve", "-e", "nodir"], "Directory 'nodir' does not exist"),
+    (["bench", "-e", "nodir"], "Directory 'nodir' does not exist"),
+    (["check", "-e", "nodir"], "Directory 'nodir' does not exist"),
+    (["inspect", "nodir"], "nodir/manifest.json: no such file"),
+    (["build", "-m", "no-such-model", "-o", "out"], "--model 'no-such-model' is neither an existing path"),
+    (["eval", "-m", "smollm2-135m"], "give --density D or --calibration FILE"),
+    (["eval", "-m", "smollm2-135m", "-c", "nofile.json"], "'--calibration' / '-c': File 'nofile.json' does not exist"),
+    (["calibrate", "-m", "smollm2-135m", "--text", "nofile.txt"], "'--text': File 'nofile.txt' does not exist"),
+    (["build", "-m", "mistral-7b", "--weights", "nodir", "-o", "out"], "'--weights': Path 'nodir' does not exist"),
+])
+def test_user_errors_are_one_clear_line(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
+    assert isinstance(r.exception, SystemExit)
+
+
+def test_build_plan_limits_fail_before_calibrating(tmp_path):
+    """A bad --max-batch used to surface only after minutes of calibration."""
+    r = CliRunner().invoke(main, ["build", "-m", "smollm2-135m", "--target", "tensorrt-rtx", "--dtype", "fp16",
+                                  "--max-batch", "0", "-o", str(tmp_path / "e")])
+    assert r.exit_code == 2 and "calibrating" not in r.output and not (tmp_path / "e").exists(), r.output
+    assert "--max-batch 0: must be >= 1" in r.output or "which is not installed" in r.output, r.output

@@ -53,6 +53,12 @@ def test_tiny_plan_has_one_plugin_layer_per_decoder_layer(tiny_dirs, tmp_path, f
     out = build(str(tiny_dirs[family]), tmp_path / "e", dtype, progress=False, plan=PlanOptions(**FAST))
     trt = check_plan(out, 3, activation)
     assert trt["compute_capabilities"] == ["SM86"] and trt["dtype"] == dtype
+    # every plan gets goldens for `check`: bf16 ones are float32 logits (trt/goldens.py)
+    import numpy as np
+
+    golden = np.load(out / "trt_goldens.npz")
+    assert str(golden["reference"]) == {"float16": "onnxruntime float16", "bfloat16": "torch float32"}[dtype]
+    assert golden["prefill"].dtype == np.float32 and np.isfinite(golden["decode1"]).all()
     assert trt["profiles"][1]["shapes"]["past_key_values.0.key"]["max"][2] == 127
 
 

