@@ -1,4 +1,6 @@
 // The C API: exceptions end here, as status codes plus a per-thread message.
+#include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <memory>
 #include <new>
@@ -224,6 +226,25 @@ tda_rt_status_t tda_rt_active_counts(const tda_rt_session* session, int32_t* cou
 
 int32_t tda_rt_session_batch(const tda_rt_session* session) {
   return session ? static_cast<int32_t>(session->engine->exec->batch(*session->state)) : 0;
+}
+
+double tda_rt_copy_bandwidth(int64_t bytes, int32_t repeats) {
+  const size_t n = static_cast<size_t>(bytes > 0 ? bytes : TDA_RT_COPY_PROBE_BYTES);
+  std::unique_ptr<char[]> a(new (std::nothrow) char[n]), b(new (std::nothrow) char[n]);
+  if (!a || !b) return 0.0;
+  std::memset(a.get(), 1, n);  // both written first: no page faults inside the timed copies
+  std::memset(b.get(), 2, n);
+  double best = 0.0;
+  for (int32_t i = 0; i < (repeats > 0 ? repeats : TDA_RT_COPY_PROBE_REPEATS); ++i) {
+    const auto t = std::chrono::steady_clock::now();
+    std::memcpy(b.get(), a.get(), n);
+#if defined(__GNUC__)
+    asm volatile("" : : "r"(b.get()) : "memory");  // the copy is observable: never elided
+#endif
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+    if (s > 0) best = std::max(best, 2.0 * static_cast<double>(n) / s);  // read + write
+  }
+  return best;
 }
 
 }  // extern "C"

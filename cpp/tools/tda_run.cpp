@@ -312,19 +312,6 @@ int generate(const Options& o, Engine& eng) {
 }
 
 // ---- --bench --------------------------------------------------------------------------------
-double copy_bandwidth() {
-  const size_t n = size_t(256) << 20;  // well past the caches
-  std::vector<char> a(n, 1), b(n, 2);
-  double best = 0;
-  for (int i = 0; i < 5; ++i) {
-    auto t = std::chrono::steady_clock::now();
-    std::memcpy(b.data(), a.data(), n);
-    double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
-    best = std::max(best, 2.0 * n / s);  // read + write
-  }
-  return best;
-}
-
 int bench(const Options& o, Engine& eng) {
   const auto& in = eng.info;
   std::vector<double> dens{1.0};
@@ -341,7 +328,7 @@ int bench(const Options& o, Engine& eng) {
   const int64_t B = o.batch, S = o.prompt_tokens;
   std::vector<int64_t> ids(static_cast<size_t>(B * S)), mask(static_cast<size_t>(B * S), 1);
   for (auto& x : ids) x = pick(rng);
-  const double bw = copy_bandwidth();
+  const double bw = tda_rt_copy_bandwidth(0, 0);  // the one probe (runtime.h), as bench/native_decode.py
   tda_rt_session* s = nullptr;
   check(tda_rt_session_new(eng.e, &s));
   std::unique_ptr<tda_rt_session, void (*)(tda_rt_session*)> guard(s, tda_rt_session_free);
@@ -374,6 +361,9 @@ int bench(const Options& o, Engine& eng) {
     }
   std::printf("engine %s  batch %lld  prompt %d  new %d  repeats %d  copy bandwidth %.1f GB/s\n", o.engine.c_str(),
               static_cast<long long>(B), o.prompt_tokens, o.new_tokens, o.repeats, bw / 1e9);
+  std::printf("%% floor = tok/s / (copy bandwidth / weight bytes a token reads); copy bandwidth = tda_rt_copy_bandwidth: "
+              "best of %d single-thread memcpy of %lld MiB, read + write (as bench/native_decode.py)\n",
+              TDA_RT_COPY_PROBE_REPEATS, static_cast<long long>(TDA_RT_COPY_PROBE_BYTES >> 20));
   std::printf("%-8s %8s %10s %10s %10s %10s %10s\n", "density", "active", "tok/s min", "tok/s med", "tok/s max",
               "vs dense", "% floor");
   double dense_med = 0;

@@ -53,12 +53,19 @@ def library() -> C.CDLL:
             "tda_rt_prefill_bounded": ([P, i32, i32, i64p, i64p, f32p, f32p, f32p], C.c_int),
             "tda_rt_decode": ([P, i64p, f32p], C.c_int),
             "tda_rt_active_counts": ([P, C.POINTER(C.c_int32)], C.c_int),
+            "tda_rt_copy_bandwidth": ([C.c_int64, i32], C.c_double),
         }
         for name, (args, res) in sigs.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, res
         _lib = lib
     return _lib
+
+
+def copy_bandwidth(nbytes: int = 0, repeats: int = 0) -> float:
+    """Bytes/s of the runtime's one copy probe (tda_rt_copy_bandwidth: best of single-thread memcpys of
+    512 MiB by default, read + write), the bandwidth every "% of floor" divides by."""
+    return float(library().tda_rt_copy_bandwidth(int(nbytes), int(repeats)))
 
 
 def _check(status: int) -> None:

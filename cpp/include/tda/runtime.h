@@ -122,6 +122,16 @@ tda_rt_status_t tda_rt_decode(tda_rt_session* session, const int64_t* tokens, fl
 tda_rt_status_t tda_rt_active_counts(const tda_rt_session* session, int32_t* counts);
 int32_t tda_rt_session_batch(const tda_rt_session* session);
 
+/* The one copy-bandwidth probe behind every "% of the bandwidth floor" (tda-run --bench,
+ * bench/native_decode.py, bench/RESULTS.md), in bytes/s: the best of `repeats` single-thread memcpy
+ * of `bytes` between two buffers written beforehand, each copy counted as read + write (2 x bytes).
+ * bytes <= 0: TDA_RT_COPY_PROBE_BYTES (512 MiB, past the caches); repeats <= 0: TDA_RT_COPY_PROBE_REPEATS.
+ * The floor of a decode step is then (weight bytes the step reads) / this bandwidth. 0 if the
+ * buffers cannot be allocated. */
+#define TDA_RT_COPY_PROBE_BYTES (512ll << 20)
+#define TDA_RT_COPY_PROBE_REPEATS 5
+double tda_rt_copy_bandwidth(int64_t bytes, int32_t repeats);
+
 #ifdef __cplusplus
 }
 #endif
