@@ -32,9 +32,10 @@ setup(
                  "tensorrt-rtx-cu13",
                  # nvcc for the CUDA compile tests and the plans' kernel library, on a machine without a CUDA
                  # toolkit (tda_export/kernels/build.py finds it): the compiler, its crt/ headers, the runtime's
-                 # headers and static libcudart, cicc; one release, the one the no-spill check was tuned on
+                 # headers and static libcudart, cicc, CUB (select.cu); one release, the one the no-spill check
+                 # was tuned on
                  "nvidia-cuda-nvcc==13.0.*", "nvidia-cuda-crt==13.0.*", "nvidia-cuda-runtime==13.0.*",
-                 "nvidia-nvvm==13.0.*"],
+                 "nvidia-nvvm==13.0.*", "nvidia-cuda-cccl==13.0.*"],
     },
     entry_points={"console_scripts": ["tda-export=tda_export.cli:main"]},
 )

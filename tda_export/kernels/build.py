@@ -112,10 +112,12 @@ def build_cpu(announce: Callable[[str], None] | None = None) -> Path:
 
 
 # The CUDA compiler of PyPI (the `test` extra installs it): nvidia-cuda-nvcc with nvidia-cuda-crt (crt/ headers),
-# nvidia-cuda-runtime (cuda_runtime.h, libcudart_static.a) and nvidia-nvvm (cicc), all under nvidia/cu13/.
-NVCC_PACKAGES = "nvidia-cuda-nvcc==13.0.* nvidia-cuda-runtime==13.0.* nvidia-cuda-crt==13.0.* nvidia-nvvm==13.0.*"
+# nvidia-cuda-runtime (cuda_runtime.h, libcudart_static.a), nvidia-nvvm (cicc) and nvidia-cuda-cccl (CUB), all
+# under nvidia/cu13/.
+NVCC_PACKAGES = ("nvidia-cuda-nvcc==13.0.* nvidia-cuda-runtime==13.0.* nvidia-cuda-crt==13.0.* nvidia-nvvm==13.0.* "
+                 "nvidia-cuda-cccl==13.0.*")
 NVCC_MISSING = ("nvcc not found (PATH, /usr/local/cuda/bin, or PyPI's nvidia-cuda-nvcc: "
-                f"pip install {NVCC_PACKAGES}, or pip install -e '.[test]')")
+                f"pip install {NVCC_PACKAGES}; pip install -e '.[test]' does)")
 
 
 def _pip_nvcc() -> str | None:
