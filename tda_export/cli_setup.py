@@ -34,7 +34,7 @@ def setup(no_install):
     """Install what the native C++ runtime needs and build it (once per machine and source version).
 
     \b
-    On Debian: apt-get installs the missing ones of cmake g++ nlohmann-json3-dev libpcre2-dev libssl-dev
+    On Debian: apt-get installs the missing ones of cmake make g++ nlohmann-json3-dev libpcre2-dev libssl-dev
     (with sudo when not root; each command is shown), then cpp/ and the CPU kernels of cuda/ are built
     into ~/.cache/tda-export. Elsewhere it names what to install and builds with what is there.
     """

@@ -21,6 +21,8 @@ LOGS = {  # excerpts of the real logs of a build without each package
                     "libpcre2-8): apt-get install libpcre2-dev",
     "libssl-dev": "Could NOT find OpenSSL, try to set the path to OpenSSL root folder in the system variable",
     "g++": "CMake Error at CMakeLists.txt:2 (project):\n  No CMAKE_CXX_COMPILER could be found.",
+    "make": 'CMake Error: CMake was unable to find a build program corresponding to "Unix Makefiles".  '
+            "CMAKE_MAKE_PROGRAM is not set.",  # Debian's cmake only recommends make
 }
 
 

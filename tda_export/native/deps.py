@@ -20,6 +20,8 @@ class Dependency:
 # In the order CMake asks for them (cpp/CMakeLists.txt, cpp/tokenizer/CMakeLists.txt).
 DEPENDENCIES = (
     Dependency("cmake", "cmake", ()),
+    Dependency("make", "make (CMake's build tool)",
+               (r"unable to find a build program", r"CMAKE_MAKE_PROGRAM is not set")),
     Dependency("g++", "a C++17 compiler with OpenMP",
                (r"No CMAKE_CXX_COMPILER could be found", r"Could NOT find OpenMP", r"g\+\+: not found")),
     Dependency("libssl-dev", "OpenSSL's libcrypto (openssl/sha.h)",
