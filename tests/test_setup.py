@@ -14,21 +14,22 @@ from tda_export.native import build as nbuild
 from tda_export.native import deps
 from tda_export.native.build import NativeBuild, NativeBuildError, build_native
 
-LOGS = {  # excerpts of the real logs of a build without each package
-    "nlohmann-json3-dev": 'Could not find a package configuration file provided by "nlohmann_json"\n'
-                          '  (requested version 3.10) with any of the following names:',
-    "libpcre2-dev": "CMake Error at tokenizer/CMakeLists.txt:17 (message):\n  tda_tokenizer needs PCRE2 (pcre2.h and "
-                    "libpcre2-8): apt-get install libpcre2-dev",
-    "libssl-dev": "Could NOT find OpenSSL, try to set the path to OpenSSL root folder in the system variable",
-    "g++": "CMake Error at CMakeLists.txt:2 (project):\n  No CMAKE_CXX_COMPILER could be found.",
-    "make": 'CMake Error: CMake was unable to find a build program corresponding to "Unix Makefiles".  '
-            "CMAKE_MAKE_PROGRAM is not set.",  # Debian's cmake only recommends make
-}
+LOGS = [  # (package, excerpt of the real log of a build without it)
+    ("nlohmann-json3-dev", 'Could not find a package configuration file provided by "nlohmann_json"\n'
+                           '  (requested version 3.10) with any of the following names:'),
+    ("libpcre2-dev", "CMake Error at tokenizer/CMakeLists.txt:17 (message):\n  tda_tokenizer needs PCRE2 (pcre2.h and "
+                     "libpcre2-8): apt-get install libpcre2-dev"),
+    ("libpcre2-dev", "regex.cpp:15:3: error: \u2018pcre2_code\u2019 does not name a type"),  # a pcre2.h without it
+    ("libssl-dev", "Could NOT find OpenSSL, try to set the path to OpenSSL root folder in the system variable"),
+    ("g++", "CMake Error at CMakeLists.txt:2 (project):\n  No CMAKE_CXX_COMPILER could be found."),
+    ("make", 'CMake Error: CMake was unable to find a build program corresponding to "Unix Makefiles".  '
+             "CMAKE_MAKE_PROGRAM is not set."),  # Debian's cmake only recommends make
+]
 
 
-@pytest.mark.parametrize("package", list(LOGS))
-def test_each_missing_package_is_named_from_its_log(package):
-    assert deps.named_by_log(LOGS[package]) == [package]
+@pytest.mark.parametrize("package,log", LOGS)
+def test_each_missing_package_is_named_from_its_log(package, log):
+    assert deps.named_by_log(log) == [package]
     assert deps.named_by_log("error: expected ';' before '}' token") == []
 
 
@@ -86,7 +87,7 @@ def test_install_commands_use_sudo_only_when_not_root(monkeypatch):
     assert install[:1] == ["apt-get"] and install[-4:] == ["install", "-y", "--no-install-recommends", "libpcre2-dev"]
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert all(cmd[:2] == ["sudo", "apt-get"] for cmd in deps.install_commands(["libpcre2-dev"]))
-    assert deps.install_hint(["cmake", "g++"]) == "sudo apt-get install cmake g++"
+    assert deps.install_hint(["cmake", "g++"]) == "sudo apt-get update && sudo apt-get install cmake g++"
 
 
 @pytest.fixture

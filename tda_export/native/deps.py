@@ -29,7 +29,8 @@ DEPENDENCIES = (
     Dependency("nlohmann-json3-dev", "nlohmann/json.hpp",
                (r'provided by "nlohmann_json"', r"nlohmann_json(Config|-config)\.cmake",
                 r"nlohmann/json\.hpp: No such file")),
-    Dependency("libpcre2-dev", "PCRE2 (pcre2.h, libpcre2-8)", (r"needs PCRE2", r"pcre2\.h: No such file")),
+    Dependency("libpcre2-dev", "PCRE2 (pcre2.h, libpcre2-8)", (r"needs PCRE2", r"pcre2\.h: No such file",
+                                                                 r"pcre2_\w+. (does not name a type|was not declared)")),
 )
 PACKAGES = tuple(d.package for d in DEPENDENCIES)
 
@@ -66,9 +67,9 @@ def install_commands(packages) -> list[list[str]]:
 
 
 def install_hint(packages) -> str:
-    """The command a user runs to install `packages`, as one shell line."""
+    """The command a user runs to install `packages`, as one shell line (with the update a fresh machine needs)."""
     sudo = "" if os.geteuid() == 0 else "sudo "
-    return f"{sudo}apt-get install {' '.join(packages)}"
+    return f"{sudo}apt-get update && {sudo}apt-get install {' '.join(packages)}"
 
 
 def not_debian_hint() -> str:
