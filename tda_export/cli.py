@@ -80,9 +80,10 @@ def _register():
     from .cli_export import build, inspect
     from .cli_quality import calibrate, eval_
     from .cli_runtime import bench, run, serve
+    from .cli_setup import setup
     from .cli_trt import check
 
-    for command in (calibrate, eval_, build, inspect, check, run, serve, bench):
+    for command in (setup, calibrate, eval_, build, inspect, check, run, serve, bench):
         main.add_command(command)
 
 

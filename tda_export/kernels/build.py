@@ -7,11 +7,13 @@ switching branches back reuses the old build.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -68,14 +70,17 @@ def _run(cmd: list[str]) -> None:
 
 
 def _compile(cmd_prefix: list[str], sources: list[Path], flags: list[str], out_name: str,
-             parallel: bool = False) -> Path:
+             parallel: bool = False, announce: Callable[[], None] | None = None) -> Path:
     """parallel: one compiler process per source (then a link): nvcc and g++ compile the sources of one
-    command one after another, so a 16-core GPU machine builds in the time of the largest file."""
+    command one after another, so a 16-core GPU machine builds in the time of the largest file.
+    announce: called before compiling (not when the cache has the library)."""
     includes = [f"-I{SRC_ROOT / 'include'}", f"-I{SRC_ROOT / 'src'}"]
     out_dir = _cache_dir(sources + _headers(), cmd_prefix + flags)
     lib = out_dir / out_name
     if lib.exists():
         return lib
+    if announce is not None:
+        announce()
     out_dir.mkdir(parents=True, exist_ok=True)
     # Build next to the target and rename: concurrent builders (pytest-xdist,
     # several processes) never see a half-written library.
@@ -99,14 +104,50 @@ def _compile(cmd_prefix: list[str], sources: list[Path], flags: list[str], out_n
     return lib
 
 
-def build_cpu() -> Path:
-    """Path of libtda_kernels_cpu.so, compiled with g++ if not cached."""
+def build_cpu(announce: Callable[[str], None] | None = None) -> Path:
+    """Path of libtda_kernels_cpu.so, compiled with g++ if not cached (announce is told when it compiles)."""
     cxx = os.environ.get("CXX", "g++")
-    return _compile([cxx], _sources("cpu", ".cpp"), CPU_FLAGS, "libtda_kernels_cpu.so", parallel=True)
+    said = None if announce is None else (lambda: announce("building the CPU kernels (once)..."))
+    return _compile([cxx], _sources("cpu", ".cpp"), CPU_FLAGS, "libtda_kernels_cpu.so", parallel=True, announce=said)
+
+
+# The CUDA compiler of PyPI (the `test` extra installs it): nvidia-cuda-nvcc with nvidia-cuda-crt (crt/ headers),
+# nvidia-cuda-runtime (cuda_runtime.h, libcudart_static.a), nvidia-nvvm (cicc) and nvidia-cuda-cccl (CUB), all
+# under nvidia/cu13/.
+NVCC_PACKAGES = ("nvidia-cuda-nvcc==13.0.* nvidia-cuda-runtime==13.0.* nvidia-cuda-crt==13.0.* nvidia-nvvm==13.0.* "
+                 "nvidia-cuda-cccl==13.0.*")
+NVCC_MISSING = ("nvcc not found (PATH, /usr/local/cuda/bin, or PyPI's nvidia-cuda-nvcc: "
+                f"pip install {NVCC_PACKAGES}; pip install -e '.[test]' does)")
+
+
+def _pip_nvcc() -> str | None:
+    """bin/nvcc of PyPI's nvidia-cuda-nvcc in this interpreter's environment (the nvidia namespace package)."""
+    try:
+        spec = importlib.util.find_spec("nvidia")
+    except (ImportError, ValueError):
+        return None
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        for nvcc in sorted(Path(root).glob("cu*/bin/nvcc"), reverse=True):
+            if os.access(nvcc, os.X_OK):
+                return str(nvcc)
+    return None
+
+
+TOOLKIT_NVCC = Path("/usr/local/cuda/bin/nvcc")
 
 
 def nvcc_path() -> str | None:
-    return shutil.which("nvcc") or (str(p) if (p := Path("/usr/local/cuda/bin/nvcc")).exists() else None)
+    """nvcc on PATH, else a CUDA toolkit's in /usr/local/cuda, else PyPI's (the `test` extra)."""
+    return shutil.which("nvcc") or (str(TOOLKIT_NVCC) if TOOLKIT_NVCC.exists() else None) or _pip_nvcc()
+
+
+def _cuda_link_flags(nvcc: str) -> list[str]:
+    """The pip layout keeps its libraries in <top>/lib, where nvcc.profile does not look (it names
+    targets/<arch>/lib64 of a toolkit install): point the linker there for libcudart_static and libcudadevrt."""
+    top = Path(nvcc).resolve().parent.parent
+    if (top / "lib" / "libcudart_static.a").exists() and not (top / "lib64").exists():
+        return [f"-L{top / 'lib'}"]
+    return []
 
 
 def _gencode(archs=CUDA_ARCHS) -> list[str]:
@@ -119,8 +160,9 @@ def build_cuda() -> Path:
     """Path of libtda_kernels_cuda.so, compiled with nvcc if not cached."""
     nvcc = nvcc_path()
     if nvcc is None:
-        raise BuildError("nvcc not found (PATH or /usr/local/cuda/bin)")
-    return _compile([nvcc], _sources("cuda", ".cu"), CUDA_FLAGS + _gencode(cuda_archs()) + ["--cudart=static"],
+        raise BuildError(NVCC_MISSING)
+    return _compile([nvcc], _sources("cuda", ".cu"),
+                    CUDA_FLAGS + _gencode(cuda_archs()) + ["--cudart=static"] + _cuda_link_flags(nvcc),
                     "libtda_kernels_cuda.so", parallel=True)
 
 
@@ -144,7 +186,7 @@ def compile_check_cuda(archs=None) -> dict[str, dict[str, tuple[int, int]]]:
     """
     nvcc = nvcc_path()
     if nvcc is None:
-        raise BuildError("nvcc not found (PATH or /usr/local/cuda/bin)")
+        raise BuildError(NVCC_MISSING)
     archs = cuda_archs() if archs is None else archs
     includes = [f"-I{SRC_ROOT / 'include'}", f"-I{SRC_ROOT / 'src'}"]
     report: dict[str, dict[str, tuple[int, int]]] = {}

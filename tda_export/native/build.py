@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
+import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import deps
 
 ROOT = Path(__file__).resolve().parents[2]
 CPP = Path(os.environ.get("TDA_NATIVE_SRC", ROOT / "cpp"))
@@ -22,7 +27,20 @@ SUFFIXES = (".cpp", ".h", ".hpp", ".txt", ".cmake")
 
 
 class NativeBuildError(RuntimeError):
-    pass
+    """One line: what is missing and the command that installs it, or the first compiler error; the full
+    log is in the file the line names (log)."""
+
+    def __init__(self, message: str, log: Path | None = None, packages: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.log = log
+        self.packages = packages
+
+
+PROGRESS = "building the native runtime (once, ~1 min)..."
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -68,12 +86,38 @@ def _cache_dir(options: list[str]) -> Path:
     return root / h.hexdigest()[:16]
 
 
-def build_native(sanitize: bool = False, quiet: bool = True, tensorrt_include: str | Path | None = None) -> NativeBuild:
-    """The built runtime (cached); raises NativeBuildError with the compiler's output on failure.
-    tensorrt_include: TensorRT's include directory, to build the TensorRT executor too (docs/native.md)."""
+def _missing_error(packages: list[str], log: Path | None) -> NativeBuildError:
+    """The one line for a build that lacks system packages (and any other the runtime needs that dpkg
+    says are missing too, so one install fixes the machine)."""
+    packages = [p for p in deps.PACKAGES if p in set(packages) | set(deps.missing_packages())]
+    what = "; ".join(d.provides for d in deps.DEPENDENCIES if d.package in packages)
+    where = f" (log: {log})" if log else ""
+    if deps.is_debian():
+        fix = f"run `tda-export setup` or `{deps.install_hint(packages)}`"
+    else:
+        fix = f"install it with your package manager (Debian: {' '.join(packages)})"
+    return NativeBuildError(f"the native runtime cannot be built: {what} not found; {fix}{where}", log,
+                            tuple(packages))
+
+
+def _failure(cmd: list[str], proc: subprocess.CompletedProcess, log: Path) -> NativeBuildError:
+    text = f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}"
+    log.write_text(text)
+    if packages := deps.named_by_log(text):
+        return _missing_error(packages, log)
+    first = next((line.strip() for line in text.splitlines() if re.search(r"\berror\b", line, re.I)),
+                 f"{Path(cmd[0]).name} exited with status {proc.returncode}")
+    return NativeBuildError(f"the native runtime failed to build: {first[:300]} (full log: {log})", log)
+
+
+def build_native(sanitize: bool = False, tensorrt_include: str | Path | None = None,
+                 announce: Callable[[str], None] | None = _to_stderr) -> NativeBuild:
+    """The built runtime (cached); raises NativeBuildError (one line, the log in a file) on failure.
+    tensorrt_include: TensorRT's include directory, to build the TensorRT executor too (docs/native.md).
+    announce: told PROGRESS when a build starts (not when the cache has it); stderr by default."""
     cmake = shutil.which("cmake")
     if cmake is None:
-        raise NativeBuildError("cmake not found on PATH (apt-get install cmake)")
+        raise _missing_error(["cmake"], None)
     options = [f"-DTDA_BLAS_DIR={blas_dir()}", f"-DTDA_KERNELS_DIR={KERNELS}",
                f"-DTDA_SANITIZE={'ON' if sanitize else 'OFF'}", "-DCMAKE_BUILD_TYPE=" + ("Debug" if sanitize else "Release")]
     if sanitize:  # the sanitizer build checks the runtime; tda-run takes --prompt-ids there
@@ -84,6 +128,8 @@ def build_native(sanitize: bool = False, quiet: bool = True, tensorrt_include: s
     done = NativeBuild(out)
     if done.library.exists() and done.cli.exists():
         return done
+    if announce is not None:
+        announce(PROGRESS)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
     try:
@@ -91,7 +137,7 @@ def build_native(sanitize: bool = False, quiet: bool = True, tensorrt_include: s
                     [cmake, "--build", str(work / "build"), "-j", str(min(4, os.cpu_count() or 1))]):
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
-                raise NativeBuildError(f"{' '.join(cmd)}\n{proc.stdout[-4000:]}{proc.stderr[-8000:]}")
+                raise _failure(cmd, proc, out.parent / f"{out.name}.failed.log")
         stage = work / "out"
         stage.mkdir()
         for name in ("tda-run", "tda_runtime_tests"):
