@@ -6,9 +6,10 @@
 #
 #   bash bench/gpu_check.sh [OUT_DIR]     # OUT_DIR defaults to $OUT (the device tool's) or bench/gpu_out
 #
-# Writes into OUT_DIR: gpu_check.log (everything), gpu_correctness_v{1,2}.json, gpu_kernels_h200.json,
-# gpu_e2e_h200.json and RESULTS.md (bench/RESULTS.md with its GPU-check section filled in: copy it and
-# the two *_h200.json files into bench/). Every stage has its own time budget and the run a total one
+# Writes into OUT_DIR: gpu_check.log (everything), gpu_correctness_v{1,2}.json, gpu_kernels_GPU.json,
+# gpu_e2e_GPU.json and RESULTS.md (bench/RESULTS.md with its GPU-check section filled in: copy it and
+# the two *_GPU.json files into bench/). GPU is the card found, from nvidia-smi's name: "NVIDIA H100 80GB
+# HBM3" -> h100_80gb_hbm3 (a lent machine may be an H100 or an H200; unknown_gpu without nvidia-smi). Every stage has its own time budget and the run a total one
 # (GPU_CHECK_BUDGET_S, default 360 s): a stage that fails or times out is reported and the stages that do
 # not need it still run; stages that would start past the total budget are skipped. Timings and the
 # end-to-end run only use the decode versions whose correctness checks all passed.
@@ -28,6 +29,10 @@ PY=${PYTHON:-python3}
 DRY=${GPU_CHECK_DRY_RUN:-0}
 TOTAL=${GPU_CHECK_BUDGET_S:-360}
 START=$SECONDS
+GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+GPU=$(printf '%s' "$GPU_NAME" | tr '[:upper:]' '[:lower:]' | sed -e 's/^nvidia //' -e 's/[^a-z0-9]\{1,\}/_/g' \
+  -e 's/^_//' -e 's/_$//')
+GPU=${GPU:-unknown_gpu}
 STATUS=()
 FAILED=0
 
@@ -126,9 +131,9 @@ fi
 if [ -n "$OK_VERSIONS" ]; then
   stage kernel-timings 150 "$PY" bench/gpu_kernels.py --skip-check --checks-from "${CHECK_JSONS[@]}" \
     --versions "$OK_VERSIONS" --batches 1,4,8 --densities 0.1,0.3,0.5,1.0 --budget-s 120 \
-    --out "$OUT_DIR/gpu_kernels_h200.json"
+    --out "$OUT_DIR/gpu_kernels_$GPU.json"
   stage e2e 180 "$PY" bench/gpu_e2e.py --batches 1,8 --densities 1.0,0.5 --versions "$OK_VERSIONS" \
-    --max-context 4096 --out "$OUT_DIR/gpu_e2e_h200.json"
+    --max-context 4096 --out "$OUT_DIR/gpu_e2e_$GPU.json"
 else
   skip kernel-timings "no decode version passed correctness"
   skip e2e "no decode version passed correctness"
@@ -152,12 +157,12 @@ else
 fi
 
 # ---- 8. tables (always: says which parts are missing)
-LINE="$(date -u +%Y-%m-%d) $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1): $(IFS=';'; echo "${STATUS[*]}")"
+LINE="$(date -u +%Y-%m-%d) ${GPU_NAME:-no GPU found}: $(IFS=';'; echo "${STATUS[*]}")"
 TOTAL=$((TOTAL + 30))  # the report always gets its turn
 DRY_SAVED=$DRY
 DRY=0
-stage report 30 "$PY" bench/gpu_report.py --kernels "$OUT_DIR/gpu_kernels_h200.json" \
-  --e2e "$OUT_DIR/gpu_e2e_h200.json" --results bench/RESULTS.md --out "$OUT_DIR/RESULTS.md" --log-line "$LINE"
+stage report 30 "$PY" bench/gpu_report.py --kernels "$OUT_DIR/gpu_kernels_$GPU.json" \
+  --e2e "$OUT_DIR/gpu_e2e_$GPU.json" --results bench/RESULTS.md --out "$OUT_DIR/RESULTS.md" --log-line "$LINE"
 DRY=$DRY_SAVED
 rm -f "$LIBDIR_FILE"
 

@@ -1,7 +1,9 @@
-"""The CUDA kernels compile for sm_80/89/90 without register spills, and the
-library links and loads (no GPU needed for either).
+"""The CUDA kernels, and the TensorRT plugins' device code (plugins/gated_act.cu), compile for sm_80/89/90
+without register spills, and the library links and loads (no GPU needed for either).
 
 About 1 minute for the check and 40 s for the library on a 2-core box."""
+from pathlib import Path
+
 import pytest
 
 from tda_export.kernels import build
@@ -38,3 +40,15 @@ def test_cuda_archs_from_environment(monkeypatch):
     monkeypatch.setenv("TDA_CUDA_ARCHS", "hopper")
     with pytest.raises(build.BuildError, match="TDA_CUDA_ARCHS"):
         build.cuda_archs()
+
+
+def test_plugin_device_code_builds_no_spills():
+    """The TensorRT plugins' only device code (plugins/gated_act.cu, the prefill's gated activation) needs no
+    TensorRT header, so CI compiles it for sm_80/89/90 as plugins/CMakeLists.txt does, with no spills."""
+    src = Path(__file__).resolve().parents[1] / "plugins" / "gated_act.cu"
+    report = build.compile_check_cuda(build.CUDA_ARCHS, sources=[src])
+    assert set(report) == {f"sm_{a}" for a in build.CUDA_ARCHS}
+    for arch, kernels in report.items():
+        names = build._demangle(list(kernels))
+        for t in ("float", "__half", "__nv_bfloat16"):  # one kernel per dtype x activation
+            assert sum(f"gated<{t}," in n for n in names.values()) == 4, (arch, t, sorted(names.values()))

@@ -122,10 +122,16 @@ def test_gpu_report_tables_and_merge(tmp_path):
 def test_gpu_check_script_syntax_and_dry_run(tmp_path):
     script = ROOT / "bench" / "gpu_check.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
+    fake = tmp_path / "bin"  # a lent machine may be an H100 or an H200: files are named after the card found
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3'\n")
+    (fake / "nvidia-smi").chmod(0o755)
     proc = subprocess.run(["bash", str(script), str(tmp_path)], capture_output=True, text=True,
-                          env={"PATH": "/usr/bin:/bin", "GPU_CHECK_DRY_RUN": "1", "PYTHON": shutil.which("python")
-                               or "python3", "HOME": str(tmp_path)}, timeout=120)
+                          env={"PATH": f"{fake}:/usr/bin:/bin", "GPU_CHECK_DRY_RUN": "1",
+                               "PYTHON": shutil.which("python") or "python3", "HOME": str(tmp_path)}, timeout=120)
     out = proc.stdout
+    assert "--out " + str(tmp_path / "gpu_kernels_h100_80gb_hbm3.json") in out and "h200" not in out
+    assert "--e2e " + str(tmp_path / "gpu_e2e_h100_80gb_hbm3.json") in out
     for name in ("info", "build", "sanitizer-build", "memcheck", "correctness-v1", "correctness-v2",
                  "kernel-timings", "e2e", "racecheck", "pytest-gpu", "pytest-gpu-v2", "pytest-backend", "report"):
         assert f"=== [{name}]" in out, (name, out, proc.stderr)

@@ -130,6 +130,25 @@ def test_runtime_tests_binary(native, engines):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_runtime_sources_build_warning_free():
+    """The runtime's sources (as cpp/CMakeLists.txt lists them) under its -Wall -Wextra, as errors: the
+    C ABI's structs grow fields (tda_decode_args_t.weight_format), and a brace initializer that misses
+    one warns instead of failing."""
+    import re
+
+    from tda_export.native.build import CPP, KERNELS, blas_dir
+
+    listed = re.search(r"add_library\(tda_runtime SHARED ([^$)]*)", (CPP / "CMakeLists.txt").read_text())
+    sources = [CPP / s for s in listed.group(1).split()]
+    assert CPP / "src" / "cpu_executor.cpp" in sources and all(s.exists() for s in sources), sources
+    for src in sources:
+        r = subprocess.run([os.environ.get("CXX", "g++"), "-std=c++17", "-fopenmp", "-DTDA_BLAS_SCIPY_PREFIX",
+                            "-Wall", "-Wextra", "-Werror", "-fsyntax-only", f"-I{CPP / 'include'}", f"-I{CPP / 'src'}",
+                            f"-I{KERNELS / 'include'}", f"-I{blas_dir() / 'include'}", str(src)],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, f"{src.name}:\n{r.stderr}"
+
+
 def _bad_engine(src, tmp_path, case):
     bad = tmp_path / case
     shutil.copytree(src, bad)

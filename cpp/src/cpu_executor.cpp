@@ -341,7 +341,8 @@ void CpuExecutor::mlp(Session& s, int64_t n, int64_t S, const float* xn, const f
     return;
   }
   tda_decode_args_t da{TDA_F32, static_cast<tda_activation_t>(act_), static_cast<int32_t>(B), static_cast<int32_t>(H),
-                       static_cast<int32_t>(I), 1, xn, lw.gate_up, lw.down_t, s.idx[ln].data(), s.count[ln].data(), out};
+                       static_cast<int32_t>(I), 1, xn, lw.gate_up, lw.down_t, s.idx[ln].data(), s.count[ln].data(), out,
+                       /*version=*/0, /*weight_format=*/TDA_WEIGHTS_DTYPE};  // 0: the library's default algorithm
   size_t ws = tda_sparse_gated_mlp_decode_workspace_size(&da);
   check(tda_sparse_gated_mlp_decode(&da, aligned_workspace(s.workspace, ws), ws, nullptr),
         "tda_sparse_gated_mlp_decode");

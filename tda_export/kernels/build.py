@@ -178,8 +178,9 @@ def _demangle(names: list[str]) -> dict[str, str]:
     return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
 
 
-def compile_check_cuda(archs=None) -> dict[str, dict[str, tuple[int, int]]]:
-    """Compile every .cu file for each arch with ``-Xptxas -v``; raise on any
+def compile_check_cuda(archs=None, sources: list[Path] | None = None) -> dict[str, dict[str, tuple[int, int]]]:
+    """Compile every .cu file of the kernel library (or ``sources``, e.g. the TensorRT plugins' device
+    code, against the same includes) for each arch with ``-Xptxas -v``; raise on any
     compile error or register spill, naming the kernel.
 
     Returns {arch: {kernel: (spill_store_bytes, spill_load_bytes)}} (all zero).
@@ -192,7 +193,7 @@ def compile_check_cuda(archs=None) -> dict[str, dict[str, tuple[int, int]]]:
     report: dict[str, dict[str, tuple[int, int]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for arch in archs:
-            for src in _sources("cuda", ".cu"):
+            for src in _sources("cuda", ".cu") if sources is None else sources:
                 cmd = [nvcc, "-std=c++17", "-O3", "--expt-relaxed-constexpr", "-c", "-Xptxas", "-v",
                        f"-gencode=arch=compute_{arch},code=sm_{arch}", *includes, str(src),
                        "-o", str(Path(tmp) / f"{src.stem}_{arch}.o")]
