@@ -134,6 +134,9 @@ SPARSE_GATED_MLP = OpSpec(
         AttrSpec("score_norm", "string", "token_l2", SCORE_NORMS,
                  "token_l2: each token's intermediate vector is L2-normalised before squaring (TDA/GRIFFIN); "
                  "none: raw squared activations."),
+        AttrSpec("weight_format", "string", "dtype", WEIGHT_FORMATS,
+                 "How gate_up_weight and down_weight_t are stored: dtype: in T, as listed above; q8_0, q4_0, "
+                 "q4_1: uint8 blocks (see Block-quantized weights), the op runs on their dequantized values."),
     ),
     semantics="""\
 Let z[b,t,j] = act(hidden[b,t,:] . gate_up_weight[j,0,:]) * (hidden[b,t,:] . gate_up_weight[j,1,:]).
@@ -250,10 +253,14 @@ QUANTIZED_WEIGHTS = (
 )
 
 QUANTIZED_SEMANTICS = """\
-With a block format F, SparseGatedMLP is the same op on the dequantized weights:
+With attribute weight_format = F, a block format, SparseGatedMLP is the same op on the dequantized weights:
   output, scores_out = SparseGatedMLP(hidden, dequant_F(gate_up_weight), dequant_F(down_weight_t), ...)
 where dequant_F gives float32 values exactly (the block format's dequantize, in float32). H must be a
 positive multiple of 32; I is any positive size. hidden_states, output and T are as for float weights.
+A block whose fp16 field is inf or NaN is outside the contract (the quantizers never write one).
+The fp16 fields stay inside the blocks (one uint8 tensor per weight, GGUF's bytes): ONNX (opset 23) has no
+bit reinterpretation of uint8 as float16, so the ONNX function decodes them exactly from their sign,
+exponent and mantissa bits (BitShift/BitwiseAnd on uint8, a 32-entry table of powers of two).
 The activation is not quantized: every product is x (in T, widened to float32) times a dequantized weight,
 accumulated in float32, z rounded to T as above. (llama.cpp quantizes x to Q8_0/Q8_1 for int8 dot
 products; this contract does not, so every realization -- kernels, a dequantize-then-MatMul graph -- is the
