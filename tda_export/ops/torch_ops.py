@@ -63,7 +63,8 @@ def _sparse_gated_mlp(hidden_states, gate_up_weight, down_weight_t, active_idx, 
         idx = active_idx[b, : int(active_count[b])].long()
         z = _intermediate(hidden_states[b], weights(gate_up_weight[idx]), activation)  # [1, n]
         rows.append(z.to(dtype).float() @ weights(down_weight_t[idx]).float())
-    return torch.stack(rows).to(dtype), scores_in.clone()
+    out = torch.stack(rows).to(dtype) if rows else hidden_states.new_zeros(hidden_states.shape)  # batch 0
+    return out, scores_in.clone()
 
 
 def clamp_counts(count: torch.Tensor, inter: int, density_bounds: torch.Tensor) -> torch.Tensor:
