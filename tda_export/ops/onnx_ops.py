@@ -122,7 +122,10 @@ def _sparse_gated_mlp_body(activation: str, score_norm: str, weight_format: str)
         gate_up, down_t = _dequantize(b, weight_format, gate_up, width), _dequantize(b, weight_format, down_t, width)
     # one fused projection: [I, 2, H] -> [2I, H] keeps gate/up of a neuron adjacent in the output
     w = b("Transpose", b("Reshape", gate_up, b("Concat", b.const([-1], i64), width, axis=0)), perm=[1, 0])
-    pairs = b("Reshape", b("MatMul", x, w), b.const([0, 0, -1, 2], i64))
+    inter = b("Shape", idx, start=1, end=2)
+    # [B, S, 2I] -> [B, S, I, 2] with every size spelled out: -1 is undefined when B or S is 0
+    pairs = b("Reshape", b("MatMul", x, w), b("Concat", b("Shape", x, start=0, end=2), inter, b.const([2], i64),
+                                                   axis=0))
     gate, up = b("Split", pairs, axis=3, num_outputs=2, outputs=2)
     axis3 = b.const([3], i64)
     z = b("Mul", _activation(b, activation, b("Squeeze", gate, axis3)), b("Squeeze", up, axis3))  # [B,S,I] T/f32
@@ -130,7 +133,6 @@ def _sparse_gated_mlp_body(activation: str, score_norm: str, weight_format: str)
 
     # decode mask: entry k < count sets column idx[k]; padding entry k goes to spare column I + k, so the
     # scatter has no duplicate indices (TensorRT has no ScatterElements reduction) and is fully defined
-    inter = b("Shape", idx, start=1, end=2)
     k = b("Range", b.const(0, i64), b("Squeeze", inter), b.const(1, i64))
     flag = b("Less", k, b("Unsqueeze", b("Cast", count, to=i64), b.const([1], i64)))
     slot = b("Where", flag, b("Cast", idx, to=i64), b("Add", k, inter))
