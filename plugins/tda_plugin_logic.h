@@ -27,8 +27,11 @@ constexpr const char* kSelectActiveName = "SelectActive";
 // contract.PLUGIN_FIELDS; every field is a string, passed as a kCHAR field.
 // The ONNX attributes, then the plan fields (contract.PLAN_FIELDS) the
 // builder fixes and the plan records.
-constexpr const char* kSparseGatedMlpFields[] = {"activation", "score_norm", "decode_version"};
-constexpr int kSparseGatedMlpNbFields = 3;
+constexpr const char* kSparseGatedMlpFields[] = {"activation", "score_norm", "weight_format", "decode_version"};
+constexpr int kSparseGatedMlpNbFields = 4;
+// contract.WEIGHT_FORMATS: the plugins run float weights (weight_format "dtype") only; the block formats are
+// refused by name until the plugins take block weights (issue 18's GPU-and-TensorRT part).
+constexpr const char* kPluginWeightFormat = "dtype";
 // SelectActive has no fields.
 
 // ONNX node metadata that a parser may forward as fields; not attributes.
@@ -149,8 +152,9 @@ inline Error parse_mlp_fields(const FieldView* fields, int32_t nb, bool building
     if (!f.name) return "a field has no name";
     const bool is_act = std::strcmp(f.name, kSparseGatedMlpFields[0]) == 0;
     const bool is_norm = std::strcmp(f.name, kSparseGatedMlpFields[1]) == 0;
-    const bool is_version = std::strcmp(f.name, kSparseGatedMlpFields[2]) == 0;
-    if (!is_act && !is_norm && !is_version) {
+    const bool is_format = std::strcmp(f.name, kSparseGatedMlpFields[2]) == 0;
+    const bool is_version = std::strcmp(f.name, kSparseGatedMlpFields[3]) == 0;
+    if (!is_act && !is_norm && !is_format && !is_version) {
       if (ignored_field(f.name)) continue;
       return std::string("SparseGatedMLP: unknown field ") + f.name;
     }
@@ -160,6 +164,9 @@ inline Error parse_mlp_fields(const FieldView* fields, int32_t nb, bool building
       return "SparseGatedMLP: activation '" + s + "' not in " + choices(kActivations);
     if (is_norm && !lookup(kScoreNorms, s, &a.score_norm))
       return "SparseGatedMLP: score_norm '" + s + "' not in " + choices(kScoreNorms);
+    if (is_format && s != kPluginWeightFormat)
+      return "SparseGatedMLP: weight_format '" + s + "' is not run by the TensorRT plugins (only " +
+             kPluginWeightFormat + ")";
     if (is_version && !lookup(kDecodeVersions, s, &a.decode_version))
       return "SparseGatedMLP: decode_version '" + s + "' not in " + choices(kDecodeVersions);
   }
@@ -172,6 +179,7 @@ inline const char* mlp_field_value(int32_t i, const MlpAttrs& a) {
   switch (i) {
     case 0: return name_of(kActivations, a.activation);
     case 1: return name_of(kScoreNorms, a.score_norm);
+    case 2: return kPluginWeightFormat;
     default: return name_of(kDecodeVersions, a.decode_version);
   }
 }

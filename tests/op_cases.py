@@ -3,21 +3,25 @@ from __future__ import annotations
 
 import numpy as np
 
+from tda_export.ops import blocks
+from tda_export.ops.contract import BLOCK_FORMATS
+
 H, I = 24, 40
 
 
-def masks(rng, batch: int = 3):
+def masks(rng, batch: int = 3, inter: int = I):
     """(name, active_idx, active_count): empty, full, single, odd and per-sequence-different masks."""
     def state(sets):
-        idx = np.zeros((len(sets), I), np.int32)
+        idx = np.zeros((len(sets), inter), np.int32)
         for b, s in enumerate(sets):
             s = np.sort(np.asarray(s, np.int64))
             idx[b, : s.size] = s
         return idx, np.array([len(s) for s in sets], np.int32)
 
-    out = [("empty", *state([[]] * batch)), ("full", *state([range(I)] * batch)),
-           ("single", *state([[I - 1]] * batch)), ("odd", *state([range(1, I, 2)] * batch))]
-    out.append(("mixed", *state([rng.choice(I, size=n, replace=False) for n in (0, 7, I)][:batch])))
+    out = [("empty", *state([[]] * batch)), ("full", *state([range(inter)] * batch)),
+           ("single", *state([[inter - 1]] * batch)), ("odd", *state([range(1, inter, 2)] * batch))]
+    out.append(("mixed", *state([rng.choice(inter, size=n, replace=False)
+                                 for n in (0, min(7, inter), inter, 1)][:batch])))
     return out
 
 
@@ -28,6 +32,35 @@ def mlp_inputs(rng, batch: int, seq: int, dtype=np.float32):
     token_valid = (rng.random((batch, seq)) > 0.3).astype(np.float32)
     scores_in = rng.random((batch, I)).astype(np.float32)
     return hidden, gate_up, down_t, token_valid, scores_in
+
+
+# Block-quantized weights (contract.BLOCK_FORMATS): H a multiple of 32, I odd.
+QH, QI = 64, 13
+
+
+def quant_mlp_inputs(rng, weight_format: str, batch: int, seq: int, dtype=np.float32):
+    """mlp_inputs with the weights as uint8 blocks (gate_up [QI, 2, QH/32*bytes], down_t [QI, QH/32*bytes]) of
+    scaled normal weights, so blocks of different ranges and signs occur."""
+    hidden = rng.normal(size=(batch, seq, QH)).astype(dtype)
+    scale = rng.uniform(0.05, 0.6, size=(QI, 1, 1))
+    gate_up = blocks.quantize(weight_format, rng.normal(size=(QI, 2, QH)) * scale)
+    down_t = blocks.quantize(weight_format, rng.normal(size=(QI, QH)) * scale[:, 0])
+    token_valid = (rng.random((batch, seq)) > 0.3).astype(np.float32)
+    scores_in = rng.random((batch, QI)).astype(np.float32)
+    return hidden, gate_up, down_t, token_valid, scores_in
+
+
+def any_blocks(rng, weight_format: str, rows: int) -> np.ndarray:
+    """[rows, block_bytes] arbitrary bytes with finite fp16 fields, the edge values among them (zero, -0,
+    subnormals, the smallest normal, fp16 max): every nibble and int8 value."""
+    fmt = BLOCK_FORMATS[weight_format]
+    raw = rng.integers(0, 256, (rows, fmt.block_bytes), dtype=np.uint8)
+    n_fp16 = 2 if weight_format == "q4_1" else 1
+    scales = (rng.standard_normal((rows, n_fp16)) * 10.0 ** rng.integers(-6, 4, (rows, 1))).astype(np.float16)
+    edges = np.array([0.0, -0.0, 6e-8, -1.2e-7, 6.1e-5, 6.104e-5, 65504.0, -65504.0], np.float16)
+    scales[: edges.size] = edges[:, None]
+    raw[:, : 2 * n_fp16] = scales.view(np.uint8)
+    return raw
 
 
 def score_cases(rng):

@@ -57,3 +57,17 @@ def test_bound_cases_bind_from_both_sides():
         below += int((clamped > plain).sum())
         above += int((clamped < plain).sum())
     assert below >= 5 and above >= 5
+
+
+def test_weight_format_is_an_attribute_of_the_contracts_formats():
+    """The format reaches every realization as SparseGatedMLP's weight_format attribute: the contract's
+    WEIGHT_FORMATS, default the float weights; the block layouts name the op's weight inputs."""
+    from tda_export.ops.contract import (BLOCK_FORMATS, QUANTIZED_WEIGHTS, SPARSE_GATED_MLP, WEIGHT_FORMATS)
+
+    attr = SPARSE_GATED_MLP.attr("weight_format")
+    assert attr.choices == WEIGHT_FORMATS and attr.default == "dtype" == WEIGHT_FORMATS[0]
+    assert set(WEIGHT_FORMATS[1:]) == set(BLOCK_FORMATS)
+    weights = {t.name: t for t in SPARSE_GATED_MLP.inputs}
+    for t in QUANTIZED_WEIGHTS:
+        assert t.dtype == "uint8" and t.shape[:-1] == weights[t.name].shape[:-1] and weights[t.name].dtype == "T"
+    assert "weight_format" in PLUGIN_FIELDS[SPARSE_GATED_MLP.name]

@@ -209,6 +209,33 @@ def test_decode_isas_agree_and_threads_are_invariant(monkeypatch):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("name", FORMATS)
+def test_torch_kernel_op_takes_block_weights(name):
+    """tda_kernels::sparse_gated_mlp_decode with weight_format passes the blocks to the CPU kernel: the reference
+    of the dequantized weights and tda::sparse_gated_mlp agree with it; its fake gives the shape; a layout that
+    does not match the format is refused by name before the kernel reads it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from tda_export.kernels import torch_ops as K
+    from tda_export.ops.torch_ops import sparse_gated_mlp
+
+    x, gu_q, wd_q, idx, cnt, gu, wd = testing.block_decode_problem(4, 96, 13, name, torch.float32,
+                                                                   _masks(["empty", "full", "single", "random"], 13,
+                                                                          9), 9)
+    out = K.sparse_gated_mlp_decode(x[:, None], gu_q, wd_q, idx, cnt, "gelu_tanh", weight_format=name)
+    assert out.shape == (4, 1, 96) and not out[0].any()
+    assert testing.rel_error(out[:, 0], testing.decode_reference(x, gu, wd, idx, cnt, "gelu_tanh")) < 1e-5
+    ops_out, _ = sparse_gated_mlp(x[:, None], gu_q, wd_q, idx, cnt, torch.ones(4, 1), torch.zeros(4, 13),
+                                  activation="gelu_tanh", weight_format=name)
+    torch.testing.assert_close(out, ops_out, rtol=1e-5, atol=1e-6)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        assert K.sparse_gated_mlp_decode(torch.empty(4, 96), gu_q, wd_q, idx, cnt, weight_format=name).shape == (4, 96)
+    with pytest.raises(ValueError, match=f"gate_up_weight has shape .*weight_format {name}"):
+        K.sparse_gated_mlp_decode(x, gu_q[:, :, 1:].contiguous(), wd_q, idx, cnt, weight_format=name)
+    with pytest.raises(TypeError, match="down_weight_t is torch.float32"):
+        K.sparse_gated_mlp_decode(x, gu_q, wd_q.float(), idx, cnt, weight_format=name)
+
+
 def test_float_formats_unchanged_by_weight_format_field():
     """weight_format 0 (a zero-initialised struct) is the float op of ABI 3."""
     x, gu, wd, idx, cnt = testing.decode_problem(2, 40, 72, torch.float32, _masks(["random", "full"], 72, 4), 4)

@@ -3,13 +3,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import helper
+from onnx import TensorProto, helper
 
-from tda_export.ops import reference
-from tda_export.ops.contract import ACTIVATIONS, PLUGIN_NAMESPACE, SCORE_NORMS, SELECT_ACTIVE, SPARSE_GATED_MLP
+from tda_export.ops import blocks, onnx_ops, reference
+from tda_export.ops.contract import (ACTIVATIONS, BLOCK_FORMATS, PLUGIN_NAMESPACE, QUANTIZED_WEIGHTS, SCORE_NORMS,
+                                     SELECT_ACTIVE, SPARSE_GATED_MLP)
 from tda_export.ops.onnx_ops import BODY_OPSET, functions_for, make_node, op_schema, opset_imports, tensor_type
 
-from op_cases import bound_cases, masks, mlp_inputs, score_cases
+from op_cases import QH, QI, any_blocks, bound_cases, masks, mlp_inputs, quant_mlp_inputs, score_cases
 
 NP = {"float32": np.float32, "float16": np.float16}
 
@@ -104,3 +105,94 @@ def test_schema_from_contract():
         s = op_schema(op)
         assert [i.name for i in s.inputs] == op.input_names and [o.name for o in s.outputs] == op.output_names
         assert {"plugin_namespace", "plugin_version"} <= set(s.attributes)
+
+
+# ---- block-quantized weights (weight_format) ----
+
+def _quant_model(fmt, compute="float32", **attrs):
+    """A one-node model whose weight inputs are uint8 blocks (contract.QUANTIZED_WEIGHTS)."""
+    blocked = {t.name: t for t in QUANTIZED_WEIGHTS}
+    ins = [helper.make_tensor_value_info(t.name, TensorProto.UINT8, blocked[t.name].shape) if t.name in blocked
+           else helper.make_tensor_value_info(t.name, tensor_type(t.dtype, compute), t.shape)
+           for t in SPARSE_GATED_MLP.inputs]
+    outs = [helper.make_tensor_value_info(t.name, tensor_type(t.dtype, compute), t.shape)
+            for t in SPARSE_GATED_MLP.outputs]
+    graph = helper.make_graph([make_node(SPARSE_GATED_MLP, SPARSE_GATED_MLP.input_names,
+                                         SPARSE_GATED_MLP.output_names, "n0", weight_format=fmt, **attrs)],
+                              "g", ins, outs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", BODY_OPSET)] + opset_imports(),
+                              functions=functions_for(graph))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("fmt", BLOCK_FORMATS)
+def test_function_dequantizes_bit_for_bit(fmt):
+    """The function's dequantization alone (fp16 fields decoded from their bits) on arbitrary blocks, zero, -0,
+    subnormal and fp16-max scales among them: the contract's float32 values, bit for bit."""
+    raw = any_blocks(np.random.default_rng(6), fmt, 400).reshape(100, 4 * BLOCK_FORMATS[fmt].block_bytes)
+    body = onnx_ops._Body()
+    width = body.const([128], TensorProto.INT64)
+    body("Identity", onnx_ops._dequantize(body, fmt, "blocks", width), out="w")
+    graph = helper.make_graph(body.nodes, "g", [helper.make_tensor_value_info("blocks", TensorProto.UINT8, None)],
+                              [helper.make_tensor_value_info("w", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", BODY_OPSET)])
+    (got,) = _session(model).run(None, {"blocks": raw})
+    want = blocks.dequantize(fmt, raw)
+    assert got.shape == (100, 128)
+    np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
+
+
+@pytest.mark.parametrize("fmt", BLOCK_FORMATS)
+@pytest.mark.parametrize("seq", [5, 1], ids=["prefill", "decode"])
+def test_block_weights_match_reference_of_dequantized(fmt, seq):
+    """ONNX Runtime runs the quantized op as the fp64 reference on the dequantized weights, for every mask and
+    batch 0, 1 and 4."""
+    sess = _session(_quant_model(fmt, activation="gelu_tanh"))
+    for batch in (0, 1, 4):
+        rng = np.random.default_rng(batch * 10 + seq)
+        hidden, gu, dt, valid, sin = quant_mlp_inputs(rng, fmt, batch, seq)
+        for name, idx, cnt in masks(rng, batch, QI):
+            args = (hidden, gu, dt, idx, cnt, valid, sin)
+            out, scores = sess.run(None, dict(zip(SPARSE_GATED_MLP.input_names, args)))
+            ref_out, ref_scores = reference.sparse_gated_mlp_blocks(hidden, gu, dt, fmt, idx, cnt, valid, sin,
+                                                                    activation="gelu_tanh")
+            what = f"{fmt} batch {batch} {name}"
+            assert out.shape == (batch, seq, QH) and out.dtype == np.float32 and scores.shape == (batch, QI), what
+            np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5 * max(np.abs(ref_out).max(initial=0), 1),
+                                       err_msg=what)
+            np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-7, err_msg=what)
+            if batch and not (seq == 1 and name == "empty"):
+                assert _rel(out, ref_out) < 1e-5, what
+            if seq == 1 and name == "empty":
+                assert not out.any(), what
+
+
+@pytest.mark.parametrize("norm", SCORE_NORMS)
+def test_block_weights_float16_activations(norm):
+    """T = float16: x widened to float32 against the float32 weights (never the weights rounded to T)."""
+    sess = _session(_quant_model("q4_1", "float16", score_norm=norm))
+    rng = np.random.default_rng(2)
+    for seq in (4, 1):
+        hidden, gu, dt, valid, sin = quant_mlp_inputs(rng, "q4_1", 3, seq, np.float16)
+        idx, cnt = masks(rng, 3, QI)[4][1:]
+        args = (hidden, gu, dt, idx, cnt, valid, sin)
+        out, scores = sess.run(None, dict(zip(SPARSE_GATED_MLP.input_names, args)))
+        ref_out, ref_scores = reference.sparse_gated_mlp_blocks(*args[:3], "q4_1", *args[3:], score_norm=norm)
+        assert out.dtype == np.float16 and scores.dtype == np.float32
+        assert _rel(out.astype(np.float64), ref_out) < 5e-3 and _rel(scores, ref_scores) < 1e-5
+
+
+def test_schema_takes_uint8_weights():
+    s = op_schema(SPARSE_GATED_MLP)
+    types = {c.type_param_str: set(c.allowed_type_strs) for c in s.type_constraints}
+    assert "tensor(uint8)" in types["W"] and "tensor(uint8)" not in types["T"]
+    assert {p.name: p.type_str for p in s.inputs if p.type_str == "W"}.keys() == {t.name for t in QUANTIZED_WEIGHTS}
+    assert "weight_format" in s.attributes
+
+
+def test_mixed_weight_formats_refused():
+    a = make_node(SPARSE_GATED_MLP, SPARSE_GATED_MLP.input_names, ["o1", "s1"], "a", weight_format="q4_0")
+    b = make_node(SPARSE_GATED_MLP, SPARSE_GATED_MLP.input_names, ["o2", "s2"], "b")
+    with pytest.raises(ValueError, match="differ"):
+        functions_for(helper.make_graph([a, b], "g", [], []))

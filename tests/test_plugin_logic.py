@@ -113,7 +113,7 @@ def test_compiled_tables_match_contract_order(run):
 
 def _ok(act: int, norm: int, version: int = 1) -> str:
     """The answer of a parse: codes, then the values the plugin serializes."""
-    return f"ok {act} {norm} {version} {ACTIVATIONS[act]},{SCORE_NORMS[norm]},{version}"
+    return f"ok {act} {norm} {version} {ACTIVATIONS[act]},{SCORE_NORMS[norm]},dtype,{version}"
 
 
 def test_every_contract_value_parses(run):
@@ -138,7 +138,7 @@ def test_decode_version_fixed_when_building_and_kept_by_the_plan(run):
 def test_field_defaults_nul_and_metadata(run):
     defaults = (ACTIVATIONS.index(SPARSE_GATED_MLP.attr("activation").default),
                 SCORE_NORMS.index(SPARSE_GATED_MLP.attr("score_norm").default))
-    assert run("mlp_fields", "mlp_fields activation:nul=gelu score_norm:nul=none",
+    assert run("mlp_fields", "mlp_fields activation:nul=gelu score_norm:nul=none weight_format=dtype",
                "mlp_fields plugin_namespace=tda plugin_version=1", "select_fields",
                "select_fields plugin_namespace=tda") == \
         [_ok(*defaults), _ok(2, 1), _ok(*defaults), "ok", "ok"]
@@ -150,6 +150,7 @@ def test_field_defaults_nul_and_metadata(run):
     ("score_norm=l2", "score_norm 'l2' not in token_l2, none"),
     ("activation:int=silu", "must be a char (string) field"),
     ("activaton=silu", "unknown field activaton"),
+    ("weight_format=q4_0", "weight_format 'q4_0' is not run by the TensorRT plugins (only dtype)"),
 ])
 def test_bad_fields_rejected(run, fields, message):
     (answer,) = run(f"mlp_fields {fields}")

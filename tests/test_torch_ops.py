@@ -3,11 +3,12 @@ import numpy as np
 import pytest
 import torch
 
-from tda_export.ops import reference
-from tda_export.ops.contract import ACTIVATIONS, SCORE_NORMS
+from tda_export.ops import blocks, reference
+from tda_export.ops.contract import ACTIVATIONS, BLOCK_FORMATS, SCORE_NORMS
+from tda_export.ops.torch_blocks import dequantize
 from tda_export.ops.torch_ops import select_active, sparse_gated_mlp
 
-from op_cases import I, bound_cases, masks, mlp_inputs, score_cases
+from op_cases import QH, QI, I, any_blocks, bound_cases, masks, mlp_inputs, quant_mlp_inputs, score_cases
 
 
 def _run(args, **attrs):
@@ -103,3 +104,106 @@ def test_select_active_clamp_matches_reference_exactly():
         ref_idx, ref_cnt = reference.select_active(scores, tau, bounds)
         np.testing.assert_array_equal(idx.numpy(), ref_idx, err_msg=f"tau={tau} bounds={bounds}")
         np.testing.assert_array_equal(cnt.numpy(), ref_cnt, err_msg=f"tau={tau} bounds={bounds}")
+
+
+# ---- block-quantized weights (weight_format) ----
+
+@pytest.mark.parametrize("fmt", BLOCK_FORMATS)
+def test_torch_dequantize_is_the_contracts_bit_for_bit(fmt):
+    raw = any_blocks(np.random.default_rng(6), fmt, 400).reshape(100, 4 * BLOCK_FORMATS[fmt].block_bytes)
+    got = dequantize(fmt, torch.from_numpy(raw)).numpy()
+    want = blocks.dequantize(fmt, raw)
+    assert got.shape == (100, 128) and got.dtype == np.float32
+    np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))  # -0 and every subnormal scale
+
+
+@pytest.mark.parametrize("fmt", BLOCK_FORMATS)
+@pytest.mark.parametrize("seq", [5, 1], ids=["prefill", "decode"])
+@pytest.mark.parametrize("batch", [0, 1, 4])
+def test_block_weights_match_reference_of_dequantized(fmt, seq, batch):
+    rng = np.random.default_rng(batch * 10 + seq)
+    hidden, gu, dt, valid, sin = quant_mlp_inputs(rng, fmt, batch, seq)
+    for name, idx, cnt in masks(rng, batch, QI):
+        args = (hidden, gu, dt, idx, cnt, valid, sin)
+        out, scores = _run(args, activation="gelu_tanh", weight_format=fmt)
+        ref_out, ref_scores = reference.sparse_gated_mlp_blocks(hidden, gu, dt, fmt, idx, cnt, valid, sin,
+                                                                activation="gelu_tanh")
+        assert out.shape == (batch, seq, QH) and scores.shape == (batch, QI)
+        np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5 * max(np.abs(ref_out).max(initial=0), 1),
+                                   err_msg=f"{fmt} {name}")
+        np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-7, err_msg=f"{fmt} {name}")
+        if seq == 1 and name == "empty":
+            assert not out.any()
+        if seq > 1 and batch:
+            assert _rel(out, ref_out) < 1e-5 and np.abs(ref_out).max() > 0.1
+
+
+@pytest.mark.parametrize("fmt", BLOCK_FORMATS)
+def test_block_decode_reads_only_active_blocks(fmt):
+    """Inactive neurons' blocks hold NaN scales (0x7e00): a decode that touched them would give NaN."""
+    rng = np.random.default_rng(7)
+    hidden, gu, dt, valid, sin = quant_mlp_inputs(rng, fmt, 3, 1)
+    size = BLOCK_FORMATS[fmt].block_bytes
+    for name, idx, cnt in masks(rng, 3, QI)[:4]:  # the same mask in every row
+        ref_out, _ = reference.sparse_gated_mlp_blocks(hidden, gu, dt, fmt, idx, cnt, valid, sin)
+        inactive = np.ones(QI, bool)
+        inactive[idx[0, : cnt[0]]] = False
+        gu_p, dt_p = gu.copy(), dt.copy()
+        for w in (gu_p, dt_p):
+            rows = w[inactive].reshape(-1, size)
+            rows[:, :2] = np.array([0x00, 0x7E], np.uint8)
+            w[inactive] = rows.reshape(w[inactive].shape)
+        out, _ = _run((hidden, gu_p, dt_p, idx, cnt, valid, sin), weight_format=fmt)
+        assert np.isfinite(out).all(), name
+        np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_block_weights_with_half_activations(dtype):
+    """T = float16/bfloat16 with block weights: output in T, scores float32, x widened (never the weights
+    rounded to T)."""
+    rng = np.random.default_rng(8)
+    for seq in (4, 1):
+        hidden, gu, dt, valid, sin = quant_mlp_inputs(rng, "q4_1", 2, seq)
+        idx, cnt = masks(rng, 2, QI)[3][1:]
+        h = torch.from_numpy(hidden).to(dtype)
+        out, scores = sparse_gated_mlp(h, torch.from_numpy(gu), torch.from_numpy(dt), torch.from_numpy(idx),
+                                       torch.from_numpy(cnt), torch.from_numpy(valid), torch.from_numpy(sin),
+                                       weight_format="q4_1")
+        assert out.dtype == dtype and scores.dtype == torch.float32
+        ref_out, ref_scores = reference.sparse_gated_mlp_blocks(h.float().numpy(), gu, dt, "q4_1", idx, cnt, valid,
+                                                                sin)
+        assert _rel(out.float().numpy(), ref_out) < 1e-2 and _rel(scores.numpy(), ref_scores) < 1e-5
+
+
+def test_block_fake_propagates_shapes_and_checks_the_layout():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    u8 = dict(dtype=torch.uint8)
+    with FakeTensorMode():
+        state = (torch.empty(2, 7, dtype=torch.int32), torch.empty(2, dtype=torch.int32))
+        for fmt in BLOCK_FORMATS:
+            nbytes = 64 // 32 * BLOCK_FORMATS[fmt].block_bytes
+            for seq in (1, 5):
+                out, s = sparse_gated_mlp(torch.empty(2, seq, 64), torch.empty(7, 2, nbytes, **u8),
+                                          torch.empty(7, nbytes, **u8), *state, torch.empty(2, seq),
+                                          torch.empty(2, 7), weight_format=fmt)
+                assert out.shape == (2, seq, 64) and out.dtype == torch.float32 and s.shape == (2, 7)
+        with pytest.raises(ValueError, match=r"down_weight_t has shape \[7, 36\].*W = H/32\*34 = 68"):
+            sparse_gated_mlp(torch.empty(2, 1, 64), torch.empty(7, 2, 68, **u8), torch.empty(7, 36, **u8), *state,
+                             torch.empty(2, 1), torch.empty(2, 7), weight_format="q8_0")
+        with pytest.raises(TypeError, match="gate_up_weight is torch.float32; weight_format q4_0 needs torch.uint8"):
+            sparse_gated_mlp(torch.empty(2, 1, 64), torch.empty(7, 2, 36), torch.empty(7, 36, **u8), *state,
+                             torch.empty(2, 1), torch.empty(2, 7), weight_format="q4_0")
+        with pytest.raises(ValueError, match="weight_format='q5_0' not in"):
+            sparse_gated_mlp(torch.empty(2, 1, 64), torch.empty(7, 2, 36, **u8), torch.empty(7, 36, **u8), *state,
+                             torch.empty(2, 1), torch.empty(2, 7), weight_format="q5_0")
+
+
+@pytest.mark.parametrize("seq", [3, 1])
+def test_block_opcheck(seq):
+    rng = np.random.default_rng(9)
+    hidden, gu, dt, valid, sin = quant_mlp_inputs(rng, "q4_0", 2, seq)
+    idx, cnt = masks(rng, 2, QI)[4][1:]
+    args = [torch.from_numpy(a) for a in (hidden, gu, dt, idx, cnt, valid, sin)]
+    torch.library.opcheck(sparse_gated_mlp, args, {"weight_format": "q4_0"})

@@ -38,7 +38,7 @@ def check_plan(out, num_layers, activation):
     assert [p["name"] for p in trt["profiles"]] == ["prefill", "decode"]
     records = plugin_records((out / "model.plan").read_bytes())
     assert set(records["names"]) == {"SparseGatedMLP", "SelectActive"}
-    assert {f for f, _, _ in records["fields"]} == {"activation", "score_norm", "decode_version"}
+    assert {f for f, _, _ in records["fields"]} == {"activation", "score_norm", "weight_format", "decode_version"}
     assert {v for f, _, v in records["fields"] if f == "decode_version"} == {b"1\0"}  # built without the variable
     assert trt["plugin"]["decode_version"] == 1
     assert {v for f, _, v in records["fields"] if f == "activation"} == {activation.encode() + b"\0"}

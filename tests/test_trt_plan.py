@@ -34,6 +34,7 @@ def test_identity_and_fields_are_the_contracts(L):
             attrs = lg.MlpAttrs(a, n, 2)
             assert L.mlp_serialized_fields(attrs) == [("activation", act.encode() + b"\0"),
                                                       ("score_norm", norm.encode() + b"\0"),
+                                                      ("weight_format", b"dtype\0"),
                                                       ("decode_version", b"2\0")]
             # ... and parsed back, with or without the NUL (ONNX parsers pass none).
             assert L.parse_mlp_fields([(k, v, True) for k, v in L.mlp_serialized_fields(attrs)], False) == attrs

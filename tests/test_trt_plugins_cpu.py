@@ -84,7 +84,7 @@ def test_sparse_gated_mlp_prefill_and_decode(on_cpu, activation, score_norm):
                                    trt.TensorRTPhase.RUNTIME)
     served = {f.name: bytes(np.asarray(f.data).tobytes()) for f in plugin.get_fields_to_serialize()}
     assert served == {"activation": activation.encode() + b"\0", "score_norm": score_norm.encode() + b"\0",
-                      "decode_version": b"1\0"}
+                      "weight_format": b"dtype\0", "decode_version": b"1\0"}
     rng = np.random.default_rng(0)
     for seq in (5, 1):  # prefill, then decode with every mask shape
         hidden, gate_up, down_t, token_valid, scores_in = mlp_inputs(rng, 3, seq)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..ops.contract import SELECT_ACTIVE, SPARSE_GATED_MLP
+from ..ops.torch_blocks import check_weights
 from . import abi
 
 NAMESPACE = "tda_kernels"
@@ -54,27 +55,27 @@ def _check_version(version: int) -> None:
         raise ValueError(f"version {version} not in {list(abi.DECODE_VERSIONS)} (0: the library's default)")
 
 
-def _check_decode_inputs(x: Tensor, gate_up: Tensor, down_t: Tensor, idx: Tensor, cnt: Tensor) -> None:
+def _check_decode_inputs(x: Tensor, gate_up: Tensor, down_t: Tensor, idx: Tensor, cnt: Tensor,
+                         weight_format: str = "dtype") -> None:
     """Shapes, dtypes and devices against hidden_states before any pointer reaches a kernel: a mismatch
     would read out of bounds (and on a GPU poison the whole CUDA context)."""
     if x.dim() not in (2, 3) or (x.dim() == 3 and x.shape[1] != 1):
         raise ValueError(f"hidden_states must be [B, H] or [B, 1, H], got {list(x.shape)}")
     _dtype_code(x)
-    batch, hidden = x.shape[0], x.shape[-1]
+    batch = x.shape[0]
     inter = gate_up.shape[0] if gate_up.dim() == 3 else -1
-    expected = {"gate_up_weight": (gate_up, [inter, 2, hidden], x.dtype),
-                "down_weight_t": (down_t, [inter, hidden], x.dtype),
-                "active_idx": (idx, [batch, inter], None), "active_count": (cnt, [batch], None)}
-    for name, (t, shape, dtype) in expected.items():
+    expected = {"gate_up_weight": gate_up, "down_weight_t": down_t, "active_idx": (idx, [batch, inter]),
+                "active_count": (cnt, [batch])}
+    for name, t in expected.items():
+        t = t[0] if isinstance(t, tuple) else t
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but hidden_states is on {x.device}")
+    check_weights(x, gate_up, down_t, weight_format)
+    for name, (t, shape) in list(expected.items())[2:]:
         if list(t.shape) != shape:
-            want = "[I, 2, H]" if name == "gate_up_weight" else str(shape)
-            raise ValueError(f"{name} has shape {list(t.shape)}, expected {want} with H={hidden} from "
-                             f"hidden_states" + (f" and I={inter} from gate_up_weight" if inter >= 0 else ""))
-        if dtype is not None and t.dtype != dtype:
-            raise TypeError(f"{name} is {t.dtype} but hidden_states is {dtype}")
-        if dtype is None and t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} has shape {list(t.shape)}, expected {shape} with I={inter} from "
+                             f"gate_up_weight")
+        if t.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
 
 
@@ -82,14 +83,17 @@ def _check_decode_inputs(x: Tensor, gate_up: Tensor, down_t: Tensor, idx: Tensor
 def sparse_gated_mlp_decode(hidden_states: Tensor, gate_up_weight: Tensor, down_weight_t: Tensor,
                             active_idx: Tensor, active_count: Tensor,
                             activation: str = SPARSE_GATED_MLP.attr("activation").default,
-                            deterministic: bool = True, version: int = 0) -> Tensor:
+                            deterministic: bool = True, version: int = 0,
+                            weight_format: str = SPARSE_GATED_MLP.attr("weight_format").default) -> Tensor:
     """Decode step of SparseGatedMLP: hidden_states [B, H] or [B, 1, H] -> same shape.
 
     version: the kernel algorithm (tda_decode_args_t.version): 0 the library default (v1 unless
-    $TDA_DECODE_VERSION=2), 1 or 2; same results contract for all, the CPU library has one algorithm."""
-    SPARSE_GATED_MLP.check_attrs({"activation": activation})
+    $TDA_DECODE_VERSION=2), 1 or 2; same results contract for all, the CPU library has one algorithm.
+    weight_format: the contract's attribute; a block format takes uint8 weights in the contract's layout
+    (the kernel reads only the active neurons' blocks; the CUDA library refuses block formats for now)."""
+    SPARSE_GATED_MLP.check_attrs({"activation": activation, "weight_format": weight_format})
     _check_version(version)
-    _check_decode_inputs(hidden_states, gate_up_weight, down_weight_t, active_idx, active_count)
+    _check_decode_inputs(hidden_states, gate_up_weight, down_weight_t, active_idx, active_count, weight_format)
     x = hidden_states.contiguous()
     batch, hidden = x.shape[0], x.shape[-1]
     inter = gate_up_weight.shape[0]
@@ -100,16 +104,17 @@ def sparse_gated_mlp_decode(hidden_states: Tensor, gate_up_weight: Tensor, down_
         dtype=_dtype_code(x), activation=abi.ACTIVATION_CODE[activation],
         batch=batch, hidden=hidden, intermediate=inter, deterministic=int(deterministic),
         hidden_states=x.data_ptr(), gate_up_weight=gu.data_ptr(), down_weight_t=wd.data_ptr(),
-        active_idx=idx.data_ptr(), active_count=cnt.data_ptr(), output=out.data_ptr(), version=version)
+        active_idx=idx.data_ptr(), active_count=cnt.data_ptr(), output=out.data_ptr(), version=version,
+        weight_format=abi.WEIGHT_FORMAT_CODE[weight_format])
     _call(_library(x.device), "tda_sparse_gated_mlp_decode", args, x.device)
     return out
 
 
 @sparse_gated_mlp_decode.register_fake
 def _(hidden_states, gate_up_weight, down_weight_t, active_idx, active_count, activation="silu",
-      deterministic=True, version=0):
+      deterministic=True, version=0, weight_format="dtype"):
     _check_version(version)
-    _check_decode_inputs(hidden_states, gate_up_weight, down_weight_t, active_idx, active_count)
+    _check_decode_inputs(hidden_states, gate_up_weight, down_weight_t, active_idx, active_count, weight_format)
     # what the real op returns: a fresh contiguous tensor (empty_like would copy a view's strides)
     return hidden_states.new_empty(hidden_states.shape)
 

@@ -9,8 +9,11 @@ hence `plugin_namespace`/`plugin_version` on every node. The function declares
 those two attributes (and the contract's) so checkers accept them on the call.
 
 ONNX functions cannot branch on a string attribute, so a function body is
-specialised to one (activation, score_norm); a model uses one activation
-everywhere, and `functions_for()` refuses a graph whose nodes disagree.
+specialised to one (activation, score_norm, weight_format); a model uses one
+activation and one weight format in every MLP, and `functions_for()` refuses a
+graph whose nodes disagree. With a block weight_format the body dequantizes the
+uint8 blocks (fp16 fields decoded from their bits: opset 23 has no bit cast)
+and runs the float computation on float32 weights.
 """
 from __future__ import annotations
 
@@ -18,8 +21,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .contract import (DOMAIN, NORM_FLOOR, OPS_BY_NAME, OPSET_VERSION, PLUGIN_NAMESPACE, PLUGIN_VERSION,
-                       SELECT_ACTIVE, SPARSE_GATED_MLP, OpSpec)
+from .contract import (BLOCK_FORMATS, DOMAIN, DTYPES, NORM_FLOOR, OPS_BY_NAME, OPSET_VERSION, PLUGIN_NAMESPACE,
+                       PLUGIN_VERSION, QUANTIZED_WEIGHTS, SELECT_ACTIVE, SPARSE_GATED_MLP, OpSpec)
 
 # Gelu(approximate=) needs opset 20.
 BODY_OPSET = 23
@@ -66,23 +69,70 @@ def _activation(b: _Body, name: str, x: str) -> str:
     raise ValueError(name)
 
 
-def _sparse_gated_mlp_body(activation: str, score_norm: str) -> list[onnx.NodeProto]:
+def _fp16_field(b: _Body, flat: str, first: int) -> str:
+    """Bytes first, first + 1 of each row of uint8 [n, block_bytes]: a little-endian IEEE binary16, as float32
+    [n, 1], exactly (ONNX has no uint8 -> float16 bit cast): sign, exponent and mantissa bits by BitShift and
+    BitwiseAnd, then (implicit + mantissa) * 2^(exponent - 25), both factors from 32-entry tables."""
+    u8, f32, i64 = TensorProto.UINT8, TensorProto.FLOAT, TensorProto.INT64
+    lo = b("Slice", flat, b.const([first], i64), b.const([first + 1], i64), b.const([1], i64))
+    hi = b("Slice", flat, b.const([first + 1], i64), b.const([first + 2], i64), b.const([1], i64))
+    right = dict(direction="RIGHT")
+    exponent = b("Cast", b("BitwiseAnd", b("BitShift", hi, b.const([2], u8), **right), b.const([31], u8)), to=i64)
+    mantissa = b("Add", b("Mul", b("Cast", b("BitwiseAnd", hi, b.const([3], u8)), to=f32), b.const([256.0], f32)),
+                 b("Cast", lo, to=f32))
+    scale = [2.0 ** -24] + [2.0 ** (e - 25) for e in range(1, 31)] + [float("inf")]  # e = 31: inf/NaN, excluded
+    implicit = b("Gather", b.const([0.0] + [1024.0] * 31, f32), exponent)
+    magnitude = b("Mul", b("Add", implicit, mantissa), b("Gather", b.const(scale, f32), exponent))
+    sign = b("Cast", b("BitShift", hi, b.const([7], u8), **right), to=f32)
+    return b("Mul", magnitude, b("Sub", b.const([1.0], f32), b("Add", sign, sign)))
+
+
+def _dequantize(b: _Body, weight_format: str, blocks: str, width: str) -> str:
+    """uint8 [..., H/32*block_bytes] -> float32 [rows, H] (width: [1] int64 H): the contract's dequantize,
+    exactly (every step is exact in float32 but the last product or sum, which rounds as the contract's)."""
+    u8, f32, i64 = TensorProto.UINT8, TensorProto.FLOAT, TensorProto.INT64
+    size = BLOCK_FORMATS[weight_format].block_bytes
+    flat = b("Reshape", blocks, b.const([-1, size], i64))
+    d = _fp16_field(b, flat, 0)
+    qs = b("Slice", flat, b.const([4 if weight_format == "q4_1" else 2], i64), b.const([size], i64),
+           b.const([1], i64))
+    if weight_format == "q8_0":  # int8 = byte - 256 * sign bit
+        q = b("Sub", b("Cast", qs, to=f32),
+              b("Mul", b("Cast", b("BitShift", qs, b.const([7], u8), direction="RIGHT"), to=f32),
+                b.const([256.0], f32)))
+        w = b("Mul", d, q)
+    else:  # weight k in the low nibble of byte k, weight k + 16 in its high nibble
+        q = b("Cast", b("Concat", b("BitwiseAnd", qs, b.const([15], u8)),
+                        b("BitShift", qs, b.const([4], u8), direction="RIGHT"), axis=1), to=f32)
+        w = (b("Mul", d, b("Sub", q, b.const([8.0], f32))) if weight_format == "q4_0"
+             else b("Add", b("Mul", d, q), _fp16_field(b, flat, 2)))
+    return b("Reshape", w, b("Concat", b.const([-1], i64), width, axis=0))
+
+
+def _sparse_gated_mlp_body(activation: str, score_norm: str, weight_format: str) -> list[onnx.NodeProto]:
     hidden, gate_up, down_t, idx, count, valid, scores_in = SPARSE_GATED_MLP.input_names
     output, scores_out = SPARSE_GATED_MLP.output_names
     b = _Body()
     i64 = TensorProto.INT64
     seq = b("Shape", hidden, start=1, end=2)
     width = b("Shape", hidden, start=2, end=3)
+    x = hidden
+    if weight_format != "dtype":  # the float op on the blocks' float32 values: x widened, z rounded to T below
+        x = b("Cast", hidden, to=TensorProto.FLOAT)
+        gate_up, down_t = _dequantize(b, weight_format, gate_up, width), _dequantize(b, weight_format, down_t, width)
     # one fused projection: [I, 2, H] -> [2I, H] keeps gate/up of a neuron adjacent in the output
     w = b("Transpose", b("Reshape", gate_up, b("Concat", b.const([-1], i64), width, axis=0)), perm=[1, 0])
-    pairs = b("Reshape", b("MatMul", hidden, w), b.const([0, 0, -1, 2], i64))
+    inter = b("Shape", idx, start=1, end=2)
+    # [B, S, 2I] -> [B, S, I, 2] with every size spelled out: -1 is undefined when B or S is 0
+    pairs = b("Reshape", b("MatMul", x, w), b("Concat", b("Shape", x, start=0, end=2), inter, b.const([2], i64),
+                                                   axis=0))
     gate, up = b("Split", pairs, axis=3, num_outputs=2, outputs=2)
     axis3 = b.const([3], i64)
-    z = b("Mul", _activation(b, activation, b("Squeeze", gate, axis3)), b("Squeeze", up, axis3))  # [B,S,I] T
+    z = b("Mul", _activation(b, activation, b("Squeeze", gate, axis3)), b("Squeeze", up, axis3))  # [B,S,I] T/f32
+    z_t = z if weight_format == "dtype" else b("CastLike", z, hidden)
 
     # decode mask: entry k < count sets column idx[k]; padding entry k goes to spare column I + k, so the
     # scatter has no duplicate indices (TensorRT has no ScatterElements reduction) and is fully defined
-    inter = b("Shape", idx, start=1, end=2)
     k = b("Range", b.const(0, i64), b("Squeeze", inter), b.const(1, i64))
     flag = b("Less", k, b("Unsqueeze", b("Cast", count, to=i64), b.const([1], i64)))
     slot = b("Where", flag, b("Cast", idx, to=i64), b("Add", k, inter))
@@ -93,7 +143,11 @@ def _sparse_gated_mlp_body(activation: str, score_norm: str) -> list[onnx.NodePr
     mask = b("Slice", b("ScatterElements", zeros, slot, ones, axis=1), b.const([0], i64), inter, b.const([1], i64))
     prefill = b("Greater", seq, b.const([1], i64))
     mask = b("Where", prefill, b("CastLike", b.const(1.0, TensorProto.FLOAT), hidden), mask)
-    b("MatMul", b("Mul", z, b("Unsqueeze", mask, b.const([1], i64))), down_t, out=output)
+    masked = b("Mul", z_t, b("Unsqueeze", mask, b.const([1], i64)))
+    if weight_format == "dtype":
+        b("MatMul", masked, down_t, out=output)
+    else:
+        b("CastLike", b("MatMul", b("Cast", masked, to=TensorProto.FLOAT), down_t), hidden, out=output)
 
     zf = b("Cast", z, to=TensorProto.FLOAT)
     sq = b("Mul", zf, zf)
@@ -175,15 +229,19 @@ def op_schema(op: OpSpec) -> onnx.defs.OpSchema:
     """Schema info (for tools that check or document custom domains); not needed to run a model."""
     S = onnx.defs.OpSchema
     types = {"T": "T", "float32": "tensor(float)", "int32": "tensor(int32)"}
+    # weights that may be blocks (weight_format): T or uint8, type W
+    blocked = {t.name for t in QUANTIZED_WEIGHTS} if "weight_format" in {a.name for a in op.attributes} else set()
 
     def param(t):
-        return S.FormalParameter(t.name, types[t.dtype], t.doc)
+        return S.FormalParameter(t.name, "W" if t.name in blocked else types[t.dtype], t.doc)
 
     attrs = [S.Attribute(a.name, helper.make_attribute(a.name, a.default), a.doc) for a in op.attributes]
     attrs += [S.Attribute(k, helper.make_attribute(k, v), "TensorRT plugin lookup") for k, v in PLUGIN_ATTRS.items()]
     return S(op.name, op.domain, op.version, op.doc, inputs=[param(t) for t in op.inputs],
              outputs=[param(t) for t in op.outputs],
-             type_constraints=[("T", [f"tensor({_onnx_type_name(d)})" for d in op.type_constraint], "float type")],
+             type_constraints=[("T", [f"tensor({_onnx_type_name(d)})" for d in op.type_constraint], "float type")]
+             + ([("W", [f"tensor({_onnx_type_name(d)})" for d in DTYPES] + ["tensor(uint8)"],
+                  "weights: T (weight_format dtype) or uint8 blocks")] if blocked else []),
              attributes=attrs)
 
 

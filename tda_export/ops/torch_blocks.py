@@ -1,0 +1,48 @@
+"""Block-quantized SparseGatedMLP weights in torch (any device): the weight check every torch realization
+runs, and dequantization to the contract's exact float32 values (tests check it bit for bit against
+ops/blocks.py, the numpy reference)."""
+from __future__ import annotations
+
+import torch
+
+from .blocks import block_format, row_bytes
+from .contract import BLOCK_FORMATS, QUANT_BLOCK, SPARSE_GATED_MLP
+
+
+def check_weights(hidden: torch.Tensor, gate_up: torch.Tensor, down_t: torch.Tensor, weight_format: str) -> None:
+    """gate_up_weight / down_weight_t against hidden_states and weight_format (contract: float T [I, 2, H] /
+    [I, H], or uint8 [I, 2, H/32*block_bytes] / [I, H/32*block_bytes]); ValueError/TypeError naming the tensor."""
+    SPARSE_GATED_MLP.check_attrs({"weight_format": weight_format})
+    hidden_size = hidden.shape[-1]
+    inter = gate_up.shape[0] if gate_up.dim() == 3 else -1
+    if weight_format == "dtype":
+        width, dtype, what = hidden_size, hidden.dtype, "H"
+    else:
+        width, dtype = row_bytes(weight_format, hidden_size), torch.uint8
+        what = f"H/{QUANT_BLOCK}*{BLOCK_FORMATS[weight_format].block_bytes}"
+    for name, t, shape in (("gate_up_weight", gate_up, [inter, 2, width]), ("down_weight_t", down_t, [inter, width])):
+        if list(t.shape) != shape:
+            want = "[I, 2, W]" if name == "gate_up_weight" else "[I, W]"
+            raise ValueError(f"{name} has shape {list(t.shape)}, expected {want} with W = {what} = {width} "
+                             f"(weight_format {weight_format}, H={hidden_size} from hidden_states"
+                             + (f", I={inter} from gate_up_weight)" if inter >= 0 else ")"))
+        if t.dtype != dtype:
+            raise TypeError(f"{name} is {t.dtype}; weight_format {weight_format} needs {dtype}")
+
+
+def dequantize(weight_format: str, blocks: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., H/32*block_bytes] -> float32 [..., H]: the block format's dequantize, exactly (fp16 fields read
+    little-endian, as GGUF stores them)."""
+    fmt = block_format(weight_format)
+    flat = blocks.reshape(-1, fmt.block_bytes)
+    d = flat[:, 0:2].contiguous().view(torch.float16).float()        # [n, 1]
+    if weight_format == "q8_0":
+        w = d * flat[:, 2:].contiguous().view(torch.int8).float()
+    else:
+        qs = flat[:, 4 if weight_format == "q4_1" else 2:]
+        q = torch.cat([qs & 15, qs >> 4], dim=1).float()              # weight k low nibble, k + 16 high
+        if weight_format == "q4_0":
+            w = d * (q - 8)
+        else:
+            w = d * q + flat[:, 2:4].contiguous().view(torch.float16).float()
+    return w.reshape(*blocks.shape[:-1], blocks.shape[-1] // fmt.block_bytes * QUANT_BLOCK)
