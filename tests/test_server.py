@@ -306,15 +306,16 @@ def test_serve_cli_refuses_a_busy_port_before_loading(tmp_path):
 
     from tda_export.cli import main
 
+    not_an_engine = tmp_path / "not-an-engine"  # exists (click checks that first), but loading it would fail
+    not_an_engine.mkdir()
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen(1)
     try:
-        r = CliRunner().invoke(main, ["serve", "-e", str(tmp_path / "no-such-engine"), "--port",
-                                      str(busy.getsockname()[1])])
+        r = CliRunner().invoke(main, ["serve", "-e", str(not_an_engine), "--port", str(busy.getsockname()[1])])
     finally:
         busy.close()
-    assert r.exit_code == 2 and "cannot listen" in r.output and "no-such-engine" not in r.output
+    assert r.exit_code == 2 and "cannot listen" in r.output and "not-an-engine" not in r.output
     assert "Traceback" not in r.output
 
 
