@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels  # noqa: F401  (registers the tda_kernels:: ops)
+from ..ops.torch_ops import mask_from_state
 from .torch_decoder import TorchDecoder
 
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu,
@@ -63,11 +64,7 @@ class TdaMLP:
 
     def _dense_mask(self, idx: torch.Tensor, cnt: torch.Tensor) -> torch.Tensor | None:
         B, inter = idx.shape
-        keep = torch.arange(inter, device=idx.device)[None, :] < cnt[:, None]
-        # padding entries (index 0) go to a spare column I, so they never clear a real neuron 0
-        mask = torch.zeros(B, inter + 1, dtype=torch.bool, device=idx.device)
-        mask.scatter_(1, torch.where(keep, idx.long(), inter), True)
-        mask = mask[:, :inter]
+        mask = mask_from_state(idx, cnt, inter)
         if B <= CPU_KERNEL_MAX_BATCH and mask.any(0).float().mean() <= CPU_DENSE_ABOVE:
             return None
         return mask.to(self.net.dtype)[:, None, :]
