@@ -5,7 +5,8 @@ request and the machine (no torch, no ONNX Runtime, no compiler; tests drive it 
 1. torch with the CUDA kernels, unless device="cpu": the only backend that decodes sparsely on a GPU;
 2. the native C++ runtime on a CPU, for the engines it runs (float32, weights in model.safetensors): it
    decodes faster than torch and ONNX Runtime at every density (bench/RESULTS.md, native section), and
-   its per-layer rule (cpp/src/cpu_executor.h kDenseAbove) keeps TDA from decoding slower than dense;
+   its per-layer rule (cpp/src/cpu_executor.h kDenseAbove) decodes a layer densely once most of its
+   neurons are active, which bounds TDA's cost there (d=0.9 measured 0.97x of dense, README);
 3. else whichever of torch and ONNX Runtime decodes faster here, measured once and cached (choose.py).
 Engines from before the decoder_spec run only on ONNX Runtime. An explicit backend is taken as asked.
 
