@@ -92,19 +92,69 @@ def run(engine_dir, prompt, max_new_tokens, temperature, top_k, top_p, stop, see
               help="Seconds a client may take to send a request body before it gets 408.")
 @THREADS
 @BACKEND
-def serve(engine_dir, host, port, queue_size, max_request, max_batch, model_name, body_timeout, threads, backend):
+@click.option("--ray", "on_ray", is_flag=True,
+              help="Run the same app as replicas of a Ray Serve deployment (needs the ray extra: pip install "
+                   "'tda-export[ray]'); --host/--port are then those of Ray Serve's HTTP proxy, which routes to the "
+                   "replicas. The engine directory is opened by each replica on its own node: it must be readable "
+                   "at the same absolute path on every node (a shared filesystem, or the same copy everywhere).")
+@click.option("--address", default=None,
+              help="(--ray) Ray cluster to deploy on: the head's HOST:6379 that `ray start --head` prints, or "
+                   "'auto' on a cluster node [none: start Ray on this machine, stopped on exit].")
+@click.option("--replicas", type=click.IntRange(0), default=None,
+              help="(--ray) Replicas, each one engine with its own scheduler [1]; with autoscaling, the initial count.")
+@click.option("--min-replicas", type=click.IntRange(0), default=None,
+              help="(--ray) Autoscale: fewest replicas [1 when --max-replicas is given].")
+@click.option("--max-replicas", type=click.IntRange(1), default=None,
+              help="(--ray) Autoscale: most replicas [--min-replicas or --replicas].")
+@click.option("--target-ongoing-requests", type=click.FloatRange(0, min_open=True), default=None,
+              help="(--ray) Autoscale: requests per replica Ray Serve scales to keep [--max-batch].")
+@click.option("--max-ongoing-requests", type=click.IntRange(1), default=None,
+              help="(--ray) Requests one replica holds at once; the proxies queue the rest and route them to the "
+                   "least busy replica [2 x --max-batch].")
+@click.option("--replica-cpus", type=click.FloatRange(0), default=1.0, show_default=True,
+              help="(--ray) CPUs Ray reserves per replica (set --threads to match).")
+@click.option("--replica-gpus", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="(--ray) GPUs Ray reserves per replica.")
+@click.option("--max-replicas-per-node", type=click.IntRange(1), default=None,
+              help="(--ray) At most this many replicas on one node (1 spreads them over the nodes).")
+def serve(engine_dir, host, port, queue_size, max_request, max_batch, model_name, body_timeout, threads, backend,
+          on_ray, address, replicas, min_replicas, max_replicas, target_ongoing_requests, max_ongoing_requests,
+          replica_cpus, replica_gpus, max_replicas_per_node):
     """Serve an OpenAI-compatible API: /v1/completions, /v1/chat/completions (SSE streaming), /v1/models,
     /health, /metrics.
 
     Requests may carry a "density" field (0-1] to change TDA sparsity per request. Completions support
     logprobs and echo (prompt-token logprobs, so lm-eval's local-completions can score loglikelihoods).
 
+    With --ray the app runs as replicas on a Ray cluster: Ray Serve's proxy routes requests (streams
+    included) to them, restarts a replica that dies or fails its health check, and autoscales between
+    --min-replicas and --max-replicas; each replica's /metrics is exported, tagged with its replica id,
+    by Ray's metrics agent on its node (docs/server.md).
+
     \b
     Example:
       tda-export serve -e engine/ --port 8000
       curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
            -d '{"prompt": "Once upon a time", "max_tokens": 16}'
+      ray start --head   # then, on every other node: ray start --address HEAD:6379
+      tda-export serve --ray --address auto -e /shared/engine --host 0.0.0.0 --replicas 2
     """
+    from .runtime.replicas import ReplicaPlan
+
+    plan = ReplicaPlan(replicas, min_replicas, max_replicas, target_ongoing_requests, max_ongoing_requests,
+                       replica_cpus, replica_gpus, max_replicas_per_node)
+    if on_ray:
+        return _serve_on_ray(engine_dir, host, port, plan, address, backend=backend, threads=threads,
+                             max_batch=max_batch, queue_size=queue_size, max_request=max_request,
+                             model_name=model_name, body_timeout=body_timeout)
+    given = [flag for flag, value in [("--address", address), ("--replicas", replicas), ("--min-replicas", min_replicas),
+                                      ("--max-replicas", max_replicas),
+                                      ("--target-ongoing-requests", target_ongoing_requests),
+                                      ("--max-ongoing-requests", max_ongoing_requests),
+                                      ("--max-replicas-per-node", max_replicas_per_node)] if value is not None]
+    given += [f for f, v, d in [("--replica-cpus", replica_cpus, 1.0), ("--replica-gpus", replica_gpus, 0.0)] if v != d]
+    if given:
+        raise UserError(f"{', '.join(given)} only apply with --ray")
     from .runtime.server import Server, bind_socket
 
     try:
@@ -121,6 +171,31 @@ def serve(engine_dir, host, port, queue_size, max_request, max_batch, model_name
         server.serve_forever()
     except KeyboardInterrupt:
         pass
+
+
+def _serve_on_ray(engine_dir, host, port, plan, address, **replica_kwargs):
+    import os
+
+    from .runtime.server import bind_socket
+
+    try:
+        plan.options(replica_kwargs["max_batch"])
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    try:
+        from .runtime.ray_serve import run_on_ray
+    except ImportError as e:
+        raise UserError(f"serve --ray needs Ray Serve ({e}): pip install 'tda-export[ray]'") from None
+    if address is None:  # Ray's proxy will listen here: say now if the port is taken, not after Ray started
+        try:
+            bind_socket(host, port).close()
+        except OSError as e:
+            raise UserError(f"{e} (is another server running? pick another --port)") from None
+    try:
+        run_on_ray(os.path.abspath(engine_dir), plan, host, port, address, lambda m: click.echo(m, err=True),
+                   **replica_kwargs)
+    except (RuntimeError, ConnectionError, ValueError) as e:
+        raise UserError(str(e)) from None
 
 
 @click.command()
