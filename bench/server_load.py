@@ -66,11 +66,16 @@ def run_config(engine, max_batch, density, prompts, max_tokens):
     finally:
         srv.shutdown()
         thread.join(timeout=10)
+    return summarize(results, wall, len(prompts))
+
+
+def summarize(results, wall, clients):
+    """Throughput and latency percentiles of one load run (what `load` returned)."""
     ok = [r for r in results if r["status"] == 200 and r["done"]]
     lat = np.array([r["latency"] for r in ok])
     ttft = np.array([r["ttft"] for r in ok if r["ttft"] is not None])
     tokens = sum(r["tokens"] for r in ok)
-    return {"complete": len(ok), "clients": len(prompts), "tokens": tokens, "wall_s": wall,
+    return {"complete": len(ok), "clients": clients, "tokens": tokens, "wall_s": wall,
             "tok_s": tokens / wall, "p50_s": float(np.percentile(lat, 50)), "p99_s": float(np.percentile(lat, 99)),
             "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p99_s": float(np.percentile(ttft, 99))}
 

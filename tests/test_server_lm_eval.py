@@ -89,38 +89,46 @@ def served(served_engine_dir):
         proc.wait(timeout=20)
 
 
-def test_lm_eval_local_completions_loglikelihood_and_generate_until(served, served_engine_dir, tmp_path,
-                                                                     monkeypatch):
+def run_lm_eval(base_url: str, engine_dir, tmp_path, monkeypatch, tasks=("tda_tiny_choice", "tda_tiny_gen")) -> dict:
+    """lm-eval's `local-completions` against `base_url` (…/v1/completions), offline, on the tasks of DOCS."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(var, "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
-    engine, port = served
     data = tmp_path / "docs.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    (tasks / "choice.yaml").write_text(LOGLIKELIHOOD_TASK.format(data=data))
-    (tasks / "gen.yaml").write_text(GENERATE_TASK.format(data=data))
-    model_args = (f"model=llama,base_url=http://127.0.0.1:{port}/v1/completions,"
-                  f"tokenizer_backend=huggingface,tokenizer={served_engine_dir},batch_size=4,"
+    task_dir = tmp_path / "tasks"
+    task_dir.mkdir(exist_ok=True)
+    (task_dir / "choice.yaml").write_text(LOGLIKELIHOOD_TASK.format(data=data))
+    (task_dir / "gen.yaml").write_text(GENERATE_TASK.format(data=data))
+    model_args = (f"model=llama,base_url={base_url},"
+                  f"tokenizer_backend=huggingface,tokenizer={engine_dir},batch_size=4,"
                   f"num_concurrent=1,max_retries=1,tokenized_requests=True")
-    out = simple_evaluate(model="local-completions", model_args=model_args, tasks=["tda_tiny_choice", "tda_tiny_gen"],
-                          task_manager=TaskManager(include_path=str(tasks), include_defaults=False), log_samples=True, bootstrap_iters=0)
+    return simple_evaluate(model="local-completions", model_args=model_args, tasks=list(tasks),
+                           task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+                           log_samples=True, bootstrap_iters=0)
+
+
+def loglikelihoods(out: dict) -> list[tuple[str, str, float]]:
+    """(context, continuation, loglikelihood) of every choice lm-eval scored on tda_tiny_choice, in its order."""
+    return [(*_args(args), resp[0][0]) for sample in out["samples"]["tda_tiny_choice"]
+            for args, resp in zip(sample["arguments"], sample["resps"])]
+
+
+def test_lm_eval_local_completions_loglikelihood_and_generate_until(served, served_engine_dir, tmp_path,
+                                                                     monkeypatch):
+    engine, port = served
+    out = run_lm_eval(f"http://127.0.0.1:{port}/v1/completions", served_engine_dir, tmp_path, monkeypatch)
     assert 0.0 <= out["results"]["tda_tiny_choice"]["acc,none"] <= 1.0
     assert "exact_match,none" in out["results"]["tda_tiny_gen"]
 
     tok = engine.tokenizer
-    checked = 0
-    for sample in out["samples"]["tda_tiny_choice"]:
-        for args, resp in zip(sample["arguments"], sample["resps"]):
-            context, continuation = _args(args)
-            ll, _greedy = resp[0]
-            assert abs(ll - _direct_loglikelihood(engine, tok, context, continuation)) < 1e-4
-            checked += 1
-    assert checked == sum(len(d["choices"]) for d in DOCS)
+    scored = loglikelihoods(out)
+    for context, continuation, ll in scored:
+        assert abs(ll - _direct_loglikelihood(engine, tok, context, continuation)) < 1e-4
+    assert len(scored) == sum(len(d["choices"]) for d in DOCS)
 
     for sample in out["samples"]["tda_tiny_gen"]:
         context = _args(sample["arguments"][0])[0]

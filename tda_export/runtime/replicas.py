@@ -89,13 +89,16 @@ class HealthWatch:
 
     def __init__(self, stall_seconds: float = 120.0):
         self.stall_seconds = stall_seconds
-        self._batches: int | None = None
-        self._since = 0.0
+        self._batches: int | None = None   # batches finished when the clock (re)started
+        self._since: float | None = None   # when work was last seen waiting with no batch finished since
 
     def check(self, alive: bool, busy: bool, batches: int, now: float) -> None:
         if not alive:
             raise ReplicaUnhealthy("the scheduler thread is not running")
-        if not busy or batches != self._batches:
+        if not busy:
+            self._since = None
+            return
+        if self._since is None or batches != self._batches:
             self._batches, self._since = batches, now
             return
         if now - self._since > self.stall_seconds:
