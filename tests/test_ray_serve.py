@@ -102,17 +102,18 @@ def engine(served_engine_dir):
 
 
 def prompts_and_texts(engine, n: int, seed: int, max_tokens: int) -> tuple[list[list[int]], list[str]]:
-    """n random token prompts whose greedy texts (from the engine in this process, in batches of 8 as the
-    replicas batch) are non-empty and pairwise distinct, so a response carrying another's text cannot pass."""
+    """n random token prompts whose greedy texts (each prompt alone, from the engine in this process: what the
+    replicas' batching must reproduce) are non-empty and pairwise distinct, so a response carrying another's
+    text cannot pass."""
     rng = np.random.default_rng(seed)
     vocab = engine.manifest["vocab_size"]
     ps, texts = [], []
     while len(ps) < n:
-        batch = [rng.integers(5, vocab, size=int(rng.integers(4, 12))).tolist() for _ in range(8)]
-        for p, t in zip(batch, generate(engine, batch, SamplingParams(max_new_tokens=max_tokens))):
-            if t and t not in texts and len(ps) < n:
-                ps.append(p)
-                texts.append(t)
+        p = rng.integers(5, vocab, size=int(rng.integers(4, 12))).tolist()
+        t = generate(engine, [p], SamplingParams(max_new_tokens=max_tokens))[0]
+        if t and t not in texts:
+            ps.append(p)
+            texts.append(t)
     return ps, texts
 
 
@@ -184,9 +185,9 @@ def test_lm_eval_through_ray_scores_as_through_serve(cluster, served, served_eng
 
 def test_killed_replica_is_replaced_and_no_request_hangs(cluster, engine):
     """16 streams (httpx, to see each one's replica as soon as its headers come) and 16 non-streaming requests
-    (the openai client, which retries 5xx and connection errors) of 300 tokens; once every stream has started,
+    (the openai client, which retries 5xx and connection errors) of 200 tokens; once every stream has started,
     SIGKILL the replica holding the most streams."""
-    ps, want = prompts_and_texts(engine, 32, seed=2, max_tokens=300)
+    ps, want = prompts_and_texts(engine, 32, seed=2, max_tokens=200)
     before = replicas()
     heads, streams, plain = {}, {}, {}
 
@@ -194,7 +195,7 @@ def test_killed_replica_is_replaced_and_no_request_hangs(cluster, engine):
         t0 = time.time()
         try:
             with httpx.stream("POST", f"{cluster.url}/v1/completions", timeout=60,
-                              json={"prompt": ps[i], "max_tokens": 300, "temperature": 0, "stream": True}) as r:
+                              json={"prompt": ps[i], "max_tokens": 200, "temperature": 0, "stream": True}) as r:
                 heads[i] = r.headers["x-tda-replica"]
                 text, done = "", False
                 for line in r.iter_lines():
@@ -209,7 +210,7 @@ def test_killed_replica_is_replaced_and_no_request_hangs(cluster, engine):
     def complete(client, i):
         t0 = time.time()
         try:
-            r = client.completions.create(model=engine.manifest["model"], prompt=ps[i], max_tokens=300, temperature=0)
+            r = client.completions.create(model=engine.manifest["model"], prompt=ps[i], max_tokens=200, temperature=0)
             plain[i] = ("done", r.choices[0].text, time.time() - t0)
         except openai.APIError as e:
             plain[i] = ("error", f"{type(e).__name__}: {e}", time.time() - t0)

@@ -155,9 +155,9 @@ def run_on_ray(engine_dir: str, plan: ReplicaPlan, host: str, port: int, address
     def stop(*_):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
     app = application(os.path.abspath(engine_dir), plan, max_batch, **replica_kwargs)  # options checked first
     ray.init(address=address, logging_level="warning", log_to_driver=False)
+    signal.signal(signal.SIGTERM, stop)  # after ray.init, which installs its own
     try:
         serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
         log(f"deploying {plan.describe()} of {engine_dir} on Ray "
