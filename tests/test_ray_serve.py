@@ -260,13 +260,14 @@ def test_killed_replica_is_replaced_and_no_request_hangs(cluster, engine):
 
 
 def test_cli_serve_ray_deploys_on_the_cluster_and_removes_its_app(cluster, served_engine_dir):
-    """`tda-export serve --ray --address` onto the running cluster (redeploying the app with one replica), a
-    request through it, then SIGTERM: the CLI deletes the app and exits 0."""
+    """`tda-export serve --ray --address` onto the running cluster (redeploying the app, autoscaling between one
+    and two replicas: Ray accepts the autoscaling config and starts at the minimum), a request through it, then
+    SIGTERM: the CLI deletes the app and exits 0."""
     from ray import serve
 
     proc = subprocess.Popen([sys.executable, "-m", "tda_export", "serve", "--ray", "--address", cluster.address,
-                             "-e", str(served_engine_dir), "--port", str(cluster.port), "--replicas", "1",
-                             "--replica-cpus", "0.5", "--backend", "onnxruntime", "--threads", "1"],
+                             "-e", str(served_engine_dir), "--port", str(cluster.port), "--min-replicas", "1",
+                             "--max-replicas", "2", "--replica-cpus", "0.5", "--backend", "onnxruntime", "--threads", "1"],
                             stderr=subprocess.PIPE, text=True)
     lines = []
     try:
@@ -275,11 +276,11 @@ def test_cli_serve_ray_deploys_on_the_cluster_and_removes_its_app(cluster, serve
             if "serving on http://" in line:
                 break
         assert proc.poll() is None, "".join(lines)
-        assert f"http://127.0.0.1:{cluster.port}" in lines[-1] and "1 replica(s)" in lines[-1]
+        assert f"http://127.0.0.1:{cluster.port}" in lines[-1] and "1-2 replicas (autoscaling)" in lines[-1]
         threading.Thread(target=proc.stderr.read, daemon=True).start()
         r = httpx.post(f"{cluster.url}/v1/completions", json={"prompt": "the quick", "max_tokens": 4}, timeout=30)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
-        wait_for(lambda: len(replicas()) == 1, 60, "the redeployed app to have one replica")
+        wait_for(lambda: len(replicas()) == 1, 60, "the autoscaled app to settle at its minimum, one replica")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         assert "tda" not in serve.status().applications

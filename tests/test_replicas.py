@@ -5,7 +5,8 @@ import pytest
 from click.testing import CliRunner
 
 from tda_export.cli import main
-from tda_export.runtime.replicas import CounterDeltas, HealthWatch, ReplicaPlan, ReplicaUnhealthy, metric_samples
+from tda_export.runtime.replicas import (CounterDeltas, HealthWatch, ReplicaPlan, ReplicaUnhealthy, failure_reason,
+                                        metric_samples)
 from tda_export.runtime.scheduler import Scheduler
 from tda_export.runtime.server import render_metrics
 
@@ -86,3 +87,25 @@ def test_counter_deltas():
 def test_serve_cli_refuses_contradicting_replica_flags(served_engine_dir, args, words):
     r = CliRunner().invoke(main, ["serve", "-e", str(served_engine_dir), *args])
     assert r.exit_code != 0 and words in r.output and "Traceback" not in r.output
+
+
+# A deployment failure as Ray Serve 2.60 reports it (serve.run's error, then the deployment's status message)
+RAY_FAILURE = [
+    "Deploying application tda failed: Failed to update the deployments ['TdaReplica'].",
+    "The deployment failed to start 3 times in a row. This may be due to a problem with its constructor or initial "
+    "health check failing. See controller logs for details. Error:\n"
+    "ray::ServeReplica:tda:TdaReplica.initialize_and_get_metadata() (pid=18057, ip=192.0.2.2)\n"
+    '  File "ray/serve/_private/replica.py", line 1928, in initialize\n'
+    "    raise RuntimeError(traceback.format_exc()) from None\n"
+    "RuntimeError: Traceback (most recent call last):\n"
+    '  File "tda_export/runtime/engine.py", line 46, in load\n'
+    "    raise EngineError(str(e)) from None\n"
+    "tda_export.runtime.errors.EngineError: manifest /x/manifest.json: format None, expected 'tda-export-manifest/1'",
+]
+
+
+def test_failure_reason_is_the_replicas_own_error():
+    assert failure_reason(RAY_FAILURE) == ("EngineError: manifest /x/manifest.json: format None, expected "
+                                           "'tda-export-manifest/1'")
+    assert failure_reason(RAY_FAILURE[:1]) == RAY_FAILURE[0]
+    assert failure_reason(["", ""]) == "no reason given"

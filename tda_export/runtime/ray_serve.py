@@ -20,7 +20,7 @@ import time
 from ray import serve
 
 from .engine import Engine
-from .replicas import CounterDeltas, HealthWatch, ReplicaPlan, metric_samples
+from .replicas import CounterDeltas, HealthWatch, ReplicaPlan, failure_reason, metric_samples
 from .scheduler import Scheduler
 from .server import BODY_TIMEOUT, MAX_BODY, MAX_REQUEST, QUEUE_SIZE, create_app, render_metrics
 
@@ -148,11 +148,15 @@ def run_on_ray(engine_dir: str, plan: ReplicaPlan, host: str, port: int, address
     """Deploy on the Ray cluster at `address` (None: start Ray on this machine for as long as this runs), serve
     until interrupted (Ctrl-C or SIGTERM), then delete the application. RuntimeError when the deployment fails
     (a replica could not load the engine, say), with Ray's reason."""
+    import logging
     import signal
 
     import ray
 
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+
     def stop(*_):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: stopping Ray must not be interrupted again
         raise KeyboardInterrupt
 
     app = application(os.path.abspath(engine_dir), plan, max_batch, **replica_kwargs)  # options checked first
@@ -165,7 +169,9 @@ def run_on_ray(engine_dir: str, plan: ReplicaPlan, host: str, port: int, address
         try:
             serve.run(app, name=APP_NAME, route_prefix="/")
         except RuntimeError as e:
-            raise RuntimeError(_deploy_failure(str(e))) from None
+            status = serve.status().applications.get(APP_NAME)
+            details = [d.message for d in status.deployments.values()] if status else []
+            raise RuntimeError(f"the Ray Serve deployment failed: {failure_reason([str(e), *details])}") from None
         log(f"serving on http://{host}:{port} through Ray Serve's proxy ({plan.describe()}; "
             f"{REPLICA_HEADER} names the replica of each response); Ctrl-C stops")
         try:
@@ -173,16 +179,8 @@ def run_on_ray(engine_dir: str, plan: ReplicaPlan, host: str, port: int, address
                 time.sleep(3600)
         except KeyboardInterrupt:
             pass
-        serve.delete(APP_NAME)
+        if address is not None:  # on a cluster that outlives us: remove our app; a local Ray goes with ray.shutdown
+            log("stopping: deleting the application from the cluster")
+            serve.delete(APP_NAME)
     finally:
-        if address is None:
-            serve.shutdown()
         ray.shutdown()
-
-
-def _deploy_failure(message: str) -> str:
-    """Ray's deployment failure as one line: its last exception line (the replica's own error), not the trace."""
-    lines = [l.strip() for l in message.splitlines() if l.strip()]
-    errors = [l for l in lines if ("Error:" in l or "Exception:" in l) and not l.startswith("File ")]
-    reason = errors[-1] if errors else (lines[-1] if lines else "unknown reason")
-    return f"the Ray Serve deployment failed: {reason}"

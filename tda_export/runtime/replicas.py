@@ -6,6 +6,7 @@ flags checked) where Ray is not installed.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -137,3 +138,15 @@ class CounterDeltas:
         last = self._last.get(key, 0.0)
         self._last[key] = max(last, total)
         return max(0.0, total - last)
+
+
+def failure_reason(messages: list[str]) -> str:
+    """Why a deployment failed, in one line, from Ray's messages (its error, then each deployment's status
+    message, which holds the replica constructor's traceback): the last exception line of the last message
+    that has one, its class without the module path ("EngineError: manifest …"); else the first message."""
+    for message in reversed(messages):
+        for line in reversed(message.splitlines()):
+            m = re.match(r"\s*(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)", line)
+            if m and not m.group(2).startswith("Traceback"):
+                return f"{m.group(1)}: {m.group(2).strip()}"
+    return next((m.strip() for m in messages if m.strip()), "no reason given")
