@@ -57,15 +57,23 @@ def replicas() -> dict[str, tuple[int, str]]:
     return out
 
 
-def wait_for(check, timeout: float, what: str):
+def wait_for(check, timeout: float, what: str, seen=lambda: ""):
     deadline = time.time() + timeout
     while True:
         got = check()
         if got:
             return got
         if time.time() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what} {seen()}")
         time.sleep(0.25)
+
+
+def deployment_config() -> dict:
+    """The app's deployment config as the Serve controller holds it (what its REST API shows)."""
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()
+    return details["applications"]["tda"]["deployments"]["TdaReplica"]["deployment_config"]
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +136,23 @@ def ray_metric(port: int, name: str) -> dict[str, float]:
     return out
 
 
+def test_replica_health_check_follows_the_scheduler_thread(engine):
+    """check_health as Ray Serve calls it, on a real scheduler: healthy while its thread runs, not before it
+    starts or after it stops (and so a scheduler whose thread died gets its replica replaced)."""
+    from tda_export.runtime.ray_serve import TdaReplica
+    from tda_export.runtime.replicas import HealthWatch, ReplicaUnhealthy
+    from tda_export.runtime.scheduler import Scheduler
+
+    replica = SimpleNamespace(scheduler=Scheduler(engine), watch=HealthWatch())
+    with pytest.raises(ReplicaUnhealthy, match="scheduler thread is not running"):
+        TdaReplica.check_health(replica)
+    replica.scheduler.start()
+    TdaReplica.check_health(replica)
+    replica.scheduler.stop()
+    with pytest.raises(ReplicaUnhealthy, match="scheduler thread is not running"):
+        TdaReplica.check_health(replica)
+
+
 def test_two_nodes_64_concurrent_streams_each_get_their_own_text(cluster, engine):
     alive = replicas()
     assert len(alive) == 2 and len({node for _, node in alive.values()}) == 2, alive  # one replica per node
@@ -159,12 +184,16 @@ def test_two_nodes_64_concurrent_streams_each_get_their_own_text(cluster, engine
     # each replica's /metrics, mirrored into Ray, is exported by the metrics agent of the node it runs on
     tokens = sum(n for _, _, n in got)
 
+    last = []
+
     def exported():
         per_node = [ray_metric(p, "tda_generated_tokens_total") for p in cluster.metrics_ports]
+        last[:] = per_node
         merged = {k: v for node in per_node for k, v in node.items()}
         return per_node if set(merged) == set(alive) and sum(merged.values()) == tokens else None
 
-    per_node = wait_for(exported, 30, f"both replicas' tda_generated_tokens_total to add up to {tokens}")
+    per_node = wait_for(exported, 60, f"both replicas' tda_generated_tokens_total to add up to {tokens}",
+                        lambda: f"(exported per node: {last})")
     assert all(len(node) == 1 for node in per_node)  # one replica per node, each exported where it runs
     text = httpx.get(f"{cluster.url}/metrics", timeout=10)
     assert text.headers["x-tda-replica"] in alive and "tda_generated_tokens_total" in text.text
@@ -261,8 +290,8 @@ def test_killed_replica_is_replaced_and_no_request_hangs(cluster, engine):
 
 def test_cli_serve_ray_deploys_on_the_cluster_and_removes_its_app(cluster, served_engine_dir):
     """`tda-export serve --ray --address` onto the running cluster (redeploying the app, autoscaling between one
-    and two replicas: Ray accepts the autoscaling config and starts at the minimum), a request through it, then
-    SIGTERM: the CLI deletes the app and exits 0."""
+    and two replicas: the Serve controller holds that config), a request through it, then SIGTERM: the CLI
+    deletes the app and exits 0."""
     from ray import serve
 
     proc = subprocess.Popen([sys.executable, "-m", "tda_export", "serve", "--ray", "--address", cluster.address,
@@ -280,10 +309,28 @@ def test_cli_serve_ray_deploys_on_the_cluster_and_removes_its_app(cluster, serve
         threading.Thread(target=proc.stderr.read, daemon=True).start()
         r = httpx.post(f"{cluster.url}/v1/completions", json={"prompt": "the quick", "max_tokens": 4}, timeout=30)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
-        wait_for(lambda: len(replicas()) == 1, 60, "the autoscaled app to settle at its minimum, one replica")
+        scaling = deployment_config()["autoscaling_config"]
+        assert (scaling["min_replicas"], scaling["max_replicas"], scaling["target_ongoing_requests"]) == (1, 2, 8)
+        assert 1 <= len(replicas()) <= 2
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         assert "tda" not in serve.status().applications
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_app_builder_for_rays_own_cli(served_engine_dir):
+    """`serve run tda_export.runtime.ray_serve:app_builder engine=DIR replicas=2 …`: Ray passes strings."""
+    from ray.serve import Application
+
+    from tda_export.runtime.ray_serve import app_builder
+
+    assert isinstance(app_builder({"engine": str(served_engine_dir), "replicas": "2", "max_batch": "4",
+                                   "backend": "onnxruntime", "replica_cpus": "0.5"}), Application)
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) \['replica'\]"):
+        app_builder({"engine": str(served_engine_dir), "replica": "2"})
+    with pytest.raises(ValueError, match="needs engine=DIR"):
+        app_builder({"replicas": "2"})
+    with pytest.raises(ValueError, match="--min-replicas 3 and --max-replicas 2"):
+        app_builder({"engine": str(served_engine_dir), "min_replicas": "3", "max_replicas": "2"})

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import time
 
+import ray
 from ray import serve
 
 from .engine import Engine
@@ -49,12 +51,11 @@ class TdaReplica:
 
     async def __serve_build_asgi_app__(self):
         self._mirror_task = asyncio.get_running_loop().create_task(self._mirror_metrics())
-        import ray
-
         me = {"replica": self.replica_id, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
         return _name_replica(self.guard, me)
 
     def check_health(self):
+        """Ray Serve's health check (every health_check_period_s); raising gets the replica replaced."""
         s = self.scheduler
         self.watch.check(s._thread.is_alive(), bool(s.depth() or s.running), s.metrics.snapshot()["batches"],
                          time.monotonic())
@@ -63,11 +64,14 @@ class TdaReplica:
         self.scheduler.stop()
 
     async def _mirror_metrics(self):
+        warned = False
         while True:
             try:
                 self.mirror_metrics_once()
-            except Exception:  # noqa: BLE001 - metrics must never take a replica down
-                pass
+            except Exception as e:  # noqa: BLE001 - metrics must never take a replica down; said once in its log
+                if not warned:
+                    logging.getLogger("ray.serve").warning(f"tda metrics not exported to Ray: {type(e).__name__}: {e}")
+                    warned = True
             await asyncio.sleep(self.metrics_seconds)
 
     def mirror_metrics_once(self):
@@ -83,7 +87,9 @@ class TdaReplica:
                                                              tag_keys=keys)
             tags = dict(s.labels)
             if s.kind == "counter":
-                m.inc(self._deltas.delta((s.name, s.labels), s.value), tags=tags or None)
+                step = self._deltas.delta((s.name, s.labels), s.value)
+                if step > 0:  # Ray's Counter.inc refuses 0
+                    m.inc(step, tags=tags or None)
             else:
                 m.set(s.value, tags=tags or None)
 
@@ -148,10 +154,7 @@ def run_on_ray(engine_dir: str, plan: ReplicaPlan, host: str, port: int, address
     """Deploy on the Ray cluster at `address` (None: start Ray on this machine for as long as this runs), serve
     until interrupted (Ctrl-C or SIGTERM), then delete the application. RuntimeError when the deployment fails
     (a replica could not load the engine, say), with Ray's reason."""
-    import logging
     import signal
-
-    import ray
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
 
