@@ -109,3 +109,12 @@ def test_failure_reason_is_the_replicas_own_error():
                                            "'tda-export-manifest/1'")
     assert failure_reason(RAY_FAILURE[:1]) == RAY_FAILURE[0]
     assert failure_reason(["", ""]) == "no reason given"
+
+
+def test_serve_ray_without_ray_says_how_to_get_it(served_engine_dir, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed: `import ray` raises ImportError
+    monkeypatch.delitem(sys.modules, "tda_export.runtime.ray_serve", raising=False)
+    r = CliRunner().invoke(main, ["serve", "--ray", "-e", str(served_engine_dir)])
+    assert r.exit_code != 0 and "pip install 'tda-export[ray]'" in r.output and "Traceback" not in r.output
