@@ -290,12 +290,12 @@ def test_killed_replica_is_replaced_and_no_request_hangs(cluster, engine):
 
 def test_cli_serve_ray_deploys_on_the_cluster_and_removes_its_app(cluster, served_engine_dir):
     """`tda-export serve --ray --address` onto the running cluster (redeploying the app, autoscaling between one
-    and two replicas: the Serve controller holds that config), a request through it, then SIGTERM: the CLI
-    deletes the app and exits 0."""
+    and two replicas: the Serve controller holds that config; another --port, which the running proxies do not
+    take: the CLI says where they are), a request through it, then SIGTERM: the CLI deletes the app and exits 0."""
     from ray import serve
 
     proc = subprocess.Popen([sys.executable, "-m", "tda_export", "serve", "--ray", "--address", cluster.address,
-                             "-e", str(served_engine_dir), "--port", str(cluster.port), "--min-replicas", "1",
+                             "-e", str(served_engine_dir), "--port", str(free_port()), "--min-replicas", "1",
                              "--max-replicas", "2", "--replica-cpus", "0.5", "--backend", "onnxruntime", "--threads", "1"],
                             stderr=subprocess.PIPE, text=True)
     lines = []
@@ -305,6 +305,8 @@ def test_cli_serve_ray_deploys_on_the_cluster_and_removes_its_app(cluster, serve
             if "serving on http://" in line:
                 break
         assert proc.poll() is None, "".join(lines)
+        # Serve already runs on this cluster: its proxies stay where they are, and the CLI says so
+        assert "already running" in lines[-2] and f"127.0.0.1:{cluster.port}" in lines[-2]
         assert f"http://127.0.0.1:{cluster.port}" in lines[-1] and "1-2 replicas (autoscaling)" in lines[-1]
         threading.Thread(target=proc.stderr.read, daemon=True).start()
         r = httpx.post(f"{cluster.url}/v1/completions", json={"prompt": "the quick", "max_tokens": 4}, timeout=30)

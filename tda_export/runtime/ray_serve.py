@@ -175,7 +175,11 @@ def run_on_ray(engine_dir: str, plan: ReplicaPlan, host: str, port: int, address
             status = serve.status().applications.get(APP_NAME)
             details = [d.message for d in status.deployments.values()] if status else []
             raise RuntimeError(f"the Ray Serve deployment failed: {failure_reason([str(e), *details])}") from None
-        log(f"serving on http://{host}:{port} through Ray Serve's proxy ({plan.describe()}; "
+        where = _proxy_address(host, port)
+        if where != (host, port):
+            log(f"note: Ray Serve was already running on this cluster with its proxies on {where[0]}:{where[1]}; "
+                f"--host/--port do not move them")
+        log(f"serving on http://{where[0]}:{where[1]} through Ray Serve's proxy ({plan.describe()}; "
             f"{REPLICA_HEADER} names the replica of each response); Ctrl-C stops")
         try:
             while True:
@@ -187,3 +191,16 @@ def run_on_ray(engine_dir: str, plan: ReplicaPlan, host: str, port: int, address
             serve.delete(APP_NAME)
     finally:
         ray.shutdown()
+
+
+def _proxy_address(host: str, port: int) -> tuple[str, int]:
+    """Where Ray Serve's proxies really listen: serve.start keeps the options of a Serve instance that was
+    already running on the cluster. Read from the controller's details (what Ray's REST API shows); the
+    requested address if Ray does not say."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        http = _get_global_client().get_serve_details().get("http_options") or {}
+        return http.get("host", host), int(http.get("port", port))
+    except Exception:  # noqa: BLE001 - only for the message; Ray's internals may move
+        return host, port
