@@ -45,16 +45,16 @@ def test_contradicting_flags_are_named(plan, words):
 
 def test_health_watch_stall_rule():
     w = HealthWatch(stall_seconds=10)
-    w.check(alive=True, busy=False, batches=0, now=0)
-    w.check(alive=True, busy=False, batches=0, now=100)     # idle for long: healthy
-    w.check(alive=True, busy=True, batches=0, now=105)      # work arrived: the clock starts now
-    w.check(alive=True, busy=True, batches=0, now=114)
-    w.check(alive=True, busy=True, batches=3, now=130)      # progress resets it
-    w.check(alive=True, busy=True, batches=3, now=139)
-    with pytest.raises(ReplicaUnhealthy, match="no batch finished in 11 s"):
-        w.check(alive=True, busy=True, batches=3, now=141)
+    w.check(alive=True, busy=False, progress=(0, 0), now=0)
+    w.check(alive=True, busy=False, progress=(0, 0), now=100)     # idle for long: healthy
+    w.check(alive=True, busy=True, progress=(0, 0), now=105)      # work arrived: the clock starts now
+    w.check(alive=True, busy=True, progress=(0, 0), now=114)
+    w.check(alive=True, busy=True, progress=(0, 16), now=130)     # any counter moving resets it (tokens here)
+    w.check(alive=True, busy=True, progress=(0, 16), now=139)
+    with pytest.raises(ReplicaUnhealthy, match="no progress in 11 s"):
+        w.check(alive=True, busy=True, progress=(0, 16), now=141)
     with pytest.raises(ReplicaUnhealthy, match="scheduler thread is not running"):
-        HealthWatch().check(alive=False, busy=False, batches=0, now=0)
+        HealthWatch().check(alive=False, busy=False, progress=(), now=0)
 
 
 def test_metric_samples_of_the_servers_own_metrics(served_engine_dir):

@@ -37,7 +37,7 @@ class TdaReplica:
 
     def __init__(self, engine_dir: str, backend: str = "auto", threads: int | None = None, max_batch: int = 8,
                  queue_size: int = QUEUE_SIZE, max_request: int = MAX_REQUEST, model_name: str | None = None,
-                 body_timeout: float = BODY_TIMEOUT, stall_seconds: float = 120.0, metrics_seconds: float = 5.0):
+                 body_timeout: float = BODY_TIMEOUT, stall_seconds: float = 600.0, metrics_seconds: float = 5.0):
         self.engine = Engine.load(engine_dir, backend=backend, threads=threads, max_batch=max_batch)
         self.scheduler = Scheduler(self.engine, queue_size, max_batch, max_request=max_request)
         self.scheduler.start()
@@ -57,8 +57,10 @@ class TdaReplica:
     def check_health(self):
         """Ray Serve's health check (every health_check_period_s); raising gets the replica replaced."""
         s = self.scheduler
-        self.watch.check(s._thread.is_alive(), bool(s.depth() or s.running), s.metrics.snapshot()["batches"],
-                         time.monotonic())
+        m = s.metrics.snapshot()
+        progress = tuple(m[k] for k in ("batches", "generated_tokens", "prompt_tokens", "scored_tokens", "cancelled",
+                                        "sequence_errors"))
+        self.watch.check(s._thread.is_alive(), bool(s.depth() or s.running), progress, time.monotonic())
 
     def __del__(self):
         self.scheduler.stop()
@@ -140,7 +142,7 @@ def app_builder(args: dict):
                        p.get("target_ongoing_requests"), p.get("max_ongoing_requests"), p.get("replica_cpus", 1.0),
                        p.get("replica_gpus", 0.0), p.get("max_replicas_per_node"))
     kw = {"backend": str, "threads": int, "max_batch": int, "queue_size": int, "max_request": int,
-          "model_name": str, "body_timeout": float}
+          "model_name": str, "body_timeout": float, "stall_seconds": float}
     unknown = set(args) - set(kw)
     if unknown:
         raise ValueError(f"app_builder: unknown argument(s) {sorted(unknown)}; known: engine, "

@@ -83,27 +83,29 @@ class ReplicaPlan:
 
 
 class HealthWatch:
-    """A replica is healthy while its scheduler thread lives and, whenever it has work, finishes a batch at
-    least every `stall_seconds` (a decode step that hangs, e.g. a wedged accelerator, makes it unhealthy;
-    an idle replica is not). Ray Serve calls the check every health_check_period_s and restarts the replica
-    after it raises."""
+    """A replica is healthy while its scheduler thread lives and, whenever it has work, makes progress: some
+    scheduler counter (batches, tokens generated, prompt tokens, scored tokens, cancellations, errors) moves at
+    least every `stall_seconds`. A decode that hangs (a wedged accelerator, a deadlock) makes it unhealthy; an
+    idle replica is not. The counters move when a batch (or, with continuous batching, a join or a sequence)
+    ends, so the limit must exceed the longest batch an engine may run: 600 s by default. Ray Serve calls the
+    check every health_check_period_s and replaces the replica after it raises."""
 
-    def __init__(self, stall_seconds: float = 120.0):
+    def __init__(self, stall_seconds: float = 600.0):
         self.stall_seconds = stall_seconds
-        self._batches: int | None = None   # batches finished when the clock (re)started
-        self._since: float | None = None   # when work was last seen waiting with no batch finished since
+        self._progress = None              # the counters when the clock (re)started
+        self._since: float | None = None   # when work was last seen waiting with no progress since
 
-    def check(self, alive: bool, busy: bool, batches: int, now: float) -> None:
+    def check(self, alive: bool, busy: bool, progress, now: float) -> None:
         if not alive:
             raise ReplicaUnhealthy("the scheduler thread is not running")
         if not busy:
             self._since = None
             return
-        if self._since is None or batches != self._batches:
-            self._batches, self._since = batches, now
+        if self._since is None or progress != self._progress:
+            self._progress, self._since = progress, now
             return
         if now - self._since > self.stall_seconds:
-            raise ReplicaUnhealthy(f"work is waiting but no batch finished in {now - self._since:.0f} s "
+            raise ReplicaUnhealthy(f"work is waiting but the scheduler made no progress in {now - self._since:.0f} s "
                                    f"(stall limit {self.stall_seconds:g} s)")
 
 
