@@ -167,6 +167,7 @@ def _summary(directory: Path, data: dict) -> None:
     click.echo(f"shape      layers {g('num_layers')}  hidden {g('hidden_size')}  intermediate "
                f"{g('intermediate_size')}  heads {g('num_heads')}/{g('num_kv_heads')}x{g('head_dim')}  "
                f"vocab {g('vocab_size')}  context {g('max_context')}")
+    _show_formats(data)
     click.echo(f"thresholds {cal.get('selected', cal)}: {cal.get('thresholds', 'all 0 (dense)')}")
     for kind in ("inputs", "outputs"):
         for v in (data.get("io") or {}).get(kind, []):
@@ -187,6 +188,21 @@ def _summary(directory: Path, data: dict) -> None:
                        f"{ {k: v for k, v in attrs.items() if k != 'plugin_namespace'} }")
     if isinstance(data.get("tensorrt"), dict):
         _show_tensorrt(data["tensorrt"])
+
+
+def _show_formats(data: dict) -> None:
+    """weights: the build's choice and how many tensors each format holds; a format held by only a
+    few tensors names them (SmolLM2's Q4_1 GGUF: the q8_0 embedding)."""
+    formats = data.get("weight_formats")
+    if not isinstance(formats, dict):
+        click.echo(f"weights    {data.get('dtype', '?')} (all tensors; built before weight_formats)")
+        return
+    by_format: dict[str, list[str]] = {}
+    for name, fmt in formats.items():
+        by_format.setdefault(str(fmt), []).append(name)
+    parts = [f"{fmt} {len(ts)} tensor{'s' if len(ts) != 1 else ''}" + (f" ({', '.join(ts)})" if len(ts) <= 2 else "")
+             for fmt, ts in sorted(by_format.items(), key=lambda kv: -len(kv[1]))]
+    click.echo(f"weights    {data.get('weights', '?')}: " + ", ".join(parts))
 
 
 def _show_tensorrt(trt: dict) -> None:
