@@ -149,6 +149,32 @@ def test_greedy_tokens_equal_across_backends(qengines, family, fmt):
             np.testing.assert_array_equal(counts, results[BACKENDS[0]][1], err_msg=f"{b} {family} {fmt}")
 
 
+def test_built_in_calibration_runs_on_the_engines_weights(tmp_path, tiny_dirs, monkeypatch):
+    """build's own calibration sees exactly the weights the engine stores (dequantized), not the checkpoint's."""
+    from tda_export import quality
+
+    seen, real = {}, quality.build_calibration
+
+    def spy(loaded, *args, **kwargs):
+        layer = loaded.model.model.layers[1]
+        seen.update(gate=layer.mlp.gate_proj.weight.detach().clone(), down=layer.mlp.down_proj.weight.detach().clone(),
+                    k=layer.self_attn.k_proj.weight.detach().clone(),
+                    embed=loaded.model.get_input_embeddings().weight.detach().clone())
+        return real(loaded, *args, **kwargs)
+
+    monkeypatch.setattr(quality, "build_calibration", spy)
+    out = build(str(tiny_dirs["qwen2"]), tmp_path / "e", "float32", None, progress=False, auto_calibrate=True,
+                compute_dtype="float32", device="cpu", weight_format="q4_0")
+    with safe_open(out / "model.safetensors", "numpy") as f:
+        dq = lambda name: blocks.dequantize("q4_0", f.get_tensor(name))  # noqa: E731
+        want = dict(gate=dq(names.gate_up(1))[:, 0], down=dq(names.down_t(1)).T,
+                    k=dq(names.linear_weight_blocks(names.attn_proj(1, "k"))), embed=dq(names.EMBED_BLOCKS))
+    checkpoint = load_model(str(tiny_dirs["qwen2"])).model.model.layers[1].mlp.gate_proj.weight.detach()
+    assert not np.array_equal(checkpoint.numpy(), want["gate"])  # the engine's weights are not the checkpoint's
+    for name, value in want.items():
+        np.testing.assert_array_equal(seen[name].numpy(), value, err_msg=name)
+
+
 def test_torch_backend_refuses_half_block_engines(tmp_path, tiny_dirs):
     out = build(str(tiny_dirs["llama"]), tmp_path / "e", "float16", None, progress=False, weight_format="q8_0")
     with pytest.raises(EngineError, match=r"q8_0 blocks in a float16 engine: the torch backend runs block-quantized "
@@ -286,6 +312,61 @@ def test_smollm2_gguf_blocks_carried_byte_for_byte(smollm2_q4_1):
                                                                                    .data)).T))
     size, gguf_size = (smollm2_q4_1 / "model.safetensors").stat().st_size, path.stat().st_size
     assert size <= 1.05 * gguf_size, (size, gguf_size)
+
+
+def _requantized_gguf(src, dst, fmt: str):
+    """A copy of the GGUF `src` whose Q4_1 tensors are requantized to `fmt` by ops/blocks (GGUF's byte layout,
+    as llama-quantize writes it), every other tensor and metadata field as it is: a GGUF source already in
+    `fmt` for the carry test, made here so CI needs no llama.cpp."""
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+
+    reader = GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    writer = GGUFWriter(dst, arch)
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        vtype = field.types[0]
+        writer.add_key_value(name, field.contents(), vtype, field.types[-1] if vtype == GGUFValueType.ARRAY else None)
+    target = GGMLQuantizationType[fmt.upper()]
+    for t in reader.tensors:
+        data, dtype = np.asarray(t.data), t.tensor_type
+        if dtype == GGMLQuantizationType.Q4_1:
+            data, dtype = blocks.quantize(fmt, blocks.dequantize("q4_1", data)), target
+        writer.add_tensor(t.name, data, raw_shape=data.shape, raw_dtype=dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+@pytest.mark.slow
+def test_q4_0_gguf_blocks_carried_byte_for_byte(tmp_path):
+    """A Q4_0 GGUF (SmolLM2's requantized): every gate/up/v/o row is its bytes, q/k rows its rows un-permuted."""
+    path, _ = _gguf()
+    gguf_path = _requantized_gguf(path, tmp_path / "q4_0.gguf", "q4_0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = build("smollm2-135m", tmp_path / "engine", None, None, weights=str(gguf_path), progress=False,
+                    weight_format="q4_0")
+    from gguf import GGUFReader
+
+    gguf = {t.name: t for t in GGUFReader(gguf_path).tensors}
+    data = manifest.verify(out)
+    assert data["weights"] == "q4_0" and data["weight_formats"][names.EMBED_BLOCKS] == "q8_0"
+    spec = data["decoder_spec"]
+    with safe_open(out / "model.safetensors", "numpy") as f:
+        for n in (0, spec["num_layers"] - 1):
+            gate_up = f.get_tensor(names.gate_up(n))
+            np.testing.assert_array_equal(gate_up[:, 0], gguf[f"blk.{n}.ffn_gate.weight"].data)
+            np.testing.assert_array_equal(gate_up[:, 1], gguf[f"blk.{n}.ffn_up.weight"].data)
+            np.testing.assert_array_equal(f.get_tensor(names.linear_weight_blocks(names.attn_proj(n, "o"))),
+                                          gguf[f"blk.{n}.attn_output.weight"].data)
+            raw = np.asarray(gguf[f"blk.{n}.attn_k.weight"].data)
+            rows = raw.reshape(spec["kv_heads"], spec["head_dim"] // 2, 2, -1).swapaxes(1, 2).reshape(raw.shape)
+            np.testing.assert_array_equal(f.get_tensor(names.linear_weight_blocks(names.attn_proj(n, "k"))), rows)
+    assert (out / "model.safetensors").stat().st_size <= 1.05 * gguf_path.stat().st_size
 
 
 @pytest.mark.slow
