@@ -119,6 +119,11 @@ class GGUFSource:
         rows = self._processor.process(weights=np.asarray(t.data), name=t.name).weights
         rows = np.ascontiguousarray(rows, dtype=np.uint8)
         if rows.shape[0] != t.data.shape[0] or not np.array_equal(dequantize(fmt, rows), self.get(name).numpy()):
+            import warnings
+
+            warnings.warn(f"{self.path}: {t.name} ({fmt}): its blocks do not dequantize to the values transformers "
+                          f"reads for {name} (a fix-up beyond moving rows), so they are requantized, not carried",
+                          stacklevel=2)
             return None
         return fmt, rows
 
