@@ -424,8 +424,14 @@ def engine_dtype_of(lm: LoadedModel, dtype: str | None = None) -> str:
     return dtype or engine_dtype(lm.source.recipe)
 
 
-def bytes_per_param(lm: LoadedModel, dtype: str | None = None) -> int:
-    return 4 if engine_dtype_of(lm, dtype) == "float32" else 2
+def bytes_per_param(lm: LoadedModel, dtype: str | None = None) -> float:
+    """Bytes of one MLP weight in the engine: its float dtype, or a block format's bytes per 32 weights / 32."""
+    from .ops.contract import BLOCK_FORMATS, QUANT_BLOCK
+
+    dtype = engine_dtype_of(lm, dtype)
+    if dtype in BLOCK_FORMATS:
+        return BLOCK_FORMATS[dtype].block_bytes / QUANT_BLOCK
+    return 4 if dtype == "float32" else 2
 
 
 def evaluate_configs(lm: LoadedModel, text: str, text_desc: str, configs: list[dict], sequences: int = 32,

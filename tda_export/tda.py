@@ -208,6 +208,6 @@ def thresholds_for_density(relative: torch.Tensor, density: float) -> float:
     return float(flat.topk(k).values[-1])
 
 
-def mlp_bytes_per_token(config, bytes_per_param: int) -> int:
+def mlp_bytes_per_token(config, bytes_per_param: float) -> float:
     """Bytes of MLP weights one decode step streams per layer when dense."""
     return 3 * config.hidden_size * config.intermediate_size * bytes_per_param

@@ -85,6 +85,8 @@ def test_setup_hint_is_not_repeated():
 @pytest.mark.parametrize("data, expect", [
     (dict(FP32, dtype="bfloat16"), "runs float32 engines, this one is bfloat16"),
     ({"dtype": "float32"}, "built before model.safetensors"),
+    (dict(FP32, weight_formats={"a": "q4_1", "b": "float32", "c": "q8_0"}),
+     "does not read block-quantized weights yet (q4_1, q8_0)"),  # until the native runtime reads them (nativeq)
 ])
 def test_engine_native_cannot_run_measures_without_building(data, expect):
     reason = native_unusable_reason(data)

@@ -87,6 +87,25 @@ def test_eval_density_calibrates_on_the_users_text(tiny_dirs, tmp_path):
     assert f"calibrating thresholds for density 0.5 on {f} (calibration part)" in r.stderr
 
 
+def test_eval_on_an_engines_block_weights(tiny_dirs, tmp_path):
+    """eval --weight-format q8_0 runs the model on a q8_0 engine's dequantized weights (said on stderr) and counts
+    the MLP bytes at 34 bytes per 32 weights; its dense perplexity is that model's, not the checkpoint's."""
+    f = tmp_path / "t.txt"
+    f.write_text(random_text(800))
+    args = ["eval", "-m", tiny_dirs["llama"], "--density", "0.5", "--text", f, "--prompt-tokens", "16", "-q",
+            "--sequences", "4", "--continuation-tokens", "8", "--generate-prompts", "2", "--generate-tokens", "4",
+            "--calibration-sequences", "8", "--json"]
+    reports = {}
+    for fmt in ("float", "q8_0"):
+        r = cli(*args, "--weight-format", fmt)
+        assert r.exit_code == 0, r.output
+        reports[fmt] = json.loads(r.stdout)
+    assert "replacing its weights by an engine's q8_0 blocks (dequantized)" in r.stderr
+    assert reports["q8_0"]["mlp_bytes"]["bytes_per_param"] == 34 / 32
+    assert reports["q8_0"]["mlp_bytes"]["dtype"] == "q8_0"
+    assert reports["q8_0"]["dense"]["perplexity"] != reports["float"]["dense"]["perplexity"]
+
+
 def test_prefill_keeps_no_views_of_big_tensors(llama):
     ev = Evaluator(llama, batch_size=4, quiet=True)
     ids = torch.randint(0, llama.config.vocab_size, (4, 32))
