@@ -1,5 +1,6 @@
-"""The CUDA kernels, and the TensorRT plugins' device code (plugins/gated_act.cu), compile for sm_80/89/90
-without register spills, and the library links and loads (no GPU needed for either).
+"""The CUDA kernels (float and block-quantized weights), and the TensorRT plugins' device code
+(plugins/gated_act.cu, plugins/dequant.cu), compile for sm_80/89/90 without register spills, and the library
+links and loads (no GPU needed for either).
 
 About 1 minute for the check and 40 s for the library on a 2-core box."""
 from pathlib import Path
@@ -19,6 +20,15 @@ def test_compile_check_no_spills():
         assert any("down_proj" in k for k in kernels), arch
         for v2 in ("union_segments", "gate_up_v2", "down_v2"):  # decode v2 (decode_v2.cu)
             assert any(v2 in k for k in kernels), (arch, v2)
+        # Block-quantized weights (decode.cu's gate_up_q and down_proj<.., BlockRows>, block_linear.cu): every
+        # format x dtype x batch tile compiled without spills (compile_check_cuda raises on any spill).
+        names = build._demangle(list(kernels)).values()
+        for code in (1, 2, 3):  # tda_weight_format_t Q8_0, Q4_0, Q4_1 as c++filt writes them
+            fmt = f"(tda_weight_format_t){code}"
+            assert sum("gate_up_q<" in n and fmt in n for n in names) == 6, (arch, fmt)  # 3 dtypes x NB 1, 8
+            assert sum("down_proj<" in n and f"BlockRows<{fmt}>" in n for n in names) == 9, (arch, fmt)  # x BT 1/4/8
+            assert sum("block_gemv<" in n and fmt in n for n in names) == 3, (arch, fmt)  # NB 1, 4, 8
+            assert sum("dequantize_f32<" in n and fmt in n for n in names) == 1, (arch, fmt)
 
 
 def test_cuda_library_builds_and_loads():

@@ -126,9 +126,9 @@ typedef struct {
    * CPU library has one algorithm and accepts 0..2. Query the workspace with
    * the same value. Zero-initialised structs get the default. */
   int32_t version;
-  /* tda_weight_format_t of gate_up_weight and down_weight_t (ABI 4). The CPU
-   * library runs every format; the CUDA library only TDA_WEIGHTS_DTYPE so far
-   * (others: TDA_ERR_BAD_DTYPE). */
+  /* tda_weight_format_t of gate_up_weight and down_weight_t (ABI 4). Both
+   * libraries run every format; the CUDA library needs block arrays 4-byte
+   * aligned (TDA_ERR_MISALIGNED), the CPU library none. */
   int32_t weight_format;
 } tda_decode_args_t;
 
@@ -197,7 +197,7 @@ tda_status_t tda_prefill_scores(const tda_prefill_scores_args_t* args, void* wor
  * calling thread only (no OpenMP inside), the CUDA library launches on
  * `stream`. M = 0 or n_begin == n_end: nothing is read or written (x, weight
  * and y may be NULL). x and y are 4-byte aligned; weight has no alignment
- * requirement. y must not overlap x or weight.
+ * requirement in the CPU library and must be 4-byte aligned for the CUDA one. y must not overlap x or weight.
  * Statuses: weight_format not a block format -> TDA_ERR_BAD_DTYPE; M < 0 ->
  * TDA_ERR_BAD_BATCH; N <= 0, K not a positive multiple of 32, a row range or
  * stride out of bounds -> TDA_ERR_BAD_SIZE (sizes are checked even when
