@@ -10,6 +10,7 @@ import click
 from .cli import UserError
 from .cli_density import Density
 from .cli_device import device_options, resolve as resolve_device
+from .export.quantize import CHOICES as WEIGHT_CHOICES, COST as WEIGHT_COST, FLOAT
 from .export.spec import CLI_DTYPES
 
 
@@ -27,6 +28,14 @@ def _no_backend(ctx, param, value):
 @click.option("--dtype", type=click.Choice(list(CLI_DTYPES)), default=None,
               help="Compute dtype of the graph [the recipe's dtype (tda-export recipes), else fp32]. TDA scores "
                    "and logits are always fp32. The native CPU runtime runs fp32 engines.")
+@click.option("--weight-format", type=click.Choice(WEIGHT_CHOICES), default=FLOAT, show_default=True,
+              help="How the linear layers and the embedding are stored: "
+                   + "; ".join(f"{k}: {v}" for k, v in WEIGHT_COST.items())
+                   + ". Block formats are GGUF's blocks of 32 weights: a GGUF already in that format is carried over "
+                     "byte for byte (ffn_down requantized along H for the sparse kernels; a GGUF's higher-precision "
+                     "embedding kept), other sources are quantized round-to-nearest; norms and biases stay in --dtype, "
+                     "activations are not quantized. The built-in calibration runs on the quantized weights. Needs "
+                     "hidden size and heads*head_dim multiples of 32. See docs/export.md.")
 @click.option("--calibration", "-c", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Calibration file (tda-export calibrate). Without it, thresholds are calibrated now on the "
                    "built-in text at the recipe's density (see --no-calibrate).")
@@ -54,7 +63,7 @@ def _no_backend(ctx, param, value):
               help="[tensorrt] Build with the C++ libtda_trt_plugins.so (plugins/README.md) instead of the Python "
                    "plugins; the plan's plugin records are the same.")
 @device_options
-def build(model, out, dtype, calibration, no_calibrate, density, force, weights, target, max_batch,
+def build(model, out, dtype, weight_format, calibration, no_calibrate, density, force, weights, target, max_batch,
           max_seq_len, max_prompt, timing_cache, builder_optimization_level, compute_capabilities, plugin_library,
           device, compute_dtype):
     """Export the decoder with TDA sparse MLPs to ONNX (one graph for prefill and decode).
@@ -71,6 +80,7 @@ def build(model, out, dtype, calibration, no_calibrate, density, force, weights,
     \b
     Examples:
       tda-export build -m smollm2-135m -o smollm2-engine
+      tda-export build -m smollm2-135m --weight-format q4_1 -o smollm2-q4_1   # the GGUF's own Q4_1 bytes
       tda-export build -m mistral-7b --weights ~/ckpt/mistral --dtype bf16 -c mistral.cal.json -o mistral-engine
       tda-export build -m smollm2-135m --target tensorrt-rtx --dtype fp16 -o smollm2-rtx
 
@@ -95,7 +105,7 @@ def build(model, out, dtype, calibration, no_calibrate, density, force, weights,
         try:
             path = run_build(model, out, CLI_DTYPES[dtype] if dtype else None, calibration, density, force, weights,
                              auto_calibrate=not no_calibrate, plan=plan, device=device,
-                             compute_dtype=compute_dtype)
+                             compute_dtype=compute_dtype, weight_format=weight_format)
         except (ValueError, FileNotFoundError, UnsupportedModel, ModelNotFound, TensorRTMissing) as e:
             raise UserError(str(e)) from None
     click.echo(f"wrote {path}")
@@ -157,6 +167,7 @@ def _summary(directory: Path, data: dict) -> None:
     click.echo(f"shape      layers {g('num_layers')}  hidden {g('hidden_size')}  intermediate "
                f"{g('intermediate_size')}  heads {g('num_heads')}/{g('num_kv_heads')}x{g('head_dim')}  "
                f"vocab {g('vocab_size')}  context {g('max_context')}")
+    _show_formats(data)
     click.echo(f"thresholds {cal.get('selected', cal)}: {cal.get('thresholds', 'all 0 (dense)')}")
     for kind in ("inputs", "outputs"):
         for v in (data.get("io") or {}).get(kind, []):
@@ -177,6 +188,21 @@ def _summary(directory: Path, data: dict) -> None:
                        f"{ {k: v for k, v in attrs.items() if k != 'plugin_namespace'} }")
     if isinstance(data.get("tensorrt"), dict):
         _show_tensorrt(data["tensorrt"])
+
+
+def _show_formats(data: dict) -> None:
+    """weights: the build's choice and how many tensors each format holds; a format held by only a
+    few tensors names them (SmolLM2's Q4_1 GGUF: the q8_0 embedding)."""
+    formats = data.get("weight_formats")
+    if not isinstance(formats, dict):
+        click.echo(f"weights    {data.get('dtype', '?')} (all tensors; built before weight_formats)")
+        return
+    by_format: dict[str, list[str]] = {}
+    for name, fmt in formats.items():
+        by_format.setdefault(str(fmt), []).append(name)
+    parts = [f"{fmt} {len(ts)} tensor{'s' if len(ts) != 1 else ''}" + (f" ({', '.join(ts)})" if len(ts) <= 2 else "")
+             for fmt, ts in sorted(by_format.items(), key=lambda kv: -len(kv[1]))]
+    click.echo(f"weights    {data.get('weights', '?')}: " + ", ".join(parts))
 
 
 def _show_tensorrt(trt: dict) -> None:

@@ -58,6 +58,10 @@ class SafetensorsSource:
         with self._open(name) as h:
             return h.get_tensor(name)
 
+    def blocks(self, name: str):
+        """No block-quantized tensors in safetensors checkpoints."""
+        return None
+
     def head(self, name: str, count: int) -> torch.Tensor:
         """The first `count` elements (row-major) as float32, reading only the rows that hold them."""
         with self._open(name) as h:
@@ -100,6 +104,24 @@ class GGUFSource:
         weights = np.ascontiguousarray(weights, dtype=np.float32)
         return torch.from_numpy(weights if weights.flags.writeable else weights.copy())  # F32 ones map the file
 
+    def blocks(self, name: str):
+        """(format, uint8 [rows, row_bytes]): the tensor's own bytes when its GGML type is one of
+        contract.BLOCK_FORMATS, rows in the HF order (llama's q/k rows un-permuted as whole rows, the same
+        permutation `get` applies to the float values); None for other types. The rows are checked: their
+        exact dequantization must equal `get(name)`, else (a processor that does more than move rows) None."""
+        from .ops.blocks import dequantize
+        from .ops.contract import BLOCK_FORMATS
+
+        t = self._tensors.get(name)
+        fmt = next((f.name for f in BLOCK_FORMATS.values() if f.ggml_type == int(t.tensor_type)), None) if t else None
+        if fmt is None or np.asarray(t.data).ndim != 2:
+            return None
+        rows = self._processor.process(weights=np.asarray(t.data), name=t.name).weights
+        rows = np.ascontiguousarray(rows, dtype=np.uint8)
+        if rows.shape[0] != t.data.shape[0] or not np.array_equal(dequantize(fmt, rows), self.get(name).numpy()):
+            return None
+        return fmt, rows
+
     def head(self, name: str, count: int) -> torch.Tensor:
         return self.get(name).flatten()[:count]
 
@@ -118,6 +140,9 @@ class ModuleSource:
             return self._params[name].detach()
         except KeyError:
             raise MissingTensor(f"model has no tensor {name!r}") from None
+
+    def blocks(self, name: str):
+        return None
 
     def head(self, name: str, count: int) -> torch.Tensor:
         return self.get(name).float().flatten()[:count].cpu()

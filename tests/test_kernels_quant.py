@@ -270,7 +270,9 @@ def test_decode_bad_arguments():
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
 def test_sanitizers(tmp_path):
     """The quantized kernels under ASan + UBSan: a C driver (tests/kernels_sanitize_main.cpp) runs every format,
-    ISA, dtype and mask kind on weights allocated to the exact byte, so a read past a row's last block faults."""
+    ISA, dtype and mask kind of the sparse decode, and every format, M (0 to prefill sizes) and row range of the
+    dense block linear and dequantize, on weights allocated to the exact byte, so a read past a row's last block
+    faults."""
     src = Path(build.SRC_ROOT)
     flags = ["g++", "-std=c++17", "-O1", "-g", "-fopenmp", "-fsanitize=address,undefined", "-fno-omit-frame-pointer",
              "-fno-sanitize-recover=all", "-Wall", "-Wextra", "-Werror"]

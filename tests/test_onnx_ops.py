@@ -133,7 +133,7 @@ def test_function_dequantizes_bit_for_bit(fmt):
     raw = any_blocks(np.random.default_rng(6), fmt, 400).reshape(100, 4 * BLOCK_FORMATS[fmt].block_bytes)
     body = onnx_ops._Body()
     width = body.const([128], TensorProto.INT64)
-    body("Identity", onnx_ops._dequantize(body, fmt, "blocks", width), out="w")
+    body("Identity", onnx_ops.dequantize_blocks(body, fmt, "blocks", width), out="w")
     graph = helper.make_graph(body.nodes, "g", [helper.make_tensor_value_info("blocks", TensorProto.UINT8, None)],
                               [helper.make_tensor_value_info("w", TensorProto.FLOAT, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", BODY_OPSET)])

@@ -23,6 +23,7 @@ from ..models import load_structure, resolve, save_tokenizer
 from ..ops.contract import (DEFAULT_DENSITY_MARGIN, DENSITY_BOUNDS_INPUT, DOMAIN, OPSET_VERSION, PLUGIN_NAMESPACE,
                             PLUGIN_VERSION, THRESHOLDS_INPUT, density_bounds)
 from ..recipes import engine_dtype
+from . import names, quantize
 from .decoder import OPSET, build_decoder
 from .spec import ExportError, decoder_spec
 from .weights import WeightWriter
@@ -83,12 +84,13 @@ def _versions() -> dict:
 
 
 def calibrate_default(source, progress: bool, device: str = "auto", compute_dtype: str | None = None,
-                      also: float | None = None) -> Calibration:
+                      also: float | None = None, weight_format: str = quantize.FLOAT) -> Calibration:
     """Thresholds from the built-in calibration text with the recipe's density and sizes, for the default
     grid and `also` (build --density), so a density off the grid does not fail after calibrating.
 
     The model is loaded for this step only (in the compute dtype on the device) and freed before
-    the export, which never holds it.
+    the export, which never holds it. With a block weight_format its weights are first replaced by the
+    engine's dequantized blocks (engine_weights.apply), so the thresholds describe what the engine computes.
     """
     from ..models import default_compute_dtype, load, resolve_device
     from ..quality import DEFAULT_GRID, build_calibration
@@ -99,6 +101,12 @@ def calibrate_default(source, progress: bool, device: str = "auto", compute_dtyp
     if progress:
         print(f"loading {source.description} for calibration ({compute_dtype} on {device})", file=sys.stderr)
     loaded = load(source, compute_dtype, device)
+    if quantize.is_blocks(weight_format):
+        from .engine_weights import apply
+
+        if progress:
+            print(f"calibrating on the engine's {weight_format} weights (dequantized)", file=sys.stderr)
+        apply(loaded, weight_format)
     recipe = source.recipe
     density = recipe.density if recipe else 0.9
     sequences = recipe.calibration.get("sequences", 64) if recipe else 64
@@ -114,9 +122,16 @@ def calibrate_default(source, progress: bool, device: str = "auto", compute_dtyp
 def build(model: str, out: str | Path, dtype: str | None = None, calibration: str | None = None,
           density: float | None = None, force: bool = False, weights: str | None = None,
           progress: bool = True, auto_calibrate: bool = False, plan=None, device: str = "auto",
-          compute_dtype: str | None = None) -> Path:
+          compute_dtype: str | None = None, weight_format: str = quantize.FLOAT) -> Path:
     """Export in `dtype` (None: the recipe's dtype, else float32). `plan` (tda_export.trt.build.plan.PlanOptions)
-    also builds a TensorRT plan. Raises ExportError/ValueError/FileNotFoundError on bad input."""
+    also builds a TensorRT plan. weight_format (quantize.CHOICES): "float" stores the weights in `dtype`, a block
+    format stores every linear layer and the embedding as blocks (quantize.py's rules). Raises
+    ExportError/ValueError/FileNotFoundError on bad input."""
+    quantize.check_choice(weight_format)
+    if plan is not None and quantize.is_blocks(weight_format):
+        raise ExportError(f"--target {plan.target} with --weight-format {weight_format}: the TensorRT build does not "
+                          f"take block-quantized weights yet (its plugins accept float weights only); build the "
+                          f"ONNX engine (--target onnx) or use --weight-format {quantize.FLOAT}")
     out = Path(out)
     if out.exists() and not force:
         raise ExportError(f"--out {out}: already exists (use --force to replace it)")
@@ -134,12 +149,13 @@ def build(model: str, out: str | Path, dtype: str | None = None, calibration: st
     # stored tensors too, so a calibration made in any compute dtype or on any device matches.
     loaded = load_structure(source)
     spec = decoder_spec(loaded, dtype)
+    quantize.check_dims(weight_format, loaded.name, _block_rows(spec))
     if plan is not None:  # ... and the sequence limits against the model's context before calibrating
         check_options(plan, spec.max_context, dtype)
     if cal is not None:
         cal.check_model(loaded.fingerprint(), spec.num_layers, spec.intermediate, str(calibration))
     elif auto_calibrate:
-        cal = calibrate_default(source, progress, device, compute_dtype, also=density)
+        cal = calibrate_default(source, progress, device, compute_dtype, also=density, weight_format=weight_format)
         gc.collect()  # the calibrated model (14.5 GB at 7B) must be gone before the export starts
         calibration = "built-in calibration (recipe defaults)"
         cal.check_model(loaded.fingerprint(), spec.num_layers, spec.intermediate, calibration)
@@ -152,7 +168,7 @@ def build(model: str, out: str | Path, dtype: str | None = None, calibration: st
         writer = WeightWriter(dtype, tmp / WEIGHTS_FILE)
         try:
             proto = build_decoder(loaded, spec, thresholds, writer, progress=progress,
-                                  density_bounds=cal_summary.get("density_bounds"))
+                                  density_bounds=cal_summary.get("density_bounds"), weight_format=weight_format)
         finally:
             writer.close()
         if progress:
@@ -164,6 +180,9 @@ def build(model: str, out: str | Path, dtype: str | None = None, calibration: st
         if cal is not None:  # the whole table, so the runtime can switch density per request
             cal.save(tmp / CALIBRATION_FILE)
         data = _manifest_data(loaded, spec, cal_summary, proto)
+        # what each tensor of model.safetensors is: a runtime reads the formats here, never from shapes
+        data["weights"] = weight_format if quantize.is_blocks(weight_format) else dtype
+        data["weight_formats"] = dict(writer.formats)
         del proto
         if plan is not None:
             from ..trt.build.plan import build_plan
@@ -183,6 +202,13 @@ def build(model: str, out: str | Path, dtype: str | None = None, calibration: st
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _block_rows(spec) -> dict[str, tuple[str, int]]:
+    """Row widths of a block-quantized engine's tensors (quantize.check_dims)."""
+    return {names.EMBED_BLOCKS: ("hidden_size", spec.hidden),
+            names.linear_weight_blocks(names.attn_proj(0, "o")): ("num_heads * head_dim", spec.heads * spec.head_dim),
+            names.down_t(0): ("hidden_size", spec.hidden)}
 
 
 def _manifest_data(loaded, spec, cal_summary, proto) -> dict:

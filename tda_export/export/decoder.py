@@ -20,9 +20,10 @@ from tqdm import tqdm
 
 from .. import arch
 from ..ops.contract import NO_CLAMP, SELECT_ACTIVE, SPARSE_GATED_MLP, STATE_TENSORS
-from ..ops.onnx_ops import functions_for, make_node
+from ..ops.onnx_ops import dequantize_blocks, functions_for, make_node
 from ..ops.onnx_ops import opset_imports as tda_opset_imports
-from . import io, names
+from . import io, names, quantize
+from .engine_weights import EngineWeights
 from .graph import Graph
 from .spec import DecoderSpec
 from .weights import ONNX_TYPES, WeightWriter
@@ -32,11 +33,28 @@ I64, F32, I32 = TensorProto.INT64, TensorProto.FLOAT, TensorProto.INT32
 _ELEM = {"float32": F32, "int32": I32}
 
 
+class _Nodes:
+    """The Graph with the function-body builder's interface, so the one ONNX dequantizer
+    (ops/onnx_ops.dequantize_blocks) builds the main graph's dense linears and embedding lookups too."""
+
+    def __init__(self, g: Graph, name: str):
+        self.g, self.name = g, name
+
+    def __call__(self, op_type, *inputs, outputs=1, out=None, **attrs):
+        if out is not None:
+            outputs = [out] if isinstance(out, str) else list(out)
+        return self.g.op(op_type, *inputs, name=self.name, outputs=outputs, **attrs)
+
+    def const(self, value, onnx_type):
+        return self.g.const(value, helper.tensor_dtype_to_np_dtype(onnx_type))
+
+
 class _Decoder:
-    def __init__(self, loaded, spec: DecoderSpec, writer: WeightWriter):
+    def __init__(self, loaded, spec: DecoderSpec, writer: WeightWriter, weight_format: str = quantize.FLOAT):
         self.lm, self.m, self.s, self.w, self.g = loaded, loaded.model, spec, writer, Graph()
         self.T = ONNX_TYPES[spec.dtype]
         self._t_consts: dict[float, str] = {}
+        self.q = EngineWeights(loaded, weight_format) if quantize.is_blocks(weight_format) else None
 
     # ---- helpers -------------------------------------------------------------------------
     def t_const(self, value: float) -> str:
@@ -45,9 +63,27 @@ class _Decoder:
             self._t_consts[value] = self.g.op("Cast", self.g.const(value, np.float32), to=self.T)
         return self._t_consts[value]
 
+    def to_f32(self, x: str, name: str) -> str:
+        return x if self.T == F32 else self.g.op("Cast", x, to=F32, name=name)
+
+    def from_f32(self, y: str, name: str) -> str:
+        return y if self.T == F32 else self.g.op("Cast", y, to=self.T, name=name)
+
+    def dequantized(self, blocks: str, fmt: str, width: int, name: str) -> str:
+        """float32 [rows, width] of uint8 blocks, exactly (the op function's dequantizer)."""
+        return dequantize_blocks(_Nodes(self.g, name), fmt, blocks, self.g.i64([width]))
+
     def linear(self, x: str, lin: torch.nn.Linear, name: str) -> str:
-        """x @ W^T (+ b); the weight is stored transposed so MatMul reads it as [in, out]."""
-        y = self.g.op("MatMul", x, self.w.add(names.linear_weight_t(name), self.lm.tensor(lin).T), name=name)
+        """x @ W^T (+ b); a float weight is stored transposed so MatMul reads it as [in, out]; blocks
+        [out, in/32*bb] are dequantized to float32 and multiply x widened to float32 (the contract's semantics)."""
+        if self.q is None:
+            y = self.g.op("MatMul", x, self.w.add(names.linear_weight_t(name), self.lm.tensor(lin).T), name=name)
+        else:
+            enc = self.q.linear(lin)
+            w = self.dequantized(self.w.add_blocks(names.linear_weight_blocks(name), enc.blocks, enc.fmt), enc.fmt,
+                                 lin.in_features, name)
+            y = self.from_f32(self.g.op("MatMul", self.to_f32(x, name), self.g.op("Transpose", w, perm=[1, 0],
+                                                                                  name=name), name=name), name)
         if lin.bias is not None:
             y = self.g.op("Add", y, self.w.add(names.linear_bias(name), self.lm.tensor(lin, "bias")), name=name)
         return y
@@ -134,9 +170,16 @@ class _Decoder:
 
     def mlp(self, n: int, x: str, mlp, token_valid: str) -> str:
         g, p = self.g, names.mlp(n)
-        gate_up = self.w.add(names.gate_up(n), torch.stack([self.lm.tensor(mlp.gate_proj),
-                                                            self.lm.tensor(mlp.up_proj)], 1))
-        down_t = self.w.add(names.down_t(n), self.lm.tensor(mlp.down_proj).T)
+        if self.q is None:
+            fmt = "dtype"
+            gate_up = self.w.add(names.gate_up(n), torch.stack([self.lm.tensor(mlp.gate_proj),
+                                                                self.lm.tensor(mlp.up_proj)], 1))
+            down_t = self.w.add(names.down_t(n), self.lm.tensor(mlp.down_proj).T)
+        else:
+            gu, dt = self.q.gate_up(mlp), self.q.down_t(mlp)
+            fmt = gu.fmt
+            gate_up = self.w.add_blocks(names.gate_up(n), gu.blocks, gu.fmt)
+            down_t = self.w.add_blocks(names.down_t(n), dt.blocks, dt.fmt)
         state = {w: io.past_state_name(n, w) for w in STATE_TENSORS}
         args = {"hidden_states": x, "gate_up_weight": gate_up, "down_weight_t": down_t,
                 "active_idx": state["active_idx"], "active_count": state["active_count"],
@@ -144,7 +187,7 @@ class _Decoder:
         out = f"{p}/output"
         scores = io.present_state_name(n, "scores")
         g.add_node(make_node(SPARSE_GATED_MLP, [args[i] for i in SPARSE_GATED_MLP.input_names], [out, scores],
-                             f"{p}.sparse_gated_mlp", activation=self.s.activation))
+                             f"{p}.sparse_gated_mlp", activation=self.s.activation, weight_format=fmt))
         tau = g.op("Gather", io.THRESHOLDS_INPUT, g.i64(n), name=f"{p}.threshold")
         bounds = g.op("Gather", io.DENSITY_BOUNDS_INPUT, g.i64(n), name=f"{p}.density_bounds")
         g.add_node(make_node(SELECT_ACTIVE, [scores, tau, bounds],
@@ -158,8 +201,15 @@ class _Decoder:
         self.w.add_array(io.THRESHOLDS_INPUT, np.asarray(thresholds, np.float32))
         self.w.add_array(io.DENSITY_BOUNDS_INPUT, np.asarray(bounds, np.float32).reshape(s.num_layers, 2))
         embed = self.m.get_input_embeddings()
-        embed_w = self.w.add(names.EMBED, self.lm.tensor(embed))
-        x = g.op("Gather", embed_w, io.INPUT_IDS, name="embed")
+        if self.q is None:
+            embed_w = self.w.add(names.EMBED, self.lm.tensor(embed))
+            x = g.op("Gather", embed_w, io.INPUT_IDS, name="embed")
+        else:  # gather the tokens' rows of blocks, then dequantize only those
+            emb = self.q.embedding(embed)
+            embed_w = self.w.add_blocks(names.EMBED_BLOCKS, emb.blocks, emb.fmt)
+            rows = self.dequantized(g.op("Gather", embed_w, io.INPUT_IDS, name="embed"), emb.fmt, s.hidden, "embed")
+            shape = g.op("Concat", g.op("Shape", io.INPUT_IDS, name="embed"), g.i64([s.hidden]), axis=0, name="embed")
+            x = self.from_f32(g.op("Reshape", rows, shape, name="embed"), "embed")
         if s.embed_scale:
             x = g.op("Mul", x, self.t_const(s.embed_scale), name="embed")
         masks = self.attention_masks()
@@ -183,9 +233,19 @@ class _Decoder:
                              layer.mlp, token_valid)
             x = g.op("Add", x, h, name=f"{names.layer(n)}.residual")
         x = self.norm(x, self.m.model.norm, names.FINAL_NORM)
-        lm_w = embed_w if s.tied_embeddings else self.w.add(names.LM_HEAD, self.lm.tensor(self.m.get_output_embeddings()))
+        flat = g.op("Reshape", x, g.i64([-1, s.hidden]), name="lm_head")
         # Gemm(transB) reads the [V, H] matrix as stored, so tied embeddings need no second copy
-        logits = g.op("Gemm", g.op("Reshape", x, g.i64([-1, s.hidden])), lm_w, transB=1, name="lm_head")
+        if self.q is None:
+            lm_w = embed_w if s.tied_embeddings else self.w.add(names.LM_HEAD,
+                                                                self.lm.tensor(self.m.get_output_embeddings()))
+        else:
+            fmt = emb.fmt
+            if not s.tied_embeddings:
+                head = self.q.embedding(self.m.get_output_embeddings())
+                embed_w, fmt = self.w.add_blocks(names.LM_HEAD_BLOCKS, head.blocks, head.fmt), head.fmt
+            lm_w = self.dequantized(embed_w, fmt, s.hidden, "lm_head")
+            flat = self.to_f32(flat, "lm_head")
+        logits = g.op("Gemm", flat, lm_w, transB=1, name="lm_head")
         logits = g.op("Cast", logits, to=F32, name="lm_head")
         if s.final_softcap:
             cap = g.const(float(s.final_softcap), np.float32)
@@ -209,12 +269,13 @@ class _Decoder:
 
 
 def build_decoder(loaded, spec: DecoderSpec, thresholds: list[float], writer: WeightWriter,
-                  progress: bool = False, density_bounds=None) -> onnx.ModelProto:
-    """density_bounds: per-layer (lo, hi) held by the tda_density_bounds initializer (None: no clamp)."""
+                  progress: bool = False, density_bounds=None, weight_format: str = quantize.FLOAT) -> onnx.ModelProto:
+    """density_bounds: per-layer (lo, hi) held by the tda_density_bounds initializer (None: no clamp).
+    weight_format: quantize.CHOICES ("float": the weights in spec.dtype)."""
     if len(thresholds) != spec.num_layers:
         raise ValueError(f"{len(thresholds)} thresholds for {spec.num_layers} layers")
     bounds = density_bounds if density_bounds is not None else [NO_CLAMP] * spec.num_layers
     if len(bounds) != spec.num_layers:
         raise ValueError(f"{len(bounds)} density bounds for {spec.num_layers} layers")
     with torch.no_grad():
-        return _Decoder(loaded, spec, writer).build(thresholds, bounds, progress)
+        return _Decoder(loaded, spec, writer, weight_format).build(thresholds, bounds, progress)

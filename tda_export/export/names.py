@@ -4,6 +4,11 @@ from __future__ import annotations
 
 EMBED = "embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
+# Block-quantized engines (build --weight-format q8_0|q4_0|q4_1): uint8 [rows, in/32*block_bytes], rows = output
+# features (the token embedding: [V, H/32*block_bytes]); the tensor's format is in the manifest's weight_formats.
+BLOCKS_SUFFIX = "_blocks"
+EMBED_BLOCKS = EMBED + BLOCKS_SUFFIX
+LM_HEAD_BLOCKS = LM_HEAD + BLOCKS_SUFFIX
 FINAL_NORM = "final_norm"
 # Per-layer RMSNorms; the pre-/post-feedforward pair exists only with DecoderSpec.sandwich_norms.
 LAYER_NORMS = ("input_norm", "post_attn_norm", "pre_ffn_norm", "post_ffn_norm")
@@ -46,17 +51,22 @@ def linear_weight_t(prefix: str) -> str:
     return f"{prefix}.weight_t"
 
 
+def linear_weight_blocks(prefix: str) -> str:
+    """A linear layer's weight as blocks, [out, in/32*block_bytes] (GGUF's own layout, not transposed)."""
+    return f"{prefix}.weight{BLOCKS_SUFFIX}"
+
+
 def linear_bias(prefix: str) -> str:
     return f"{prefix}.bias"
 
 
 def gate_up(n: int) -> str:
-    """[I, 2, H], neuron-major (contract.SPARSE_GATED_MLP)."""
+    """[I, 2, H], neuron-major (contract.SPARSE_GATED_MLP); blocks: uint8 [I, 2, H/32*block_bytes]."""
     return f"{mlp(n)}.gate_up_weight"
 
 
 def down_t(n: int) -> str:
-    """[I, H]."""
+    """[I, H]; blocks: uint8 [I, H/32*block_bytes] (quantized along H)."""
     return f"{mlp(n)}.down_weight_t"
 
 

@@ -59,12 +59,22 @@ class WeightWriter:
         self._data_end = 0  # bytes of the data region written so far
         self.initializers: list[TensorProto] = []
         self.nbytes = 0
+        self.formats: dict[str, str] = {}  # tensor name -> its dtype or block format (manifest weight_formats)
 
     def add(self, name: str, tensor: torch.Tensor, dtype: str | None = None) -> str:
         """Convert `tensor` to `dtype` (default: the compute dtype) and store it under `name`."""
         dtype = dtype or self.dtype
-        data = raw_bytes(tensor.to(TORCH_TYPES[dtype]))
-        proto = TensorProto(name=name, data_type=ONNX_TYPES[dtype], dims=list(tensor.shape))
+        return self._store(name, raw_bytes(tensor.to(TORCH_TYPES[dtype])), list(tensor.shape), dtype,
+                           ONNX_TYPES[dtype], SAFETENSORS_TYPES[dtype])
+
+    def add_blocks(self, name: str, blocks: np.ndarray, fmt: str) -> str:
+        """uint8 blocks of block format `fmt` (contract.BLOCK_FORMATS), stored as they are (U8)."""
+        assert blocks.dtype == np.uint8, blocks.dtype
+        return self._store(name, np.ascontiguousarray(blocks).tobytes(), list(blocks.shape), fmt, TensorProto.UINT8,
+                           "U8")
+
+    def _store(self, name: str, data: bytes, shape: list[int], fmt: str, onnx_type: int, st_dtype: str) -> str:
+        proto = TensorProto(name=name, data_type=onnx_type, dims=shape)
         if self._file is None:
             proto.raw_data = data
         else:
@@ -73,12 +83,13 @@ class WeightWriter:
             pad = -self._data_end % ALIGN
             if pad:
                 self._append(f"{PAD_PREFIX}{len(self._header)}", "U8", [pad], b"\0" * pad)
-            offset = self._append(name, SAFETENSORS_TYPES[dtype], list(tensor.shape), data)
+            offset = self._append(name, st_dtype, shape, data)
             proto.data_location = TensorProto.EXTERNAL
             for k, v in (("location", self.data_path.name), ("offset", HEADER_BYTES + offset), ("length", len(data))):
                 proto.external_data.add(key=k, value=str(v))
         self.initializers.append(proto)
         self.nbytes += len(data)
+        self.formats[name] = fmt
         return name
 
     def _append(self, name: str, st_dtype: str, shape: list[int], data: bytes) -> int:
@@ -119,11 +130,19 @@ class MemoryWriter:
         self.tensors: dict[str, torch.Tensor] = {}
         self.initializers: list[TensorProto] = []  # the graph gets none: its weights live in `tensors`
         self.nbytes = 0
+        self.formats: dict[str, str] = {}
 
     def add(self, name: str, tensor: torch.Tensor, dtype: str | None = None) -> str:
         t = tensor.detach().to(TORCH_TYPES[dtype or self.dtype]).contiguous()
         self.tensors[name] = t
         self.nbytes += t.numel() * t.element_size()
+        self.formats[name] = dtype or self.dtype
+        return name
+
+    def add_blocks(self, name: str, blocks: np.ndarray, fmt: str) -> str:
+        self.tensors[name] = torch.from_numpy(np.ascontiguousarray(blocks))
+        self.nbytes += blocks.nbytes
+        self.formats[name] = fmt
         return name
 
     def add_array(self, name: str, array: np.ndarray) -> str:

@@ -135,3 +135,21 @@ def run_decode(x, gu, wd, idx, cnt, activation="silu", deterministic=True, poiso
     _buf, ptr = workspace(max(size, need) + workspace_offset, x.device, fill=0xA5)  # garbage, not zeros
     status = lib.call_status("tda_sparse_gated_mlp_decode", args, ptr + workspace_offset, size, _stream(x.device))
     return status, out
+
+
+def run_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_format: str, n_begin: int = 0,
+                     n_end: int | None = None, out: torch.Tensor | None = None) -> tuple[int, torch.Tensor]:
+    """Direct tda_block_linear call: y[:, n_begin:n_end] = x . dequant(weight)^T, x float32 [M, K] (any row
+    stride), weight uint8 [N, K/32 * block_bytes]; y NaN-poisoned unless given. Returns (status, y)."""
+    m, k = x.shape
+    n = weight.shape[0]
+    if out is None:
+        out = torch.full((m, n), float("nan"), dtype=torch.float32, device=x.device)
+    lib = library_for(x.device)
+    args = abi.BlockLinearArgs(weight_format=abi.WEIGHT_FORMAT_CODE[weight_format], m=m, n=n, k=k, n_begin=n_begin,
+                               n_end=n if n_end is None else n_end, ldx=x.stride(0) if m else k,
+                               ldy=out.stride(0) if m else n, x=x.data_ptr(), weight=weight.data_ptr(),
+                               y=out.data_ptr())
+    need = lib.workspace_size("tda_block_linear", args)
+    _buf, ptr = workspace(need, x.device, fill=0xA5)
+    return lib.call_status("tda_block_linear", args, ptr, need, _stream(x.device)), out

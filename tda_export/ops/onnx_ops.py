@@ -87,9 +87,12 @@ def _fp16_field(b: _Body, flat: str, first: int) -> str:
     return b("Mul", magnitude, b("Sub", b.const([1.0], f32), b("Add", sign, sign)))
 
 
-def _dequantize(b: _Body, weight_format: str, blocks: str, width: str) -> str:
+def dequantize_blocks(b, weight_format: str, blocks: str, width: str) -> str:
     """uint8 [..., H/32*block_bytes] -> float32 [rows, H] (width: [1] int64 H): the contract's dequantize,
-    exactly (every step is exact in float32 but the last product or sum, which rounds as the contract's)."""
+    exactly (every step is exact in float32 but the last product or sum, which rounds as the contract's).
+    b builds the nodes: a function body's _Body here, or anything with its interface (b(op_type, *inputs,
+    **attrs) -> output name, b.const(value, onnx_type) -> name): the exporter's dense linears and embedding
+    dequantize with this same builder (export/decoder.py)."""
     u8, f32, i64 = TensorProto.UINT8, TensorProto.FLOAT, TensorProto.INT64
     size = BLOCK_FORMATS[weight_format].block_bytes
     flat = b("Reshape", blocks, b.const([-1, size], i64))
@@ -119,7 +122,8 @@ def _sparse_gated_mlp_body(activation: str, score_norm: str, weight_format: str)
     x = hidden
     if weight_format != "dtype":  # the float op on the blocks' float32 values: x widened, z rounded to T below
         x = b("Cast", hidden, to=TensorProto.FLOAT)
-        gate_up, down_t = _dequantize(b, weight_format, gate_up, width), _dequantize(b, weight_format, down_t, width)
+        gate_up = dequantize_blocks(b, weight_format, gate_up, width)
+        down_t = dequantize_blocks(b, weight_format, down_t, width)
     # one fused projection: [I, 2, H] -> [2I, H] keeps gate/up of a neuron adjacent in the output
     w = b("Transpose", b("Reshape", gate_up, b("Concat", b.const([-1], i64), width, axis=0)), perm=[1, 0])
     inter = b("Shape", idx, start=1, end=2)

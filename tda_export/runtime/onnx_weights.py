@@ -11,7 +11,7 @@ from onnx import TensorProto, numpy_helper
 
 TORCH_DTYPES = {TensorProto.FLOAT: torch.float32, TensorProto.FLOAT16: torch.float16,
                 TensorProto.BFLOAT16: torch.bfloat16, TensorProto.INT32: torch.int32,
-                TensorProto.INT64: torch.int64}
+                TensorProto.INT64: torch.int64, TensorProto.UINT8: torch.uint8}  # uint8: weight blocks
 
 
 def _external(proto: TensorProto) -> dict[str, str]:

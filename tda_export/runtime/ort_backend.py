@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..ops.contract import DENSITY_BOUNDS_INPUT, NO_CLAMP, THRESHOLDS_INPUT
+from ..ops.contract import BLOCK_FORMATS, DENSITY_BOUNDS_INPUT, NO_CLAMP, THRESHOLDS_INPUT
 from .backend import position_ids
 
 NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
@@ -24,6 +24,17 @@ def past_name(present: str) -> str:
     if present.startswith("present_tda."):
         return "past_tda." + present[len("present_tda."):]
     return "past_key_values." + present[len("present."):]
+
+
+def _release_heap() -> None:
+    """Give the heap freed after constant folding back to the system (glibc malloc_trim; elsewhere nothing)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 class OrtBackend:
@@ -38,6 +49,8 @@ class OrtBackend:
         opts.log_severity_level = 3  # tda_thresholds is an overridable initializer on purpose; skip that warning
         self.session = ort.InferenceSession(str(model_path), opts,
                                             providers=providers or ort.get_available_providers())
+        if any(f in BLOCK_FORMATS for f in (manifest.get("weight_formats") or {}).values()):
+            _release_heap()
         self.manifest = manifest
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         # engines exported before the clamp have no such input (and select by thresholds alone)

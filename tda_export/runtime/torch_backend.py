@@ -47,12 +47,14 @@ class TorchBackend:
         if "decoder_spec" not in manifest:
             raise TorchBackendError(f"{model_path.parent}: manifest has no decoder_spec (built by an older "
                                     f"tda-export); rebuild the engine to use the torch backend")
-        return cls(DecoderSpec.from_dict(manifest["decoder_spec"]), load_initializers(model_path), **options)
+        return cls(DecoderSpec.from_dict(manifest["decoder_spec"]), load_initializers(model_path),
+                   weight_formats=manifest.get("weight_formats"), **options)
 
     def __init__(self, spec: DecoderSpec, weights: dict[str, torch.Tensor], device: str | torch.device | None = None,
                  threads: int | None = None, max_batch: int = DEFAULT_MAX_BATCH, max_context: int | None = None,
-                 cuda_graphs: bool = True):
-        """weights: initializer name -> tensor (consumed: moved to the device and dropped from the dict)."""
+                 cuda_graphs: bool = True, weight_formats: dict[str, str] | None = None):
+        """weights: initializer name -> tensor (consumed: moved to the device and dropped from the dict);
+        weight_formats: the manifest's (block-quantized tensors are dequantized at load, torch_decoder.py)."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise TorchBackendError("device cuda requested but torch sees no GPU")
@@ -62,7 +64,10 @@ class TorchBackend:
         if threads and device.type == "cpu":
             torch.set_num_threads(threads)
         self.device, self.max_batch, self.max_context = device, max_batch, max_context
-        self.net = TorchDecoder(spec, weights, device, max_batch, max_context)
+        try:
+            self.net = TorchDecoder(spec, weights, device, max_batch, max_context, weight_formats)
+        except ValueError as e:
+            raise TorchBackendError(str(e)) from None
         self.mlp = TdaMLP(self.net, spec.activation)
         self.pad_mask = torch.zeros(max_batch, max_context, dtype=torch.bool, device=device)
         self._owner: _State | None = None

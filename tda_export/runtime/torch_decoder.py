@@ -4,6 +4,11 @@ Weights come from the ONNX initializers (names from export/names.py, family deta
 manifest's DecoderSpec), so this network computes what the ONNX graph computes: same folded norms,
 same rotary caches, same additive masks. The MLP is a callback, so the TDA logic lives in torch_tda.py.
 
+A block-quantized engine's weights (manifest weight_formats) are dequantized once, at load, to the contract's
+exact float32 values: torch has no matmul on these blocks, and dequantizing every weight at every step would
+cost far more than the float32 copy's memory; so this backend computes exactly what the engine's blocks mean,
+at a float32 engine's speed and memory (the native runtime is the one that reads the blocks per token).
+
 Cache slots are columns of the attention mask: every sequence of the batch writes token t of a call to
 slot start + t (left padding keeps the rows aligned), while rotary positions skip each row's padding.
 """
@@ -18,6 +23,8 @@ import torch.nn.functional as F
 from ..export import names
 from ..export.spec import DecoderSpec
 from ..export.weights import TORCH_TYPES
+from ..ops.contract import BLOCK_FORMATS
+from ..ops.torch_blocks import dequantize
 
 
 @dataclass
@@ -47,8 +54,10 @@ MLP = Callable[[int, torch.Tensor], torch.Tensor]
 
 class TorchDecoder:
     def __init__(self, spec: DecoderSpec, weights: dict[str, torch.Tensor], device: torch.device,
-                 max_batch: int, max_context: int):
+                 max_batch: int, max_context: int, weight_formats: dict[str, str] | None = None):
+        """weight_formats: the manifest's tensor name -> format; tensors in a block format are dequantized."""
         self.spec, self.device = spec, device
+        formats = weight_formats or {}
         self.dtype = TORCH_TYPES[spec.dtype]
         self.max_batch, self.max_context = max_batch, max_context
 
@@ -60,20 +69,39 @@ class TorchDecoder:
         def optional(name: str) -> torch.Tensor | None:
             return take(name) if name in weights else None
 
-        self.embed = take(names.EMBED)
-        self.lm_head = self.embed if spec.tied_embeddings else take(names.LM_HEAD)
+        def blocks(name: str) -> bool:
+            if name in weights and weights[name].dtype == torch.uint8 and formats.get(name) not in BLOCK_FORMATS:
+                raise ValueError(f"initializer {name!r} is uint8 but the manifest's weight_formats gives it format "
+                                 f"{formats.get(name)!r}, not one of {list(BLOCK_FORMATS)}")
+            if formats.get(name) in BLOCK_FORMATS and spec.dtype != "float32":
+                raise ValueError(f"{name} is {formats[name]} blocks in a {spec.dtype} engine: the torch backend runs "
+                                 f"block-quantized engines built with --dtype fp32 only")
+            return formats.get(name) in BLOCK_FORMATS
+
+        def weight(name: str, blocks_name: str | None = None, transpose: bool = False) -> torch.Tensor:
+            """A float weight, or the exact float32 dequantization of its blocks ([out, in] rows; transposed to
+            the float engine's [in, out] where that is what the float tensor holds)."""
+            blocks_name = blocks_name or name
+            if not blocks(blocks_name):
+                return take(name)
+            w = dequantize(formats[blocks_name], take(blocks_name))
+            return w.T.contiguous() if transpose else w
+
+        self.embed = weight(names.EMBED, names.EMBED_BLOCKS)
+        self.lm_head = self.embed if spec.tied_embeddings else weight(names.LM_HEAD, names.LM_HEAD_BLOCKS)
         self.final_norm = take(names.weight(names.FINAL_NORM))
         self.rope = {r: (take(names.rope(r, "cos")), take(names.rope(r, "sin"))) for r in spec.rope_types}
         norms = names.LAYER_NORMS if spec.sandwich_norms else ("input_norm", "post_attn_norm")
         self.layers = []
         for n, ls in enumerate(spec.layers):
             proj = {c: names.attn_proj(n, c) for c in "qkvo"}
-            attn = Attention(*(take(names.linear_weight_t(proj[c])) for c in "qkvo"),
+            attn = Attention(*(weight(names.linear_weight_t(proj[c]), names.linear_weight_blocks(proj[c]), True)
+                               for c in "qkvo"),
                              bias={c: b for c in "qkvo" if (b := optional(names.linear_bias(proj[c]))) is not None},
                              q_norm=take(names.weight(names.qk_norm(n, "q"))) if spec.qk_norm else None,
                              k_norm=take(names.weight(names.qk_norm(n, "k"))) if spec.qk_norm else None)
             self.layers.append(Layer(attn, {w: take(names.weight(names.layer_norm(n, w))) for w in norms},
-                                     take(names.gate_up(n)), take(names.down_t(n)), ls.window, ls.rope))
+                                     weight(names.gate_up(n)), weight(names.down_t(n)), ls.window, ls.rope))
         # A CUDA decode graph reads every slot of its context bucket (static shapes), and masked slots still
         # meet V in the weighted sum, so they must hold finite numbers: zeros. The CPU path reads only written slots and
         # leaves the pages of an empty() cache uncommitted until used.

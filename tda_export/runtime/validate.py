@@ -55,7 +55,8 @@ def load_tokenizer(directory: Path):
 
 
 def check_weights(directory: Path, data: dict) -> None:
-    """The safetensors header parses and its tensors lie inside the file (what the native runtime reads)."""
+    """The safetensors header parses and its tensors lie inside the file (what the native runtime reads), and
+    every tensor's dtype and shape fit the format the manifest's weight_formats records for it."""
     from safetensors import safe_open
 
     name = data.get("weights_file")
@@ -64,9 +65,68 @@ def check_weights(directory: Path, data: dict) -> None:
     path = directory / name
     try:
         with safe_open(path, "numpy") as f:
-            f.keys()
+            header = {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:  # noqa: BLE001 - SafetensorError, OSError
         raise EngineError(f"{path}: not a readable safetensors file ({e})") from None
+    if "weight_formats" in data:  # engines built before issue 18 have none: all in the engine dtype
+        check_weight_formats(path, data, header)
+
+
+_FLOAT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def block_shape(tensor: str, fmt: str, spec: dict) -> list[int] | None:
+    """The shape a block tensor of the exported decoder must have (None: a name this check does not know)."""
+    from ..export import names
+    from ..ops.blocks import row_bytes
+
+    H, q_out, kv_out = spec["hidden"], spec["heads"] * spec["head_dim"], spec["kv_heads"] * spec["head_dim"]
+    rows = {names.EMBED_BLOCKS: ([spec["vocab"]], H), names.LM_HEAD_BLOCKS: ([spec["vocab"]], H)}
+    for n in range(spec["num_layers"]):
+        rows[names.gate_up(n)] = ([spec["intermediate"], 2], H)
+        rows[names.down_t(n)] = ([spec["intermediate"]], H)
+        for c, out in (("q", q_out), ("k", kv_out), ("v", kv_out), ("o", H)):
+            rows[names.linear_weight_blocks(names.attn_proj(n, c))] = ([out], q_out if c == "o" else H)
+    if tensor not in rows:
+        return None
+    lead, width = rows[tensor]
+    return lead + [row_bytes(fmt, width)]
+
+
+def check_weight_formats(path: Path, data: dict, header: dict[str, tuple[str, list[int]]]) -> None:
+    """weight_formats names every tensor of the file (padding aside) with a format its dtype and shape fit."""
+    from ..export.weights import PAD_PREFIX
+    from ..ops.contract import BLOCK_FORMATS
+
+    where = f"{manifest.NAME} weight_formats"
+    formats = data["weight_formats"]
+    if not isinstance(formats, dict):
+        raise EngineError(f"{path.parent / manifest.NAME}: weight_formats must map tensor names to formats")
+    tensors = {k: v for k, v in header.items() if not k.startswith(PAD_PREFIX)}
+    unmatched = sorted(set(tensors) ^ set(formats))
+    if unmatched:
+        name = unmatched[0]
+        raise EngineError(f"{path}: tensor {name!r} " + ("has no entry in " + where if name in tensors
+                                                          else f"is in {where} but not in the file"))
+    spec = data.get("decoder_spec")
+    for name, fmt in formats.items():
+        dtype, shape = tensors[name]
+        if fmt in _FLOAT_DTYPES:
+            if dtype != _FLOAT_DTYPES[fmt]:
+                raise EngineError(f"{path}: tensor {name!r} is {dtype}, {where} says {fmt} ({_FLOAT_DTYPES[fmt]})")
+        elif fmt in BLOCK_FORMATS:
+            want = block_shape(name, fmt, spec) if isinstance(spec, dict) else None
+            if dtype != "U8":
+                raise EngineError(f"{path}: tensor {name!r} is {dtype}, but {fmt} blocks are U8 ({where})")
+            if want is not None and list(shape) != want:
+                raise EngineError(f"{path}: tensor {name!r} has shape {list(shape)}; {fmt} blocks of this model "
+                                  f"need {want} ({BLOCK_FORMATS[fmt].block_bytes} bytes per 32 weights)")
+            if want is None and (not shape or shape[-1] % BLOCK_FORMATS[fmt].block_bytes):
+                raise EngineError(f"{path}: tensor {name!r} has shape {list(shape)}, not whole {fmt} blocks of "
+                                  f"{BLOCK_FORMATS[fmt].block_bytes} bytes")
+        else:
+            raise EngineError(f"{path}: tensor {name!r} has format {fmt!r} in {where}; formats are "
+                              f"{', '.join(list(_FLOAT_DTYPES) + list(BLOCK_FORMATS))}")
 
 
 def problems(directory, data: dict) -> list[str]:

@@ -1,0 +1,109 @@
+"""build --weight-format: the choice, and for each weight tensor whether it is carried from a GGUF or quantized.
+
+numpy only (no torch, no ONNX), so the decisions are testable alone; export/engine_weights.py applies them to a
+model's tensors for the exporter and for calibration (which must see the engine's weights).
+
+Rules (docs/export.md "Block-quantized weights"):
+- every linear layer (attention q/k/v/o, gate/up/down of the MLP, lm_head when not tied) and the token
+  embedding become blocks of the chosen format F (contract.BLOCK_FORMATS); norms, biases and rotary caches stay
+  in the engine dtype;
+- a GGUF tensor already in F whose rows are the engine's rows (gate, up, q/k/v/o with llama.cpp's q/k row
+  permutation undone on whole rows, embedding, untied lm_head) is carried byte for byte; ffn_down is not
+  (GGUF blocks it along I, the sparse kernels need it along H): it is dequantized exactly and requantized
+  along H;
+- the embedding and an untied lm_head keep a GGUF's block format when it is one of ours even when it is not
+  F: llama.cpp's quantizer keeps them at higher precision (SmolLM2's Q4_1 GGUF: token_embd is Q8_0), and the
+  engine should be the GGUF's model, not a coarser one;
+- everything else is quantized round-to-nearest per block by ops/blocks.quantize.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..ops.blocks import quantize
+from ..ops.contract import BLOCK_FORMATS, QUANT_BLOCK
+
+FLOAT = "float"
+CHOICES = (FLOAT,) + tuple(BLOCK_FORMATS)
+# what one weight costs on disk and in each token's reads, for --help
+COST = {FLOAT: "the --dtype (fp32: 32 bits, fp16/bf16: 16 bits per weight)",
+        "q8_0": "8.5 bits per weight (int8 + fp16 scale per 32), near-lossless",
+        "q4_0": "4.5 bits per weight (4-bit + fp16 scale per 32), smallest, most loss",
+        "q4_1": "5 bits per weight (4-bit + fp16 scale and minimum per 32), less loss than q4_0"}
+assert set(COST) == set(CHOICES)
+
+
+class WeightFormatError(ValueError):
+    """A model or option that cannot be stored in the chosen format; the message names tensor and dims."""
+
+
+def check_choice(choice: str) -> str:
+    if choice not in CHOICES:
+        raise WeightFormatError(f"--weight-format {choice!r}: not one of {', '.join(CHOICES)}")
+    return choice
+
+
+def is_blocks(choice: str) -> bool:
+    return check_choice(choice) != FLOAT
+
+
+def check_rows(choice: str, tensor: str, shape: tuple[int, ...]) -> None:
+    """A block format needs each row (the last axis, a linear's input dimension) in whole blocks."""
+    width = shape[-1] if shape else 0
+    if width <= 0 or width % QUANT_BLOCK:
+        raise WeightFormatError(f"--weight-format {choice}: {tensor} has shape {list(shape)}; its input dimension "
+                                f"{width} is not a positive multiple of {QUANT_BLOCK} (one block), so it cannot be "
+                                f"stored in {choice}; use --weight-format {FLOAT}")
+
+
+@dataclass(frozen=True)
+class Encoded:
+    fmt: str              # a BLOCK_FORMATS name
+    blocks: np.ndarray    # uint8 [..., in/32*block_bytes]
+    carried: bool         # the source's bytes, unchanged
+
+    def __post_init__(self):
+        assert self.blocks.dtype == np.uint8 and self.fmt in BLOCK_FORMATS, (self.fmt, self.blocks.dtype)
+
+
+# the source's own blocks: (format name, uint8 [rows, row_bytes]) or None when it has none of ours
+SourceBlocks = "tuple[str, np.ndarray] | None"
+
+
+def encode(choice: str, tensor: str, weight: Callable[[], np.ndarray], source: SourceBlocks = None,
+           keep_source_format: bool = False) -> Encoded:
+    """One weight as blocks of `choice` (rows along the last axis): the source's blocks when they are in
+    `choice` (or, with keep_source_format, in any block format of ours), else round-to-nearest quantization of
+    weight() (float, called only then)."""
+    if source is not None:
+        fmt, raw = source
+        if fmt == choice or (keep_source_format and fmt in BLOCK_FORMATS):
+            return Encoded(fmt, np.ascontiguousarray(raw, dtype=np.uint8), True)
+    w = np.asarray(weight(), dtype=np.float32)
+    check_rows(choice, tensor, w.shape)
+    try:
+        return Encoded(choice, quantize(choice, w), False)
+    except ValueError as e:  # NaN/inf weights, a block whose scale overflows fp16
+        raise WeightFormatError(f"{tensor}: {e}") from None
+
+
+def stack(choice: str, tensor: str, parts: list[Encoded]) -> Encoded:
+    """gate/up rows side by side ([I, 2, row_bytes]): one format for the pair (the op's weight_format)."""
+    formats = {p.fmt for p in parts}
+    if formats != {choice}:
+        raise WeightFormatError(f"{tensor}: parts in formats {sorted(formats)}, expected {choice}")
+    return Encoded(choice, np.stack([p.blocks for p in parts], 1), all(p.carried for p in parts))
+
+
+def check_dims(choice: str, model: str, dims: dict[str, tuple[str, int]]) -> None:
+    """Before anything is read or written: each row width of the engine's block tensors in whole blocks.
+    dims: tensor name -> (what the width is, its value)."""
+    if not is_blocks(choice):
+        return
+    for tensor, (what, width) in dims.items():
+        if width <= 0 or width % QUANT_BLOCK:
+            raise WeightFormatError(f"--weight-format {choice}: {model}: {tensor} rows are {what} = {width} weights, "
+                                    f"not a multiple of the {QUANT_BLOCK}-weight block; use --weight-format {FLOAT}")
