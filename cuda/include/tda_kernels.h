@@ -197,7 +197,8 @@ tda_status_t tda_prefill_scores(const tda_prefill_scores_args_t* args, void* wor
  * calling thread only (no OpenMP inside), the CUDA library launches on
  * `stream`. M = 0 or n_begin == n_end: nothing is read or written (x, weight
  * and y may be NULL). x and y are 4-byte aligned; weight has no alignment
- * requirement in the CPU library and must be 4-byte aligned for the CUDA one. y must not overlap x or weight.
+ * requirement in the CPU library and must be 4-byte aligned for the CUDA
+ * one. y must not overlap x or weight.
  * Statuses: weight_format not a block format -> TDA_ERR_BAD_DTYPE; M < 0 ->
  * TDA_ERR_BAD_BATCH; N <= 0, K not a positive multiple of 32, a row range or
  * stride out of bounds -> TDA_ERR_BAD_SIZE (sizes are checked even when
