@@ -53,12 +53,14 @@ def test_cuda_archs_from_environment(monkeypatch):
 
 
 def test_plugin_device_code_builds_no_spills():
-    """The TensorRT plugins' only device code (plugins/gated_act.cu, the prefill's gated activation) needs no
-    TensorRT header, so CI compiles it for sm_80/89/90 as plugins/CMakeLists.txt does, with no spills."""
-    src = Path(__file__).resolve().parents[1] / "plugins" / "gated_act.cu"
-    report = build.compile_check_cuda(build.CUDA_ARCHS, sources=[src])
+    """The TensorRT plugins' device code (plugins/gated_act.cu, the prefill's gated activation; plugins/dequant.cu,
+    the prefill's dequantization of block weights to T) needs no TensorRT header, so CI compiles it for
+    sm_80/89/90 as plugins/CMakeLists.txt does, with no spills."""
+    plugins = Path(__file__).resolve().parents[1] / "plugins"
+    report = build.compile_check_cuda(build.CUDA_ARCHS, sources=[plugins / "gated_act.cu", plugins / "dequant.cu"])
     assert set(report) == {f"sm_{a}" for a in build.CUDA_ARCHS}
     for arch, kernels in report.items():
         names = build._demangle(list(kernels))
-        for t in ("float", "__half", "__nv_bfloat16"):  # one kernel per dtype x activation
+        for t in ("float", "__half", "__nv_bfloat16"):  # one kernel per dtype x activation / weight format
             assert sum(f"gated<{t}," in n for n in names.values()) == 4, (arch, t, sorted(names.values()))
+            assert sum("dequantize<" in n and f", {t}>" in n for n in names.values()) == 3, (arch, t)

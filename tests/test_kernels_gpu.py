@@ -157,14 +157,17 @@ def test_block_decode_vs_fp64(name, dtype, batch, hidden, inter, version):
 
 @pytest.fixture(scope="module")
 def mistral_blocks():
-    """One Mistral-7B-shaped MLP layer per block format (quantized once: numpy takes seconds per format)."""
+    """One Mistral-7B-shaped MLP layer per block format: random blocks made on the GPU (testing.random_blocks) and
+    their exact float32 weights (ops/torch_blocks.py, checked bit for bit against ops/blocks.py elsewhere)."""
+    from tda_export.ops import torch_blocks
+
     cache = {}
 
     def get(name):
         if name not in cache:
-            masks = [np.arange(14336, dtype=np.int32)] * 8
-            _, gu_q, wd_q, _, _, gu, wd = testing.block_decode_problem(8, 4096, 14336, name, torch.bfloat16, masks, 3)
-            cache[name] = tuple(t.cuda() for t in (gu_q, wd_q, gu, wd))
+            gu_q = testing.random_blocks(name, 2 * 14336, 4096, "cuda", 1, 0.5 / 64).view(14336, 2, -1)
+            wd_q = testing.random_blocks(name, 14336, 4096, "cuda", 2, 0.5 / 14336 ** 0.5)
+            cache[name] = (gu_q, wd_q, torch_blocks.dequantize(name, gu_q), torch_blocks.dequantize(name, wd_q))
         return cache[name]
     return get
 
@@ -221,23 +224,12 @@ def test_block_decode_alignment_and_capture(name):
     assert testing.rel_error(out, ref) < testing.TOLERANCE[torch.bfloat16]
 
 
-def _block_linear(lib, name, x, w_q, n, k, n_begin, n_end, y):
-    from tda_export.kernels import abi
-    args = abi.BlockLinearArgs(weight_format=abi.WEIGHT_FORMAT_CODE[name], m=x.shape[0], n=n, k=k, n_begin=n_begin,
-                               n_end=n_end, ldx=x.stride(0) if x.shape[0] else k, ldy=y.stride(0) if y.shape[0] else n,
-                               x=x.data_ptr(), weight=w_q.data_ptr(), y=y.data_ptr())
-    assert lib.workspace_size("tda_block_linear", args) == 0
-    return lib.call_status("tda_block_linear", args, 0, 0, torch.cuda.current_stream().cuda_stream)
-
-
 @pytest.mark.parametrize("name", BLOCK_FORMATS)
 @pytest.mark.parametrize("m", [0, 1, 3, 8, 17])
 def test_block_linear_vs_fp64(name, m):
     """tda_block_linear (ABI 5) on the GPU: strided x and y (ldx > K, ldy > N), a row range that leaves the
     other columns untouched (NaN-poisoned), M past one tile of 8, K not a multiple of a warp step (33 blocks)."""
-    from tda_export.kernels import abi
     from tda_export.ops import blocks
-    lib = abi.cuda_library()
     rng = np.random.default_rng(m)
     for n, k in ((5, 32), (300, 1056), (4096, 4096)):
         w_q = blocks.quantize(name, rng.standard_normal((n, k)).astype(np.float32))
@@ -246,7 +238,7 @@ def test_block_linear_vs_fp64(name, m):
         x = xs[:, :k]
         y = torch.full((m, n + 5), float("nan"), device="cuda")
         n_begin, n_end = (1, n - 1) if n > 2 else (0, n)
-        assert _block_linear(lib, name, x, torch.from_numpy(w_q).cuda(), n, k, n_begin, n_end, y) == 0
+        assert testing.run_block_linear(x, torch.from_numpy(w_q).cuda(), name, n_begin, n_end, out=y)[0] == 0
         torch.cuda.synchronize()
         if m == 0:
             continue

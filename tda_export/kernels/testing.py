@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..ops import blocks, reference
+from ..ops import blocks, contract, reference
 from . import abi
 from .torch_ops import workspace
 
@@ -153,3 +153,21 @@ def run_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_format: str, 
     need = lib.workspace_size("tda_block_linear", args)
     _buf, ptr = workspace(need, x.device, fill=0xA5)
     return lib.call_status("tda_block_linear", args, ptr, need, _stream(x.device)), out
+
+
+def random_blocks(name: str, rows: int, hidden: int, device: str, seed: int, scale: float) -> torch.Tensor:
+    """uint8 [rows, H/32*block_bytes]: random bytes (every nibble / int8 value) with fp16 scales sized so the
+    weights are O(scale) like a real layer's (|d| ~ scale / 64 for q8_0's +-127, scale / 4 for 4-bit; q4_1's
+    minimum ~ -8 d), so fp16 activations and outputs stay finite."""
+    bb = contract.BLOCK_FORMATS[name].block_bytes
+    scale = scale / (64 if name == "q8_0" else 4)
+    g = torch.Generator(device=device).manual_seed(seed)
+    nblk = hidden // contract.QUANT_BLOCK
+    raw = torch.randint(0, 256, (rows, nblk, bb), generator=g, device=device, dtype=torch.uint8)
+    n16 = 2 if name == "q4_1" else 1
+    f = (torch.rand(rows, nblk, n16, generator=g, device=device) + 0.5) * scale
+    f[..., 0] *= torch.where(torch.rand(f.shape[:2], generator=g, device=device) < 0.5, -1.0, 1.0)
+    if n16 == 2:
+        f[..., 1] = -8 * f[..., 1]
+    raw[..., : 2 * n16] = f.to(torch.float16).view(torch.uint8).reshape(rows, nblk, 2 * n16)
+    return raw.reshape(rows, -1)
