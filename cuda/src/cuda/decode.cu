@@ -251,6 +251,7 @@ __global__ void __launch_bounds__(kGateUpWarps * 32, 2) gate_up_q(
 // FloatRows: the row in dtype D.
 template <tda_dtype_t D>
 struct FloatRows {
+  static constexpr bool kBlocks = false;
   const typename Ty<D>::T* __restrict__ w;
   int32_t hidden;
   __device__ __forceinline__ void load8(int32_t row, int32_t c0, float (&f)[8]) const {
@@ -270,16 +271,23 @@ struct FloatRows {
 // (c0 / 8) % 4 of block c0 / 32, dequantized in registers (blocks.cuh).
 template <tda_weight_format_t F>
 struct BlockRows {
+  static constexpr bool kBlocks = true;
+  static constexpr int kUnroll = 8;  // rows whose bytes down_proj loads before using the first
   const uint8_t* __restrict__ w;
   int64_t row_bytes;
-  __device__ __forceinline__ void load8(int32_t row, int32_t c0, float (&f)[8]) const {
-    const uint8_t* b = w + int64_t(row) * row_bytes + (c0 / kQBlock) * QBlock<F>::bytes;
-    const int p = (c0 / 8) & 3;
+  struct Raw {
+    uint32_t q0, q1;
     float d, c;
-    uint32_t w0, w1;
-    block_scale<F>(b, d, c);
-    load_eighth<F>(b, p, w0, w1);
-    dequant_eighth<F>(w0, w1, p, d, c, f);
+  };
+  __device__ __forceinline__ Raw load(int32_t row, int32_t c0) const {
+    const uint8_t* b = w + int64_t(row) * row_bytes + (c0 / kQBlock) * QBlock<F>::bytes;
+    Raw r;
+    block_scale<F>(b, r.d, r.c);
+    load_eighth<F>(b, (c0 / 8) & 3, r.q0, r.q1);
+    return r;
+  }
+  __device__ __forceinline__ void unpack(const Raw& r, int32_t c0, float (&f)[8]) const {
+    dequant_eighth<F>(r.q0, r.q1, (c0 / 8) & 3, r.d, r.c, f);
   }
 };
 
@@ -299,10 +307,7 @@ __global__ void __launch_bounds__(kDownThreads) down_proj(
   const int b0 = tile * BT;
 
   float acc[BT][8] = {};
-#pragma unroll 4
-  for (int32_t k = k_begin; k < k_end; ++k) {
-    float w[8];
-    wd.load8(rows[k], c0, w);
+  const auto add_row = [&](int32_t k, const float (&w)[8]) {
     float zb[BT];
     if constexpr (BT == 1) {
       zb[0] = z[int64_t(k) * bp + b0];
@@ -317,6 +322,31 @@ __global__ void __launch_bounds__(kDownThreads) down_proj(
     for (int i = 0; i < BT; ++i)
 #pragma unroll
       for (int c = 0; c < 8; ++c) acc[i][c] = fmaf(zb[i], w[c], acc[i][c]);
+  };
+  if constexpr (W::kBlocks) {
+    // A lane reads 8-12 bytes of a block row (8 weights and the scale) where it reads 16 of a bf16 row, so
+    // the bytes of kUnroll = 8 rows are loaded before the first is used (rows past the split repeat its
+    // last row and are dropped): 8 x 32 lanes x 10 bytes of Q4_0 = 2.5 KB in flight per warp at batch 1.
+    constexpr int R = W::kUnroll;
+    for (int32_t k0 = k_begin; k0 < k_end; k0 += R) {
+      typename W::Raw raw[R];
+#pragma unroll
+      for (int u = 0; u < R; ++u) raw[u] = wd.load(rows[min(k0 + u, k_end - 1)], c0);
+#pragma unroll
+      for (int u = 0; u < R; ++u) {
+        if (k0 + u >= k_end) break;
+        float w[8];
+        wd.unpack(raw[u], c0, w);
+        add_row(k0 + u, w);
+      }
+    }
+  } else {
+#pragma unroll 4
+    for (int32_t k = k_begin; k < k_end; ++k) {
+      float w[8];
+      wd.load8(rows[k], c0, w);
+      add_row(k, w);
+    }
   }
 #pragma unroll
   for (int i = 0; i < BT; ++i) {
