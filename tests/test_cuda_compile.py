@@ -64,3 +64,53 @@ def test_plugin_device_code_builds_no_spills():
         for t in ("float", "__half", "__nv_bfloat16"):  # one kernel per dtype x activation / weight format
             assert sum(f"gated<{t}," in n for n in names.values()) == 4, (arch, t, sorted(names.values()))
             assert sum("dequantize<" in n and f", {t}>" in n for n in names.values()) == 3, (arch, t)
+
+
+def test_cuda_library_host_side_of_block_formats():
+    """What the CUDA library decides on the host for block weights, before any CUDA call (no GPU needed): it sizes
+    a workspace for them (v1's pipeline; v2 serves float weights only), refuses block arrays that are not 4-byte
+    aligned and sizes the CPU library refuses too, and tda_block_linear / tda_block_dequantize check as the CPU
+    library does (shared common.h) and need no workspace."""
+    import ctypes
+
+    from tda_export.kernels import abi
+
+    lib = abi.Library(build.build_cuda())
+    for name in ("q8_0", "q4_0", "q4_1"):
+        code = abi.WEIGHT_FORMAT_CODE[name]
+        args = abi.DecodeArgs(dtype=abi.DTYPE_CODE["bfloat16"], batch=1, hidden=4096, intermediate=14335,
+                              weight_format=code)
+        v1 = lib.workspace_size("tda_sparse_gated_mlp_decode", args)
+        args.version = 2
+        assert v1 > 0 and lib.workspace_size("tda_sparse_gated_mlp_decode", args) == v1  # v2 -> v1
+        args.hidden = 4008  # a multiple of 8, not of 32
+        assert lib.workspace_size("tda_sparse_gated_mlp_decode", args) == 0  # H % 32: refused
+        assert lib.call_status("tda_sparse_gated_mlp_decode", args, 0, 0) == 4  # TDA_ERR_BAD_SIZE
+        # A block array 2 bytes off: TDA_ERR_MISALIGNED before anything is launched (host buffers: never read).
+        args.hidden, args.version = 64, 0
+        buf = (ctypes.c_uint8 * 4096)()
+        base = (ctypes.addressof(buf) + 255) // 256 * 256
+        need = lib.workspace_size("tda_sparse_gated_mlp_decode", args)
+        ws = (ctypes.c_uint8 * (need + 256))()
+        ws_ptr = (ctypes.addressof(ws) + 255) // 256 * 256
+        for f in ("hidden_states", "output", "down_weight_t", "active_idx", "active_count"):
+            setattr(args, f, base)
+        args.gate_up_weight = base + 2
+        assert lib.call_status("tda_sparse_gated_mlp_decode", args, ws_ptr, need) == 6
+        la = abi.BlockLinearArgs(weight_format=code, m=1, n=8, k=64, n_begin=0, n_end=8, ldx=64, ldy=8, x=base,
+                                 weight=base + 2, y=base)
+        assert lib.workspace_size("tda_block_linear", la) == 0
+        assert lib.call_status("tda_block_linear", la, 0, 0) == 6
+        la.k = 48
+        assert lib.call_status("tda_block_linear", la, 0, 0) == 4
+        la.k, la.m = 64, 0
+        assert lib.call_status("tda_block_linear", la, 0, 0) == 0  # M = 0: nothing to do, nothing launched
+        assert lib.block_dequantize_status(code, 64, 0, 0, 0, 64) == 0
+        assert lib.block_dequantize_status(code, 64, 1, base + 2, base, 64) == 6
+        assert lib._lib.tda_block_bytes(code) == contract_block_bytes(name)
+
+
+def contract_block_bytes(name: str) -> int:
+    from tda_export.ops.contract import BLOCK_FORMATS
+
+    return BLOCK_FORMATS[name].block_bytes
