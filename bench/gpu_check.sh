@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# The whole GPU check of issue 10 in one call, sized for about 6 minutes on an H200:
+# The whole GPU check of issues 10 and 19 in one call, sized for about 8 minutes on an H100/H200:
 #   build (sm_90 only) -> compute-sanitizer memcheck -> correctness of decode v1 and v2 against float64
-#   -> kernel timings (CUDA graphs, rotating weights, cuBLAS anchors) -> end-to-end Mistral-7B-shaped
+#   -> correctness of the block-quantized kernels (q8_0/q4_0/q4_1 decode, tda_block_linear) against float64
+#   on the dequantized weights -> kernel timings (CUDA graphs, rotating weights, cuBLAS anchors) -> quantized
+#   timings (vs cuBLAS bf16 dense and our dense block GEMV at the same bytes) -> end-to-end Mistral-7B-shaped
 #   decode -> racecheck -> the GPU pytest marks -> report tables.
 #
 #   bash bench/gpu_check.sh [OUT_DIR]     # OUT_DIR defaults to $OUT (the device tool's) or bench/gpu_out
 #
 # Writes into OUT_DIR: gpu_check.log (everything), gpu_correctness_v{1,2}.json, gpu_kernels_GPU.json,
-# gpu_e2e_GPU.json and RESULTS.md (bench/RESULTS.md with its GPU-check section filled in: copy it and
+# gpu_quant_GPU.json, gpu_e2e_GPU.json and RESULTS.md (bench/RESULTS.md with its GPU-check section filled in: copy it and
 # the two *_GPU.json files into bench/). GPU is the card found, from nvidia-smi's name: "NVIDIA H100 80GB
 # HBM3" -> h100_80gb_hbm3 (a lent machine may be an H100 or an H200; unknown_gpu without nvidia-smi). Every stage has its own time budget and the run a total one
-# (GPU_CHECK_BUDGET_S, default 360 s): a stage that fails or times out is reported and the stages that do
+# (GPU_CHECK_BUDGET_S, default 480 s): a stage that fails or times out is reported and the stages that do
 # not need it still run; stages that would start past the total budget are skipped. Timings and the
 # end-to-end run only use the decode versions whose correctness checks all passed.
 # Exit status: the number of stages that failed or were skipped (0: everything ran and passed).
@@ -27,7 +29,7 @@ export TDA_KERNELS_CACHE=${TDA_KERNELS_CACHE:-/tmp/tda-kernels}
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 PY=${PYTHON:-python3}
 DRY=${GPU_CHECK_DRY_RUN:-0}
-TOTAL=${GPU_CHECK_BUDGET_S:-360}
+TOTAL=${GPU_CHECK_BUDGET_S:-480}
 START=$SECONDS
 GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 GPU=$(printf '%s' "$GPU_NAME" | tr '[:upper:]' '[:lower:]' | sed -e 's/^nvidia //' -e 's/[^a-z0-9]\{1,\}/_/g' \
@@ -127,15 +129,32 @@ else
   skip correctness "no library"
 fi
 
+# ---- 3b. the block-quantized kernels (issue 19): correctness at every shape, then their timings (only if
+# every check passed: gpu_quant.py skips timing otherwise and exits non-zero)
+QUANT_OK=0
+if [ -n "$LIBDIR" ] || [ "$DRY" = 1 ]; then
+  stage quant-correctness 90 "$PY" bench/gpu_quant.py --check-only --out "$OUT_DIR/gpu_quant_correctness.json" &&
+    QUANT_OK=1
+else
+  skip quant-correctness "no library"
+fi
+
 # ---- 4. kernel timings and 5. end-to-end decode, for the versions that are correct
 if [ -n "$OK_VERSIONS" ]; then
   stage kernel-timings 150 "$PY" bench/gpu_kernels.py --skip-check --checks-from "${CHECK_JSONS[@]}" \
     --versions "$OK_VERSIONS" --batches 1,4,8 --densities 0.1,0.3,0.5,1.0 --budget-s 120 \
     --out "$OUT_DIR/gpu_kernels_$GPU.json"
+  if [ "$QUANT_OK" = 1 ]; then
+    stage quant-timings 120 "$PY" bench/gpu_quant.py --skip-check --batches 1,4,8 --densities 0.1,0.5,1.0 \
+      --budget-s 100 --out "$OUT_DIR/gpu_quant_$GPU.json"
+  else
+    skip quant-timings "the quantized kernels did not pass correctness"
+  fi
   stage e2e 180 "$PY" bench/gpu_e2e.py --batches 1,8 --densities 1.0,0.5 --versions "$OK_VERSIONS" \
     --max-context 4096 --out "$OUT_DIR/gpu_e2e_$GPU.json"
 else
   skip kernel-timings "no decode version passed correctness"
+  skip quant-timings "no decode version passed correctness"
   skip e2e "no decode version passed correctness"
 fi
 
@@ -162,7 +181,7 @@ TOTAL=$((TOTAL + 30))  # the report always gets its turn
 DRY_SAVED=$DRY
 DRY=0
 stage report 30 "$PY" bench/gpu_report.py --kernels "$OUT_DIR/gpu_kernels_$GPU.json" \
-  --e2e "$OUT_DIR/gpu_e2e_$GPU.json" --results bench/RESULTS.md --out "$OUT_DIR/RESULTS.md" --log-line "$LINE"
+  --e2e "$OUT_DIR/gpu_e2e_$GPU.json" --quant "$OUT_DIR/gpu_quant_$GPU.json" --results bench/RESULTS.md --out "$OUT_DIR/RESULTS.md" --log-line "$LINE"
 DRY=$DRY_SAVED
 rm -f "$LIBDIR_FILE"
 

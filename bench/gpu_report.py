@@ -1,7 +1,7 @@
 """Markdown tables for bench/RESULTS.md from the GPU check's JSON files (bench/gpu_check.sh runs it).
 
     python bench/gpu_report.py --kernels gpu_kernels_h200.json --e2e gpu_e2e_h200.json \
-        --results bench/RESULTS.md --out RESULTS.md [--log-line "..."]
+        [--quant gpu_quant_h200.json] --results bench/RESULTS.md --out RESULTS.md [--log-line "..."]
 
 Writes --results with its GPU-check section (between the markers below) replaced, or appended when it
 has none, to --out; other sections are left as they are. Either JSON may be missing (a stage that
@@ -58,6 +58,34 @@ def kernels_section(k: dict | None) -> list[str]:
     return out
 
 
+def quant_section(q: dict | None) -> list[str]:
+    out = ["### Block-quantized kernels (bench/gpu_quant.py)", ""]
+    if q is None:
+        return out + ["Not measured: the quantized stage did not write its JSON (see the check log).", ""]
+    if "error" in q:
+        return out + [q["error"], ""]
+    checks, failed = q.get("checks", []), q.get("failed_checks", [])
+    out.append(f"{q.get('device', '?')}, torch {q.get('torch', '?')}, {q.get('date', '?')}. "
+               + (f"Correctness: {len(checks) - len(failed)}/{len(checks)} checks passed against the float64 "
+                  "reference of the dequantized weights" if checks else "Correctness: checked in its own stage")
+               + (f"; **failed**: {', '.join(failed[:5])}" if failed else "") + ".")
+    rows = q.get("rows", [])
+    if not rows:
+        return out + ["", "No timings (correctness failed or the stage stopped early).", ""]
+    out += ["", f"Copy bandwidth {q['copy_GBps']:.0f} GB/s. Mistral-7B MLP (H {q['shape']['H']}, I {q['shape']['I']}), "
+            "bf16 activations, CUDA graphs over distinct layers; µs per layer (median); GB/s and % of copy bandwidth "
+            "on the active rows' block bytes; anchors: cuBLAS bf16 dense MLP, and our dense block GEMV "
+            "(tda_block_linear) reading the same bytes.", "",
+            "| format | batch | density | union | ours µs | % of copy bw | cuBLAS bf16 dense µs | ours vs it | "
+            "block GEMV same bytes µs | ours vs it |", "|---" * 10 + "|"]
+    for r in rows:
+        out.append(f"| {r['format']} | {r['batch']} | {r['density']:.1f} | {r['union_rows'] / q['shape']['I']:.0%} | "
+                   f"{r['us']['ours']['median']:.1f} | {r['frac_copy_bw']:.0%} | "
+                   f"{r['us']['cublas_bf16_dense']['median']:.1f} | {r['vs_cublas_bf16_dense']:.2f}x | "
+                   f"{r['us']['block_gemv_same_bytes']['median']:.1f} | {r['vs_block_gemv_same_bytes']:.2f}x |")
+    return out + [""] + [f"- {'met' if ok else 'MISSED'}: {n}" for n, ok in q.get("targets", {}).items()] + [""]
+
+
 def e2e_section(e: dict | None) -> list[str]:
     out = ["### End-to-end decode (bench/gpu_e2e.py)", ""]
     if e is None:
@@ -79,11 +107,11 @@ def e2e_section(e: dict | None) -> list[str]:
     return out
 
 
-def section(kernels: dict | None, e2e: dict | None, log_line: str = "") -> str:
+def section(kernels: dict | None, e2e: dict | None, log_line: str = "", quant: dict | None = None) -> str:
     lines = [BEGIN, "## GPU check (bench/gpu_check.sh)", ""]
     if log_line:
         lines += [log_line, ""]
-    lines += kernels_section(kernels) + e2e_section(e2e) + [END]
+    lines += kernels_section(kernels) + quant_section(quant) + e2e_section(e2e) + [END]
     return "\n".join(lines) + "\n"
 
 
@@ -100,12 +128,13 @@ def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kernels", type=Path)
     p.add_argument("--e2e", type=Path)
+    p.add_argument("--quant", type=Path, help="bench/gpu_quant.py's JSON (block-quantized kernels)")
     p.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--log-line", default="", help="a line about the run (date, GPU, stage statuses)")
     a = p.parse_args(argv)
-    text = merge(a.results.read_text() if a.results.exists() else "", section(_load(a.kernels), _load(a.e2e),
-                                                                             a.log_line))
+    text = merge(a.results.read_text() if a.results.exists() else "",
+                 section(_load(a.kernels), _load(a.e2e), a.log_line, _load(a.quant)))
     a.out.write_text(text)
     return text
 

@@ -1,6 +1,8 @@
 // Small-shape driver of libtda_kernels_cuda.so for compute-sanitizer (bench/gpu_check.sh):
 // every decode variant (v1, v2; fp32/fp16/bf16; batch 0, 1, 3, 8, 64; empty, full,
-// single, odd masks; deterministic or not), select_active and prefill_scores, through
+// single, odd masks; deterministic or not; float and q8_0/q4_0/q4_1 block weights, the
+// blocks allocated to the exact byte), tda_block_linear, tda_block_dequantize,
+// select_active and prefill_scores, through
 // the C ABI with plain cudaMalloc buffers, so memcheck and racecheck see exactly the
 // library's kernels and no framework. Exits non-zero on any non-OK status or CUDA error;
 // correctness is checked elsewhere (bench/gpu_kernels.py), this only has to run clean.
@@ -68,8 +70,19 @@ static std::vector<uint8_t> random_values(size_t n, tda_dtype_t dt, std::mt19937
   return out;
 }
 
+// Block rows of format f: random bytes (every nibble / int8) with each block's fp16 fields set to
+// 0.01 (0x211f), so the weights are finite and small.
+static std::vector<uint8_t> random_blocks(size_t rows, int hidden, int f, std::mt19937& rng) {
+  const size_t bb = tda_block_bytes(f), nblk = size_t(hidden) / TDA_QUANT_BLOCK;
+  std::vector<uint8_t> out(rows * nblk * bb);
+  for (auto& v : out) v = uint8_t(rng());
+  for (size_t b = 0; b < rows * nblk; ++b)
+    for (size_t k = 0; k < (f == TDA_WEIGHTS_Q4_1 ? 2u : 1u); ++k) out[b * bb + 2 * k] = 0x1f, out[b * bb + 2 * k + 1] = 0x21;
+  return out;
+}
+
 static void decode_case(tda_dtype_t dt, int batch, int hidden, int inter, int version, int deterministic,
-                        std::mt19937& rng) {
+                        std::mt19937& rng, int weight_format = TDA_WEIGHTS_DTYPE) {
   const int es = dt == TDA_F32 ? 4 : 2;
   std::vector<int32_t> idx(size_t(std::max(batch, 1)) * inter, 0), cnt(std::max(batch, 1), 0);
   for (int b = 0; b < batch; ++b) {
@@ -86,8 +99,10 @@ static void decode_case(tda_dtype_t dt, int batch, int hidden, int inter, int ve
   }
   const size_t nb = size_t(std::max(batch, 1));
   auto x = random_values(nb * hidden, dt, rng);
-  auto gu = random_values(size_t(inter) * 2 * hidden, dt, rng);
-  auto wd = random_values(size_t(inter) * hidden, dt, rng);
+  const bool blocks = weight_format != TDA_WEIGHTS_DTYPE;
+  auto gu = blocks ? random_blocks(size_t(inter) * 2, hidden, weight_format, rng)
+                   : random_values(size_t(inter) * 2 * hidden, dt, rng);
+  auto wd = blocks ? random_blocks(size_t(inter), hidden, weight_format, rng) : random_values(size_t(inter) * hidden, dt, rng);
   void* dx = upload(x.data(), x.size());
   void* dgu = upload(gu.data(), gu.size());
   void* dwd = upload(wd.data(), wd.size());
@@ -109,16 +124,42 @@ static void decode_case(tda_dtype_t dt, int batch, int hidden, int inter, int ve
   a.active_count = static_cast<const int32_t*>(dcnt);
   a.output = dout;
   a.version = version;
+  a.weight_format = weight_format;
   const size_t ws_size = tda_sparse_gated_mlp_decode_workspace_size(&a);
   void* ws = nullptr;
   if (ws_size) CHECK_CUDA(cudaMalloc(&ws, ws_size));  // cudaMalloc: 256-byte aligned
   char what[160];
-  snprintf(what, sizeof what, "decode dtype=%d B=%d H=%d I=%d v%d det=%d", int(dt), batch, hidden, inter, version,
-           deterministic);
+  snprintf(what, sizeof what, "decode dtype=%d B=%d H=%d I=%d v%d det=%d weights=%d", int(dt), batch, hidden, inter,
+           version, deterministic, weight_format);
   for (int rep = 0; rep < 2; ++rep) expect_ok(tda_sparse_gated_mlp_decode(&a, ws, ws_size, nullptr), what);
   CHECK_CUDA(cudaDeviceSynchronize());
   for (void* p : {dx, dgu, dwd, didx, dcnt, dout, ws})
     if (p) CHECK_CUDA(cudaFree(p));
+}
+
+// tda_block_linear (M past one tile of 8, a row range, strided x and y) and tda_block_dequantize.
+static void block_linear_cases(std::mt19937& rng) {
+  const int N = 37, K = 288;
+  for (int f : {TDA_WEIGHTS_Q8_0, TDA_WEIGHTS_Q4_0, TDA_WEIGHTS_Q4_1})
+    for (int m : {1, 3, 17}) {
+      auto w = random_blocks(N, K, f, rng);
+      std::vector<float> x(size_t(m) * (K + 3), 0.5f);
+      void* dw = upload(w.data(), w.size());
+      float* dx = static_cast<float*>(upload(x.data(), x.size() * 4));
+      float* dy = nullptr;
+      CHECK_CUDA(cudaMalloc(&dy, size_t(m) * (N + 1) * 4));
+      tda_block_linear_args_t a{};
+      a.weight_format = f, a.m = m, a.n = N, a.k = K, a.n_begin = 1, a.n_end = N, a.ldx = K + 3, a.ldy = N + 1;
+      a.x = dx, a.weight = dw, a.y = dy;
+      char what[96];
+      snprintf(what, sizeof what, "block_linear format=%d M=%d", f, m);
+      expect_ok(tda_block_linear(&a, nullptr, tda_block_linear_workspace_size(&a), nullptr), what);
+      float* dd = nullptr;
+      CHECK_CUDA(cudaMalloc(&dd, size_t(N) * K * 4));
+      expect_ok(tda_block_dequantize(f, K, N, dw, dd, K, nullptr), "block_dequantize");
+      CHECK_CUDA(cudaDeviceSynchronize());
+      for (void* p : {dw, static_cast<void*>(dx), static_cast<void*>(dy), static_cast<void*>(dd)}) CHECK_CUDA(cudaFree(p));
+    }
 }
 
 static void select_and_prefill(std::mt19937& rng) {
@@ -165,6 +206,17 @@ int main(int argc, char** argv) {
             decode_case(dt, batch, hw[0], hw[1], version, det, rng);
           }
   }
+  // Block weights: H a multiple of 32, I any (7: fewer rows than a gate_up block's 8 warps).
+  const int block_shapes[][2] = {{64, 7}, {288, 1032}};
+  for (int f : {TDA_WEIGHTS_Q8_0, TDA_WEIGHTS_Q4_0, TDA_WEIGHTS_Q4_1})
+    for (tda_dtype_t dt : {TDA_BF16, TDA_F32})
+      for (const auto& hw : block_shapes)
+        for (int batch : {0, 1, 3, 8, 33})
+          for (int det : {1, 0}) {
+            if (quick && (det == 0 || batch == 33 || dt == TDA_F32)) continue;
+            decode_case(dt, batch, hw[0], hw[1], 0, det, rng, f);
+          }
+  block_linear_cases(rng);
   select_and_prefill(rng);
   CHECK_CUDA(cudaDeviceSynchronize());
   printf("gpu_sanitize: %s, %d failures\n", quick ? "quick" : "full", failures);

@@ -2,14 +2,18 @@
 // tda_plugin_logic.h; this file converts TensorRT's structs and launches.
 //
 // Prefill (runtime S != 1): cuBLAS gate/up GEMM, act(gate)*up (gated_act.cu),
-// tda_prefill_scores, cuBLAS down GEMM. Decode (runtime S == 1):
-// tda_sparse_gated_mlp_decode in chunks of TDA_MAX_BATCH, scores copied.
+// tda_prefill_scores, cuBLAS down GEMM; with block-quantized weights
+// (weight_format q8_0/q4_0/q4_1, int8 inputs holding the contract's bytes)
+// the blocks are first dequantized to T in the workspace (dequant.cu).
+// Decode (runtime S == 1): tda_sparse_gated_mlp_decode in chunks of
+// TDA_MAX_BATCH on the blocks themselves, scores copied.
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 
 #include <cstring>
 #include <new>
 
+#include "dequant.h"
 #include "gated_act.h"
 #include "trt_common.h"
 
@@ -99,14 +103,15 @@ class SparseGatedMlpPlugin final : public IPluginV3,
     Dims dims[mlp::kNbIn];
     for (int32_t i = 0; i < nb_in; ++i) dims[i] = to_dims(in[i]);
     MlpSizes s;
-    if (int32_t rc = report(mlp_check_shapes(dims, nb_in, &s))) return rc;
+    if (int32_t rc = report(mlp_check_shapes(dims, nb_in, &s, attrs_.weight_format))) return rc;
     for (int32_t o = 0; o < nb_out; ++o) write_output_shape(mlp_output_shape(o), in, &out[o]);
     return 0;
   }
 
   bool supportsFormatCombination(int32_t pos, DynamicPluginTensorDesc const* io, int32_t nb_in,
                                  int32_t nb_out) noexcept override {
-    return nb_in == mlp::kNbIn && nb_out == mlp::kNbOut && mlp_supports(pos, io_of(io, pos).data());
+    return nb_in == mlp::kNbIn && nb_out == mlp::kNbOut &&
+           mlp_supports(pos, io_of(io, pos).data(), attrs_.weight_format);
   }
 
   // desc.dims, not max: a profile bounds each tensor separately (see mlp_max_sizes).
@@ -120,7 +125,7 @@ class SparseGatedMlpPlugin final : public IPluginV3,
     Dims max[mlp::kNbIn];
     for (int32_t i = 0; i < nb_in && i < mlp::kNbIn; ++i) max[i] = to_dims(in[i].max);
     MlpSizes s;
-    if (report(mlp_max_sizes(max, nb_in, &s))) return 0;
+    if (report(mlp_max_sizes(max, nb_in, &s, attrs_.weight_format))) return 0;
     return mlp_workspace_size(to_dtype(in[mlp::kHidden].desc.type), attrs_, s, in[mlp::kHidden].min.d[1],
                               abi_queries());
   }
@@ -134,7 +139,7 @@ class SparseGatedMlpPlugin final : public IPluginV3,
     Dims dims[mlp::kNbIn];
     for (int32_t i = 0; i < mlp::kNbIn; ++i) dims[i] = to_dims(in[i].dims);
     MlpSizes s;
-    if (int32_t rc = report(mlp_check_shapes(dims, mlp::kNbIn, &s))) return rc;
+    if (int32_t rc = report(mlp_check_shapes(dims, mlp::kNbIn, &s, attrs_.weight_format))) return rc;
     const MlpBuffers buf{inputs[mlp::kHidden],
                          inputs[mlp::kGateUp],
                          inputs[mlp::kDownT],
@@ -169,7 +174,7 @@ class SparseGatedMlpPlugin final : public IPluginV3,
     Dims dims[mlp::kNbIn];
     for (int32_t i = 0; i < nb_in && i < mlp::kNbIn; ++i) dims[i] = to_dims(dims_of(in[i]));
     MlpSizes s;
-    return report(mlp_check_shapes(dims, nb_in, &s));
+    return report(mlp_check_shapes(dims, nb_in, &s, attrs_.weight_format));
   }
 
   // Build-time enqueues (timing) may reach a clone that was never attached.
@@ -203,6 +208,17 @@ class SparseGatedMlpPlugin final : public IPluginV3,
     if (int32_t rc = report_cublas(cublasSetWorkspace(cublas_, p.cublas_ws, p.cublas_ws_bytes), "cublasSetWorkspace"))
       return rc;
     if (p.tokens > 0) {
+      if (p.weight_format != TDA_WEIGHTS_DTYPE) {
+        const tda_weight_format_t f = tda_weight_format_t(p.weight_format);
+        if (int32_t rc = report_cuda(dequantize_weights(abi_dtype(t), f, buf.gate_up, int32_t(s.hidden), 2 * s.inter,
+                                                        p.gate_up_t, st),
+                                     "dequantize gate_up_weight"))
+          return rc;
+        if (int32_t rc = report_cuda(
+                dequantize_weights(abi_dtype(t), f, buf.down_t, int32_t(s.hidden), s.inter, p.down_t, st),
+                "dequantize down_weight_t"))
+          return rc;
+      }
       if (int32_t rc = report_cublas(gemm(cublas_, t, p.gate_up_gemm), "gate/up GEMM")) return rc;
       if (int32_t rc = report_cuda(gated_activation(abi_dtype(t), attrs_.activation, p.gate_up, p.z, p.tokens,
                                                     int32_t(s.inter), st),

@@ -48,12 +48,13 @@ void sizes_out(const MlpSizes& s, int64_t* out) {
 
 MlpSizes sizes_in(const int64_t* v) { return MlpSizes{v[0], v[1], v[2], v[3]}; }
 
-// attrs: activation, score_norm, decode_version (the plugin's fields, parsed).
+// attrs: activation, score_norm, decode_version, weight_format (the plugin's fields, parsed).
 MlpAttrs attrs_in(const int32_t* attrs) {
   MlpAttrs a;
   a.activation = tda_activation_t(attrs[0]);
   a.score_norm = tda_score_norm_t(attrs[1]);
   a.decode_version = attrs[2];
+  a.weight_format = tda_weight_format_t(attrs[3]);
   return a;
 }
 
@@ -77,7 +78,7 @@ TDA_TRT_API int32_t tda_trt_build_decode_version(void) { return absent_decode_ve
 TDA_TRT_API int32_t tda_trt_mlp_nb_fields(void) { return kSparseGatedMlpNbFields; }
 TDA_TRT_API const char* tda_trt_mlp_field_name(int32_t i) { return kSparseGatedMlpFields[i]; }
 
-// attrs: 3 int32 out (activation, score_norm, decode_version); building as
+// attrs: 4 int32 out (activation, score_norm, decode_version, weight_format); building as
 // TensorRT's BUILD phase.
 TDA_TRT_API int tda_trt_mlp_parse_fields(int32_t nb, const char* const* names, const void* const* data,
                                          const int32_t* lengths, const int32_t* is_char, int32_t building,
@@ -88,6 +89,7 @@ TDA_TRT_API int tda_trt_mlp_parse_fields(int32_t nb, const char* const* names, c
   attrs[0] = a.activation;
   attrs[1] = a.score_norm;
   attrs[2] = a.decode_version;
+  attrs[3] = a.weight_format;
   return 0;
 }
 
@@ -104,18 +106,22 @@ TDA_TRT_API const char* tda_trt_mlp_field_value(int32_t i, const int32_t* attrs)
 }
 
 // ---- shapes and types ----
-TDA_TRT_API int tda_trt_mlp_check_shapes(int32_t nb, const int32_t* ranks, const int64_t* dims, int64_t* sizes,
-                                         char* err) {
+// weight_format: the plugin's (a tda_weight_format_t): block weights' last axes are row bytes.
+TDA_TRT_API int tda_trt_mlp_check_shapes(int32_t nb, const int32_t* ranks, const int64_t* dims, int32_t weight_format,
+                                         int64_t* sizes, char* err) {
   MlpSizes s;
-  if (int rc = fail(mlp_check_shapes(dims_of(nb, ranks, dims).data(), nb, &s), err)) return rc;
+  if (int rc = fail(mlp_check_shapes(dims_of(nb, ranks, dims).data(), nb, &s, tda_weight_format_t(weight_format)),
+                    err))
+    return rc;
   sizes_out(s, sizes);
   return 0;
 }
 
-TDA_TRT_API int tda_trt_mlp_max_sizes(int32_t nb, const int32_t* ranks, const int64_t* dims, int64_t* sizes,
-                                      char* err) {
+TDA_TRT_API int tda_trt_mlp_max_sizes(int32_t nb, const int32_t* ranks, const int64_t* dims, int32_t weight_format,
+                                      int64_t* sizes, char* err) {
   MlpSizes s;
-  if (int rc = fail(mlp_max_sizes(dims_of(nb, ranks, dims).data(), nb, &s), err)) return rc;
+  if (int rc = fail(mlp_max_sizes(dims_of(nb, ranks, dims).data(), nb, &s, tda_weight_format_t(weight_format)), err))
+    return rc;
   sizes_out(s, sizes);
   return 0;
 }
@@ -142,11 +148,12 @@ TDA_TRT_API int tda_trt_output_types(int32_t op, int32_t nb, const int32_t* in, 
   return 0;
 }
 
-// types/linear of io[0..pos]; 1 if position pos is supported.
-TDA_TRT_API int tda_trt_supports(int32_t op, int32_t pos, const int32_t* types, const int32_t* linear) {
+// types/linear of io[0..pos]; 1 if position pos is supported (weight_format: SparseGatedMLP's).
+TDA_TRT_API int tda_trt_supports(int32_t op, int32_t pos, const int32_t* types, const int32_t* linear,
+                                 int32_t weight_format) {
   std::vector<IoDesc> io;
   for (int32_t i = 0; i <= pos; ++i) io.push_back({DType(types[i]), linear[i] != 0});
-  return op == 0 ? mlp_supports(pos, io.data()) : select_supports(pos, io.data());
+  return op == 0 ? mlp_supports(pos, io.data(), tda_weight_format_t(weight_format)) : select_supports(pos, io.data());
 }
 
 // ---- workspace and launches ----

@@ -29,9 +29,6 @@ constexpr const char* kSelectActiveName = "SelectActive";
 // builder fixes and the plan records.
 constexpr const char* kSparseGatedMlpFields[] = {"activation", "score_norm", "weight_format", "decode_version"};
 constexpr int kSparseGatedMlpNbFields = 4;
-// contract.WEIGHT_FORMATS: the plugins run float weights (weight_format "dtype") only; the block formats are
-// refused by name until the plugins take block weights (issue 18's GPU-and-TensorRT part).
-constexpr const char* kPluginWeightFormat = "dtype";
 // SelectActive has no fields.
 
 // ONNX node metadata that a parser may forward as fields; not attributes.
@@ -49,9 +46,18 @@ constexpr NamedEnum<tda_score_norm_t> kScoreNorms[] = {{"token_l2", TDA_SCORE_NO
                                                        {"none", TDA_SCORE_NORM_NONE}};
 // decode_version field -> tda_decode_args_t.version (contract.DECODE_VERSIONS).
 constexpr NamedEnum<int32_t> kDecodeVersions[] = {{"1", 1}, {"2", 2}};
+// weight_format field -> tda_weight_format_t (contract.WEIGHT_FORMATS order). "dtype": gate_up_weight and
+// down_weight_t in T; a block format: the contract's blocks (QUANTIZED_WEIGHTS) as int8 tensors (TensorRT
+// plugin inputs cannot be uint8), [I, 2, H/32*bytes] and [I, H/32*bytes], the same bytes.
+constexpr NamedEnum<tda_weight_format_t> kWeightFormats[] = {
+    {"dtype", TDA_WEIGHTS_DTYPE}, {"q8_0", TDA_WEIGHTS_Q8_0}, {"q4_0", TDA_WEIGHTS_Q4_0}, {"q4_1", TDA_WEIGHTS_Q4_1}};
+// Bytes of one block (contract BLOCK_FORMATS block_bytes); 0 for "dtype".
+inline int64_t weight_block_bytes(tda_weight_format_t f) {
+  return f == TDA_WEIGHTS_Q8_0 ? 34 : (f == TDA_WEIGHTS_Q4_0 ? 18 : (f == TDA_WEIGHTS_Q4_1 ? 20 : 0));
+}
 
-// Tensor element types the plugins see (the adapter maps TensorRT's DataType).
-enum class DType : int32_t { kFloat, kHalf, kBFloat16, kInt32, kOther };
+// Tensor element types the plugins see (the adapter maps TensorRT's DataType). kInt8: packed block weights.
+enum class DType : int32_t { kFloat, kHalf, kBFloat16, kInt32, kOther, kInt8 };
 // T of the contract -> C ABI dtype (contract.DTYPES order).
 constexpr NamedEnum<tda_dtype_t> kDtypes[] = {
     {"float32", TDA_F32}, {"float16", TDA_F16}, {"bfloat16", TDA_BF16}};
@@ -99,6 +105,8 @@ struct MlpAttrs {
   // decode call: never 0, so $TDA_DECODE_VERSION at run time cannot change
   // the kernel's workspace needs under TensorRT's reservation.
   int32_t decode_version = 1;
+  // How gate_up_weight / down_weight_t are stored (field weight_format).
+  tda_weight_format_t weight_format = TDA_WEIGHTS_DTYPE;
 };
 
 // decode_version when the fields do not carry it: an ONNX node (building)
@@ -164,9 +172,8 @@ inline Error parse_mlp_fields(const FieldView* fields, int32_t nb, bool building
       return "SparseGatedMLP: activation '" + s + "' not in " + choices(kActivations);
     if (is_norm && !lookup(kScoreNorms, s, &a.score_norm))
       return "SparseGatedMLP: score_norm '" + s + "' not in " + choices(kScoreNorms);
-    if (is_format && s != kPluginWeightFormat)
-      return "SparseGatedMLP: weight_format '" + s + "' is not run by the TensorRT plugins (only " +
-             kPluginWeightFormat + ")";
+    if (is_format && !lookup(kWeightFormats, s, &a.weight_format))
+      return "SparseGatedMLP: weight_format '" + s + "' not in " + choices(kWeightFormats);
     if (is_version && !lookup(kDecodeVersions, s, &a.decode_version))
       return "SparseGatedMLP: decode_version '" + s + "' not in " + choices(kDecodeVersions);
   }
@@ -179,7 +186,7 @@ inline const char* mlp_field_value(int32_t i, const MlpAttrs& a) {
   switch (i) {
     case 0: return name_of(kActivations, a.activation);
     case 1: return name_of(kScoreNorms, a.score_norm);
-    case 2: return kPluginWeightFormat;
+    case 2: return name_of(kWeightFormats, a.weight_format);
     default: return name_of(kDecodeVersions, a.decode_version);
   }
 }
@@ -269,6 +276,11 @@ constexpr DimUse kDimUses[] = {{kB, kHidden, 0},     {kS, kHidden, 1},     {kH, 
                                {kB, kScoresIn, 0},   {kI, kScoresIn, 1}};
 }  // namespace mlp
 
+// Block weights: the weights' last axis is H's row bytes (H/32 blocks), not H, so it does not give H.
+inline bool weight_row_axis(const mlp::DimUse& u) {
+  return u.size == mlp::kH && (u.tensor == mlp::kGateUp || u.tensor == mlp::kDownT);
+}
+
 inline int64_t* size_slot(MlpSizes* s, mlp::Size k) {
   return k == mlp::kB ? &s->batch : k == mlp::kS ? &s->seq : k == mlp::kH ? &s->hidden : &s->inter;
 }
@@ -280,18 +292,43 @@ inline Error mlp_check_static(const Dims* in, int32_t nb_in) {
   return {};
 }
 
+// H and I as the weight format needs them: I a positive multiple of 8 (the prefill's score reduction,
+// tda_prefill_scores, needs it whatever the weights); T weights: H too; block weights: H a positive
+// multiple of 32 (whole blocks) and each weight's last axis exactly H/32 blocks of the format.
+inline Error mlp_check_sizes(const Dims* in, const MlpSizes& s, tda_weight_format_t wf) {
+  using namespace mlp;
+  if (Error e = size_multiple(s.inter, "I (intermediate size)"); !e.empty()) return e;
+  if (wf == TDA_WEIGHTS_DTYPE) return size_multiple(s.hidden, "H (hidden size)");
+  const char* fmt = kWeightFormats[wf].name;
+  if (s.hidden >= 0 && (s.hidden == 0 || s.hidden % TDA_QUANT_BLOCK != 0))
+    return "H (hidden size) = " + std::to_string(s.hidden) + " must be a positive multiple of " +
+           std::to_string(TDA_QUANT_BLOCK) + " for weight_format " + fmt;
+  if (s.hidden < 0) return {};
+  const int64_t row = s.hidden / TDA_QUANT_BLOCK * weight_block_bytes(wf);
+  for (const auto& w : {std::pair<int, int>{kGateUp, 2}, std::pair<int, int>{kDownT, 1}}) {
+    const int64_t v = in[w.first].d[w.second];
+    if (v >= 0 && v != row)
+      return std::string(kNames[w.first]) + ": last dimension " + std::to_string(v) + " but weight_format " + fmt +
+             " with H = " + std::to_string(s.hidden) + " needs " + std::to_string(row) + " bytes (H/32 blocks of " +
+             std::to_string(weight_block_bytes(wf)) + ")";
+  }
+  return {};
+}
+
 // Exact shapes (enqueue, onShapeChange) or TensorRT's desc.dims (build time,
 // -1 where a dimension is not fixed): every size must agree where known.
-inline Error mlp_check_shapes(const Dims* in, int32_t nb_in, MlpSizes* out) {
+inline Error mlp_check_shapes(const Dims* in, int32_t nb_in, MlpSizes* out,
+                              tda_weight_format_t wf = TDA_WEIGHTS_DTYPE) {
   using namespace mlp;
   if (Error e = mlp_check_static(in, nb_in); !e.empty()) return e;
   MlpSizes s;
-  for (const DimUse& u : kDimUses)
+  for (const DimUse& u : kDimUses) {
+    if (wf != TDA_WEIGHTS_DTYPE && weight_row_axis(u)) continue;
     if (Error e = unify(size_slot(&s, u.size), in[u.tensor].d[u.axis], kSizeNames[u.size], kNames[u.tensor]);
         !e.empty())
       return e;
-  if (Error e = size_multiple(s.hidden, "H (hidden size)"); !e.empty()) return e;
-  if (Error e = size_multiple(s.inter, "I (intermediate size)"); !e.empty()) return e;
+  }
+  if (Error e = mlp_check_sizes(in, s, wf); !e.empty()) return e;
   *out = s;
   return {};
 }
@@ -304,17 +341,18 @@ inline Error mlp_check_shapes(const Dims* in, int32_t nb_in, MlpSizes* out) {
 // smallest known bound: that is the bound the workspace is sized for (taking
 // the largest would reserve a prefill workspace over the whole past in a
 // decode profile). The weights' H and I are constants and are still checked.
-inline Error mlp_max_sizes(const Dims* max, int32_t nb_in, MlpSizes* out) {
+inline Error mlp_max_sizes(const Dims* max, int32_t nb_in, MlpSizes* out,
+                           tda_weight_format_t wf = TDA_WEIGHTS_DTYPE) {
   using namespace mlp;
   if (Error e = mlp_check_static(max, nb_in); !e.empty()) return e;
   MlpSizes s;
   for (const DimUse& u : kDimUses) {
+    if (wf != TDA_WEIGHTS_DTYPE && weight_row_axis(u)) continue;
     int64_t* slot = size_slot(&s, u.size);
     const int64_t v = max[u.tensor].d[u.axis];
     if (v >= 0) *slot = *slot < 0 ? v : std::min(*slot, v);
   }
-  if (Error e = size_multiple(s.hidden, "H (hidden size)"); !e.empty()) return e;
-  if (Error e = size_multiple(s.inter, "I (intermediate size)"); !e.empty()) return e;
+  if (Error e = mlp_check_sizes(max, s, wf); !e.empty()) return e;
   if (s.batch < 0 || s.seq < 0) return "max bounds: B and S must be known (a profile's max)";
   *out = s;
   return {};
@@ -352,14 +390,14 @@ struct IoDesc {
 
 // TensorRT asks position by position and guarantees io[0..pos-1] already hold
 // supported choices, so each position only compares with an earlier one.
-inline bool mlp_supports(int32_t pos, const IoDesc* io) {
+inline bool mlp_supports(int32_t pos, const IoDesc* io, tda_weight_format_t wf = TDA_WEIGHTS_DTYPE) {
   using namespace mlp;
   if (!io[pos].linear) return false;
   const DType t = io[pos].type;
   switch (pos) {
     case kHidden: return is_float_t(t);
     case kGateUp:
-    case kDownT:
+    case kDownT: return wf == TDA_WEIGHTS_DTYPE ? t == io[kHidden].type : t == DType::kInt8;
     case kOutput: return t == io[kHidden].type;
     case kActiveIdx:
     case kActiveCount: return t == DType::kInt32;
@@ -423,11 +461,15 @@ struct MlpBuffers {
 
 // Workspace of a prefill, 256-byte aligned pieces:
 //   gate_up [M, I, 2] T | z [M, I] T | prefill-scores workspace | cuBLAS workspace
+//   | block weights only: the dequantized weights in T, gate_up [I, 2, H] then down_t [I, H]
+// Prefill is compute-bound, so block weights are dequantized to T (exact fp32 values rounded to T once:
+// the GEMM's input type) and the same cuBLAS GEMMs run on them; decode reads the blocks themselves.
 struct PrefillLayout {
-  size_t gate_up, z, scores, cublas, total;
+  size_t gate_up, z, scores, cublas, weights, total;
 };
 
-inline PrefillLayout prefill_layout(DType t, int64_t batch, int64_t seq, int64_t inter, const KernelQueries& q) {
+inline PrefillLayout prefill_layout(DType t, int64_t batch, int64_t seq, int64_t inter, const KernelQueries& q,
+                                    tda_weight_format_t wf = TDA_WEIGHTS_DTYPE, int64_t hidden = 0) {
   const size_t tokens = size_t(batch) * size_t(seq);
   tda_prefill_scores_args_t a{};
   a.dtype = abi_dtype(t);
@@ -439,7 +481,9 @@ inline PrefillLayout prefill_layout(DType t, int64_t batch, int64_t seq, int64_t
   l.z = align256(l.gate_up + tokens * 2 * size_t(inter) * elem_size(t));
   l.scores = align256(l.z + tokens * size_t(inter) * elem_size(t));
   l.cublas = align256(l.scores + q.prefill_scores(&a));
-  l.total = l.cublas + kCublasWorkspaceBytes;
+  l.weights = align256(l.cublas + kCublasWorkspaceBytes);
+  l.total = wf == TDA_WEIGHTS_DTYPE ? l.cublas + kCublasWorkspaceBytes
+                                    : l.weights + 3 * size_t(inter) * size_t(hidden) * elem_size(t);
   return l;
 }
 
@@ -453,6 +497,7 @@ inline tda_decode_args_t decode_args(DType t, const MlpAttrs& attrs, const MlpSi
   a.intermediate = int32_t(s.inter);
   a.deterministic = kDeterministic;
   a.version = attrs.decode_version;
+  a.weight_format = attrs.weight_format;
   const size_t row = size_t(s.hidden) * elem_size(t);  // one [H] row of hidden/output, in bytes
   a.hidden_states = buf.hidden ? static_cast<const char*>(buf.hidden) + b0 * row : nullptr;
   a.gate_up_weight = buf.gate_up;
@@ -499,12 +544,13 @@ inline DecodeCall decode_call(DType t, const MlpAttrs& attrs, const MlpSizes& s,
 inline size_t mlp_workspace_size(DType t, const MlpAttrs& attrs, const MlpSizes& max, int64_t min_seq,
                                  const KernelQueries& q) {
   size_t ws = 0;
-  if (max.seq != 1) ws = prefill_layout(t, max.batch, max.seq, max.inter, q).total;
+  if (max.seq != 1) ws = prefill_layout(t, max.batch, max.seq, max.inter, q, attrs.weight_format, max.hidden).total;
   if (min_seq <= 1 && max.seq >= 1) ws = std::max(ws, decode_workspace(t, attrs, max, q));
   return ws;
 }
 
-// Everything a prefill enqueue launches, in order: gate/up GEMM, act(gate)*up
+// Everything a prefill enqueue launches, in order: (block weights: dequantize
+// gate_up and down_t into the workspace, in T), gate/up GEMM, act(gate)*up
 // into z (our kernel: no cuBLAS epilogue is a gated activation), the score
 // reduction of the C ABI, down GEMM.
 struct PrefillPlan {
@@ -518,6 +564,10 @@ struct PrefillPlan {
   Gemm down_gemm;
   void* cublas_ws;
   size_t cublas_ws_bytes;
+  // Block weights: the format to dequantize and where to (the GEMMs' A operands); DTYPE: nothing to do.
+  int32_t weight_format;
+  void* gate_up_t;  // [I, 2, H] T
+  void* down_t;     // [I, H] T
 };
 
 // ws: at least prefill_layout(...).total bytes, which getWorkspaceSize
@@ -526,7 +576,7 @@ inline Error prefill_plan(DType t, const MlpAttrs& attrs, const MlpSizes& s, con
                           const KernelQueries& q, PrefillPlan* out) {
   const int64_t tokens = s.batch * s.seq;
   if (tokens > INT32_MAX || 2 * s.inter > INT32_MAX) return "prefill: B*S or 2*I exceeds cuBLAS's int sizes";
-  const PrefillLayout l = prefill_layout(t, s.batch, s.seq, s.inter, q);
+  const PrefillLayout l = prefill_layout(t, s.batch, s.seq, s.inter, q, attrs.weight_format, s.hidden);
   if (!ws) return "prefill: no workspace";
   char* base = static_cast<char*>(ws);
   PrefillPlan p{};
@@ -536,10 +586,16 @@ inline Error prefill_plan(DType t, const MlpAttrs& attrs, const MlpSizes& s, con
   // Row-major gate_up[M, 2I] = hidden[M, H] . W[2I, H]^T is column-major
   // gate_up^T = W . hidden^T: A = W seen as [H, 2I] (transposed), B = hidden^T.
   const int32_t M = int32_t(tokens), H = int32_t(s.hidden), I = int32_t(s.inter);
-  p.gate_up_gemm = {true, false, 2 * I, M, H, buf.gate_up, H, buf.hidden, H, p.gate_up, 2 * I};
+  p.weight_format = attrs.weight_format;
+  const bool blocks = attrs.weight_format != TDA_WEIGHTS_DTYPE;
+  p.gate_up_t = blocks ? base + l.weights : nullptr;
+  p.down_t = blocks ? base + l.weights + 2 * size_t(I) * size_t(H) * elem_size(t) : nullptr;
+  const void* gate_up_w = blocks ? p.gate_up_t : buf.gate_up;
+  const void* down_w = blocks ? p.down_t : buf.down_t;
+  p.gate_up_gemm = {true, false, 2 * I, M, H, gate_up_w, H, buf.hidden, H, p.gate_up, 2 * I};
   // Row-major out[M, H] = z[M, I] . Wd_t[I, H] is column-major out^T = Wd_t^T . z^T,
   // both already in that layout: no transposes.
-  p.down_gemm = {false, false, H, M, I, buf.down_t, H, p.z, I, buf.output, H};
+  p.down_gemm = {false, false, H, M, I, down_w, H, p.z, I, buf.output, H};
   p.scores.dtype = abi_dtype(t);
   p.scores.score_norm = attrs.score_norm;
   p.scores.batch = int32_t(s.batch);

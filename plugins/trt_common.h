@@ -28,6 +28,7 @@ inline DType to_dtype(nvinfer1::DataType t) {
     case nvinfer1::DataType::kHALF: return DType::kHalf;
     case nvinfer1::DataType::kBF16: return DType::kBFloat16;
     case nvinfer1::DataType::kINT32: return DType::kInt32;
+    case nvinfer1::DataType::kINT8: return DType::kInt8;  // packed block weights
     default: return DType::kOther;
   }
 }

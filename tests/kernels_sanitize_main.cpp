@@ -1,5 +1,6 @@
 // Runs the CPU library's block-quantized sparse decode over every format,
-// dtype, batch and mask kind, for tests/test_kernels_quant.py's ASan + UBSan
+// dtype, batch and mask kind, and its dense block linear (ABI 5) over every
+// format, M and row range, for tests/test_kernels_quant.py's ASan + UBSan
 // build (compiled together with cuda/src/cpu/*.cpp). Weights are allocated to
 // the exact byte, so reading past a row's last block hits a redzone; the
 // ISA variant comes from $TDA_CPU_ISA. Prints "ok" when every call returned
@@ -109,6 +110,46 @@ void run_case(int fmt, int dtype, int H, int I, int B, std::mt19937& rng) {
   if (past) fail("wrote past output", fmt, dtype, H, I, B);
 }
 
+// tda_block_linear over rows [n0, n1) and tda_block_dequantize of every row,
+// with weights, x and y allocated to the exact element (strides ldx = K,
+// ldy = N), so a read or write past any edge hits a redzone.
+void run_linear(int fmt, int M, int N, int K, int n0, int n1, std::mt19937& rng) {
+  std::unique_ptr<uint8_t[]> w = random_blocks(fmt, N, K, rng);
+  std::unique_ptr<float[]> x(new float[size_t(M) * K + (M == 0)]), y(new float[size_t(M) * N + (M == 0)]);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  for (int64_t i = 0; i < int64_t(M) * K; ++i) x[i] = u(rng);
+  for (int64_t i = 0; i < int64_t(M) * N; ++i) y[i] = NAN;
+  tda_block_linear_args_t a{};
+  a.weight_format = fmt;
+  a.m = M;
+  a.n = N;
+  a.k = K;
+  a.n_begin = n0;
+  a.n_end = n1;
+  a.ldx = K;
+  a.ldy = N;
+  a.x = x.get();
+  a.weight = w.get();
+  a.y = y.get();
+  if (tda_block_linear_workspace_size(&a) != 0 || tda_block_linear(&a, nullptr, 0, nullptr) != TDA_OK) {
+    fail("linear status", fmt, 0, K, N, M);
+    return;
+  }
+  for (int m = 0; m < M; ++m)
+    for (int n = 0; n < N; ++n)
+      if (isfinite(y[int64_t(m) * N + n]) != (n >= n0 && n < n1)) {
+        fail("linear output", fmt, 0, K, N, M);
+        return;
+      }
+  std::unique_ptr<float[]> d(new float[size_t(N) * K]);
+  if (tda_block_dequantize(fmt, K, N, w.get(), d.get(), K, nullptr) != TDA_OK) fail("dequantize status", fmt, 0, K, N, M);
+  for (int64_t i = 0; i < int64_t(N) * K; ++i)
+    if (!isfinite(d[i])) {
+      fail("dequantize output", fmt, 0, K, N, M);
+      return;
+    }
+}
+
 }  // namespace
 
 int main() {
@@ -119,6 +160,12 @@ int main() {
       for (const auto& s : shapes)
         for (int B : {1, 2, 4, 7})
           if (s[0] < 1000 || B != 2) run_case(fmt, dtype, s[0], s[1], B, rng);
+  for (int fmt : {TDA_WEIGHTS_Q8_0, TDA_WEIGHTS_Q4_0, TDA_WEIGHTS_Q4_1})
+    for (int M : {0, 1, 2, 3, 4, 5, 9, 33})
+      for (const auto& s : {std::make_pair(1, 32), std::make_pair(13, 96), std::make_pair(37, 576)}) {
+        run_linear(fmt, M, s.first, s.second, 0, s.first, rng);
+        run_linear(fmt, M, s.first, s.second, s.first / 3, s.first - s.first / 4, rng);
+      }
   printf(failures ? "%d failures\n" : "ok\n", failures);
   return failures ? 1 : 0;
 }

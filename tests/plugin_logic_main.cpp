@@ -3,8 +3,9 @@
 // and asserts on the answers. Compiled with plain g++: no TensorRT, no CUDA.
 //
 // Tensors: "2,3,16" is a shape, "-" a scalar, "?" an unknown (-1) dimension.
-// Types: f32 f16 bf16 i32 other; a trailing "!" marks a non-linear format.
+// Types: f32 f16 bf16 i32 other i8; a trailing "!" marks a non-linear format.
 // Fields: name=value (char), name:nul=value (char with NUL), name:int=value.
+// Weight format: "wf=q4_0" right after a command sets the plugin's weight_format (default dtype).
 #include <cmath>
 #include <iostream>
 #include <sstream>
@@ -18,10 +19,10 @@ using namespace tda_trt;
 
 namespace {
 
-const char* const kTypeNames[] = {"f32", "f16", "bf16", "i32", "other"};
+const char* const kTypeNames[] = {"f32", "f16", "bf16", "i32", "other", "i8"};
 
 DType parse_type(const std::string& s) {
-  for (int i = 0; i < 5; ++i)
+  for (int i = 0; i < 6; ++i)
     if (s == kTypeNames[i]) return DType(i);
   return DType::kOther;
 }
@@ -140,9 +141,19 @@ std::string shape_text(const OutputShape& o) {
   return s;
 }
 
-std::string answer(const std::string& line) {
+std::string answer(const std::string& text) {
+  std::string line = text, cmd;
+  tda_weight_format_t wf = TDA_WEIGHTS_DTYPE;
+  {
+    std::istringstream head(line);
+    std::string second;
+    head >> cmd >> second;
+    if (second.rfind("wf=", 0) == 0) {
+      if (!lookup(kWeightFormats, second.substr(3), &wf)) return "error weight format " + second;
+      line.erase(line.find(second), second.size());
+    }
+  }
   std::istringstream in(line);
-  std::string cmd;
   in >> cmd;
   // mlp_fields: an ONNX node's fields (TensorRT's BUILD phase); plan_fields: a plan's (RUNTIME).
   if (cmd == "mlp_fields" || cmd == "plan_fields" || cmd == "select_fields") {
@@ -175,7 +186,7 @@ std::string answer(const std::string& line) {
       return e.empty() ? "ok " + std::to_string(b) + " " + std::to_string(i) : "error " + e;
     }
     MlpSizes s;
-    const Error e = mlp_check_shapes(dims.data(), int32_t(dims.size()), &s);
+    const Error e = mlp_check_shapes(dims.data(), int32_t(dims.size()), &s, wf);
     if (!e.empty()) return "error " + e;
     return "ok " + std::to_string(s.batch) + " " + std::to_string(s.seq) + " " + std::to_string(s.hidden) + " " +
            std::to_string(s.inter);
@@ -188,11 +199,12 @@ std::string answer(const std::string& line) {
     std::string tok;
     while (in >> tok) dims.push_back(parse_dims(tok));
     MlpSizes s;
-    const Error e = mlp_max_sizes(dims.data(), int32_t(dims.size()), &s);
+    const Error e = mlp_max_sizes(dims.data(), int32_t(dims.size()), &s, wf);
     if (!e.empty()) return "error " + e;
+    MlpAttrs attrs;
+    attrs.weight_format = wf;
     return "ok " + std::to_string(s.batch) + " " + std::to_string(s.seq) + " " + std::to_string(s.hidden) + " " +
-           std::to_string(s.inter) + " ws " +
-           std::to_string(mlp_workspace_size(parse_type(t), MlpAttrs{}, s, min_seq, kFake));
+           std::to_string(s.inter) + " ws " + std::to_string(mlp_workspace_size(parse_type(t), attrs, s, min_seq, kFake));
   }
   if (cmd == "mlp_types" || cmd == "select_types") {
     std::vector<DType> types;
@@ -212,7 +224,7 @@ std::string answer(const std::string& line) {
       io.push_back({parse_type(linear ? tok : tok.substr(0, tok.size() - 1)), linear});
     }
     const int32_t pos = int32_t(io.size()) - 1;
-    return (cmd == "mlp_supports" ? mlp_supports(pos, io.data()) : select_supports(pos, io.data())) ? "yes" : "no";
+    return (cmd == "mlp_supports" ? mlp_supports(pos, io.data(), wf) : select_supports(pos, io.data())) ? "yes" : "no";
   }
   if (cmd == "out_shapes") {
     return "ok mlp" + shape_text(mlp_output_shape(0)) + " |" + shape_text(mlp_output_shape(1)) + " select" +
@@ -230,10 +242,30 @@ std::string answer(const std::string& line) {
     in >> t >> s.batch >> s.seq >> s.hidden >> s.inter >> min_seq;
     MlpAttrs built;  // what a build from an ONNX node (no decode_version field) records in this process
     built.decode_version = absent_decode_version(true);
+    built.weight_format = wf;
     if (cmd == "mlp_ws") return std::to_string(mlp_workspace_size(parse_type(t), built, s, min_seq, kFake));
-    const PrefillLayout l = prefill_layout(parse_type(t), s.batch, s.seq, s.inter, kFake);
-    return std::to_string(l.gate_up) + " " + std::to_string(l.z) + " " + std::to_string(l.scores) + " " +
-           std::to_string(l.cublas) + " " + std::to_string(l.total);
+    const PrefillLayout l = prefill_layout(parse_type(t), s.batch, s.seq, s.inter, kFake, wf, s.hidden);
+    std::string out = std::to_string(l.gate_up) + " " + std::to_string(l.z) + " " + std::to_string(l.scores) + " " +
+                      std::to_string(l.cublas) + " " + std::to_string(l.total);
+    return wf == TDA_WEIGHTS_DTYPE ? out : out + " weights " + std::to_string(l.weights);
+  }
+  if (cmd == "prefill_weights") {  // wf=F type B S H I: where the GEMMs read their weights (workspace offsets or "in")
+    std::string t;
+    MlpSizes s;
+    in >> t >> s.batch >> s.seq >> s.hidden >> s.inter;
+    MlpAttrs attrs;
+    attrs.weight_format = wf;
+    std::vector<char> ws(prefill_layout(parse_type(t), s.batch, s.seq, s.inter, kFake, wf, s.hidden).total);
+    char gu_in = 0, down_in = 0;
+    const MlpBuffers buf{nullptr, &gu_in, &down_in, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+    PrefillPlan p;
+    if (Error e = prefill_plan(parse_type(t), attrs, s, buf, ws.data(), kFake, &p); !e.empty()) return "error " + e;
+    auto where = [&](const void* a, const void* input) {
+      return a == input ? std::string("in") : std::to_string(static_cast<const char*>(a) - ws.data());
+    };
+    return "ok wf" + std::to_string(p.weight_format) + " " + where(p.gate_up_gemm.a, &gu_in) + " " +
+           where(p.down_gemm.a, &down_in) + " " + (p.gate_up_t ? where(p.gate_up_t, nullptr) : "-") + " " +
+           (p.down_t ? where(p.down_t, nullptr) : "-");
   }
   if (cmd == "select_ws") {
     int64_t b, i;
@@ -258,16 +290,19 @@ std::string answer(const std::string& line) {
     MlpSizes s;
     in >> t >> s.batch >> s.hidden >> s.inter;
     s.seq = 1;
+    MlpAttrs attrs;
+    attrs.weight_format = wf;
     char* base = reinterpret_cast<char*>(uintptr_t(1) << 20);
     const MlpBuffers buf{base, base, base, reinterpret_cast<int32_t*>(base), reinterpret_cast<int32_t*>(base),
                          nullptr, nullptr, base, nullptr};
     std::string out = "ok";
     for (int64_t b0 = 0; b0 < s.batch; b0 += TDA_MAX_BATCH) {
-      const tda_decode_args_t a = decode_args(parse_type(t), MlpAttrs{}, s, b0, chunk_batch(s.batch, b0), buf);
+      const tda_decode_args_t a = decode_args(parse_type(t), attrs, s, b0, chunk_batch(s.batch, b0), buf);
       auto off = [base](const void* p) { return std::to_string(static_cast<const char*>(p) - base); };
       out += " " + std::to_string(b0) + ":" + std::to_string(a.batch) + ":" + off(a.hidden_states) + ":" +
              off(a.active_idx) + ":" + off(a.active_count) + ":" + off(a.output) + ":dtype" +
-             std::to_string(a.dtype) + ":det" + std::to_string(a.deterministic);
+             std::to_string(a.dtype) + ":det" + std::to_string(a.deterministic) +
+             (wf == TDA_WEIGHTS_DTYPE ? "" : ":wf" + std::to_string(a.weight_format));
     }
     return out;
   }

@@ -1,5 +1,6 @@
-"""The CUDA kernels, and the TensorRT plugins' device code (plugins/gated_act.cu), compile for sm_80/89/90
-without register spills, and the library links and loads (no GPU needed for either).
+"""The CUDA kernels (float and block-quantized weights), and the TensorRT plugins' device code
+(plugins/gated_act.cu, plugins/dequant.cu), compile for sm_80/89/90 without register spills, and the library
+links and loads (no GPU needed for either).
 
 About 1 minute for the check and 40 s for the library on a 2-core box."""
 from pathlib import Path
@@ -19,6 +20,15 @@ def test_compile_check_no_spills():
         assert any("down_proj" in k for k in kernels), arch
         for v2 in ("union_segments", "gate_up_v2", "down_v2"):  # decode v2 (decode_v2.cu)
             assert any(v2 in k for k in kernels), (arch, v2)
+        # Block-quantized weights (decode.cu's gate_up_q and down_proj<.., BlockRows>, block_linear.cu): every
+        # format x dtype x batch tile compiled without spills (compile_check_cuda raises on any spill).
+        names = build._demangle(list(kernels)).values()
+        for code in (1, 2, 3):  # tda_weight_format_t Q8_0, Q4_0, Q4_1 as c++filt writes them
+            fmt = f"(tda_weight_format_t){code}"
+            assert sum("gate_up_q<" in n and fmt in n for n in names) == 6, (arch, fmt)  # 3 dtypes x NB 1, 8
+            assert sum("down_proj<" in n and f"BlockRows<{fmt}>" in n for n in names) == 9, (arch, fmt)  # x BT 1/4/8
+            assert sum("block_gemv<" in n and fmt in n for n in names) == 3, (arch, fmt)  # NB 1, 4, 8
+            assert sum("dequantize_f32<" in n and fmt in n for n in names) == 1, (arch, fmt)
 
 
 def test_cuda_library_builds_and_loads():
@@ -43,12 +53,64 @@ def test_cuda_archs_from_environment(monkeypatch):
 
 
 def test_plugin_device_code_builds_no_spills():
-    """The TensorRT plugins' only device code (plugins/gated_act.cu, the prefill's gated activation) needs no
-    TensorRT header, so CI compiles it for sm_80/89/90 as plugins/CMakeLists.txt does, with no spills."""
-    src = Path(__file__).resolve().parents[1] / "plugins" / "gated_act.cu"
-    report = build.compile_check_cuda(build.CUDA_ARCHS, sources=[src])
+    """The TensorRT plugins' device code (plugins/gated_act.cu, the prefill's gated activation; plugins/dequant.cu,
+    the prefill's dequantization of block weights to T) needs no TensorRT header, so CI compiles it for
+    sm_80/89/90 as plugins/CMakeLists.txt does, with no spills."""
+    plugins = Path(__file__).resolve().parents[1] / "plugins"
+    report = build.compile_check_cuda(build.CUDA_ARCHS, sources=[plugins / "gated_act.cu", plugins / "dequant.cu"])
     assert set(report) == {f"sm_{a}" for a in build.CUDA_ARCHS}
     for arch, kernels in report.items():
         names = build._demangle(list(kernels))
-        for t in ("float", "__half", "__nv_bfloat16"):  # one kernel per dtype x activation
+        for t in ("float", "__half", "__nv_bfloat16"):  # one kernel per dtype x activation / weight format
             assert sum(f"gated<{t}," in n for n in names.values()) == 4, (arch, t, sorted(names.values()))
+            assert sum("dequantize<" in n and f", {t}>" in n for n in names.values()) == 3, (arch, t)
+
+
+def test_cuda_library_host_side_of_block_formats():
+    """What the CUDA library decides on the host for block weights, before any CUDA call (no GPU needed): it sizes
+    a workspace for them (v1's pipeline; v2 serves float weights only), refuses block arrays that are not 4-byte
+    aligned and sizes the CPU library refuses too, and tda_block_linear / tda_block_dequantize check as the CPU
+    library does (shared common.h) and need no workspace."""
+    import ctypes
+
+    from tda_export.kernels import abi
+
+    lib = abi.Library(build.build_cuda())
+    for name in ("q8_0", "q4_0", "q4_1"):
+        code = abi.WEIGHT_FORMAT_CODE[name]
+        args = abi.DecodeArgs(dtype=abi.DTYPE_CODE["bfloat16"], batch=1, hidden=4096, intermediate=14335,
+                              weight_format=code)
+        v1 = lib.workspace_size("tda_sparse_gated_mlp_decode", args)
+        args.version = 2
+        assert v1 > 0 and lib.workspace_size("tda_sparse_gated_mlp_decode", args) == v1  # v2 -> v1
+        args.hidden = 4008  # a multiple of 8, not of 32
+        assert lib.workspace_size("tda_sparse_gated_mlp_decode", args) == 0  # H % 32: refused
+        assert lib.call_status("tda_sparse_gated_mlp_decode", args, 0, 0) == 4  # TDA_ERR_BAD_SIZE
+        # A block array 2 bytes off: TDA_ERR_MISALIGNED before anything is launched (host buffers: never read).
+        args.hidden, args.version = 64, 0
+        buf = (ctypes.c_uint8 * 4096)()
+        base = (ctypes.addressof(buf) + 255) // 256 * 256
+        need = lib.workspace_size("tda_sparse_gated_mlp_decode", args)
+        ws = (ctypes.c_uint8 * (need + 256))()
+        ws_ptr = (ctypes.addressof(ws) + 255) // 256 * 256
+        for f in ("hidden_states", "output", "down_weight_t", "active_idx", "active_count"):
+            setattr(args, f, base)
+        args.gate_up_weight = base + 2
+        assert lib.call_status("tda_sparse_gated_mlp_decode", args, ws_ptr, need) == 6
+        la = abi.BlockLinearArgs(weight_format=code, m=1, n=8, k=64, n_begin=0, n_end=8, ldx=64, ldy=8, x=base,
+                                 weight=base + 2, y=base)
+        assert lib.workspace_size("tda_block_linear", la) == 0
+        assert lib.call_status("tda_block_linear", la, 0, 0) == 6
+        la.k = 48
+        assert lib.call_status("tda_block_linear", la, 0, 0) == 4
+        la.k, la.m = 64, 0
+        assert lib.call_status("tda_block_linear", la, 0, 0) == 0  # M = 0: nothing to do, nothing launched
+        assert lib.block_dequantize_status(code, 64, 0, 0, 0, 64) == 0
+        assert lib.block_dequantize_status(code, 64, 1, base + 2, base, 64) == 6
+        assert lib._lib.tda_block_bytes(code) == contract_block_bytes(name)
+
+
+def contract_block_bytes(name: str) -> int:
+    from tda_export.ops.contract import BLOCK_FORMATS
+
+    return BLOCK_FORMATS[name].block_bytes

@@ -1,4 +1,5 @@
 """cuda/include/tda_kernels.h enums must equal the contract's list positions."""
+import ctypes
 import re
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def test_python_mirror_matches_header():
 
 def test_abi_version_matches_mirror():
     """The ctypes mirror's struct layouts follow TDA_KERNELS_ABI_VERSION (3: tda_select_args_t.density_bounds;
-    4: tda_decode_args_t.weight_format)."""
+    4: tda_decode_args_t.weight_format; 5: tda_block_linear_args_t)."""
     text = HEADER.read_text()
     assert int(re.search(r"#define TDA_KERNELS_ABI_VERSION (\d+)", text).group(1)) == abi.ABI_VERSION
     select = re.search(r"typedef struct \{([^}]*)\}\s*tda_select_args_t;", text).group(1)
@@ -43,3 +44,13 @@ def test_abi_version_matches_mirror():
     decode = re.search(r"typedef struct \{([^}]*)\}\s*tda_decode_args_t;", text).group(1)
     decode = re.sub(r"/\*.*?\*/", "", decode, flags=re.S)
     assert re.findall(r"(\w+);", decode) == [name for name, _ in abi.DecodeArgs._fields_]
+    linear = re.search(r"typedef struct \{([^}]*)\}\s*tda_block_linear_args_t;", text).group(1)
+    linear = re.sub(r"/\*.*?\*/", "", linear, flags=re.S)
+    assert re.findall(r"(\w+);", linear) == [name for name, _ in abi.BlockLinearArgs._fields_]
+    # The C types too: the int64 strides and the int32 sizes are where a mirror would silently go wrong.
+    types = dict((name, ctype) for ctype, name in re.findall(r"(int32_t|int64_t|const float\*|const void\*|float\*)\s+(\w+);",
+                                                            linear))
+    width = {"int32_t": 4, "int64_t": 8}
+    for name, ctype in abi.BlockLinearArgs._fields_:
+        if types[name] in width:
+            assert ctypes.sizeof(ctype) == width[types[name]], name

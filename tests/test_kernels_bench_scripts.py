@@ -70,6 +70,33 @@ def test_gpu_kernels_check_stage_on_cpu(tmp_path):
     assert any(c["check"].startswith("select") for c in saved["checks"])
 
 
+def test_gpu_quant_check_stage_on_cpu(tmp_path):
+    """bench/gpu_quant.py's correctness stage end to end on the CPU library at small shapes (the GPU run adds the
+    7B shape): every format's decode and block linear pass against the float64 reference, the JSON is complete,
+    and its argument checks name what is wrong."""
+    gq = _module("gpu_quant")
+    out = tmp_path / "q.json"
+    result = gq.main(["--check-only", "--device", "cpu", "--small", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["failed_checks"] == [] and len(saved["checks"]) == len(result["checks"]) > 200
+    for what in ("decode q8_0", "decode q4_0", "decode q4_1", "block_linear q4_1", "block_dequantize q8_0"):
+        assert any(c["check"].startswith(what) for c in saved["checks"]), what
+    with pytest.raises(SystemExit):
+        gq.parse_args(["--out", str(out), "--formats", "q5_k"])
+    with pytest.raises(SystemExit):
+        gq.parse_args(["--out", str(out), "--device", "cpu"])  # timing needs a GPU
+
+
+def _fake_quant() -> dict:
+    us = {"ours": {"min": 9.0, "median": 10.0}, "cublas_bf16_dense": {"min": 80.0, "median": 81.0},
+          "block_gemv_same_bytes": {"min": 9.5, "median": 11.0}}
+    return {"device": "NVIDIA H100 80GB HBM3", "date": "2026-12-07", "torch": "2.13", "checks": [{"check": "x"}],
+            "failed_checks": [], "copy_GBps": 3000.0, "shape": {"H": 4096, "I": 14336},
+            "rows": [{"format": "q4_0", "batch": 1, "density": 0.5, "union_rows": 7168, "us": us,
+                      "frac_copy_bw": 0.83, "vs_cublas_bf16_dense": 8.1, "vs_block_gemv_same_bytes": 1.1}],
+            "targets": {"q4_0 batch1 d=0.5 >= 80% copy bw on active bytes": True}}
+
+
 def _fake_kernels() -> dict:
     rows = []
     for batch, d, union in ((1, 0.1, 1434), (1, 1.0, 14336), (8, 0.5, 14280)):
@@ -110,6 +137,13 @@ def test_gpu_report_tables_and_merge(tmp_path):
     assert "| 1 | v2 | 0.5 | 50% | 280.0 | 3.57 | 2.40 | 67% | 1.47x | 40.0 |" in text
     assert "- MISSED: batch1 d=0.1 >= 85% copy bw" in text and "- FAIL: batch1 v2 d0.5" in text
     assert "2/2 checks passed" in text and "2026-12-01 NVIDIA H200: build: ok" in text
+    assert "Not measured: the quantized stage did not write its JSON" in text
+    qj = tmp_path / "q.json"
+    qj.write_text(json.dumps(_fake_quant()))
+    with_q = rep.main(["--kernels", str(k), "--e2e", str(e), "--quant", str(qj), "--results", str(results),
+                       "--out", str(out)])
+    assert "| q4_0 | 1 | 0.5 | 50% | 10.0 | 83% | 81.0 | 8.10x | 11.0 | 1.10x |" in with_q
+    assert "- met: q4_0 batch1 d=0.5 >= 80% copy bw on active bytes" in with_q
     # a second run replaces its own section and keeps the rest
     results.write_text(text + "\nlater section\n")
     k.unlink()
@@ -132,8 +166,11 @@ def test_gpu_check_script_syntax_and_dry_run(tmp_path):
     out = proc.stdout
     assert "--out " + str(tmp_path / "gpu_kernels_h100_80gb_hbm3.json") in out and "h200" not in out
     assert "--e2e " + str(tmp_path / "gpu_e2e_h100_80gb_hbm3.json") in out
+    assert "--out " + str(tmp_path / "gpu_quant_h100_80gb_hbm3.json") in out
+    assert "--quant " + str(tmp_path / "gpu_quant_h100_80gb_hbm3.json") in out
     for name in ("info", "build", "sanitizer-build", "memcheck", "correctness-v1", "correctness-v2",
-                 "kernel-timings", "e2e", "racecheck", "pytest-gpu", "pytest-gpu-v2", "pytest-backend", "report"):
+                 "quant-correctness", "kernel-timings", "quant-timings", "e2e", "racecheck", "pytest-gpu",
+                 "pytest-gpu-v2", "pytest-backend", "report"):
         assert f"=== [{name}]" in out, (name, out, proc.stderr)
     assert "--arch=sm_90" in out or "-arch=sm_90" in out
     assert "--max-context 4096" in out and "--versions 1,2" in out

@@ -122,3 +122,141 @@ def test_cuda_graph_capture_and_replay():
         np.testing.assert_array_equal(cnt.cpu().numpy(), ref_cnt)
         ref = testing.decode_reference(x, gu, wd, torch.from_numpy(ref_idx), torch.from_numpy(ref_cnt))
         assert testing.rel_error(out, ref) < testing.TOLERANCE[torch.bfloat16]
+
+
+# ---- Block-quantized weights (decode.cu gate_up_q / down_proj<BlockRows>, block_linear.cu) ----
+# Against the float64 reference of the blocks' exact dequantized weights (ops/blocks.py), the same masks.
+
+BLOCK_FORMATS = ("q8_0", "q4_0", "q4_1")
+
+
+def _block_masks(kinds, inter, seed):
+    rng = np.random.default_rng(seed)
+    return [testing.make_mask(k, inter, rng, density=rng.uniform(0.05, 0.9)) for k in kinds]
+
+
+@pytest.mark.parametrize("name", BLOCK_FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch", [1, 3, 8, 33])
+@pytest.mark.parametrize("hidden,inter", [(32, 7), (1056, 2051)])
+@pytest.mark.parametrize("version", [0, 2])  # 2 asks for v2, which serves float weights only: v1 runs
+def test_block_decode_vs_fp64(name, dtype, batch, hidden, inter, version):
+    kinds = [testing.MASK_KINDS[(b * 5 + batch) % len(testing.MASK_KINDS)] for b in range(batch)]
+    x, gu_q, wd_q, idx, cnt, gu, wd = (t.cuda() for t in testing.block_decode_problem(
+        batch, hidden, inter, name, dtype, _block_masks(kinds, inter, batch), batch))
+    ref = testing.decode_reference_torch(x, gu, wd, idx, cnt)
+    for det in (True, False):
+        status, out = testing.run_decode(x, gu_q, wd_q, idx, cnt, deterministic=det, version=version,
+                                         weight_format=name)
+        assert status == 0
+        for b, kind in enumerate(kinds):
+            if kind == "empty":
+                assert torch.all(out[b] == 0)
+        assert testing.rel_error(out, ref) < testing.TOLERANCE[dtype], (name, dtype, batch, det)
+
+
+@pytest.fixture(scope="module")
+def mistral_blocks():
+    """One Mistral-7B-shaped MLP layer per block format: random blocks made on the GPU (testing.random_blocks) and
+    their exact float32 weights (ops/torch_blocks.py, checked bit for bit against ops/blocks.py elsewhere)."""
+    from tda_export.ops import torch_blocks
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            gu_q = testing.random_blocks(name, 2 * 14336, 4096, "cuda", 1, 0.5 / 64).view(14336, 2, -1)
+            wd_q = testing.random_blocks(name, 14336, 4096, "cuda", 2, 0.5 / 14336 ** 0.5)
+            cache[name] = (gu_q, wd_q, torch_blocks.dequantize(name, gu_q), torch_blocks.dequantize(name, wd_q))
+        return cache[name]
+    return get
+
+
+@pytest.mark.parametrize("name", BLOCK_FORMATS)
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("density", [0.05, 0.5, 1.0])
+def test_block_decode_mistral_shape(mistral_blocks, name, batch, density):
+    hidden, inter = 4096, 14336
+    rng = np.random.default_rng(batch)
+    masks = [testing.make_mask("random", inter, rng, density) for _ in range(batch)]
+    gu_q, wd_q, gu, wd = mistral_blocks(name)
+    idx, cnt = (torch.from_numpy(a).cuda() for a in testing.state_from_masks(masks, inter))
+    x = torch.randn(batch, hidden, device="cuda").to(torch.bfloat16)
+    status, out = testing.run_decode(x, gu_q, wd_q, idx, cnt, weight_format=name)
+    assert status == 0
+    ref = testing.decode_reference_torch(x, gu, wd, idx, cnt)
+    assert testing.rel_error(out, ref) < testing.TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("name", BLOCK_FORMATS)
+def test_block_decode_matches_cpu_library(name):
+    masks = _block_masks(["random", "full", "single", "empty"], 1537, 1)
+    args = testing.block_decode_problem(4, 576, 1537, name, torch.float32, masks, 1)[:5]
+    cpu = testing.run_decode(*args, weight_format=name)[1]
+    gpu = testing.run_decode(*(a.cuda() for a in args), weight_format=name)[1]
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", BLOCK_FORMATS)
+def test_block_decode_alignment_and_capture(name):
+    """Block arrays must be 4-byte aligned for the CUDA library (TDA_ERR_MISALIGNED, nothing launched); the
+    quantized decode captures into a CUDA graph and a replay picks up new masks."""
+    masks = _block_masks(["random", "full"], 300, 2)
+    x, gu_q, wd_q, idx, cnt, gu, wd = (t.cuda() for t in testing.block_decode_problem(2, 128, 300, name,
+                                                                                     torch.bfloat16, masks, 2))
+    shifted = torch.empty(gu_q.numel() + 2, dtype=torch.uint8, device="cuda")[2:].view(gu_q.shape)
+    shifted.copy_(gu_q)
+    assert testing.run_decode(x, shifted, wd_q, idx, cnt, weight_format=name)[0] == 6
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        K.sparse_gated_mlp_decode(x, gu_q, wd_q, idx, cnt, weight_format=name)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        out = K.sparse_gated_mlp_decode(x, gu_q, wd_q, idx, cnt, weight_format=name)
+    new_idx, new_cnt = testing.state_from_masks(_block_masks(["single", "random"], 300, 3), 300)
+    idx.copy_(torch.from_numpy(new_idx))
+    cnt.copy_(torch.from_numpy(new_cnt))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = testing.decode_reference_torch(x, gu, wd, idx, cnt)
+    assert testing.rel_error(out, ref) < testing.TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("name", BLOCK_FORMATS)
+@pytest.mark.parametrize("m", [0, 1, 3, 8, 17])
+def test_block_linear_vs_fp64(name, m):
+    """tda_block_linear (ABI 5) on the GPU: strided x and y (ldx > K, ldy > N), a row range that leaves the
+    other columns untouched (NaN-poisoned), M past one tile of 8, K not a multiple of a warp step (33 blocks)."""
+    from tda_export.ops import blocks
+    rng = np.random.default_rng(m)
+    for n, k in ((5, 32), (300, 1056), (4096, 4096)):
+        w_q = blocks.quantize(name, rng.standard_normal((n, k)).astype(np.float32))
+        w = torch.from_numpy(blocks.dequantize(name, w_q)).cuda().double()
+        xs = torch.randn(m, k + 3, device="cuda")
+        x = xs[:, :k]
+        y = torch.full((m, n + 5), float("nan"), device="cuda")
+        n_begin, n_end = (1, n - 1) if n > 2 else (0, n)
+        assert testing.run_block_linear(x, torch.from_numpy(w_q).cuda(), name, n_begin, n_end, out=y)[0] == 0
+        torch.cuda.synchronize()
+        if m == 0:
+            continue
+        ref = x.double() @ w.T
+        assert testing.rel_error(y[:, n_begin:n_end], ref[:, n_begin:n_end]) < 1e-6, (name, m, n, k)
+        assert torch.isnan(y[:, :n_begin]).all() and torch.isnan(y[:, n_end:]).all()
+
+
+@pytest.mark.parametrize("name", BLOCK_FORMATS)
+def test_block_dequantize_bit_for_bit(name):
+    from tda_export.kernels import abi
+    from tda_export.ops import blocks
+    lib = abi.cuda_library()
+    w_q = blocks.quantize(name, np.random.default_rng(4).standard_normal((37, 1056)).astype(np.float32))
+    out = torch.full((37, 1060), float("nan"), device="cuda")
+    status = lib.block_dequantize_status(abi.WEIGHT_FORMAT_CODE[name], 1056, 37, torch.from_numpy(w_q).cuda().data_ptr(),
+                                         out.data_ptr(), 1060, torch.cuda.current_stream().cuda_stream)
+    assert status == 0
+    torch.cuda.synchronize()
+    np.testing.assert_array_equal(out[:, :1056].cpu().numpy(), blocks.dequantize(name, w_q))
+    assert torch.isnan(out[:, 1056:]).all()

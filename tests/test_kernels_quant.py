@@ -265,25 +265,14 @@ def test_decode_bad_arguments():
     assert run(x, gu_q, wd_q, idx, cnt, weight_format="q4_0", out=out)[0] == 6  # TDA_ERR_MISALIGNED
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("name", FORMATS)
-def test_cuda_library_refuses_block_formats(name):
-    """Until the CUDA library runs block weights it refuses them (TDA_ERR_BAD_DTYPE), never reading blocks as
-    floats."""
-    lib = abi.cuda_library()
-    args = abi.DecodeArgs(dtype=0, activation=0, batch=1, hidden=64, intermediate=8,
-                          weight_format=abi.WEIGHT_FORMAT_CODE[name])
-    assert lib.workspace_size("tda_sparse_gated_mlp_decode", args) == 0
-    assert lib.call_status("tda_sparse_gated_mlp_decode", args, 0, 0) == 2
-
-
 # ---- AddressSanitizer + UndefinedBehaviorSanitizer ----
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
 def test_sanitizers(tmp_path):
     """The quantized kernels under ASan + UBSan: a C driver (tests/kernels_sanitize_main.cpp) runs every format,
-    ISA, dtype and mask kind on weights allocated to the exact byte, so a read past a row's last block faults."""
+    ISA, dtype and mask kind of the sparse decode, and every format, M (0 to prefill sizes) and row range of the
+    dense block linear and dequantize, on weights allocated to the exact byte, so a read past a row's last block
+    faults."""
     src = Path(build.SRC_ROOT)
     flags = ["g++", "-std=c++17", "-O1", "-g", "-fopenmp", "-fsanitize=address,undefined", "-fno-omit-frame-pointer",
              "-fno-sanitize-recover=all", "-Wall", "-Wextra", "-Werror"]

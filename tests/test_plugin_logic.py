@@ -98,6 +98,8 @@ def test_enum_tables_match_contract_order():
                                                          re.S).group(1)) == [(v, v) for v in contract.DECODE_VERSIONS]
     assert [n for n, _ in _table("kDtypes")] == list(DTYPES)
     assert [values[e] for _, e in _table("kDtypes")] == list(range(len(DTYPES)))
+    assert [n for n, _ in _table("kWeightFormats")] == list(contract.WEIGHT_FORMATS)
+    assert [values[e] for _, e in _table("kWeightFormats")] == list(range(len(contract.WEIGHT_FORMATS)))
 
 
 def test_compiled_tables_match_contract_order(run):
@@ -150,7 +152,7 @@ def test_field_defaults_nul_and_metadata(run):
     ("score_norm=l2", "score_norm 'l2' not in token_l2, none"),
     ("activation:int=silu", "must be a char (string) field"),
     ("activaton=silu", "unknown field activaton"),
-    ("weight_format=q4_0", "weight_format 'q4_0' is not run by the TensorRT plugins (only dtype)"),
+    ("weight_format=q5_k", "weight_format 'q5_k' not in dtype, q8_0, q4_0, q4_1"),
 ])
 def test_bad_fields_rejected(run, fields, message):
     (answer,) = run(f"mlp_fields {fields}")
@@ -330,3 +332,69 @@ def test_prefill_plan_computes_the_contract(run, activation):
     # The cuBLAS argument mapping, run by a reference column-major GEMM, against the contract's formula.
     (err,) = run(f"prefill_numeric 2 3 16 24 {activation}")
     assert float(err) < 1e-5
+
+
+# ---- block-quantized weights (weight_format q8_0 / q4_0 / q4_1): int8 tensors of the contract's bytes ----
+
+def _row(name: str, hidden: int) -> int:
+    return hidden // contract.QUANT_BLOCK * contract.BLOCK_FORMATS[name].block_bytes
+
+
+def test_every_weight_format_parses_and_is_serialized(run):
+    for name in contract.WEIGHT_FORMATS:
+        for cmd in ("mlp_fields", "plan_fields"):
+            (answer,) = run(f"{cmd} weight_format={name}")
+            assert answer == f"ok 0 0 1 silu,token_l2,{name},1", answer
+
+
+def _qmlp(name, I=24, B=2, S=5, **kw):
+    r = _row(name, 64)
+    shapes = {"gate_up_weight": f"{I},2,{r}", "down_weight_t": f"{I},{r}", **kw}
+    return f"mlp_shapes wf={name} " + _mlp(B=B, S=S, H=64, I=I, **shapes).split(" ", 1)[1]
+
+
+@pytest.mark.parametrize("name", list(contract.BLOCK_FORMATS))
+def test_block_weight_shapes(run, name):
+    """H comes from hidden_states (the weights' last axis is row bytes); H a multiple of 32, I of 8 (the prefill's
+    score reduction); the weights' last axes must be exactly H/32 blocks; errors name the tensor, the format and
+    the bytes expected."""
+    r, bb = _row(name, 64), contract.BLOCK_FORMATS[name].block_bytes
+    assert run(_qmlp(name), _qmlp(name, B="?", S="?")) == ["ok 2 5 64 24", "ok -1 -1 64 24"]
+    bad_h = _mlp(H=48, I=24, gate_up_weight=f"24,2,{_row(name, 32)}", down_weight_t=f"24,{_row(name, 32)}")
+    assert run(f"mlp_shapes wf={name} " + bad_h.split(" ", 1)[1]) == \
+        [f"error H (hidden size) = 48 must be a positive multiple of 32 for weight_format {name}"]
+    assert run(_qmlp(name, I=13)) == ["error I (intermediate size) = 13 must be a positive multiple of 8"]
+    assert run(_qmlp(name, down_weight_t=f"24,{r + 2}")) == \
+        [f"error down_weight_t: last dimension {r + 2} but weight_format {name} with H = 64 needs {r} bytes "
+         f"(H/32 blocks of {bb})"]
+    # The same tensors as float weights are refused (H disagreeing): the format decides.
+    assert run(_qmlp(name).replace(f" wf={name}", "")) == [f"error gate_up_weight: H = {r} but 64 elsewhere"]
+    profile = ["2,64,64", f"24,2,{r}", f"24,{r}", "2,24", "2", "2,191", "2,24"]
+    (ok,) = run(f"mlp_profile wf={name} f16 1 " + " ".join(profile))
+    assert ok.startswith("ok 2 64 64 24 ws "), ok
+
+
+@pytest.mark.parametrize("io, ok", [
+    ("f16 i8", True), ("bf16 i8 i8", True), ("f32 i8 i8 i32", True), ("f16 f16", False), ("f16 i8 f16", False),
+    ("f16 i8!", False), ("f16 i8 i8 i32 i32 f32 f32 f16", True), ("f16 i8 i8 i32 i32 f32 f32 i8", False),
+])
+def test_block_weight_format_support(run, io, ok):
+    assert run(f"mlp_supports wf=q4_0 {io}") == ["yes" if ok else "no"]
+    if io.split()[1:] == ["i8"]:  # position 1 asked about
+        assert run(f"mlp_supports {io}") == ["no"]  # int8 weights only with a block weight_format
+
+
+def test_block_weight_prefill_dequantizes_into_the_workspace(run):
+    """A prefill of block weights reserves T copies of both weights after the cuBLAS piece and points the GEMMs
+    at them; float weights are read in place; decode passes the format to the C ABI."""
+    H, I = 64, 24
+    (line,) = run("prefill_layout wf=q4_1 bf16 4 9 64 24")
+    gate_up, z, scores, cublas, total, _, weights = line.split()
+    assert int(weights) % 256 == 0 and int(weights) >= int(cublas) + (32 << 20)
+    assert int(total) == int(weights) + 3 * I * H * 2
+    down = int(weights) + 2 * I * H * 2
+    assert run("prefill_weights wf=q4_1 bf16 4 9 64 24") == [f"ok wf3 {weights} {down} {weights} {down}"]
+    assert run("prefill_weights bf16 4 9 64 24") == ["ok wf0 in in - -"]
+    assert int(run("mlp_ws wf=q8_0 bf16 4 9 64 24 2")[0]) == int(total)
+    (chunks,) = run("decode_chunks wf=q8_0 bf16 2 64 24")
+    assert chunks.split()[1].endswith(":wf1")

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from op_cases import H, I, bound_cases, masks, mlp_inputs, score_cases
+from op_cases import H, I, QH, bound_cases, masks, mlp_inputs, score_cases
 from tda_export.kernels import build as kbuild
 from tda_export.kernels.abi import cpu_library, cuda_library
 from tda_export.ops import reference
@@ -23,6 +23,20 @@ trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 not installe
 pytestmark = pytest.mark.trt
 
 NP = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "bfloat16": np.int16}
+FORMATS = ("q8_0", "q4_0", "q4_1")
+QI = 24  # the plugins need I a multiple of 8 (the prefill's score reduction), whatever the weights
+
+
+def _block_inputs(rng, name, batch, seq, dtype):
+    """Random activations and scaled-normal weights quantized to `name` (uint8 blocks)."""
+    from tda_export.ops import blocks
+
+    hidden = rng.normal(size=(batch, seq, QH)).astype(dtype)
+    scale = rng.uniform(0.05, 0.6, size=(QI, 1, 1))
+    gate_up = blocks.quantize(name, rng.normal(size=(QI, 2, QH)) * scale)
+    down_t = blocks.quantize(name, rng.normal(size=(QI, QH)) * scale[:, 0])
+    return hidden, gate_up, down_t, (rng.random((batch, seq)) > 0.3).astype(np.float32), \
+        rng.random((batch, QI)).astype(np.float32)
 
 
 @pytest.fixture
@@ -62,11 +76,11 @@ def _workspace(nbytes):
     return buf, (buf.ctypes.data + 255) // 256 * 256
 
 
-def _run_mlp(plugin, tensors, trt_type, out_dtype, workspace_bytes=None):
-    B, S = tensors[0].shape[:2]
-    out = np.full((B, S, H), np.nan, out_dtype)
-    scores_out = np.full((B, I), np.nan, np.float32)
-    types = [trt_type] * 3 + [trt.DataType.INT32] * 2 + [trt.DataType.FLOAT] * 2
+def _run_mlp(plugin, tensors, trt_type, out_dtype, workspace_bytes=None, weight_type=None):
+    B, S, hidden = tensors[0].shape
+    out = np.full((B, S, hidden), np.nan, out_dtype)
+    scores_out = np.full((B, tensors[6].shape[1]), np.nan, np.float32)
+    types = [trt_type] + [weight_type or trt_type] * 2 + [trt.DataType.INT32] * 2 + [trt.DataType.FLOAT] * 2
     descs = [_desc(t, ty) for t, ty in zip(tensors, types)]
     _keep, ws = _workspace(plugin.get_workspace_size(descs, []) if workspace_bytes is None else workspace_bytes)
     plugin.enqueue(descs, [], [t.ctypes.data for t in tensors], [out.ctypes.data, scores_out.ctypes.data], ws, 0)
@@ -237,3 +251,41 @@ def _prefill_allocates_nothing(seen):
     assert torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction  # the process's setting is back
     ref, _ = reference.sparse_gated_mlp(*tensors, activation="gelu_tanh")
     assert _rel(out, ref) < 5e-3
+
+
+@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("dtype,trt_type,tol", [(np.float32, "FLOAT", 1e-5), (np.float16, "HALF", 5e-3)])
+def test_sparse_gated_mlp_block_weights(on_cpu, name, dtype, trt_type, tol):
+    """weight_format q8_0/q4_0/q4_1: the plugin takes the contract's blocks as int8 tensors (TensorRT plugin
+    inputs cannot be uint8), decodes on them through the C ABI, and prefills on weights the kernel library
+    dequantized into the plan's workspace (then rounded to T); both against the numpy reference of the exact
+    dequantized weights, every mask kind. The creator serializes the format; its int8 inputs are supported only
+    with a block format."""
+    trt_type = getattr(trt.DataType, trt_type)
+    creator = plugins.plugin_classes(trt)[0]()
+    plugin = creator.create_plugin("mlp", _fields(weight_format=name, activation="gelu_tanh"),
+                                   trt.TensorRTPhase.RUNTIME)
+    served = {f.name: bytes(np.asarray(f.data).tobytes()) for f in plugin.get_fields_to_serialize()}
+    assert served["weight_format"] == name.encode() + b"\0"
+    rng = np.random.default_rng(7)
+    for seq in (5, 1):
+        hidden, gate_up, down_t, token_valid, scores_in = _block_inputs(rng, name, 3, seq, dtype)
+        cases = masks(rng, 3, QI) if seq == 1 else [("prefill", *masks(rng, 3, QI)[4][1:])]
+        for kind, idx, count in cases:
+            tensors = [np.ascontiguousarray(x) for x in (hidden, gate_up.view(np.int8), down_t.view(np.int8), idx,
+                                                         count, token_valid, scores_in)]
+            out, scores_out = _run_mlp(plugin, tensors, trt_type, dtype, weight_type=trt.DataType.INT8)
+            ref_out, ref_scores = reference.sparse_gated_mlp_blocks(hidden, gate_up, down_t, name, idx, count,
+                                                                    token_valid, scores_in, activation="gelu_tanh")
+            assert out.shape == (3, seq, QH)
+            assert _rel(out, ref_out) < tol, (name, seq, kind)
+            assert _rel(scores_out, ref_scores) < (1e-5 if dtype == np.float32 else 5e-3), (name, seq, kind)
+    # int8 weights need a block format, and a block format needs int8 weights.
+    io = [SimpleNamespace(desc=SimpleNamespace(type=t, format=trt.TensorFormat.LINEAR))
+          for t in (trt_type, trt.DataType.INT8)]
+    assert plugin.supports_format_combination(1, io, 7)
+    dense = creator.create_plugin("mlp", _fields(), trt.TensorRTPhase.RUNTIME)
+    assert not dense.supports_format_combination(1, io, 7)
+    with pytest.raises(lg.LogicError, match=f"gate_up_weight: last dimension {QH} but weight_format {name}"):
+        plugin.configure_plugin([SimpleNamespace(desc=SimpleNamespace(dims=d)) for d in
+                                 [(3, 1, QH), (QI, 2, QH), (QI, QH), (3, QI), (3,), (3, 1), (3, QI)]], [])

@@ -36,8 +36,10 @@ extern "C" {
  * 3: tda_select_args_t gained `density_bounds` (last field; NULL = no clamp, so a
  *    zero-initialised struct keeps version 2's results).
  * 4: tda_decode_args_t gained `weight_format` (last field; 0 = weights in
- *    dtype, so a zero-initialised struct keeps version 3's results). */
-#define TDA_KERNELS_ABI_VERSION 4
+ *    dtype, so a zero-initialised struct keeps version 3's results).
+ * 5: the dense block-quantized linear tda_block_linear (+ its workspace
+ *    query), tda_block_dequantize and tda_block_bytes. */
+#define TDA_KERNELS_ABI_VERSION 5
 /* Largest batch of one call: decode keeps one bit per sequence per neuron. */
 #define TDA_MAX_BATCH 64
 /* H and I must be multiples of this (16-byte vectors of 16-bit types). */
@@ -124,9 +126,9 @@ typedef struct {
    * CPU library has one algorithm and accepts 0..2. Query the workspace with
    * the same value. Zero-initialised structs get the default. */
   int32_t version;
-  /* tda_weight_format_t of gate_up_weight and down_weight_t (ABI 4). The CPU
-   * library runs every format; the CUDA library only TDA_WEIGHTS_DTYPE so far
-   * (others: TDA_ERR_BAD_DTYPE). */
+  /* tda_weight_format_t of gate_up_weight and down_weight_t (ABI 4). Both
+   * libraries run every format; the CUDA library needs block arrays 4-byte
+   * aligned (TDA_ERR_MISALIGNED), the CPU library none. */
   int32_t weight_format;
 } tda_decode_args_t;
 
@@ -182,6 +184,54 @@ typedef struct {
 size_t tda_prefill_scores_workspace_size(const tda_prefill_scores_args_t* args);
 tda_status_t tda_prefill_scores(const tda_prefill_scores_args_t* args, void* workspace,
                                 size_t workspace_size, void* stream);
+
+/* ---- Dense block-quantized linear (ABI 5) ----
+ * y[m, n] = sum_k x[m, k] * W[n, k]   for m < M and n_begin <= n < n_end,
+ * W = the exact float32 dequantization of `weight`: N rows (output features),
+ * each K/32 blocks of weight_format (Q8_0 / Q4_0 / Q4_1 as above) along the
+ * input, i.e. GGUF's own layout. x is float32 and is NOT quantized (contract
+ * QUANTIZED_SEMANTICS); sums are fp32 (order is the library's, fixed for a
+ * given library, ISA and arguments). Columns outside [n_begin, n_end) of y
+ * are not touched, so a caller's own thread pool splits N across threads by
+ * calling this once per row range; the CPU library runs each call on the
+ * calling thread only (no OpenMP inside), the CUDA library launches on
+ * `stream`. M = 0 or n_begin == n_end: nothing is read or written (x, weight
+ * and y may be NULL). x and y are 4-byte aligned; weight has no alignment
+ * requirement in the CPU library and must be 4-byte aligned for the CUDA
+ * one. y must not overlap x or weight.
+ * Statuses: weight_format not a block format -> TDA_ERR_BAD_DTYPE; M < 0 ->
+ * TDA_ERR_BAD_BATCH; N <= 0, K not a positive multiple of 32, a row range or
+ * stride out of bounds -> TDA_ERR_BAD_SIZE (sizes are checked even when
+ * nothing is read); a NULL x/weight/y that would be used ->
+ * TDA_ERR_NULL_POINTER; x or y not 4-byte aligned -> TDA_ERR_MISALIGNED.
+ * The CPU library needs no workspace (the query returns 0). */
+typedef struct {
+  int32_t weight_format;  /* TDA_WEIGHTS_Q8_0 / Q4_0 / Q4_1 (DTYPE: TDA_ERR_BAD_DTYPE) */
+  int32_t m;              /* M >= 0 rows of x and y (no upper limit) */
+  int32_t n;              /* N > 0 rows of weight (output features) */
+  int32_t k;              /* K > 0, a multiple of TDA_QUANT_BLOCK (input features) */
+  int32_t n_begin;        /* 0 <= n_begin <= n_end <= N: the output columns this call writes */
+  int32_t n_end;
+  int64_t ldx;            /* row stride of x in floats, >= K */
+  int64_t ldy;            /* row stride of y in floats, >= N */
+  const float* x;         /* [M, ldx] */
+  const void* weight;     /* [N, K/32 * tda_block_bytes(weight_format)] bytes */
+  float* y;               /* [M, ldy] */
+} tda_block_linear_args_t;
+
+size_t tda_block_linear_workspace_size(const tda_block_linear_args_t* args);
+tda_status_t tda_block_linear(const tda_block_linear_args_t* args, void* workspace, size_t workspace_size,
+                              void* stream);
+
+/* out[r, :] = the exact float32 dequantization of rows [0, rows) of `weight`
+ * (each K/32 blocks of weight_format), row stride ldo >= K floats (e.g. an
+ * embedding lookup: pass the token's row). rows == 0: nothing is read.
+ * Same statuses as tda_block_linear (rows < 0 -> TDA_ERR_BAD_SIZE). */
+tda_status_t tda_block_dequantize(int32_t weight_format, int32_t k, int64_t rows, const void* weight, float* out,
+                                  int64_t ldo, void* stream);
+
+/* Bytes of one block of weight_format (34, 18, 20), or 0 for anything else. */
+size_t tda_block_bytes(int32_t weight_format);
 
 #ifdef __cplusplus
 }

@@ -21,8 +21,9 @@ inline const char* status_text(tda_status_t s) {
     case TDA_ERR_BAD_ENUM: return "activation, score_norm or decode version value out of range";
     case TDA_ERR_BAD_SIZE:
       return "hidden/intermediate size must be a positive multiple of 8 (block-quantized weights: hidden a "
-             "multiple of 32, any intermediate)";
-    case TDA_ERR_BAD_BATCH: return "batch must be in 0..TDA_MAX_BATCH (64)";
+             "multiple of 32, any intermediate; block linear: K a positive multiple of 32, N > 0, "
+             "0 <= n_begin <= n_end <= N, strides >= the row lengths)";
+    case TDA_ERR_BAD_BATCH: return "batch must be in 0..TDA_MAX_BATCH (64) (block linear: M >= 0)";
     case TDA_ERR_MISALIGNED:
       return "a pointer is misaligned (16 bytes for data, 4 for indices, 256 for the workspace)";
     case TDA_ERR_WORKSPACE_TOO_SMALL: return "workspace is NULL or smaller than the workspace-size query";
@@ -52,7 +53,7 @@ inline int32_t decode_version(const tda_decode_args_t* a) { return a->version ? 
 inline bool block_weights(const tda_decode_args_t* a) { return a->weight_format != TDA_WEIGHTS_DTYPE; }
 
 // Sizes/enums only: what the workspace queries may rely on. A library that
-// runs the block-quantized weight formats says so (the CUDA one does not yet).
+// runs the block-quantized weight formats says so (both do since ABI 5).
 inline tda_status_t check_decode_shape(const tda_decode_args_t* a, bool runs_block_weights = false) {
   if (!a) return TDA_ERR_NULL_POINTER;
   if (a->dtype < TDA_F32 || a->dtype > TDA_BF16) return TDA_ERR_BAD_DTYPE;
@@ -82,6 +83,43 @@ inline tda_status_t check_decode(const tda_decode_args_t* a, const void* ws, siz
   if ((reinterpret_cast<uintptr_t>(a->active_idx) | reinterpret_cast<uintptr_t>(a->active_count)) & 3u)
     return TDA_ERR_MISALIGNED;
   return check_workspace(ws, ws_size, ws_needed);
+}
+
+// tda_block_linear / tda_block_dequantize (ABI 5): sizes always, pointers
+// only when the call reads or writes something.
+inline bool block_format(int32_t w) { return w >= TDA_WEIGHTS_Q8_0 && w <= TDA_WEIGHTS_Q4_1; }
+inline bool aligned4(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 3u) == 0; }
+
+inline tda_status_t check_block_linear(const tda_block_linear_args_t* a) {
+  if (!a) return TDA_ERR_NULL_POINTER;
+  if (!block_format(a->weight_format)) return TDA_ERR_BAD_DTYPE;
+  if (a->m < 0) return TDA_ERR_BAD_BATCH;
+  if (a->n <= 0 || a->k <= 0 || a->k % TDA_QUANT_BLOCK != 0 || a->n_begin < 0 || a->n_begin > a->n_end ||
+      a->n_end > a->n || a->ldx < a->k || a->ldy < a->n)
+    return TDA_ERR_BAD_SIZE;
+  if (a->m == 0 || a->n_begin == a->n_end) return TDA_OK;
+  if (!a->x || !a->weight || !a->y) return TDA_ERR_NULL_POINTER;
+  if (!aligned4(a->x) || !aligned4(a->y)) return TDA_ERR_MISALIGNED;
+  return TDA_OK;
+}
+
+inline tda_status_t check_block_dequantize(int32_t w, int32_t k, int64_t rows, const void* weight, const float* out,
+                                           int64_t ldo) {
+  if (!block_format(w)) return TDA_ERR_BAD_DTYPE;
+  if (k <= 0 || k % TDA_QUANT_BLOCK != 0 || rows < 0 || ldo < k) return TDA_ERR_BAD_SIZE;
+  if (rows == 0) return TDA_OK;
+  if (!weight || !out) return TDA_ERR_NULL_POINTER;
+  if (!aligned4(out)) return TDA_ERR_MISALIGNED;
+  return TDA_OK;
+}
+
+inline size_t block_bytes(int32_t w) {
+  switch (w) {
+    case TDA_WEIGHTS_Q8_0: return 34;
+    case TDA_WEIGHTS_Q4_0: return 18;
+    case TDA_WEIGHTS_Q4_1: return 20;
+    default: return 0;
+  }
 }
 
 inline tda_status_t check_select_shape(const tda_select_args_t* a) {

@@ -130,8 +130,9 @@ def build(model: str, out: str | Path, dtype: str | None = None, calibration: st
     quantize.check_choice(weight_format)
     if plan is not None and quantize.is_blocks(weight_format):
         raise ExportError(f"--target {plan.target} with --weight-format {weight_format}: the TensorRT build does not "
-                          f"take block-quantized weights yet (its plugins accept float weights only); build the "
-                          f"ONNX engine (--target onnx) or use --weight-format {quantize.FLOAT}")
+                          f"take block-quantized weights yet (the plugins do, the plan's dense linears are not "
+                          f"written: docs/tensorrt.md); build the ONNX engine (--target onnx) or use "
+                          f"--weight-format {quantize.FLOAT}")
     out = Path(out)
     if out.exists() and not force:
         raise ExportError(f"--out {out}: already exists (use --force to replace it)")

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from ctypes import POINTER, c_char_p, c_int, c_int32, c_size_t, c_void_p
+from ctypes import POINTER, c_char_p, c_int, c_int32, c_int64, c_size_t, c_void_p
 
 from ..ops.contract import ACTIVATIONS, DTYPES, QUANT_BLOCK, SCORE_NORMS, WEIGHT_FORMATS
 from . import build
 
 TDA_OK = 0
-ABI_VERSION = 4  # TDA_KERNELS_ABI_VERSION of the header this file mirrors
+ABI_VERSION = 5  # TDA_KERNELS_ABI_VERSION of the header this file mirrors
 MAX_BATCH = 64
 WORKSPACE_ALIGNMENT = 256
 SIZE_MULTIPLE = 8
@@ -52,6 +52,15 @@ class PrefillArgs(ctypes.Structure):
     ]
 
 
+class BlockLinearArgs(ctypes.Structure):
+    """tda_block_linear_args_t (ABI 5): y[:, n_begin:n_end] = x . dequant(weight)^T."""
+    _fields_ = [
+        ("weight_format", c_int32), ("m", c_int32), ("n", c_int32), ("k", c_int32),
+        ("n_begin", c_int32), ("n_end", c_int32), ("ldx", c_int64), ("ldy", c_int64),
+        ("x", c_void_p), ("weight", c_void_p), ("y", c_void_p),
+    ]
+
+
 class KernelError(RuntimeError):
     def __init__(self, lib: "Library", fn: str, status: int):
         self.status = status
@@ -65,11 +74,14 @@ class Library:
         self.path = str(path)
         lib = ctypes.CDLL(self.path)
         for name, args in (("tda_sparse_gated_mlp_decode", DecodeArgs), ("tda_select_active", SelectArgs),
-                           ("tda_prefill_scores", PrefillArgs)):
+                           ("tda_prefill_scores", PrefillArgs), ("tda_block_linear", BlockLinearArgs)):
             size_fn = getattr(lib, f"{name}_workspace_size")
             size_fn.argtypes, size_fn.restype = [POINTER(args)], c_size_t
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = [POINTER(args), c_void_p, c_size_t, c_void_p], c_int
+        lib.tda_block_dequantize.argtypes = [c_int32, c_int32, c_int64, c_void_p, c_void_p, c_int64, c_void_p]
+        lib.tda_block_dequantize.restype = c_int
+        lib.tda_block_bytes.argtypes, lib.tda_block_bytes.restype = [c_int32], c_size_t
         lib.tda_status_string.argtypes, lib.tda_status_string.restype = [c_int], c_char_p
         lib.tda_backend.restype = c_char_p
         lib.tda_abi_version.restype = c_int
@@ -95,6 +107,13 @@ class Library:
     def call_status(self, fn: str, args, workspace: int, workspace_size: int, stream: int = 0) -> int:
         return getattr(self._lib, fn)(ctypes.byref(args), workspace, workspace_size, stream)
 
+    def block_dequantize_status(self, weight_format: int, k: int, rows: int, weight: int, out: int, ldo: int,
+                                stream: int = 0) -> int:
+        return self._lib.tda_block_dequantize(weight_format, k, rows, weight, out, ldo, stream)
+
+    def block_bytes(self, weight_format: int) -> int:
+        return self._lib.tda_block_bytes(weight_format)
+
 
 @functools.lru_cache(maxsize=None)
 def cpu_library() -> Library:
@@ -106,5 +125,5 @@ def cuda_library() -> Library:
     return Library(build.build_cuda())
 
 
-__all__ = ["DecodeArgs", "SelectArgs", "PrefillArgs", "Library", "KernelError", "cpu_library", "cuda_library",
+__all__ = ["DecodeArgs", "SelectArgs", "PrefillArgs", "BlockLinearArgs", "Library", "KernelError", "cpu_library", "cuda_library",
            "DTYPE_CODE", "ACTIVATION_CODE", "SCORE_NORM_CODE", "WEIGHT_FORMAT_CODE", "MAX_BATCH", "SIZE_MULTIPLE"]

@@ -141,6 +141,20 @@ def nvcc_path() -> str | None:
     return shutil.which("nvcc") or (str(TOOLKIT_NVCC) if TOOLKIT_NVCC.exists() else None) or _pip_nvcc()
 
 
+def cuda_include_dir() -> Path | None:
+    """The directory with cuda_fp16.h that nvcc itself uses (its --dryrun INCLUDES: a toolkit, a wrapper script
+    or PyPI's layout alike), for host-compiled tests of device headers; None without nvcc."""
+    nvcc = nvcc_path()
+    if nvcc is None:
+        return None
+    proc = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                          capture_output=True, text=True)
+    for inc in re.findall(r'-I"?([^"\s]+)', proc.stdout + proc.stderr):
+        if (Path(inc) / "cuda_fp16.h").exists():
+            return Path(inc).resolve()
+    return None
+
+
 def _cuda_link_flags(nvcc: str) -> list[str]:
     """The pip layout keeps its libraries in <top>/lib, where nvcc.profile does not look (it names
     targets/<arch>/lib64 of a toolkit install): point the linker there for libcudart_static and libcudadevrt."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..ops import blocks, reference
+from ..ops import blocks, contract, reference
 from . import abi
 from .torch_ops import workspace
 
@@ -135,3 +135,39 @@ def run_decode(x, gu, wd, idx, cnt, activation="silu", deterministic=True, poiso
     _buf, ptr = workspace(max(size, need) + workspace_offset, x.device, fill=0xA5)  # garbage, not zeros
     status = lib.call_status("tda_sparse_gated_mlp_decode", args, ptr + workspace_offset, size, _stream(x.device))
     return status, out
+
+
+def run_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_format: str, n_begin: int = 0,
+                     n_end: int | None = None, out: torch.Tensor | None = None) -> tuple[int, torch.Tensor]:
+    """Direct tda_block_linear call: y[:, n_begin:n_end] = x . dequant(weight)^T, x float32 [M, K] (any row
+    stride), weight uint8 [N, K/32 * block_bytes]; y NaN-poisoned unless given. Returns (status, y)."""
+    m, k = x.shape
+    n = weight.shape[0]
+    if out is None:
+        out = torch.full((m, n), float("nan"), dtype=torch.float32, device=x.device)
+    lib = library_for(x.device)
+    args = abi.BlockLinearArgs(weight_format=abi.WEIGHT_FORMAT_CODE[weight_format], m=m, n=n, k=k, n_begin=n_begin,
+                               n_end=n if n_end is None else n_end, ldx=x.stride(0) if m else k,
+                               ldy=out.stride(0) if m else n, x=x.data_ptr(), weight=weight.data_ptr(),
+                               y=out.data_ptr())
+    need = lib.workspace_size("tda_block_linear", args)
+    _buf, ptr = workspace(need, x.device, fill=0xA5)
+    return lib.call_status("tda_block_linear", args, ptr, need, _stream(x.device)), out
+
+
+def random_blocks(name: str, rows: int, hidden: int, device: str, seed: int, scale: float) -> torch.Tensor:
+    """uint8 [rows, H/32*block_bytes]: random bytes (every nibble / int8 value) with fp16 scales sized so the
+    weights are O(scale) like a real layer's (|d| ~ scale / 64 for q8_0's +-127, scale / 4 for 4-bit; q4_1's
+    minimum ~ -8 d), so fp16 activations and outputs stay finite."""
+    bb = contract.BLOCK_FORMATS[name].block_bytes
+    scale = scale / (64 if name == "q8_0" else 4)
+    g = torch.Generator(device=device).manual_seed(seed)
+    nblk = hidden // contract.QUANT_BLOCK
+    raw = torch.randint(0, 256, (rows, nblk, bb), generator=g, device=device, dtype=torch.uint8)
+    n16 = 2 if name == "q4_1" else 1
+    f = (torch.rand(rows, nblk, n16, generator=g, device=device) + 0.5) * scale
+    f[..., 0] *= torch.where(torch.rand(f.shape[:2], generator=g, device=device) < 0.5, -1.0, 1.0)
+    if n16 == 2:
+        f[..., 1] = -8 * f[..., 1]
+    raw[..., : 2 * n16] = f.to(torch.float16).view(torch.uint8).reshape(rows, nblk, 2 * n16)
+    return raw.reshape(rows, -1)

@@ -55,9 +55,36 @@ def fp32_accumulation():
             setattr(m, n, v)
 
 
+def dequantize_weights(plan, dtype: str, weight_format: str, hidden: int, inter: int, gate_up_w: int, down_t: int,
+                       kernels, stream: int) -> None:
+    """Block weights -> T in the plan's workspace pieces (plan.gate_up_t, plan.down_t), for a prefill: the kernel
+    library's tda_block_dequantize (the exact float32 weights) in row chunks through the float32 scratch piece,
+    then rounded to T once, as the C++ plugin's dequant.cu does."""
+    from ..kernels.abi import KernelError
+    from ..ops.contract import BLOCK_FORMATS
+
+    row_bytes = hidden // 32 * BLOCK_FORMATS[weight_format].block_bytes
+    rows_per = plan.cublas_ws_bytes // (4 * hidden)
+    if rows_per < 1:
+        raise ValueError(f"prefill: H = {hidden} needs {4 * hidden} bytes of scratch per row, the workspace has "
+                         f"{plan.cublas_ws_bytes}")
+    scratch = tensor(plan.cublas_ws, (rows_per, hidden), "float32")
+    for src, dst, rows in ((gate_up_w, plan.gate_up_t, 2 * inter), (down_t, plan.down_t, inter)):
+        out = tensor(dst, (rows, hidden), dtype)
+        for r0 in range(0, rows, rows_per):
+            n = min(rows_per, rows - r0)
+            status = kernels.block_dequantize_status(plan.weight_format, hidden, n, src + r0 * row_bytes,
+                                                     plan.cublas_ws, hidden, stream)
+            if status:
+                raise KernelError(kernels, "tda_block_dequantize", status)
+            out[r0:r0 + n].copy_(scratch[:n])
+
+
 def prefill(plan, dtype: str, activation: str, sizes, hidden: int, gate_up_w: int, down_t: int, output: int,
-            kernels, stream: int) -> None:
-    """gate/up GEMM, act(gate)*up rounded to T, the C ABI's score reduction, down GEMM (plan: logic.PrefillPlan).
+            kernels, stream: int, weight_format: str = "dtype") -> None:
+    """gate/up GEMM, act(gate)*up rounded to T, the C ABI's score reduction, down GEMM (plan: logic.PrefillPlan);
+    block weights (weight_format q8_0/q4_0/q4_1) are first dequantized to T into the workspace, and the GEMMs
+    read the weights the plan says (plan.*_gemm.a: the inputs, or those dequantized copies).
 
     Nothing is allocated on TensorRT's stream (enqueue may be under CUDA graph capture): the GEMMs write
     into the workspace (plan.gate_up) and the output, and the float32 gated step runs in row chunks in the
@@ -70,8 +97,10 @@ def prefill(plan, dtype: str, activation: str, sizes, hidden: int, gate_up_w: in
     M = B * S
     with stream_scope(stream), fp32_accumulation():
         if M > 0:
+            if weight_format != "dtype":
+                dequantize_weights(plan, dtype, weight_format, H, I, gate_up_w, down_t, kernels, stream)
             gu = tensor(plan.gate_up, (M, I, 2), dtype)
-            x, w = tensor(hidden, (M, H), dtype), tensor(gate_up_w, (2 * I, H), dtype)
+            x, w = tensor(hidden, (M, H), dtype), tensor(plan.gate_up_gemm.a, (2 * I, H), dtype)
             torch.matmul(x, w.t(), out=gu.view(M, 2 * I))  # rounded to T, as the ONNX reference and C++ plugin do
             z = tensor(plan.z, (M, I), dtype)
             rows = plan.cublas_ws_bytes // (2 * 4 * I)  # two float32 [rows, I] buffers
@@ -87,4 +116,4 @@ def prefill(plan, dtype: str, activation: str, sizes, hidden: int, gate_up_w: in
                 z[r0:r0 + n].copy_(act_fn(activation, g, inplace=True).mul_(u))
         kernels.call("tda_prefill_scores", plan.scores, plan.scores_ws or 0, plan.scores_ws_bytes, stream)
         if M > 0:
-            torch.matmul(z, tensor(down_t, (I, H), dtype), out=tensor(output, (M, H), dtype))
+            torch.matmul(z, tensor(plan.down_gemm.a, (I, H), dtype), out=tensor(output, (M, H), dtype))

@@ -25,9 +25,9 @@ SOURCES = (PLUGINS / "tda_plugin_capi.cpp", PLUGINS / "tda_plugin_logic.h", ROOT
            ROOT / "cuda" / "src" / "decode_version.h")
 FLAGS = ["-std=c++17", "-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wextra", "-Werror"]
 
-# tda_trt::DType
-FLOAT, HALF, BF16, INT32, OTHER = range(5)
-DTYPE_CODE = {"float32": FLOAT, "float16": HALF, "bfloat16": BF16, "int32": INT32}
+# tda_trt::DType (INT8: packed block weights)
+FLOAT, HALF, BF16, INT32, OTHER, INT8 = range(6)
+DTYPE_CODE = {"float32": FLOAT, "float16": HALF, "bfloat16": BF16, "int32": INT32, "int8": INT8}
 MLP, SELECT = 0, 1
 MLP_NB_IN, SELECT_NB_IN = 7, 2
 
@@ -37,6 +37,7 @@ class MlpAttrs(NamedTuple):
     activation: int
     score_norm: int
     decode_version: int  # tda_decode_args_t.version the plan was built for; never 0
+    weight_format: int = 0  # tda_weight_format_t of gate_up_weight / down_weight_t (0: in T)
 
 
 class LogicError(ValueError):
@@ -52,7 +53,8 @@ class Gemm(ctypes.Structure):
 class PrefillPlan(ctypes.Structure):
     _fields_ = [("gate_up_gemm", Gemm), ("gate_up", c_void_p), ("z", c_void_p), ("tokens", c_int64),
                 ("scores", PrefillArgs), ("scores_ws", c_void_p), ("scores_ws_bytes", c_size_t),
-                ("down_gemm", Gemm), ("cublas_ws", c_void_p), ("cublas_ws_bytes", c_size_t)]
+                ("down_gemm", Gemm), ("cublas_ws", c_void_p), ("cublas_ws_bytes", c_size_t),
+                ("weight_format", c_int32), ("gate_up_t", c_void_p), ("down_t", c_void_p)]
 
 
 class MlpBuffers(ctypes.Structure):
@@ -95,7 +97,7 @@ def build_logic() -> Path:
 
 
 def _attrs(attrs: MlpAttrs):
-    return (c_int32 * 3)(*attrs)
+    return (c_int32 * 4)(*attrs)
 
 
 def _dims(shapes) -> tuple:
@@ -122,12 +124,12 @@ class Logic:
                                           errp], c_int),
             "tda_trt_select_parse_fields": ([c_int32, POINTER(c_char_p), POINTER(c_void_p), i32p, i32p, errp], c_int),
             "tda_trt_mlp_field_value": ([c_int32, i32p], c_char_p),
-            "tda_trt_mlp_check_shapes": ([c_int32, i32p, i64p, i64p, errp], c_int),
-            "tda_trt_mlp_max_sizes": ([c_int32, i32p, i64p, i64p, errp], c_int),
+            "tda_trt_mlp_check_shapes": ([c_int32, i32p, i64p, c_int32, i64p, errp], c_int),
+            "tda_trt_mlp_max_sizes": ([c_int32, i32p, i64p, c_int32, i64p, errp], c_int),
             "tda_trt_select_check_shapes": ([c_int32, i32p, i64p, i64p, errp], c_int),
             "tda_trt_output_shape": ([c_int32, c_int32, i32p], c_int32),
             "tda_trt_output_types": ([c_int32, c_int32, i32p, i32p, errp], c_int),
-            "tda_trt_supports": ([c_int32, c_int32, i32p, i32p], c_int),
+            "tda_trt_supports": ([c_int32, c_int32, i32p, i32p, c_int32], c_int),
             "tda_trt_mlp_workspace_size": ([c_int32, i32p, i64p, c_int64, POINTER(KernelQueries)], c_size_t),
             "tda_trt_select_workspace_size": ([c_int64, c_int64, POINTER(KernelQueries)], c_size_t),
             "tda_trt_mlp_is_decode": ([c_int64], c_int), "tda_trt_chunk_batch": ([c_int64, c_int64], c_int64),
@@ -171,7 +173,7 @@ class Logic:
         """building: TensorRT's BUILD phase (an absent decode_version is then the build process's default,
         else 1). Raises LogicError naming a bad field or value."""
         nb, names, data, lengths, is_char, _keep = self._fields(fields)
-        out = (c_int32 * 3)()
+        out = (c_int32 * 4)()
         self._call(self._lib.tda_trt_mlp_parse_fields, nb, names, data, lengths, is_char, int(building), out)
         return MlpAttrs(*out)
 
@@ -189,16 +191,17 @@ class Logic:
                 for i, name in enumerate(self.mlp_fields)]
 
     # ---- shapes and types ----
-    def mlp_check_shapes(self, shapes) -> tuple[int, int, int, int]:
-        """(B, S, H, I), -1 where unknown; shapes use -1 for unknown dims."""
+    def mlp_check_shapes(self, shapes, weight_format: int = 0) -> tuple[int, int, int, int]:
+        """(B, S, H, I), -1 where unknown; shapes use -1 for unknown dims. weight_format: the plugin's
+        (block weights' last axes are H/32 blocks of bytes)."""
         out = (c_int64 * 4)()
-        self._call(self._lib.tda_trt_mlp_check_shapes, *_dims(shapes), out)
+        self._call(self._lib.tda_trt_mlp_check_shapes, *_dims(shapes), weight_format, out)
         return tuple(out)
 
-    def mlp_max_sizes(self, max_shapes) -> tuple[int, int, int, int]:
+    def mlp_max_sizes(self, max_shapes, weight_format: int = 0) -> tuple[int, int, int, int]:
         """(B, S, H, I) bounds of a profile from every input's max shape."""
         out = (c_int64 * 4)()
-        self._call(self._lib.tda_trt_mlp_max_sizes, *_dims(max_shapes), out)
+        self._call(self._lib.tda_trt_mlp_max_sizes, *_dims(max_shapes), weight_format, out)
         return tuple(out)
 
     def select_check_shapes(self, shapes) -> tuple[int, int]:
@@ -218,12 +221,12 @@ class Logic:
         self._call(self._lib.tda_trt_output_types, op, len(types), arr, out)
         return tuple(out)
 
-    def supports(self, op: int, pos: int, io) -> bool:
-        """io: (dtype code, linear) of positions 0..pos."""
+    def supports(self, op: int, pos: int, io, weight_format: int = 0) -> bool:
+        """io: (dtype code, linear) of positions 0..pos; weight_format: SparseGatedMLP's."""
         io = list(io)[:pos + 1]
         types = (c_int32 * len(io))(*[t for t, _ in io])
         linear = (c_int32 * len(io))(*[int(l) for _, l in io])
-        return bool(self._lib.tda_trt_supports(op, pos, types, linear))
+        return bool(self._lib.tda_trt_supports(op, pos, types, linear, weight_format))
 
     # ---- workspace and launches ----
     def mlp_workspace_size(self, dtype: int, attrs: MlpAttrs, max_sizes, min_seq: int,

@@ -15,7 +15,7 @@ import functools
 
 import numpy as np
 
-from ..ops.contract import ACTIVATIONS, DTYPES
+from ..ops.contract import ACTIVATIONS, DTYPES, WEIGHT_FORMATS
 from . import logic as lg
 
 
@@ -32,7 +32,7 @@ def _queries():
 
 def _code(trt, t) -> int:
     return {trt.DataType.FLOAT: lg.FLOAT, trt.DataType.HALF: lg.HALF, trt.DataType.BF16: lg.BF16,
-            trt.DataType.INT32: lg.INT32}.get(t, lg.OTHER)
+            trt.DataType.INT32: lg.INT32, trt.DataType.INT8: lg.INT8}.get(t, lg.OTHER)
 
 
 def _trt_type(trt, code: int):
@@ -61,6 +61,7 @@ def plugin_classes(trt):
 
     class _Base(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
         op: int
+        weight_format = 0  # SparseGatedMLP's field (tda_weight_format_t); SelectActive has none
 
         def __init__(self, name: str, nb_outputs: int):
             trt.IPluginV3.__init__(self)
@@ -85,7 +86,7 @@ def plugin_classes(trt):
 
         def supports_format_combination(self, pos, in_out, num_inputs):
             io = [(_code(trt, d.desc.type), d.desc.format == trt.TensorFormat.LINEAR) for d in in_out[:pos + 1]]
-            return L.supports(self.op, pos, io)
+            return L.supports(self.op, pos, io, self.weight_format)
 
         def configure_plugin(self, inp, out):
             self._check(_shapes(inp, "desc"))  # desc.dims: -1 where free; profiles bound inputs separately
@@ -108,12 +109,13 @@ def plugin_classes(trt):
         def __init__(self, attrs: lg.MlpAttrs):
             super().__init__(L.mlp_name, 2)
             self.attrs = attrs
+            self.weight_format = attrs.weight_format
 
         def clone(self):
             return SparseGatedMlpPlugin(self.attrs)
 
         def _check(self, dims):
-            return L.mlp_check_shapes(dims)
+            return L.mlp_check_shapes(dims, self.weight_format)
 
         def get_fields_to_serialize(self):
             # PluginField holds a pointer into the array: the arrays must outlive TensorRT's read.
@@ -123,14 +125,14 @@ def plugin_classes(trt):
                                               for name, data in self._serialized])
 
         def get_workspace_size(self, input_desc, output_desc):
-            sizes = L.mlp_max_sizes(_shapes(input_desc, "max"))
+            sizes = L.mlp_max_sizes(_shapes(input_desc, "max"), self.weight_format)
             min_seq = tuple(input_desc[0].min)[1]
             return L.mlp_workspace_size(_code(trt, input_desc[0].desc.type), self.attrs, sizes, min_seq, _queries())
 
         def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
             from . import device
 
-            sizes = L.mlp_check_shapes(_shapes(input_desc, "dims"))
+            sizes = L.mlp_check_shapes(_shapes(input_desc, "dims"), self.weight_format)
             B, S, H, I = sizes
             if B == 0:
                 return
@@ -147,7 +149,7 @@ def plugin_classes(trt):
             else:
                 plan = L.prefill_plan(t, self.attrs, sizes, buf, int(workspace), _queries())
                 device.prefill(plan, DTYPES[t], ACTIVATIONS[self.attrs.activation], sizes, inputs[0], inputs[1],
-                               inputs[2], outputs[0], kernels, stream)
+                               inputs[2], outputs[0], kernels, stream, WEIGHT_FORMATS[self.weight_format])
 
     class SelectActivePlugin(_Base):
         op = lg.SELECT

@@ -2,7 +2,8 @@
 // byte layout and the scalar dequantization every CPU variant agrees with.
 // A block's weight i is q(i) * d + c with d its fp16 scale and c = 0 (Q8_0),
 // -8d (Q4_0) or the fp16 minimum m (Q4_1); q(i) * d is exact in fp32, so one
-// fma or a multiply and an add give the contract's value bit for bit.
+// fma or a multiply and an add give the contract's value (dequantize_block
+// below also matches the reference's signs of zero: (q - 8) * d for Q4_0).
 #pragma once
 
 #include <stdint.h>
@@ -43,6 +44,21 @@ static inline void block_scale(const uint8_t* b, float* d, float* c) {
   if constexpr (F == TDA_WEIGHTS_Q8_0) *c = 0.0f;
   else if constexpr (F == TDA_WEIGHTS_Q4_0) *c = -8.0f * *d;
   else *c = f16_to_f32(load_u16(b + 2));
+}
+
+// The 32 exact fp32 weights of the block at b, bit for bit ops/blocks.py's
+// (the signs of zeros and non-finite scales included): d * q (Q8_0),
+// d * (q - 8) (Q4_0), d * q + m (Q4_1; d * q is exact, so one rounding, as
+// an fma). The scalar reference every SIMD variant agrees with.
+template <tda_weight_format_t F>
+static inline void dequantize_block(const uint8_t* b, float* w) {
+  float d, c;
+  block_scale<F>(b, &d, &c);
+  for (int32_t i = 0; i < kBlock; ++i) {
+    if constexpr (F == TDA_WEIGHTS_Q8_0) w[i] = d * float(Block<F>::q(b, i));
+    else if constexpr (F == TDA_WEIGHTS_Q4_0) w[i] = d * float(Block<F>::q(b, i) - 8);
+    else w[i] = d * float(Block<F>::q(b, i)) + c;
+  }
 }
 
 // Bytes of one row of H weights.

@@ -154,27 +154,6 @@ DecodeKernels generic_kernels(tda_dtype_t d, tda_activation_t a) {
 
 // ---- Dispatch ----
 
-enum Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
-
-Isa cpu_isa() {
-  static const Isa best = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return kAvx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-      // F16C has no __builtin_cpu_supports name: CPUID.1:ECX bit 29.
-      unsigned a, b, c, d;
-      __asm__("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(1), "c"(0));
-      if (c >> 29 & 1) return kAvx2;
-    }
-    return kGeneric;
-  }();
-  // Read per call (a getenv is ~100 ns) so tests can switch variants.
-  const char* cap = getenv("TDA_CPU_ISA");
-  if (cap && strcmp(cap, "generic") == 0) return kGeneric;
-  if (cap && strcmp(cap, "avx2") == 0) return std::min(best, kAvx2);
-  return best;
-}
-
 DecodeKernels select_kernels(tda_dtype_t d, tda_activation_t a, tda_weight_format_t w) {
   switch (cpu_isa()) {
     case kAvx512: return avx512_kernels(d, a, w);
@@ -247,6 +226,26 @@ void run(const tda_decode_args_t* a, const DecodeWs& w) {
 }
 
 }  // namespace
+
+Isa cpu_isa() {
+  static const Isa best = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return kAvx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+      // F16C has no __builtin_cpu_supports name: CPUID.1:ECX bit 29.
+      unsigned a, b, c, d;
+      __asm__("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(1), "c"(0));
+      if (c >> 29 & 1) return kAvx2;
+    }
+    return kGeneric;
+  }();
+  // Read per call (a getenv is ~100 ns) so tests can switch variants.
+  const char* cap = getenv("TDA_CPU_ISA");
+  if (cap && strcmp(cap, "generic") == 0) return kGeneric;
+  if (cap && strcmp(cap, "avx2") == 0) return std::min(best, kAvx2);
+  return best;
+}
+
 }  // namespace cpu
 }  // namespace tda
 

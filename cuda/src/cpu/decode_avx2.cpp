@@ -65,12 +65,19 @@ struct V {
     q[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(hi, 4));
   }
   static float f16(const uint8_t* p) { return _cvtsh_ss(load_u16(p)); }
+  static constexpr bool kNibbleLut = false;  // 8-lane vpermps holds half a table
+  static R iota16() { return zero(); }
+  static void lut_nibbles(const uint8_t*, R, R*) {}
 };
 
 #include "decode_simd.h"
 #include "decode_quant_simd.h"
+#include "linear_simd.h"
 
 }  // namespace
+
+LinearFn avx2_linear(tda_weight_format_t w) { return linear_for(w); }
+DequantFn avx2_dequantize(tda_weight_format_t w) { return dequantize_for(w); }
 
 DecodeKernels avx2_kernels(tda_dtype_t d, tda_activation_t a, tda_weight_format_t w) {
   return w == TDA_WEIGHTS_DTYPE ? kernels(d, a) : block_kernels<Simd>(d, a, w);

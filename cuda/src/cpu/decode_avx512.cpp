@@ -72,12 +72,25 @@ struct V {
     q[1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(e, 4));
   }
   static float f16(const uint8_t* p) { return _cvtsh_ss(load_u16(p)); }
+  // 16 fp32 lanes hold a 4-bit block's whole value table: vpermps looks a
+  // nibble up (it reads the low 4 bits of each index, so no mask is needed).
+  static constexpr bool kNibbleLut = true;
+  static R iota16() { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+  static void lut_nibbles(const uint8_t* qs, R table, R* w) {
+    const __m512i e = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
+    w[0] = _mm512_permutexvar_ps(e, table);
+    w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(e, 4), table);
+  }
 };
 
 #include "decode_simd.h"
 #include "decode_quant_simd.h"
+#include "linear_simd.h"
 
 }  // namespace
+
+LinearFn avx512_linear(tda_weight_format_t w) { return linear_for(w); }
+DequantFn avx512_dequantize(tda_weight_format_t w) { return dequantize_for(w); }
 
 DecodeKernels avx512_kernels(tda_dtype_t d, tda_activation_t a, tda_weight_format_t w) {
   return w == TDA_WEIGHTS_DTYPE ? kernels(d, a) : block_kernels<Simd>(d, a, w);

@@ -33,6 +33,22 @@ struct DecodeKernels {
   DownFn down;
 };
 
+// The widest variant this CPU runs, capped by $TDA_CPU_ISA (generic | avx2),
+// read per call so tests can switch variants (decode.cpp).
+enum Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+Isa cpu_isa();
+
+// Dense block-quantized linear (tda_block_linear) for rows [n_begin, n_end):
+// linear.cpp checks the arguments and picks a variant; avx2/avx512 come from
+// linear_simd.h in decode_avx2.cpp / decode_avx512.cpp.
+using LinearFn = void (*)(const tda_block_linear_args_t* a);
+LinearFn avx2_linear(tda_weight_format_t w);
+LinearFn avx512_linear(tda_weight_format_t w);
+// tda_block_dequantize's rows, the same way.
+using DequantFn = void (*)(int32_t k, int64_t rows, const void* weight, float* out, int64_t ldo);
+DequantFn avx2_dequantize(tda_weight_format_t w);
+DequantFn avx512_dequantize(tda_weight_format_t w);
+
 // Defined in decode_avx2.cpp / decode_avx512.cpp (compiled for those ISAs with
 // target pragmas; only called after a CPUID check), and the portable block
 // weight kernels in decode_quant.cpp. d is the dtype of x, z and the output;

@@ -15,13 +15,6 @@ namespace cpu {
 namespace {
 
 template <tda_weight_format_t F>
-inline void dequantize_block(const uint8_t* b, float* w) {
-  float d, c;
-  block_scale<F>(b, &d, &c);
-  for (int32_t i = 0; i < kBlock; ++i) w[i] = float(Block<F>::q(b, i)) * d + c;
-}
-
-template <tda_weight_format_t F>
 float dot_row(const float* x, const uint8_t* row, int32_t blocks) {
   float acc = 0.0f, w[kBlock];
   for (int32_t k = 0; k < blocks; ++k) {

@@ -3,8 +3,10 @@
 // and decode_avx512.cpp (include after decode_simd.h, inside their target
 // pragma). Besides the float traits, V provides QV = 32 / W, mul, f16(p) (an
 // fp16 field), i8(p) (W int8 values widened to fp32) and nibbles(qs, R[QV])
-// (a 4-bit block's 32 values in weight order); deq makes a block's 32 weights
-// exactly (fma(q, d, c), blocks.h), so these are the float loops on fp32
+// (a 4-bit block's 32 values in weight order), and kNibbleLut: whether it has
+// lut_nibbles(qs, table, R[QV]) (weight k = table[its nibble], 16 fp32 lanes)
+// and iota16() (0..15); deq makes a block's 32 weights bit for bit as
+// blocks.h's dequantize_block does, so these are the float loops on fp32
 // weights made in registers. H is a multiple of 32 (no tails) and column
 // slices are whole blocks.
 
@@ -15,8 +17,18 @@ static inline void deq(const uint8_t* b, typename V::R* w) {
   const uint8_t* qs = b + Block<F>::qs;
   if constexpr (F == TDA_WEIGHTS_Q8_0) {
     for (int r = 0; r < V::QV; ++r) w[r] = V::mul(V::i8(qs + r * V::W), dv);
+  } else if constexpr (V::kNibbleLut) {
+    // The 16 values a nibble can take, computed as blocks.h's dequantize_block
+    // does (same bits), then a table lookup per weight.
+    const typename V::R table = F == TDA_WEIGHTS_Q4_0 ? V::mul(V::add(V::iota16(), V::set1(-8.0f)), dv)
+                                                      : V::fma(V::iota16(), dv, V::set1(V::f16(b + 2)));
+    V::lut_nibbles(qs, table, w);
+  } else if constexpr (F == TDA_WEIGHTS_Q4_0) {
+    V::nibbles(qs, w);
+    const typename V::R eight = V::set1(-8.0f);
+    for (int r = 0; r < V::QV; ++r) w[r] = V::mul(V::add(w[r], eight), dv);
   } else {
-    const typename V::R cv = V::set1(F == TDA_WEIGHTS_Q4_0 ? -8.0f * d : V::f16(b + 2));
+    const typename V::R cv = V::set1(V::f16(b + 2));
     V::nibbles(qs, w);
     for (int r = 0; r < V::QV; ++r) w[r] = V::fma(w[r], dv, cv);
   }

@@ -9,6 +9,9 @@
 //   down              - split-K over the union rows: partial y per split;
 //   finalize          - sum of the partials in split order (bitwise
 //                       reproducible) or conversion of fp32-atomic sums.
+// Block-quantized weights (weight_format Q8_0/Q4_0/Q4_1) take the same
+// pipeline with gate_up_q and down_proj<.., BlockRows> (see "Block-quantized
+// weights" below); decode v2 serves float weights only.
 // Grids are sized for the worst case (all I rows) and blocks beyond the
 // device-side count exit or stride, which keeps the launch graph-capturable.
 #include <algorithm>
@@ -16,6 +19,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include "common.h"
+#include "cuda/blocks.cuh"
 #include "cuda/decode_v2.h"
 #include "device.cuh"
 
@@ -189,13 +193,107 @@ __global__ void __launch_bounds__(kGateUpWarps * 32) gate_up_f32(
   }
 }
 
+// ---- Block-quantized weights ----
+// gate_up_q: one warp per union row, the gate and up rows' dot products with
+// the batch tile's x by block_dots (blocks.cuh: dequantized in registers, fp32
+// sums, lanes summed with shuffles, no shared memory). Batch in tiles of NB
+// (1 for batch 1, else 8) sequences; weights are re-read (from L1/L2) per tile
+// past batch 8.
+template <tda_dtype_t D>
+__device__ __forceinline__ void load_x8(const typename Ty<D>::T* p, float (&f)[8]) {
+  if constexpr (D == TDA_F32) {
+    const float4 lo = __ldg(reinterpret_cast<const float4*>(p)), hi = __ldg(reinterpret_cast<const float4*>(p) + 1);
+    f[0] = lo.x, f[1] = lo.y, f[2] = lo.z, f[3] = lo.w, f[4] = hi.x, f[5] = hi.y, f[6] = hi.z, f[7] = hi.w;
+  } else {
+    unpack8<D>(__ldg(reinterpret_cast<const uint4*>(p)), f);
+  }
+}
+
+template <tda_dtype_t D, tda_weight_format_t F, int NB>
+__global__ void __launch_bounds__(kGateUpWarps * 32, 2) gate_up_q(
+    const typename Ty<D>::T* __restrict__ x, const uint8_t* __restrict__ gate_up, int32_t hidden, int32_t inter,
+    int batch, const int32_t* __restrict__ rows, const int32_t* __restrict__ n_rows_ptr,
+    const unsigned long long* __restrict__ row_mask, tda_activation_t act, float* __restrict__ z) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int tiles = (batch + NB - 1) / NB, bp = (batch + 7) / 8 * 8;
+  const int32_t n_rows = clamp_count_dev(*n_rows_ptr, inter);
+  const int32_t nblk = hidden / kQBlock;
+  const int64_t rb = int64_t(nblk) * QBlock<F>::bytes;
+  for (int32_t k = blockIdx.x * kGateUpWarps + warp; k < n_rows; k += gridDim.x * kGateUpWarps) {
+    const uint8_t* gate = gate_up + int64_t(rows[k]) * 2 * rb;
+    const uint8_t* const gu[2] = {gate, gate + rb};
+    const unsigned long long m = row_mask ? row_mask[k] : 1ull;
+    for (int bt = 0; bt < tiles; ++bt) {
+      const typename Ty<D>::T* xt = x + int64_t(bt) * NB * hidden;
+      const auto xload = [&](int i, int32_t h, float (&f)[8]) { load_x8<D>(xt + int64_t(i) * hidden + h, f); };
+      float acc[2][NB];
+#pragma unroll
+      for (int i = 0; i < NB; ++i) acc[0][i] = acc[1][i] = 0.0f;
+      block_dots<F, 2, NB>(gu, nblk, lane, batch - bt * NB, xload, acc);
+      float g = 0.0f, u = 0.0f;
+#pragma unroll
+      for (int i = 0; i < NB; ++i) {
+        const float gs = warp_sum(acc[0][i]), us = warp_sum(acc[1][i]);
+        if (i == lane) g = gs, u = us;
+      }
+      const int b = bt * NB + lane;
+      if (lane < NB && b < bp)
+        z[int64_t(k) * bp + b] = (b < batch && (m >> b & 1ull)) ? round_to<D>(activate_rt(act, g) * u) : 0.0f;
+    }
+  }
+}
+
 // Down projection, split-K: block (tile + tiles*col_block, split) adds the
 // union rows of its split for 8 columns per thread and BT sequences. Blocks of
 // the same columns and split but different batch tiles are adjacent in launch
 // order, so they read each weight row while it is still in L2.
-template <tda_dtype_t D, int BT>
+// How down_proj reads 8 consecutive weights (columns c0..c0+7) of a row.
+// FloatRows: the row in dtype D.
+template <tda_dtype_t D>
+struct FloatRows {
+  static constexpr bool kBlocks = false;
+  const typename Ty<D>::T* __restrict__ w;
+  int32_t hidden;
+  __device__ __forceinline__ void load8(int32_t row, int32_t c0, float (&f)[8]) const {
+    const typename Ty<D>::T* p = w + int64_t(row) * hidden + c0;
+    if constexpr (D == TDA_F32) {
+      const uint4 lo = ld_stream(p), hi = ld_stream(reinterpret_cast<const float*>(p) + 4);
+      const uint32_t u[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+      for (int c = 0; c < 8; ++c) f[c] = __uint_as_float(u[c]);
+    } else {
+      unpack8<D>(ld_stream(p), f);
+    }
+  }
+};
+
+// BlockRows: H/32 blocks of format F per row; columns c0..c0+7 are eighth
+// (c0 / 8) % 4 of block c0 / 32, dequantized in registers (blocks.cuh).
+template <tda_weight_format_t F>
+struct BlockRows {
+  static constexpr bool kBlocks = true;
+  static constexpr int kUnroll = 8;  // rows whose bytes down_proj loads before using the first
+  const uint8_t* __restrict__ w;
+  int64_t row_bytes;
+  struct Raw {
+    uint32_t q0, q1;
+    float d, c;
+  };
+  __device__ __forceinline__ Raw load(int32_t row, int32_t c0) const {
+    const uint8_t* b = w + int64_t(row) * row_bytes + (c0 / kQBlock) * QBlock<F>::bytes;
+    Raw r;
+    block_scale<F>(b, r.d, r.c);
+    load_eighth<F>(b, (c0 / 8) & 3, r.q0, r.q1);
+    return r;
+  }
+  __device__ __forceinline__ void unpack(const Raw& r, int32_t c0, float (&f)[8]) const {
+    dequant_eighth<F>(r.q0, r.q1, (c0 / 8) & 3, r.d, r.c, f);
+  }
+};
+
+template <tda_dtype_t D, int BT, class W>
 __global__ void __launch_bounds__(kDownThreads) down_proj(
-    const typename Ty<D>::T* __restrict__ wd, int32_t hidden, int32_t inter, int batch,
+    W wd, int32_t hidden, int32_t inter, int batch,
     const int32_t* __restrict__ rows, const int32_t* __restrict__ n_rows_ptr, const float* __restrict__ z,
     int deterministic, float* __restrict__ out) {
   const int bp = (batch + 7) / 8 * 8;
@@ -209,18 +307,7 @@ __global__ void __launch_bounds__(kDownThreads) down_proj(
   const int b0 = tile * BT;
 
   float acc[BT][8] = {};
-#pragma unroll 4
-  for (int32_t k = k_begin; k < k_end; ++k) {
-    const typename Ty<D>::T* row = wd + int64_t(rows[k]) * hidden + c0;
-    float w[8];
-    if constexpr (D == TDA_F32) {
-      const uint4 lo = ld_stream(row), hi = ld_stream(reinterpret_cast<const float*>(row) + 4);
-      const uint32_t u[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-#pragma unroll
-      for (int c = 0; c < 8; ++c) w[c] = __uint_as_float(u[c]);
-    } else {
-      unpack8<D>(ld_stream(row), w);
-    }
+  const auto add_row = [&](int32_t k, const float (&w)[8]) {
     float zb[BT];
     if constexpr (BT == 1) {
       zb[0] = z[int64_t(k) * bp + b0];
@@ -235,6 +322,31 @@ __global__ void __launch_bounds__(kDownThreads) down_proj(
     for (int i = 0; i < BT; ++i)
 #pragma unroll
       for (int c = 0; c < 8; ++c) acc[i][c] = fmaf(zb[i], w[c], acc[i][c]);
+  };
+  if constexpr (W::kBlocks) {
+    // A lane reads 8-12 bytes of a block row (8 weights and the scale) where it reads 16 of a bf16 row, so
+    // the bytes of kUnroll = 8 rows are loaded before the first is used (rows past the split repeat its
+    // last row and are dropped): 8 x 32 lanes x 10 bytes of Q4_0 = 2.5 KB in flight per warp at batch 1.
+    constexpr int R = W::kUnroll;
+    for (int32_t k0 = k_begin; k0 < k_end; k0 += R) {
+      typename W::Raw raw[R];
+#pragma unroll
+      for (int u = 0; u < R; ++u) raw[u] = wd.load(rows[min(k0 + u, k_end - 1)], c0);
+#pragma unroll
+      for (int u = 0; u < R; ++u) {
+        if (k0 + u >= k_end) break;
+        float w[8];
+        wd.unpack(raw[u], c0, w);
+        add_row(k0 + u, w);
+      }
+    }
+  } else {
+#pragma unroll 4
+    for (int32_t k = k_begin; k < k_end; ++k) {
+      float w[8];
+      wd.load8(rows[k], c0, w);
+      add_row(k, w);
+    }
   }
 #pragma unroll
   for (int i = 0; i < BT; ++i) {
@@ -319,7 +431,23 @@ Ws carve(const tda_decode_args_t* a, const Plan& p, void* base) {
   return w;
 }
 
+// The down projection's weights policy for (dtype, weight format).
+template <tda_dtype_t D, tda_weight_format_t F>
+struct DownRows {
+  using type = BlockRows<F>;
+  static type make(const tda_decode_args_t* a) {
+    return {static_cast<const uint8_t*>(a->down_weight_t), int64_t(a->hidden / kQBlock) * QBlock<F>::bytes};
+  }
+};
 template <tda_dtype_t D>
+struct DownRows<D, TDA_WEIGHTS_DTYPE> {
+  using type = FloatRows<D>;
+  static type make(const tda_decode_args_t* a) {
+    return {static_cast<const typename Ty<D>::T*>(a->down_weight_t), a->hidden};
+  }
+};
+
+template <tda_dtype_t D, tda_weight_format_t F>
 tda_status_t run(const tda_decode_args_t* a, const Plan& p, const Ws& w, cudaStream_t st) {
   using T = typename Ty<D>::T;
   const int32_t I = a->intermediate, H = a->hidden, B = a->batch;
@@ -342,12 +470,20 @@ tda_status_t run(const tda_decode_args_t* a, const Plan& p, const Ws& w, cudaStr
   }
   const int groups = (I + kGroup - 1) / kGroup;
   const int gu_blocks = std::min(groups, gu_sms * 4);
-  if constexpr (D == TDA_F32) {
+  const T* x = static_cast<const T*>(a->hidden_states);
+  if constexpr (F != TDA_WEIGHTS_DTYPE) {
+    const uint8_t* gu = static_cast<const uint8_t*>(a->gate_up_weight);
+    if (B == 1)
+      gate_up_q<D, F, 1><<<gu_blocks, kGateUpWarps * 32, 0, st>>>(x, gu, H, I, B, rows, n_rows, row_mask,
+                                                                  a->activation, w.z);
+    else
+      gate_up_q<D, F, 8><<<gu_blocks, kGateUpWarps * 32, 0, st>>>(x, gu, H, I, B, rows, n_rows, row_mask,
+                                                                  a->activation, w.z);
+  } else if constexpr (D == TDA_F32) {
     gate_up_f32<<<gu_blocks, kGateUpWarps * 32, 0, st>>>(
         reinterpret_cast<const float*>(a->hidden_states), reinterpret_cast<const float*>(a->gate_up_weight), H, I,
         B, rows, n_rows, row_mask, a->activation, w.z);
   } else {
-    const T* x = static_cast<const T*>(a->hidden_states);
     const T* gu = static_cast<const T*>(a->gate_up_weight);
     const int tiles = p.bp / 8;
     // Registers hold one accumulator and one x vector per batch tile:
@@ -367,18 +503,29 @@ tda_status_t run(const tda_decode_args_t* a, const Plan& p, const Ws& w, cudaStr
     }
   }
   const dim3 down_grid(p.col_blocks * p.tiles, p.splits);
-  const T* wd = static_cast<const T*>(a->down_weight_t);
+  using W = typename DownRows<D, F>::type;
+  const W wd = DownRows<D, F>::make(a);
   if (p.bt == 1) {
-    down_proj<D, 1><<<down_grid, kDownThreads, 0, st>>>(wd, H, I, B, rows, n_rows, w.z, a->deterministic, w.part);
+    down_proj<D, 1, W><<<down_grid, kDownThreads, 0, st>>>(wd, H, I, B, rows, n_rows, w.z, a->deterministic, w.part);
   } else if (p.bt == 4) {
-    down_proj<D, 4><<<down_grid, kDownThreads, 0, st>>>(wd, H, I, B, rows, n_rows, w.z, a->deterministic, w.part);
+    down_proj<D, 4, W><<<down_grid, kDownThreads, 0, st>>>(wd, H, I, B, rows, n_rows, w.z, a->deterministic, w.part);
   } else {
-    down_proj<D, 8><<<down_grid, kDownThreads, 0, st>>>(wd, H, I, B, rows, n_rows, w.z, a->deterministic, w.part);
+    down_proj<D, 8, W><<<down_grid, kDownThreads, 0, st>>>(wd, H, I, B, rows, n_rows, w.z, a->deterministic, w.part);
   }
   const int64_t n = int64_t(B) * H;
   finalize<D><<<unsigned((n + 31) / 32), 256, 0, st>>>(w.part, a->deterministic ? p.splits : 1, n,
                                                        static_cast<T*>(a->output));
   return launch_status();
+}
+
+template <tda_dtype_t D>
+tda_status_t run_dtype(const tda_decode_args_t* a, const Plan& p, const Ws& w, cudaStream_t st) {
+  switch (a->weight_format) {
+    case TDA_WEIGHTS_Q8_0: return run<D, TDA_WEIGHTS_Q8_0>(a, p, w, st);
+    case TDA_WEIGHTS_Q4_0: return run<D, TDA_WEIGHTS_Q4_0>(a, p, w, st);
+    case TDA_WEIGHTS_Q4_1: return run<D, TDA_WEIGHTS_Q4_1>(a, p, w, st);
+    default: return run<D, TDA_WEIGHTS_DTYPE>(a, p, w, st);
+  }
 }
 
 }  // namespace
@@ -391,23 +538,27 @@ bool use_v2(const tda_decode_args_t* a) { return tda::decode_version(a) == 2 && 
 
 extern "C" size_t tda_sparse_gated_mlp_decode_workspace_size(const tda_decode_args_t* a) {
   // Batch 0 launches nothing and needs nothing (checked before plan() runs).
-  if (tda::check_decode_shape(a) != TDA_OK || a->batch == 0) return 0;
+  if (tda::check_decode_shape(a, true) != TDA_OK || a->batch == 0) return 0;
   if (use_v2(a)) return tda::gpu::v2::workspace_size(a);
   return tda::gpu::carve(a, tda::gpu::plan(a), nullptr).bytes;
 }
 
 extern "C" tda_status_t tda_sparse_gated_mlp_decode(const tda_decode_args_t* a, void* ws, size_t ws_size,
                                                     void* stream) {
-  const tda_status_t s = tda::check_decode(a, ws, ws_size, tda_sparse_gated_mlp_decode_workspace_size(a));
+  const tda_status_t s = tda::check_decode(a, ws, ws_size, tda_sparse_gated_mlp_decode_workspace_size(a), true);
   if (s != TDA_OK || a->batch == 0) return s;
+  // Blocks are read as 16/32-bit pieces (blocks.cuh): the arrays must be 4-byte aligned here.
+  if (tda::block_weights(a) &&
+      ((reinterpret_cast<uintptr_t>(a->gate_up_weight) | reinterpret_cast<uintptr_t>(a->down_weight_t)) & 3u))
+    return TDA_ERR_MISALIGNED;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   if (use_v2(a)) return tda::gpu::v2::run(a, ws, st);
   const tda::gpu::Plan p = tda::gpu::plan(a);
   const tda::gpu::Ws w = tda::gpu::carve(a, p, ws);
   switch (a->dtype) {
-    case TDA_F32: return tda::gpu::run<TDA_F32>(a, p, w, st);
-    case TDA_F16: return tda::gpu::run<TDA_F16>(a, p, w, st);
-    case TDA_BF16: return tda::gpu::run<TDA_BF16>(a, p, w, st);
+    case TDA_F32: return tda::gpu::run_dtype<TDA_F32>(a, p, w, st);
+    case TDA_F16: return tda::gpu::run_dtype<TDA_F16>(a, p, w, st);
+    case TDA_BF16: return tda::gpu::run_dtype<TDA_BF16>(a, p, w, st);
   }
   return TDA_ERR_BAD_DTYPE;
 }

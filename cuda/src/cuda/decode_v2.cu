@@ -490,7 +490,7 @@ tda_status_t run_typed(const tda_decode_args_t* a, void* ws, cudaStream_t st) {
 }  // namespace
 
 bool eligible(const tda_decode_args_t* a) {
-  return a->dtype != TDA_F32 && a->batch >= 1 && a->batch <= kMaxBatchV2 &&
+  return a->dtype != TDA_F32 && a->weight_format == TDA_WEIGHTS_DTYPE && a->batch >= 1 && a->batch <= kMaxBatchV2 &&
          a->intermediate <= kMaxSeg * kSeg;
 }
 

@@ -11,7 +11,8 @@ namespace tda {
 namespace gpu {
 namespace v2 {
 
-// Calls v2 serves: fp16/bf16, batch 1..8, I <= 131072 (others run v1).
+// Calls v2 serves: fp16/bf16 float weights, batch 1..8, I <= 131072 (others, block-quantized
+// weights included, run v1).
 bool eligible(const tda_decode_args_t* a);
 size_t workspace_size(const tda_decode_args_t* a);
 tda_status_t run(const tda_decode_args_t* a, void* workspace, cudaStream_t stream);

@@ -89,6 +89,13 @@ __device__ __forceinline__ float activate_rt(tda_activation_t a, float x) {
   }
 }
 
+// Every lane gets the warp's total (butterfly: a fixed order, reproducible).
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
 __device__ __forceinline__ int32_t clamp_count_dev(int32_t c, int32_t n) { return c < 0 ? 0 : (c > n ? n : c); }
 
 // SM count of the current device, cached: grids are sized from it and
