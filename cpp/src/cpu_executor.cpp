@@ -160,11 +160,13 @@ Weights Weights::load(const EngineDir& dir) {
       lw.gate_up = f.f32(gname, {I, 2, H});
       lw.down_t = f.f32(dname, {I, H});
       bytes += 3 * I * H * 4;
+      w.mlp_bytes += 3 * I * H * 4;
     } else {
       const int64_t rb = row_bytes(gname, mf, H);
       lw.gate_up = par::WeightRef(f.u8(gname, {I, 2, rb}), mf);
       lw.down_t = par::WeightRef(f.u8(dname, {I, rb}), mf);
       bytes += 3 * I * rb;
+      w.mlp_bytes += 3 * I * rb;
     }
     const std::string& rope = s.layers[static_cast<size_t>(n)].rope;
     lw.cos = f.f32("rope." + rope + ".cos", {s.max_context, hd / 2});

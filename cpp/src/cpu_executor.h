@@ -34,6 +34,7 @@ struct Weights {
   const float* final_norm;
   std::vector<LayerWeights> layers;
   int64_t decode_bytes = 0;  // weight bytes one dense decode step reads
+  int64_t mlp_bytes = 0;     // of those, gate_up + down_t (all layers)
   static Weights load(const EngineDir& dir);
 };
 
@@ -72,6 +73,7 @@ class CpuExecutor : public Executor {
   // bench/RESULTS.md (quiet window, session 2) measured it; TDA_NATIVE_DENSE_ABOVE overrides it.
   static constexpr double kDenseAbove = 0.8;
   int64_t decode_bytes() const override { return w_.decode_bytes; }
+  int64_t decode_mlp_bytes() const override { return w_.mlp_bytes; }
   // Executor: the state is a Session.
   const char* name() const override { return "cpu"; }
   std::unique_ptr<ExecutorState> new_state() const override { return std::make_unique<Session>(); }
