@@ -83,7 +83,8 @@ def main():
     if args.quick:
         args.repeats, args.steps, args.prompt_tokens = 1, 4, 16
     print("command: " + shlex.join(["python", *sys.argv]))
-    print(f"started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}  load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}  load average {load}"
           f"  {platform.processor() or platform.machine()}  {os.cpu_count()} cores"
           + ("  QUICK: smoke test, numbers mean nothing" if args.quick else ""))
     sys.stdout.flush()
@@ -164,7 +165,8 @@ def main():
     for t in thread_counts:
         for B in batches:
             print(f"\nthreads {t}, batch {B}\n\n| candidate | MLP rows kept | tok/s min | median | max | "
-                  f"vs llama.cpp same format | vs llama.cpp {args.reference} | % of floor |\n|---|---|---|---|---|---|---|---|")
+                  f"vs llama.cpp same format | vs llama.cpp {args.reference} | % of floor |\n"
+                  "|---|---|---|---|---|---|---|---|")
             med = {row: statistics.median(rs) for (tt, b, row), rs in rates.items() if tt == t and b == B and rs}
             ref = med.get(f"llama.cpp {args.reference}")
             for tt, b, row, name, _, d in cands:

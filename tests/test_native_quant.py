@@ -15,9 +15,9 @@ from tda_export.cli import main
 from tda_export.native import build_native
 from tda_export.native.binding import NativeEngine, NativeError
 from tda_export.runtime.engine import Engine
+from test_native import greedy
 from tiny_models import FAMILIES
 
-STEPS = 6
 CASES = [(f, "q4_0") for f in FAMILIES] + [(f, w) for f in ("llama", "gemma2") for w in ("q8_0", "q4_1")]
 
 
@@ -40,17 +40,6 @@ def qengines(tiny_dirs, tmp_path_factory):
     return out
 
 
-def _greedy(backend, ids, mask, thresholds):
-    logits, state = backend.prefill(ids, mask, thresholds, None)
-    counts = backend.active_counts(state)
-    out = []
-    for _ in range(STEPS):
-        tok = logits.argmax(-1)
-        out.append(tok)
-        logits = backend.decode(state, tok)
-    return np.stack(out, 1), counts
-
-
 @pytest.mark.parametrize("family, fmt", CASES)
 def test_greedy_tokens_equal_torch(native, qengines, family, fmt):
     torch_e = Engine.load(qengines[family, fmt], backend="torch", threads=1)
@@ -68,8 +57,8 @@ def test_greedy_tokens_equal_torch(native, qengines, family, fmt):
     for ids, mask in ((long_ids, long_mask), (short_ids, np.ones_like(short_ids))):
         for tau in (0.0, 0.35):  # dense, and TDA sparse (every layer's threshold tau)
             th = np.full(layers, tau, np.float32)
-            want, want_counts = _greedy(torch_e.backend, ids, mask, th)
-            got, got_counts = _greedy(nat.backend, ids, mask, th)
+            want, want_counts = greedy(torch_e.backend, ids, mask, th)
+            got, got_counts = greedy(nat.backend, ids, mask, th)
             np.testing.assert_array_equal(got, want, err_msg=f"{family} {fmt} tau {tau} batch {len(ids)}")
             np.testing.assert_array_equal(got_counts, want_counts)
             if tau > 0:

@@ -23,8 +23,9 @@ static inline void qlinear_tile(const float* x, int64_t ldx, const uint8_t* w, i
   for (int32_t k = 0; k < blocks; ++k) {
     for (int r = 0; r < R; ++r) {
       const int64_t o = r * rb + int64_t(k) * bytes;
-      if (pf && ((o + bytes - 1) >> 6) != ((o - 1) >> 6)) _mm_prefetch(reinterpret_cast<const char*>(pf + o + bytes - 1), _MM_HINT_T0);
-      deq<F>(w + r * rb + int64_t(k) * bytes, wv);
+      if (pf && ((o + bytes - 1) >> 6) != ((o - 1) >> 6))
+        _mm_prefetch(reinterpret_cast<const char*>(pf + o + bytes - 1), _MM_HINT_T0);
+      deq<F>(w + o, wv);
       for (int s = 0; s < MB; ++s)
         for (int q = 0; q < V::QV; ++q)
           acc[s][r][q % C] = V::fma(V::loadf(x + s * ldx + k * kBlock + q * V::W), wv[q], acc[s][r][q % C]);
