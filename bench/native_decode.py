@@ -134,9 +134,9 @@ def main():
     nat = Engine.load(args.engine, backend="native", threads=args.threads)
     ort = None if args.no_ort else Engine.load(args.engine, backend="onnxruntime", threads=args.threads, verify=False)
     m = nat.manifest
-    H, I, L = m["hidden_size"], m["intermediate_size"], m["num_layers"]
+    I = m["intermediate_size"]
     weight_bytes = nat.backend.engine.info.weight_bytes
-    mlp_bytes = 3 * H * I * 4 * L
+    mlp_bytes = nat.backend.engine.info.mlp_weight_bytes  # blocks where the engine stores blocks
     batches = [int(b) for b in args.batches.split(",") if b]
     densities = [1.0] + [float(d) for d in args.densities.split(",") if d and float(d) != 1.0]
     llama = []

@@ -85,8 +85,7 @@ def test_setup_hint_is_not_repeated():
 @pytest.mark.parametrize("data, expect", [
     (dict(FP32, dtype="bfloat16"), "runs float32 engines, this one is bfloat16"),
     ({"dtype": "float32"}, "built before model.safetensors"),
-    (dict(FP32, weight_formats={"a": "q4_1", "b": "float32", "c": "q8_0"}),
-     "does not read block-quantized weights yet (q4_1, q8_0)"),  # until the native runtime reads them (nativeq)
+    (dict(FP32, weight_formats={"embed_tokens.weight_blocks": "q4_k", "x": "float32"}), "not q4_k"),
 ])
 def test_engine_native_cannot_run_measures_without_building(data, expect):
     reason = native_unusable_reason(data)
@@ -95,6 +94,8 @@ def test_engine_native_cannot_run_measures_without_building(data, expect):
     assert sel.backend == MEASURE and asked == []  # decided from the manifest: no build attempted
     assert sel.notes == (f"not native: {reason}",)
     assert native_unusable_reason(FP32) is None
+    for fmt in ("q8_0", "q4_0", "q4_1"):  # the block formats it reads
+        assert native_unusable_reason(dict(FP32, weight_formats={"a": fmt, "b": "float32"})) is None
 
 
 def test_native_turned_off():

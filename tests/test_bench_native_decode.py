@@ -84,3 +84,39 @@ def test_tda_run_bench_names_the_probe(engine):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "tda_rt_copy_bandwidth: best of 5 single-thread memcpy of 512 MiB" in r.stdout, r.stdout
+
+
+def test_quant_decode_quick_table(engine, tiny_dirs, tmp_path):
+    """bench/quant_decode.py: float and block engines, densities, threads and batches in one interleaved run,
+    each engine beside the stand-in llama.cpp of its format, sizes beside the GGUF's."""
+    from click.testing import CliRunner
+
+    from tda_export.cli import main
+    q4 = tmp_path / "q4_0-engine"
+    r = CliRunner().invoke(main, ["build", "-m", str(tiny_dirs["llama"]), "--weight-format", "q4_0", "-c",
+                                  str(engine / "calibration.json"), "-o", str(q4)])
+    assert r.exit_code == 0, r.output
+    bins = tmp_path / "bin"
+    bins.mkdir()
+    _stand_in(bins / "llama-bench", LLAMA_BENCH)
+    _stand_in(bins / "llama-batched-bench", BATCHED_BENCH)
+    gguf = tmp_path / "q4_0.gguf"
+    gguf.write_bytes(b"\0" * 4096)
+    cmd = [sys.executable, str(ROOT / "bench" / "quant_decode.py"), "--engines", f"fp32={engine},q4_0={q4}",
+           "--quick", "--threads", "1,2", "--batches", "1,2", "--densities", "0.5", "--sparse-engines", "q4_0",
+           "--llama-bin", str(bins), "--gguf", f"q4_0={gguf}", "--reference", "q4_0"]
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert "QUICK" in out and "tda_rt_copy_bandwidth: best of 5" in out
+    sizes = out.split("| engine |")[1].split("\nthreads ")[0]
+    assert "| fp32 (" in sizes and f"| q4_0 ({q4}) | q4_0 |" in sizes and "| 0.0 MiB |" in sizes  # the 4 KiB GGUF
+    for t in ("1", "2"):
+        for b in ("1", "2"):
+            table = out.split(f"\nthreads {t}, batch {b}\n")[1].split("\nthreads ")[0]
+            for row in ("native fp32 d=1.00", "native q4_0 d=1.00", "native q4_0 d=0.50", "llama.cpp q4_0"):
+                assert f"| {row} |" in table, (row, table)
+            assert "| native fp32 d=0.50 |" not in table  # --sparse-engines
+            speed = "123.4" if b == "1" else "402.0"
+            assert f"| llama.cpp q4_0 | 100% (file) | {speed} | {speed} | {speed} | - | 1.00x |" in table, table

@@ -122,7 +122,8 @@ tda_rt_status_t tda_rt_engine_info_get(const tda_rt_engine* engine, tda_rt_engin
                               static_cast<int32_t>(s.intermediate), static_cast<int32_t>(s.vocab),
                               static_cast<int32_t>(s.max_context), static_cast<int32_t>(engine->dir.bos_id),
                               engine->dir.eos_ids.empty() ? -1 : static_cast<int32_t>(engine->dir.eos_ids[0]),
-                              static_cast<int32_t>(engine->dir.pad_id), engine->exec->decode_bytes()};
+                              static_cast<int32_t>(engine->dir.pad_id), engine->exec->decode_bytes(),
+                              engine->exec->decode_mlp_bytes()};
   });
 }
 

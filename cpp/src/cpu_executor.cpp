@@ -63,10 +63,63 @@ Weights Weights::load(const EngineDir& dir) {
   const SafetensorsFile& f = *w.file;
   const int64_t H = s.hidden, I = s.intermediate, V = s.vocab, hd = s.head_dim;
   const int64_t qd = s.heads * hd, kvd = s.kv_heads * hd;
-  w.embed = f.f32("embed_tokens.weight", {V, H});
-  w.lm_head = s.tied_embeddings ? w.embed : f.f32("lm_head.weight", {V, H});
+  int64_t bytes = 0;
+  // Formats come from the manifest's weight_formats (never from shapes): float32, or a block format.
+  auto format_of = [&](const std::string& name) -> int32_t {
+    const std::string fmt = dir.weight_format(name);
+    if (fmt == "float32") return TDA_WEIGHTS_DTYPE;
+    if (fmt == "q8_0") return TDA_WEIGHTS_Q8_0;
+    if (fmt == "q4_0") return TDA_WEIGHTS_Q4_0;
+    if (fmt == "q4_1") return TDA_WEIGHTS_Q4_1;
+    throw UnsupportedError(path + ": tensor '" + name + "' has weight format '" + fmt +
+                           "'; the CPU executor runs float32, q8_0, q4_0 and q4_1");
+  };
+  // Bytes per row of `in` weights in block format `fmt`; `in` must be whole blocks.
+  auto row_bytes = [&](const std::string& name, int32_t fmt, int64_t in) {
+    if (in % TDA_QUANT_BLOCK)
+      throw EngineError(path + ": tensor '" + name + "' is block-quantized but its rows of " + std::to_string(in) +
+                        " weights are not whole blocks of " + std::to_string(TDA_QUANT_BLOCK));
+    return in / TDA_QUANT_BLOCK * static_cast<int64_t>(tda_block_bytes(fmt));
+  };
+  // A linear layer `prefix`: float `{prefix}.weight_t` [in, out], or `{prefix}.weight_blocks`
+  // [out, in/32 blocks] where weight_formats lists it.
+  auto linear = [&](const std::string& prefix, int64_t in, int64_t out) -> par::WeightRef {
+    const std::string bname = prefix + ".weight_blocks";
+    if (dir.weight_formats.count(bname)) {
+      const int32_t fmt = format_of(bname);
+      if (fmt == TDA_WEIGHTS_DTYPE)
+        throw EngineError(path + ": tensor '" + bname + "' is listed as float32 in weight_formats; block tensors "
+                                 "need a block format");
+      const int64_t rb = row_bytes(bname, fmt, in);
+      bytes += out * rb;
+      return par::WeightRef(f.u8(bname, {out, rb}), fmt);
+    }
+    const std::string name = prefix + ".weight_t";
+    format_of(name);  // a float tensor listed with another format is refused by name
+    if (dir.weight_format(name) != "float32")
+      throw UnsupportedError(path + ": tensor '" + name + "' is " + dir.weight_format(name) + ", expected float32");
+    bytes += in * out * 4;
+    return f.f32(name, {in, out});
+  };
+  // A [rows, H] matrix stored row-major as float `{name}` or blocks `{name}_blocks` (embedding, lm_head).
+  auto rows_of = [&](const std::string& name, int64_t rows) -> par::WeightRef {
+    const std::string bname = name + "_blocks";
+    if (dir.weight_formats.count(bname)) {
+      const int32_t fmt = format_of(bname);
+      if (fmt == TDA_WEIGHTS_DTYPE)
+        throw EngineError(path + ": tensor '" + bname + "' is listed as float32 in weight_formats");
+      const int64_t rb = row_bytes(bname, fmt, H);
+      return par::WeightRef(f.u8(bname, {rows, rb}), fmt);
+    }
+    if (format_of(name) != TDA_WEIGHTS_DTYPE)
+      throw EngineError(path + ": tensor '" + name + "' is listed with a block format but is not a _blocks tensor");
+    return f.f32(name, {rows, H});
+  };
+  w.embed = rows_of("embed_tokens.weight", V);
+  w.lm_head = s.tied_embeddings ? w.embed : rows_of("lm_head.weight", V);
+  bytes += w.lm_head.bytes(V, H);
   w.final_norm = f.f32("final_norm.weight", {H});
-  int64_t bytes = V * H * 4 + H * 4;
+  bytes += H * 4;
   auto optional = [&](const std::string& name, int64_t n) -> const float* {
     if (!f.has(name)) return nullptr;
     bytes += n * 4;
@@ -75,11 +128,10 @@ Weights Weights::load(const EngineDir& dir) {
   for (int64_t n = 0; n < s.num_layers; ++n) {
     const std::string L = layer_name(n), A = L + ".attn.";
     LayerWeights lw{};
-    lw.wq = f.f32(A + "q_proj.weight_t", {H, qd});
-    lw.wk = f.f32(A + "k_proj.weight_t", {H, kvd});
-    lw.wv = f.f32(A + "v_proj.weight_t", {H, kvd});
-    lw.wo = f.f32(A + "o_proj.weight_t", {qd, H});
-    bytes += (H * qd + 2 * H * kvd + qd * H) * 4;
+    lw.wq = linear(A + "q_proj", H, qd);
+    lw.wk = linear(A + "k_proj", H, kvd);
+    lw.wv = linear(A + "v_proj", H, kvd);
+    lw.wo = linear(A + "o_proj", qd, H);
     lw.bq = optional(A + "q_proj.bias", qd);
     lw.bk = optional(A + "k_proj.bias", kvd);
     lw.bv = optional(A + "v_proj.bias", kvd);
@@ -94,9 +146,28 @@ Weights Weights::load(const EngineDir& dir) {
       lw.pre_ffn_norm = f.f32(L + ".pre_ffn_norm.weight", {H});
       lw.post_ffn_norm = f.f32(L + ".post_ffn_norm.weight", {H});
     }
-    lw.gate_up = f.f32(L + ".mlp.gate_up_weight", {I, 2, H});
-    lw.down_t = f.f32(L + ".mlp.down_weight_t", {I, H});
-    bytes += 3 * I * H * 4;
+    // The MLP: one format for gate_up and down_t (the sparse kernel takes one weight_format).
+    const std::string gname = L + ".mlp.gate_up_weight", dname = L + ".mlp.down_weight_t";
+    const int32_t mf = format_of(gname);
+    if (format_of(dname) != mf)
+      throw UnsupportedError(path + ": '" + gname + "' is " + dir.weight_format(gname) + " but '" + dname + "' is " +
+                             dir.weight_format(dname) + "; the MLP kernels take one format for both");
+    if (n > 0 && mf != w.mlp_format)
+      throw UnsupportedError(path + ": '" + gname + "' is " + dir.weight_format(gname) +
+                             ", layer 0's MLP is another format; the CPU executor runs one MLP format per engine");
+    w.mlp_format = mf;
+    if (mf == TDA_WEIGHTS_DTYPE) {
+      lw.gate_up = f.f32(gname, {I, 2, H});
+      lw.down_t = f.f32(dname, {I, H});
+      bytes += 3 * I * H * 4;
+      w.mlp_bytes += 3 * I * H * 4;
+    } else {
+      const int64_t rb = row_bytes(gname, mf, H);
+      lw.gate_up = par::WeightRef(f.u8(gname, {I, 2, rb}), mf);
+      lw.down_t = par::WeightRef(f.u8(dname, {I, rb}), mf);
+      bytes += 3 * I * rb;
+      w.mlp_bytes += 3 * I * rb;
+    }
     const std::string& rope = s.layers[static_cast<size_t>(n)].rope;
     lw.cos = f.f32("rope." + rope + ".cos", {s.max_context, hd / 2});
     lw.sin = f.f32("rope." + rope + ".sin", {s.max_context, hd / 2});
@@ -285,7 +356,9 @@ void CpuExecutor::choose_decode_path(Session& s, int64_t n) const {
     for (int32_t k = 0; k < c; ++k) any[static_cast<size_t>(s.idx[ln][static_cast<size_t>(b * I + k)])] = 1;
   }
   const double share = static_cast<double>(std::count(any.begin(), any.end(), 1)) / static_cast<double>(I);
-  s.dense[ln] = share > dense_above_;
+  // Block weights have no BLAS: their dense decode is the sparse kernel over every active row (it
+  // reads each row once, as a dense GEMV would), on the same thread count.
+  s.dense[ln] = share > dense_above_ && !w_.mlp_format;
   s.keep[ln].clear();
   if (s.dense[ln] && !all_full) {
     s.keep[ln].assign(static_cast<size_t>(B * I), 0.0f);
@@ -318,7 +391,10 @@ void CpuExecutor::mlp(Session& s, int64_t n, int64_t S, const float* xn, const f
         }
     });
   };
-  auto down = [&]() { pool_.linear(M, {{t.z.data(), lw.down_t, nullptr, out, I, H, true}}); };
+  auto down = [&]() {
+    if (lw.down_t.quantized()) block_down(M, t.z.data(), lw.down_t, out);
+    else pool_.linear(M, {{t.z.data(), lw.down_t, nullptr, out, I, H, true}});
+  };
   if (S > 1) {
     dense_z(nullptr);
     tda_prefill_scores_args_t pa{TDA_F32, TDA_SCORE_NORM_TOKEN_L2, static_cast<int32_t>(B), static_cast<int32_t>(S),
@@ -340,12 +416,39 @@ void CpuExecutor::mlp(Session& s, int64_t n, int64_t S, const float* xn, const f
     down();
     return;
   }
+  const bool q = lw.gate_up.quantized();
   tda_decode_args_t da{TDA_F32, static_cast<tda_activation_t>(act_), static_cast<int32_t>(B), static_cast<int32_t>(H),
-                       static_cast<int32_t>(I), 1, xn, lw.gate_up, lw.down_t, s.idx[ln].data(), s.count[ln].data(), out,
-                       /*version=*/0, /*weight_format=*/TDA_WEIGHTS_DTYPE};  // 0: the library's default algorithm
+                       static_cast<int32_t>(I), 1, xn, q ? lw.gate_up.blocks : lw.gate_up.f,
+                       q ? lw.down_t.blocks : lw.down_t.f, s.idx[ln].data(), s.count[ln].data(), out,
+                       /*version=*/0, /*weight_format=*/lw.gate_up.format};  // 0: the library's default algorithm
   size_t ws = tda_sparse_gated_mlp_decode_workspace_size(&da);
   check(tda_sparse_gated_mlp_decode(&da, aligned_workspace(s.workspace, ws), ws, nullptr),
         "tda_sparse_gated_mlp_decode");
+}
+
+// out[M, H] = z[M, I] @ down_t for block weights, whose rows (neurons) run along H: each thread
+// takes whole blocks of H columns and accumulates fp32 tiles of its columns of kRows neurons
+// (exact, tda_block_dequantize) with sgemm. Prefill only (decode runs the sparse kernel).
+void CpuExecutor::block_down(int64_t M, const float* z, const par::WeightRef& w, float* out) const {
+  const int64_t H = spec_.hidden, I = spec_.intermediate, blocks = H / TDA_QUANT_BLOCK, rb = w.bytes(1, H);
+  const int64_t bb = static_cast<int64_t>(tda_block_bytes(w.format));
+  par::fork(pool_.threads_for(w.bytes(I, H)), [&](int t, int n) {
+    const int64_t c0 = blocks * t / n * TDA_QUANT_BLOCK, c1 = blocks * (t + 1) / n * TDA_QUANT_BLOCK, nc = c1 - c0;
+    if (nc <= 0) return;
+    constexpr int64_t kRows = 64;
+    thread_local std::vector<float> tile;
+    tile.resize(static_cast<size_t>(kRows * nc));
+    const uint8_t* base = static_cast<const uint8_t*>(w.blocks) + c0 / TDA_QUANT_BLOCK * bb;
+    for (int64_t j0 = 0; j0 < I; j0 += kRows) {
+      const int64_t nj = std::min(kRows, I - j0);
+      for (int64_t j = 0; j < nj; ++j)  // sizes were checked at load: these calls cannot fail
+        tda_block_dequantize(w.format, static_cast<int32_t>(nc), 1, base + (j0 + j) * rb, tile.data() + j * nc, nc,
+                             nullptr);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(M), static_cast<int>(nc),
+                  static_cast<int>(nj), 1.0f, z + j0, static_cast<int>(I), tile.data(), static_cast<int>(nc),
+                  j0 ? 1.0f : 0.0f, out + c0, static_cast<int>(H));
+    }
+  });
 }
 
 void CpuExecutor::forward(Session& s, int64_t S, const int64_t* ids, const int64_t* positions,
@@ -362,7 +465,15 @@ void CpuExecutor::forward(Session& s, int64_t S, const int64_t* ids, const int64
   float *x = t.x.data(), *xn = t.xn.data(), *h = t.h.data();
   const float escale = sp.embed_scale ? static_cast<float>(*sp.embed_scale) : 1.0f;
   for (int64_t m = 0; m < M; ++m) {
-    const float* e = w_.embed + ids[m] * H;
+    const float* e = x + m * H;
+    if (!w_.embed.quantized()) {
+      e = w_.embed.f + ids[m] * H;
+    } else {  // the token's row, dequantized exactly
+      check(tda_block_dequantize(w_.embed.format, static_cast<int32_t>(H), 1,
+                                 static_cast<const uint8_t*>(w_.embed.blocks) + ids[m] * w_.embed.bytes(1, H),
+                                 x + m * H, H, nullptr),
+            "tda_block_dequantize");
+    }
     for (int64_t i = 0; i < H; ++i) x[m * H + i] = sp.embed_scale ? e[i] * escale : e[i];
   }
   for (int64_t n = 0; n < sp.num_layers; ++n) {

@@ -13,24 +13,28 @@
 
 namespace tda {
 
+// Linear weights are par::WeightRef: float32 (as before), or block-quantized per the manifest's
+// weight_formats (docs: quant engine layout), then stored as GGUF rows [out, in/32 blocks].
 struct LayerWeights {
-  const float *wq, *wk, *wv, *wo;          // [in, out] (stored transposed)
+  par::WeightRef wq, wk, wv, wo;           // float: [in, out] (stored transposed); blocks: [out, in/32]
   const float *bq, *bk, *bv, *bo;          // nullptr where the model has none
   const float *q_norm, *k_norm;            // [head_dim] (qk_norm)
   const float *input_norm, *post_attn_norm, *pre_ffn_norm, *post_ffn_norm;
-  const float *gate_up;                    // [I, 2, H]
-  const float *down_t;                     // [I, H]
+  par::WeightRef gate_up;                  // [I, 2, H] (blocks: [I, 2, H/32])
+  par::WeightRef down_t;                   // [I, H] (blocks: [I, H/32], blocks along H)
   const float *cos, *sin;                  // [max_context, head_dim/2]
   int64_t window;                          // 0: global
 };
 
 struct Weights {
   std::unique_ptr<SafetensorsFile> file;
-  const float* embed;   // [V, H]
-  const float* lm_head; // [V, H]
+  par::WeightRef embed;   // [V, H] (blocks: [V, H/32]; a token's row is dequantized on lookup)
+  par::WeightRef lm_head; // [V, H] (tied: the embedding's)
+  int32_t mlp_format = 0; // tda_weight_format_t of gate_up / down_t (one format for both)
   const float* final_norm;
   std::vector<LayerWeights> layers;
   int64_t decode_bytes = 0;  // weight bytes one dense decode step reads
+  int64_t mlp_bytes = 0;     // of those, gate_up + down_t (all layers)
   static Weights load(const EngineDir& dir);
 };
 
@@ -69,6 +73,7 @@ class CpuExecutor : public Executor {
   // bench/RESULTS.md (quiet window, session 2) measured it; TDA_NATIVE_DENSE_ABOVE overrides it.
   static constexpr double kDenseAbove = 0.8;
   int64_t decode_bytes() const override { return w_.decode_bytes; }
+  int64_t decode_mlp_bytes() const override { return w_.mlp_bytes; }
   // Executor: the state is a Session.
   const char* name() const override { return "cpu"; }
   std::unique_ptr<ExecutorState> new_state() const override { return std::make_unique<Session>(); }
@@ -101,6 +106,7 @@ class CpuExecutor : public Executor {
   void attention(Session& s, int64_t n, int64_t S, const float* xn, const int64_t* positions, float* out);
   void mlp(Session& s, int64_t n, int64_t S, const float* xn, const float* token_valid, const float* thresholds,
            float* out);
+  void block_down(int64_t M, const float* z, const par::WeightRef& w, float* out) const;
   void ensure_capacity(Session& s, int64_t needed);
   void choose_decode_path(Session& s, int64_t n) const;
   void rms_norm(const float* x, const float* w, float* y, int64_t rows, int64_t dim) const;

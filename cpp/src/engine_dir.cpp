@@ -165,6 +165,11 @@ const std::vector<float>& lookup(const Calibration::Table& t, double density) {
 
 }  // namespace
 
+std::string EngineDir::weight_format(const std::string& name) const {
+  auto it = weight_formats.find(name);
+  return it == weight_formats.end() ? spec.dtype : it->second;
+}
+
 std::string sha256_file(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   if (!f) throw EngineError(path + ": cannot be read");
@@ -285,6 +290,21 @@ const float* SafetensorsFile::f32(const std::string& name, const std::vector<int
   return static_cast<const float*>(v->data);
 }
 
+const uint8_t* SafetensorsFile::u8(const std::string& name, const std::vector<int64_t>& shape) const {
+  const TensorView* v = find(name);
+  if (!v) throw EngineError(path_ + ": tensor '" + name + "' missing");
+  if (v->dtype != "U8")
+    throw EngineError(path_ + ": tensor '" + name + "' is " + v->dtype + ", block-quantized weights are U8");
+  if (v->shape != shape) {
+    std::string want, got;
+    for (auto d : shape) want += std::to_string(d) + ",";
+    for (auto d : v->shape) got += std::to_string(d) + ",";
+    throw EngineError(path_ + ": tensor '" + name + "' has shape [" + got + "], the decoder spec and its weight format "
+                      "need [" + want + "]");
+  }
+  return static_cast<const uint8_t*>(v->data);
+}
+
 // ---- calibration ------------------------------------------------------------------------------
 const Calibration::Table& Calibration::table(int64_t prompt_len) const {
   if (prompt_len <= 0 || by_prompt_length.empty()) return thresholds;
@@ -356,6 +376,15 @@ EngineDir EngineDir::open(const std::string& directory, bool verify) {
       throw EngineError(p + ": sha256 does not match manifest.json (file changed after the build)");
   }
   e.spec = read_spec(m, mpath);
+  if (m.contains("weight_formats")) {
+    const json& wf = m.at("weight_formats");
+    if (!wf.is_object()) throw EngineError(mpath + ": field 'weight_formats' has the wrong type");
+    for (auto it = wf.begin(); it != wf.end(); ++it) {
+      if (!it.value().is_string())
+        throw EngineError(mpath + ": weight_formats['" + it.key() + "'] is not a string");
+      e.weight_formats[it.key()] = it.value().get<std::string>();
+    }
+  }
   const json cal = m.contains("calibration") && m.at("calibration").is_object() ? m.at("calibration") : json::object();
   e.built_thresholds.assign(static_cast<size_t>(e.spec.num_layers), 0.0f);
   if (cal.contains("thresholds")) {

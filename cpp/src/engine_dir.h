@@ -51,6 +51,8 @@ class SafetensorsFile {
   const TensorView* find(const std::string& name) const;
   // The tensor `name` as float32 of `shape`; throws naming the file, tensor and mismatch.
   const float* f32(const std::string& name, const std::vector<int64_t>& shape) const;
+  // The tensor `name` as bytes (U8) of `shape` (block-quantized weights); same errors.
+  const uint8_t* u8(const std::string& name, const std::vector<int64_t>& shape) const;
   bool has(const std::string& name) const { return tensors_.count(name) != 0; }
   const std::string& path() const { return path_; }
 
@@ -85,6 +87,11 @@ struct EngineDir {
   std::optional<double> selected_density;
   std::vector<int64_t> eos_ids;
   int64_t bos_id = -1, pad_id = -1;
+  // manifest weight_formats: safetensors tensor name -> "float32" | "q8_0" | ... (empty for engines
+  // built before it; every tensor is then in the engine dtype). Runtimes never guess formats from shapes.
+  std::map<std::string, std::string> weight_formats;
+  // The format of tensor `name`: weight_formats[name], else the engine dtype.
+  std::string weight_format(const std::string& name) const;
 
   // verify: size and sha256 of every file in the manifest.
   static EngineDir open(const std::string& directory, bool verify);

@@ -28,6 +28,8 @@ class Executor {
   virtual const char* name() const = 0;  // "cpu", "tensorrt"
   // Bytes of weights one decode step streams at density 1 (tda_rt_engine_info.weight_bytes).
   virtual int64_t decode_bytes() const = 0;
+  // Of those, the MLP's (gate_up + down, all layers; tda_rt_engine_info.mlp_weight_bytes); -1: unknown.
+  virtual int64_t decode_mlp_bytes() const { return -1; }
   virtual std::unique_ptr<ExecutorState> new_state() const = 0;
   // ids/mask [batch, seq] (left padded, checked by check_prompt), thresholds [num_layers],
   // density_bounds [num_layers, 2] SelectActive's clamp (nullptr: none, select by thresholds alone);

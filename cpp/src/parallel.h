@@ -24,16 +24,39 @@ namespace par {
 // box) costs more than the slice saves: 64 KiB stream in ~5 µs at the box's ~13 GB/s per core.
 constexpr int64_t kSliceBytes = int64_t(64) << 10;
 
+// A weight matrix as the engine stores it: float32 (`f`), or block-quantized (`blocks`, a
+// tda_weight_format_t other than TDA_WEIGHTS_DTYPE, cuda/include/tda_kernels.h). Converts from a
+// float pointer, so float call sites read as before.
+struct WeightRef {
+  const float* f = nullptr;
+  const void* blocks = nullptr;
+  int32_t format = 0;  // tda_weight_format_t; 0: float32 `f`
+  WeightRef() = default;
+  WeightRef(const float* p) : f(p) {}  // NOLINT: implicit on purpose
+  WeightRef(const void* b, int32_t fmt) : blocks(b), format(fmt) {}
+  bool quantized() const { return format != 0; }
+  // Bytes of an n x k matrix in this format (a row of k weights is k/32 blocks).
+  int64_t bytes(int64_t n, int64_t k) const;
+};
+
 // y[M, N] = x[M, K] @ W (+ bias), W either [K, N] row-major (`k_major`, the exporter's weight_t
-// layout) or [N, K] (gate_up, lm_head).
+// layout) or [N, K] (gate_up, lm_head). Block weights are always [N, K/32 blocks] (GGUF rows,
+// k_major ignored): tda_block_linear for small M, fp32 tiles through sgemm for prefill sizes.
 struct Linear {
   const float* x;
-  const float* w;
+  WeightRef w;
   const float* bias;  // [N] or nullptr
   float* y;
   int64_t K, N;
   bool k_major;
 };
+
+// Rows of x from which a block-weight linear dequantizes tiles of W to fp32 for sgemm instead of
+// dequantizing in registers per 4 rows of x (tda_block_linear); TDA_NATIVE_BLOCK_GEMM_ROWS overrides.
+// Measured on a SmolLM2 gate_up (1536 x 576, one thread, AVX-512): tda_block_linear is ahead up to
+// M ~ 64 (1.1-2.7x at M 2..32), even at 128; a rough figure taken on a busy box, so a round number.
+constexpr int64_t kBlockGemmRows = 64;
+int64_t block_gemm_rows();
 
 // One thread's share of a job: output columns [c0, c1), on the calling thread.
 void linear_slice(int64_t M, const Linear& job, int64_t c0, int64_t c1);

@@ -337,7 +337,8 @@ int bench(const Options& o, Engine& eng) {
   struct Row { double density, active; std::vector<double> rates; };
   std::vector<Row> rows;
   for (double d : dens) rows.push_back({d, 0, {}});
-  const int64_t mlp_bytes = int64_t(3) * in.hidden_size * in.intermediate_size * 4 * in.num_layers;
+  const int64_t mlp_bytes = in.mlp_weight_bytes >= 0 ? in.mlp_weight_bytes  // blocks where the engine stores blocks
+                            : int64_t(3) * in.hidden_size * in.intermediate_size * 4 * in.num_layers;
   for (int r = 0; r < o.repeats; ++r)  // interleaved: every density once per repeat
     for (auto& row : rows) {
       std::vector<float> ths(static_cast<size_t>(in.num_layers));

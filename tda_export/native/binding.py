@@ -28,7 +28,7 @@ class NativeError(RuntimeError):
 class EngineInfo(C.Structure):
     _fields_ = [(n, C.c_int32) for n in ("num_layers", "hidden_size", "intermediate_size", "vocab_size",
                                            "max_context", "bos_token_id", "eos_token_id", "pad_token_id")] + \
-               [("weight_bytes", C.c_int64)]
+               [("weight_bytes", C.c_int64), ("mlp_weight_bytes", C.c_int64)]
 
 
 _lib = None

@@ -52,9 +52,9 @@ def native_unusable_reason(data: dict) -> str | None:
         return "built before model.safetensors (weights inside model.onnx); rebuild it for the native backend"
     if data.get("dtype") != "float32":
         return f"the native CPU executor runs float32 engines, this one is {data.get('dtype')}"
-    blocks = sorted({f for f in (data.get("weight_formats") or {}).values() if f in BLOCK_FORMATS})
-    if blocks:  # until the native runtime reads block weights (issue 18, branch nativeq)
-        return f"the native CPU executor does not read block-quantized weights yet ({', '.join(blocks)})"
+    other = sorted({f for f in (data.get("weight_formats") or {}).values() if f not in ("float32", *BLOCK_FORMATS)})
+    if other:  # it reads float32 and the block formats (cpp/src/cpu_executor.cpp)
+        return f"the native CPU executor reads float32 and {'/'.join(BLOCK_FORMATS)} tensors, not {', '.join(other)}"
     return None
 
 

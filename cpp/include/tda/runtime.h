@@ -88,6 +88,7 @@ typedef struct {
   int32_t num_layers, hidden_size, intermediate_size, vocab_size, max_context;
   int32_t bos_token_id, eos_token_id, pad_token_id; /* -1 where the manifest has none */
   int64_t weight_bytes;       /* bytes of weights one decode step streams at density 1 */
+  int64_t mlp_weight_bytes;   /* of those, the MLP weights' (all layers; what TDA thins out); -1: unknown */
 } tda_rt_engine_info;
 tda_rt_status_t tda_rt_engine_info_get(const tda_rt_engine* engine, tda_rt_engine_info* out);
 /* The manifest's eos ids (one or several): writes up to capacity, sets *count to the total. */
