@@ -25,8 +25,7 @@ from tda_export.runtime.engine import Engine, EngineError
 from tiny_models import FAMILIES, save_tiny
 
 FORMATS = ("q8_0", "q4_0")
-# The backends whose greedy tokens must agree. The native runtime joins when it reads block weights (issue 18,
-# branch nativeq): add "native" here after merging it (selection.native_unusable_reason then drops its refusal).
+# The backends whose greedy tokens must agree.
 BACKENDS = ("torch", "onnxruntime", "native")
 STEPS = 8
 LENS = (12, 9)
