@@ -86,13 +86,18 @@ def run(engine_dir, prompt, max_new_tokens, temperature, top_k, top_p, stop, see
               help="Sequences one request may hold (at most --queue-size); a larger request gets 400.")
 @click.option("--max-batch", type=click.IntRange(1), default=8, show_default=True,
               help="Sequences run together in one batch.")
+@click.option("--batching", type=click.Choice(["auto", "continuous", "static"]), default="auto", show_default=True,
+              help="continuous: a request joins the running batch at the next decode step and a finished one "
+                   "frees its slot at once (native and onnxruntime backends); static: batches run to completion "
+                   "(every backend); auto: continuous where the backend has it.")
 @click.option("--model-name", default=None,
               help="Model id clients name in requests and see in /v1/models [the engine's model name].")
 @click.option("--body-timeout", type=click.FloatRange(0.1), default=10.0, show_default=True,
               help="Seconds a client may take to send a request body before it gets 408.")
 @THREADS
 @BACKEND
-def serve(engine_dir, host, port, queue_size, max_request, max_batch, model_name, body_timeout, threads, backend):
+def serve(engine_dir, host, port, queue_size, max_request, max_batch, batching, model_name, body_timeout, threads,
+          backend):
     """Serve an OpenAI-compatible API: /v1/completions, /v1/chat/completions (SSE streaming), /v1/models,
     /health, /metrics.
 
@@ -112,10 +117,13 @@ def serve(engine_dir, host, port, queue_size, max_request, max_batch, model_name
     except OSError as e:
         raise UserError(f"{e} (is another server running? pick another --port)") from None
     engine = _engine(engine_dir, threads, backend, max_batch)
-    server = Server(engine, host, port, queue_size, max_batch, sock=sock, model_name=model_name,
-                    body_timeout=body_timeout, max_request=max_request)
+    try:
+        server = Server(engine, host, port, queue_size, max_batch, sock=sock, model_name=model_name,
+                        body_timeout=body_timeout, max_request=max_request, batching=batching)
+    except ValueError as e:  # --batching continuous on a backend without it
+        raise UserError(f"--batching {batching}: {e}") from None
     click.echo(f"serving {server.model_name} on http://{host}:{server.port} (backend {engine.backend.name}, "
-               f"max batch {max_batch}, queue {queue_size} sequences, at most {server.scheduler.max_request} "
+               f"{server.scheduler.batching} batching, max batch {server.scheduler.max_batch}, queue {queue_size} sequences, at most {server.scheduler.max_request} "
                f"per request)", err=True)
     try:
         server.serve_forever()
