@@ -102,8 +102,8 @@ def token_counts(spec: str, clients: int, seed: int) -> list[int]:
 
 def spread(values) -> str:
     values = list(values)
-    return f"{min(values):.{2 if max(values) < 100 else 0}f} / {statistics.median(values):.{2 if max(values) < 100 else 0}f} / " \
-           f"{max(values):.{2 if max(values) < 100 else 0}f}"
+    digits = 2 if max(values) < 100 else 0
+    return " / ".join(f"{v:.{digits}f}" for v in (min(values), statistics.median(values), max(values)))
 
 
 KEYS = ("tok_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_ms", "tpot_p99_ms")
@@ -169,8 +169,8 @@ def main():
             if name in by and base in by:
                 a, b = by[name], by[base]
                 ratio = lambda k: statistics.median(a[k]) / statistics.median(b[k])  # noqa: E731
-                print(f"{name} / {base} (medians): throughput {ratio('tok_s'):.2f}x, TTFT p50 {ratio('ttft_p50_s'):.2f}x, "
-                      f"TTFT p99 {ratio('ttft_p99_s'):.2f}x, per-token p99 {ratio('tpot_p99_ms'):.2f}x")
+                print(f"{name} / {base} (medians): throughput {ratio('tok_s'):.2f}x, "
+                      f"TTFT p50 {ratio('ttft_p50_s'):.2f}x, TTFT p99 {ratio('ttft_p99_s'):.2f}x, per-token p99 {ratio('tpot_p99_ms'):.2f}x")
 
 
 if __name__ == "__main__":

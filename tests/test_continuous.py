@@ -2,7 +2,6 @@
 slot with its own length, positions, thresholds and mask, on the native C++ backend and on ONNX Runtime.
 A sequence's greedy tokens equal the same request alone, whichever others share its steps; a released slot
 takes the next newcomer; misuse of slots is a clear error. Real tiny Llama engine (density 0.5 built in)."""
-import threading
 import time
 
 import numpy as np
@@ -10,9 +9,10 @@ import pytest
 
 from tda_export.native.binding import NativeError
 from tda_export.runtime.engine import Engine
-from tda_export.runtime.generate import Event, generate, left_pad
+from tda_export.runtime.generate import generate, left_pad
 from tda_export.runtime.sampling import SamplingParams
-from tda_export.runtime.scheduler import Done, Job, RequestTooLarge, Scheduler
+from tda_export.runtime.scheduler import Job, RequestTooLarge, Scheduler
+from test_scheduler import Collect
 
 BACKENDS = ["native", "onnxruntime"]
 
@@ -134,19 +134,6 @@ def test_full_slots(engine):
 
 
 # --- the scheduler in continuous mode ---
-class Collect:
-    def __init__(self):
-        self.items, self.done = [], threading.Event()
-
-    def __call__(self, item):
-        self.items.append(item)
-        if isinstance(item, Done):
-            self.done.set()
-
-    def text(self, index=0):
-        return "".join(i.text for i in self.items if isinstance(i, Event) and i.index == index)
-
-
 def submit(scheduler, engine, prompt, n, density=None, count=1):
     c = Collect()
     ids = engine.tokenizer(prompt).input_ids
@@ -191,8 +178,7 @@ def test_a_small_request_behind_a_large_body_is_answered_within_a_few_steps(engi
             s.submit(huge)
         steps = slow_decode(engine, 0.01)
         big = submit(s, engine, "the quick brown", 40, count=16)
-        while not any(isinstance(i, Event) for i in big.items):
-            time.sleep(0.005)
+        big.started()
         at = steps[0]
         small = submit(s, engine, "the quick brown", 4)
         assert small.done.wait(60)
@@ -212,8 +198,7 @@ def test_cancelled_sequence_frees_its_slot_at_once(engine, slow_decode):
     try:
         steps = slow_decode(engine, 0.01)
         long = submit(s, engine, "a", 300)
-        while not any(isinstance(i, Event) for i in long.items):
-            time.sleep(0.005)
+        long.started()
         waiting = submit(s, engine, "b", 2)
         time.sleep(0.05)
         assert not waiting.done.is_set()  # the one slot is taken

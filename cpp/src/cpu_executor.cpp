@@ -469,7 +469,8 @@ void CpuExecutor::join(ExecutorState& state, int64_t n, int64_t seq, const int32
   for (int64_t b = 0; b < n; ++b) {  // the rows' selections become their slots'
     const size_t slot = static_cast<size_t>(slots[b]);
     for (size_t l = 0; l < static_cast<size_t>(L); ++l) {
-      std::copy_n(s.idx[l].begin() + b * I, I, s.slot_idx[l].begin() + static_cast<std::ptrdiff_t>(slot * static_cast<size_t>(I)));
+      std::copy_n(s.idx[l].begin() + b * I, I,
+                  s.slot_idx[l].begin() + static_cast<std::ptrdiff_t>(slot * static_cast<size_t>(I)));
       s.slot_count[l][slot] = s.count[l][static_cast<size_t>(b)];
     }
     s.used[slot] = 1;  // only now: a failed prefill leaves its slots free
@@ -526,7 +527,8 @@ void CpuExecutor::step(ExecutorState& state, int64_t n, const int32_t* slots, co
 void CpuExecutor::release(ExecutorState& state, int32_t slot) {
   auto& s = static_cast<Session&>(state);
   if (slot < 0 || slot >= TDA_MAX_BATCH)
-    throw ArgumentError("release: slot " + std::to_string(slot) + " is outside 0.." + std::to_string(TDA_MAX_BATCH - 1));
+    throw ArgumentError("release: slot " + std::to_string(slot) + " is outside 0.." +
+                        std::to_string(TDA_MAX_BATCH - 1));
   if (slot < s.slots) s.used[static_cast<size_t>(slot)] = 0;  // releasing a free slot is harmless
   s.loaded.clear();
   if (slot < s.static_batch) s.static_batch = 0;  // tda_rt_decode would step a hole
