@@ -10,7 +10,8 @@ alike), each against a fresh server on the same loaded engine:
   dense      - continuous at density 1.0 (TDA off) per request
 Each client sends one streaming request; its max_tokens is N or drawn uniformly from LO..HI (a mixed-length
 load, the same draws for every configuration). Per request: time to first token (first non-empty SSE text),
-per-token latency ((latency - TTFT) / (tokens - 1)) and total latency; tokens counted from the server's
+per-token latency ((time of the last text or finish chunk - TTFT) / (tokens - 1), what a reader of the
+stream waits per token) and end-to-end latency to `[DONE]` (p99; p50 too in --json); tokens counted from the server's
 usage (stream_options.include_usage), so they are the generated tokens, EOS included.
 
 The issue-20 comparison (continuous vs static, mixed lengths, 16 and 64 clients):
@@ -42,7 +43,7 @@ async def one(client, prompt, max_tokens, density):
     if density is not None:
         body["density"] = density
     t0 = time.perf_counter()
-    ttft, tokens, done = None, 0, False
+    ttft, last, tokens, done = None, None, 0, False
     async with client.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:
             return {"status": r.status_code}
@@ -53,9 +54,12 @@ async def one(client, prompt, max_tokens, density):
                 chunk = json.loads(line[6:])
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
-                elif ttft is None and chunk["choices"] and chunk["choices"][0]["text"]:
-                    ttft = time.perf_counter() - t0
-    return {"status": 200, "done": done, "ttft": ttft, "latency": time.perf_counter() - t0, "tokens": tokens}
+                elif chunk["choices"] and (chunk["choices"][0]["text"] or chunk["choices"][0]["finish_reason"]):
+                    last = time.perf_counter() - t0
+                    if ttft is None and chunk["choices"][0]["text"]:
+                        ttft = last
+    return {"status": 200, "done": done, "ttft": ttft, "last": last, "latency": time.perf_counter() - t0,
+            "tokens": tokens}
 
 
 async def load(port, prompts, max_tokens, density):
@@ -80,13 +84,15 @@ def run_config(engine, max_batch, density, batching, prompts, max_tokens):
         thread.join(timeout=10)
     ok = [r for r in results if r["status"] == 200 and r["done"]]
     ttft = np.array([r["ttft"] for r in ok if r["ttft"] is not None])
-    per_token = np.array([(r["latency"] - r["ttft"]) / (r["tokens"] - 1) for r in ok
+    latency = np.array([r["latency"] for r in ok])
+    per_token = np.array([(r["last"] - r["ttft"]) / (r["tokens"] - 1) for r in ok
                           if r["ttft"] is not None and r["tokens"] > 1])
     tokens = sum(r["tokens"] for r in ok)
     pct = lambda a, q: float(np.percentile(a, q)) if a.size else float("nan")  # noqa: E731
     return {"complete": len(ok), "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
             "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
             "tpot_p50_ms": 1e3 * pct(per_token, 50), "tpot_p99_ms": 1e3 * pct(per_token, 99),
+            "latency_p50_s": pct(latency, 50), "latency_p99_s": pct(latency, 99),
             "load": (load_before, os.getloadavg()[0])}
 
 
@@ -106,7 +112,7 @@ def spread(values) -> str:
     return " / ".join(f"{v:.{digits}f}" for v in (min(values), statistics.median(values), max(values)))
 
 
-KEYS = ("tok_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_ms", "tpot_p99_ms")
+KEYS = ("tok_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_ms", "tpot_p99_ms", "latency_p99_s")
 
 
 def main():
@@ -147,7 +153,7 @@ def main():
             rs = runs[name]
             rows.append({"config": name, "max_batch": configs[name][0], "density": configs[name][1] or "default",
                          "batching": configs[name][2], "complete": f"{min(r['complete'] for r in rs)}/{clients}",
-                         **{k: [r[k] for r in rs] for k in KEYS},
+                         **{k: [r[k] for r in rs] for k in KEYS + ("latency_p50_s",)},
                          "load": [min(r["load"][0] for r in rs), max(r["load"][1] for r in rs)]})
         report["tables"].append({"clients": clients, "requested_tokens": sum(max_tokens), "rows": rows})
     if args.json:
@@ -159,8 +165,8 @@ def main():
     for table in report["tables"]:
         print(f"\n{table['clients']} concurrent streaming clients ({table['requested_tokens']} tokens requested)")
         print("| config | batching | max batch | density | complete | tok/s | TTFT p50 s | TTFT p99 s "
-              "| per-token p50 ms | per-token p99 ms | load avg (1 min) |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+              "| per-token p50 ms | per-token p99 ms | latency p99 s | load avg (1 min) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in table["rows"]:
             print(f"| {r['config']} | {r['batching']} | {r['max_batch']} | {r['density']} | {r['complete']} | "
                   + " | ".join(spread(r[k]) for k in KEYS) + f" | {r['load'][0]:.1f}..{r['load'][1]:.1f} |")
@@ -168,9 +174,10 @@ def main():
         for name, base in (("continuous", "static"), ("static", "batch1"), ("continuous", "batch1")):
             if name in by and base in by:
                 a, b = by[name], by[base]
-                ratio = lambda k: statistics.median(a[k]) / statistics.median(b[k])  # noqa: E731
+                ratio = lambda k: statistics.median(a[k]) / (statistics.median(b[k]) or float("nan"))  # noqa: E731
                 print(f"{name} / {base} (medians): throughput {ratio('tok_s'):.2f}x, "
-                      f"TTFT p50 {ratio('ttft_p50_s'):.2f}x, TTFT p99 {ratio('ttft_p99_s'):.2f}x, per-token p99 {ratio('tpot_p99_ms'):.2f}x")
+                      f"TTFT p50 {ratio('ttft_p50_s'):.2f}x, TTFT p99 {ratio('ttft_p99_s'):.2f}x, "
+                      f"per-token p99 {ratio('tpot_p99_ms'):.2f}x, latency p99 {ratio('latency_p99_s'):.2f}x")
 
 
 if __name__ == "__main__":
