@@ -231,3 +231,14 @@ def test_batching_mode_follows_the_backend():
         batching_mode(torch_like, "continuous")
     with pytest.raises(ValueError, match="batching must be one of"):
         batching_mode(slots, "inflight")
+
+
+def test_serve_cli_refuses_continuous_batching_on_a_backend_without_it(served_engine_dir):
+    from click.testing import CliRunner
+
+    from tda_export.cli import main
+
+    r = CliRunner().invoke(main, ["serve", "-e", str(served_engine_dir), "--port", "0", "--backend", "torch",
+                                  "--threads", "1", "--batching", "continuous"])
+    assert r.exit_code == 2 and "--batching continuous" in r.output and "torch backend" in r.output, r.output
+    assert "Traceback" not in r.output
