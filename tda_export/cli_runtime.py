@@ -85,7 +85,8 @@ def run(engine_dir, prompt, max_new_tokens, temperature, top_k, top_p, stop, see
 @click.option("--max-request-sequences", "max_request", type=click.IntRange(1), default=64, show_default=True,
               help="Sequences one request may hold (at most --queue-size); a larger request gets 400.")
 @click.option("--max-batch", type=click.IntRange(1), default=8, show_default=True,
-              help="Sequences run together in one batch.")
+              help="Sequences run together: the slots in flight (continuous batching; at most 64 on the native "
+                   "backend) or the size of a batch (static).")
 @click.option("--batching", type=click.Choice(["auto", "continuous", "static"]), default="auto", show_default=True,
               help="continuous: a request joins the running batch at the next decode step and a finished one "
                    "frees its slot at once (native and onnxruntime backends); static: batches run to completion "
