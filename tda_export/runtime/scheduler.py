@@ -7,8 +7,15 @@ than `max_request` units is refused (`RequestTooLarge`), and one that would take
 Each round takes up to `max_batch` units of the same kind, one unit per waiting job in turn (round robin,
 in arrival order), and the job whose key started the round moves behind the others if it has units left:
 so a large job shares the engine with the jobs behind it instead of holding the FIFO until it is done.
-Generation units with the same thresholds (one density, one prompt-length table) run as one batch
-(request batching, per-request density), scoring units as another. A job may span several rounds.
+Two ways to run generation units (`batching`):
+- continuous (the default where the backend has slots, runtime/backend.py SlotBackend): up to max_batch
+  sequences in flight, each in its own slot with its own density and thresholds; before every decode step
+  the newcomers that fit are prefilled together and join, and a sequence that ends releases its slot at
+  once. One job holds at most max_batch - 1 slots, so a job behind any one large job joins at the next step.
+- static: units with the same thresholds (one density, one prompt-length table) run as one batch to
+  completion (every backend).
+Scoring units run as batches of their own (under continuous batching, between two decode steps). A job may
+span several rounds.
 
 Results go back through `job.on_event(item)`, called on the scheduler thread, with in order:
 `Scored(prompt, logprobs)` per scored prompt, generation `Event`s (index = the job's sequence), and finally
