@@ -83,7 +83,7 @@ def main():
     rows = [{"replicas": n, "complete": f"{min(r['complete'] for r in rs)}/{args.clients}",
              "tok_s_min": min(r["tok_s"] for r in rs), "tok_s_median": statistics.median(r["tok_s"] for r in rs),
              "tok_s_max": max(r["tok_s"] for r in rs),
-             **{k: statistics.median(r[k] for r in rs) for k in ("p50_s", "p99_s", "ttft_p50_s", "ttft_p99_s")}}
+             **{k: statistics.median(r[k] for r in rs) for k in ("latency_p50_s", "latency_p99_s", "ttft_p50_s", "ttft_p99_s")}}
             for n, rs in runs.items()]
     load_avg = os.getloadavg()
     if args.json:
@@ -98,7 +98,7 @@ def main():
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['replicas']} | {r['complete']} | {r['tok_s_min']:.1f} / {r['tok_s_median']:.1f} / "
-              f"{r['tok_s_max']:.1f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | {r['ttft_p50_s']:.2f} | "
+              f"{r['tok_s_max']:.1f} | {r['latency_p50_s']:.2f} | {r['latency_p99_s']:.2f} | {r['ttft_p50_s']:.2f} | "
               f"{r['ttft_p99_s']:.2f} |")
     base = rows[0]
     for r in rows[1:]:

@@ -85,7 +85,12 @@ def run(engine_dir, prompt, max_new_tokens, temperature, top_k, top_p, stop, see
 @click.option("--max-request-sequences", "max_request", type=click.IntRange(1), default=64, show_default=True,
               help="Sequences one request may hold (at most --queue-size); a larger request gets 400.")
 @click.option("--max-batch", type=click.IntRange(1), default=8, show_default=True,
-              help="Sequences run together in one batch.")
+              help="Sequences run together: the slots in flight (continuous batching; at most 64 on the native "
+                   "backend) or the size of a batch (static).")
+@click.option("--batching", type=click.Choice(["auto", "continuous", "static"]), default="auto", show_default=True,
+              help="continuous: a request joins the running batch at the next decode step and a finished one "
+                   "frees its slot at once (native and onnxruntime backends); static: batches run to completion "
+                   "(every backend); auto: continuous where the backend has it.")
 @click.option("--model-name", default=None,
               help="Model id clients name in requests and see in /v1/models [the engine's model name].")
 @click.option("--body-timeout", type=click.FloatRange(0.1), default=10.0, show_default=True,
@@ -117,8 +122,8 @@ def run(engine_dir, prompt, max_new_tokens, temperature, top_k, top_p, stop, see
               help="(--ray) GPUs Ray reserves per replica.")
 @click.option("--max-replicas-per-node", type=click.IntRange(1), default=None,
               help="(--ray) At most this many replicas on one node (1 spreads them over the nodes).")
-def serve(engine_dir, host, port, queue_size, max_request, max_batch, model_name, body_timeout, threads, backend,
-          on_ray, address, replicas, min_replicas, max_replicas, target_ongoing_requests, max_ongoing_requests,
+def serve(engine_dir, host, port, queue_size, max_request, max_batch, batching, model_name, body_timeout, threads,
+          backend, on_ray, address, replicas, min_replicas, max_replicas, target_ongoing_requests, max_ongoing_requests,
           replica_cpus, replica_gpus, max_replicas_per_node):
     """Serve an OpenAI-compatible API: /v1/completions, /v1/chat/completions (SSE streaming), /v1/models,
     /health, /metrics.
@@ -146,7 +151,7 @@ def serve(engine_dir, host, port, queue_size, max_request, max_batch, model_name
     if on_ray:
         return _serve_on_ray(engine_dir, host, port, plan, address, backend=backend, threads=threads,
                              max_batch=max_batch, queue_size=queue_size, max_request=max_request,
-                             model_name=model_name, body_timeout=body_timeout)
+                             model_name=model_name, body_timeout=body_timeout, batching=batching)
     given = [flag for flag, value in [("--address", address), ("--replicas", replicas), ("--min-replicas", min_replicas),
                                       ("--max-replicas", max_replicas),
                                       ("--target-ongoing-requests", target_ongoing_requests),
@@ -162,10 +167,13 @@ def serve(engine_dir, host, port, queue_size, max_request, max_batch, model_name
     except OSError as e:
         raise UserError(f"{e} (is another server running? pick another --port)") from None
     engine = _engine(engine_dir, threads, backend, max_batch)
-    server = Server(engine, host, port, queue_size, max_batch, sock=sock, model_name=model_name,
-                    body_timeout=body_timeout, max_request=max_request)
+    try:
+        server = Server(engine, host, port, queue_size, max_batch, sock=sock, model_name=model_name,
+                        body_timeout=body_timeout, max_request=max_request, batching=batching)
+    except ValueError as e:  # --batching continuous on a backend without it
+        raise UserError(f"--batching {batching}: {e}") from None
     click.echo(f"serving {server.model_name} on http://{host}:{server.port} (backend {engine.backend.name}, "
-               f"max batch {max_batch}, queue {queue_size} sequences, at most {server.scheduler.max_request} "
+               f"{server.scheduler.batching} batching, max batch {server.scheduler.max_batch}, queue {queue_size} sequences, at most {server.scheduler.max_request} "
                f"per request)", err=True)
     try:
         server.serve_forever()

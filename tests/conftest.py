@@ -35,12 +35,16 @@ def slow_decode(monkeypatch):
     models decode too fast to watch a queue drain or a client leave) until the test ends; returns a one-item
     list counting the steps."""
     def slow_down(engine, seconds):
-        decode, steps = engine.backend.decode, [0]
+        steps = [0]
 
-        def slow(*args, **kwargs):
-            time.sleep(seconds)
-            steps[0] += 1
-            return decode(*args, **kwargs)
-        monkeypatch.setattr(engine.backend, "decode", slow)
+        def slowed(call):
+            def slow(*args, **kwargs):
+                time.sleep(seconds)
+                steps[0] += 1
+                return call(*args, **kwargs)
+            return slow
+        for name in ("decode", "step"):  # step: continuous batching's decode step
+            if hasattr(engine.backend, name):
+                monkeypatch.setattr(engine.backend, name, slowed(getattr(engine.backend, name)))
         return steps
     return slow_down

@@ -1,5 +1,7 @@
 """The scheduler alone, without HTTP: batching, per-request density, the bounded queue, cancellation within a
-step, and failures that stay with their own request. Real engine (tiny Llama on ONNX Runtime)."""
+step, and failures that stay with their own request. Real engine (tiny Llama on ONNX Runtime); continuous
+batching (the default on this backend) unless a test says static. tests/test_continuous.py has joins and
+leaves in detail, on the native backend too."""
 import threading
 import time
 
@@ -18,8 +20,8 @@ def engine(served_engine_dir):
 
 @pytest.fixture
 def scheduler(engine, request):
-    queue_size, max_batch = getattr(request, "param", (16, 4))
-    s = Scheduler(engine, queue_size, max_batch, gather_seconds=0.05)
+    queue_size, max_batch, *batching = getattr(request, "param", (16, 4))
+    s = Scheduler(engine, queue_size, max_batch, gather_seconds=0.05, batching=(batching or ["auto"])[0])
     s.start()
     yield s
     s.stop()
@@ -62,7 +64,8 @@ def test_concurrent_jobs_are_batched_and_equal_to_alone(engine, scheduler):
     assert scheduler.metrics.batches <= 4, "8 jobs with max_batch 4 should need about 2 batches"
 
 
-def test_densities_run_in_separate_batches(engine, scheduler):
+@pytest.mark.parametrize("scheduler", [(16, 4, "static")], indirect=True)
+def test_static_batching_runs_densities_in_separate_batches(engine, scheduler):
     a, ca = job(engine, "the quick brown", density=0.5)
     b, cb = job(engine, "the quick brown", density=1.0)
     scheduler.submit(a)
@@ -132,8 +135,8 @@ def many(engine, prompt, count, n, density=None):
 
 
 @pytest.mark.parametrize("density", [None, 1.0], ids=["same-batch-key", "other-density"])
-@pytest.mark.parametrize("scheduler", [(64, 2)], indirect=True)
-def test_a_large_job_does_not_hold_the_queue(engine, scheduler, slow_decode, density):
+@pytest.mark.parametrize("scheduler", [(64, 2, "static")], indirect=True)
+def test_static_batching_a_large_job_does_not_hold_the_queue(engine, scheduler, slow_decode, density):
     """12 sequences at max_batch 2 are 6 rounds; a small job sent behind them runs in the next round (round
     robin among waiting jobs) or, with other thresholds, the one after (the large job gives up the head after
     its turn), not after all 6."""

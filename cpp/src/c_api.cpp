@@ -229,6 +229,71 @@ int32_t tda_rt_session_batch(const tda_rt_session* session) {
   return session ? static_cast<int32_t>(session->engine->exec->batch(*session->state)) : 0;
 }
 
+tda_rt_status_t tda_rt_join(tda_rt_session* session, int32_t n, int32_t seq, const int32_t* slots,
+                            const int64_t* input_ids, const int64_t* attention_mask, const float* thresholds,
+                            const float* density_bounds, float* logits) {
+  return guarded([&] {
+    TDA_RT_REQUIRE(session);
+    TDA_RT_REQUIRE(slots);
+    TDA_RT_REQUIRE(input_ids);
+    TDA_RT_REQUIRE(attention_mask);
+    TDA_RT_REQUIRE(logits);
+    const tda::EngineDir& dir = session->engine->dir;
+    if (n < 1 || n > TDA_RT_MAX_SLOTS)
+      throw tda::ArgumentError("tda_rt_join: n must be in 1.." + std::to_string(TDA_RT_MAX_SLOTS) + ", got " +
+                               std::to_string(n));
+    tda::check_prompt(dir.spec, n, seq, input_ids, attention_mask);
+    const size_t L = static_cast<size_t>(dir.spec.num_layers);
+    std::vector<float> defaults, bounds;
+    if (!thresholds) {  // each row's default table at its own prompt length, with the default clamp
+      for (int32_t b = 0; b < n; ++b) {
+        int32_t len = 0;
+        for (int32_t i = 0; i < seq; ++i) len += attention_mask[static_cast<int64_t>(b) * seq + i] != 0;
+        auto t = dir.thresholds(std::nullopt, len > 0 ? std::optional<int64_t>(len) : std::nullopt);
+        defaults.insert(defaults.end(), t.begin(), t.end());
+        if (!density_bounds && dir.has_density_bounds) {
+          auto d = dir.density_bounds(std::nullopt);
+          bounds.insert(bounds.end(), d.begin(), d.end());
+        }
+      }
+      thresholds = defaults.data();
+    }
+    if (density_bounds) bounds.assign(density_bounds, density_bounds + static_cast<size_t>(n) * L * 2);
+    session->engine->exec->join(*session->state, n, seq, slots, input_ids, attention_mask, thresholds,
+                                bounds.empty() ? nullptr : bounds.data(), logits);
+  });
+}
+
+tda_rt_status_t tda_rt_step(tda_rt_session* session, int32_t n, const int32_t* slots, const int64_t* tokens,
+                            float* logits) {
+  return guarded([&] {
+    TDA_RT_REQUIRE(session);
+    TDA_RT_REQUIRE(slots);
+    TDA_RT_REQUIRE(tokens);
+    TDA_RT_REQUIRE(logits);
+    if (n < 1 || n > TDA_RT_MAX_SLOTS)
+      throw tda::ArgumentError("tda_rt_step: n must be in 1.." + std::to_string(TDA_RT_MAX_SLOTS) + ", got " +
+                               std::to_string(n));
+    tda::check_tokens(session->engine->dir.spec, n, tokens);
+    session->engine->exec->step(*session->state, n, slots, tokens, logits);
+  });
+}
+
+tda_rt_status_t tda_rt_release(tda_rt_session* session, int32_t slot) {
+  return guarded([&] {
+    TDA_RT_REQUIRE(session);
+    session->engine->exec->release(*session->state, slot);
+  });
+}
+
+tda_rt_status_t tda_rt_slot_active_counts(const tda_rt_session* session, int32_t slot, int32_t* counts) {
+  return guarded([&] {
+    TDA_RT_REQUIRE(session);
+    TDA_RT_REQUIRE(counts);
+    session->engine->exec->slot_active_counts(*session->state, slot, counts);
+  });
+}
+
 double tda_rt_copy_bandwidth(int64_t bytes, int32_t repeats) {
   const size_t n = static_cast<size_t>(bytes > 0 ? bytes : TDA_RT_COPY_PROBE_BYTES);
   std::unique_ptr<char[]> a(new (std::nothrow) char[n]), b(new (std::nothrow) char[n]);

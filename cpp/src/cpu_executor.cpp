@@ -219,28 +219,38 @@ void CpuExecutor::rms_norm(const float* x, const float* w, float* y, int64_t row
   }
 }
 
-void CpuExecutor::ensure_capacity(Session& s, int64_t needed) {
+void CpuExecutor::ensure_capacity(Session& s, int64_t slots, int64_t needed) {
   if (needed > spec_.max_context)
     throw StateError("sequence of " + std::to_string(needed) + " tokens exceeds the engine's context of " +
                      std::to_string(spec_.max_context));
-  if (needed <= s.cap) return;
-  const int64_t cap = std::min(spec_.max_context, std::max({needed, 2 * s.cap, int64_t(64)}));
-  const int64_t B = s.batch, kvh = spec_.kv_heads, hd = spec_.head_dim;
+  slots = std::max(slots, s.slots);
+  if (needed <= s.cap && slots == s.slots) return;
+  const int64_t cap = needed <= s.cap ? s.cap : std::min(spec_.max_context, std::max({needed, 2 * s.cap, int64_t(64)}));
+  const int64_t kvh = spec_.kv_heads, hd = spec_.head_dim, I = spec_.intermediate;
   auto regrow = [&](std::vector<float>& buf) {
-    std::vector<float> out(static_cast<size_t>(B * kvh * cap * hd));
-    for (int64_t r = 0; r < B * kvh && s.cap > 0; ++r)
+    std::vector<float> out(static_cast<size_t>(slots * kvh * cap * hd));
+    for (int64_t r = 0; r < s.slots * kvh && s.cap > 0; ++r)
       std::memcpy(&out[static_cast<size_t>(r * cap * hd)], &buf[static_cast<size_t>(r * s.cap * hd)],
-                  static_cast<size_t>(s.len * hd) * sizeof(float));
+                  static_cast<size_t>(s.cap * hd) * sizeof(float));
     buf.swap(out);
   };
   s.k.resize(static_cast<size_t>(spec_.num_layers));
   s.v.resize(static_cast<size_t>(spec_.num_layers));
   for (auto& b : s.k) regrow(b);
   for (auto& b : s.v) regrow(b);
-  std::vector<uint8_t> pad(static_cast<size_t>(B * cap), 0);
-  for (int64_t b = 0; b < B && s.cap > 0; ++b)
-    std::memcpy(&pad[static_cast<size_t>(b * cap)], &s.pad[static_cast<size_t>(b * s.cap)], static_cast<size_t>(s.len));
+  std::vector<uint8_t> pad(static_cast<size_t>(slots * cap), 0);
+  for (int64_t b = 0; b < s.slots && s.cap > 0; ++b)
+    std::memcpy(&pad[static_cast<size_t>(b * cap)], &s.pad[static_cast<size_t>(b * s.cap)], static_cast<size_t>(s.cap));
   s.pad.swap(pad);
+  const size_t n = static_cast<size_t>(slots);
+  s.len.resize(n, 0);
+  s.next_pos.resize(n, 0);
+  s.used.resize(n, 0);
+  s.slot_idx.resize(static_cast<size_t>(spec_.num_layers));
+  s.slot_count.resize(static_cast<size_t>(spec_.num_layers));
+  for (auto& v : s.slot_idx) v.resize(n * static_cast<size_t>(I), 0);
+  for (auto& v : s.slot_count) v.resize(n, 0);
+  s.slots = slots;
   s.cap = cap;
 }
 
@@ -250,7 +260,8 @@ void CpuExecutor::attention(Session& s, int64_t n, int64_t S, const float* xn, c
   const LayerWeights& lw = w_.layers[static_cast<size_t>(n)];
   const int64_t B = s.batch, M = B * S, H = sp.hidden, hd = sp.head_dim, half = hd / 2;
   const int64_t qd = sp.heads * hd, kvd = sp.kv_heads * hd, group = sp.heads / sp.kv_heads;
-  const int64_t start = s.len, T = start + S;
+  int64_t T = 0;  // the longest row's keys; row b attends to len[slot] + S of them
+  for (int64_t b = 0; b < B; ++b) T = std::max(T, s.len[static_cast<size_t>(s.rows[static_cast<size_t>(b)])] + S);
   Scratch& t = s.tmp;
   float *q = t.q.data(), *k = t.k.data(), *v = t.v.data(), *y = t.y.data();
   pool_.linear(M, {{xn, lw.wq, lw.bq, q, H, qd, true}, {xn, lw.wk, lw.bk, k, H, kvd, true},
@@ -275,13 +286,14 @@ void CpuExecutor::attention(Session& s, int64_t n, int64_t S, const float* xn, c
     rotate(q + m * qd, sp.heads, positions[m]);
     rotate(k + m * kvd, sp.kv_heads, positions[m]);
   }
-  // cache slot start + t for token t of every row
+  // cache position len + t of the row's slot for token t of every row
   float* kc = s.k[static_cast<size_t>(n)].data();
   float* vc = s.v[static_cast<size_t>(n)].data();
   for (int64_t b = 0; b < B; ++b)
     for (int64_t i = 0; i < S; ++i)
       for (int64_t h = 0; h < sp.kv_heads; ++h) {
-        const size_t dst = static_cast<size_t>(((b * sp.kv_heads + h) * s.cap + start + i) * hd);
+        const int64_t slot = s.rows[static_cast<size_t>(b)], start = s.len[static_cast<size_t>(slot)];
+        const size_t dst = static_cast<size_t>(((slot * sp.kv_heads + h) * s.cap + start + i) * hd);
         std::memcpy(kc + dst, k + (b * S + i) * kvd + h * hd, static_cast<size_t>(hd) * sizeof(float));
         std::memcpy(vc + dst, v + (b * S + i) * kvd + h * hd, static_cast<size_t>(hd) * sizeof(float));
       }
@@ -296,11 +308,12 @@ void CpuExecutor::attention(Session& s, int64_t n, int64_t S, const float* xn, c
   par::fork(nt, [&](int tid, int nth) {
     float* sc = t.att.data() + tid * S * T;
     for (int64_t p = pairs * tid / nth; p < pairs * (tid + 1) / nth; ++p) {
-      const int64_t b = p / sp.heads, h = p % sp.heads;
-      const uint8_t* pad = s.pad.data() + b * s.cap;
+      const int64_t b = p / sp.heads, h = p % sp.heads, slot = s.rows[static_cast<size_t>(b)];
+      const int64_t start = s.len[static_cast<size_t>(slot)], T = start + S;
+      const uint8_t* pad = s.pad.data() + slot * s.cap;
       const int64_t g = h / group;
-      const float* K = kc + (b * sp.kv_heads + g) * s.cap * hd;
-      const float* Vv = vc + (b * sp.kv_heads + g) * s.cap * hd;
+      const float* K = kc + (slot * sp.kv_heads + g) * s.cap * hd;
+      const float* Vv = vc + (slot * sp.kv_heads + g) * s.cap * hd;
       const float* Q = q + b * S * qd + h * hd;
       float* Y = y + b * S * qd + h * hd;
       // scores[i, j] = scale * q_i . k_j
@@ -402,11 +415,14 @@ void CpuExecutor::mlp(Session& s, int64_t n, int64_t S, const float* xn, const f
     std::fill(t.scores.begin(), t.scores.end(), 0.0f);
     size_t ws = tda_prefill_scores_workspace_size(&pa);
     check(tda_prefill_scores(&pa, aligned_workspace(s.workspace, ws), ws, nullptr), "tda_prefill_scores");
-    tda_select_args_t sa{static_cast<int32_t>(B), static_cast<int32_t>(I), t.scores.data(), thresholds + n,
-                         s.idx[ln].data(), s.count[ln].data(),
-                         s.density_bounds.empty() ? nullptr : s.density_bounds.data() + 2 * n};
-    ws = tda_select_active_workspace_size(&sa);
-    check(tda_select_active(&sa, aligned_workspace(s.workspace, ws), ws, nullptr), "tda_select_active");
+    const int64_t L = spec_.num_layers;
+    for (int64_t b = 0; b < B; ++b) {  // each row with its own thresholds and clamp (continuous batching)
+      tda_select_args_t sa{1, static_cast<int32_t>(I), t.scores.data() + b * I, thresholds + b * L + n,
+                           s.idx[ln].data() + b * I, s.count[ln].data() + b,
+                           s.density_bounds.empty() ? nullptr : s.density_bounds.data() + 2 * (b * L + n)};
+      ws = tda_select_active_workspace_size(&sa);
+      check(tda_select_active(&sa, aligned_workspace(s.workspace, ws), ws, nullptr), "tda_select_active");
+    }
     choose_decode_path(s, n);
     down();
     return;
@@ -493,7 +509,7 @@ void CpuExecutor::forward(Session& s, int64_t S, const int64_t* ids, const int64
     }
     for (int64_t i = 0; i < M * H; ++i) x[i] += h[i];
   }
-  s.len += S;
+  for (int64_t b = 0; b < B; ++b) s.len[static_cast<size_t>(s.rows[static_cast<size_t>(b)])] += S;
   float* last = t.last.data();
   for (int64_t b = 0; b < B; ++b) rms_norm(x + (b * S + S - 1) * H, w_.final_norm, last + b * H, 1, H);
   pool_.linear(B, {{last, w_.lm_head, nullptr, logits, H, V, false}});
@@ -503,53 +519,180 @@ void CpuExecutor::forward(Session& s, int64_t S, const int64_t* ids, const int64
   }
 }
 
-void CpuExecutor::prefill(Session& s, int64_t batch, int64_t seq, const int64_t* ids, const int64_t* mask,
-                          const float* thresholds, float* logits) {
-  if (batch < 1 || batch > TDA_MAX_BATCH)
-    throw ArgumentError("batch must be in 1.." + std::to_string(TDA_MAX_BATCH) + ", got " + std::to_string(batch));
+void CpuExecutor::check_slots(const Session& s, int64_t n, const int32_t* slots, bool want_used,
+                              const char* what) const {
+  if (n < 1 || n > TDA_MAX_BATCH)
+    throw ArgumentError(std::string(what) + ": n must be in 1.." + std::to_string(TDA_MAX_BATCH) + ", got " +
+                        std::to_string(n));
+  std::vector<uint8_t> seen(TDA_MAX_BATCH, 0);
+  for (int64_t b = 0; b < n; ++b) {
+    const int32_t slot = slots[b];
+    if (slot < 0 || slot >= TDA_MAX_BATCH)
+      throw ArgumentError(std::string(what) + ": slots[" + std::to_string(b) + "] = " + std::to_string(slot) +
+                          " is outside 0.." + std::to_string(TDA_MAX_BATCH - 1));
+    if (seen[static_cast<size_t>(slot)]++)
+      throw ArgumentError(std::string(what) + ": slot " + std::to_string(slot) + " is named twice");
+    const bool used = slot < s.slots && s.used[static_cast<size_t>(slot)];
+    if (want_used && !used)
+      throw StateError(std::string(what) + ": slot " + std::to_string(slot) + " holds no sequence (join it first)");
+    if (!want_used && used)
+      throw StateError(std::string(what) + ": slot " + std::to_string(slot) + " is in use (release it first)");
+  }
+}
+
+void CpuExecutor::join(ExecutorState& state, int64_t n, int64_t seq, const int32_t* slots, const int64_t* ids,
+                       const int64_t* mask, const float* thresholds, const float* density_bounds, float* logits) {
+  auto& s = static_cast<Session&>(state);
   // seq, ids and mask: check_prompt (executor.h), which the C API runs before any executor
-  s.prefilled = false;
-  s.batch = batch;
-  s.len = 0;
-  s.cap = 0;
-  s.k.clear();
-  s.v.clear();
-  s.pad.clear();
-  ensure_capacity(s, seq);
+  check_slots(s, n, slots, false, "join");
   const int64_t L = spec_.num_layers, I = spec_.intermediate;
-  s.idx.assign(static_cast<size_t>(L), std::vector<int32_t>(static_cast<size_t>(batch * I)));
-  s.count.assign(static_cast<size_t>(L), std::vector<int32_t>(static_cast<size_t>(batch)));
+  int64_t top = 0;
+  for (int64_t b = 0; b < n; ++b) top = std::max<int64_t>(top, slots[b] + 1);
+  ensure_capacity(s, top, seq);
+  s.batch = n;
+  s.rows.assign(slots, slots + n);
+  s.loaded.clear();
+  s.thresholds.assign(thresholds, thresholds + n * L);
+  if (density_bounds) s.density_bounds.assign(density_bounds, density_bounds + n * L * 2);
+  else s.density_bounds.clear();
+  s.idx.assign(static_cast<size_t>(L), std::vector<int32_t>(static_cast<size_t>(n * I)));
+  s.count.assign(static_cast<size_t>(L), std::vector<int32_t>(static_cast<size_t>(n)));
   s.dense.assign(static_cast<size_t>(L), true);
   s.keep.assign(static_cast<size_t>(L), {});
-  s.next_pos.assign(static_cast<size_t>(batch), 0);
-  s.tmp.positions.resize(static_cast<size_t>(batch * seq));
-  s.tmp.token_valid.resize(static_cast<size_t>(batch * seq));
-  for (int64_t b = 0; b < batch; ++b) {
+  s.tmp.positions.resize(static_cast<size_t>(n * seq));
+  s.tmp.token_valid.resize(static_cast<size_t>(n * seq));
+  for (int64_t b = 0; b < n; ++b) {
+    const size_t slot = static_cast<size_t>(slots[b]);
+    s.len[slot] = 0;
+    std::fill(s.pad.begin() + static_cast<std::ptrdiff_t>(slot * static_cast<size_t>(s.cap)),
+              s.pad.begin() + static_cast<std::ptrdiff_t>((slot + 1) * static_cast<size_t>(s.cap)), 0);
     int64_t c = 0;
     for (int64_t i = 0; i < seq; ++i) {
       const int64_t m = mask[b * seq + i];
       c += m;
       s.tmp.positions[static_cast<size_t>(b * seq + i)] = std::max<int64_t>(c - 1, 0);
       s.tmp.token_valid[static_cast<size_t>(b * seq + i)] = static_cast<float>(m);
-      s.pad[static_cast<size_t>(b * s.cap + i)] = static_cast<uint8_t>(m);
+      s.pad[slot * static_cast<size_t>(s.cap) + static_cast<size_t>(i)] = static_cast<uint8_t>(m);
     }
-    s.next_pos[static_cast<size_t>(b)] = c;
+    s.next_pos[slot] = c;
   }
-  forward(s, seq, ids, s.tmp.positions.data(), s.tmp.token_valid.data(), thresholds, logits);
-  s.prefilled = true;
+  forward(s, seq, ids, s.tmp.positions.data(), s.tmp.token_valid.data(), s.thresholds.data(), logits);
+  for (int64_t b = 0; b < n; ++b) {  // the rows' selections become their slots'
+    const size_t slot = static_cast<size_t>(slots[b]);
+    for (size_t l = 0; l < static_cast<size_t>(L); ++l) {
+      std::copy_n(s.idx[l].begin() + b * I, I,
+                  s.slot_idx[l].begin() + static_cast<std::ptrdiff_t>(slot * static_cast<size_t>(I)));
+      s.slot_count[l][slot] = s.count[l][static_cast<size_t>(b)];
+    }
+    s.used[slot] = 1;  // only now: a failed prefill leaves its slots free
+  }
 }
 
-void CpuExecutor::decode(Session& s, const int64_t* tokens, float* logits) {
-  if (!s.prefilled) throw StateError("decode before prefill");  // tokens: check_tokens, run by the C API
-  ensure_capacity(s, s.len + 1);
-  s.tmp.positions.resize(static_cast<size_t>(s.batch));
-  for (int64_t b = 0; b < s.batch; ++b) {
-    s.tmp.positions[static_cast<size_t>(b)] = s.next_pos[static_cast<size_t>(b)]++;
-    s.pad[static_cast<size_t>(b * s.cap + s.len)] = 1;
+void CpuExecutor::load_decode_rows(Session& s, int64_t n, const int32_t* slots) {
+  s.batch = n;
+  s.rows.assign(slots, slots + n);
+  if (s.loaded == s.rows) return;  // the same sequences as the last step: their decode state is in place
+  const int64_t L = spec_.num_layers, I = spec_.intermediate;
+  s.loaded.clear();
+  s.idx.resize(static_cast<size_t>(L));
+  s.count.resize(static_cast<size_t>(L));
+  s.dense.assign(static_cast<size_t>(L), true);
+  s.keep.resize(static_cast<size_t>(L));
+  for (size_t l = 0; l < static_cast<size_t>(L); ++l) {
+    s.idx[l].resize(static_cast<size_t>(n * I));
+    s.count[l].resize(static_cast<size_t>(n));
+    for (int64_t b = 0; b < n; ++b) {
+      const size_t slot = static_cast<size_t>(slots[b]);
+      std::copy_n(s.slot_idx[l].begin() + static_cast<std::ptrdiff_t>(slot * static_cast<size_t>(I)), I,
+                  s.idx[l].begin() + b * I);
+      s.count[l][static_cast<size_t>(b)] = s.slot_count[l][slot];
+    }
+    choose_decode_path(s, static_cast<int64_t>(l));
   }
-  s.prefilled = false;  // until this step has succeeded: positions moved on, half a step is no usable state
-  forward(s, 1, tokens, s.tmp.positions.data(), nullptr, nullptr, logits);
-  s.prefilled = true;
+  s.loaded = s.rows;
+}
+
+void CpuExecutor::step(ExecutorState& state, int64_t n, const int32_t* slots, const int64_t* tokens, float* logits) {
+  auto& s = static_cast<Session&>(state);
+  check_slots(s, n, slots, true, "step");  // tokens: check_tokens, run by the C API
+  int64_t longest = 0;
+  for (int64_t b = 0; b < n; ++b) longest = std::max(longest, s.len[static_cast<size_t>(slots[b])]);
+  ensure_capacity(s, s.slots, longest + 1);
+  load_decode_rows(s, n, slots);
+  s.tmp.positions.resize(static_cast<size_t>(n));
+  for (int64_t b = 0; b < n; ++b) {
+    const size_t slot = static_cast<size_t>(slots[b]);
+    s.tmp.positions[static_cast<size_t>(b)] = s.next_pos[slot];
+    s.pad[slot * static_cast<size_t>(s.cap) + static_cast<size_t>(s.len[slot])] = 1;
+  }
+  try {
+    forward(s, 1, tokens, s.tmp.positions.data(), nullptr, nullptr, logits);
+  } catch (...) {  // half a step is no usable state: these sequences are over, their slots free
+    for (int64_t b = 0; b < n; ++b) s.used[static_cast<size_t>(slots[b])] = 0;
+    s.loaded.clear();
+    throw;
+  }
+  for (int64_t b = 0; b < n; ++b) ++s.next_pos[static_cast<size_t>(slots[b])];
+}
+
+void CpuExecutor::release(ExecutorState& state, int32_t slot) {
+  auto& s = static_cast<Session&>(state);
+  if (slot < 0 || slot >= TDA_MAX_BATCH)
+    throw ArgumentError("release: slot " + std::to_string(slot) + " is outside 0.." +
+                        std::to_string(TDA_MAX_BATCH - 1));
+  if (slot < s.slots) s.used[static_cast<size_t>(slot)] = 0;  // releasing a free slot is harmless
+  s.loaded.clear();
+  if (slot < s.static_batch) s.static_batch = 0;  // tda_rt_decode would step a hole
+}
+
+void CpuExecutor::slot_active_counts(const ExecutorState& state, int32_t slot, int32_t* counts) const {
+  const auto& s = static_cast<const Session&>(state);
+  check_slots(s, 1, &slot, true, "active counts");
+  for (size_t l = 0; l < s.slot_count.size(); ++l) counts[l] = s.slot_count[l][static_cast<size_t>(slot)];
+}
+
+// tda_rt_prefill/decode: one batch on slots 0..batch-1 of a fresh session, one threshold table for all.
+void CpuExecutor::prefill(ExecutorState& state, int64_t batch, int64_t seq, const int64_t* ids, const int64_t* mask,
+                          const float* thresholds, const float* density_bounds, float* logits) {
+  auto& s = static_cast<Session&>(state);
+  if (batch < 1 || batch > TDA_MAX_BATCH)
+    throw ArgumentError("batch must be in 1.." + std::to_string(TDA_MAX_BATCH) + ", got " + std::to_string(batch));
+  Scratch tmp = std::move(s.tmp);  // a new prefill starts afresh (and frees the old cache); buffers stay
+  std::vector<unsigned char> workspace = std::move(s.workspace);
+  s = Session();
+  s.tmp = std::move(tmp);
+  s.workspace = std::move(workspace);
+  const int64_t L = spec_.num_layers;
+  std::vector<int32_t> slots(static_cast<size_t>(batch));
+  std::vector<float> ths(static_cast<size_t>(batch * L)), bounds;
+  for (int64_t b = 0; b < batch; ++b) {
+    slots[static_cast<size_t>(b)] = static_cast<int32_t>(b);
+    std::copy_n(thresholds, L, ths.begin() + b * L);
+    if (density_bounds) bounds.insert(bounds.end(), density_bounds, density_bounds + 2 * L);
+  }
+  join(s, batch, seq, slots.data(), ids, mask, ths.data(), density_bounds ? bounds.data() : nullptr, logits);
+  s.static_batch = batch;
+}
+
+void CpuExecutor::decode(ExecutorState& state, const int64_t* tokens, float* logits) {
+  auto& s = static_cast<Session&>(state);
+  if (s.static_batch == 0) throw StateError("decode before prefill");  // tokens: check_tokens, run by the C API
+  std::vector<int32_t> slots(static_cast<size_t>(s.static_batch));
+  for (size_t b = 0; b < slots.size(); ++b) slots[b] = static_cast<int32_t>(b);
+  try {
+    step(s, s.static_batch, slots.data(), tokens, logits);
+  } catch (...) {
+    s.static_batch = 0;  // positions moved on, half a step is no usable state
+    throw;
+  }
+}
+
+void CpuExecutor::active_counts(const ExecutorState& state, int32_t* counts) const {
+  const auto& s = static_cast<const Session&>(state);
+  if (s.static_batch == 0) throw StateError("active counts: no prefill yet");
+  for (size_t l = 0; l < s.slot_count.size(); ++l)
+    for (size_t b = 0; b < static_cast<size_t>(s.static_batch); ++b)
+      counts[l * static_cast<size_t>(s.static_batch) + b] = s.slot_count[l][b];
 }
 
 }  // namespace tda

@@ -38,26 +38,36 @@ struct Weights {
   static Weights load(const EngineDir& dir);
 };
 
-// One batch: its KV cache, padding mask and TDA state. Slots are columns of the mask (left padding
-// keeps rows aligned); rotary positions skip each row's padding.
+// One session: a KV cache of slots, each a sequence with its own length and positions (continuous
+// batching: tda_rt_join prefills newcomers into free slots, tda_rt_step decodes any set of them,
+// tda_rt_release frees one). A prefill's rows are left padded, so a slot's cache may start with
+// padding (pad = 0); rotary positions skip it. tda_rt_prefill/decode are the same calls on slots
+// 0..batch-1 of a fresh session.
 struct Scratch {  // per-call buffers, kept so decode steps allocate nothing
   std::vector<float> x, xn, q, k, v, y, h, gu, z, scores, att, last, token_valid;
   std::vector<int64_t> positions;
 };
 
 struct Session : ExecutorState {
-  int64_t batch = 0, len = 0, cap = 0;     // slots used / allocated
-  std::vector<std::vector<float>> k, v;    // per layer [B, kvh, cap, hd]
-  std::vector<uint8_t> pad;                // [B, cap] 1 = real token
-  std::vector<int64_t> next_pos;           // [B]
-  std::vector<std::vector<int32_t>> idx;   // per layer [B, I]
-  std::vector<std::vector<int32_t>> count; // per layer [B]
-  std::vector<float> density_bounds;       // [L, 2] SelectActive clamp of this prefill; empty = none
+  int64_t slots = 0, cap = 0;              // slots / positions per slot allocated
+  int64_t static_batch = 0;                // the last tda_rt_prefill's batch (its slots 0..batch-1); 0: none
+  std::vector<std::vector<float>> k, v;    // per layer [slots, kvh, cap, hd]
+  std::vector<uint8_t> pad;                // [slots, cap] 1 = real token
+  std::vector<int64_t> len, next_pos;      // [slots] positions filled (padding included), next rotary position
+  std::vector<uint8_t> used;               // [slots]
+  std::vector<std::vector<int32_t>> slot_idx;   // per layer [slots, I]: each slot's active neurons
+  std::vector<std::vector<int32_t>> slot_count; // per layer [slots]
+  // The running call: its rows are the slots `rows`; the MLP state below is per row.
+  int64_t batch = 0;
+  std::vector<int64_t> rows, loaded;       // loaded: the rows whose decode state idx/count/dense/keep hold
+  std::vector<float> thresholds;           // [batch, L] of the running prefill
+  std::vector<float> density_bounds;       // [batch, L, 2] SelectActive clamp of the running prefill; empty = none
+  std::vector<std::vector<int32_t>> idx;   // per layer [batch, I]
+  std::vector<std::vector<int32_t>> count; // per layer [batch]
   // per layer: decode through BLAS (active share above dense_above) instead of the sparse kernel,
   // with each sequence's inactive neurons zeroed by keep[layer] [B, I] (empty when all are active)
   std::vector<bool> dense;
   std::vector<std::vector<float>> keep;
-  bool prefilled = false;
   Scratch tmp;
   std::vector<unsigned char> workspace;
 };
@@ -78,27 +88,15 @@ class CpuExecutor : public Executor {
   const char* name() const override { return "cpu"; }
   std::unique_ptr<ExecutorState> new_state() const override { return std::make_unique<Session>(); }
   void prefill(ExecutorState& state, int64_t batch, int64_t seq, const int64_t* ids, const int64_t* mask,
-               const float* thresholds, const float* density_bounds, float* logits) override {
-    auto& s = static_cast<Session&>(state);
-    if (density_bounds) s.density_bounds.assign(density_bounds, density_bounds + 2 * spec_.num_layers);
-    else s.density_bounds.clear();
-    prefill(s, batch, seq, ids, mask, thresholds, logits);
-  }
-  void decode(ExecutorState& s, const int64_t* tokens, float* logits) override {
-    decode(static_cast<Session&>(s), tokens, logits);
-  }
-  void active_counts(const ExecutorState& state, int32_t* counts) const override {
-    const auto& s = static_cast<const Session&>(state);
-    if (!s.prefilled) throw StateError("active counts: no prefill yet");
-    for (size_t l = 0; l < s.count.size(); ++l)
-      for (size_t b = 0; b < static_cast<size_t>(s.batch); ++b) counts[l * static_cast<size_t>(s.batch) + b] = s.count[l][b];
-  }
-  int64_t batch(const ExecutorState& s) const override {
-    return static_cast<const Session&>(s).prefilled ? static_cast<const Session&>(s).batch : 0;
-  }
-  void prefill(Session& s, int64_t batch, int64_t seq, const int64_t* ids, const int64_t* mask,
-               const float* thresholds, float* logits);
-  void decode(Session& s, const int64_t* tokens, float* logits);
+               const float* thresholds, const float* density_bounds, float* logits) override;
+  void decode(ExecutorState& s, const int64_t* tokens, float* logits) override;
+  void active_counts(const ExecutorState& state, int32_t* counts) const override;
+  int64_t batch(const ExecutorState& s) const override { return static_cast<const Session&>(s).static_batch; }
+  void join(ExecutorState& state, int64_t n, int64_t seq, const int32_t* slots, const int64_t* ids,
+            const int64_t* mask, const float* thresholds, const float* density_bounds, float* logits) override;
+  void step(ExecutorState& state, int64_t n, const int32_t* slots, const int64_t* tokens, float* logits) override;
+  void release(ExecutorState& state, int32_t slot) override;
+  void slot_active_counts(const ExecutorState& state, int32_t slot, int32_t* counts) const override;
 
  private:
   void forward(Session& s, int64_t S, const int64_t* ids, const int64_t* positions, const float* token_valid,
@@ -107,7 +105,9 @@ class CpuExecutor : public Executor {
   void mlp(Session& s, int64_t n, int64_t S, const float* xn, const float* token_valid, const float* thresholds,
            float* out);
   void block_down(int64_t M, const float* z, const par::WeightRef& w, float* out) const;
-  void ensure_capacity(Session& s, int64_t needed);
+  void ensure_capacity(Session& s, int64_t slots, int64_t needed);
+  void check_slots(const Session& s, int64_t n, const int32_t* slots, bool want_used, const char* what) const;
+  void load_decode_rows(Session& s, int64_t n, const int32_t* slots);
   void choose_decode_path(Session& s, int64_t n) const;
   void rms_norm(const float* x, const float* w, float* y, int64_t rows, int64_t dim) const;
 

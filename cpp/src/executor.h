@@ -41,6 +41,27 @@ class Executor {
   // counts [num_layers, batch]: active MLP neurons per layer and sequence after the last prefill.
   virtual void active_counts(const ExecutorState& s, int32_t* counts) const = 0;
   virtual int64_t batch(const ExecutorState& s) const = 0;  // 0 before the first prefill
+
+  // Continuous batching: the state as slots (0..TDA_RT_MAX_SLOTS-1), each one sequence with its own
+  // length, positions, thresholds and active neurons. join prefills n newcomers (ids/mask [n, seq],
+  // left padded, checked by check_prompt; thresholds [n, num_layers]; density_bounds [n, num_layers, 2]
+  // or nullptr) into free slots; step decodes one token for each named (joined) slot; release frees one.
+  // UnsupportedError from executors without them (the TensorRT executor: its plan's KV bindings are one
+  // batch of one length).
+  virtual void join(ExecutorState&, int64_t, int64_t, const int32_t*, const int64_t*, const int64_t*, const float*,
+                    const float*, float*) {
+    throw UnsupportedError(std::string(name()) + " executor: no continuous batching (join/step/release)");
+  }
+  virtual void step(ExecutorState&, int64_t, const int32_t*, const int64_t*, float*) {
+    throw UnsupportedError(std::string(name()) + " executor: no continuous batching (join/step/release)");
+  }
+  virtual void release(ExecutorState&, int32_t) {
+    throw UnsupportedError(std::string(name()) + " executor: no continuous batching (join/step/release)");
+  }
+  // counts [num_layers]: the active MLP neurons of a joined slot.
+  virtual void slot_active_counts(const ExecutorState&, int32_t, int32_t*) const {
+    throw UnsupportedError(std::string(name()) + " executor: no continuous batching (join/step/release)");
+  }
 };
 
 // The input rules every executor shares, checked before any executor runs (the C API calls them):

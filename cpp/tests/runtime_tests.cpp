@@ -71,6 +71,38 @@ int main(int argc, char** argv) {
   bool finite = true;
   for (float x : logits) finite = finite && x == x && x - x == 0;
   EXPECT(finite);
+  // continuous batching: joins into free slots, steps of any subset, releases; misuse is an error code
+  EXPECT(tda_rt_join(nullptr, 1, 2, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr) == TDA_RT_ERR_ARGUMENT);
+  EXPECT(tda_rt_step(nullptr, 1, nullptr, nullptr, nullptr) == TDA_RT_ERR_ARGUMENT);
+  EXPECT(tda_rt_release(nullptr, 0) == TDA_RT_ERR_ARGUMENT);
+  const int32_t slots2[] = {5, 3}, slot5[] = {5}, slot9[] = {9}, one[] = {1}, twice[] = {7, 7},
+                out_of_range[] = {TDA_RT_MAX_SLOTS};
+  std::vector<float> ths2(static_cast<size_t>(info.num_layers) * 2, 0.0f);  // dense rows
+  EXPECT(tda_rt_join(s, 2, 3, slots2, ids2, mask2, ths2.data(), nullptr, logits.data()) == TDA_RT_OK);
+  EXPECT(tda_rt_session_batch(s) == 2);  // tda_rt_prefill's batch (slots 0 and 1) is still there ...
+  EXPECT(tda_rt_join(s, 1, 3, one, ids2, mask2, nullptr, nullptr, logits.data()) == TDA_RT_ERR_STATE);  // in use
+  EXPECT(tda_rt_join(s, 2, 3, twice, ids2, mask2, nullptr, nullptr, logits.data()) == TDA_RT_ERR_ARGUMENT);
+  EXPECT(tda_rt_join(s, 1, 3, out_of_range, ids2, mask2, nullptr, nullptr, logits.data()) == TDA_RT_ERR_ARGUMENT);
+  EXPECT(tda_rt_join(s, 0, 3, slot9, ids2, mask2, nullptr, nullptr, logits.data()) == TDA_RT_ERR_ARGUMENT);
+  EXPECT(tda_rt_step(s, 1, slot9, toks2, logits.data()) == TDA_RT_ERR_STATE);  // free slot
+  EXPECT(std::strstr(tda_rt_last_error(), "slot 9 holds no sequence") != nullptr);
+  EXPECT(tda_rt_step(s, 0, slot9, toks2, logits.data()) == TDA_RT_ERR_ARGUMENT);  // batch 0
+  EXPECT(tda_rt_step(s, 1, slot5, &oov, logits.data()) == TDA_RT_ERR_ARGUMENT);
+  for (int i = 0; i < 3; ++i) EXPECT(tda_rt_step(s, 2, slots2, toks2, logits.data()) == TDA_RT_OK);
+  EXPECT(tda_rt_step(s, 1, slot5, toks2, logits.data()) == TDA_RT_OK);  // a subset
+  EXPECT(tda_rt_slot_active_counts(s, 5, counts.data()) == TDA_RT_OK && counts[0] == info.intermediate_size);
+  EXPECT(tda_rt_slot_active_counts(s, 9, counts.data()) == TDA_RT_ERR_STATE);
+  EXPECT(tda_rt_decode(s, toks2, logits.data()) == TDA_RT_OK);
+  EXPECT(tda_rt_release(s, 1) == TDA_RT_OK);  // ... until one of its slots is released
+  EXPECT(tda_rt_decode(s, toks2, logits.data()) == TDA_RT_ERR_STATE);
+  EXPECT(tda_rt_release(s, 1) == TDA_RT_OK);  // a free slot: nothing to do
+  EXPECT(tda_rt_release(s, -1) == TDA_RT_ERR_ARGUMENT);
+  EXPECT(tda_rt_join(s, 1, 3, slot9, ids2, mask2, nullptr, nullptr, logits.data()) == TDA_RT_OK);  // default table
+  const int32_t both[] = {9, 5};
+  EXPECT(tda_rt_step(s, 2, both, toks2, logits.data()) == TDA_RT_OK);
+  finite = true;
+  for (float x : logits) finite = finite && x == x && x - x == 0;
+  EXPECT(finite);
   tda_rt_session_free(s);
   EXPECT(std::strcmp(tda_rt_engine_executor(e), "cpu") == 0);
   EXPECT(tda_rt_engine_executor(nullptr) == nullptr);

@@ -40,6 +40,7 @@ def library() -> C.CDLL:
         pool_environment()  # one pool: cpp/include/tda/runtime.h "Threads"
         lib = C.CDLL(str(build_native().library))
         P, i32, f32p, i64p = C.c_void_p, C.c_int32, C.POINTER(C.c_float), C.POINTER(C.c_int64)
+        i32p = C.POINTER(C.c_int32)
         sigs = {
             "tda_rt_last_error": ([], C.c_char_p),
             "tda_rt_engine_open": ([C.c_char_p, C.c_int, C.c_int, C.POINTER(P)], C.c_int),
@@ -54,6 +55,10 @@ def library() -> C.CDLL:
             "tda_rt_decode": ([P, i64p, f32p], C.c_int),
             "tda_rt_active_counts": ([P, C.POINTER(C.c_int32)], C.c_int),
             "tda_rt_copy_bandwidth": ([C.c_int64, i32], C.c_double),
+            "tda_rt_join": ([P, i32, i32, i32p, i64p, i64p, f32p, f32p, f32p], C.c_int),
+            "tda_rt_step": ([P, i32, i32p, i64p, f32p], C.c_int),
+            "tda_rt_release": ([P, i32], C.c_int),
+            "tda_rt_slot_active_counts": ([P, i32, i32p], C.c_int),
         }
         for name, (args, res) in sigs.items():
             fn = getattr(lib, name)
@@ -128,17 +133,23 @@ class NativeBackend:
         self.manifest = manifest
         self.max_context = self.engine.info.max_context
 
+    def _bounds(self, density_bounds, rows: int | None) -> np.ndarray:
+        """[L, 2] (or [rows, L, 2]) float32; None: no clamp, as elsewhere."""
+        L = self.engine.info.num_layers
+        shape = (L, 2) if rows is None else (rows, L, 2)
+        bounds = (np.broadcast_to(np.asarray(NO_CLAMP, _F32), shape) if density_bounds is None
+                  else np.asarray(density_bounds, _F32))
+        if bounds.shape != shape:
+            raise ValueError(f"density_bounds must have shape {shape}, got {bounds.shape}")
+        return np.ascontiguousarray(bounds)
+
     def prefill(self, input_ids, attention_mask, thresholds, density_bounds=None):
         ids = np.ascontiguousarray(input_ids, _I64)
         mask = np.ascontiguousarray(attention_mask, _I64)
         ths = np.ascontiguousarray(thresholds, _F32)
         if ths.shape != (self.engine.info.num_layers,):
             raise ValueError(f"thresholds must have shape ({self.engine.info.num_layers},), got {ths.shape}")
-        L = self.engine.info.num_layers
-        bounds = (np.asarray([NO_CLAMP] * L, _F32) if density_bounds is None  # None: no clamp, as elsewhere
-                  else np.ascontiguousarray(density_bounds, _F32))
-        if bounds.shape != (L, 2):
-            raise ValueError(f"density_bounds must have shape ({L}, 2), got {bounds.shape}")
+        bounds = self._bounds(density_bounds, None)
         s = _Session(self.engine)
         B, S = ids.shape
         logits = np.empty((B, self.engine.info.vocab_size), _F32)
@@ -159,4 +170,44 @@ class NativeBackend:
     def active_counts(self, state: _Session):
         out = np.empty((self.engine.info.num_layers, state.batch), _I32)
         _check(library().tda_rt_active_counts(state.h, _ptr(out, C.c_int32)))
+        return out
+
+    # --- continuous batching (runtime/backend.py SlotBackend; cpp/include/tda/runtime.h tda_rt_join) ---
+    max_slots = 64  # TDA_RT_MAX_SLOTS
+
+    def open_slots(self) -> _Session:
+        return _Session(self.engine)
+
+    def join(self, state: _Session, slots, input_ids, attention_mask, thresholds, density_bounds=None):
+        ids = np.ascontiguousarray(input_ids, _I64)
+        mask = np.ascontiguousarray(attention_mask, _I64)
+        n, S = ids.shape
+        sl = np.ascontiguousarray(slots, _I32)
+        L = self.engine.info.num_layers
+        ths = np.ascontiguousarray(thresholds, _F32)
+        if sl.shape != (n,) or ths.shape != (n, L) or mask.shape != ids.shape:
+            raise ValueError(f"join: slots {sl.shape}, input_ids {ids.shape}, attention_mask {mask.shape} and "
+                             f"thresholds {ths.shape} disagree (want ({n},), [n, S], [n, S], ({n}, {L}))")
+        bounds = self._bounds(density_bounds, n)
+        logits = np.empty((n, self.engine.info.vocab_size), _F32)
+        _check(library().tda_rt_join(state.h, n, S, _ptr(sl, C.c_int32), _ptr(ids, C.c_int64), _ptr(mask, C.c_int64),
+                                     _ptr(ths, C.c_float), _ptr(bounds, C.c_float), _ptr(logits, C.c_float)))
+        return logits
+
+    def step(self, state: _Session, slots, tokens):
+        sl = np.ascontiguousarray(slots, _I32)
+        toks = np.ascontiguousarray(tokens, _I64)
+        if toks.shape != sl.shape or sl.ndim != 1:
+            raise ValueError(f"step: slots {sl.shape} and tokens {toks.shape} must be equal 1-d shapes")
+        logits = np.empty((sl.size, self.engine.info.vocab_size), _F32)
+        _check(library().tda_rt_step(state.h, sl.size, _ptr(sl, C.c_int32), _ptr(toks, C.c_int64),
+                                     _ptr(logits, C.c_float)))
+        return logits
+
+    def release(self, state: _Session, slot: int) -> None:
+        _check(library().tda_rt_release(state.h, int(slot)))
+
+    def slot_active_counts(self, state: _Session, slot: int) -> np.ndarray:
+        out = np.empty(self.engine.info.num_layers, _I32)
+        _check(library().tda_rt_slot_active_counts(state.h, int(slot), _ptr(out, C.c_int32)))
         return out

@@ -74,6 +74,61 @@ def _eos_ids(engine: Engine) -> set[int]:
     return set(ids if isinstance(ids, list) else [ids]) - {None}
 
 
+def check_prompts(engine: Engine, prompts: list, params: list[SamplingParams]) -> list[list[int]]:
+    """Token ids of each prompt, refusing an empty one or one that cannot fit its max_new_tokens."""
+    ids = [encode(engine, p) for p in prompts]
+    for i, (seq, p) in enumerate(zip(ids, params)):
+        if not seq:
+            raise ValueError(f"prompt {i} is empty")
+        if len(seq) + p.max_new_tokens > engine.max_context:
+            raise ContextTooLong(f"prompt {i} has {len(seq)} tokens; with max_new_tokens={p.max_new_tokens} "
+                                 f"that exceeds the engine's context of {engine.max_context}")
+    return ids
+
+
+def pad_id(engine: Engine) -> int:
+    pad = engine.manifest.get("pad_token_id")
+    return pad if pad is not None else 0
+
+
+def left_pad(engine: Engine, ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """input_ids and attention_mask [B, max(2, longest)] of a prefill (a 1-token call would be a decode step)."""
+    width = max(2, max(map(len, ids)))
+    input_ids = np.full((len(ids), width), pad_id(engine), np.int64)
+    mask = np.zeros((len(ids), width), np.int64)
+    for b, seq in enumerate(ids):
+        input_ids[b, width - len(seq):] = seq
+        mask[b, width - len(seq):] = 1
+    return input_ids, mask
+
+
+def new_sequence(engine: Engine, params: SamplingParams) -> _Sequence:
+    return _Sequence(params, _eos_ids(engine))
+
+
+def advance(engine: Engine, index: int, s: _Sequence, logits: np.ndarray) -> tuple[int, list[Event]]:
+    """Choose sequence `s`'s next token from its [V] logits row: (the token to feed next, the events it makes,
+    with `index`). A failure while choosing or detokenizing ends only this sequence (finish_reason "error";
+    the token fed is then the pad id, which nothing reads)."""
+    try:
+        tok = choose(logits, s.params, s.rng)
+        s.generated += 1
+        s.pending.append(tok)
+        if s.params.logprobs is not None:
+            s.pending_logprobs.append(token_logprob(logits, tok, s.params.logprobs))
+        if tok in s.eos:
+            s.finish = "stop"
+        else:
+            s.tokens.append(tok)
+            if len(s.tokens) >= s.params.max_new_tokens:
+                s.finish = "length"
+        return tok, list(_emit(engine, index, s))
+    except Exception as e:  # noqa: BLE001 - one sequence's failure must not end its batch
+        s.finish = "error"
+        tokens, logprobs = s.take()
+        return pad_id(engine), [Event(index, "", "error", tokens, logprobs, f"{type(e).__name__}: {e}")]
+
+
 def stream(engine: Engine, prompts: list, params: SamplingParams | list[SamplingParams],
            density: float | None = None, stats: Stats | None = None,
            cancelled: Callable[[int], bool] | None = None) -> Iterator[Event]:
@@ -85,27 +140,15 @@ def stream(engine: Engine, prompts: list, params: SamplingParams | list[Sampling
     if len(params) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
     stats = stats if stats is not None else Stats()
-    ids = [encode(engine, p) for p in prompts]
-    for i, (seq, p) in enumerate(zip(ids, params)):
-        if not seq:
-            raise ValueError(f"prompt {i} is empty")
-        if len(seq) + p.max_new_tokens > engine.max_context:
-            raise ContextTooLong(f"prompt {i} has {len(seq)} tokens; with max_new_tokens={p.max_new_tokens} "
-                                 f"that exceeds the engine's context of {engine.max_context}")
+    ids = check_prompts(engine, prompts, params)
     # Short prompts give peakier scores; the shortest prompt's table keeps at least the requested density
     # for every sequence of the batch.
     thresholds = engine.thresholds(density, min(map(len, ids)))
     bounds = engine.density_bounds(density)
-    pad = engine.manifest.get("pad_token_id")
-    pad = pad if pad is not None else 0
-    width = max(2, max(map(len, ids)))  # a 1-token call would be a decode step
-    input_ids = np.full((len(ids), width), pad, np.int64)
-    mask = np.zeros((len(ids), width), np.int64)
-    for b, seq in enumerate(ids):
-        input_ids[b, width - len(seq):] = seq
-        mask[b, width - len(seq):] = 1
+    pad = pad_id(engine)
+    input_ids, mask = left_pad(engine, ids)
     stats.prompt_tokens = [len(s) for s in ids]
-    seqs = [_Sequence(p, _eos_ids(engine)) for p in params]
+    seqs = [new_sequence(engine, p) for p in params]
 
     t0 = time.perf_counter()
     logits, state = engine.backend.prefill(input_ids, mask, thresholds, bounds)
@@ -120,25 +163,7 @@ def stream(engine: Engine, prompts: list, params: SamplingParams | list[Sampling
                 s.finish = "cancelled"
             if s.finish:
                 continue
-            try:
-                tok = choose(logits[b], s.params, s.rng)
-                next_tokens[b] = tok
-                s.generated += 1
-                s.pending.append(tok)
-                if s.params.logprobs is not None:
-                    s.pending_logprobs.append(token_logprob(logits[b], tok, s.params.logprobs))
-                if tok in s.eos:
-                    s.finish = "stop"
-                else:
-                    s.tokens.append(tok)
-                    if len(s.tokens) >= s.params.max_new_tokens:
-                        s.finish = "length"
-                events = list(_emit(engine, b, s))
-            except Exception as e:  # noqa: BLE001 - one sequence's failure must not end its batch
-                s.finish = "error"
-                next_tokens[b] = pad
-                tokens, logprobs = s.take()
-                events = [Event(b, "", "error", tokens, logprobs, f"{type(e).__name__}: {e}")]
+            next_tokens[b], events = advance(engine, b, s, logits[b])
             yield from events
         if all(s.finish for s in seqs):
             break
@@ -191,8 +216,7 @@ def prompt_logprobs(engine: Engine, prompts: list[list[int]], top: int = 0) -> l
     if longest > engine.max_context:
         raise ContextTooLong(f"a prompt has {longest} tokens, more than the engine's context of "
                              f"{engine.max_context}")
-    pad = engine.manifest.get("pad_token_id")
-    pad = pad if pad is not None else 0
+    pad = pad_id(engine)
     dense = np.zeros(engine.num_layers, np.float32)
     input_ids = np.array([[pad, p[0]] for p in prompts], np.int64)
     mask = np.array([[0, 1]] * len(prompts), np.int64)

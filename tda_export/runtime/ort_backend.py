@@ -4,6 +4,12 @@ The TDA nodes run through their model-local ONNX functions (the reference
 computation), so this backend is correct everywhere ONNX Runtime runs but does
 not get faster with sparsity. Past tensors are fed back from the matching
 present outputs, named as optimum/onnxruntime-genai do.
+
+Continuous batching (runtime/backend.py SlotBackend) keeps the running sequences as left-padded batch
+tensors, one group per thresholds table: the graph's SelectActive re-selects every step with the one
+tda_thresholds it is fed, so sequences of different densities (or per-length tables) decode in separate
+calls of the same step. A newcomer is prefilled and its past tensors left-padded into its group; a
+released row is dropped, and columns that only padding fills any more are cut off.
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ def _release_heap() -> None:
 
 class OrtBackend:
     name = "onnxruntime"
+    max_slots = 1 << 30  # no bound of its own: slots are rows of its batch tensors
 
     def __init__(self, model_path: Path, manifest: dict, threads: int | None = None, providers=None):
         import onnxruntime as ort
@@ -105,6 +112,102 @@ class OrtBackend:
         state["mask"] = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], 1)
         return self._run(state, tokens.astype(np.int64)[:, None], positions)
 
+    # --- continuous batching ---
+    def open_slots(self) -> "_Slots":
+        return _Slots()
+
+    def join(self, state: "_Slots", slots, input_ids, attention_mask, thresholds, density_bounds=None):
+        slots = [int(x) for x in slots]
+        thresholds = np.asarray(thresholds, np.float32)
+        bounds = None if density_bounds is None else np.asarray(density_bounds, np.float32)
+        taken = [x for x in slots if x in state.where]
+        if taken or len(set(slots)) != len(slots):
+            raise ValueError(f"join: slots {taken or slots} are in use or named twice")
+        logits = np.empty((len(slots), self.manifest["vocab_size"]), np.float32)
+        keys: dict[bytes, list[int]] = {}
+        for b in range(len(slots)):
+            keys.setdefault(thresholds[b].tobytes() + (b"" if bounds is None else bounds[b].tobytes()), []).append(b)
+        for key, rows in keys.items():
+            ids, mask = _trim(input_ids[rows], attention_mask[rows])
+            out, new = self.prefill(ids, mask, thresholds[rows[0]], None if bounds is None else bounds[rows[0]])
+            logits[rows] = out
+            group = state.groups.get(key)
+            if group is None:
+                state.groups[key] = group = {"rows": [], **new}
+            else:
+                _append(group, new)
+            group["rows"] += [slots[b] for b in rows]
+            for b in rows:
+                state.where[slots[b]] = key
+        return logits
+
+    def step(self, state: "_Slots", slots, tokens):
+        slots, tokens = [int(x) for x in slots], np.asarray(tokens, np.int64)
+        if sorted(slots) != sorted(state.where):
+            raise ValueError(f"step: the ONNX Runtime backend steps all its joined slots {sorted(state.where)} "
+                             f"together, got {slots}")
+        logits = np.empty((len(slots), self.manifest["vocab_size"]), np.float32)
+        at = {x: i for i, x in enumerate(slots)}
+        for group in state.groups.values():
+            order = [at[x] for x in group["rows"]]
+            logits[order] = OrtBackend.decode(self, group, tokens[order])  # not an instance override (tests)
+        return logits
+
+    def release(self, state: "_Slots", slot: int) -> None:
+        key = state.where.pop(int(slot), None)
+        if key is None:
+            return
+        group = state.groups[key]
+        keep = [i for i, x in enumerate(group["rows"]) if x != slot]
+        if not keep:
+            del state.groups[key]
+            return
+        group["rows"] = [group["rows"][i] for i in keep]
+        group["mask"] = group["mask"][keep]
+        group["past"] = {k: v[keep] for k, v in group["past"].items()}
+        lead = int((group["mask"].cumsum(1) == 0).sum(1).min())  # columns only padding fills
+        if lead:
+            group["mask"] = group["mask"][:, lead:]
+            group["past"] = {k: v[:, :, lead:] if k.startswith("past_key_values.") else v
+                             for k, v in group["past"].items()}
+
+    def slot_active_counts(self, state: "_Slots", slot: int) -> np.ndarray:
+        group = state.groups[state.where[int(slot)]]
+        return self.active_counts(group)[:, group["rows"].index(int(slot))]
+
     def active_counts(self, state):
         return np.stack([state["past"][f"past_tda.{layer}.active_count"]
                          for layer in range(self.manifest["num_layers"])])
+
+
+class _Slots:
+    """The running sequences of a continuous batch: groups (one per thresholds table) of prefill states whose
+    rows are the slots in group["rows"]; where: slot -> its group's key."""
+
+    def __init__(self):
+        self.groups: dict[bytes, dict] = {}
+        self.where: dict[int, bytes] = {}
+
+
+def _trim(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop the columns that are padding in every row (keeping at least 2: a prefill's width)."""
+    lead = min(int((mask.cumsum(1) == 0).sum(1).min()), mask.shape[1] - 2)
+    return ids[:, lead:], mask[:, lead:]
+
+
+def _append(group: dict, new: dict) -> None:
+    """Append a prefill state's rows to a group's, left-padding the shorter one's mask and KV cache."""
+    a, b = group["mask"].shape[1], new["mask"].shape[1]
+    width = max(a, b)
+
+    def pad(x: np.ndarray, by: int, axis: int) -> np.ndarray:
+        if not by:
+            return x
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (by, 0)
+        return np.pad(x, widths)
+
+    group["mask"] = np.concatenate([pad(group["mask"], width - a, 1), pad(new["mask"], width - b, 1)])
+    group["past"] = {k: np.concatenate([pad(v, width - a, 2), pad(new["past"][k], width - b, 2)])
+                     if k.startswith("past_key_values.") else np.concatenate([v, new["past"][k]])
+                     for k, v in group["past"].items()}

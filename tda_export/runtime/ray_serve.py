@@ -37,9 +37,10 @@ class TdaReplica:
 
     def __init__(self, engine_dir: str, backend: str = "auto", threads: int | None = None, max_batch: int = 8,
                  queue_size: int = QUEUE_SIZE, max_request: int = MAX_REQUEST, model_name: str | None = None,
-                 body_timeout: float = BODY_TIMEOUT, stall_seconds: float = 600.0, metrics_seconds: float = 5.0):
+                 body_timeout: float = BODY_TIMEOUT, stall_seconds: float = 600.0, metrics_seconds: float = 5.0,
+                 batching: str = "auto"):
         self.engine = Engine.load(engine_dir, backend=backend, threads=threads, max_batch=max_batch)
-        self.scheduler = Scheduler(self.engine, queue_size, max_batch, max_request=max_request)
+        self.scheduler = Scheduler(self.engine, queue_size, max_batch, max_request=max_request, batching=batching)
         self.scheduler.start()
         self.model_name = model_name or str(self.engine.manifest.get("model", "tda-model"))
         self.guard = create_app(self.engine, self.scheduler, self.model_name, MAX_BODY, body_timeout)
@@ -142,7 +143,7 @@ def app_builder(args: dict):
                        p.get("target_ongoing_requests"), p.get("max_ongoing_requests"), p.get("replica_cpus", 1.0),
                        p.get("replica_gpus", 0.0), p.get("max_replicas_per_node"))
     kw = {"backend": str, "threads": int, "max_batch": int, "queue_size": int, "max_request": int,
-          "model_name": str, "body_timeout": float, "stall_seconds": float}
+          "model_name": str, "body_timeout": float, "stall_seconds": float, "batching": str}
     unknown = set(args) - set(kw)
     if unknown:
         raise ValueError(f"app_builder: unknown argument(s) {sorted(unknown)}; known: engine, "

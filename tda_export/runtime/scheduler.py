@@ -7,8 +7,15 @@ than `max_request` units is refused (`RequestTooLarge`), and one that would take
 Each round takes up to `max_batch` units of the same kind, one unit per waiting job in turn (round robin,
 in arrival order), and the job whose key started the round moves behind the others if it has units left:
 so a large job shares the engine with the jobs behind it instead of holding the FIFO until it is done.
-Generation units with the same thresholds (one density, one prompt-length table) run as one batch
-(request batching, per-request density), scoring units as another. A job may span several rounds.
+Two ways to run generation units (`batching`):
+- continuous (the default where the backend has slots, runtime/backend.py SlotBackend): up to max_batch
+  sequences in flight, each in its own slot with its own density and thresholds; before every decode step
+  the newcomers that fit are prefilled together and join, and a sequence that ends releases its slot at
+  once. One job holds at most max_batch - 1 slots, so a job behind any one large job joins at the next step.
+- static: units with the same thresholds (one density, one prompt-length table) run as one batch to
+  completion (every backend).
+Scoring units run as batches of their own (under continuous batching, between two decode steps). A job may
+span several rounds.
 
 Results go back through `job.on_event(item)`, called on the scheduler thread, with in order:
 `Scored(prompt, logprobs)` per scored prompt, generation `Event`s (index = the job's sequence), and finally
@@ -28,8 +35,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
+
+from .backend import has_slots
 from .engine import Engine
-from .generate import Event, Stats, prompt_logprobs, stream
+from .generate import Event, Stats, advance, check_prompts, left_pad, new_sequence, prompt_logprobs, stream
 from .sampling import SamplingParams, TokenLogprob
 
 
@@ -143,8 +153,11 @@ class Scheduler:
     the most units one job may hold (at most queue_size, which is also the default)."""
 
     def __init__(self, engine: Engine, queue_size: int = 32, max_batch: int = 8, gather_seconds: float = 0.005,
-                 max_request: int | None = None):
+                 max_request: int | None = None, batching: str = "auto"):
         self.engine, self.queue_size, self.max_batch, self.gather = engine, queue_size, max_batch, gather_seconds
+        self.batching = batching_mode(engine, batching)
+        if self.batching == "continuous":
+            self.max_batch = min(max_batch, engine.backend.max_slots)
         self.max_request = min(max_request or queue_size, queue_size)
         self.metrics = Metrics()
         self.drain = DrainMeter()
@@ -152,7 +165,8 @@ class Scheduler:
         self._waiting: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, daemon=True, name="tda-scheduler")
+        run = self._run_continuous if self.batching == "continuous" else self._run
+        self._thread = threading.Thread(target=run, daemon=True, name="tda-scheduler")
         self.running: list[Job] = []         # jobs of the batch in progress (read for metrics and tests)
 
     # --- the client side (any thread) ---
@@ -332,6 +346,185 @@ class Scheduler:
             m.ttft_sum += stats.time_to_first_token
             m.ttft_count += 1
 
+    # --- continuous batching (the scheduler thread) ---
+    def _take(self, free: int, held: dict[int, int]) -> list[_Unit]:
+        """Up to `free` generation units and up to max_batch scoring units, one unit per waiting job in turn
+        (round robin, in arrival order; the head job moves behind the others after its turn). A job holds at
+        most max_batch - 1 slots (when max_batch > 1), so a request sent behind any one large request joins
+        at the next step. held: slots each job (by id) holds now."""
+        cap = max(1, self.max_batch - 1)
+        with self._cond:
+            self._drop_cancelled()
+            if not self._waiting:
+                return []
+            head, units, took, gen, score = self._waiting[0], [], True, 0, 0
+            while took:
+                took = False
+                for job in self._waiting:
+                    if not job._todo:
+                        continue
+                    kind = job._todo[0][0]
+                    if kind == "gen" and (gen == free or held.get(id(job), 0) >= cap):
+                        continue
+                    if kind == "score" and score == self.max_batch:
+                        continue
+                    units.append(_Unit(job, *job._todo.pop(0)))
+                    took = True
+                    if kind == "gen":
+                        gen += 1
+                        held[id(job)] = held.get(id(job), 0) + 1
+                    else:
+                        score += 1
+            for job in [j for j in self._waiting if not j._todo]:
+                self._waiting.remove(job)
+            if head._todo and head in self._waiting and units:
+                self._waiting.remove(head)
+                self._waiting.append(head)
+            return units
+
+    def _run_continuous(self):
+        """Each step: newcomers are prefilled into free slots (together), then every running sequence takes
+        its next token and the backend decodes them all in one step; a sequence that ends (finished,
+        cancelled, failed) releases its slot at once, so the next newcomer joins at the next step."""
+        backend = self.engine.backend
+        state = backend.open_slots()
+        live: dict[int, _Live] = {}
+        busy, finished = 0.0, 0
+
+        def finish(slot: int):
+            nonlocal finished
+            backend.release(state, slot)
+            lv = live.pop(slot)
+            with self.metrics.lock:
+                self.metrics.generated_tokens += lv.seq.generated
+            self._finish_unit(lv.unit)
+            finished += 1
+
+        while True:
+            with self._cond:
+                while not self._stopping and not live:
+                    self._drop_cancelled()
+                    if self._waiting:
+                        break
+                    self._cond.wait(0.1)
+                if self._stopping:
+                    break
+            if not live:
+                time.sleep(self.gather)  # let concurrent arrivals share one prefill
+            t0 = time.perf_counter()
+            held: dict[int, int] = {}
+            for lv in live.values():
+                held[id(lv.unit.job)] = held.get(id(lv.unit.job), 0) + 1
+            units = self._take(self.max_batch - len(live), held)
+            scoring = [u for u in units if u.kind == "score"]
+            if scoring:
+                self._run_units(scoring, retry_alone=len(scoring) > 1)
+                for u in scoring:
+                    self._finish_unit(u)
+                finished += len(scoring)
+            newcomers = [u for u in units if u.kind == "gen"]
+            if newcomers:
+                free = [x for x in range(self.max_batch) if x not in live]
+                self._join(state, newcomers, free[:len(newcomers)], live, retry_alone=len(newcomers) > 1)
+            self.running = list({id(lv.unit.job): lv.unit.job for lv in live.values()}.values())
+            if live:
+                state = self._step(state, live, finish)
+                self.running = list({id(lv.unit.job): lv.unit.job for lv in live.values()}.values())
+            busy += time.perf_counter() - t0
+            if finished:
+                self.drain.record(finished, busy)
+                busy, finished = 0.0, 0
+        for slot in list(live):
+            live[slot].unit.job.cancel()
+            finish(slot)
+        self.running = []
+
+    def _join(self, state, units: list[_Unit], slots: list[int], live: dict[int, _Live], retry_alone: bool):
+        """Prefill newcomers into `slots`; each with its own thresholds (its density and prompt length)."""
+        ok: list[tuple] = []  # (unit, prompt ids, slot, thresholds [L], density bounds [L, 2] | None)
+        for u, slot in zip(units, slots):
+            if self._stop_if_cancelled(u.job):
+                self._finish_unit(u)
+                continue
+            try:
+                params = u.job.params[u.index].check()
+                ids = check_prompts(self.engine, [u.job.prompts[u.index]], [params])[0]
+                ok.append((u, ids, slot, self.engine.thresholds(u.job.density, len(ids)),
+                           self.engine.density_bounds(u.job.density)))
+            except Exception as e:  # noqa: BLE001 - a bad request fails alone
+                self._fail([u], e)
+        if not ok:
+            return
+        t0 = time.perf_counter()
+        try:
+            input_ids, mask = left_pad(self.engine, [o[1] for o in ok])
+            bounds = None if ok[0][4] is None else np.stack([o[4] for o in ok])
+            logits = self.engine.backend.join(state, [o[2] for o in ok], input_ids, mask,
+                                              np.stack([o[3] for o in ok]), bounds)
+        except Exception as e:  # noqa: BLE001 - a failed prefill must not take the scheduler down
+            for o in ok:
+                self.engine.backend.release(state, o[2])
+            if retry_alone:
+                for u, _, slot, _, _ in ok:
+                    self._join(state, [u], [slot], live, retry_alone=False)
+            else:
+                self._fail([o[0] for o in ok], e)
+            return
+        seconds = time.perf_counter() - t0
+        for (u, ids, slot, _, _), row in zip(ok, logits):
+            live[slot] = _Live(u, new_sequence(self.engine, u.job.params[u.index]), row)
+        with self.metrics.lock:
+            m = self.metrics
+            m.batches += 1
+            m.batch_seconds += seconds
+            m.prompt_tokens += sum(len(o[1]) for o in ok)
+            m.ttft_sum += seconds
+            m.ttft_count += 1
+
+    def _fail(self, units: list[_Unit], e: Exception):
+        for job in {id(u.job): u.job for u in units}.values():
+            mine = [u.index for u in units if u.job is job]
+            _deliver(job, Failed(mine, f"{type(e).__name__}: {e}"))
+        for u in units:
+            self._finish_unit(u)
+
+    def _step(self, state, live: dict[int, _Live], finish):
+        """Every running sequence takes its next token (events go out); those that end release their slots;
+        the rest decode one step together. Returns the state (a fresh one if the step failed: then every
+        sequence in it has failed)."""
+        slots, tokens = [], []
+        for slot, lv in list(live.items()):
+            u = lv.unit
+            if self._stop_if_cancelled(u.job):
+                finish(slot)
+                continue
+            tok, events = advance(self.engine, u.index, lv.seq, lv.logits)
+            for ev in events:
+                _deliver(u.job, ev)
+                if ev.finish_reason == "error":
+                    with self.metrics.lock:
+                        self.metrics.sequence_errors += 1
+            if lv.seq.finish:
+                finish(slot)
+            else:
+                slots.append(slot)
+                tokens.append(tok)
+        if not slots:
+            return state
+        t0 = time.perf_counter()
+        try:
+            logits = self.engine.backend.step(state, slots, np.asarray(tokens, np.int64))
+        except Exception as e:  # noqa: BLE001
+            for slot in slots:
+                _deliver(live[slot].unit.job, Failed([live[slot].unit.index], f"{type(e).__name__}: {e}"))
+                finish(slot)
+            return self.engine.backend.open_slots()
+        for slot, row in zip(slots, logits):
+            live[slot].logits = row
+        with self.metrics.lock:
+            self.metrics.decode_seconds += time.perf_counter() - t0
+        return state
+
     def _finish_unit(self, unit: _Unit):
         job = unit.job
         with self._cond:
@@ -339,6 +532,29 @@ class Scheduler:
             done = job._open == 0
         if done:
             _deliver(job, Done())
+
+
+BATCHING = ("auto", "continuous", "static")
+
+
+def batching_mode(engine: Engine, batching: str) -> str:
+    """"continuous" or "static": auto is continuous where the backend has slots (native, ONNX Runtime)."""
+    if batching not in BATCHING:
+        raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {batching!r}")
+    if batching == "auto":
+        return "continuous" if has_slots(engine.backend) else "static"
+    if batching == "continuous" and not has_slots(engine.backend):
+        raise ValueError(f"the {engine.backend.name} backend has no continuous batching (only the native and "
+                         f"onnxruntime backends have); use static batching")
+    return batching
+
+
+@dataclass
+class _Live:
+    """A sequence in a slot of the continuous batch."""
+    unit: _Unit
+    seq: object                               # generate._Sequence
+    logits: np.ndarray                        # [V] of its last position: the next token comes from it
 
 
 def _deliver(job: Job, item) -> None:

@@ -494,11 +494,11 @@ class Server:
 
     def __init__(self, engine: Engine, host="127.0.0.1", port=8000, queue_size=QUEUE_SIZE, max_batch=8,
                  sock: socket.socket | None = None, model_name: str | None = None, body_timeout=BODY_TIMEOUT,
-                 max_body=MAX_BODY, max_request=MAX_REQUEST):
+                 max_body=MAX_BODY, max_request=MAX_REQUEST, batching="auto"):
         import uvicorn
 
+        self.scheduler = Scheduler(engine, queue_size, max_batch, max_request=max_request, batching=batching)
         self.sock = sock if sock is not None else bind_socket(host, port)
-        self.scheduler = Scheduler(engine, queue_size, max_batch, max_request=max_request)
         self.model_name = model_name or str(engine.manifest.get("model", "tda-model"))
         app = create_app(engine, self.scheduler, self.model_name, max_body, body_timeout)
         config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=5, backlog=BACKLOG,

@@ -25,7 +25,7 @@
 extern "C" {
 #endif
 
-#define TDA_RT_API_VERSION 2
+#define TDA_RT_API_VERSION 3  /* 3: continuous batching (tda_rt_join, tda_rt_step, tda_rt_release) */
 
 /* Threads: one OpenMP pool (libgomp) runs everything, OpenBLAS single-threaded inside it. Both read
  * their settings from the environment once, when they load, so set these before loading the library
@@ -122,6 +122,34 @@ tda_rt_status_t tda_rt_decode(tda_rt_session* session, const int64_t* tokens, fl
 /* counts [num_layers, batch]: active MLP neurons per layer and sequence after the last prefill. */
 tda_rt_status_t tda_rt_active_counts(const tda_rt_session* session, int32_t* counts);
 int32_t tda_rt_session_batch(const tda_rt_session* session);
+
+/* Continuous (in-flight) batching. A session is also a KV cache of slots 0..TDA_RT_MAX_SLOTS-1, each
+ * holding one sequence with its own length, positions, thresholds, density bounds and active neurons:
+ * newcomers are prefilled into free slots (alone or together) and then decode in the same steps as the
+ * sequences already there; a finished or cancelled sequence's slot is released at once and can take the
+ * next newcomer. A sequence's tokens do not depend on which others share its steps.
+ * tda_rt_prefill is tda_rt_join on slots 0..batch-1 of an emptied session (one threshold table for all
+ * rows) and tda_rt_decode is tda_rt_step on those slots; releasing one of them ends tda_rt_decode
+ * (TDA_RT_ERR_STATE). The CPU executor has these calls; the TensorRT executor answers
+ * TDA_RT_ERR_UNSUPPORTED. */
+#define TDA_RT_MAX_SLOTS 64
+/* Prefill n newcomers into the free slots slots[n] (distinct): input_ids/attention_mask [n, seq] row-major
+ * (left padded, seq >= 2), thresholds [n, num_layers] (each row's own table; NULL: the engine's default
+ * at each row's prompt length), density_bounds [n, num_layers, 2] (NULL: the engine's default bounds when
+ * thresholds is NULL too, else no clamp). logits [n, vocab_size] of each row's last position. A slot in
+ * use is TDA_RT_ERR_STATE; on failure the slots stay free. */
+tda_rt_status_t tda_rt_join(tda_rt_session* session, int32_t n, int32_t seq, const int32_t* slots,
+                            const int64_t* input_ids, const int64_t* attention_mask, const float* thresholds,
+                            const float* density_bounds, float* logits);
+/* One decode step of the joined slots slots[n] (distinct, any subset, any order): tokens [n] -> logits
+ * [n, vocab_size], row i for slots[i]. A free slot is TDA_RT_ERR_STATE; if the step fails, its slots are
+ * released (half a step is no usable state). */
+tda_rt_status_t tda_rt_step(tda_rt_session* session, int32_t n, const int32_t* slots, const int64_t* tokens,
+                            float* logits);
+/* Frees a slot (its cache is reused by the next join there). Releasing a free slot is not an error. */
+tda_rt_status_t tda_rt_release(tda_rt_session* session, int32_t slot);
+/* counts [num_layers]: the active MLP neurons per layer of a joined slot. */
+tda_rt_status_t tda_rt_slot_active_counts(const tda_rt_session* session, int32_t slot, int32_t* counts);
 
 /* The one copy-bandwidth probe behind every "% of the bandwidth floor" (tda-run --bench,
  * bench/native_decode.py, bench/RESULTS.md), in bytes/s: the best of `repeats` single-thread memcpy
