@@ -353,7 +353,7 @@ void CpuExecutor::forward(Session& s, int64_t S, const int64_t* ids, const int64
   const DecoderSpec& sp = spec_;
   const int64_t B = s.batch, M = B * S, H = sp.hidden, I = sp.intermediate, V = sp.vocab;
   Scratch& t = s.tmp;
-  omp_set_num_threads(pool_.threads);  // our kernels fork up to this many (OpenMP: the same pool)
+  omp_set_num_threads(pool_.threads_now());  // our kernels fork up to this many (OpenMP: the same pool)
   auto size = [](std::vector<float>& b, int64_t n) { if (b.size() < static_cast<size_t>(n)) b.resize(static_cast<size_t>(n)); };
   size(t.x, M * H); size(t.xn, M * H); size(t.h, M * H);
   size(t.q, M * sp.heads * sp.head_dim); size(t.y, M * sp.heads * sp.head_dim);
@@ -437,7 +437,9 @@ void CpuExecutor::decode(Session& s, const int64_t* tokens, float* logits) {
     s.pad[static_cast<size_t>(b * s.cap + s.len)] = 1;
   }
   s.prefilled = false;  // until this step has succeeded: positions moved on, half a step is no usable state
+  par::Step step(pool_, s.batch);  // on the governor's thread count (parallel.h), timed
   forward(s, 1, tokens, s.tmp.positions.data(), nullptr, nullptr, logits);
+  step.done();
   s.prefilled = true;
 }
 
