@@ -12,7 +12,8 @@ round and busy level, in a fixed order, and the busy levels alternate within a r
   native fixed      TDA_NATIVE_ADAPTIVE_THREADS=0: every step on all threads (before the governor)
   native 1 thread   --threads 1 (what the governor can fall back to)
   native passive    fixed, and GOMP_SPINCOUNT=0: workers sleep at once (the load-average rule's pick)
-  llama.cpp NAME    llama-bench -p 0 -n STEPS -d PROMPT -r 1 on each --gguf (--llama-poll: its --poll values)
+  llama.cpp NAME    llama-bench -p 0 -n STEPS -d PROMPT -r 1 on each --gguf (--llama-poll: its --poll values;
+                    --llama-passive: also with OMP_WAIT_POLICY=PASSIVE, for a llama.cpp built with OpenMP)
 
 `--candidates` picks a subset (comma-separated names, or their first words). tda-run prints the
 governor's steps per thread count (TDA_NATIVE_ADAPTIVE_THREADS_TRACE=1); the table shows their total.
@@ -57,6 +58,21 @@ def busy(n: int):
             h.wait()
 
 
+@contextmanager
+def environ(extra: dict):
+    """os.environ with `extra` set, for the child processes started inside."""
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def timed(run) -> tuple[float, float]:
     """run() in this process's child; (its result, the cores the child used: CPU time / wall time)."""
     before, t = os.times(), time.perf_counter()
@@ -99,15 +115,17 @@ def candidates(args, cli: str) -> list[tuple[str, object]]:
             if not Path(path).exists():
                 raise SystemExit(f"--gguf {name}: {path} does not exist")
             for poll in polls:
-                label = f"llama.cpp {name}" + ("" if poll is None else f" poll {poll}")
+                for passive in (False, True) if args.llama_passive else (False,):
+                    label = f"llama.cpp {name}" + ("" if poll is None else f" poll {poll}") + (" passive" if passive else "")
 
-                def run(path=path, poll=poll):
-                    try:
-                        return llama_rate(Path(args.llama_bin), path, 1, args.prompt_tokens, args.steps, t, poll,
-                                          timeout=args.timeout), False, {}
-                    except subprocess.TimeoutExpired:
-                        return args.steps / args.timeout, True, {}
-                out.append((label, run))
+                    def run(path=path, poll=poll, passive=passive):
+                        with environ({"OMP_WAIT_POLICY": "PASSIVE"} if passive else {}):
+                            try:
+                                return llama_rate(Path(args.llama_bin), path, 1, args.prompt_tokens, args.steps, t,
+                                                  poll, timeout=args.timeout), False, {}
+                            except subprocess.TimeoutExpired:
+                                return args.steps / args.timeout, True, {}
+                    out.append((label, run))
     if args.candidates:
         want = [w.strip() for w in args.candidates.split(",")]
         out = [(n, r) for n, r in out if any(n == w or n.startswith(w + " ") or n == "native " + w for w in want)]
@@ -120,6 +138,8 @@ def main():
     ap.add_argument("--llama-bin", default=None, help="llama.cpp's bin directory (llama-bench)")
     ap.add_argument("--gguf", default="", help="NAME=file.gguf,... for --llama-bin")
     ap.add_argument("--llama-poll", default="", help="llama-bench --poll values to try, e.g. 50,0 [its default]")
+    ap.add_argument("--llama-passive", action="store_true",
+                    help="also llama.cpp with OMP_WAIT_POLICY=PASSIVE (its OpenMP build's workers sleep at once)")
     ap.add_argument("--busy", default="0,1", help="numbers of busy processes, each in every round [0,1]")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=64, help="decode steps per run")

@@ -27,7 +27,7 @@ def test_governor_decisions_binary(native):
 
 
 def _ids(native, engine, density, threads, **env):
-    r = subprocess.run([str(native.cli), "-e", str(engine), "--prompt-ids", "5,6,7,8,9", "-n", "80", "-d", density,
+    r = subprocess.run([str(native.cli), "-e", str(engine), "--prompt-ids", "5,6,7,8,9", "-n", "100", "-d", density,
                         "--threads", str(threads), "--print-ids", "--no-verify"], capture_output=True, text=True,
                        timeout=300, env={**os.environ, "TDA_NATIVE_SLICE_BYTES": "1",  # fork even the tiny calls
                                          "TDA_NATIVE_ADAPTIVE_THREADS_TRACE": "1", **env})
@@ -40,11 +40,11 @@ def test_governed_steps_keep_greedy_tokens(native, engine, density):
     on, trace = _ids(native, engine, density, 2, TDA_NATIVE_ADAPTIVE_THREADS="1")
     off, off_trace = _ids(native, engine, density, 2, TDA_NATIVE_ADAPTIVE_THREADS="0")
     one, _ = _ids(native, engine, density, 1)
-    assert len(on) > 20 and on == off == one
-    # the governor ran: its periodic probes put some steps on one thread, the rest on two
+    assert len(on) > 40 and on == off == one
+    # the governor ran: its probes (the first after 32 timed steps) put steps on one thread, the rest on two
     line = next(x for x in trace.splitlines() if x.startswith("tda: decode steps by threads:"))
     counts = {int(n): int(c) for c, n in (p.split(" on ") for p in line.split(": ", 2)[2].split(", "))}
-    assert counts[1] >= 2 and counts[2] >= 2 and counts[1] + counts[2] in (len(on) - 1, len(on)), line
+    assert counts[1] >= 1 and counts[2] >= 2 and counts[1] + counts[2] in (len(on) - 1, len(on)), line
     assert "decode steps by threads" not in off_trace  # off: no governor
 
 

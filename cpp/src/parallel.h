@@ -82,8 +82,8 @@ void fork(int nt, F&& f) {
 struct GovernorConfig {
   int max_threads = 1;
   int window = 8;
-  int probe_steps = 2;
-  int first_interval = 16;
+  int probe_steps = 1;
+  int first_interval = 32;
   int max_interval = 256;
   double margin = 0.10;
   double trigger = 1.5;
