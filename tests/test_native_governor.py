@@ -7,12 +7,8 @@ import subprocess
 import pytest
 
 from tda_export.native import build_native
+from test_native import native  # noqa: F401  (the built runtime, a fixture)
 from test_runtime import build_engine
-
-
-@pytest.fixture(scope="module")
-def native():
-    return build_native()
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +18,10 @@ def engine(tiny_dirs, tmp_path_factory):
 
 
 def test_governor_decisions_binary(native):
-    r = subprocess.run([str(native.parallel_tests)], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
+    """cpp/tests/parallel_tests.cpp, also under ASan + UBSan (the build test_native's sanitizer test makes)."""
+    for build in (native, build_native(sanitize=True)):
+        r = subprocess.run([str(build.parallel_tests)], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
 
 
 def _ids(native, engine, density, threads, **env):
