@@ -66,12 +66,13 @@ def decode_rate(backend, prompt, thresholds, steps, bounds):
 
 
 def llama_rate(bin_dir: Path, gguf: str, batch: int, prompt: int, steps: int, threads: int,
-               poll: int | None) -> float:
-    """Decode tok/s of llama.cpp on `gguf`: all sequences' generated tokens per second."""
+               poll: int | None, timeout: float | None = None) -> float:
+    """Decode tok/s of llama.cpp on `gguf`: all sequences' generated tokens per second (batch 1 raises
+    subprocess.TimeoutExpired past `timeout` seconds)."""
     if batch == 1:
         cmd = [str(bin_dir / "llama-bench"), "-m", gguf, "-p", "0", "-n", str(steps), "-d", str(prompt), "-r", "1",
                "-t", str(threads), "-o", "json"] + (["--poll", str(poll)] if poll is not None else [])
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=timeout).stdout
         return float(json.loads(out)[0]["avg_ts"])
     cmd = [str(bin_dir / "llama-batched-bench"), "-m", gguf, "-c", str(batch * (prompt + steps) + 64),
            "-b", "2048", "-ub", "512", "-npp", str(prompt), "-ntg", str(steps), "-npl", str(batch),

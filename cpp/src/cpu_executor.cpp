@@ -472,7 +472,7 @@ void CpuExecutor::forward(Session& s, int64_t S, const int64_t* ids, const int64
   const DecoderSpec& sp = spec_;
   const int64_t B = s.batch, M = B * S, H = sp.hidden, I = sp.intermediate, V = sp.vocab;
   Scratch& t = s.tmp;
-  omp_set_num_threads(pool_.threads);  // our kernels fork up to this many (OpenMP: the same pool)
+  omp_set_num_threads(pool_.threads_now());  // our kernels fork up to this many (OpenMP: the same pool)
   auto size = [](std::vector<float>& b, int64_t n) { if (b.size() < static_cast<size_t>(n)) b.resize(static_cast<size_t>(n)); };
   size(t.x, M * H); size(t.xn, M * H); size(t.h, M * H);
   size(t.q, M * sp.heads * sp.head_dim); size(t.y, M * sp.heads * sp.head_dim);
@@ -625,6 +625,7 @@ void CpuExecutor::step(ExecutorState& state, int64_t n, const int32_t* slots, co
     s.tmp.positions[static_cast<size_t>(b)] = s.next_pos[slot];
     s.pad[slot * static_cast<size_t>(s.cap) + static_cast<size_t>(s.len[slot])] = 1;
   }
+  par::Step timed(pool_, n);  // on the governor's thread count (parallel.h), timed
   try {
     forward(s, 1, tokens, s.tmp.positions.data(), nullptr, nullptr, logits);
   } catch (...) {  // half a step is no usable state: these sequences are over, their slots free
@@ -632,6 +633,7 @@ void CpuExecutor::step(ExecutorState& state, int64_t n, const int32_t* slots, co
     s.loaded.clear();
     throw;
   }
+  timed.done();
   for (int64_t b = 0; b < n; ++b) ++s.next_pos[static_cast<size_t>(slots[b])];
 }
 

@@ -14,6 +14,9 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <memory>
+#include <mutex>
+#include <vector>
 
 #include <omp.h>
 
@@ -81,17 +84,108 @@ void fork(int nt, F&& f) {
   f(omp_get_thread_num(), omp_get_num_threads());
 }
 
+// ---- how many threads a decode step forks, next to other processes ----------------------------
+// A step forks ~150 short regions; when another process holds a core, each join can wait a whole
+// scheduler slice for a descheduled worker, and N threads run slower than one (bench/busy_box.py
+// measures it). The governor times the steps and runs them on fewer threads while that is faster:
+//   - it starts at max_threads; levels are max, max/2, ..., 1 (halving);
+//   - a probe runs `probe_steps` steps at the neighbouring level (down from max, up from 1, else
+//     alternating) and compares their mean time with the mean of the last `window` steps at the
+//     current level; it moves only when the probe is faster by more than `margin` (hysteresis);
+//   - the first probe comes after `first_interval` steps; a probe that does not move doubles the
+//     interval (up to `max_interval`: a quiet box pays ~1 slower step in max_interval), one that
+//     moves resets it;
+//   - a probe comes early (at most once per `window` steps) when the current level's recent steps
+//     take more than `trigger` x, or less than 1/trigger x, what they took at the last decision:
+//     the box got busier or quieter;
+//   - steps of another `key` (the batch size: a different step length) restart the timing, at the
+//     same level.
+// Pure bookkeeping (no clock, no OpenMP), so tests feed it times; Step below is the clock and the
+// hook. Not thread-safe by itself (Step locks).
+struct GovernorConfig {
+  int max_threads = 1;
+  int window = 8;
+  int probe_steps = 1;
+  int first_interval = 32;
+  int max_interval = 256;
+  double margin = 0.10;
+  double trigger = 1.5;
+};
+
+class Governor {
+ public:
+  explicit Governor(GovernorConfig config);
+  // Threads for the next step.
+  int threads() const { return probing_ ? probe_level_ : level_; }
+  // A step that ran on `threads` took `seconds`; `key` identifies comparable steps. A step of another
+  // count than threads() (decided before a concurrent step moved the level) is counted, not used.
+  void record(double seconds, int threads, int64_t key);
+  // The level steps run at when not probing, and whether the next step is a probe.
+  int level() const { return level_; }
+  bool probing() const { return probing_; }
+  int interval() const { return interval_; }
+  // Steps recorded at each thread count [0..max_threads], probes included.
+  const std::vector<int64_t>& steps_at() const { return steps_at_; }
+  const GovernorConfig& config() const { return c_; }
+
+ private:
+  void start_probe();
+  void finish_probe();
+  double window_mean() const;
+  GovernorConfig c_;
+  int level_;
+  bool probing_ = false;
+  int probe_level_ = 0;
+  bool probe_up_ = false;  // direction of the next probe from a middle level
+  int interval_;
+  int since_ = 0;          // steps at the current level since the last probe or reset
+  int64_t key_ = -1;
+  double ref_ = 0;         // the current level's mean step time at the last decision (0: none yet)
+  std::vector<double> win_, probe_;
+  std::vector<int64_t> steps_at_;
+};
+
 // One executor's share of the pool: its thread count (<= 0 when made: all cores) and the least
 // weight bytes worth a thread (tests pass 1 to fork every call). Making one keeps OpenBLAS
-// single-threaded.
+// single-threaded. `adaptive`: decode steps (Step) run on the governor's thread count (only with
+// threads > 1); TDA_NATIVE_ADAPTIVE_THREADS=0/1 overrides it.
 struct Pool {
-  explicit Pool(int threads = 1, int64_t slice_bytes = kSliceBytes);
-  int threads;
+  explicit Pool(int threads = 1, int64_t slice_bytes = kSliceBytes, bool adaptive = true);
+  int threads;  // the most this executor forks
   int64_t slice_bytes;
-  // Threads worth forking for `bytes` of weights streamed: one per slice_bytes, at most `threads`.
+  // What this thread's current step may fork: `threads`, or fewer inside a governed decode step.
+  int threads_now() const;
+  // Threads worth forking for `bytes` of weights streamed: one per slice_bytes, at most threads_now().
   int threads_for(int64_t bytes) const;
   // Every job in one fork/join, each thread on its slice of every job's N columns.
   void linear(int64_t M, std::initializer_list<Linear> jobs) const;
+
+  struct Governed {  // shared by copies of the pool (one executor)
+    Governed(const GovernorConfig& c, bool trace_) : gov(c), trace(trace_) {}
+    ~Governed();
+    std::mutex mu;
+    Governor gov;
+    bool trace;  // TDA_NATIVE_ADAPTIVE_THREADS_TRACE=1: level changes and the steps per count, to stderr
+  };
+  std::shared_ptr<Governed> governed;  // null: every step on `threads`
+};
+
+// The decode-step hook: `Step step(pool, key); forward(...); step.done();` runs the step on the
+// governor's thread count (threads_now() on this thread) and records its time when done() is
+// reached (a step that throws is not recorded). No-op for a pool without a governor.
+class Step {
+ public:
+  Step(const Pool& pool, int64_t key);
+  ~Step();
+  void done();
+  Step(const Step&) = delete;
+  Step& operator=(const Step&) = delete;
+
+ private:
+  Pool::Governed* g_;
+  int64_t key_;
+  int prev_, n_ = 0;
+  double t0_ = 0;
 };
 
 }  // namespace par

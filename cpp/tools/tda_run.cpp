@@ -51,7 +51,9 @@ from stdin when neither -p nor --prompt-ids is given. Same flags and greedy outp
       --top-p P           nucleus mass in (0, 1] [1]
       --seed S            sampling seed [random]
       --stop TEXT         stop string (repeatable)
-      --threads N         CPU threads [all cores]
+      --threads N         CPU threads [all cores]; decode steps run on fewer while that is faster,
+                          e.g. next to a busy process (TDA_NATIVE_ADAPTIVE_THREADS=0: never;
+                          TDA_NATIVE_ADAPTIVE_THREADS_TRACE=1: its moves and steps per count, to stderr)
       --no-verify         skip the sha256 check of the engine's files
       --executor E        auto | cpu | tensorrt [auto: tensorrt when the engine has a model.plan]
       --tensorrt-library PATH  TensorRT library to load [the soname of this build's TensorRT flavour]

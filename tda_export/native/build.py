@@ -59,6 +59,10 @@ class NativeBuild:
     def tests(self) -> Path:
         return self.directory / "tda_runtime_tests"
 
+    @property
+    def parallel_tests(self) -> Path:
+        return self.directory / "tda_parallel_tests"
+
 
 def blas_dir() -> Path:
     try:
@@ -140,7 +144,7 @@ def build_native(sanitize: bool = False, tensorrt_include: str | Path | None = N
                 raise _failure(cmd, proc, out.parent / f"{out.name}.failed.log")
         stage = work / "out"
         stage.mkdir()
-        for name in ("tda-run", "tda_runtime_tests"):
+        for name in ("tda-run", "tda_runtime_tests", "tda_parallel_tests"):
             shutil.copy2(work / "build" / name, stage / name)
         for lib in (work / "build").rglob("lib*.so*"):  # the runtime, and the tokenizer if built shared
             shutil.copy2(lib, stage / lib.name)

@@ -34,7 +34,11 @@ extern "C" {
  * the gaps between a decode step's ~150 parallel regions without burning a core between requests),
  * or 0 (sleep at once) when the 1-minute load average exceeds TDA_RT_BUSY_LOAD_PER_CORE x the cores:
  * on an oversubscribed box any spin loses to sleeping (bench/RESULTS.md). GOMP_SPINCOUNT=0 (or
- * OMP_WAIT_POLICY=PASSIVE) sleeps at once, OMP_WAIT_POLICY=ACTIVE spins. */
+ * OMP_WAIT_POLICY=PASSIVE) sleeps at once, OMP_WAIT_POLICY=ACTIVE spins.
+ * The CPU executor's threads are a ceiling: it times decode steps and runs them on fewer threads
+ * while that is faster (next to busy processes a step's ~150 joins each wait for a descheduled
+ * worker), probing now and then (cpp/src/parallel.h, bench/busy_box.py). Read when an engine opens:
+ * TDA_NATIVE_ADAPTIVE_THREADS=0 runs every step on all threads; ..._TRACE=1 reports to stderr. */
 #define TDA_RT_GOMP_SPINCOUNT "300"
 #define TDA_RT_BUSY_LOAD_PER_CORE 2
 
