@@ -19,6 +19,7 @@ from onnx import TensorProto, helper
 from tqdm import tqdm
 
 from .. import arch
+from ..ops.blocks import block_format
 from ..ops.contract import NO_CLAMP, SELECT_ACTIVE, SPARSE_GATED_MLP, STATE_TENSORS
 from ..ops.onnx_ops import dequantize_blocks, functions_for, make_node
 from ..ops.onnx_ops import opset_imports as tda_opset_imports
@@ -208,7 +209,9 @@ class _Decoder:
             if trt:
                 for t, e in ((names.gate_up(n), gu), (names.down_t(n), dt)):
                     self.report[t] = {"from": e.fmt, "to": "int8 (the blocks' bytes, SparseGatedMLP plugin)",
-                                      "block": 32, "exact": True, "bytes": int(e.blocks.nbytes)}
+                                      "block": 32, "exact": True,
+                                      "weights": int(e.blocks.size // block_format(e.fmt).block_bytes * 32),
+                                      "bytes": int(e.blocks.nbytes)}
         state = {w: io.past_state_name(n, w) for w in STATE_TENSORS}
         args = {"hidden_states": x, "gate_up_weight": gate_up, "down_weight_t": down_t,
                 "active_idx": state["active_idx"], "active_count": state["active_count"],

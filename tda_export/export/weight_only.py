@@ -53,7 +53,7 @@ class Converted:
 
     def describe(self, fmt: str) -> dict:
         return {"from": fmt, "to": f"int{self.bits}", "block": self.block or "per_channel", "exact": self.exact,
-                "bytes": self.q.size * self.bits // 8 + self.scale.size * 2}  # scales in fp16/bf16
+                "weights": int(self.q.size), "bytes": self.q.size * self.bits // 8 + self.scale.size * 2}  # scales in fp16/bf16
 
 
 def convert(fmt: str, blocks: np.ndarray, rule: Rule) -> Converted:
