@@ -35,7 +35,7 @@ def test_requantized_where_the_target_needs_it(fmt, rule):
     exact = dequantize(fmt, blocks)
     c = convert(fmt, blocks, RULES[rule])
     assert not c.exact
-    want_block = None if (fmt == "q8_0" and rule == "tensorrt") else RULES[rule].int4_block
+    want_block = None if (fmt == "q8_0" and rule == "tensorrt") else RULES[rule].int4_blocks[0]
     assert c.block == want_block and c.bits == (8 if fmt == "q8_0" else 4)
     got = dequantized(c)
     # symmetric round to nearest: at most half a step (absmax / levels, fp16 scale) per weight
@@ -62,5 +62,8 @@ def test_pack_int4_is_onnx_layout():
 
 def test_rule_describes_itself():
     assert RULES["tensorrt-rtx"].describe() == "int4 block 32, int8 block 32"
-    assert RULES["tensorrt"].describe() == "int4 block 128, int8 per output channel"
-    assert Rule(64, None).describe() == "int4 block 64, int8 per output channel"
+    assert RULES["tensorrt"].describe() == "int4 block 128 or 64, int8 per output channel"
+    assert Rule((64,), None).describe() == "int4 block 64, int8 per output channel"
+    assert RULES["tensorrt"].int4_block(576) == 64 and RULES["tensorrt"].int4_block(4096) == 128  # SmolLM2, 7B
+    with pytest.raises(ValueError, match="a row of 96 weights is not a multiple of any int4 block"):
+        RULES["tensorrt"].int4_block(96)

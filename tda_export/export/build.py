@@ -232,15 +232,16 @@ def _weight_only_graph(loaded, spec, thresholds, cal_summary, weight_format, tar
     finally:
         writer.close()
     onnx.save(proto, scratch / MODEL_FILE)
-    requantized = sorted(t for t, r in report.items() if not r["exact"])
+    requantized = sorted(t for t, r in report.items() if r["requantized"])
     if requantized and progress:
         print(f"re-quantized for {target} ({rule.describe()}): {len(requantized)} of {len(report)} block tensors, "
               f"e.g. {requantized[0]}", file=sys.stderr)
     return scratch / MODEL_FILE, {
         "rule": rule.describe(), "weight_format": weight_format,
         "scale_dtype": spec.dtype,
-        "note": ("exact: the engine's own integers and fp16 scales (a bf16 plan rounds the scales to bf16); "
-                 "re-quantized: symmetric round-to-nearest of the exactly dequantized weights, zero point 0"),
+        "note": ("requantized: symmetric round-to-nearest of the exactly dequantized weights, zero point 0; "
+                 "otherwise the engine's own integers and fp16 scales (exact: false only where a bf16 plan "
+                 "rounds those scales to bf16)"),
         "weight_bytes": sum(r["bytes"] for r in report.values()),
         "requantized": requantized, "tensors": report}
 

@@ -93,7 +93,7 @@ class _Decoder:
             sname = self.w.add(f"{name}.weight_scale", torch.from_numpy(np.ascontiguousarray(scale)))
             attrs = dict(axis=axis, block_size=c.block)
         self.report[names.linear_weight_blocks(name) if name not in ("embed", "lm_head") else
-                    {"embed": names.EMBED_BLOCKS, "lm_head": names.LM_HEAD_BLOCKS}[name]] = c.describe(enc.fmt)
+                    {"embed": names.EMBED_BLOCKS, "lm_head": names.LM_HEAD_BLOCKS}[name]] = c.describe(enc.fmt, self.s.dtype)
         return self.g.op("DequantizeLinear", qname, sname, name=name, **attrs)
 
     def linear(self, x: str, lin: torch.nn.Linear, name: str) -> str:
@@ -209,7 +209,7 @@ class _Decoder:
             if trt:
                 for t, e in ((names.gate_up(n), gu), (names.down_t(n), dt)):
                     self.report[t] = {"from": e.fmt, "to": "int8 (the blocks' bytes, SparseGatedMLP plugin)",
-                                      "block": 32, "exact": True,
+                                      "block": 32, "requantized": False, "exact": True,
                                       "weights": int(e.blocks.size // block_format(e.fmt).block_bytes * 32),
                                       "bytes": int(e.blocks.nbytes)}
         state = {w: io.past_state_name(n, w) for w in STATE_TENSORS}

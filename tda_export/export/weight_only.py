@@ -29,18 +29,26 @@ from ..ops.contract import QUANT_BLOCK
 
 @dataclass(frozen=True)
 class Rule:
-    int4_block: int          # DequantizeLinear block_size along the input for 4-bit formats
-    int8_block: int | None   # block for q8_0; None: one scale per output row (per channel)
+    int4_blocks: tuple[int, ...]  # DequantizeLinear block_size along the input for 4-bit formats, the first
+    #                               that divides the row (SmolLM2's H = 576 is no multiple of 128)
+    int8_block: int | None        # block for q8_0; None: one scale per output row (per channel)
+
+    def int4_block(self, width: int) -> int:
+        for b in self.int4_blocks:
+            if width % b == 0:
+                return b
+        raise ValueError(f"a row of {width} weights is not a multiple of any int4 block this target takes "
+                         f"({', '.join(map(str, self.int4_blocks))})")
 
     def describe(self) -> str:
-        return (f"int4 block {self.int4_block}, int8 "
+        return (f"int4 block {' or '.join(map(str, self.int4_blocks))}, int8 "
                 + ("per output channel" if self.int8_block is None else f"block {self.int8_block}"))
 
 
 # tensorrt-rtx 1.7 builds int4 and int8 DequantizeLinear with block 32 (the engine's own blocks, carried);
 # datacenter TensorRT documents int4 block 64/128 only and int8 per channel.
-RULES = {"tensorrt-rtx": Rule(int4_block=QUANT_BLOCK, int8_block=QUANT_BLOCK),
-         "tensorrt": Rule(int4_block=128, int8_block=None)}
+RULES = {"tensorrt-rtx": Rule(int4_blocks=(QUANT_BLOCK,), int8_block=QUANT_BLOCK),
+         "tensorrt": Rule(int4_blocks=(128, 64), int8_block=None)}
 
 
 @dataclass(frozen=True)
@@ -51,8 +59,11 @@ class Converted:
     block: int | None         # block along the input; None: per row
     exact: bool               # q * scale is exactly the engine's dequantized weights (before the scale's dtype)
 
-    def describe(self, fmt: str) -> dict:
-        return {"from": fmt, "to": f"int{self.bits}", "block": self.block or "per_channel", "exact": self.exact,
+    def describe(self, fmt: str, scale_dtype: str = "float16") -> dict:
+        """The manifest's record. exact: the plan's weights are the engine's; not so when requantized, nor
+        when a bf16 plan rounds the engine's fp16 scales (q8_0/q4_0 carried: only the scales differ)."""
+        return {"from": fmt, "to": f"int{self.bits}", "block": self.block or "per_channel",
+                "requantized": not self.exact, "exact": self.exact and scale_dtype == "float16",
                 "weights": int(self.q.size), "bytes": self.q.size * self.bits // 8 + self.scale.size * 2}  # scales in fp16/bf16
 
 
@@ -66,14 +77,14 @@ def convert(fmt: str, blocks: np.ndarray, rule: Rule) -> Converted:
     d = per[:, :2].copy().view("<f2").astype(np.float32).reshape(rows, -1)
     if fmt == "q8_0" and rule.int8_block == QUANT_BLOCK:
         return Converted(8, per[:, 2:].view(np.int8).reshape(rows, width).copy(), d, QUANT_BLOCK, True)
-    if fmt == "q4_0" and rule.int4_block == QUANT_BLOCK:
+    if fmt == "q4_0" and rule.int4_block(width) == QUANT_BLOCK:
         qs = per[:, 2:]
         q = np.concatenate([qs & np.uint8(15), qs >> np.uint8(4)], axis=1).astype(np.int8) - np.int8(8)
         return Converted(4, q.reshape(rows, width), d, QUANT_BLOCK, True)
     w = dequantize(fmt, flat).reshape(rows, width)
     if fmt == "q8_0":
         return requantize(w, 8, rule.int8_block)
-    return requantize(w, 4, rule.int4_block)
+    return requantize(w, 4, rule.int4_block(width))
 
 
 def requantize(w: np.ndarray, bits: int, block: int | None) -> Converted:
