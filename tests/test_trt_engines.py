@@ -208,3 +208,20 @@ def test_plan_from_block_engine(wide_fp16_plan, tmp_path, fmt, bits):
           f"= {in_plan / quant_bytes:.2f}x the quantized {quant_bytes} (fp16 {fp16_bytes})")
     # RTX 1.7 adds about a fifth to the quantized bytes (int8: more); far from fp16's 16 bits per weight
     assert 0.9 * quant_bytes < in_plan < 1.3 * quant_bytes < fp16_bytes * bits / 16 * 1.5
+
+
+@pytest.mark.slow
+def test_smollm2_q4_0_plan(tmp_path):
+    """SmolLM2 quantized to q4_0 (embedding included): 30 plugin layers on the blocks, and a plan nearer the
+    quantized bytes than fp16's (TensorRT-RTX adds about a fifth to weight-only bytes, plus its kernels)."""
+    t = time.time()
+    out = build("smollm2-135m", tmp_path / "e", "float16", progress=False, plan=PlanOptions(**FAST),
+                weight_format="q4_0")
+    trt = check_plan(out, 30, "silu")
+    tensors = trt["weight_only"]["tensors"]
+    assert trt["weight_only"]["requantized"] == [] and {v["block"] for v in tensors.values()} == {32}
+    quant = sum(v["bytes"] for v in tensors.values())
+    fp16 = sum(2 * v["weights"] for v in tensors.values())
+    print(f"smollm2 q4_0 export + TensorRT-RTX plan: {time.time() - t:.0f} s, plan {trt['plan_bytes'] / 2**20:.1f} "
+          f"MiB, weights q4_0 {quant / 2**20:.1f} MiB, fp16 {fp16 / 2**20:.1f} MiB")
+    assert quant < trt["plan_bytes"] < (quant + fp16) / 2
