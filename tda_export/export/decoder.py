@@ -92,8 +92,8 @@ class _Decoder:
         else:
             sname = self.w.add(f"{name}.weight_scale", torch.from_numpy(np.ascontiguousarray(scale)))
             attrs = dict(axis=axis, block_size=c.block)
-        self.report[names.linear_weight_blocks(name) if name not in ("embed", "lm_head") else
-                    {"embed": names.EMBED_BLOCKS, "lm_head": names.LM_HEAD_BLOCKS}[name]] = c.describe(enc.fmt, self.s.dtype)
+        engine_name = {"embed": names.EMBED_BLOCKS, "lm_head": names.LM_HEAD_BLOCKS}.get(name)
+        self.report[engine_name or names.linear_weight_blocks(name)] = c.describe(enc.fmt, self.s.dtype)
         return self.g.op("DequantizeLinear", qname, sname, name=name, **attrs)
 
     def linear(self, x: str, lin: torch.nn.Linear, name: str) -> str:

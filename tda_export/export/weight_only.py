@@ -64,7 +64,8 @@ class Converted:
         when a bf16 plan rounds the engine's fp16 scales (q8_0/q4_0 carried: only the scales differ)."""
         return {"from": fmt, "to": f"int{self.bits}", "block": self.block or "per_channel",
                 "requantized": not self.exact, "exact": self.exact and scale_dtype == "float16",
-                "weights": int(self.q.size), "bytes": self.q.size * self.bits // 8 + self.scale.size * 2}  # scales in fp16/bf16
+                "weights": int(self.q.size),
+                "bytes": self.q.size * self.bits // 8 + self.scale.size * 2}  # scales in fp16/bf16
 
 
 def convert(fmt: str, blocks: np.ndarray, rule: Rule) -> Converted:
