@@ -67,3 +67,23 @@ def test_rule_describes_itself():
     assert RULES["tensorrt"].int4_block(576) == 64 and RULES["tensorrt"].int4_block(4096) == 128  # SmolLM2, 7B
     with pytest.raises(ValueError, match="a row of 96 weights is not a multiple of any int4 block"):
         RULES["tensorrt"].int4_block(96)
+
+
+def test_reblock_quality_bench_runs(tiny_dirs, capsys):
+    """bench/trt_reblock_quality.py on a tiny model: the engine row is the baseline, RTX carries q4_0's dense
+    tensors exactly (same perplexity), datacenter TensorRT re-quantizes all of them."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "trt_reblock_quality.py"
+    spec = importlib.util.spec_from_file_location("trt_reblock_quality", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["-m", str(tiny_dirs["llama"]), "--weight-format", "q4_0", "--sequences", "2",
+                       "--prompt-tokens", "16", "--continuation-tokens", "8", "--json"]) == 0
+    rows = {r["variant"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert set(rows) == {"engine", "tensorrt-rtx", "tensorrt", "int4 block 64"}
+    assert rows["engine"]["dense_increase"] == 0 and rows["tensorrt-rtx"]["requantized"] == "0/14"
+    assert rows["tensorrt-rtx"]["dense_ppl"] == rows["engine"]["dense_ppl"]  # carried exactly
+    assert rows["tensorrt"]["requantized"] == "14/14" and np.isfinite(rows["tensorrt"]["dense_ppl"])
