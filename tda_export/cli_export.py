@@ -83,10 +83,13 @@ def build(model, out, dtype, weight_format, calibration, no_calibrate, density, 
       tda-export build -m smollm2-135m --weight-format q4_1 -o smollm2-q4_1   # the GGUF's own Q4_1 bytes
       tda-export build -m mistral-7b --weights ~/ckpt/mistral --dtype bf16 -c mistral.cal.json -o mistral-engine
       tda-export build -m smollm2-135m --target tensorrt-rtx --dtype fp16 -o smollm2-rtx
+      tda-export build -m smollm2-135m --weight-format q4_0 --target tensorrt-rtx --dtype fp16 -o smollm2-q4-rtx
 
     With --target tensorrt-rtx|tensorrt the directory also holds model.plan (every tda node a plugin
     layer, else the build fails; a prefill and a decode profile over batch) and the manifest's
-    "tensorrt" section (see docs/tensorrt.md).
+    "tensorrt" section (see docs/tensorrt.md). With a block --weight-format the plan's MLP reads the
+    engine's blocks in our plugin and its other linears are TensorRT int4/int8 weight-only layers,
+    re-quantized where the target needs it (listed in tensorrt.weight_only).
     """
     from .arch import UnsupportedModel
     from .export.build import DenseWarning, build as run_build
@@ -217,6 +220,13 @@ def _show_tensorrt(trt: dict) -> None:
                f"{decode}: "
                + ", ".join(f"{k} {v} layers" for k, v in layers.get("plugins", {}).items())
                + f" (of {layers.get('num_layers')} layers)")
+    wo = trt.get("weight_only")
+    if isinstance(wo, dict):  # a plan from a block engine (docs/tensorrt.md "Plans from quantized engines")
+        requantized = wo.get("requantized", [])
+        click.echo(f"weights    {wo.get('weight_format')} engine: MLP blocks in the plugin, dense linears weight-only "
+                   f"{wo.get('rule')}; {len(requantized)} of {len(wo.get('tensors', {}))} block tensors re-quantized"
+                   + (f" ({', '.join(requantized[:3])}{' ...' if len(requantized) > 3 else ''})" if requantized
+                      else ""))
     shown = ("input_ids", "attention_mask", "past_key_values.0.key")
     for p in trt.get("profiles", []):
         shapes = p.get("shapes", {})

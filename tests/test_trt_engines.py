@@ -150,3 +150,85 @@ def test_smollm2_fp16_plan(tmp_path):
     out = build("smollm2-135m", tmp_path / "e", "float16", progress=False, plan=PlanOptions(**FAST))
     trt = check_plan(out, 30, "silu")
     print(f"smollm2 fp16 export + TensorRT-RTX plan: {time.time() - t:.0f} s, {trt['plan_bytes'] / 2**20:.0f} MiB")
+
+
+def _wide_llama(path):
+    """A tiny Llama wide enough that the weights, not TensorRT's kernels, dominate a plan's bytes."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tiny_models import COMMON, tiny_tokenizer
+
+    cfg = LlamaConfig(**dict(COMMON, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                             num_attention_heads=8, num_key_value_heads=4, head_dim=64), hidden_act="silu")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.05)
+    model.save_pretrained(path, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def wide_fp16_plan(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wide")
+    src = _wide_llama(root / "src")
+    out = build(str(src), root / "fp16", "float16", progress=False, plan=PlanOptions(**FAST))
+    return src, json.loads((out / "manifest.json").read_text())["tensorrt"]["plan_bytes"]
+
+
+@pytest.mark.parametrize("fmt,bits", [("q4_0", 4), ("q8_0", 8), ("q4_1", 4)])
+def test_plan_from_block_engine(wide_fp16_plan, tmp_path, fmt, bits):
+    """An RTX plan from a block-quantized engine: our plugin layers take the engine's blocks (int8 inputs,
+    weight_format recorded), the dense linears and the embedding are int4/int8 weight-only, and the plan
+    is smaller than the fp16 plan of the same model by what the weights save, not by some other amount.
+    q8_0/q4_0 blocks are carried exactly; q4_1's dense tensors are re-quantized (its minimum is no zero point)."""
+    src, fp16_plan = wide_fp16_plan
+    out = build(str(src), tmp_path / "e", "float16", progress=False, plan=PlanOptions(**FAST), weight_format=fmt)
+    trt = check_plan(out, 2, "silu")
+    records = plugin_records((out / "model.plan").read_bytes())
+    assert {v for f, _, v in records["fields"] if f == "weight_format"} == {fmt.encode() + b"\0"}
+    wo = trt["weight_only"]
+    heads = {"embed_tokens.weight_blocks", "lm_head.weight_blocks"} & set(wo["tensors"])  # untied: both
+    assert trt["layers"]["by_type"]["DEQUANTIZE"] == 2 * 4 + len(heads) == 10  # q/k/v/o per layer
+    tensors = wo["tensors"]
+    dense = {k: v for k, v in tensors.items() if "mlp" not in k}
+    requantized = sorted(dense) if fmt == "q4_1" else []
+    assert wo["rule"] == "int4 block 32, int8 block 32" and wo["requantized"] == requantized
+    assert all(v["exact"] for k, v in tensors.items() if k not in requantized)
+    engine = json.loads((out / "manifest.json").read_text())["weight_formats"]
+    assert set(tensors) == {k for k, v in engine.items() if v == fmt}  # every block tensor accounted for
+    assert {v["to"] for v in dense.values()} == {f"int{bits}"}
+    assert not (out / ".tensorrt-graph").exists()  # the scratch graph is gone
+    shown = CliRunner().invoke(main, ["inspect", str(out)])
+    assert shown.exit_code == 0 and "verified" in shown.output, shown.output
+    assert (f"weights    {fmt} engine: MLP blocks in the plugin, dense linears weight-only int4 block 32, int8 block "
+            f"32; {len(requantized)} of {len(tensors)} block tensors re-quantized") in shown.output
+    fp16_bytes = sum(2 * v["weights"] for v in tensors.values())
+    quant_bytes = sum(v["bytes"] for v in tensors.values())
+    # what the plan holds beyond the fp16 plan's non-weight bytes (kernels, graph): the weights it carries
+    in_plan = trt["plan_bytes"] - (fp16_plan - fp16_bytes)
+    print(f"{fmt}: plan {trt['plan_bytes']} bytes, fp16 plan {fp16_plan}; weights in the plan about {in_plan} "
+          f"= {in_plan / quant_bytes:.2f}x the quantized {quant_bytes} (fp16 {fp16_bytes})")
+    # RTX 1.7 adds about a fifth to the quantized bytes; far from fp16's 16 bits per weight
+    assert 0.9 * quant_bytes < in_plan < 1.3 * quant_bytes and in_plan < 0.75 * fp16_bytes
+
+
+@pytest.mark.slow
+def test_smollm2_q4_0_plan(tmp_path):
+    """SmolLM2 quantized to q4_0 (embedding included): 30 plugin layers on the blocks, and a plan nearer the
+    quantized bytes than fp16's (TensorRT-RTX adds about a fifth to weight-only bytes, plus its kernels)."""
+    t = time.time()
+    out = build("smollm2-135m", tmp_path / "e", "float16", progress=False, plan=PlanOptions(**FAST),
+                weight_format="q4_0")
+    trt = check_plan(out, 30, "silu")
+    tensors = trt["weight_only"]["tensors"]
+    assert trt["weight_only"]["requantized"] == [] and {v["block"] for v in tensors.values()} == {32}
+    quant = sum(v["bytes"] for v in tensors.values())
+    fp16 = sum(2 * v["weights"] for v in tensors.values())
+    print(f"smollm2 q4_0 export + TensorRT-RTX plan: {time.time() - t:.0f} s, plan {trt['plan_bytes'] / 2**20:.1f} "
+          f"MiB, weights q4_0 {quant / 2**20:.1f} MiB, fp16 {fp16 / 2**20:.1f} MiB")
+    assert quant < trt["plan_bytes"] < (quant + fp16) / 2

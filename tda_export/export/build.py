@@ -128,11 +128,6 @@ def build(model: str, out: str | Path, dtype: str | None = None, calibration: st
     format stores every linear layer and the embedding as blocks (quantize.py's rules). Raises
     ExportError/ValueError/FileNotFoundError on bad input."""
     quantize.check_choice(weight_format)
-    if plan is not None and quantize.is_blocks(weight_format):
-        raise ExportError(f"--target {plan.target} with --weight-format {weight_format}: the TensorRT build does not "
-                          f"take block-quantized weights yet (the plugins do, the plan's dense linears are not "
-                          f"written: docs/tensorrt.md); build the ONNX engine (--target onnx) or use "
-                          f"--weight-format {quantize.FLOAT}")
     out = Path(out)
     if out.exists() and not force:
         raise ExportError(f"--out {out}: already exists (use --force to replace it)")
@@ -192,8 +187,19 @@ def build(model: str, out: str | Path, dtype: str | None = None, calibration: st
                 print(f"building the {plan.target} plan", file=sys.stderr)
             from ..trt.goldens import save as save_goldens
 
-            data["tensorrt"] = build_plan(tmp / MODEL_FILE, tmp, data["io"]["inputs"], spec.max_context, dtype,
-                                          plan, progress)
+            if quantize.is_blocks(weight_format):
+                trt_onnx, weight_only = _weight_only_graph(loaded, spec, thresholds, cal_summary, weight_format,
+                                                           plan.target, tmp, progress)
+            else:
+                trt_onnx, weight_only = tmp / MODEL_FILE, None
+            try:
+                data["tensorrt"] = build_plan(trt_onnx, tmp, data["io"]["inputs"], spec.max_context, dtype,
+                                              plan, progress)
+            finally:
+                if weight_only is not None:
+                    shutil.rmtree(trt_onnx.parent, ignore_errors=True)
+            if weight_only is not None:
+                data["tensorrt"]["weight_only"] = weight_only
             save_goldens(tmp, tmp / MODEL_FILE, data)  # reference logits for `tda-export check` (trt/goldens.py)
         manifest.write(tmp, data)
         if out.exists():
@@ -203,6 +209,41 @@ def build(model: str, out: str | Path, dtype: str | None = None, calibration: st
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _weight_only_graph(loaded, spec, thresholds, cal_summary, weight_format, target, tmp: Path, progress):
+    """The graph a plan is built from for a block engine (export/weight_only.py): dense linears and the
+    embedding as TensorRT's weight-only pattern, MLP blocks typed int8 for the plugin. Written to a
+    scratch directory (removed once the plan holds the weights); returns its ONNX path and the manifest's
+    tensorrt.weight_only section: the rule, and per engine tensor what it became and whether exactly."""
+    from .weight_only import RULES
+
+    rule = RULES[target]
+    scratch = tmp / ".tensorrt-graph"
+    scratch.mkdir()
+    if progress:
+        print(f"writing the {target} graph: dense linears as weight-only {rule.describe()}", file=sys.stderr)
+    report: dict = {}
+    writer = WeightWriter(spec.dtype, scratch / WEIGHTS_FILE)
+    try:
+        proto = build_decoder(loaded, spec, thresholds, writer, progress=progress,
+                              density_bounds=cal_summary.get("density_bounds"), weight_format=weight_format,
+                              weight_only=rule, report=report)
+    finally:
+        writer.close()
+    onnx.save(proto, scratch / MODEL_FILE)
+    requantized = sorted(t for t, r in report.items() if r["requantized"])
+    if requantized and progress:
+        print(f"re-quantized for {target} ({rule.describe()}): {len(requantized)} of {len(report)} block tensors, "
+              f"e.g. {requantized[0]}", file=sys.stderr)
+    return scratch / MODEL_FILE, {
+        "rule": rule.describe(), "weight_format": weight_format,
+        "scale_dtype": spec.dtype,
+        "note": ("requantized: symmetric round-to-nearest of the exactly dequantized weights, zero point 0; "
+                 "otherwise the engine's own integers and fp16 scales (exact: false only where a bf16 plan "
+                 "rounds those scales to bf16)"),
+        "weight_bytes": sum(r["bytes"] for r in report.values()),
+        "requantized": requantized, "tensors": report}
 
 
 def _block_rows(spec) -> dict[str, tuple[str, int]]:

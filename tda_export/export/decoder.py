@@ -19,10 +19,12 @@ from onnx import TensorProto, helper
 from tqdm import tqdm
 
 from .. import arch
+from ..ops.blocks import block_format
 from ..ops.contract import NO_CLAMP, SELECT_ACTIVE, SPARSE_GATED_MLP, STATE_TENSORS
 from ..ops.onnx_ops import dequantize_blocks, functions_for, make_node
 from ..ops.onnx_ops import opset_imports as tda_opset_imports
-from . import io, names, quantize
+from . import io, names, quantize, weight_only
+from .weight_only import Rule
 from .engine_weights import EngineWeights
 from .graph import Graph
 from .spec import DecoderSpec
@@ -50,8 +52,12 @@ class _Nodes:
 
 
 class _Decoder:
-    def __init__(self, loaded, spec: DecoderSpec, writer: WeightWriter, weight_format: str = quantize.FLOAT):
+    def __init__(self, loaded, spec: DecoderSpec, writer: WeightWriter, weight_format: str = quantize.FLOAT,
+                 weight_only: Rule | None = None, report: dict | None = None):
         self.lm, self.m, self.s, self.w, self.g = loaded, loaded.model, spec, writer, Graph()
+        # a TensorRT graph (export/weight_only.py): dense linears and the embedding as int4/int8 ->
+        # DequantizeLinear, MLP blocks typed int8; report gets what each block tensor became
+        self.wo, self.report = weight_only, report if report is not None else {}
         self.T = ONNX_TYPES[spec.dtype]
         self._t_consts: dict[float, str] = {}
         self.q = EngineWeights(loaded, weight_format) if quantize.is_blocks(weight_format) else None
@@ -73,11 +79,30 @@ class _Decoder:
         """float32 [rows, width] of uint8 blocks, exactly (the op function's dequantizer)."""
         return dequantize_blocks(_Nodes(self.g, name), fmt, blocks, self.g.i64([width]))
 
+    def weight_only_matrix(self, name: str, enc, transpose: bool) -> str:
+        """TensorRT's weight-only pattern of blocks enc (rows = outputs): DequantizeLinear of int4/int8 to T,
+        [in, out] for a MatMul (transpose) or [rows, in] as stored (Gather, Gemm transB)."""
+        c = weight_only.convert(enc.fmt, enc.blocks, self.wo)
+        q, scale = (c.q.T, c.scale.T) if transpose else (c.q, c.scale)
+        axis = 0 if transpose else 1  # the input axis
+        qname = self.w.add_weight_only(f"{name}.weight_q", q, c.bits, f"int{c.bits}")
+        if c.block is None:  # one scale per output row, on the other axis
+            sname = self.w.add(f"{name}.weight_scale", torch.from_numpy(np.ascontiguousarray(scale.reshape(-1))))
+            attrs = dict(axis=1 - axis)
+        else:
+            sname = self.w.add(f"{name}.weight_scale", torch.from_numpy(np.ascontiguousarray(scale)))
+            attrs = dict(axis=axis, block_size=c.block)
+        engine_name = {"embed": names.EMBED_BLOCKS, "lm_head": names.LM_HEAD_BLOCKS}.get(name)
+        self.report[engine_name or names.linear_weight_blocks(name)] = c.describe(enc.fmt, self.s.dtype)
+        return self.g.op("DequantizeLinear", qname, sname, name=name, **attrs)
+
     def linear(self, x: str, lin: torch.nn.Linear, name: str) -> str:
         """x @ W^T (+ b); a float weight is stored transposed so MatMul reads it as [in, out]; blocks
         [out, in/32*bb] are dequantized to float32 and multiply x widened to float32 (the contract's semantics)."""
         if self.q is None:
             y = self.g.op("MatMul", x, self.w.add(names.linear_weight_t(name), self.lm.tensor(lin).T), name=name)
+        elif self.wo is not None:
+            y = self.g.op("MatMul", x, self.weight_only_matrix(name, self.q.linear(lin), True), name=name)
         else:
             enc = self.q.linear(lin)
             w = self.dequantized(self.w.add_blocks(names.linear_weight_blocks(name), enc.blocks, enc.fmt), enc.fmt,
@@ -178,8 +203,15 @@ class _Decoder:
         else:
             gu, dt = self.q.gate_up(mlp), self.q.down_t(mlp)
             fmt = gu.fmt
-            gate_up = self.w.add_blocks(names.gate_up(n), gu.blocks, gu.fmt)
-            down_t = self.w.add_blocks(names.down_t(n), dt.blocks, dt.fmt)
+            trt = self.wo is not None
+            gate_up = self.w.add_blocks(names.gate_up(n), gu.blocks, gu.fmt, as_int8=trt)
+            down_t = self.w.add_blocks(names.down_t(n), dt.blocks, dt.fmt, as_int8=trt)
+            if trt:
+                for t, e in ((names.gate_up(n), gu), (names.down_t(n), dt)):
+                    self.report[t] = {"from": e.fmt, "to": "int8 (the blocks' bytes, SparseGatedMLP plugin)",
+                                      "block": 32, "requantized": False, "exact": True,
+                                      "weights": int(e.blocks.size // block_format(e.fmt).block_bytes * 32),
+                                      "bytes": int(e.blocks.nbytes)}
         state = {w: io.past_state_name(n, w) for w in STATE_TENSORS}
         args = {"hidden_states": x, "gate_up_weight": gate_up, "down_weight_t": down_t,
                 "active_idx": state["active_idx"], "active_count": state["active_count"],
@@ -203,6 +235,10 @@ class _Decoder:
         embed = self.m.get_input_embeddings()
         if self.q is None:
             embed_w = self.w.add(names.EMBED, self.lm.tensor(embed))
+            x = g.op("Gather", embed_w, io.INPUT_IDS, name="embed")
+        elif self.wo is not None:  # TensorRT gathers rows of the dequantized int4/int8 matrix
+            emb = self.q.embedding(embed)
+            embed_w = self.weight_only_matrix("embed", emb, False)
             x = g.op("Gather", embed_w, io.INPUT_IDS, name="embed")
         else:  # gather the tokens' rows of blocks, then dequantize only those
             emb = self.q.embedding(embed)
@@ -238,6 +274,9 @@ class _Decoder:
         if self.q is None:
             lm_w = embed_w if s.tied_embeddings else self.w.add(names.LM_HEAD,
                                                                 self.lm.tensor(self.m.get_output_embeddings()))
+        elif self.wo is not None:
+            lm_w = embed_w if s.tied_embeddings else self.weight_only_matrix(
+                "lm_head", self.q.embedding(self.m.get_output_embeddings()), False)
         else:
             fmt = emb.fmt
             if not s.tied_embeddings:
@@ -269,13 +308,18 @@ class _Decoder:
 
 
 def build_decoder(loaded, spec: DecoderSpec, thresholds: list[float], writer: WeightWriter,
-                  progress: bool = False, density_bounds=None, weight_format: str = quantize.FLOAT) -> onnx.ModelProto:
+                  progress: bool = False, density_bounds=None, weight_format: str = quantize.FLOAT,
+                  weight_only: Rule | None = None, report: dict | None = None) -> onnx.ModelProto:
     """density_bounds: per-layer (lo, hi) held by the tda_density_bounds initializer (None: no clamp).
-    weight_format: quantize.CHOICES ("float": the weights in spec.dtype)."""
+    weight_format: quantize.CHOICES ("float": the weights in spec.dtype). weight_only (block formats only):
+    the graph for a TensorRT plan instead (export/weight_only.py); report, if given, gets
+    {engine tensor: what it became}."""
+    if weight_only is not None and not quantize.is_blocks(weight_format):
+        raise ValueError("weight_only needs a block weight_format")
     if len(thresholds) != spec.num_layers:
         raise ValueError(f"{len(thresholds)} thresholds for {spec.num_layers} layers")
     bounds = density_bounds if density_bounds is not None else [NO_CLAMP] * spec.num_layers
     if len(bounds) != spec.num_layers:
         raise ValueError(f"{len(bounds)} density bounds for {spec.num_layers} layers")
     with torch.no_grad():
-        return _Decoder(loaded, spec, writer, weight_format).build(thresholds, bounds, progress)
+        return _Decoder(loaded, spec, writer, weight_format, weight_only, report).build(thresholds, bounds, progress)

@@ -67,13 +67,26 @@ class WeightWriter:
         return self._store(name, raw_bytes(tensor.to(TORCH_TYPES[dtype])), list(tensor.shape), dtype,
                            ONNX_TYPES[dtype], SAFETENSORS_TYPES[dtype])
 
-    def add_blocks(self, name: str, blocks: np.ndarray, fmt: str) -> str:
-        """uint8 blocks of block format `fmt` (contract.BLOCK_FORMATS), stored as they are (U8)."""
+    def add_blocks(self, name: str, blocks: np.ndarray, fmt: str, as_int8: bool = False) -> str:
+        """uint8 blocks of block format `fmt` (contract.BLOCK_FORMATS), stored as they are (U8); as_int8: the
+        same bytes typed INT8 (TensorRT plugin inputs cannot be uint8; the plugins read them as bytes)."""
         assert blocks.dtype == np.uint8, blocks.dtype
-        return self._store(name, np.ascontiguousarray(blocks).tobytes(), list(blocks.shape), fmt, TensorProto.UINT8,
-                           "U8")
+        return self._store(name, np.ascontiguousarray(blocks).tobytes(), list(blocks.shape), fmt,
+                           TensorProto.INT8 if as_int8 else TensorProto.UINT8, "I8" if as_int8 else "U8")
 
-    def _store(self, name: str, data: bytes, shape: list[int], fmt: str, onnx_type: int, st_dtype: str) -> str:
+    def add_weight_only(self, name: str, q: np.ndarray, bits: int, label: str) -> str:
+        """Integers of TensorRT's weight-only pattern (export/weight_only.py): INT8, or INT4 packed two per
+        byte (ONNX's layout; the safetensors header calls those bytes U8 of their own length)."""
+        if bits == 8:
+            return self._store(name, np.ascontiguousarray(q, np.int8).tobytes(), list(q.shape), label,
+                               TensorProto.INT8, "I8")
+        from .weight_only import pack_int4
+
+        data = pack_int4(q)
+        return self._store(name, data, list(q.shape), label, TensorProto.INT4, "U8", st_shape=[len(data)])
+
+    def _store(self, name: str, data: bytes, shape: list[int], fmt: str, onnx_type: int, st_dtype: str,
+               st_shape: list[int] | None = None) -> str:
         proto = TensorProto(name=name, data_type=onnx_type, dims=shape)
         if self._file is None:
             proto.raw_data = data
@@ -83,7 +96,7 @@ class WeightWriter:
             pad = -self._data_end % ALIGN
             if pad:
                 self._append(f"{PAD_PREFIX}{len(self._header)}", "U8", [pad], b"\0" * pad)
-            offset = self._append(name, st_dtype, shape, data)
+            offset = self._append(name, st_dtype, st_shape or shape, data)
             proto.data_location = TensorProto.EXTERNAL
             for k, v in (("location", self.data_path.name), ("offset", HEADER_BYTES + offset), ("length", len(data))):
                 proto.external_data.add(key=k, value=str(v))

@@ -81,7 +81,8 @@ def reference(onnx_path: Path, manifest: dict):
     spec = DecoderSpec.from_dict(dict(manifest["decoder_spec"], dtype="float32"))
     ids, _ = prompt(manifest["vocab_size"])
     backend = TorchBackend(spec, weights, device=torch.device("cpu"), max_batch=ids.shape[0],
-                           max_context=ids.shape[1] + DECODE_STEPS + 1, cuda_graphs=False)
+                           max_context=ids.shape[1] + DECODE_STEPS + 1, cuda_graphs=False,
+                           weight_formats=manifest.get("weight_formats"))  # block engines: dequantized exactly
     return backend, "torch float32"
 
 
