@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from tda_export.cli import main
 from tda_export.ops.contract import ACTIVATIONS, PLUGIN_FIELDS, PLUGIN_NAMESPACE, PLUGIN_VERSION, SCORE_NORMS
-from tda_export.ops.contract import SELECT_ACTIVE, SPARSE_GATED_MLP
+from tda_export.ops.contract import SELECT_ACTIVE, SPARSE_GATED_MLP, WEIGHT_FORMATS
 from tda_export.trt import logic as lg
 from tda_export.trt.build.layers import Layer, PluginCoverageError, check_coverage, summary
 from tda_export.trt.build.plan import PlanError, PlanOptions, check_options, compute_capabilities
@@ -39,7 +39,9 @@ def test_identity_and_fields_are_the_contracts(L):
             # ... and parsed back, with or without the NUL (ONNX parsers pass none).
             assert L.parse_mlp_fields([(k, v, True) for k, v in L.mlp_serialized_fields(attrs)], False) == attrs
             assert L.parse_mlp_fields([("activation", act.encode(), True), ("score_norm", norm.encode(), True)],
-                                      False) == (a, n, 1)
+                                      False) == (a, n, 1, 0)
+    for w, fmt in enumerate(WEIGHT_FORMATS):  # the block formats by their contract index (tda_weight_format_t)
+        assert L.parse_mlp_fields([("weight_format", fmt.encode(), True)], False).weight_format == w
 
 
 def test_bad_fields_name_the_field(L):
@@ -51,7 +53,7 @@ def test_bad_fields_name_the_field(L):
         L.parse_mlp_fields([("activation", b"\x01\x00\x00\x00", False)], True)
     with pytest.raises(lg.LogicError, match="decode_version '3' not in 1, 2"):
         L.parse_mlp_fields([("decode_version", b"3", True)], False)
-    assert L.parse_mlp_fields([("plugin_namespace", b"tda", True)], False) == (0, 0, 1)
+    assert L.parse_mlp_fields([("plugin_namespace", b"tda", True)], False) == (0, 0, 1, 0)
     with pytest.raises(lg.LogicError, match="SelectActive: unknown field activation"):
         L.parse_select_fields([("activation", b"silu", True)])
 
