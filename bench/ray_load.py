@@ -71,8 +71,8 @@ def main():
                 serve.run(application(os.path.abspath(args.engine), plan, args.max_batch, backend=args.backend,
                                       threads=args.threads, queue_size=max(256, args.clients)),
                           name=APP_NAME, route_prefix="/")
-                asyncio.run(load(port, prompts[:8], 4, None))  # warm: the replicas' first batches
-                results, wall = asyncio.run(load(port, prompts, args.max_tokens, None))
+                asyncio.run(load(port, prompts[:8], [4] * 8, None))  # warm: the replicas' first batches
+                results, wall = asyncio.run(load(port, prompts, [args.max_tokens] * len(prompts), None))
                 runs[n].append(summarize(results, wall, len(prompts)))
     finally:
         serve.shutdown()
