@@ -3,10 +3,12 @@ request and the machine (no torch, no ONNX Runtime, no compiler; tests drive it 
 
 `auto` prefers, in order:
 1. torch with the CUDA kernels, unless device="cpu": the only backend that decodes sparsely on a GPU;
-2. the native C++ runtime on a CPU, for the engines it runs (float32, weights in model.safetensors): it
-   decodes faster than torch and ONNX Runtime at every density (bench/RESULTS.md, native section), and
-   its per-layer rule (cpp/src/cpu_executor.h kDenseAbove) decodes a layer densely once most of its
-   neurons are active, which bounds TDA's cost there (d=0.9 measured 0.97x of dense, README);
+2. the native C++ runtime on a CPU, for the engines it runs (float32 compute, weights in model.safetensors
+   as float32 or q8_0/q4_0/q4_1 blocks): it decodes faster than torch and ONNX Runtime at every density
+   (bench/RESULTS.md, native section); on float weights its per-layer rule (cpp/src/cpu_executor.h
+   kDenseAbove) decodes a layer densely once most of its neurons are active, which bounds TDA's cost
+   there (d=0.9 measured 0.97x of dense on fp32), while block engines always decode the MLP sparsely
+   (d=0.9 measured 0.86x of dense on q4_1, README);
 3. else whichever of torch and ONNX Runtime decodes faster here, measured once and cached (choose.py).
 Engines from before the decoder_spec run only on ONNX Runtime. An explicit backend is taken as asked.
 
