@@ -38,8 +38,10 @@ extern "C" {
  * 4: tda_decode_args_t gained `weight_format` (last field; 0 = weights in
  *    dtype, so a zero-initialised struct keeps version 3's results).
  * 5: the dense block-quantized linear tda_block_linear (+ its workspace
- *    query), tda_block_dequantize and tda_block_bytes. */
-#define TDA_KERNELS_ABI_VERSION 5
+ *    query), tda_block_dequantize and tda_block_bytes.
+ * 6: tda_decode_args_t gained `down_weight_format` (last field; 0 = the same
+ *    as weight_format, so a zero-initialised struct keeps version 5's results). */
+#define TDA_KERNELS_ABI_VERSION 6
 /* Largest batch of one call: decode keeps one bit per sequence per neuron. */
 #define TDA_MAX_BATCH 64
 /* H and I must be multiples of this (16-byte vectors of 16-bit types). */
@@ -130,6 +132,12 @@ typedef struct {
    * libraries run every format; the CUDA library needs block arrays 4-byte
    * aligned (TDA_ERR_MISALIGNED), the CPU library none. */
   int32_t weight_format;
+  /* down_weight_t's own format (ABI 6, contract down_weight_format): 0 = the
+   * same as weight_format; else a block tda_weight_format_t (Q8_0/Q4_0/Q4_1),
+   * only with a block weight_format (otherwise TDA_ERR_BAD_DTYPE). Then
+   * down_weight_t is [I, H/32] blocks of that format, e.g. q8_0 rows under
+   * q4_1 gate/up rows. */
+  int32_t down_weight_format;
 } tda_decode_args_t;
 
 size_t tda_sparse_gated_mlp_decode_workspace_size(const tda_decode_args_t* args);

@@ -52,6 +52,11 @@ inline int32_t decode_version(const tda_decode_args_t* a) { return a->version ? 
 
 inline bool block_weights(const tda_decode_args_t* a) { return a->weight_format != TDA_WEIGHTS_DTYPE; }
 
+// The format down_weight_t is stored in (ABI 6: 0 = weight_format's).
+inline tda_weight_format_t down_format(const tda_decode_args_t* a) {
+  return static_cast<tda_weight_format_t>(a->down_weight_format ? a->down_weight_format : a->weight_format);
+}
+
 // Sizes/enums only: what the workspace queries may rely on. A library that
 // runs the block-quantized weight formats says so (both do since ABI 5).
 inline tda_status_t check_decode_shape(const tda_decode_args_t* a, bool runs_block_weights = false) {
@@ -59,6 +64,10 @@ inline tda_status_t check_decode_shape(const tda_decode_args_t* a, bool runs_blo
   if (a->dtype < TDA_F32 || a->dtype > TDA_BF16) return TDA_ERR_BAD_DTYPE;
   if (a->weight_format < TDA_WEIGHTS_DTYPE || a->weight_format > TDA_WEIGHTS_Q4_1) return TDA_ERR_BAD_DTYPE;
   if (block_weights(a) && !runs_block_weights) return TDA_ERR_BAD_DTYPE;
+  // A down format of its own: a block format, only under block gate/up weights.
+  if (a->down_weight_format != TDA_WEIGHTS_DTYPE &&
+      (!block_weights(a) || a->down_weight_format < TDA_WEIGHTS_Q8_0 || a->down_weight_format > TDA_WEIGHTS_Q4_1))
+    return TDA_ERR_BAD_DTYPE;
   if (a->activation < TDA_ACT_SILU || a->activation > TDA_ACT_RELU) return TDA_ERR_BAD_ENUM;
   if (a->version < 0 || a->version > kMaxDecodeVersion) return TDA_ERR_BAD_ENUM;
   if (a->batch < 0 || a->batch > TDA_MAX_BATCH) return TDA_ERR_BAD_BATCH;

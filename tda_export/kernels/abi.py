@@ -9,7 +9,7 @@ from ..ops.contract import ACTIVATIONS, DTYPES, QUANT_BLOCK, SCORE_NORMS, WEIGHT
 from . import build
 
 TDA_OK = 0
-ABI_VERSION = 5  # TDA_KERNELS_ABI_VERSION of the header this file mirrors
+ABI_VERSION = 6  # TDA_KERNELS_ABI_VERSION of the header this file mirrors
 MAX_BATCH = 64
 WORKSPACE_ALIGNMENT = 256
 SIZE_MULTIPLE = 8
@@ -20,6 +20,7 @@ DTYPE_CODE = {name: i for i, name in enumerate(DTYPES)}
 ACTIVATION_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
 SCORE_NORM_CODE = {name: i for i, name in enumerate(SCORE_NORMS)}
 WEIGHT_FORMAT_CODE = {name: i for i, name in enumerate(WEIGHT_FORMATS)}
+DOWN_WEIGHT_FORMAT_CODE = {name: i for i, name in enumerate(DOWN_WEIGHT_FORMATS)}  # 0 = same
 
 
 class DecodeArgs(ctypes.Structure):
@@ -28,7 +29,7 @@ class DecodeArgs(ctypes.Structure):
         ("batch", c_int32), ("hidden", c_int32), ("intermediate", c_int32), ("deterministic", c_int32),
         ("hidden_states", c_void_p), ("gate_up_weight", c_void_p), ("down_weight_t", c_void_p),
         ("active_idx", c_void_p), ("active_count", c_void_p), ("output", c_void_p),
-        ("version", c_int32), ("weight_format", c_int32),
+        ("version", c_int32), ("weight_format", c_int32), ("down_weight_format", c_int32),
     ]
 
 

@@ -38,6 +38,10 @@ DTYPES = ("float32", "float16", "bfloat16")
 # How the MLP weights are stored. Order matters: index == value of the C enum tda_weight_format_t
 # ("dtype": in the op's float type T, the unquantized op; the others are BLOCK_FORMATS).
 WEIGHT_FORMATS = ("dtype", "q8_0", "q4_0", "q4_1")
+# down_weight_t's own format: "same" (= weight_format) or a block format, the latter only under a block
+# weight_format. Order matters: index == value of the ABI's down_weight_format (0 = same, else the
+# tda_weight_format_t of that block format).
+DOWN_WEIGHT_FORMATS = ("same",) + WEIGHT_FORMATS[1:]
 # How a prompt token's intermediate activations are normalised before scoring.
 # Order matters: index == value of the C enum tda_score_norm_t.
 SCORE_NORMS = ("token_l2", "none")
@@ -139,6 +143,10 @@ SPARSE_GATED_MLP = OpSpec(
         AttrSpec("weight_format", "string", "dtype", WEIGHT_FORMATS,
                  "How gate_up_weight and down_weight_t are stored: dtype: in T, as listed above; q8_0, q4_0, "
                  "q4_1: uint8 blocks (see Block-quantized weights), the op runs on their dequantized values."),
+        AttrSpec("down_weight_format", "string", "same", DOWN_WEIGHT_FORMATS,
+                 "How down_weight_t is stored when it differs from gate_up_weight: same (weight_format), or a "
+                 "block format under a block weight_format (e.g. q8_0 down under q4_1 gate/up, so a GGUF "
+                 "ffn_down that must be re-quantized along H keeps its quality)."),
     ),
     semantics="""\
 Let z[b,t,j] = act(hidden[b,t,:] . gate_up_weight[j,0,:]) * (hidden[b,t,:] . gate_up_weight[j,1,:]).
@@ -214,7 +222,9 @@ neurons per block; at density d a block holds an active neuron with probability 
 d = 0.5), so a sparse down projection would read almost every byte. For a GGUF source this means:
 ffn_gate/ffn_up rows are gate_up rows byte for byte (interleaving them per neuron moves whole rows), but
 ffn_down has its blocks along I and cannot be carried over; an exporter dequantizes it and requantizes the
-transpose along H."""
+transpose along H. Re-quantizing 4-bit values to 4 bits again costs quality (SmolLM2's Q4_1 ffn_down: +9%
+held-out perplexity), to 8 bits almost nothing, so down_weight_format lets down_weight_t take q8_0 under
+4-bit gate/up rows."""
 QUANT_BLOCK = 32  # weights per block, along the input dimension of a row
 
 
@@ -251,14 +261,18 @@ QUANTIZED_WEIGHTS = (
                "[j, 0] is W_gate row j as H/32 blocks, [j, 1] is W_up row j: neuron j's input weights are one "
                "contiguous run of 2*H/32 blocks. A GGUF ffn_gate/ffn_up row is exactly one such run."),
     TensorSpec("down_weight_t", "uint8", ("I", "H/32*block_bytes"),
-               "W_down transposed, row j = neuron j's H output weights quantized in blocks along H."),
+               "W_down transposed, row j = neuron j's H output weights quantized in blocks along H, in "
+               "down_weight_format's blocks when that is not same."),
 )
 
 QUANTIZED_SEMANTICS = """\
-With attribute weight_format = F, a block format, SparseGatedMLP is the same op on the dequantized weights:
-  output, scores_out = SparseGatedMLP(hidden, dequant_F(gate_up_weight), dequant_F(down_weight_t), ...)
+With attribute weight_format = F, a block format, and down_weight_format = G (F when "same"), SparseGatedMLP
+is the same op on the dequantized weights:
+  output, scores_out = SparseGatedMLP(hidden, dequant_F(gate_up_weight), dequant_G(down_weight_t), ...)
 where dequant_F gives float32 values exactly (the block format's dequantize, in float32). H must be a
-positive multiple of 32; I is any positive size. hidden_states, output and T are as for float weights.
+positive multiple of 32; I is any positive size. down_weight_t is then [I, H/32*block_bytes(G)]. A block
+down_weight_format under weight_format = dtype is outside the contract (every realization refuses it).
+hidden_states, output and T are as for float weights.
 A block whose fp16 field is inf or NaN is outside the contract (the quantizers never write one).
 The fp16 fields stay inside the blocks (one uint8 tensor per weight, GGUF's bytes): ONNX (opset 23) has no
 bit reinterpretation of uint8 as float16, so the ONNX function decodes them exactly from their sign,
@@ -267,6 +281,19 @@ The activation is not quantized: every product is x (in T, widened to float32) t
 accumulated in float32, z rounded to T as above. (llama.cpp quantizes x to Q8_0/Q8_1 for int8 dot
 products; this contract does not, so every realization -- kernels, a dequantize-then-MatMul graph -- is the
 float op on the same float32 weights and agrees within float32 accumulation noise.)"""
+
+def down_format(weight_format: str, down_weight_format: str = "same") -> str:
+    """The format down_weight_t is stored in; ValueError naming the attribute for a pair outside the contract."""
+    if weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"weight_format={weight_format!r} not in {list(WEIGHT_FORMATS)}")
+    if down_weight_format not in DOWN_WEIGHT_FORMATS:
+        raise ValueError(f"down_weight_format={down_weight_format!r} not in {list(DOWN_WEIGHT_FORMATS)}")
+    if down_weight_format == "same":
+        return weight_format
+    if weight_format == "dtype":
+        raise ValueError(f"down_weight_format={down_weight_format!r} needs a block weight_format, not 'dtype'")
+    return down_weight_format
+
 
 OPS = (SPARSE_GATED_MLP, SELECT_ACTIVE)
 OPS_BY_NAME = {op.name: op for op in OPS}
@@ -338,7 +365,9 @@ def render_markdown() -> str:
         + ", ".join(f"{i}=`{a}`" for i, a in enumerate(ACTIVATIONS))
         + "; dtypes " + ", ".join(f"{i}=`{d}`" for i, d in enumerate(DTYPES))
         + "; score norms " + ", ".join(f"{i}=`{d}`" for i, d in enumerate(SCORE_NORMS))
-        + "; weight formats " + ", ".join(f"{i}=`{d}`" for i, d in enumerate(WEIGHT_FORMATS)) + ".",
+        + "; weight formats " + ", ".join(f"{i}=`{d}`" for i, d in enumerate(WEIGHT_FORMATS))
+        + "; the decode args' down_weight_format " + ", ".join(f"{i}=`{d}`" for i, d in enumerate(DOWN_WEIGHT_FORMATS))
+        + " (0 = same as weight_format).",
         "",
     ]
     for op in OPS:

@@ -195,7 +195,9 @@ void run(const tda_decode_args_t* a, const DecodeWs& w) {
   const int32_t U = build_union(a, w, &pairs);
   const DecodeCtx c{B, H, U, w.x, w.mask, w.rows, w.z, w.acc, a->gate_up_weight, a->down_weight_t, a->output};
   const tda_weight_format_t wf = static_cast<tda_weight_format_t>(a->weight_format);
-  const DecodeKernels k = select_kernels(a->dtype, a->activation, wf);
+  // gate_up from the kernels of weight_format, down from those of down_weight_t's own format (ABI 6).
+  const DecodeKernels k{select_kernels(a->dtype, a->activation, wf).gate_up,
+                        select_kernels(a->dtype, a->activation, down_format(a)).down};
 
   // Work: 3 multiply-adds per (pair, column), plus the union rows' reads.
   const int64_t work = 3 * (pairs + U) * int64_t(H);
