@@ -429,6 +429,9 @@ def bytes_per_param(lm: LoadedModel, dtype: str | None = None) -> float:
     from .ops.contract import BLOCK_FORMATS, QUANT_BLOCK
 
     dtype = engine_dtype_of(lm, dtype)
+    if "+" in dtype:  # export/quantize.mlp_label: gate/up in one block format, down in another
+        gate_up, down = dtype.split("+")
+        return (2 * bytes_per_param(lm, gate_up) + bytes_per_param(lm, down)) / 3
     if dtype in BLOCK_FORMATS:
         return BLOCK_FORMATS[dtype].block_bytes / QUANT_BLOCK
     return 4 if dtype == "float32" else 2

@@ -38,13 +38,13 @@ def mlp_inputs(rng, batch: int, seq: int, dtype=np.float32):
 QH, QI = 64, 13
 
 
-def quant_mlp_inputs(rng, weight_format: str, batch: int, seq: int, dtype=np.float32):
-    """mlp_inputs with the weights as uint8 blocks (gate_up [QI, 2, QH/32*bytes], down_t [QI, QH/32*bytes]) of
-    scaled normal weights, so blocks of different ranges and signs occur."""
+def quant_mlp_inputs(rng, weight_format: str, batch: int, seq: int, dtype=np.float32, down_format: str | None = None):
+    """mlp_inputs with the weights as uint8 blocks (gate_up [QI, 2, QH/32*bytes], down_t [QI, QH/32*bytes], in
+    down_format's blocks if given) of scaled normal weights, so blocks of different ranges and signs occur."""
     hidden = rng.normal(size=(batch, seq, QH)).astype(dtype)
     scale = rng.uniform(0.05, 0.6, size=(QI, 1, 1))
     gate_up = blocks.quantize(weight_format, rng.normal(size=(QI, 2, QH)) * scale)
-    down_t = blocks.quantize(weight_format, rng.normal(size=(QI, QH)) * scale[:, 0])
+    down_t = blocks.quantize(down_format or weight_format, rng.normal(size=(QI, QH)) * scale[:, 0])
     token_valid = (rng.random((batch, seq)) > 0.3).astype(np.float32)
     scores_in = rng.random((batch, QI)).astype(np.float32)
     return hidden, gate_up, down_t, token_valid, scores_in

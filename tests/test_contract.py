@@ -1,6 +1,8 @@
 """docs/ops.md is generated from the op contract and must not drift from it."""
 from pathlib import Path
 
+import pytest
+
 from tda_export.ops.contract import OPS, PLAN_FIELDS, PLUGIN_FIELDS, render_markdown
 
 
@@ -71,3 +73,20 @@ def test_weight_format_is_an_attribute_of_the_contracts_formats():
     for t in QUANTIZED_WEIGHTS:
         assert t.dtype == "uint8" and t.shape[:-1] == weights[t.name].shape[:-1] and weights[t.name].dtype == "T"
     assert "weight_format" in PLUGIN_FIELDS[SPARSE_GATED_MLP.name]
+
+
+def test_down_weight_format_pairs():
+    """down_weight_format: "same", or a block format of its own under a block weight_format; its index is the
+    ABI's down_weight_format code (0 = same)."""
+    from tda_export.ops.contract import DOWN_WEIGHT_FORMATS, SPARSE_GATED_MLP, WEIGHT_FORMATS, down_format
+
+    attr = SPARSE_GATED_MLP.attr("down_weight_format")
+    assert attr.choices == DOWN_WEIGHT_FORMATS and attr.default == "same" == DOWN_WEIGHT_FORMATS[0]
+    assert DOWN_WEIGHT_FORMATS[1:] == WEIGHT_FORMATS[1:]  # code i > 0 is the tda_weight_format_t i
+    assert "down_weight_format" in PLUGIN_FIELDS[SPARSE_GATED_MLP.name]
+    assert down_format("q4_1") == "q4_1" and down_format("q4_1", "q8_0") == "q8_0"
+    assert down_format("dtype") == "dtype"
+    with pytest.raises(ValueError, match="down_weight_format='q8_0' needs a block weight_format"):
+        down_format("dtype", "q8_0")
+    with pytest.raises(ValueError, match="down_weight_format='q5_0'"):
+        down_format("q4_0", "q5_0")

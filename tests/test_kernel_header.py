@@ -35,7 +35,7 @@ def test_python_mirror_matches_header():
 
 def test_abi_version_matches_mirror():
     """The ctypes mirror's struct layouts follow TDA_KERNELS_ABI_VERSION (3: tda_select_args_t.density_bounds;
-    4: tda_decode_args_t.weight_format; 5: tda_block_linear_args_t)."""
+    4: tda_decode_args_t.weight_format; 5: tda_block_linear_args_t; 6: tda_decode_args_t.down_weight_format)."""
     text = HEADER.read_text()
     assert int(re.search(r"#define TDA_KERNELS_ABI_VERSION (\d+)", text).group(1)) == abi.ABI_VERSION
     select = re.search(r"typedef struct \{([^}]*)\}\s*tda_select_args_t;", text).group(1)

@@ -126,10 +126,11 @@ def _masks(kinds, inter, seed):
     return [testing.make_mask(k, inter, rng, density=rng.uniform(0.05, 0.9)) for k in kinds]
 
 
-def _check(name, dtype, hidden, inter, kinds, activation="silu", seed=0):
+def _check(name, dtype, hidden, inter, kinds, activation="silu", seed=0, down="same"):
     x, gu_q, wd_q, idx, cnt, gu, wd = testing.block_decode_problem(len(kinds), hidden, inter, name, dtype,
-                                                                   _masks(kinds, inter, seed), seed)
-    status, out = testing.run_decode(x, gu_q, wd_q, idx, cnt, activation, weight_format=name)
+                                                                   _masks(kinds, inter, seed), seed, down)
+    status, out = testing.run_decode(x, gu_q, wd_q, idx, cnt, activation, weight_format=name,
+                                     down_weight_format=down)
     assert status == abi.TDA_OK
     assert out.dtype == dtype and out.shape == (len(kinds), hidden)
     for b, kind in enumerate(kinds):
@@ -169,6 +170,29 @@ def test_decode_batch(monkeypatch, isa, name, dtype, batch):
         status, single = testing.run_decode(x[b:b + 1], gu_q, wd_q, idx[b:b + 1], cnt[b:b + 1], weight_format=name)
         assert status == abi.TDA_OK
         torch.testing.assert_close(out[b:b + 1], single, **tol)
+
+
+# down_weight_format: down_weight_t in a block format of its own (q8_0 under 4-bit gate/up is what exporters
+# write; the reverse pair checks the two phases really read their own formats).
+MIXED = (("q4_0", "q8_0"), ("q4_1", "q8_0"), ("q8_0", "q4_1"))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("name,down", MIXED)
+def test_decode_down_format_of_its_own(monkeypatch, isa, name, down):
+    if isa != "best":
+        monkeypatch.setenv("TDA_CPU_ISA", isa)
+    kinds = ["empty", "full", "single", "random"]
+    for hidden, inter in ((96, 13), (576, 1536)):
+        _check(name, torch.float32, hidden, inter, kinds, seed=hidden, down=down)
+    _check(name, torch.bfloat16, 160, 72, ["random"] * 5, activation="gelu_tanh", seed=2, down=down)
+    if contract.BLOCK_FORMATS[down].block_bytes > contract.BLOCK_FORMATS[name].block_bytes:
+        # down's bytes read in gate_up's (smaller) format stay in bounds and are another op: the field is read
+        x, gu_q, wd_q, idx, cnt, gu, wd = testing.block_decode_problem(1, 64, 9, name, torch.float32,
+                                                                       _masks(["full"], 9, 1), 1, down)
+        status, out = testing.run_decode(x, gu_q, wd_q, idx, cnt, weight_format=name)
+        assert status == abi.TDA_OK
+        assert testing.rel_error(out, testing.decode_reference(x, gu, wd, idx, cnt)) > 0.1
 
 
 @pytest.mark.parametrize("activation", contract.ACTIVATIONS)
@@ -236,6 +260,29 @@ def test_torch_kernel_op_takes_block_weights(name):
         K.sparse_gated_mlp_decode(x, gu_q, wd_q.float(), idx, cnt, weight_format=name)
 
 
+@pytest.mark.parametrize("name,down", MIXED[:2])
+def test_torch_ops_take_a_down_format_of_their_own(name, down):
+    """The kernel op, the contract's torch op and the numpy reference agree with a down format of its own; a
+    down_weight_t in gate_up's format is refused by name."""
+    from tda_export.kernels import torch_ops as K
+    from tda_export.ops.torch_ops import sparse_gated_mlp
+
+    x, gu_q, wd_q, idx, cnt, gu, wd = testing.block_decode_problem(3, 96, 13, name, torch.float32,
+                                                                   _masks(["empty", "full", "random"], 13, 4), 4, down)
+    out = K.sparse_gated_mlp_decode(x, gu_q, wd_q, idx, cnt, weight_format=name, down_weight_format=down)
+    assert testing.rel_error(out, testing.decode_reference(x, gu, wd, idx, cnt)) < 1e-5
+    args = (idx, cnt, torch.ones(3, 1), torch.zeros(3, 13))
+    ops_out, _ = sparse_gated_mlp(x[:, None], gu_q, wd_q, *args, weight_format=name, down_weight_format=down)
+    torch.testing.assert_close(out, ops_out[:, 0], rtol=1e-5, atol=1e-6)
+    ref, _ = reference.sparse_gated_mlp_blocks(x.numpy()[:, None], gu_q.numpy(), wd_q.numpy(), name,
+                                               *(a.numpy() for a in args), down_weight_format=down)
+    assert testing.rel_error(out, ref[:, 0]) < 1e-5
+    with pytest.raises(ValueError, match=f"down_weight_t has shape .*weight_format {name}"):
+        K.sparse_gated_mlp_decode(x, gu_q, wd_q, idx, cnt, weight_format=name)  # read as down_weight_format=same
+    with pytest.raises(ValueError, match="needs a block weight_format"):
+        sparse_gated_mlp(x[:, None], gu, wd, *args, down_weight_format=down)
+
+
 def test_float_formats_unchanged_by_weight_format_field():
     """weight_format 0 (a zero-initialised struct) is the float op of ABI 3."""
     x, gu, wd, idx, cnt = testing.decode_problem(2, 40, 72, torch.float32, _masks(["random", "full"], 72, 4), 4)
@@ -257,6 +304,13 @@ def test_decode_bad_arguments():
     args.weight_format, args.intermediate = abi.WEIGHT_FORMAT_CODE["q8_0"], 0
     assert lib.call_status("tda_sparse_gated_mlp_decode", args, 0, 0) == 4
     assert "multiple of 32" in lib.status_string(4) and "weight_format" in lib.status_string(2)
+    # a down format of its own: a block format, under a block weight_format only
+    for wf, dwf in ((0, abi.WEIGHT_FORMAT_CODE["q8_0"]), (abi.WEIGHT_FORMAT_CODE["q4_0"], 4),
+                    (abi.WEIGHT_FORMAT_CODE["q4_0"], -1)):
+        bad = abi.DecodeArgs(dtype=0, activation=0, batch=1, hidden=64, intermediate=16, weight_format=wf,
+                             down_weight_format=dwf)
+        assert lib.workspace_size("tda_sparse_gated_mlp_decode", bad) == 0
+        assert lib.call_status("tda_sparse_gated_mlp_decode", bad, 0, 0) == 2, (wf, dwf)
     # Blocks need no alignment (18-byte blocks never are), but x and the output still do.
     gu_odd = torch.empty(gu_q.numel() + 1, dtype=torch.uint8)[1:].view(gu_q.shape)
     gu_odd.copy_(gu_q)

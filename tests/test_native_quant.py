@@ -18,7 +18,9 @@ from tda_export.runtime.engine import Engine
 from test_native import greedy
 from tiny_models import FAMILIES
 
-CASES = [(f, "q4_0") for f in FAMILIES] + [(f, w) for f in ("llama", "gemma2") for w in ("q8_0", "q4_1")]
+# "F" builds --weight-format F (4-bit: down_weight_t in q8_0), "F+G" adds --down-weight-format G.
+CASES = ([(f, "q4_0") for f in FAMILIES] + [(f, w) for f in ("llama", "gemma2") for w in ("q8_0", "q4_1")]
+         + [("llama", "q4_1+q4_1")])
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +35,9 @@ def qengines(tiny_dirs, tmp_path_factory):
     out = {}
     for family, fmt in CASES:
         d = root / f"{family}-{fmt}"
-        r = CliRunner().invoke(main, ["build", "-m", str(tiny_dirs[family]), "--weight-format", fmt,
-                                      "--no-calibrate", "-o", str(d)])
+        gate_up, _, down = fmt.partition("+")
+        r = CliRunner().invoke(main, ["build", "-m", str(tiny_dirs[family]), "--weight-format", gate_up,
+                                      "--no-calibrate", "-o", str(d)] + (["--down-weight-format", down] if down else []))
         assert r.exit_code == 0, r.output
         out[family, fmt] = d
     return out
@@ -46,7 +49,9 @@ def test_greedy_tokens_equal_torch(native, qengines, family, fmt):
     nat = Engine.load(qengines[family, fmt], backend="native", threads=2)
     assert nat.backend.name == "native"
     m = torch_e.manifest
-    assert m["weights"] == fmt
+    assert m["weights"] == fmt.partition("+")[0]
+    assert m["weight_formats"]["layers.0.mlp.down_weight_t"] == {"q8_0": "q8_0", "q4_0": "q8_0", "q4_1": "q8_0",
+                                                                  "q4_1+q4_1": "q4_1"}[fmt]
     layers, inter, vocab = torch_e.num_layers, m["intermediate_size"], m["vocab_size"]
     rng = np.random.default_rng(len(family))
     # batch 2 x 37 tokens (M = 74: fp32 tiles + sgemm) with left padding; batch 1 x 5 (M = 5: tda_block_linear)
@@ -105,8 +110,10 @@ def test_bad_formats_name_the_tensor(native, qengines, tmp_path):
          f"tensor '{t}' has weight format 'q4_k'"),
         ("wrong_format", lambda m: m["weight_formats"].__setitem__(t, "q8_0"),  # q4_0 bytes read as q8_0 rows
          f"tensor '{t}' has shape"),
-        ("mixed_mlp", lambda m: m["weight_formats"].__setitem__("layers.0.mlp.down_weight_t", "q8_0"),
-         "the MLP kernels take one format for both"),
+        ("float_down", lambda m: m["weight_formats"].__setitem__("layers.0.mlp.down_weight_t", "float32"),
+         "the MLP kernels take float32 or blocks for both"),
+        ("layer_formats", lambda m: m["weight_formats"].__setitem__("layers.1.mlp.down_weight_t", "q4_0"),
+         "layer 1's MLP is q4_0/q4_0, layer 0's is another pair of formats"),
         ("float_listed", lambda m: m["weight_formats"].__setitem__(t, "float32"),
          "listed as float32"),
     ]

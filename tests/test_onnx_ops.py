@@ -168,6 +168,22 @@ def test_block_weights_match_reference_of_dequantized(fmt, seq):
                 assert not out.any(), what
 
 
+@pytest.mark.parametrize("fmt,down", [("q4_1", "q8_0"), ("q4_0", "q8_0")])
+def test_block_weights_with_a_down_format_of_their_own(fmt, down):
+    """down_weight_format: the function dequantizes down_weight_t in its own format (prefill and decode)."""
+    sess = _session(_quant_model(fmt, down_weight_format=down))
+    rng = np.random.default_rng(11)
+    for seq in (5, 1):
+        hidden, gu, dt, valid, sin = quant_mlp_inputs(rng, fmt, 3, seq, down_format=down)
+        idx, cnt = masks(rng, 3, QI)[4][1:]
+        args = (hidden, gu, dt, idx, cnt, valid, sin)
+        out, scores = sess.run(None, dict(zip(SPARSE_GATED_MLP.input_names, args)))
+        ref_out, ref_scores = reference.sparse_gated_mlp_blocks(*args[:3], fmt, *args[3:], down_weight_format=down)
+        assert _rel(out, ref_out) < 1e-5 and _rel(scores, ref_scores) < 1e-5, seq
+    with pytest.raises(ValueError, match="needs a block weight_format"):
+        _quant_model("dtype", down_weight_format=down)
+
+
 @pytest.mark.parametrize("norm", SCORE_NORMS)
 def test_block_weights_float16_activations(norm):
     """T = float16: x widened to float32 against the float32 weights (never the weights rounded to T)."""

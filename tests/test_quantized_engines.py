@@ -79,8 +79,11 @@ def qengines(tiny_dirs, tmp_path_factory):
     for family in FAMILIES:
         for fmt in FORMATS:
             loaded = load_model(str(tiny_dirs[family]))
-            formats = apply(loaded, fmt)
-            assert set(formats.values()) == {fmt} and len(formats) == 7 * 3 + 1 + (not loaded.config.tie_word_embeddings)
+            formats = apply(loaded, fmt)  # q4_0: down_proj in q8_0 (--down-weight-format auto)
+            assert set(formats.values()) == {fmt, quantize.down_choice(fmt)}
+            other = [k for k, v in formats.items() if v != fmt]
+            assert len(other) == (3 if fmt == "q4_0" else 0) and all(k.endswith("mlp.down_proj.weight") for k in other)
+            assert len(formats) == 7 * 3 + 1 + (not loaded.config.tie_word_embeddings)
             ids, mask, pos = parity.prompt(LENS, loaded.config.vocab_size)
             taus = parity.half_density_thresholds(loaded.model, loaded.activation, ids, mask, pos)
             cal = root / f"{family}-{fmt}.json"
@@ -103,7 +106,8 @@ def test_engine_computes_its_dequantized_weights(qengines, family, fmt):
         assert {k for k in f.keys() if not k.startswith("__padding__")} == set(formats)  # one copy, all listed
         for name, want in formats.items():
             assert f.get_slice(name).get_dtype() == ("U8" if want in BLOCK_FORMATS else "F32"), name
-    assert formats[names.gate_up(0)] == formats[names.down_t(0)] == formats[names.EMBED_BLOCKS] == fmt
+    assert formats[names.gate_up(0)] == formats[names.EMBED_BLOCKS] == fmt
+    assert formats[names.down_t(0)] == quantize.down_choice(fmt) == {"q8_0": "q8_0", "q4_0": "q8_0"}[fmt]
     assert formats[names.linear_weight_blocks(names.attn_proj(0, "o"))] == fmt
     assert not any(n.endswith(".weight_t") or n == names.EMBED for n in formats)  # no float copy beside
     assert formats[names.weight(names.FINAL_NORM)] == "float32"

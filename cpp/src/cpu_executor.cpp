@@ -146,27 +146,30 @@ Weights Weights::load(const EngineDir& dir) {
       lw.pre_ffn_norm = f.f32(L + ".pre_ffn_norm.weight", {H});
       lw.post_ffn_norm = f.f32(L + ".post_ffn_norm.weight", {H});
     }
-    // The MLP: one format for gate_up and down_t (the sparse kernel takes one weight_format).
+    // The MLP: gate_up in one format, down_t in its own (contract down_weight_format: q8_0 rows under 4-bit
+    // gate/up rows), both float32 or both blocks; every layer the same pair.
     const std::string gname = L + ".mlp.gate_up_weight", dname = L + ".mlp.down_weight_t";
-    const int32_t mf = format_of(gname);
-    if (format_of(dname) != mf)
+    const int32_t mf = format_of(gname), df = format_of(dname);
+    if ((mf == TDA_WEIGHTS_DTYPE) != (df == TDA_WEIGHTS_DTYPE))
       throw UnsupportedError(path + ": '" + gname + "' is " + dir.weight_format(gname) + " but '" + dname + "' is " +
-                             dir.weight_format(dname) + "; the MLP kernels take one format for both");
-    if (n > 0 && mf != w.mlp_format)
-      throw UnsupportedError(path + ": '" + gname + "' is " + dir.weight_format(gname) +
-                             ", layer 0's MLP is another format; the CPU executor runs one MLP format per engine");
+                             dir.weight_format(dname) + "; the MLP kernels take float32 or blocks for both");
+    if (n > 0 && (mf != w.mlp_format || df != w.mlp_down_format))
+      throw UnsupportedError(path + ": layer " + std::to_string(n) + "'s MLP is " + dir.weight_format(gname) + "/" +
+                             dir.weight_format(dname) + ", layer 0's is another pair of formats; the CPU executor "
+                             "runs one MLP format pair per engine");
     w.mlp_format = mf;
+    w.mlp_down_format = df;
     if (mf == TDA_WEIGHTS_DTYPE) {
       lw.gate_up = f.f32(gname, {I, 2, H});
       lw.down_t = f.f32(dname, {I, H});
       bytes += 3 * I * H * 4;
       w.mlp_bytes += 3 * I * H * 4;
     } else {
-      const int64_t rb = row_bytes(gname, mf, H);
+      const int64_t rb = row_bytes(gname, mf, H), drb = row_bytes(dname, df, H);
       lw.gate_up = par::WeightRef(f.u8(gname, {I, 2, rb}), mf);
-      lw.down_t = par::WeightRef(f.u8(dname, {I, rb}), mf);
-      bytes += 3 * I * rb;
-      w.mlp_bytes += 3 * I * rb;
+      lw.down_t = par::WeightRef(f.u8(dname, {I, drb}), df);
+      bytes += I * (2 * rb + drb);
+      w.mlp_bytes += I * (2 * rb + drb);
     }
     const std::string& rope = s.layers[static_cast<size_t>(n)].rope;
     lw.cos = f.f32("rope." + rope + ".cos", {s.max_context, hd / 2});
@@ -436,7 +439,8 @@ void CpuExecutor::mlp(Session& s, int64_t n, int64_t S, const float* xn, const f
   tda_decode_args_t da{TDA_F32, static_cast<tda_activation_t>(act_), static_cast<int32_t>(B), static_cast<int32_t>(H),
                        static_cast<int32_t>(I), 1, xn, q ? lw.gate_up.blocks : lw.gate_up.f,
                        q ? lw.down_t.blocks : lw.down_t.f, s.idx[ln].data(), s.count[ln].data(), out,
-                       /*version=*/0, /*weight_format=*/lw.gate_up.format};  // 0: the library's default algorithm
+                       /*version=*/0, /*weight_format=*/lw.gate_up.format,  // 0: the library's default algorithm
+                       /*down_weight_format=*/lw.down_t.format == lw.gate_up.format ? 0 : lw.down_t.format};
   size_t ws = tda_sparse_gated_mlp_decode_workspace_size(&da);
   check(tda_sparse_gated_mlp_decode(&da, aligned_workspace(s.workspace, ws), ws, nullptr),
         "tda_sparse_gated_mlp_decode");

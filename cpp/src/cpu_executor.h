@@ -30,7 +30,8 @@ struct Weights {
   std::unique_ptr<SafetensorsFile> file;
   par::WeightRef embed;   // [V, H] (blocks: [V, H/32]; a token's row is dequantized on lookup)
   par::WeightRef lm_head; // [V, H] (tied: the embedding's)
-  int32_t mlp_format = 0; // tda_weight_format_t of gate_up / down_t (one format for both)
+  int32_t mlp_format = 0;       // tda_weight_format_t of gate_up (every layer)
+  int32_t mlp_down_format = 0;  // of down_t: mlp_format, or a block format of its own under block gate_up
   const float* final_norm;
   std::vector<LayerWeights> layers;
   int64_t decode_bytes = 0;  // weight bytes one dense decode step reads

@@ -84,7 +84,8 @@ def _versions() -> dict:
 
 
 def calibrate_default(source, progress: bool, device: str = "auto", compute_dtype: str | None = None,
-                      also: float | None = None, weight_format: str = quantize.FLOAT) -> Calibration:
+                      also: float | None = None, weight_format: str = quantize.FLOAT,
+                      down_format: str = quantize.AUTO) -> Calibration:
     """Thresholds from the built-in calibration text with the recipe's density and sizes, for the default
     grid and `also` (build --density), so a density off the grid does not fail after calibrating.
 
@@ -105,8 +106,9 @@ def calibrate_default(source, progress: bool, device: str = "auto", compute_dtyp
         from .engine_weights import apply
 
         if progress:
-            print(f"calibrating on the engine's {weight_format} weights (dequantized)", file=sys.stderr)
-        apply(loaded, weight_format)
+            print(f"calibrating on the engine's {quantize.mlp_label(weight_format, down_format)} weights "
+                  f"(dequantized)", file=sys.stderr)
+        apply(loaded, weight_format, down_format)
     recipe = source.recipe
     density = recipe.density if recipe else 0.9
     sequences = recipe.calibration.get("sequences", 64) if recipe else 64
@@ -122,12 +124,15 @@ def calibrate_default(source, progress: bool, device: str = "auto", compute_dtyp
 def build(model: str, out: str | Path, dtype: str | None = None, calibration: str | None = None,
           density: float | None = None, force: bool = False, weights: str | None = None,
           progress: bool = True, auto_calibrate: bool = False, plan=None, device: str = "auto",
-          compute_dtype: str | None = None, weight_format: str = quantize.FLOAT) -> Path:
+          compute_dtype: str | None = None, weight_format: str = quantize.FLOAT,
+          down_format: str = quantize.AUTO) -> Path:
     """Export in `dtype` (None: the recipe's dtype, else float32). `plan` (tda_export.trt.build.plan.PlanOptions)
     also builds a TensorRT plan. weight_format (quantize.CHOICES): "float" stores the weights in `dtype`, a block
-    format stores every linear layer and the embedding as blocks (quantize.py's rules). Raises
+    format stores every linear layer and the embedding as blocks (quantize.py's rules), the MLP's down_weight_t
+    in down_format's (quantize.down_choice: "auto" is q8_0 under the 4-bit formats). Raises
     ExportError/ValueError/FileNotFoundError on bad input."""
     quantize.check_choice(weight_format)
+    quantize.down_choice(weight_format, down_format)
     out = Path(out)
     if out.exists() and not force:
         raise ExportError(f"--out {out}: already exists (use --force to replace it)")
@@ -151,7 +156,8 @@ def build(model: str, out: str | Path, dtype: str | None = None, calibration: st
     if cal is not None:
         cal.check_model(loaded.fingerprint(), spec.num_layers, spec.intermediate, str(calibration))
     elif auto_calibrate:
-        cal = calibrate_default(source, progress, device, compute_dtype, also=density, weight_format=weight_format)
+        cal = calibrate_default(source, progress, device, compute_dtype, also=density, weight_format=weight_format,
+                                down_format=down_format)
         gc.collect()  # the calibrated model (14.5 GB at 7B) must be gone before the export starts
         calibration = "built-in calibration (recipe defaults)"
         cal.check_model(loaded.fingerprint(), spec.num_layers, spec.intermediate, calibration)
@@ -164,7 +170,8 @@ def build(model: str, out: str | Path, dtype: str | None = None, calibration: st
         writer = WeightWriter(dtype, tmp / WEIGHTS_FILE)
         try:
             proto = build_decoder(loaded, spec, thresholds, writer, progress=progress,
-                                  density_bounds=cal_summary.get("density_bounds"), weight_format=weight_format)
+                                  density_bounds=cal_summary.get("density_bounds"), weight_format=weight_format,
+                                  down_format=down_format)
         finally:
             writer.close()
         if progress:
@@ -189,7 +196,7 @@ def build(model: str, out: str | Path, dtype: str | None = None, calibration: st
 
             if quantize.is_blocks(weight_format):
                 trt_onnx, weight_only = _weight_only_graph(loaded, spec, thresholds, cal_summary, weight_format,
-                                                           plan.target, tmp, progress)
+                                                           plan.target, tmp, progress, down_format)
             else:
                 trt_onnx, weight_only = tmp / MODEL_FILE, None
             try:
@@ -211,7 +218,8 @@ def build(model: str, out: str | Path, dtype: str | None = None, calibration: st
     return out
 
 
-def _weight_only_graph(loaded, spec, thresholds, cal_summary, weight_format, target, tmp: Path, progress):
+def _weight_only_graph(loaded, spec, thresholds, cal_summary, weight_format, target, tmp: Path, progress,
+                       down_format: str = quantize.AUTO):
     """The graph a plan is built from for a block engine (export/weight_only.py): dense linears and the
     embedding as TensorRT's weight-only pattern, MLP blocks typed int8 for the plugin. Written to a
     scratch directory (removed once the plan holds the weights); returns its ONNX path and the manifest's
@@ -228,7 +236,7 @@ def _weight_only_graph(loaded, spec, thresholds, cal_summary, weight_format, tar
     try:
         proto = build_decoder(loaded, spec, thresholds, writer, progress=progress,
                               density_bounds=cal_summary.get("density_bounds"), weight_format=weight_format,
-                              weight_only=rule, report=report)
+                              weight_only=rule, report=report, down_format=down_format)
     finally:
         writer.close()
     onnx.save(proto, scratch / MODEL_FILE)

@@ -53,14 +53,15 @@ class _Nodes:
 
 class _Decoder:
     def __init__(self, loaded, spec: DecoderSpec, writer: WeightWriter, weight_format: str = quantize.FLOAT,
-                 weight_only: Rule | None = None, report: dict | None = None):
+                 weight_only: Rule | None = None, report: dict | None = None, down_format: str = quantize.AUTO):
         self.lm, self.m, self.s, self.w, self.g = loaded, loaded.model, spec, writer, Graph()
         # a TensorRT graph (export/weight_only.py): dense linears and the embedding as int4/int8 ->
         # DequantizeLinear, MLP blocks typed int8; report gets what each block tensor became
         self.wo, self.report = weight_only, report if report is not None else {}
         self.T = ONNX_TYPES[spec.dtype]
         self._t_consts: dict[float, str] = {}
-        self.q = EngineWeights(loaded, weight_format) if quantize.is_blocks(weight_format) else None
+        quantize.down_choice(weight_format, down_format)  # refuses a down format without a block weight_format
+        self.q = EngineWeights(loaded, weight_format, down_format) if quantize.is_blocks(weight_format) else None
 
     # ---- helpers -------------------------------------------------------------------------
     def t_const(self, value: float) -> str:
@@ -196,13 +197,13 @@ class _Decoder:
     def mlp(self, n: int, x: str, mlp, token_valid: str) -> str:
         g, p = self.g, names.mlp(n)
         if self.q is None:
-            fmt = "dtype"
+            fmt, down_fmt = "dtype", "same"
             gate_up = self.w.add(names.gate_up(n), torch.stack([self.lm.tensor(mlp.gate_proj),
                                                                 self.lm.tensor(mlp.up_proj)], 1))
             down_t = self.w.add(names.down_t(n), self.lm.tensor(mlp.down_proj).T)
         else:
             gu, dt = self.q.gate_up(mlp), self.q.down_t(mlp)
-            fmt = gu.fmt
+            fmt, down_fmt = gu.fmt, ("same" if dt.fmt == gu.fmt else dt.fmt)
             trt = self.wo is not None
             gate_up = self.w.add_blocks(names.gate_up(n), gu.blocks, gu.fmt, as_int8=trt)
             down_t = self.w.add_blocks(names.down_t(n), dt.blocks, dt.fmt, as_int8=trt)
@@ -219,7 +220,8 @@ class _Decoder:
         out = f"{p}/output"
         scores = io.present_state_name(n, "scores")
         g.add_node(make_node(SPARSE_GATED_MLP, [args[i] for i in SPARSE_GATED_MLP.input_names], [out, scores],
-                             f"{p}.sparse_gated_mlp", activation=self.s.activation, weight_format=fmt))
+                             f"{p}.sparse_gated_mlp", activation=self.s.activation, weight_format=fmt,
+                             down_weight_format=down_fmt))
         tau = g.op("Gather", io.THRESHOLDS_INPUT, g.i64(n), name=f"{p}.threshold")
         bounds = g.op("Gather", io.DENSITY_BOUNDS_INPUT, g.i64(n), name=f"{p}.density_bounds")
         g.add_node(make_node(SELECT_ACTIVE, [scores, tau, bounds],
@@ -309,9 +311,11 @@ class _Decoder:
 
 def build_decoder(loaded, spec: DecoderSpec, thresholds: list[float], writer: WeightWriter,
                   progress: bool = False, density_bounds=None, weight_format: str = quantize.FLOAT,
-                  weight_only: Rule | None = None, report: dict | None = None) -> onnx.ModelProto:
+                  weight_only: Rule | None = None, report: dict | None = None,
+                  down_format: str = quantize.AUTO) -> onnx.ModelProto:
     """density_bounds: per-layer (lo, hi) held by the tda_density_bounds initializer (None: no clamp).
-    weight_format: quantize.CHOICES ("float": the weights in spec.dtype). weight_only (block formats only):
+    weight_format: quantize.CHOICES ("float": the weights in spec.dtype); down_format: quantize.DOWN_CHOICES
+    (down_weight_t's own format, quantize.down_choice). weight_only (block formats only):
     the graph for a TensorRT plan instead (export/weight_only.py); report, if given, gets
     {engine tensor: what it became}."""
     if weight_only is not None and not quantize.is_blocks(weight_format):
@@ -322,4 +326,5 @@ def build_decoder(loaded, spec: DecoderSpec, thresholds: list[float], writer: We
     if len(bounds) != spec.num_layers:
         raise ValueError(f"{len(bounds)} density bounds for {spec.num_layers} layers")
     with torch.no_grad():
-        return _Decoder(loaded, spec, writer, weight_format, weight_only, report).build(thresholds, bounds, progress)
+        return _Decoder(loaded, spec, writer, weight_format, weight_only, report,
+                        down_format).build(thresholds, bounds, progress)

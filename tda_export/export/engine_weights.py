@@ -15,18 +15,20 @@ from .quantize import Encoded
 
 
 class EngineWeights:
-    def __init__(self, loaded, choice: str):
-        """loaded: models.LoadedModel (meta modules or a runnable model; tensors come from loaded.tensors)."""
+    def __init__(self, loaded, choice: str, down: str = quantize.AUTO):
+        """loaded: models.LoadedModel (meta modules or a runnable model; tensors come from loaded.tensors);
+        choice/down: --weight-format / --down-weight-format."""
         assert quantize.is_blocks(choice), choice
-        self.lm, self.choice = loaded, choice
+        self.lm, self.choice, self.down = loaded, choice, quantize.down_choice(choice, down)
 
     def _source(self, module: torch.nn.Module):
         return self.lm.tensors.blocks(self.lm.param_name(module))
 
-    def _encode(self, module: torch.nn.Module, transpose: bool = False, keep_source_format: bool = False) -> Encoded:
+    def _encode(self, module: torch.nn.Module, transpose: bool = False, keep_source_format: bool = False,
+                choice: str | None = None) -> Encoded:
         name = self.lm.param_name(module)
         weight = lambda: (lambda w: w.T if transpose else w)(self.lm.tensor(module).float()).numpy()  # noqa: E731
-        return quantize.encode(self.choice, name, weight, None if transpose else self._source(module),
+        return quantize.encode(choice or self.choice, name, weight, None if transpose else self._source(module),
                                keep_source_format)
 
     def linear(self, lin: torch.nn.Module) -> Encoded:
@@ -43,20 +45,22 @@ class EngineWeights:
                               [self._encode(mlp.gate_proj), self._encode(mlp.up_proj)])
 
     def down_t(self, mlp: torch.nn.Module) -> Encoded:
-        """[I, H/32*bb]: W_down transposed, requantized along H (never carried: a GGUF blocks it along I)."""
-        return self._encode(mlp.down_proj, transpose=True)
+        """[I, H/32*bb]: W_down transposed, requantized along H in the down format (never carried: a GGUF
+        blocks it along I)."""
+        return self._encode(mlp.down_proj, transpose=True, choice=self.down)
 
 
 def dequantized(enc: Encoded) -> torch.Tensor:
     return torch.from_numpy(dequantize(enc.fmt, enc.blocks))
 
 
-def apply(loaded, choice: str) -> dict[str, str]:
+def apply(loaded, choice: str, down: str = quantize.AUTO) -> dict[str, str]:
     """Replace the runnable model's quantized weights by the engine's exact dequantized values (in the model's
     dtype); returns parameter name -> format. A no-op for choice "float"."""
     if not quantize.is_blocks(choice):
+        quantize.down_choice(choice, down)  # refuses a down format without a block choice
         return {}
-    ew, model, formats = EngineWeights(loaded, choice), loaded.model, {}
+    ew, model, formats = EngineWeights(loaded, choice, down), loaded.model, {}
 
     def put(module, enc: Encoded, value: torch.Tensor | None = None):
         with torch.no_grad():

@@ -5,7 +5,7 @@ import ctypes
 import functools
 from ctypes import POINTER, c_char_p, c_int, c_int32, c_int64, c_size_t, c_void_p
 
-from ..ops.contract import ACTIVATIONS, DTYPES, QUANT_BLOCK, SCORE_NORMS, WEIGHT_FORMATS
+from ..ops.contract import ACTIVATIONS, DOWN_WEIGHT_FORMATS, DTYPES, QUANT_BLOCK, SCORE_NORMS, WEIGHT_FORMATS
 from . import build
 
 TDA_OK = 0

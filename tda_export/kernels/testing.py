@@ -57,13 +57,15 @@ def decode_problem(batch: int, hidden: int, inter: int, dtype, masks: list[np.nd
 
 
 def block_decode_problem(batch: int, hidden: int, inter: int, weight_format: str, dtype, masks: list[np.ndarray],
-                         seed: int = 0):
-    """decode_problem's random problem with its weights quantized to a block format: returns (x, gate_up blocks
-    uint8 [I, 2, H/32*bytes], down_t blocks uint8 [I, H/32*bytes], idx, cnt, gate_up float32, down_t float32),
-    the float32 weights being the blocks' exact dequantized values (the contract's operands)."""
+                         seed: int = 0, down_weight_format: str = "same"):
+    """decode_problem's random problem with its weights quantized to a block format (down_t to its own with
+    down_weight_format): returns (x, gate_up blocks uint8 [I, 2, H/32*bytes], down_t blocks uint8 [I, H/32*bytes],
+    idx, cnt, gate_up float32, down_t float32), the float32 weights being the blocks' exact dequantized values
+    (the contract's operands)."""
     x, gu, wd, idx, cnt = decode_problem(batch, hidden, inter, torch.float32, masks, seed)
-    gu_q, wd_q = (blocks.quantize(weight_format, t.numpy()) for t in (gu, wd))
-    gu_f, wd_f = (torch.from_numpy(blocks.dequantize(weight_format, q)) for q in (gu_q, wd_q))
+    formats = (weight_format, contract.down_format(weight_format, down_weight_format))
+    gu_q, wd_q = (blocks.quantize(f, t.numpy()) for f, t in zip(formats, (gu, wd)))
+    gu_f, wd_f = (torch.from_numpy(blocks.dequantize(f, q)) for f, q in zip(formats, (gu_q, wd_q)))
     return x.to(dtype), torch.from_numpy(gu_q), torch.from_numpy(wd_q), idx, cnt, gu_f, wd_f
 
 
@@ -116,7 +118,7 @@ def _stream(device) -> int:
 
 def run_decode(x, gu, wd, idx, cnt, activation="silu", deterministic=True, poison=True, out=None,
                workspace_bytes=None, hidden=None, workspace_offset=0, version=0,
-               weight_format="dtype") -> tuple[int, torch.Tensor]:
+               weight_format="dtype", down_weight_format="same") -> tuple[int, torch.Tensor]:
     """Direct ABI call with a NaN-filled output and a garbage-filled 256-byte aligned workspace (moved
     by workspace_offset bytes to test the alignment check); returns (status, output). For a block
     weight_format, gu and wd are the uint8 block tensors (block_decode_problem)."""
@@ -129,7 +131,8 @@ def run_decode(x, gu, wd, idx, cnt, activation="silu", deterministic=True, poiso
                           deterministic=int(deterministic), hidden_states=x.data_ptr(), gate_up_weight=gu.data_ptr(),
                           down_weight_t=wd.data_ptr(), active_idx=idx.data_ptr(), active_count=cnt.data_ptr(),
                           output=out.data_ptr(), version=version,
-                          weight_format=abi.WEIGHT_FORMAT_CODE[weight_format])
+                          weight_format=abi.WEIGHT_FORMAT_CODE[weight_format],
+                          down_weight_format=abi.DOWN_WEIGHT_FORMAT_CODE[down_weight_format])
     need = lib.workspace_size("tda_sparse_gated_mlp_decode", args)
     size = need if workspace_bytes is None else workspace_bytes
     _buf, ptr = workspace(max(size, need) + workspace_offset, x.device, fill=0xA5)  # garbage, not zeros

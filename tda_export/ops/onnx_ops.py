@@ -9,8 +9,8 @@ hence `plugin_namespace`/`plugin_version` on every node. The function declares
 those two attributes (and the contract's) so checkers accept them on the call.
 
 ONNX functions cannot branch on a string attribute, so a function body is
-specialised to one (activation, score_norm, weight_format); a model uses one
-activation and one weight format in every MLP, and `functions_for()` refuses a
+specialised to one (activation, score_norm, weight_format, down_weight_format);
+a model uses one activation and one pair of weight formats in every MLP, and `functions_for()` refuses a
 graph whose nodes disagree. With a block weight_format the body dequantizes the
 uint8 blocks (fp16 fields decoded from their bits: opset 23 has no bit cast)
 and runs the float computation on float32 weights.
@@ -22,7 +22,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .contract import (BLOCK_FORMATS, DOMAIN, DTYPES, NORM_FLOOR, OPS_BY_NAME, OPSET_VERSION, PLUGIN_NAMESPACE,
-                       PLUGIN_VERSION, QUANTIZED_WEIGHTS, SELECT_ACTIVE, SPARSE_GATED_MLP, OpSpec)
+                       PLUGIN_VERSION, QUANTIZED_WEIGHTS, SELECT_ACTIVE, SPARSE_GATED_MLP, OpSpec, down_format)
 
 # Gelu(approximate=) needs opset 20.
 BODY_OPSET = 23
@@ -112,7 +112,9 @@ def dequantize_blocks(b, weight_format: str, blocks: str, width: str) -> str:
     return b("Reshape", w, b("Concat", b.const([-1], i64), width, axis=0))
 
 
-def _sparse_gated_mlp_body(activation: str, score_norm: str, weight_format: str) -> list[onnx.NodeProto]:
+def _sparse_gated_mlp_body(activation: str, score_norm: str, weight_format: str,
+                           down_weight_format: str = "same") -> list[onnx.NodeProto]:
+    down = down_format(weight_format, down_weight_format)  # ValueError for a pair outside the contract
     hidden, gate_up, down_t, idx, count, valid, scores_in = SPARSE_GATED_MLP.input_names
     output, scores_out = SPARSE_GATED_MLP.output_names
     b = _Body()
@@ -123,7 +125,7 @@ def _sparse_gated_mlp_body(activation: str, score_norm: str, weight_format: str)
     if weight_format != "dtype":  # the float op on the blocks' float32 values: x widened, z rounded to T below
         x = b("Cast", hidden, to=TensorProto.FLOAT)
         gate_up = dequantize_blocks(b, weight_format, gate_up, width)
-        down_t = dequantize_blocks(b, weight_format, down_t, width)
+        down_t = dequantize_blocks(b, down, down_t, width)
     # one fused projection: [I, 2, H] -> [2I, H] keeps gate/up of a neuron adjacent in the output
     w = b("Transpose", b("Reshape", gate_up, b("Concat", b.const([-1], i64), width, axis=0)), perm=[1, 0])
     inter = b("Shape", idx, start=1, end=2)

@@ -6,28 +6,34 @@ from __future__ import annotations
 import torch
 
 from .blocks import block_format, row_bytes
-from .contract import BLOCK_FORMATS, QUANT_BLOCK, SPARSE_GATED_MLP
+from .contract import BLOCK_FORMATS, QUANT_BLOCK, SPARSE_GATED_MLP, down_format
 
 
-def check_weights(hidden: torch.Tensor, gate_up: torch.Tensor, down_t: torch.Tensor, weight_format: str) -> None:
-    """gate_up_weight / down_weight_t against hidden_states and weight_format (contract: float T [I, 2, H] /
-    [I, H], or uint8 [I, 2, H/32*block_bytes] / [I, H/32*block_bytes]); ValueError/TypeError naming the tensor."""
-    SPARSE_GATED_MLP.check_attrs({"weight_format": weight_format})
+def check_weights(hidden: torch.Tensor, gate_up: torch.Tensor, down_t: torch.Tensor, weight_format: str,
+                  down_weight_format: str = "same") -> None:
+    """gate_up_weight / down_weight_t against hidden_states and the formats (contract: float T [I, 2, H] /
+    [I, H], or uint8 [I, 2, H/32*block_bytes] / [I, H/32*block_bytes], down_weight_t in its own block format
+    when down_weight_format is one); ValueError/TypeError naming the tensor."""
+    SPARSE_GATED_MLP.check_attrs({"weight_format": weight_format, "down_weight_format": down_weight_format})
+    down = down_format(weight_format, down_weight_format)
     hidden_size = hidden.shape[-1]
     inter = gate_up.shape[0] if gate_up.dim() == 3 else -1
-    if weight_format == "dtype":
-        width, dtype, what = hidden_size, hidden.dtype, "H"
-    else:
-        width, dtype = row_bytes(weight_format, hidden_size), torch.uint8
-        what = f"H/{QUANT_BLOCK}*{BLOCK_FORMATS[weight_format].block_bytes}"
-    for name, t, shape in (("gate_up_weight", gate_up, [inter, 2, width]), ("down_weight_t", down_t, [inter, width])):
+    down_attr = "weight_format" if down_weight_format == "same" else "down_weight_format"
+    for name, t, fmt, attr in (("gate_up_weight", gate_up, weight_format, "weight_format"),
+                               ("down_weight_t", down_t, down, down_attr)):
+        if fmt == "dtype":
+            width, dtype, what = hidden_size, hidden.dtype, "H"
+        else:
+            width, dtype = row_bytes(fmt, hidden_size), torch.uint8
+            what = f"H/{QUANT_BLOCK}*{BLOCK_FORMATS[fmt].block_bytes}"
+        shape = [inter, 2, width] if name == "gate_up_weight" else [inter, width]
         if list(t.shape) != shape:
             want = "[I, 2, W]" if name == "gate_up_weight" else "[I, W]"
             raise ValueError(f"{name} has shape {list(t.shape)}, expected {want} with W = {what} = {width} "
-                             f"(weight_format {weight_format}, H={hidden_size} from hidden_states"
+                             f"({attr} {fmt}, H={hidden_size} from hidden_states"
                              + (f", I={inter} from gate_up_weight)" if inter >= 0 else ")"))
         if t.dtype != dtype:
-            raise TypeError(f"{name} is {t.dtype}; weight_format {weight_format} needs {dtype}")
+            raise TypeError(f"{name} is {t.dtype}; {attr} {fmt} needs {dtype}")
 
 
 def dequantize(weight_format: str, blocks: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .contract import NORM_FLOOR, SELECT_ACTIVE, SPARSE_GATED_MLP, OpSpec
+from .contract import NORM_FLOOR, SELECT_ACTIVE, SPARSE_GATED_MLP, OpSpec, down_format
 from .torch_blocks import check_weights, dequantize
 
 _TORCH_TYPES = {"string": "str", "int": "int", "float": "float"}
@@ -43,14 +43,18 @@ def _intermediate(hidden: torch.Tensor, gate_up: torch.Tensor, act: str) -> torc
 
 
 def _sparse_gated_mlp(hidden_states, gate_up_weight, down_weight_t, active_idx, active_count, token_valid,
-                      scores_in, activation="silu", score_norm="token_l2", weight_format="dtype"):
-    SPARSE_GATED_MLP.check_attrs({"activation": activation, "score_norm": score_norm, "weight_format": weight_format})
-    check_weights(hidden_states, gate_up_weight, down_weight_t, weight_format)
+                      scores_in, activation="silu", score_norm="token_l2", weight_format="dtype",
+                      down_weight_format="same"):
+    SPARSE_GATED_MLP.check_attrs({"activation": activation, "score_norm": score_norm, "weight_format": weight_format,
+                                  "down_weight_format": down_weight_format})
+    check_weights(hidden_states, gate_up_weight, down_weight_t, weight_format, down_weight_format)
     dtype = hidden_states.dtype
     # block weights: the float op on their exact float32 values; decode dequantizes only the active rows
-    weights = (lambda w: w) if weight_format == "dtype" else (lambda w: dequantize(weight_format, w))
+    def as_float(fmt):
+        return (lambda w: w) if fmt == "dtype" else (lambda w: dequantize(fmt, w))
+    weights, down_weights = as_float(weight_format), as_float(down_format(weight_format, down_weight_format))
     if hidden_states.shape[1] > 1:
-        gate_up_weight, down_weight_t = weights(gate_up_weight), weights(down_weight_t)
+        gate_up_weight, down_weight_t = weights(gate_up_weight), down_weights(down_weight_t)
         z = _intermediate(hidden_states, gate_up_weight, activation)       # [B, S, I]
         sq = z * z
         if score_norm == "token_l2":
@@ -62,7 +66,7 @@ def _sparse_gated_mlp(hidden_states, gate_up_weight, down_weight_t, active_idx, 
     for b in range(hidden_states.shape[0]):  # counts differ per sequence
         idx = active_idx[b, : int(active_count[b])].long()
         z = _intermediate(hidden_states[b], weights(gate_up_weight[idx]), activation)  # [1, n]
-        rows.append(z.to(dtype).float() @ weights(down_weight_t[idx]).float())
+        rows.append(z.to(dtype).float() @ down_weights(down_weight_t[idx]).float())
     out = torch.stack(rows).to(dtype) if rows else hidden_states.new_zeros(hidden_states.shape)  # batch 0
     return out, scores_in.clone()
 
@@ -115,8 +119,9 @@ def _define(op: OpSpec, impl, fake):
 
 
 def _fake_sparse_gated_mlp(hidden_states, gate_up_weight, down_weight_t, active_idx, active_count, token_valid,
-                           scores_in, activation="silu", score_norm="token_l2", weight_format="dtype"):
-    check_weights(hidden_states, gate_up_weight, down_weight_t, weight_format)
+                           scores_in, activation="silu", score_norm="token_l2", weight_format="dtype",
+                           down_weight_format="same"):
+    check_weights(hidden_states, gate_up_weight, down_weight_t, weight_format, down_weight_format)
     return torch.empty_like(hidden_states), torch.empty_like(scores_in)
 
 
