@@ -141,18 +141,25 @@ def _block_masks(kinds, inter, seed):
 @pytest.mark.parametrize("hidden,inter", [(32, 7), (1056, 2051)])
 @pytest.mark.parametrize("version", [0, 2])  # 2 asks for v2, which serves float weights only: v1 runs
 def test_block_decode_vs_fp64(name, dtype, batch, hidden, inter, version):
+    _block_decode_vs_fp64(name, "same", dtype, batch, hidden, inter, version)
+
+
+def _block_decode_vs_fp64(name, down, dtype, batch, hidden, inter, version=0):
+    """down: down_weight_format ("same": down_t in name's blocks too)."""
     kinds = [testing.MASK_KINDS[(b * 5 + batch) % len(testing.MASK_KINDS)] for b in range(batch)]
     x, gu_q, wd_q, idx, cnt, gu, wd = (t.cuda() for t in testing.block_decode_problem(
-        batch, hidden, inter, name, dtype, _block_masks(kinds, inter, batch), batch))
+        batch, hidden, inter, name, dtype, _block_masks(kinds, inter, batch), batch, down_weight_format=down))
+    row = hidden // 32 * contract_block_bytes(name if down == "same" else down)
+    assert wd_q.shape == (inter, row)  # down_t really is in its own blocks
     ref = testing.decode_reference_torch(x, gu, wd, idx, cnt)
     for det in (True, False):
         status, out = testing.run_decode(x, gu_q, wd_q, idx, cnt, deterministic=det, version=version,
-                                         weight_format=name)
+                                         weight_format=name, down_weight_format=down)
         assert status == 0
         for b, kind in enumerate(kinds):
             if kind == "empty":
                 assert torch.all(out[b] == 0)
-        assert testing.rel_error(out, ref) < testing.TOLERANCE[dtype], (name, dtype, batch, det)
+        assert testing.rel_error(out, ref) < testing.TOLERANCE[dtype], (name, down, dtype, batch, det)
 
 
 @pytest.fixture(scope="module")
@@ -236,20 +243,7 @@ OWN_DOWN = [("q4_1", "q8_0"), ("q4_0", "q8_0"), ("q8_0", "q4_1")]
 @pytest.mark.parametrize("batch", [1, 3, 33])
 @pytest.mark.parametrize("hidden,inter", [(32, 7), (1056, 2051)])
 def test_own_down_format_decode_vs_fp64(name, down, dtype, batch, hidden, inter):
-    kinds = [testing.MASK_KINDS[(b * 5 + batch) % len(testing.MASK_KINDS)] for b in range(batch)]
-    x, gu_q, wd_q, idx, cnt, gu, wd = (t.cuda() for t in testing.block_decode_problem(
-        batch, hidden, inter, name, dtype, _block_masks(kinds, inter, batch), batch, down_weight_format=down))
-    row = hidden // 32 * contract_block_bytes(down)
-    assert wd_q.shape == (inter, row)  # down_t really is in its own blocks
-    ref = testing.decode_reference_torch(x, gu, wd, idx, cnt)
-    for det in (True, False):
-        status, out = testing.run_decode(x, gu_q, wd_q, idx, cnt, deterministic=det, weight_format=name,
-                                         down_weight_format=down)
-        assert status == 0
-        for b, kind in enumerate(kinds):
-            if kind == "empty":
-                assert torch.all(out[b] == 0)
-        assert testing.rel_error(out, ref) < testing.TOLERANCE[dtype], (name, down, dtype, batch, det)
+    _block_decode_vs_fp64(name, down, dtype, batch, hidden, inter)
 
 
 @pytest.mark.parametrize("name,down", OWN_DOWN[:2])
