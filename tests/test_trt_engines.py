@@ -146,6 +146,21 @@ def test_cpp_and_python_plugins_serialize_the_same_records(tiny_dirs, tmp_path, 
     assert plans["cpp"][1:] == plans["python"][1:]
 
 
+@pytest.mark.skipif(not os.environ.get("TDA_TRT_PLUGIN_LIBRARY"),
+                    reason="set TDA_TRT_PLUGIN_LIBRARY to a built libtda_trt_plugins.so (plugins/README.md; "
+                           "CI cannot fetch TensorRT's headers)")
+def test_cpp_and_python_plugins_agree_on_a_block_engine(tiny_dirs, tmp_path):
+    """A q4_1 engine (q8_0 down rows, the exporter's default): the C++ creators accept the blocks (their shape
+    checks take down_weight_t's bytes from down_weight_format) and record the same fields as the Python ones."""
+    records = {}
+    for kind, lib in (("cpp", os.environ["TDA_TRT_PLUGIN_LIBRARY"]), ("python", None)):
+        out = build(str(tiny_dirs["llama"]), tmp_path / kind, "float16", progress=False, weight_format="q4_1",
+                    plan=PlanOptions(**dict(FAST, plugin_library=lib)))
+        records[kind] = plugin_records((out / "model.plan").read_bytes())
+    assert {v for f, _, v in records["cpp"]["fields"] if f == "down_weight_format"} == {b"q8_0\0"}
+    assert records["cpp"] == records["python"]
+
+
 @pytest.mark.slow
 def test_smollm2_fp16_plan(tmp_path):
     t = time.time()
