@@ -14,12 +14,16 @@ made by a child too.
     python bench/build_scale.py --layers 2,4,8 [--steps build,calibrate,eval] [--work /tmp/scale]
     python bench/build_scale.py --layers 32 --steps build --keep-going   # the full-size export
     python bench/build_scale.py --layers 1,2,4 --steps trt --trt-dtype fp16   # + the TensorRT-RTX plan
+    python bench/build_scale.py --layers 1,2,4 --steps trt --weight-format q4_0 --down-weight-format q4_0
 
 The `trt` step is `build --target tensorrt-rtx --no-calibrate`; the plan is built in a grandchild
 (`python -m tda_export.trt.build.builder`) running while the export process is still alive, so besides
 wait4's peak (the largest single process) the watchdog samples the RSS of every process in the
 child's session and reports the peak of their sum, the export process's and the builder's
 (fp16 also runs ONNX Runtime for the goldens, in the export process, after the plan).
+`--weight-format q4_0|q4_1|q8_0` (and `--down-weight-format`) are passed to `build` for the `build`
+and `trt` steps: a block-quantized engine, whose plan holds the dense linears as int4/int8 weight-only
+and the MLP blocks for the plugin (default: float, the engine in --dtype as before).
 
 Prints one row per (step, layers), the least-squares per-layer fit and its value at 32 layers.
 """
@@ -176,11 +180,13 @@ def run_measured(cmd: list[str], min_available_gb: float, log: Path) -> dict:
 def commands(step: str, ckpt: Path, work: Path, layers: int, args) -> list[str]:
     base = [sys.executable, "-m", "tda_export", step, "-m", "mistral-7b", "--weights", str(ckpt)]
     cal = work / f"cal-L{layers}.json"
+    quant = ["--weight-format", args.weight_format, "--down-weight-format", args.down_weight_format] \
+        if args.weight_format != "float" else []
     if step == "build":
-        return base + ["--dtype", "bf16", "--no-calibrate", "--force", "-o", str(work / f"engine-L{layers}")]
+        return base + ["--dtype", "bf16", "--no-calibrate", "--force", *quant, "-o", str(work / f"engine-L{layers}")]
     if step == "trt":
         return [sys.executable, "-m", "tda_export", "build", "-m", "mistral-7b", "--weights", str(ckpt),
-                "--dtype", args.trt_dtype, "--no-calibrate", "--force", "--target", "tensorrt-rtx",
+                "--dtype", args.trt_dtype, "--no-calibrate", "--force", *quant, "--target", "tensorrt-rtx",
                 "--max-batch", str(args.trt_max_batch), "--max-seq-len", str(args.trt_max_seq_len),
                 "-o", str(work / f"engine-trt-L{layers}")]
     if step == "calibrate":
@@ -212,6 +218,10 @@ def main():
     ap.add_argument("--trt-dtype", default="fp16", choices=["fp16", "bf16"], help="trt step: build --dtype")
     ap.add_argument("--trt-max-batch", type=int, default=1, help="trt step: build --max-batch")
     ap.add_argument("--trt-max-seq-len", type=int, default=512, help="trt step: build --max-seq-len")
+    ap.add_argument("--weight-format", default="float", choices=["float", "q8_0", "q4_0", "q4_1"],
+                    help="build and trt steps: build --weight-format (float: the weights in the dtype)")
+    ap.add_argument("--down-weight-format", default="auto", choices=["auto", "q8_0", "q4_0", "q4_1"],
+                    help="build and trt steps with a block --weight-format: build --down-weight-format")
     ap.add_argument("--clean", action="store_true", help="delete checkpoints and engines afterwards")
     ap.add_argument("--json-out", type=Path)
     ap.add_argument("--make-only", action="store_true", help=argparse.SUPPRESS)

@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from tda_export.cli import main
+from tda_export.export.weight_only import int_bits
 from tda_export.ops.contract import ACTIVATIONS, PLUGIN_FIELDS, PLUGIN_NAMESPACE, PLUGIN_VERSION, SCORE_NORMS
 from tda_export.ops.contract import SELECT_ACTIVE, SPARSE_GATED_MLP, WEIGHT_FORMATS
 from tda_export.trt import logic as lg
@@ -187,10 +188,29 @@ def test_inlined_node_is_an_error():
 def test_compute_capabilities():
     assert compute_capabilities("tensorrt-rtx", ["8.6", "sm89", "SM86", "120"]) == ["SM86", "SM89", "SM120"]
     assert compute_capabilities("tensorrt-rtx", []) == ["SM75", "SM80", "SM86", "SM89", "SM120"]
-    with pytest.raises(PlanError, match="--compute-capability 9.0: TensorRT-RTX supports 7.5, 8.0"):
+    with pytest.raises(PlanError, match=r"--compute-capability 9.0: TensorRT-RTX supports 7\.5, 8\.0, 8\.6, 8\.9, 12\.0$"):
         compute_capabilities("tensorrt-rtx", ["9.0"])
     with pytest.raises(PlanError, match="applies to --target tensorrt-rtx only"):
         compute_capabilities("tensorrt", ["8.6"])
+
+
+def test_int4_plans_leave_sm75_out():
+    """TensorRT-RTX 1.7 cannot compile int4 weight-only layers for SM75 (a q4_0 plan for all five targets fails
+    in Myelin): a 4-bit engine's default is the other four, and asking for 7.5 is refused before the model loads."""
+    assert compute_capabilities("tensorrt-rtx", [], int4=True) == ["SM80", "SM86", "SM89", "SM120"]
+    assert compute_capabilities("tensorrt-rtx", ["8.6"], int4=True) == ["SM86"]
+    with pytest.raises(PlanError, match=r"--compute-capability 7\.5: TensorRT-RTX cannot compile int4 .*default "
+                                        r"then is 8\.0, 8\.6, 8\.9, 12\.0\) or build from a q8_0 engine"):
+        compute_capabilities("tensorrt-rtx", ["8.6", "7.5"], int4=True)
+    assert [int_bits(f) for f in ("q8_0", "q4_0", "q4_1")] == [8, 4, 4]
+
+
+def test_build_refuses_sm75_for_a_4bit_plan_before_loading(tmp_path):
+    r = CliRunner().invoke(main, ["build", "-m", "smollm2-135m", "--weight-format", "q4_1", "--target", "tensorrt-rtx",
+                                  "--dtype", "fp16", "--compute-capability", "7.5", "-o", str(tmp_path / "e")])
+    assert r.exit_code != 0 and "Traceback" not in r.output, r.output
+    assert "--compute-capability 7.5: TensorRT-RTX cannot compile int4" in r.output
+    assert not (tmp_path / "e").exists()
 
 
 def test_options_checked_before_building(tmp_path):
