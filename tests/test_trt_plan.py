@@ -311,6 +311,29 @@ def test_goldens_replay_and_compare(llama_fp16, tmp_path):
     assert not ok and "MISMATCH" in lines[-1] and "max |err| 1.000e+00" in lines[-1]
 
 
+def test_block_engine_goldens_dequantize_in_each_run(tiny_dirs, llama_fp16, tmp_path, monkeypatch):
+    """A block engine's fp16 goldens run ONNX Runtime without constant folding, which would dequantize every weight
+    to float32 when the session is made (3.8 GB per Mistral-7B-shaped layer at q4_0, the build's peak; see
+    bench/build_scale.py) for three runs; their logits are the folded session's. A float engine keeps folding."""
+    import numpy as np
+
+    from tda_export.export.build import build
+    from tda_export.runtime import ort_backend
+    from tda_export.trt import goldens
+
+    engine = build(str(tiny_dirs["llama"]), tmp_path / "q4", "float16", progress=False, weight_format="q4_0")
+    data = json.loads((engine / "manifest.json").read_text())
+    made, real = [], ort_backend.OrtBackend
+    monkeypatch.setattr(ort_backend, "OrtBackend", lambda *a, **k: made.append(k) or real(*a, **k))
+    golden = dict(np.load(goldens.save(tmp_path, engine / "model.onnx", data)))
+    folded = goldens.replay(real(engine / "model.onnx", data, threads=1), data, golden["input_ids"],
+                            golden["attention_mask"], golden["tokens"])
+    ok, lines = goldens.compare(golden, folded, atol=1e-2, rtol=1e-3)
+    assert ok, lines
+    goldens.save(tmp_path, llama_fp16 / "model.onnx", json.loads((llama_fp16 / "manifest.json").read_text()))
+    assert made == [dict(threads=1, fold_constants=False), dict(threads=1, fold_constants=True)]
+
+
 def test_engine_backend_tensorrt_needs_a_plan(llama_fp16):
     from tda_export.runtime.engine import Engine, EngineError
 
