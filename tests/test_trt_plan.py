@@ -312,8 +312,8 @@ def test_goldens_replay_and_compare(llama_fp16, tmp_path):
 
 
 def test_block_engine_goldens_dequantize_in_each_run(tiny_dirs, llama_fp16, tmp_path, monkeypatch):
-    """A block engine's fp16 goldens run ONNX Runtime without constant folding, which would dequantize every weight
-    to float32 when the session is made (3.8 GB per Mistral-7B-shaped layer at q4_0, the build's peak; see
+    """A block engine's fp16 goldens run ONNX Runtime without constant folding (nor its memory arena): folding would
+    dequantize every weight to float32 when the session is made (3.8 GB per Mistral-7B-shaped layer at q4_0, the build's peak; see
     bench/build_scale.py) for three runs; their logits are the folded session's. A float engine keeps folding."""
     import numpy as np
 
@@ -331,7 +331,7 @@ def test_block_engine_goldens_dequantize_in_each_run(tiny_dirs, llama_fp16, tmp_
     ok, lines = goldens.compare(golden, folded, atol=1e-2, rtol=1e-3)
     assert ok, lines
     goldens.save(tmp_path, llama_fp16 / "model.onnx", json.loads((llama_fp16 / "manifest.json").read_text()))
-    assert made == [dict(threads=1, fold_constants=False), dict(threads=1, fold_constants=True)]
+    assert made == [dict(threads=1, low_memory=True), dict(threads=1, low_memory=False)]
 
 
 def test_engine_backend_tensorrt_needs_a_plan(llama_fp16):
@@ -339,6 +339,19 @@ def test_engine_backend_tensorrt_needs_a_plan(llama_fp16):
 
     with pytest.raises(EngineError, match=r"backend tensorrt: .*no TensorRT plan \(build with --target"):
         Engine.load(llama_fp16, backend="tensorrt")
+
+
+def test_builder_logger_keeps_tensorrts_errors():
+    """A failed build reports TensorRT's own errors (its default Logger printed them to the stdout plan.py
+    discards, so "TensorRT could not build the plan" came without the reason)."""
+    trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 not installed")
+    from tda_export.trt.build.builder import _logger
+
+    logger = _logger(trt)
+    network = trt.Builder(logger).create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    x = network.add_input("x", trt.float16, (1, 4))
+    network.mark_output(x)  # an input cannot be an output: TensorRT logs an error
+    assert any("markOutput" in e and "x" in e for e in logger.errors), logger.errors
 
 
 def test_plan_stream_writer_appends_and_keeps_its_error(tmp_path):

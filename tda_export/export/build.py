@@ -23,6 +23,7 @@ from ..models import load_structure, resolve, save_tokenizer
 from ..ops.contract import (DEFAULT_DENSITY_MARGIN, DENSITY_BOUNDS_INPUT, DOMAIN, OPSET_VERSION, PLUGIN_NAMESPACE,
                             PLUGIN_VERSION, THRESHOLDS_INPUT, density_bounds)
 from ..recipes import engine_dtype
+from ..runtime.heap import release_heap
 from . import names, quantize
 from .decoder import OPSET, build_decoder
 from .spec import ExportError, decoder_spec
@@ -202,6 +203,7 @@ def build(model: str, out: str | Path, dtype: str | None = None, calibration: st
                                                            plan.target, tmp, progress, down_format)
             else:
                 trt_onnx, weight_only = tmp / MODEL_FILE, None
+            release_heap()  # what the export freed goes back to the system before the builder starts
             try:
                 data["tensorrt"] = build_plan(trt_onnx, tmp, data["io"]["inputs"], spec.max_context, dtype,
                                               plan, progress, int4)
@@ -210,6 +212,9 @@ def build(model: str, out: str | Path, dtype: str | None = None, calibration: st
                     shutil.rmtree(trt_onnx.parent, ignore_errors=True)
             if weight_only is not None:
                 data["tensorrt"]["weight_only"] = weight_only
+            if progress:
+                print("computing the goldens for `tda-export check` (ONNX Runtime or torch on the engine)",
+                      file=sys.stderr)
             save_goldens(tmp, tmp / MODEL_FILE, data)  # reference logits for `tda-export check` (trt/goldens.py)
         manifest.write(tmp, data)
         if out.exists():

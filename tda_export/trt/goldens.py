@@ -69,9 +69,9 @@ def reference(onnx_path: Path, manifest: dict):
         from ..runtime.ort_backend import OrtBackend
 
         # three runs: a block engine dequantizes its weights in each rather than folding them all to float32
-        # up front (3.8 GB per Mistral-7B layer at q4_0, so 125 GB at 32 layers; bench/build_scale.py)
+        # up front (+3.8 GB per Mistral-7B layer at q4_0, so 125 GB at 32 layers; bench/build_scale.py)
         blocks = any(f in BLOCK_FORMATS for f in (manifest.get("weight_formats") or {}).values())
-        return OrtBackend(onnx_path, manifest, threads=1, fold_constants=not blocks), f"onnxruntime {manifest['dtype']}"
+        return OrtBackend(onnx_path, manifest, threads=1, low_memory=blocks), f"onnxruntime {manifest['dtype']}"
     import torch
 
     from ..export.spec import DecoderSpec
