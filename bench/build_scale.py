@@ -20,7 +20,8 @@ The `trt` step is `build --target tensorrt-rtx --no-calibrate`; the plan is buil
 (`python -m tda_export.trt.build.builder`) running while the export process is still alive, so besides
 wait4's peak (the largest single process) the watchdog samples the RSS of every process in the
 child's session and reports the peak of their sum, the export process's and the builder's
-(fp16 also runs ONNX Runtime for the goldens, in the export process, after the plan).
+(fp16 also runs ONNX Runtime for the goldens, in the export process, after the plan); the export
+process's peak is also split before the builder (the export), beside it (idle) and after it (goldens).
 `--weight-format q4_0|q4_1|q8_0` (and `--down-weight-format`) are passed to `build` for the `build`
 and `trt` steps: a block-quantized engine, whose plan holds the dense linears as int4/int8 weight-only
 and the MLP blocks for the plugin (default: float, the engine in --dtype as before).
@@ -148,7 +149,7 @@ def run_measured(cmd: list[str], min_available_gb: float, log: Path) -> dict:
     killed = threading.Event()
     lowest = [mem_available_gb()]
     tree = {"tree_rss_gb": 0.0, "main_rss_gb": 0.0, "builder_rss_gb": 0.0, "builder_start_s": None,
-            "builder_end_s": None}
+            "builder_end_s": None, "main_before_gb": 0.0, "main_during_gb": 0.0, "main_after_gb": 0.0}
 
     def watch():
         while proc.returncode is None and not killed.is_set():
@@ -164,6 +165,9 @@ def run_measured(cmd: list[str], min_available_gb: float, log: Path) -> dict:
                 tree["builder_start_s"] = tree["builder_start_s"] or now
                 tree["builder_end_s"] = now
                 tree["builder_rss_gb"] = max(tree["builder_rss_gb"], builder[0])
+            if proc.pid in procs:  # the export process before the builder (export), beside it, after it (goldens)
+                phase = "during" if builder else "before" if tree["builder_start_s"] is None else "after"
+                tree[f"main_{phase}_gb"] = max(tree[f"main_{phase}_gb"], procs[proc.pid][1])
             if avail < min_available_gb:
                 killed.set()
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -252,13 +256,14 @@ def main():
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
             if r["rc"] != 0:
                 print(f"{step} L{L} failed (rc {r['rc']}); log {log}:\n{log.read_text()[-2000:]}", file=sys.stderr)
-    print("\n| step | layers | peak RSS GB | tree RSS GB | export proc GB | builder GB | wall s | builder s "
-          "| written GB | min MemAvailable GB |\n|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| step | layers | peak RSS GB | tree RSS GB | export proc GB (before / beside / after the builder) "
+          "| builder GB | wall s | builder s | written GB | min MemAvailable GB |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         w = f"{r['written_gb']:.2f}" if r["written_gb"] else ""
         b = f"{r['builder_end_s'] - r['builder_start_s']:.0f}" if r["builder_start_s"] is not None else ""
         print(f"| {r['step']} | {r['layers']} | {r['peak_rss_gb']:.2f} | {r['tree_rss_gb']:.2f} | "
-              f"{r['main_rss_gb']:.2f} | {r['builder_rss_gb']:.2f} | {r['wall_s']:.0f} | {b} | {w} | "
+              f"{r['main_rss_gb']:.2f} ({r['main_before_gb']:.2f} / {r['main_during_gb']:.2f} / {r['main_after_gb']:.2f}) | "
+              f"{r['builder_rss_gb']:.2f} | {r['wall_s']:.0f} | {b} | {w} | "
               f"{r['min_mem_available_gb']:.1f} |" + (" killed: low memory" if r["killed_low_memory"] else "")
               + ("" if r["rc"] == 0 else f" rc {r['rc']}"))
     ok = [r for r in rows if r["rc"] == 0]
@@ -273,6 +278,12 @@ def main():
             ta, tb = fit([(r["layers"], r["wall_s"]) for r in pts])
             print(f"| {step} | {a:.2f} + {b:.3f}*L | {a + b * FULL_LAYERS:.1f} | {ta:.1f} + {tb:.2f}*L | "
                   f"{ta + tb * FULL_LAYERS:.0f} |")
+            if step == "trt":  # which process and phase the peak comes from, fitted alone
+                for key, what in [("builder_rss_gb", "builder"), ("main_before_gb", "export proc: export"),
+                                  ("main_during_gb", "export proc: beside the builder"),
+                                  ("main_after_gb", "export proc: goldens")]:
+                    a, b = fit([(r["layers"], r[key]) for r in pts])
+                    print(f"| {step}: {what} | {a:.2f} + {b:.3f}*L | {a + b * FULL_LAYERS:.1f} | | |")
     if args.json_out:
         args.json_out.write_text(json.dumps(rows, indent=1))
     if args.clean:
