@@ -1,11 +1,13 @@
 """CPU library decode vs a dense torch MLP at several densities.
 
-Usage: python bench/cpu_kernels.py [--threads N] [--repeat R] [--batch B] [--weights FORMAT]
+Usage: python bench/cpu_kernels.py [--threads N] [--repeat R] [--batch B] [--weights FORMAT] [--down-format FORMAT]
 
 With --batch B > 1 every sequence gets its own random mask of the given
 density (the union read is then larger than d*I). --weights q8_0|q4_0|q4_1
 times the sparse kernel on block-quantized weights (the same random weights,
 quantized round-to-nearest); x, the output and the dense torch MLP stay fp32.
+--down-format q8_0 (with --weights q4_0/q4_1) stores the down rows in q8_0, as the
+exporter does by default under the 4-bit formats (down_weight_format).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, n
 from tda_export.kernels import abi, testing  # noqa: E402
 from tda_export.kernels.torch_ops import workspace  # noqa: E402
 from tda_export.ops import blocks  # noqa: E402
-from tda_export.ops.contract import WEIGHT_FORMATS  # noqa: E402
+from tda_export.ops.contract import DOWN_WEIGHT_FORMATS, WEIGHT_FORMATS, down_format  # noqa: E402
 
 SHAPES = {"SmolLM2-135M": (576, 1536), "2048x8192": (2048, 8192)}
 DENSITIES = (1.0, 0.5, 0.3, 0.1)
@@ -45,7 +47,7 @@ def _time(fn, repeat: int) -> float:
     return best * 1e6
 
 
-def _decode_call(x, gu, wd, idx, cnt, weights="dtype"):
+def _decode_call(x, gu, wd, idx, cnt, weights="dtype", down="same"):
     """The bare library call with arguments and workspace built once (as the
     torch runtime does per layer), so Python-side allocation is not timed.
     For a block format, gu and wd are its uint8 blocks."""
@@ -55,7 +57,8 @@ def _decode_call(x, gu, wd, idx, cnt, weights="dtype"):
                        hidden=x.shape[-1], intermediate=gu.shape[0], deterministic=1, hidden_states=x.data_ptr(),
                        gate_up_weight=gu.data_ptr(), down_weight_t=wd.data_ptr(), active_idx=idx.data_ptr(),
                        active_count=cnt.data_ptr(), output=out.data_ptr(),
-                       weight_format=abi.WEIGHT_FORMAT_CODE[weights])
+                       weight_format=abi.WEIGHT_FORMAT_CODE[weights],
+                       down_weight_format=abi.DOWN_WEIGHT_FORMAT_CODE[down])
     size = lib.workspace_size("tda_sparse_gated_mlp_decode", a)
     ws, ws_ptr = workspace(size, torch.device("cpu"))  # 256-byte aligned, as the header asks
     fn, ref = lib._lib.tda_sparse_gated_mlp_decode, ctypes.byref(a)
@@ -74,10 +77,17 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--weights", choices=WEIGHT_FORMATS, default="dtype",
                    help="storage of the sparse kernel's weights (dtype: fp32)")
+    p.add_argument("--down-format", choices=DOWN_WEIGHT_FORMATS, default="same",
+                   help="storage of the down rows when not --weights' (a block format under block --weights)")
     args = p.parse_args()
+    try:
+        down = down_format(args.weights, args.down_format)
+    except ValueError as e:
+        p.error(str(e))
     torch.set_num_threads(args.threads)
     print(f"{datetime.date.today()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__} ({args.threads} threads), fp32, weights {args.weights}, batch {args.batch}, "
+          f"torch {torch.__version__} ({args.threads} threads), fp32, weights {args.weights}, down rows {down}, "
+          f"batch {args.batch}, "
           f"best of {args.repeat}, "
           f"load average {os.getloadavg()[0]:.1f}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}\n")
     print("| shape (H, I) | density | sparse (µs) | dense torch (µs) | speed-up |")
@@ -88,7 +98,7 @@ def main() -> None:
                                                  0)
         w_gate, w_up, w_down = gu[:, 0].contiguous(), gu[:, 1].contiguous(), wd.t().contiguous()
         if args.weights != "dtype":
-            gu, wd = (torch.from_numpy(blocks.quantize(args.weights, t.numpy())) for t in (gu, wd))
+            gu, wd = (torch.from_numpy(blocks.quantize(f, t.numpy())) for f, t in ((args.weights, gu), (down, wd)))
 
         def dense():
             return torch.nn.functional.linear(
@@ -101,7 +111,7 @@ def main() -> None:
                                                  np.sort(rng.choice(i, int(d * i), replace=False)).astype(np.int32)
                                                  for _ in range(args.batch)], i)
             idx, cnt = torch.from_numpy(idx), torch.from_numpy(cnt)
-            t_sparse = _time(_decode_call(x, gu, wd, idx, cnt, args.weights), args.repeat)
+            t_sparse = _time(_decode_call(x, gu, wd, idx, cnt, args.weights, args.down_format), args.repeat)
             print(f"| {name} ({h}, {i}) | {d:.1f} | {t_sparse:.0f} | {t_dense:.0f} | {t_dense / t_sparse:.2f}x |")
 
 

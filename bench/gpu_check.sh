@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU check of issues 10 and 19 in one call, sized for about 8 minutes on an H100/H200:
 #   build (sm_90 only) -> compute-sanitizer memcheck -> correctness of decode v1 and v2 against float64
-#   -> correctness of the block-quantized kernels (q8_0/q4_0/q4_1 decode, tda_block_linear) against float64
+#   -> correctness of the block-quantized kernels (q8_0/q4_0/q4_1 decode, also q4_1/q4_0 gate/up with q8_0 down
+#   rows, tda_block_linear) against float64
 #   on the dequantized weights -> kernel timings (CUDA graphs, rotating weights, cuBLAS anchors) -> quantized
 #   timings (vs cuBLAS bf16 dense and our dense block GEMV at the same bytes) -> end-to-end Mistral-7B-shaped
 #   decode -> racecheck -> the GPU pytest marks -> report tables.
@@ -145,7 +146,9 @@ if [ -n "$OK_VERSIONS" ]; then
     --versions "$OK_VERSIONS" --batches 1,4,8 --densities 0.1,0.3,0.5,1.0 --budget-s 120 \
     --out "$OUT_DIR/gpu_kernels_$GPU.json"
   if [ "$QUANT_OK" = 1 ]; then
-    stage quant-timings 120 "$PY" bench/gpu_quant.py --skip-check --batches 1,4,8 --densities 0.1,0.5,1.0 \
+    # five formats (q8_0, q4_0, q4_1, and q4_1/q4_0 gate/up rows with q8_0 down rows) at batches 1 and 8: about
+    # the rows (30) the three formats at batches 1/4/8 took before
+    stage quant-timings 120 "$PY" bench/gpu_quant.py --skip-check --batches 1,8 --densities 0.1,0.5,1.0 \
       --budget-s 100 --out "$OUT_DIR/gpu_quant_$GPU.json"
   else
     skip quant-timings "the quantized kernels did not pass correctness"

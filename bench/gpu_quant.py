@@ -4,12 +4,17 @@ block weights and the dense block GEMV tda_block_linear of libtda_kernels_cuda.s
     python bench/gpu_quant.py --out bench/gpu_quant_GPU.json                 # check, then time
     python bench/gpu_quant.py --check-only --device cpu --small --out x.json  # CPU dry run (tests)
 
+Formats: q8_0, q4_0, q4_1 (both weights in that format) and the 4-bit engines' q8_0 down rows, written
+"q4_1+q8_0" (weight_format q4_1, down_weight_format q8_0; the exporter's default under q4_0/q4_1).
+
 1. Correctness (--check-only stops here), every format: the decode at fp32/fp16/bf16, batches 0/1/3/8/33, mixed
    empty/full/single/odd masks, deterministic or not, NaN-poisoned outputs, against the float64 reference of
    the blocks' exact dequantized weights (ops/torch_blocks.py on the same device: the 7B shapes cost
    milliseconds on a GPU); tda_block_linear at M = 1/3/8/17 with strided x and y and a row range (the columns
-   outside stay NaN) against a float64 matmul; tda_block_dequantize bit for bit. Blocks are random bytes with
-   finite, modest fp16 scales, so every nibble and int8 value occurs. Exits non-zero on any failure.
+   outside stay NaN) against a float64 matmul; tda_block_dequantize bit for bit. The "+q8_0" formats: the decode
+   at fp32/bf16, batches 0/1/8/33 (7B shape: bf16 at batches 1 and 8; the kernels are the single formats',
+   paired). Blocks are random bytes with finite, modest fp16 scales, so every nibble and int8 value occurs.
+   Exits non-zero on any failure.
 2. Timing (GPU only): CUDA graphs walking --layers distinct Mistral-7B MLP layers (H=4096, I=14336) per format,
    interleaved over --rounds rounds, per (format, batch, density):
    - ours: tda_sparse_gated_mlp_decode on the blocks (bf16 activations);
@@ -17,8 +22,9 @@ block weights and the dense block GEMV tda_block_linear of libtda_kernels_cuda.s
    - dense block GEMV at the same bytes: tda_block_linear over the union rows' gate/up blocks (N = 2U, K = H)
      plus a down projection stored as GGUF does (N = H, K = U rounded up to 32), i.e. our own dense quantized
      kernel reading as many bytes as the sparse decode needs: the gap is the cost of gathering rows.
-   Bandwidth is on the bytes needed (3 * U rows of H/32 blocks) against the device-to-device copy bandwidth of
-   the same run; issue 19's target: q4 sparse MLP at >= 80% of copy bandwidth at batch 1.
+   Bandwidth is on the bytes needed (3 * U rows of H/32 blocks, gate/up rows in the first format, down rows in
+   the second) against the device-to-device copy bandwidth of the same run; issue 19's target: q4 sparse MLP
+   at >= 80% of copy bandwidth at batch 1.
 Prints markdown tables; writes everything as JSON to --out.
 """
 from __future__ import annotations
@@ -45,20 +51,35 @@ _spec.loader.exec_module(gk)  # GraphTimer, interleaved_us, copy_bandwidth_gbs: 
 
 H, I = 4096, 14336
 FORMATS = tuple(BLOCK_FORMATS)
+# "F+G": gate/up rows in F, down rows in G (down_weight_format); a plain F is both in F.
+OWN_DOWN = ("q4_1+q8_0", "q4_0+q8_0")
+COMBOS = FORMATS + OWN_DOWN
 TARGET_FRAC_COPY_BW = 0.80  # issue 19: the int4 sparse MLP at batch 1, on active bytes
 SHAPES_FULL = ((32, 8), (1056, 2051), (H, I))  # 1056: 33 blocks, past a warp's 32-block step; 2051: odd I
 SHAPES_SMALL = ((32, 8), (1056, 2051))
 BATCHES = (0, 1, 3, 8, 33)
 
 
+def formats_of(combo: str) -> tuple[str, str]:
+    """(weight_format, the down rows' format) of "q4_1+q8_0" or "q4_1"."""
+    wf, _, down = combo.partition("+")
+    return wf, down or wf
+
+
+def _down_attr(combo: str) -> str:
+    """The down_weight_format attribute of a combo ("same" for a plain format)."""
+    return "same" if "+" not in combo else formats_of(combo)[1]
+
+
 def _row(check: str, err: float, tol: float, problems: list[str]) -> dict:
     return {"check": check, "rel_err": err, "tol": tol, "ok": not problems, "problems": problems}
 
 
-def check_decode(name: str, dtype, hidden: int, inter: int, batch: int, device: str, seed: int) -> list[dict]:
+def check_decode(combo: str, dtype, hidden: int, inter: int, batch: int, device: str, seed: int) -> list[dict]:
+    name, down = formats_of(combo)
     gu_q = testing.random_blocks(name, 2 * inter, hidden, device, seed, 0.5 / hidden ** 0.5).view(inter, 2, -1)
-    wd_q = testing.random_blocks(name, inter, hidden, device, seed + 1, 0.5 / inter ** 0.5)
-    gu, wd = torch_blocks.dequantize(name, gu_q), torch_blocks.dequantize(name, wd_q)
+    wd_q = testing.random_blocks(down, inter, hidden, device, seed + 1, 0.5 / inter ** 0.5)
+    gu, wd = torch_blocks.dequantize(name, gu_q), torch_blocks.dequantize(down, wd_q)
     rng = np.random.default_rng(seed)
     kinds = [testing.MASK_KINDS[(b * 5 + batch) % len(testing.MASK_KINDS)] for b in range(max(batch, 1))][:batch]
     masks = [testing.make_mask(k, inter, rng, rng.uniform(0.05, 0.9)) for k in kinds]
@@ -69,7 +90,8 @@ def check_decode(name: str, dtype, hidden: int, inter: int, batch: int, device: 
     tol = testing.TOLERANCE[dtype]
     rows = []
     for det in (True, False):
-        status, out = testing.run_decode(x, gu_q, wd_q, idx, cnt, deterministic=det, weight_format=name)
+        status, out = testing.run_decode(x, gu_q, wd_q, idx, cnt, deterministic=det, weight_format=name,
+                                         down_weight_format=_down_attr(combo))
         problems, err = [], float("inf")
         if status != abi.TDA_OK:
             problems.append(f"status {status}")
@@ -79,7 +101,7 @@ def check_decode(name: str, dtype, hidden: int, inter: int, batch: int, device: 
                          if k == "empty" and not bool(torch.all(out[b] == 0))]
             if not err < tol:
                 problems.append(f"rel err {err:.2e} >= {tol:.0e}")
-        rows.append(_row(f"decode {name} {str(dtype)[6:]} H={hidden} I={inter} B={batch} det={int(det)}",
+        rows.append(_row(f"decode {combo} {str(dtype)[6:]} H={hidden} I={inter} B={batch} det={int(det)}",
                          err, tol, problems))
     return rows
 
@@ -125,6 +147,14 @@ def check_correctness(device: str, shapes) -> list[dict]:
             for m in (1, 3, 8, 17):
                 seed += 1
                 results += check_linear(name, min(inter, 4096), hidden, m, device, seed)
+    for combo in OWN_DOWN:  # the same kernels paired: fewer cases keep the stage's time (7B: bf16, batch 1 and 8)
+        for hidden, inter in shapes:
+            for dtype in (torch.float32, torch.bfloat16):
+                for batch in (0, 1, 8, 33):
+                    if hidden == H and (batch in (0, 33) or dtype != torch.bfloat16):
+                        continue
+                    seed += 1
+                    results += check_decode(combo, dtype, hidden, inter, batch, device, seed)
     for r in results:
         if not r["ok"]:
             print(f"FAIL {r['check']}: {'; '.join(r['problems'])}", flush=True)
@@ -133,12 +163,13 @@ def check_correctness(device: str, shapes) -> list[dict]:
     return results
 
 
-def bench(name: str, layers: int, densities, batches, reps: int, rounds: int, copy_gbs: float,
+def bench(combo: str, layers: int, densities, batches, reps: int, rounds: int, copy_gbs: float,
           deadline: float) -> list[dict]:
-    bb = BLOCK_FORMATS[name].block_bytes
-    row_bytes = H // QUANT_BLOCK * bb
+    name, down = formats_of(combo)
+    row_bytes = H // QUANT_BLOCK * BLOCK_FORMATS[name].block_bytes
+    down_row_bytes = H // QUANT_BLOCK * BLOCK_FORMATS[down].block_bytes
     gu = [testing.random_blocks(name, 2 * I, H, "cuda", 10 * l, 0.01).view(I, 2, -1) for l in range(layers)]
-    wd = [testing.random_blocks(name, I, H, "cuda", 10 * l + 1, 0.01) for l in range(layers)]
+    wd = [testing.random_blocks(down, I, H, "cuda", 10 * l + 1, 0.01) for l in range(layers)]
     gu16 = [torch.randn(I, 2, H, device="cuda", dtype=torch.bfloat16) / H ** 0.5 for _ in range(min(layers, 8))]
     wd16 = [torch.randn(I, H, device="cuda", dtype=torch.bfloat16) / I ** 0.5 for _ in range(min(layers, 8))]
     lib = abi.cuda_library()
@@ -157,7 +188,7 @@ def bench(name: str, layers: int, densities, batches, reps: int, rounds: int, co
         dense_timer = gk.GraphTimer(dense_bf16, max(1, reps // len(gu16)))
         for d in densities:
             if time.time() > deadline:
-                print(f"time budget spent: skipping {name} batch {batch} density {d} and later", flush=True)
+                print(f"time budget spent: skipping {combo} batch {batch} density {d} and later", flush=True)
                 return rows
             states, unions = [], []
             for _ in range(layers):
@@ -169,28 +200,28 @@ def bench(name: str, layers: int, densities, batches, reps: int, rounds: int, co
                 unions.append(np.unique(np.concatenate(masks)).size)
             u = int(round(np.mean(unions)))
             u32 = (u + 31) // 32 * 32
-            needed = 3 * u * row_bytes
-            # The dense GEMV at the same bytes: gate/up [2U, H] blocks and a down [H, U32] stored along U.
+            needed = u * (2 * row_bytes + down_row_bytes)
+            # The dense GEMV at the same bytes: gate/up [2U, H] blocks and a down [H, U32] stored along U (each in
+            # its format).
             gu_c = [testing.random_blocks(name, 2 * u, H, "cuda", 7 + l, 0.01) for l in range(layers)]
-            wd_c = [testing.random_blocks(name, H, u32, "cuda", 9 + l, 0.01) for l in range(layers)]
+            wd_c = [testing.random_blocks(down, H, u32, "cuda", 9 + l, 0.01) for l in range(layers)]
             z = torch.zeros(batch, u32, device="cuda")
             y_gu = torch.empty(batch, 2 * u, device="cuda")
             y = torch.empty(batch, H, device="cuda")
-            code = abi.WEIGHT_FORMAT_CODE[name]
-
-            def linear(w, n, k, xin, out):
+            def linear(w, code, n, k, xin, out):
                 a = abi.BlockLinearArgs(weight_format=code, m=batch, n=n, k=k, n_begin=0, n_end=n, ldx=xin.stride(0),
                                         ldy=out.stride(0), x=xin.data_ptr(), weight=w.data_ptr(), y=out.data_ptr())
                 lib.call("tda_block_linear", a, 0, 0, torch.cuda.current_stream().cuda_stream)
 
             def dense_q():
                 for l in range(layers):
-                    linear(gu_c[l], 2 * u, H, xf, y_gu)
-                    linear(wd_c[l], H, u32, z, y)
+                    linear(gu_c[l], abi.WEIGHT_FORMAT_CODE[name], 2 * u, H, xf, y_gu)
+                    linear(wd_c[l], abi.WEIGHT_FORMAT_CODE[down], H, u32, z, y)
 
             def ours():
                 for l in range(layers):
-                    K.sparse_gated_mlp_decode(x, gu[l], wd[l], *states[l], "silu", True, 1, weight_format=name)
+                    K.sparse_gated_mlp_decode(x, gu[l], wd[l], *states[l], "silu", True, 1, weight_format=name,
+                                              down_weight_format=_down_attr(combo))
 
             timers = {"ours": gk.GraphTimer(ours, per), "cublas_bf16_dense": dense_timer,
                       "block_gemv_same_bytes": gk.GraphTimer(dense_q, per)}
@@ -198,12 +229,12 @@ def bench(name: str, layers: int, densities, batches, reps: int, rounds: int, co
             del timers  # the graphs (the compact copies are replaced by the next row)
             us = t["ours"]["median"]
             gbs = needed / (us * 1e-6) / 1e9
-            row = {"format": name, "batch": batch, "density": d, "union_rows": u, "needed_MB": needed / 1e6,
+            row = {"format": combo, "batch": batch, "density": d, "union_rows": u, "needed_MB": needed / 1e6,
                    "us": t, "GBps": gbs, "frac_copy_bw": gbs / copy_gbs,
                    "vs_cublas_bf16_dense": t["cublas_bf16_dense"]["median"] / us,
                    "vs_block_gemv_same_bytes": t["block_gemv_same_bytes"]["median"] / us}
             rows.append(row)
-            print(f"| {name} | {batch} | {d:.2f} | {u / I:.2f} | {us:.1f} | {gbs:.0f} | {gbs / copy_gbs:.0%} | "
+            print(f"| {combo} | {batch} | {d:.2f} | {u / I:.2f} | {us:.1f} | {gbs:.0f} | {gbs / copy_gbs:.0%} | "
                   f"{t['cublas_bf16_dense']['median']:.1f} | {row['vs_cublas_bf16_dense']:.2f}x | "
                   f"{t['block_gemv_same_bytes']['median']:.1f} | {row['vs_block_gemv_same_bytes']:.2f}x |",
                   flush=True)
@@ -213,14 +244,15 @@ def bench(name: str, layers: int, densities, batches, reps: int, rounds: int, co
 def verdicts(rows: list[dict]) -> dict:
     return {f"{r['format']} batch1 d={r['density']} >= 80% copy bw on active bytes":
             r["frac_copy_bw"] >= TARGET_FRAC_COPY_BW
-            for r in rows if r["batch"] == 1 and r["format"] in ("q4_0", "q4_1")}
+            for r in rows if r["batch"] == 1 and formats_of(r["format"])[0] in ("q4_0", "q4_1")}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, type=Path, help="JSON output path")
     p.add_argument("--device", default="cuda", help="cuda; cpu only with --check-only (dry run)")
-    p.add_argument("--formats", default=",".join(FORMATS))
+    p.add_argument("--formats", default=",".join(COMBOS),
+                   help=f"comma-separated, of {', '.join(COMBOS)} (F+G: gate/up rows in F, down rows in G)")
     p.add_argument("--layers", type=int, default=16, help="distinct weight layers per format the timing rotates over")
     p.add_argument("--densities", default="0.1,0.5,1.0")
     p.add_argument("--batches", default="1,4,8")
@@ -233,9 +265,9 @@ def parse_args(argv=None):
                    help="stop timing new rows after this many seconds (results so far are kept)")
     args = p.parse_args(argv)
     args.formats = [f for f in args.formats.split(",") if f]
-    bad = [f for f in args.formats if f not in FORMATS]
+    bad = [f for f in args.formats if f not in COMBOS]
     if bad:
-        p.error(f"--formats: {bad} not in {', '.join(FORMATS)}")
+        p.error(f"--formats: {bad} not in {', '.join(COMBOS)}")
     args.densities = [float(d) for d in args.densities.split(",")]
     args.batches = [int(b) for b in args.batches.split(",")]
     if args.device != "cuda" and not args.check_only:

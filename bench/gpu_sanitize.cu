@@ -1,6 +1,8 @@
 // Small-shape driver of libtda_kernels_cuda.so for compute-sanitizer (bench/gpu_check.sh):
 // every decode variant (v1, v2; fp32/fp16/bf16; batch 0, 1, 3, 8, 64; empty, full,
-// single, odd masks; deterministic or not; float and q8_0/q4_0/q4_1 block weights, the
+// single, odd masks; deterministic or not; float and q8_0/q4_0/q4_1 block weights, also
+// down rows in a format of their own (down_weight_format: q8_0 under q4_1/q4_0, q4_1 under
+// q8_0, so a down row read at the other format's stride leaves its allocation), the
 // blocks allocated to the exact byte), tda_block_linear, tda_block_dequantize,
 // select_active and prefill_scores, through
 // the C ABI with plain cudaMalloc buffers, so memcheck and racecheck see exactly the
@@ -82,7 +84,7 @@ static std::vector<uint8_t> random_blocks(size_t rows, int hidden, int f, std::m
 }
 
 static void decode_case(tda_dtype_t dt, int batch, int hidden, int inter, int version, int deterministic,
-                        std::mt19937& rng, int weight_format = TDA_WEIGHTS_DTYPE) {
+                        std::mt19937& rng, int weight_format = TDA_WEIGHTS_DTYPE, int down_weight_format = 0) {
   const int es = dt == TDA_F32 ? 4 : 2;
   std::vector<int32_t> idx(size_t(std::max(batch, 1)) * inter, 0), cnt(std::max(batch, 1), 0);
   for (int b = 0; b < batch; ++b) {
@@ -102,7 +104,8 @@ static void decode_case(tda_dtype_t dt, int batch, int hidden, int inter, int ve
   const bool blocks = weight_format != TDA_WEIGHTS_DTYPE;
   auto gu = blocks ? random_blocks(size_t(inter) * 2, hidden, weight_format, rng)
                    : random_values(size_t(inter) * 2 * hidden, dt, rng);
-  auto wd = blocks ? random_blocks(size_t(inter), hidden, weight_format, rng) : random_values(size_t(inter) * hidden, dt, rng);
+  const int down = down_weight_format ? down_weight_format : weight_format;
+  auto wd = blocks ? random_blocks(size_t(inter), hidden, down, rng) : random_values(size_t(inter) * hidden, dt, rng);
   void* dx = upload(x.data(), x.size());
   void* dgu = upload(gu.data(), gu.size());
   void* dwd = upload(wd.data(), wd.size());
@@ -125,12 +128,13 @@ static void decode_case(tda_dtype_t dt, int batch, int hidden, int inter, int ve
   a.output = dout;
   a.version = version;
   a.weight_format = weight_format;
+  a.down_weight_format = down_weight_format;
   const size_t ws_size = tda_sparse_gated_mlp_decode_workspace_size(&a);
   void* ws = nullptr;
   if (ws_size) CHECK_CUDA(cudaMalloc(&ws, ws_size));  // cudaMalloc: 256-byte aligned
   char what[160];
-  snprintf(what, sizeof what, "decode dtype=%d B=%d H=%d I=%d v%d det=%d weights=%d", int(dt), batch, hidden, inter,
-           version, deterministic, weight_format);
+  snprintf(what, sizeof what, "decode dtype=%d B=%d H=%d I=%d v%d det=%d weights=%d down=%d", int(dt), batch, hidden,
+           inter, version, deterministic, weight_format, down_weight_format);
   for (int rep = 0; rep < 2; ++rep) expect_ok(tda_sparse_gated_mlp_decode(&a, ws, ws_size, nullptr), what);
   CHECK_CUDA(cudaDeviceSynchronize());
   for (void* p : {dx, dgu, dwd, didx, dcnt, dout, ws})
@@ -216,6 +220,15 @@ int main(int argc, char** argv) {
             if (quick && (det == 0 || batch == 33 || dt == TDA_F32)) continue;
             decode_case(dt, batch, hw[0], hw[1], 0, det, rng, f);
           }
+  // down_weight_format: the same kernels paired, so bf16 and the deterministic path suffice.
+  const int own_down[][2] = {{TDA_WEIGHTS_Q4_1, TDA_WEIGHTS_Q8_0}, {TDA_WEIGHTS_Q4_0, TDA_WEIGHTS_Q8_0},
+                             {TDA_WEIGHTS_Q8_0, TDA_WEIGHTS_Q4_1}};
+  for (const auto& fd : own_down)
+    for (const auto& hw : block_shapes)
+      for (int batch : {1, 3, 8, 33}) {
+        if (quick && batch > 3) continue;
+        decode_case(TDA_BF16, batch, hw[0], hw[1], 0, 1, rng, fd[0], fd[1]);
+      }
   block_linear_cases(rng);
   select_and_prefill(rng);
   CHECK_CUDA(cudaDeviceSynchronize());

@@ -3,7 +3,8 @@
 //
 // Prefill (runtime S != 1): cuBLAS gate/up GEMM, act(gate)*up (gated_act.cu),
 // tda_prefill_scores, cuBLAS down GEMM; with block-quantized weights
-// (weight_format q8_0/q4_0/q4_1, int8 inputs holding the contract's bytes)
+// (weight_format q8_0/q4_0/q4_1, int8 inputs holding the contract's bytes;
+// down_weight_t possibly in a block format of its own, down_weight_format)
 // the blocks are first dequantized to T in the workspace (dequant.cu).
 // Decode (runtime S == 1): tda_sparse_gated_mlp_decode in chunks of
 // TDA_MAX_BATCH on the blocks themselves, scores copied.
@@ -103,7 +104,8 @@ class SparseGatedMlpPlugin final : public IPluginV3,
     Dims dims[mlp::kNbIn];
     for (int32_t i = 0; i < nb_in; ++i) dims[i] = to_dims(in[i]);
     MlpSizes s;
-    if (int32_t rc = report(mlp_check_shapes(dims, nb_in, &s, attrs_.weight_format))) return rc;
+    if (int32_t rc = report(mlp_check_shapes(dims, nb_in, &s, attrs_.weight_format, attrs_.down_weight_format)))
+      return rc;
     for (int32_t o = 0; o < nb_out; ++o) write_output_shape(mlp_output_shape(o), in, &out[o]);
     return 0;
   }
@@ -125,7 +127,7 @@ class SparseGatedMlpPlugin final : public IPluginV3,
     Dims max[mlp::kNbIn];
     for (int32_t i = 0; i < nb_in && i < mlp::kNbIn; ++i) max[i] = to_dims(in[i].max);
     MlpSizes s;
-    if (report(mlp_max_sizes(max, nb_in, &s, attrs_.weight_format))) return 0;
+    if (report(mlp_max_sizes(max, nb_in, &s, attrs_.weight_format, attrs_.down_weight_format))) return 0;
     return mlp_workspace_size(to_dtype(in[mlp::kHidden].desc.type), attrs_, s, in[mlp::kHidden].min.d[1],
                               abi_queries());
   }
@@ -139,7 +141,8 @@ class SparseGatedMlpPlugin final : public IPluginV3,
     Dims dims[mlp::kNbIn];
     for (int32_t i = 0; i < mlp::kNbIn; ++i) dims[i] = to_dims(in[i].dims);
     MlpSizes s;
-    if (int32_t rc = report(mlp_check_shapes(dims, mlp::kNbIn, &s, attrs_.weight_format))) return rc;
+    if (int32_t rc = report(mlp_check_shapes(dims, mlp::kNbIn, &s, attrs_.weight_format, attrs_.down_weight_format)))
+      return rc;
     const MlpBuffers buf{inputs[mlp::kHidden],
                          inputs[mlp::kGateUp],
                          inputs[mlp::kDownT],
@@ -174,7 +177,7 @@ class SparseGatedMlpPlugin final : public IPluginV3,
     Dims dims[mlp::kNbIn];
     for (int32_t i = 0; i < nb_in && i < mlp::kNbIn; ++i) dims[i] = to_dims(dims_of(in[i]));
     MlpSizes s;
-    return report(mlp_check_shapes(dims, nb_in, &s, attrs_.weight_format));
+    return report(mlp_check_shapes(dims, nb_in, &s, attrs_.weight_format, attrs_.down_weight_format));
   }
 
   // Build-time enqueues (timing) may reach a clone that was never attached.
@@ -209,13 +212,15 @@ class SparseGatedMlpPlugin final : public IPluginV3,
       return rc;
     if (p.tokens > 0) {
       if (p.weight_format != TDA_WEIGHTS_DTYPE) {
+        // Each weight in its own format: down_t may have one of its own (down_weight_format, e.g. q8_0 under q4_1).
         const tda_weight_format_t f = tda_weight_format_t(p.weight_format);
+        const tda_weight_format_t fd = tda_weight_format_t(p.down_weight_format);
         if (int32_t rc = report_cuda(dequantize_weights(abi_dtype(t), f, buf.gate_up, int32_t(s.hidden), 2 * s.inter,
                                                         p.gate_up_t, st),
                                      "dequantize gate_up_weight"))
           return rc;
         if (int32_t rc = report_cuda(
-                dequantize_weights(abi_dtype(t), f, buf.down_t, int32_t(s.hidden), s.inter, p.down_t, st),
+                dequantize_weights(abi_dtype(t), fd, buf.down_t, int32_t(s.hidden), s.inter, p.down_t, st),
                 "dequantize down_weight_t"))
           return rc;
       }

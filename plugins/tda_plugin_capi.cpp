@@ -48,13 +48,16 @@ void sizes_out(const MlpSizes& s, int64_t* out) {
 
 MlpSizes sizes_in(const int64_t* v) { return MlpSizes{v[0], v[1], v[2], v[3]}; }
 
-// attrs: activation, score_norm, decode_version, weight_format (the plugin's fields, parsed).
+// attrs: activation, score_norm, decode_version, weight_format, down_weight_format (the plugin's fields, parsed;
+// down_weight_format 0 = same).
+constexpr int32_t kNbAttrs = 5;
 MlpAttrs attrs_in(const int32_t* attrs) {
   MlpAttrs a;
   a.activation = tda_activation_t(attrs[0]);
   a.score_norm = tda_score_norm_t(attrs[1]);
   a.decode_version = attrs[2];
   a.weight_format = tda_weight_format_t(attrs[3]);
+  a.down_weight_format = tda_weight_format_t(attrs[4]);
   return a;
 }
 
@@ -77,9 +80,10 @@ TDA_TRT_API const char* tda_trt_identity(int32_t what) {
 TDA_TRT_API int32_t tda_trt_build_decode_version(void) { return absent_decode_version(true); }
 TDA_TRT_API int32_t tda_trt_mlp_nb_fields(void) { return kSparseGatedMlpNbFields; }
 TDA_TRT_API const char* tda_trt_mlp_field_name(int32_t i) { return kSparseGatedMlpFields[i]; }
+TDA_TRT_API int32_t tda_trt_mlp_nb_attrs(void) { return kNbAttrs; }
 
-// attrs: 4 int32 out (activation, score_norm, decode_version, weight_format); building as
-// TensorRT's BUILD phase.
+// attrs: kNbAttrs int32 out (activation, score_norm, decode_version, weight_format, down_weight_format);
+// building as TensorRT's BUILD phase.
 TDA_TRT_API int tda_trt_mlp_parse_fields(int32_t nb, const char* const* names, const void* const* data,
                                          const int32_t* lengths, const int32_t* is_char, int32_t building,
                                          int32_t* attrs, char* err) {
@@ -90,6 +94,7 @@ TDA_TRT_API int tda_trt_mlp_parse_fields(int32_t nb, const char* const* names, c
   attrs[1] = a.score_norm;
   attrs[2] = a.decode_version;
   attrs[3] = a.weight_format;
+  attrs[4] = a.down_weight_format;
   return 0;
 }
 
@@ -106,11 +111,13 @@ TDA_TRT_API const char* tda_trt_mlp_field_value(int32_t i, const int32_t* attrs)
 }
 
 // ---- shapes and types ----
-// weight_format: the plugin's (a tda_weight_format_t): block weights' last axes are row bytes.
+// weight_format, down_weight_format: the plugin's (tda_weight_format_t; down 0 = same): block weights' last
+// axes are row bytes of their format.
 TDA_TRT_API int tda_trt_mlp_check_shapes(int32_t nb, const int32_t* ranks, const int64_t* dims, int32_t weight_format,
-                                         int64_t* sizes, char* err) {
+                                         int32_t down_weight_format, int64_t* sizes, char* err) {
   MlpSizes s;
-  if (int rc = fail(mlp_check_shapes(dims_of(nb, ranks, dims).data(), nb, &s, tda_weight_format_t(weight_format)),
+  if (int rc = fail(mlp_check_shapes(dims_of(nb, ranks, dims).data(), nb, &s, tda_weight_format_t(weight_format),
+                                     tda_weight_format_t(down_weight_format)),
                     err))
     return rc;
   sizes_out(s, sizes);
@@ -118,9 +125,11 @@ TDA_TRT_API int tda_trt_mlp_check_shapes(int32_t nb, const int32_t* ranks, const
 }
 
 TDA_TRT_API int tda_trt_mlp_max_sizes(int32_t nb, const int32_t* ranks, const int64_t* dims, int32_t weight_format,
-                                      int64_t* sizes, char* err) {
+                                      int32_t down_weight_format, int64_t* sizes, char* err) {
   MlpSizes s;
-  if (int rc = fail(mlp_max_sizes(dims_of(nb, ranks, dims).data(), nb, &s, tda_weight_format_t(weight_format)), err))
+  if (int rc = fail(mlp_max_sizes(dims_of(nb, ranks, dims).data(), nb, &s, tda_weight_format_t(weight_format),
+                                  tda_weight_format_t(down_weight_format)),
+                    err))
     return rc;
   sizes_out(s, sizes);
   return 0;

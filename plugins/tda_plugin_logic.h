@@ -27,8 +27,9 @@ constexpr const char* kSelectActiveName = "SelectActive";
 // contract.PLUGIN_FIELDS; every field is a string, passed as a kCHAR field.
 // The ONNX attributes, then the plan fields (contract.PLAN_FIELDS) the
 // builder fixes and the plan records.
-constexpr const char* kSparseGatedMlpFields[] = {"activation", "score_norm", "weight_format", "decode_version"};
-constexpr int kSparseGatedMlpNbFields = 4;
+constexpr const char* kSparseGatedMlpFields[] = {"activation", "score_norm", "weight_format", "down_weight_format",
+                                                 "decode_version"};
+constexpr int kSparseGatedMlpNbFields = 5;
 // SelectActive has no fields.
 
 // ONNX node metadata that a parser may forward as fields; not attributes.
@@ -51,6 +52,15 @@ constexpr NamedEnum<int32_t> kDecodeVersions[] = {{"1", 1}, {"2", 2}};
 // plugin inputs cannot be uint8), [I, 2, H/32*bytes] and [I, H/32*bytes], the same bytes.
 constexpr NamedEnum<tda_weight_format_t> kWeightFormats[] = {
     {"dtype", TDA_WEIGHTS_DTYPE}, {"q8_0", TDA_WEIGHTS_Q8_0}, {"q4_0", TDA_WEIGHTS_Q4_0}, {"q4_1", TDA_WEIGHTS_Q4_1}};
+// down_weight_format field -> tda_decode_args_t.down_weight_format (contract.DOWN_WEIGHT_FORMATS order): "same"
+// (0: down_weight_t as weight_format says) or a block format of its own, only under a block weight_format
+// (e.g. q8_0 down rows under q4_1 gate/up rows).
+constexpr NamedEnum<tda_weight_format_t> kDownWeightFormats[] = {
+    {"same", TDA_WEIGHTS_DTYPE}, {"q8_0", TDA_WEIGHTS_Q8_0}, {"q4_0", TDA_WEIGHTS_Q4_0}, {"q4_1", TDA_WEIGHTS_Q4_1}};
+// The format down_weight_t is stored in: dwf, or wf where dwf is "same" (contract.down_format).
+inline tda_weight_format_t down_format(tda_weight_format_t wf, tda_weight_format_t dwf) {
+  return dwf == TDA_WEIGHTS_DTYPE ? wf : dwf;
+}
 // Bytes of one block (contract BLOCK_FORMATS block_bytes); 0 for "dtype".
 inline int64_t weight_block_bytes(tda_weight_format_t f) {
   return f == TDA_WEIGHTS_Q8_0 ? 34 : (f == TDA_WEIGHTS_Q4_0 ? 18 : (f == TDA_WEIGHTS_Q4_1 ? 20 : 0));
@@ -107,6 +117,9 @@ struct MlpAttrs {
   int32_t decode_version = 1;
   // How gate_up_weight / down_weight_t are stored (field weight_format).
   tda_weight_format_t weight_format = TDA_WEIGHTS_DTYPE;
+  // down_weight_t's own format (field down_weight_format): TDA_WEIGHTS_DTYPE = "same", else a block format
+  // (only with a block weight_format; parse_mlp_fields refuses the rest).
+  tda_weight_format_t down_weight_format = TDA_WEIGHTS_DTYPE;
 };
 
 // decode_version when the fields do not carry it: an ONNX node (building)
@@ -161,8 +174,9 @@ inline Error parse_mlp_fields(const FieldView* fields, int32_t nb, bool building
     const bool is_act = std::strcmp(f.name, kSparseGatedMlpFields[0]) == 0;
     const bool is_norm = std::strcmp(f.name, kSparseGatedMlpFields[1]) == 0;
     const bool is_format = std::strcmp(f.name, kSparseGatedMlpFields[2]) == 0;
-    const bool is_version = std::strcmp(f.name, kSparseGatedMlpFields[3]) == 0;
-    if (!is_act && !is_norm && !is_format && !is_version) {
+    const bool is_down = std::strcmp(f.name, kSparseGatedMlpFields[3]) == 0;
+    const bool is_version = std::strcmp(f.name, kSparseGatedMlpFields[4]) == 0;
+    if (!is_act && !is_norm && !is_format && !is_down && !is_version) {
       if (ignored_field(f.name)) continue;
       return std::string("SparseGatedMLP: unknown field ") + f.name;
     }
@@ -174,9 +188,15 @@ inline Error parse_mlp_fields(const FieldView* fields, int32_t nb, bool building
       return "SparseGatedMLP: score_norm '" + s + "' not in " + choices(kScoreNorms);
     if (is_format && !lookup(kWeightFormats, s, &a.weight_format))
       return "SparseGatedMLP: weight_format '" + s + "' not in " + choices(kWeightFormats);
+    if (is_down && !lookup(kDownWeightFormats, s, &a.down_weight_format))
+      return "SparseGatedMLP: down_weight_format '" + s + "' not in " + choices(kDownWeightFormats);
     if (is_version && !lookup(kDecodeVersions, s, &a.decode_version))
       return "SparseGatedMLP: decode_version '" + s + "' not in " + choices(kDecodeVersions);
   }
+  // Whatever the fields' order: a block down format needs block gate/up weights (the kernels refuse the rest).
+  if (a.down_weight_format != TDA_WEIGHTS_DTYPE && a.weight_format == TDA_WEIGHTS_DTYPE)
+    return std::string("SparseGatedMLP: down_weight_format '") + name_of(kDownWeightFormats, a.down_weight_format) +
+           "' needs a block weight_format, not 'dtype'";
   *out = a;
   return {};
 }
@@ -187,6 +207,7 @@ inline const char* mlp_field_value(int32_t i, const MlpAttrs& a) {
     case 0: return name_of(kActivations, a.activation);
     case 1: return name_of(kScoreNorms, a.score_norm);
     case 2: return name_of(kWeightFormats, a.weight_format);
+    case 3: return name_of(kDownWeightFormats, a.down_weight_format);
     default: return name_of(kDecodeVersions, a.decode_version);
   }
 }
@@ -294,8 +315,10 @@ inline Error mlp_check_static(const Dims* in, int32_t nb_in) {
 
 // H and I as the weight format needs them: I a positive multiple of 8 (the prefill's score reduction,
 // tda_prefill_scores, needs it whatever the weights); T weights: H too; block weights: H a positive
-// multiple of 32 (whole blocks) and each weight's last axis exactly H/32 blocks of the format.
-inline Error mlp_check_sizes(const Dims* in, const MlpSizes& s, tda_weight_format_t wf) {
+// multiple of 32 (whole blocks) and each weight's last axis exactly H/32 blocks of its format: gate_up's
+// wf, down_weight_t's dwf (field down_weight_format; TDA_WEIGHTS_DTYPE = "same" as wf).
+inline Error mlp_check_sizes(const Dims* in, const MlpSizes& s, tda_weight_format_t wf,
+                             tda_weight_format_t dwf = TDA_WEIGHTS_DTYPE) {
   using namespace mlp;
   if (Error e = size_multiple(s.inter, "I (intermediate size)"); !e.empty()) return e;
   if (wf == TDA_WEIGHTS_DTYPE) return size_multiple(s.hidden, "H (hidden size)");
@@ -304,13 +327,21 @@ inline Error mlp_check_sizes(const Dims* in, const MlpSizes& s, tda_weight_forma
     return "H (hidden size) = " + std::to_string(s.hidden) + " must be a positive multiple of " +
            std::to_string(TDA_QUANT_BLOCK) + " for weight_format " + fmt;
   if (s.hidden < 0) return {};
-  const int64_t row = s.hidden / TDA_QUANT_BLOCK * weight_block_bytes(wf);
-  for (const auto& w : {std::pair<int, int>{kGateUp, 2}, std::pair<int, int>{kDownT, 1}}) {
-    const int64_t v = in[w.first].d[w.second];
+  struct Weight {
+    int tensor, axis;
+    tda_weight_format_t format;
+    const char* field;
+  };
+  const Weight weights[] = {{kGateUp, 2, wf, "weight_format"},
+                            dwf == TDA_WEIGHTS_DTYPE ? Weight{kDownT, 1, wf, "weight_format"}
+                                                     : Weight{kDownT, 1, dwf, "down_weight_format"}};
+  for (const Weight& w : weights) {
+    const int64_t row = s.hidden / TDA_QUANT_BLOCK * weight_block_bytes(w.format);
+    const int64_t v = in[w.tensor].d[w.axis];
     if (v >= 0 && v != row)
-      return std::string(kNames[w.first]) + ": last dimension " + std::to_string(v) + " but weight_format " + fmt +
-             " with H = " + std::to_string(s.hidden) + " needs " + std::to_string(row) + " bytes (H/32 blocks of " +
-             std::to_string(weight_block_bytes(wf)) + ")";
+      return std::string(kNames[w.tensor]) + ": last dimension " + std::to_string(v) + " but " + w.field + " " +
+             kWeightFormats[w.format].name + " with H = " + std::to_string(s.hidden) + " needs " +
+             std::to_string(row) + " bytes (H/32 blocks of " + std::to_string(weight_block_bytes(w.format)) + ")";
   }
   return {};
 }
@@ -318,7 +349,7 @@ inline Error mlp_check_sizes(const Dims* in, const MlpSizes& s, tda_weight_forma
 // Exact shapes (enqueue, onShapeChange) or TensorRT's desc.dims (build time,
 // -1 where a dimension is not fixed): every size must agree where known.
 inline Error mlp_check_shapes(const Dims* in, int32_t nb_in, MlpSizes* out,
-                              tda_weight_format_t wf = TDA_WEIGHTS_DTYPE) {
+                              tda_weight_format_t wf = TDA_WEIGHTS_DTYPE, tda_weight_format_t dwf = TDA_WEIGHTS_DTYPE) {
   using namespace mlp;
   if (Error e = mlp_check_static(in, nb_in); !e.empty()) return e;
   MlpSizes s;
@@ -328,7 +359,7 @@ inline Error mlp_check_shapes(const Dims* in, int32_t nb_in, MlpSizes* out,
         !e.empty())
       return e;
   }
-  if (Error e = mlp_check_sizes(in, s, wf); !e.empty()) return e;
+  if (Error e = mlp_check_sizes(in, s, wf, dwf); !e.empty()) return e;
   *out = s;
   return {};
 }
@@ -342,7 +373,7 @@ inline Error mlp_check_shapes(const Dims* in, int32_t nb_in, MlpSizes* out,
 // the largest would reserve a prefill workspace over the whole past in a
 // decode profile). The weights' H and I are constants and are still checked.
 inline Error mlp_max_sizes(const Dims* max, int32_t nb_in, MlpSizes* out,
-                           tda_weight_format_t wf = TDA_WEIGHTS_DTYPE) {
+                           tda_weight_format_t wf = TDA_WEIGHTS_DTYPE, tda_weight_format_t dwf = TDA_WEIGHTS_DTYPE) {
   using namespace mlp;
   if (Error e = mlp_check_static(max, nb_in); !e.empty()) return e;
   MlpSizes s;
@@ -352,7 +383,7 @@ inline Error mlp_max_sizes(const Dims* max, int32_t nb_in, MlpSizes* out,
     const int64_t v = max[u.tensor].d[u.axis];
     if (v >= 0) *slot = *slot < 0 ? v : std::min(*slot, v);
   }
-  if (Error e = mlp_check_sizes(max, s, wf); !e.empty()) return e;
+  if (Error e = mlp_check_sizes(max, s, wf, dwf); !e.empty()) return e;
   if (s.batch < 0 || s.seq < 0) return "max bounds: B and S must be known (a profile's max)";
   *out = s;
   return {};
@@ -498,6 +529,7 @@ inline tda_decode_args_t decode_args(DType t, const MlpAttrs& attrs, const MlpSi
   a.deterministic = kDeterministic;
   a.version = attrs.decode_version;
   a.weight_format = attrs.weight_format;
+  a.down_weight_format = attrs.down_weight_format;
   const size_t row = size_t(s.hidden) * elem_size(t);  // one [H] row of hidden/output, in bytes
   a.hidden_states = buf.hidden ? static_cast<const char*>(buf.hidden) + b0 * row : nullptr;
   a.gate_up_weight = buf.gate_up;
@@ -564,8 +596,10 @@ struct PrefillPlan {
   Gemm down_gemm;
   void* cublas_ws;
   size_t cublas_ws_bytes;
-  // Block weights: the format to dequantize and where to (the GEMMs' A operands); DTYPE: nothing to do.
+  // Block weights: the formats to dequantize (gate_up's, down_t's own) and where to (the GEMMs' A
+  // operands); DTYPE: nothing to do.
   int32_t weight_format;
+  int32_t down_weight_format;  // down_t's format itself (down_format: never "same")
   void* gate_up_t;  // [I, 2, H] T
   void* down_t;     // [I, H] T
 };
@@ -587,6 +621,7 @@ inline Error prefill_plan(DType t, const MlpAttrs& attrs, const MlpSizes& s, con
   // gate_up^T = W . hidden^T: A = W seen as [H, 2I] (transposed), B = hidden^T.
   const int32_t M = int32_t(tokens), H = int32_t(s.hidden), I = int32_t(s.inter);
   p.weight_format = attrs.weight_format;
+  p.down_weight_format = down_format(attrs.weight_format, attrs.down_weight_format);
   const bool blocks = attrs.weight_format != TDA_WEIGHTS_DTYPE;
   p.gate_up_t = blocks ? base + l.weights : nullptr;
   p.down_t = blocks ? base + l.weights + 2 * size_t(I) * size_t(H) * elem_size(t) : nullptr;

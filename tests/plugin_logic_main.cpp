@@ -5,7 +5,8 @@
 // Tensors: "2,3,16" is a shape, "-" a scalar, "?" an unknown (-1) dimension.
 // Types: f32 f16 bf16 i32 other i8; a trailing "!" marks a non-linear format.
 // Fields: name=value (char), name:nul=value (char with NUL), name:int=value.
-// Weight format: "wf=q4_0" right after a command sets the plugin's weight_format (default dtype).
+// Weight format: "wf=q4_0" right after a command sets the plugin's weight_format (default dtype), then
+// "dwf=q8_0" its down_weight_format (default same).
 #include <cmath>
 #include <iostream>
 #include <sstream>
@@ -143,14 +144,17 @@ std::string shape_text(const OutputShape& o) {
 
 std::string answer(const std::string& text) {
   std::string line = text, cmd;
-  tda_weight_format_t wf = TDA_WEIGHTS_DTYPE;
+  tda_weight_format_t wf = TDA_WEIGHTS_DTYPE, dwf = TDA_WEIGHTS_DTYPE;
   {
     std::istringstream head(line);
-    std::string second;
-    head >> cmd >> second;
-    if (second.rfind("wf=", 0) == 0) {
-      if (!lookup(kWeightFormats, second.substr(3), &wf)) return "error weight format " + second;
-      line.erase(line.find(second), second.size());
+    std::string tok;
+    head >> cmd;
+    while (head >> tok) {
+      const bool is_wf = tok.rfind("wf=", 0) == 0, is_dwf = tok.rfind("dwf=", 0) == 0;
+      if (!is_wf && !is_dwf) break;
+      if (is_wf && !lookup(kWeightFormats, tok.substr(3), &wf)) return "error weight format " + tok;
+      if (is_dwf && !lookup(kDownWeightFormats, tok.substr(4), &dwf)) return "error down weight format " + tok;
+      line.erase(line.find(tok), tok.size());
     }
   }
   std::istringstream in(line);
@@ -174,6 +178,8 @@ std::string answer(const std::string& text) {
     for (const auto& e : kActivations) s += " activation:" + std::string(e.name) + "=" + std::to_string(e.value);
     for (const auto& e : kScoreNorms) s += " score_norm:" + std::string(e.name) + "=" + std::to_string(e.value);
     for (const auto& e : kDtypes) s += " dtype:" + std::string(e.name) + "=" + std::to_string(e.value);
+    for (const auto& e : kDownWeightFormats)
+      s += " down_weight_format:" + std::string(e.name) + "=" + std::to_string(e.value);
     return s;
   }
   if (cmd == "mlp_shapes" || cmd == "select_shapes") {
@@ -186,7 +192,7 @@ std::string answer(const std::string& text) {
       return e.empty() ? "ok " + std::to_string(b) + " " + std::to_string(i) : "error " + e;
     }
     MlpSizes s;
-    const Error e = mlp_check_shapes(dims.data(), int32_t(dims.size()), &s, wf);
+    const Error e = mlp_check_shapes(dims.data(), int32_t(dims.size()), &s, wf, dwf);
     if (!e.empty()) return "error " + e;
     return "ok " + std::to_string(s.batch) + " " + std::to_string(s.seq) + " " + std::to_string(s.hidden) + " " +
            std::to_string(s.inter);
@@ -199,10 +205,11 @@ std::string answer(const std::string& text) {
     std::string tok;
     while (in >> tok) dims.push_back(parse_dims(tok));
     MlpSizes s;
-    const Error e = mlp_max_sizes(dims.data(), int32_t(dims.size()), &s, wf);
+    const Error e = mlp_max_sizes(dims.data(), int32_t(dims.size()), &s, wf, dwf);
     if (!e.empty()) return "error " + e;
     MlpAttrs attrs;
     attrs.weight_format = wf;
+    attrs.down_weight_format = dwf;
     return "ok " + std::to_string(s.batch) + " " + std::to_string(s.seq) + " " + std::to_string(s.hidden) + " " +
            std::to_string(s.inter) + " ws " + std::to_string(mlp_workspace_size(parse_type(t), attrs, s, min_seq, kFake));
   }
@@ -243,6 +250,7 @@ std::string answer(const std::string& text) {
     MlpAttrs built;  // what a build from an ONNX node (no decode_version field) records in this process
     built.decode_version = absent_decode_version(true);
     built.weight_format = wf;
+    built.down_weight_format = dwf;
     if (cmd == "mlp_ws") return std::to_string(mlp_workspace_size(parse_type(t), built, s, min_seq, kFake));
     const PrefillLayout l = prefill_layout(parse_type(t), s.batch, s.seq, s.inter, kFake, wf, s.hidden);
     std::string out = std::to_string(l.gate_up) + " " + std::to_string(l.z) + " " + std::to_string(l.scores) + " " +
@@ -255,6 +263,7 @@ std::string answer(const std::string& text) {
     in >> t >> s.batch >> s.seq >> s.hidden >> s.inter;
     MlpAttrs attrs;
     attrs.weight_format = wf;
+    attrs.down_weight_format = dwf;
     std::vector<char> ws(prefill_layout(parse_type(t), s.batch, s.seq, s.inter, kFake, wf, s.hidden).total);
     char gu_in = 0, down_in = 0;
     const MlpBuffers buf{nullptr, &gu_in, &down_in, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
@@ -263,7 +272,8 @@ std::string answer(const std::string& text) {
     auto where = [&](const void* a, const void* input) {
       return a == input ? std::string("in") : std::to_string(static_cast<const char*>(a) - ws.data());
     };
-    return "ok wf" + std::to_string(p.weight_format) + " " + where(p.gate_up_gemm.a, &gu_in) + " " +
+    return "ok wf" + std::to_string(p.weight_format) + " dwf" + std::to_string(p.down_weight_format) + " " +
+           where(p.gate_up_gemm.a, &gu_in) + " " +
            where(p.down_gemm.a, &down_in) + " " + (p.gate_up_t ? where(p.gate_up_t, nullptr) : "-") + " " +
            (p.down_t ? where(p.down_t, nullptr) : "-");
   }
@@ -292,6 +302,7 @@ std::string answer(const std::string& text) {
     s.seq = 1;
     MlpAttrs attrs;
     attrs.weight_format = wf;
+    attrs.down_weight_format = dwf;
     char* base = reinterpret_cast<char*>(uintptr_t(1) << 20);
     const MlpBuffers buf{base, base, base, reinterpret_cast<int32_t*>(base), reinterpret_cast<int32_t*>(base),
                          nullptr, nullptr, base, nullptr};
@@ -302,7 +313,8 @@ std::string answer(const std::string& text) {
       out += " " + std::to_string(b0) + ":" + std::to_string(a.batch) + ":" + off(a.hidden_states) + ":" +
              off(a.active_idx) + ":" + off(a.active_count) + ":" + off(a.output) + ":dtype" +
              std::to_string(a.dtype) + ":det" + std::to_string(a.deterministic) +
-             (wf == TDA_WEIGHTS_DTYPE ? "" : ":wf" + std::to_string(a.weight_format));
+             (wf == TDA_WEIGHTS_DTYPE ? "" : ":wf" + std::to_string(a.weight_format)) +
+             (dwf == TDA_WEIGHTS_DTYPE ? "" : ":dwf" + std::to_string(a.down_weight_format));
     }
     return out;
   }

@@ -21,7 +21,8 @@ def test_compile_check_no_spills():
         for v2 in ("union_segments", "gate_up_v2", "down_v2"):  # decode v2 (decode_v2.cu)
             assert any(v2 in k for k in kernels), (arch, v2)
         # Block-quantized weights (decode.cu's gate_up_q and down_proj<.., BlockRows>, block_linear.cu): every
-        # format x dtype x batch tile compiled without spills (compile_check_cuda raises on any spill).
+        # format x dtype x batch tile compiled without spills (compile_check_cuda raises on any spill). A down
+        # format of its own (down_weight_format) pairs these same kernels: no kernel more, none fewer.
         names = build._demangle(list(kernels)).values()
         for code in (1, 2, 3):  # tda_weight_format_t Q8_0, Q4_0, Q4_1 as c++filt writes them
             fmt = f"(tda_weight_format_t){code}"
@@ -108,6 +109,45 @@ def test_cuda_library_host_side_of_block_formats():
         assert lib.block_dequantize_status(code, 64, 0, 0, 0, 64) == 0
         assert lib.block_dequantize_status(code, 64, 1, base + 2, base, 64) == 6
         assert lib._lib.tda_block_bytes(code) == contract_block_bytes(name)
+    _own_down_format_host_side(lib)
+
+
+def _own_down_format_host_side(lib):
+    """down_weight_format (ABI 6): down_weight_t in a block format of its own under block gate/up rows. The v1
+    workspace does not depend on it (v2 still hands block weights to v1), down_weight_t's pointer is checked for
+    4-byte alignment, and the pairs outside the contract are refused as the CPU library refuses them."""
+    import ctypes
+
+    from tda_export.kernels import abi
+    from tda_export.kernels.abi import DOWN_WEIGHT_FORMAT_CODE, WEIGHT_FORMAT_CODE, cpu_library
+
+    def args(wf, down, **kw):
+        return abi.DecodeArgs(**dict(dict(dtype=abi.DTYPE_CODE["float16"], batch=3, hidden=4096, intermediate=14335,
+                                          weight_format=WEIGHT_FORMAT_CODE[wf],
+                                          down_weight_format=DOWN_WEIGHT_FORMAT_CODE[down]), **kw))
+
+    fn = "tda_sparse_gated_mlp_decode"
+    for wf in ("q4_1", "q4_0", "q8_0"):
+        same = lib.workspace_size(fn, args(wf, "same"))
+        for down in ("q8_0", "q4_0", "q4_1"):
+            assert lib.workspace_size(fn, args(wf, down)) == same > 0, (wf, down)
+            assert lib.workspace_size(fn, args(wf, down, version=2)) == same, (wf, down)  # v2 -> v1
+    cpu = cpu_library()
+    for bad in (args("dtype", "q8_0"), args("q4_1", "same", down_weight_format=4),
+                args("q4_1", "same", down_weight_format=-1)):
+        assert lib.workspace_size(fn, bad) == 0 and cpu.workspace_size(fn, bad) == 0
+        assert lib.call_status(fn, bad, 0, 0) == cpu.call_status(fn, bad, 0, 0) == 2  # TDA_ERR_BAD_DTYPE
+    # gate_up aligned, down_weight_t (q8_0 rows under q4_1) 2 bytes off: TDA_ERR_MISALIGNED, nothing launched.
+    buf = (ctypes.c_uint8 * 4096)()
+    base = (ctypes.addressof(buf) + 255) // 256 * 256
+    a = args("q4_1", "q8_0", hidden=64, intermediate=8, batch=1)
+    need = lib.workspace_size(fn, a)
+    ws = (ctypes.c_uint8 * (need + 256))()
+    ws_ptr = (ctypes.addressof(ws) + 255) // 256 * 256
+    for f in ("hidden_states", "output", "gate_up_weight", "active_idx", "active_count"):
+        setattr(a, f, base)
+    a.down_weight_t = base + 2
+    assert lib.call_status(fn, a, ws_ptr, need) == 6
 
 
 def contract_block_bytes(name: str) -> int:

@@ -79,10 +79,15 @@ def test_gpu_quant_check_stage_on_cpu(tmp_path):
     result = gq.main(["--check-only", "--device", "cpu", "--small", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["failed_checks"] == [] and len(saved["checks"]) == len(result["checks"]) > 200
-    for what in ("decode q8_0", "decode q4_0", "decode q4_1", "block_linear q4_1", "block_dequantize q8_0"):
+    for what in ("decode q8_0", "decode q4_0", "decode q4_1", "block_linear q4_1", "block_dequantize q8_0",
+                 "decode q4_1+q8_0 float32", "decode q4_0+q8_0 bfloat16"):  # q8_0 down rows under 4-bit gate/up
         assert any(c["check"].startswith(what) for c in saved["checks"]), what
     with pytest.raises(SystemExit):
         gq.parse_args(["--out", str(out), "--formats", "q5_k"])
+    with pytest.raises(SystemExit):
+        gq.parse_args(["--out", str(out), "--formats", "q8_0+q5_k"])
+    assert gq.parse_args(["--out", str(out), "--formats", "q4_1+q8_0,q8_0"]).formats == ["q4_1+q8_0", "q8_0"]
+    assert gq.formats_of("q4_1+q8_0") == ("q4_1", "q8_0") and gq.formats_of("q4_0") == ("q4_0", "q4_0")
     with pytest.raises(SystemExit):
         gq.parse_args(["--out", str(out), "--device", "cpu"])  # timing needs a GPU
 

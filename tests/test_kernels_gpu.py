@@ -141,18 +141,25 @@ def _block_masks(kinds, inter, seed):
 @pytest.mark.parametrize("hidden,inter", [(32, 7), (1056, 2051)])
 @pytest.mark.parametrize("version", [0, 2])  # 2 asks for v2, which serves float weights only: v1 runs
 def test_block_decode_vs_fp64(name, dtype, batch, hidden, inter, version):
+    _block_decode_vs_fp64(name, "same", dtype, batch, hidden, inter, version)
+
+
+def _block_decode_vs_fp64(name, down, dtype, batch, hidden, inter, version=0):
+    """down: down_weight_format ("same": down_t in name's blocks too)."""
     kinds = [testing.MASK_KINDS[(b * 5 + batch) % len(testing.MASK_KINDS)] for b in range(batch)]
     x, gu_q, wd_q, idx, cnt, gu, wd = (t.cuda() for t in testing.block_decode_problem(
-        batch, hidden, inter, name, dtype, _block_masks(kinds, inter, batch), batch))
+        batch, hidden, inter, name, dtype, _block_masks(kinds, inter, batch), batch, down_weight_format=down))
+    row = hidden // 32 * contract_block_bytes(name if down == "same" else down)
+    assert wd_q.shape == (inter, row)  # down_t really is in its own blocks
     ref = testing.decode_reference_torch(x, gu, wd, idx, cnt)
     for det in (True, False):
         status, out = testing.run_decode(x, gu_q, wd_q, idx, cnt, deterministic=det, version=version,
-                                         weight_format=name)
+                                         weight_format=name, down_weight_format=down)
         assert status == 0
         for b, kind in enumerate(kinds):
             if kind == "empty":
                 assert torch.all(out[b] == 0)
-        assert testing.rel_error(out, ref) < testing.TOLERANCE[dtype], (name, dtype, batch, det)
+        assert testing.rel_error(out, ref) < testing.TOLERANCE[dtype], (name, down, dtype, batch, det)
 
 
 @pytest.fixture(scope="module")
@@ -163,12 +170,13 @@ def mistral_blocks():
 
     cache = {}
 
-    def get(name):
-        if name not in cache:
+    def get(name, down=None):  # down: down_t's own format (down_weight_format), default name's
+        down = down or name
+        if (name, down) not in cache:
             gu_q = testing.random_blocks(name, 2 * 14336, 4096, "cuda", 1, 0.5 / 64).view(14336, 2, -1)
-            wd_q = testing.random_blocks(name, 14336, 4096, "cuda", 2, 0.5 / 14336 ** 0.5)
-            cache[name] = (gu_q, wd_q, torch_blocks.dequantize(name, gu_q), torch_blocks.dequantize(name, wd_q))
-        return cache[name]
+            wd_q = testing.random_blocks(down, 14336, 4096, "cuda", 2, 0.5 / 14336 ** 0.5)
+            cache[name, down] = (gu_q, wd_q, torch_blocks.dequantize(name, gu_q), torch_blocks.dequantize(down, wd_q))
+        return cache[name, down]
     return get
 
 
@@ -222,6 +230,57 @@ def test_block_decode_alignment_and_capture(name):
     torch.cuda.synchronize()
     ref = testing.decode_reference_torch(x, gu, wd, idx, cnt)
     assert testing.rel_error(out, ref) < testing.TOLERANCE[torch.bfloat16]
+
+
+# ---- down_weight_format (ABI 6): down_t in a block format of its own (decode.cu run<D, F, Fd>) ----
+# The 4-bit engines' q8_0 down rows, and one reverse pair (8-bit gate/up, 4-bit down): every pair shares the
+# kernels, so these catch a down_proj reading the wrong format's blocks or row stride.
+OWN_DOWN = [("q4_1", "q8_0"), ("q4_0", "q8_0"), ("q8_0", "q4_1")]
+
+
+# fp16 and batch 3 add nothing the single formats' cases do not cover (dtype and batch tiles live outside
+# down's format); fewer cases keep gpu_check.sh's pytest stages inside their budgets.
+@pytest.mark.parametrize("name,down", OWN_DOWN)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch", [1, 33])
+@pytest.mark.parametrize("hidden,inter", [(32, 7), (1056, 2051)])
+def test_own_down_format_decode_vs_fp64(name, down, dtype, batch, hidden, inter):
+    _block_decode_vs_fp64(name, down, dtype, batch, hidden, inter)
+
+
+@pytest.mark.parametrize("name,down", OWN_DOWN[:2])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_own_down_format_mistral_shape(mistral_blocks, name, down, batch):
+    hidden, inter = 4096, 14336
+    rng = np.random.default_rng(batch)
+    masks = [testing.make_mask("random", inter, rng, 0.5) for _ in range(batch)]
+    gu_q, wd_q, gu, wd = mistral_blocks(name, down)
+    idx, cnt = (torch.from_numpy(a).cuda() for a in testing.state_from_masks(masks, inter))
+    x = torch.randn(batch, hidden, device="cuda").to(torch.bfloat16)
+    status, out = testing.run_decode(x, gu_q, wd_q, idx, cnt, weight_format=name, down_weight_format=down)
+    assert status == 0
+    ref = testing.decode_reference_torch(x, gu, wd, idx, cnt)
+    assert testing.rel_error(out, ref) < testing.TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("name,down", OWN_DOWN)
+def test_own_down_format_matches_cpu_library_and_checks_alignment(name, down):
+    masks = _block_masks(["random", "full", "single", "empty"], 1537, 1)
+    args = testing.block_decode_problem(4, 576, 1537, name, torch.float32, masks, 1, down_weight_format=down)[:5]
+    cpu = testing.run_decode(*args, weight_format=name, down_weight_format=down)[1]
+    x, gu_q, wd_q, idx, cnt = (a.cuda() for a in args)
+    gpu = testing.run_decode(x, gu_q, wd_q, idx, cnt, weight_format=name, down_weight_format=down)[1]
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-6)
+    # down_weight_t 2 bytes off in its own format: TDA_ERR_MISALIGNED before anything is launched
+    shifted = torch.empty(wd_q.numel() + 2, dtype=torch.uint8, device="cuda")[2:].view(wd_q.shape)
+    shifted.copy_(wd_q)
+    assert testing.run_decode(x, gu_q, shifted, idx, cnt, weight_format=name, down_weight_format=down)[0] == 6
+
+
+def contract_block_bytes(name: str) -> int:
+    from tda_export.ops.contract import BLOCK_FORMATS as FORMATS
+
+    return FORMATS[name].block_bytes
 
 
 @pytest.mark.parametrize("name", BLOCK_FORMATS)

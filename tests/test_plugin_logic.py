@@ -100,6 +100,9 @@ def test_enum_tables_match_contract_order():
     assert [values[e] for _, e in _table("kDtypes")] == list(range(len(DTYPES)))
     assert [n for n, _ in _table("kWeightFormats")] == list(contract.WEIGHT_FORMATS)
     assert [values[e] for _, e in _table("kWeightFormats")] == list(range(len(contract.WEIGHT_FORMATS)))
+    # down_weight_format: "same" = 0, else the block format's own tda_weight_format_t (the ABI's field).
+    assert [n for n, _ in _table("kDownWeightFormats")] == list(contract.DOWN_WEIGHT_FORMATS)
+    assert [values[e] for _, e in _table("kDownWeightFormats")] == list(range(len(contract.DOWN_WEIGHT_FORMATS)))
 
 
 def test_compiled_tables_match_contract_order(run):
@@ -108,6 +111,7 @@ def test_compiled_tables_match_contract_order(run):
     expect = {f"activation:{a}": str(i) for i, a in enumerate(ACTIVATIONS)}
     expect |= {f"score_norm:{n}": str(i) for i, n in enumerate(SCORE_NORMS)}
     expect |= {f"dtype:{d}": str(i) for i, d in enumerate(DTYPES)}
+    expect |= {f"down_weight_format:{d}": str(i) for i, d in enumerate(contract.DOWN_WEIGHT_FORMATS)}
     assert pairs == expect
 
 
@@ -115,7 +119,7 @@ def test_compiled_tables_match_contract_order(run):
 
 def _ok(act: int, norm: int, version: int = 1) -> str:
     """The answer of a parse: codes, then the values the plugin serializes."""
-    return f"ok {act} {norm} {version} {ACTIVATIONS[act]},{SCORE_NORMS[norm]},dtype,{version}"
+    return f"ok {act} {norm} {version} {ACTIVATIONS[act]},{SCORE_NORMS[norm]},dtype,same,{version}"
 
 
 def test_every_contract_value_parses(run):
@@ -153,6 +157,9 @@ def test_field_defaults_nul_and_metadata(run):
     ("activation:int=silu", "must be a char (string) field"),
     ("activaton=silu", "unknown field activaton"),
     ("weight_format=q5_k", "weight_format 'q5_k' not in dtype, q8_0, q4_0, q4_1"),
+    ("weight_format=q4_1 down_weight_format=dtype", "down_weight_format 'dtype' not in same, q8_0, q4_0, q4_1"),
+    ("down_weight_format=q8_0", "down_weight_format 'q8_0' needs a block weight_format, not 'dtype'"),
+    ("down_weight_format=q8_0 weight_format=dtype", "down_weight_format 'q8_0' needs a block weight_format"),
 ])
 def test_bad_fields_rejected(run, fields, message):
     (answer,) = run(f"mlp_fields {fields}")
@@ -344,7 +351,20 @@ def test_every_weight_format_parses_and_is_serialized(run):
     for name in contract.WEIGHT_FORMATS:
         for cmd in ("mlp_fields", "plan_fields"):
             (answer,) = run(f"{cmd} weight_format={name}")
-            assert answer == f"ok 0 0 1 silu,token_l2,{name},1", answer
+            assert answer == f"ok 0 0 1 silu,token_l2,{name},same,1", answer
+
+
+def test_down_weight_format_parses_and_is_serialized(run):
+    """A block gate_up format with a block down format of its own, in either field order; a plan without the field
+    (serialized before it existed) is "same"."""
+    for wf in contract.BLOCK_FORMATS:
+        for down in contract.DOWN_WEIGHT_FORMATS:
+            for cmd in ("mlp_fields", "plan_fields"):
+                assert run(f"{cmd} weight_format={wf} down_weight_format={down}",
+                           f"{cmd} down_weight_format:nul={down} weight_format={wf}") == \
+                    [f"ok 0 0 1 silu,token_l2,{wf},{down},1"] * 2
+    assert run("plan_fields weight_format=q4_1 decode_version=1") == ["ok 0 0 1 silu,token_l2,q4_1,same,1"]
+    assert run("plan_fields weight_format=dtype down_weight_format=same") == ["ok 0 0 1 silu,token_l2,dtype,same,1"]
 
 
 def _qmlp(name, I=24, B=2, S=5, **kw):
@@ -374,6 +394,26 @@ def test_block_weight_shapes(run, name):
     assert ok.startswith("ok 2 64 64 24 ws "), ok
 
 
+@pytest.mark.parametrize("name, down", [("q4_1", "q8_0"), ("q4_0", "q8_0"), ("q8_0", "q4_1")])
+def test_own_down_format_shapes(run, name, down):
+    """down_weight_format: down_weight_t's last axis is H/32 blocks of its own format, gate_up's of weight_format;
+    the error names the field and the format whose bytes are expected."""
+    r, rd, bd = _row(name, 64), _row(down, 64), contract.BLOCK_FORMATS[down].block_bytes
+    mixed = _qmlp(name, down_weight_t=f"24,{rd}").replace(f" wf={name}", f" wf={name} dwf={down}")
+    assert run(mixed) == ["ok 2 5 64 24"]
+    same = _qmlp(name).replace(f" wf={name}", f" wf={name} dwf={down}")  # down in gate_up's bytes: refused
+    assert run(same) == [f"error down_weight_t: last dimension {r} but down_weight_format {down} with H = 64 needs "
+                         f"{rd} bytes (H/32 blocks of {bd})"]
+    assert run(mixed.replace(f" dwf={down}", "")) == \
+        [f"error down_weight_t: last dimension {rd} but weight_format {name} with H = 64 needs {r} bytes "
+         f"(H/32 blocks of {contract.BLOCK_FORMATS[name].block_bytes})"]
+    profile = ["2,64,64", f"24,2,{r}", f"24,{rd}", "2,24", "2", "2,191", "2,24"]
+    (ok,) = run(f"mlp_profile wf={name} dwf={down} f16 1 " + " ".join(profile))
+    assert ok.startswith("ok 2 64 64 24 ws "), ok
+    (bad,) = run(f"mlp_profile wf={name} f16 1 " + " ".join(profile))
+    assert bad.startswith("error down_weight_t: last dimension"), bad
+
+
 @pytest.mark.parametrize("io, ok", [
     ("f16 i8", True), ("bf16 i8 i8", True), ("f32 i8 i8 i32", True), ("f16 f16", False), ("f16 i8 f16", False),
     ("f16 i8!", False), ("f16 i8 i8 i32 i32 f32 f32 f16", True), ("f16 i8 i8 i32 i32 f32 f32 i8", False),
@@ -393,8 +433,15 @@ def test_block_weight_prefill_dequantizes_into_the_workspace(run):
     assert int(weights) % 256 == 0 and int(weights) >= int(cublas) + (32 << 20)
     assert int(total) == int(weights) + 3 * I * H * 2
     down = int(weights) + 2 * I * H * 2
-    assert run("prefill_weights wf=q4_1 bf16 4 9 64 24") == [f"ok wf3 {weights} {down} {weights} {down}"]
-    assert run("prefill_weights bf16 4 9 64 24") == ["ok wf0 in in - -"]
+    assert run("prefill_weights wf=q4_1 bf16 4 9 64 24") == [f"ok wf3 dwf3 {weights} {down} {weights} {down}"]
+    assert run("prefill_weights bf16 4 9 64 24") == ["ok wf0 dwf0 in in - -"]
     assert int(run("mlp_ws wf=q8_0 bf16 4 9 64 24 2")[0]) == int(total)
     (chunks,) = run("decode_chunks wf=q8_0 bf16 2 64 24")
     assert chunks.split()[1].endswith(":wf1")
+    # down in a format of its own: the same T pieces (sizes in T do not depend on the format), down_t dequantized
+    # from its own format; decode passes both formats to the C ABI (down_weight_format: the field's code, 0 = same).
+    assert run("prefill_layout wf=q4_1 dwf=q8_0 bf16 4 9 64 24") == [line]
+    assert run("prefill_weights wf=q4_1 dwf=q8_0 bf16 4 9 64 24") == \
+        [f"ok wf3 dwf1 {weights} {down} {weights} {down}"]
+    (chunks,) = run("decode_chunks wf=q4_0 dwf=q8_0 bf16 2 64 24")
+    assert chunks.split()[1].endswith(":wf2:dwf1")

@@ -14,7 +14,9 @@ import pytest
 from click.testing import CliRunner
 
 from tda_export.cli import main
+from tda_export.export import names, quantize
 from tda_export.export.build import build
+from tda_export.ops.contract import BLOCK_FORMATS, PLUGIN_FIELDS
 from tda_export.trt.build.plan import PlanOptions
 from trt_records import plugin_records
 
@@ -38,7 +40,7 @@ def check_plan(out, num_layers, activation):
     assert [p["name"] for p in trt["profiles"]] == ["prefill", "decode"]
     records = plugin_records((out / "model.plan").read_bytes())
     assert set(records["names"]) == {"SparseGatedMLP", "SelectActive"}
-    assert {f for f, _, _ in records["fields"]} == {"activation", "score_norm", "weight_format", "decode_version"}
+    assert {f for f, _, _ in records["fields"]} == set(PLUGIN_FIELDS["SparseGatedMLP"])  # SelectActive has none
     assert {v for f, _, v in records["fields"] if f == "decode_version"} == {b"1\0"}  # built without the variable
     assert trt["plugin"]["decode_version"] == 1
     assert {v for f, _, v in records["fields"] if f == "activation"} == {activation.encode() + b"\0"}
@@ -144,6 +146,21 @@ def test_cpp_and_python_plugins_serialize_the_same_records(tiny_dirs, tmp_path, 
     assert plans["cpp"][1:] == plans["python"][1:]
 
 
+@pytest.mark.skipif(not os.environ.get("TDA_TRT_PLUGIN_LIBRARY"),
+                    reason="set TDA_TRT_PLUGIN_LIBRARY to a built libtda_trt_plugins.so (plugins/README.md; "
+                           "CI cannot fetch TensorRT's headers)")
+def test_cpp_and_python_plugins_agree_on_a_block_engine(tiny_dirs, tmp_path):
+    """A q4_1 engine (q8_0 down rows, the exporter's default): the C++ creators accept the blocks (their shape
+    checks take down_weight_t's bytes from down_weight_format) and record the same fields as the Python ones."""
+    records = {}
+    for kind, lib in (("cpp", os.environ["TDA_TRT_PLUGIN_LIBRARY"]), ("python", None)):
+        out = build(str(tiny_dirs["llama"]), tmp_path / kind, "float16", progress=False, weight_format="q4_1",
+                    plan=PlanOptions(**dict(FAST, plugin_library=lib)))
+        records[kind] = plugin_records((out / "model.plan").read_bytes())
+    assert {v for f, _, v in records["cpp"]["fields"] if f == "down_weight_format"} == {b"q8_0\0"}
+    assert records["cpp"] == records["python"]
+
+
 @pytest.mark.slow
 def test_smollm2_fp16_plan(tmp_path):
     t = time.time()
@@ -185,12 +202,19 @@ def test_plan_from_block_engine(wide_fp16_plan, tmp_path, fmt, bits):
     """An RTX plan from a block-quantized engine: our plugin layers take the engine's blocks (int8 inputs,
     weight_format recorded), the dense linears and the embedding are int4/int8 weight-only, and the plan
     is smaller than the fp16 plan of the same model by what the weights save, not by some other amount.
-    q8_0/q4_0 blocks are carried exactly; q4_1's dense tensors are re-quantized (its minimum is no zero point)."""
+    q8_0/q4_0 blocks are carried exactly; q4_1's dense tensors are re-quantized (its minimum is no zero point).
+    The 4-bit engines store the MLP's down rows in q8_0 (the exporter's default): the plugin records carry
+    down_weight_format q8_0 and the plugin takes those rows as they are."""
     src, fp16_plan = wide_fp16_plan
     out = build(str(src), tmp_path / "e", "float16", progress=False, plan=PlanOptions(**FAST), weight_format=fmt)
     trt = check_plan(out, 2, "silu")
     records = plugin_records((out / "model.plan").read_bytes())
     assert {v for f, _, v in records["fields"] if f == "weight_format"} == {fmt.encode() + b"\0"}
+    engine = json.loads((out / "manifest.json").read_text())["weight_formats"]
+    down = quantize.down_choice(fmt)  # q8_0 under q4_0/q4_1
+    assert {engine[names.down_t(n)] for n in range(2)} == {down}
+    assert {v for f, _, v in records["fields"] if f == "down_weight_format"} == \
+        {(b"same" if down == fmt else down.encode()) + b"\0"}
     wo = trt["weight_only"]
     heads = {"embed_tokens.weight_blocks", "lm_head.weight_blocks"} & set(wo["tensors"])  # untied: both
     assert trt["layers"]["by_type"]["DEQUANTIZE"] == 2 * 4 + len(heads) == 10  # q/k/v/o per layer
@@ -199,8 +223,8 @@ def test_plan_from_block_engine(wide_fp16_plan, tmp_path, fmt, bits):
     requantized = sorted(dense) if fmt == "q4_1" else []
     assert wo["rule"] == "int4 block 32, int8 block 32" and wo["requantized"] == requantized
     assert all(v["exact"] for k, v in tensors.items() if k not in requantized)
-    engine = json.loads((out / "manifest.json").read_text())["weight_formats"]
-    assert set(tensors) == {k for k, v in engine.items() if v == fmt}  # every block tensor accounted for
+    assert set(tensors) == {k for k, v in engine.items() if v in BLOCK_FORMATS}  # every block tensor accounted for
+    assert {tensors[names.down_t(n)]["from"] for n in range(2)} == {down}  # the plugin's rows, carried exactly
     assert {v["to"] for v in dense.values()} == {f"int{bits}"}
     assert not (out / ".tensorrt-graph").exists()  # the scratch graph is gone
     shown = CliRunner().invoke(main, ["inspect", str(out)])

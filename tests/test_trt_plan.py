@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from tda_export.cli import main
 from tda_export.export.weight_only import int_bits
 from tda_export.ops.contract import ACTIVATIONS, PLUGIN_FIELDS, PLUGIN_NAMESPACE, PLUGIN_VERSION, SCORE_NORMS
-from tda_export.ops.contract import SELECT_ACTIVE, SPARSE_GATED_MLP, WEIGHT_FORMATS
+from tda_export.ops.contract import DOWN_WEIGHT_FORMATS, SELECT_ACTIVE, SPARSE_GATED_MLP, WEIGHT_FORMATS
 from tda_export.trt import logic as lg
 from tda_export.trt.build.layers import Layer, PluginCoverageError, check_coverage, summary
 from tda_export.trt.build.plan import PlanError, PlanOptions, check_options, compute_capabilities
@@ -36,13 +36,21 @@ def test_identity_and_fields_are_the_contracts(L):
             assert L.mlp_serialized_fields(attrs) == [("activation", act.encode() + b"\0"),
                                                       ("score_norm", norm.encode() + b"\0"),
                                                       ("weight_format", b"dtype\0"),
+                                                      ("down_weight_format", b"same\0"),
                                                       ("decode_version", b"2\0")]
             # ... and parsed back, with or without the NUL (ONNX parsers pass none).
             assert L.parse_mlp_fields([(k, v, True) for k, v in L.mlp_serialized_fields(attrs)], False) == attrs
             assert L.parse_mlp_fields([("activation", act.encode(), True), ("score_norm", norm.encode(), True)],
-                                      False) == (a, n, 1, 0)
+                                      False) == (a, n, 1, 0, 0)
     for w, fmt in enumerate(WEIGHT_FORMATS):  # the block formats by their contract index (tda_weight_format_t)
         assert L.parse_mlp_fields([("weight_format", fmt.encode(), True)], False).weight_format == w
+    # down_weight_format: its contract index is the ABI's field (0 = same), round-tripped through serialization.
+    for d, down in enumerate(DOWN_WEIGHT_FORMATS):
+        attrs = L.parse_mlp_fields([("weight_format", b"q4_1", True), ("down_weight_format", down.encode(), True)],
+                                   True)
+        assert (attrs.weight_format, attrs.down_weight_format) == (3, d)
+        assert dict(L.mlp_serialized_fields(attrs))["down_weight_format"] == down.encode() + b"\0"
+        assert L.parse_mlp_fields([(k, v, True) for k, v in L.mlp_serialized_fields(attrs)], False) == attrs
 
 
 def test_bad_fields_name_the_field(L):
@@ -54,7 +62,11 @@ def test_bad_fields_name_the_field(L):
         L.parse_mlp_fields([("activation", b"\x01\x00\x00\x00", False)], True)
     with pytest.raises(lg.LogicError, match="decode_version '3' not in 1, 2"):
         L.parse_mlp_fields([("decode_version", b"3", True)], False)
-    assert L.parse_mlp_fields([("plugin_namespace", b"tda", True)], False) == (0, 0, 1, 0)
+    assert L.parse_mlp_fields([("plugin_namespace", b"tda", True)], False) == (0, 0, 1, 0, 0)
+    with pytest.raises(lg.LogicError, match="down_weight_format 'q4_k' not in same, q8_0, q4_0, q4_1"):
+        L.parse_mlp_fields([("weight_format", b"q4_1", True), ("down_weight_format", b"q4_k", True)], True)
+    with pytest.raises(lg.LogicError, match="down_weight_format 'q8_0' needs a block weight_format, not 'dtype'"):
+        L.parse_mlp_fields([("down_weight_format", b"q8_0", True)], True)
     with pytest.raises(lg.LogicError, match="SelectActive: unknown field activation"):
         L.parse_select_fields([("activation", b"silu", True)])
 
@@ -110,6 +122,29 @@ def test_launch_arguments(L):
     assert (s.batch, s.intermediate, s.scores, s.active_idx, s.active_count) == (2, 24, 0x1000 + 64 * 24 * 4,
                                                                                   0x3000 + 64 * 24 * 4, 0x4000 + 64 * 4)
     assert (s.threshold, s.density_bounds) == (0x2000, 0x5000)  # scalars of the layer, not per row
+
+
+def test_launch_arguments_of_an_own_down_format(L):
+    """q4_1 gate/up rows with q8_0 down rows: decode passes both formats to the C ABI, the prefill plan dequantizes
+    down_t from its own format, and the shapes take down_weight_t's bytes from that format."""
+    from tda_export.kernels.abi import cpu_library
+
+    q = lg.kernel_queries(cpu_library())
+    buf = lg.MlpBuffers(*[0x10000 * (i + 1) for i in range(9)])
+    H, I = 64, 24
+    attrs = lg.MlpAttrs(0, 0, 1, WEIGHT_FORMATS.index("q4_1"), DOWN_WEIGHT_FORMATS.index("q8_0"))
+    a, _ = L.decode_call(lg.BF16, attrs, (2, 1, H, I), 0, 2, buf, q)
+    assert (a.weight_format, a.down_weight_format) == (3, 1)
+    ws = ctypes.create_string_buffer(1 << 26)
+    plan = L.prefill_plan(lg.HALF, attrs, (2, 5, H, I), buf, ctypes.addressof(ws), q)
+    assert (plan.weight_format, plan.down_weight_format) == (3, 1)
+    same = L.prefill_plan(lg.HALF, attrs._replace(down_weight_format=0), (2, 5, H, I), buf, ctypes.addressof(ws), q)
+    assert (same.weight_format, same.down_weight_format) == (3, 3)  # "same": down_t in weight_format's blocks
+    assert (same.gate_up_t, same.down_t) == (plan.gate_up_t, plan.down_t)
+    shapes = [(2, 1, H), (I, 2, H // 32 * 20), (I, H // 32 * 34), (2, I), (2,), (2, 1), (2, I)]
+    assert L.mlp_check_shapes(shapes, 3, 1) == (2, 1, H, I)
+    with pytest.raises(lg.LogicError, match="down_weight_t: last dimension 68 but weight_format q4_1 .* needs 40"):
+        L.mlp_check_shapes(shapes, 3)
 
 
 def test_types_formats_and_output_shapes(L):

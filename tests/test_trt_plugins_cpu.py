@@ -24,17 +24,20 @@ pytestmark = pytest.mark.trt
 
 NP = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "bfloat16": np.int16}
 FORMATS = ("q8_0", "q4_0", "q4_1")
+# (weight_format, down_weight_format): each format for both weights, and the 4-bit engines' q8_0 down rows.
+FORMAT_PAIRS = [(f, "same") for f in FORMATS] + [("q4_1", "q8_0"), ("q4_0", "q8_0")]
 QI = 24  # the plugins need I a multiple of 8 (the prefill's score reduction), whatever the weights
 
 
-def _block_inputs(rng, name, batch, seq, dtype):
-    """Random activations and scaled-normal weights quantized to `name` (uint8 blocks)."""
+def _block_inputs(rng, name, batch, seq, dtype, down=None):
+    """Random activations and scaled-normal weights quantized to `name` (uint8 blocks), down_t to `down`
+    (default: name)."""
     from tda_export.ops import blocks
 
     hidden = rng.normal(size=(batch, seq, QH)).astype(dtype)
     scale = rng.uniform(0.05, 0.6, size=(QI, 1, 1))
     gate_up = blocks.quantize(name, rng.normal(size=(QI, 2, QH)) * scale)
-    down_t = blocks.quantize(name, rng.normal(size=(QI, QH)) * scale[:, 0])
+    down_t = blocks.quantize(down or name, rng.normal(size=(QI, QH)) * scale[:, 0])
     return hidden, gate_up, down_t, (rng.random((batch, seq)) > 0.3).astype(np.float32), \
         rng.random((batch, QI)).astype(np.float32)
 
@@ -98,7 +101,7 @@ def test_sparse_gated_mlp_prefill_and_decode(on_cpu, activation, score_norm):
                                    trt.TensorRTPhase.RUNTIME)
     served = {f.name: bytes(np.asarray(f.data).tobytes()) for f in plugin.get_fields_to_serialize()}
     assert served == {"activation": activation.encode() + b"\0", "score_norm": score_norm.encode() + b"\0",
-                      "weight_format": b"dtype\0", "decode_version": b"1\0"}
+                      "weight_format": b"dtype\0", "down_weight_format": b"same\0", "decode_version": b"1\0"}
     rng = np.random.default_rng(0)
     for seq in (5, 1):  # prefill, then decode with every mask shape
         hidden, gate_up, down_t, token_valid, scores_in = mlp_inputs(rng, 3, seq)
@@ -205,6 +208,11 @@ def test_creator_rejects_a_bad_field():
     creator = plugins.plugin_classes(trt)[0]()
     with pytest.raises(lg.LogicError, match="activation 'swish' not in"):
         creator.create_plugin("mlp", _fields(activation="swish"), trt.TensorRTPhase.BUILD)
+    with pytest.raises(lg.LogicError, match="down_weight_format 'q5_k' not in same, q8_0, q4_0, q4_1"):
+        creator.create_plugin("mlp", _fields(weight_format="q4_1", down_weight_format="q5_k"),
+                              trt.TensorRTPhase.BUILD)
+    with pytest.raises(lg.LogicError, match="down_weight_format 'q8_0' needs a block weight_format, not 'dtype'"):
+        creator.create_plugin("mlp", _fields(down_weight_format="q8_0"), trt.TensorRTPhase.RUNTIME)
 
 
 def test_prefill_allocates_nothing_and_accumulates_in_fp32(on_cpu, monkeypatch):
@@ -253,30 +261,36 @@ def _prefill_allocates_nothing(seen):
     assert _rel(out, ref) < 5e-3
 
 
-@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("name,down", FORMAT_PAIRS)
 @pytest.mark.parametrize("dtype,trt_type,tol", [(np.float32, "FLOAT", 1e-5), (np.float16, "HALF", 5e-3)])
-def test_sparse_gated_mlp_block_weights(on_cpu, name, dtype, trt_type, tol):
+def test_sparse_gated_mlp_block_weights(on_cpu, name, down, dtype, trt_type, tol):
     """weight_format q8_0/q4_0/q4_1: the plugin takes the contract's blocks as int8 tensors (TensorRT plugin
     inputs cannot be uint8), decodes on them through the C ABI, and prefills on weights the kernel library
     dequantized into the plan's workspace (then rounded to T); both against the numpy reference of the exact
-    dequantized weights, every mask kind. The creator serializes the format; its int8 inputs are supported only
-    with a block format."""
+    dequantized weights, every mask kind. down_weight_format q8_0 under 4-bit gate/up rows: down_t is read (decode)
+    and dequantized (prefill) in its own blocks. The creator serializes both formats; its int8 inputs are
+    supported only with a block format."""
+    from tda_export.ops import blocks
+
     trt_type = getattr(trt.DataType, trt_type)
+    down_fmt = name if down == "same" else down
     creator = plugins.plugin_classes(trt)[0]()
-    plugin = creator.create_plugin("mlp", _fields(weight_format=name, activation="gelu_tanh"),
+    plugin = creator.create_plugin("mlp", _fields(weight_format=name, down_weight_format=down, activation="gelu_tanh"),
                                    trt.TensorRTPhase.RUNTIME)
     served = {f.name: bytes(np.asarray(f.data).tobytes()) for f in plugin.get_fields_to_serialize()}
-    assert served["weight_format"] == name.encode() + b"\0"
+    assert served["weight_format"] == name.encode() + b"\0" and served["down_weight_format"] == down.encode() + b"\0"
     rng = np.random.default_rng(7)
     for seq in (5, 1):
-        hidden, gate_up, down_t, token_valid, scores_in = _block_inputs(rng, name, 3, seq, dtype)
+        hidden, gate_up, down_t, token_valid, scores_in = _block_inputs(rng, name, 3, seq, dtype, down_fmt)
         cases = masks(rng, 3, QI) if seq == 1 else [("prefill", *masks(rng, 3, QI)[4][1:])]
         for kind, idx, count in cases:
             tensors = [np.ascontiguousarray(x) for x in (hidden, gate_up.view(np.int8), down_t.view(np.int8), idx,
                                                          count, token_valid, scores_in)]
             out, scores_out = _run_mlp(plugin, tensors, trt_type, dtype, weight_type=trt.DataType.INT8)
-            ref_out, ref_scores = reference.sparse_gated_mlp_blocks(hidden, gate_up, down_t, name, idx, count,
-                                                                    token_valid, scores_in, activation="gelu_tanh")
+            # the float op on each weight's exactly dequantized values (contract.QUANTIZED_SEMANTICS)
+            ref_out, ref_scores = reference.sparse_gated_mlp(hidden, blocks.dequantize(name, gate_up),
+                                                             blocks.dequantize(down_fmt, down_t), idx, count,
+                                                             token_valid, scores_in, activation="gelu_tanh")
             assert out.shape == (3, seq, QH)
             assert _rel(out, ref_out) < tol, (name, seq, kind)
             assert _rel(scores_out, ref_scores) < (1e-5 if dtype == np.float32 else 5e-3), (name, seq, kind)
@@ -289,3 +303,8 @@ def test_sparse_gated_mlp_block_weights(on_cpu, name, dtype, trt_type, tol):
     with pytest.raises(lg.LogicError, match=f"gate_up_weight: last dimension {QH} but weight_format {name}"):
         plugin.configure_plugin([SimpleNamespace(desc=SimpleNamespace(dims=d)) for d in
                                  [(3, 1, QH), (QI, 2, QH), (QI, QH), (3, QI), (3,), (3, 1), (3, QI)]], [])
+    if down != "same":  # down_weight_t in gate_up's bytes: refused, naming the field whose bytes it needs
+        row = gate_up.shape[-1]
+        with pytest.raises(lg.LogicError, match=f"down_weight_t: last dimension {row} but down_weight_format {down}"):
+            plugin.configure_plugin([SimpleNamespace(desc=SimpleNamespace(dims=d)) for d in
+                                     [(3, 1, QH), (QI, 2, row), (QI, row), (3, QI), (3,), (3, 1), (3, QI)]], [])

@@ -55,26 +55,28 @@ def fp32_accumulation():
             setattr(m, n, v)
 
 
-def dequantize_weights(plan, dtype: str, weight_format: str, hidden: int, inter: int, gate_up_w: int, down_t: int,
-                       kernels, stream: int) -> None:
+def dequantize_weights(plan, dtype: str, hidden: int, inter: int, gate_up_w: int, down_t: int, kernels,
+                       stream: int) -> None:
     """Block weights -> T in the plan's workspace pieces (plan.gate_up_t, plan.down_t), for a prefill: the kernel
     library's tda_block_dequantize (the exact float32 weights) in row chunks through the float32 scratch piece,
-    then rounded to T once, as the C++ plugin's dequant.cu does."""
+    then rounded to T once, as the C++ plugin's dequant.cu does. Each weight in the format the plan gives it
+    (plan.weight_format for gate_up, plan.down_weight_format for down_t: e.g. q8_0 rows under q4_1 gate/up)."""
     from ..kernels.abi import KernelError
-    from ..ops.contract import BLOCK_FORMATS
+    from ..ops.contract import BLOCK_FORMATS, WEIGHT_FORMATS
 
-    row_bytes = hidden // 32 * BLOCK_FORMATS[weight_format].block_bytes
     rows_per = plan.cublas_ws_bytes // (4 * hidden)
     if rows_per < 1:
         raise ValueError(f"prefill: H = {hidden} needs {4 * hidden} bytes of scratch per row, the workspace has "
                          f"{plan.cublas_ws_bytes}")
     scratch = tensor(plan.cublas_ws, (rows_per, hidden), "float32")
-    for src, dst, rows in ((gate_up_w, plan.gate_up_t, 2 * inter), (down_t, plan.down_t, inter)):
+    for src, dst, rows, code in ((gate_up_w, plan.gate_up_t, 2 * inter, plan.weight_format),
+                                 (down_t, plan.down_t, inter, plan.down_weight_format)):
+        row_bytes = hidden // 32 * BLOCK_FORMATS[WEIGHT_FORMATS[code]].block_bytes
         out = tensor(dst, (rows, hidden), dtype)
         for r0 in range(0, rows, rows_per):
             n = min(rows_per, rows - r0)
-            status = kernels.block_dequantize_status(plan.weight_format, hidden, n, src + r0 * row_bytes,
-                                                     plan.cublas_ws, hidden, stream)
+            status = kernels.block_dequantize_status(code, hidden, n, src + r0 * row_bytes, plan.cublas_ws, hidden,
+                                                     stream)
             if status:
                 raise KernelError(kernels, "tda_block_dequantize", status)
             out[r0:r0 + n].copy_(scratch[:n])
@@ -83,8 +85,8 @@ def dequantize_weights(plan, dtype: str, weight_format: str, hidden: int, inter:
 def prefill(plan, dtype: str, activation: str, sizes, hidden: int, gate_up_w: int, down_t: int, output: int,
             kernels, stream: int, weight_format: str = "dtype") -> None:
     """gate/up GEMM, act(gate)*up rounded to T, the C ABI's score reduction, down GEMM (plan: logic.PrefillPlan);
-    block weights (weight_format q8_0/q4_0/q4_1) are first dequantized to T into the workspace, and the GEMMs
-    read the weights the plan says (plan.*_gemm.a: the inputs, or those dequantized copies).
+    block weights (weight_format q8_0/q4_0/q4_1; down_t in plan.down_weight_format) are first dequantized to T into
+    the workspace, and the GEMMs read the weights the plan says (plan.*_gemm.a: the inputs, or those dequantized copies).
 
     Nothing is allocated on TensorRT's stream (enqueue may be under CUDA graph capture): the GEMMs write
     into the workspace (plan.gate_up) and the output, and the float32 gated step runs in row chunks in the
@@ -98,7 +100,7 @@ def prefill(plan, dtype: str, activation: str, sizes, hidden: int, gate_up_w: in
     with stream_scope(stream), fp32_accumulation():
         if M > 0:
             if weight_format != "dtype":
-                dequantize_weights(plan, dtype, weight_format, H, I, gate_up_w, down_t, kernels, stream)
+                dequantize_weights(plan, dtype, H, I, gate_up_w, down_t, kernels, stream)
             gu = tensor(plan.gate_up, (M, I, 2), dtype)
             x, w = tensor(hidden, (M, H), dtype), tensor(plan.gate_up_gemm.a, (2 * I, H), dtype)
             torch.matmul(x, w.t(), out=gu.view(M, 2 * I))  # rounded to T, as the ONNX reference and C++ plugin do

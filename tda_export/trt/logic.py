@@ -38,6 +38,7 @@ class MlpAttrs(NamedTuple):
     score_norm: int
     decode_version: int  # tda_decode_args_t.version the plan was built for; never 0
     weight_format: int = 0  # tda_weight_format_t of gate_up_weight / down_weight_t (0: in T)
+    down_weight_format: int = 0  # down_weight_t's own tda_weight_format_t (0: "same" as weight_format)
 
 
 class LogicError(ValueError):
@@ -54,7 +55,8 @@ class PrefillPlan(ctypes.Structure):
     _fields_ = [("gate_up_gemm", Gemm), ("gate_up", c_void_p), ("z", c_void_p), ("tokens", c_int64),
                 ("scores", PrefillArgs), ("scores_ws", c_void_p), ("scores_ws_bytes", c_size_t),
                 ("down_gemm", Gemm), ("cublas_ws", c_void_p), ("cublas_ws_bytes", c_size_t),
-                ("weight_format", c_int32), ("gate_up_t", c_void_p), ("down_t", c_void_p)]
+                ("weight_format", c_int32), ("down_weight_format", c_int32), ("gate_up_t", c_void_p),
+                ("down_t", c_void_p)]
 
 
 class MlpBuffers(ctypes.Structure):
@@ -96,8 +98,11 @@ def build_logic() -> Path:
     return lib
 
 
+NB_ATTRS = len(MlpAttrs._fields)  # tda_trt_mlp_nb_attrs(): checked when the library loads
+
+
 def _attrs(attrs: MlpAttrs):
-    return (c_int32 * 4)(*attrs)
+    return (c_int32 * NB_ATTRS)(*attrs)
 
 
 def _dims(shapes) -> tuple:
@@ -119,13 +124,14 @@ class Logic:
         sig = {
             "tda_trt_err_len": ([], c_size_t), "tda_trt_sizeof_prefill_plan": ([], c_size_t),
             "tda_trt_sizeof_mlp_buffers": ([], c_size_t), "tda_trt_identity": ([c_int32], c_char_p),
-            "tda_trt_mlp_nb_fields": ([], c_int32), "tda_trt_build_decode_version": ([], c_int32), "tda_trt_mlp_field_name": ([c_int32], c_char_p),
+            "tda_trt_mlp_nb_fields": ([], c_int32), "tda_trt_mlp_nb_attrs": ([], c_int32),
+            "tda_trt_build_decode_version": ([], c_int32), "tda_trt_mlp_field_name": ([c_int32], c_char_p),
             "tda_trt_mlp_parse_fields": ([c_int32, POINTER(c_char_p), POINTER(c_void_p), i32p, i32p, c_int32, i32p,
                                           errp], c_int),
             "tda_trt_select_parse_fields": ([c_int32, POINTER(c_char_p), POINTER(c_void_p), i32p, i32p, errp], c_int),
             "tda_trt_mlp_field_value": ([c_int32, i32p], c_char_p),
-            "tda_trt_mlp_check_shapes": ([c_int32, i32p, i64p, c_int32, i64p, errp], c_int),
-            "tda_trt_mlp_max_sizes": ([c_int32, i32p, i64p, c_int32, i64p, errp], c_int),
+            "tda_trt_mlp_check_shapes": ([c_int32, i32p, i64p, c_int32, c_int32, i64p, errp], c_int),
+            "tda_trt_mlp_max_sizes": ([c_int32, i32p, i64p, c_int32, c_int32, i64p, errp], c_int),
             "tda_trt_select_check_shapes": ([c_int32, i32p, i64p, i64p, errp], c_int),
             "tda_trt_output_shape": ([c_int32, c_int32, i32p], c_int32),
             "tda_trt_output_types": ([c_int32, c_int32, i32p, i32p, errp], c_int),
@@ -148,6 +154,7 @@ class Logic:
         # The ctypes mirrors must have the C++ layout; a mismatch would corrupt enqueue's arguments.
         assert ctypes.sizeof(PrefillPlan) == lib.tda_trt_sizeof_prefill_plan(), "PrefillPlan layout"
         assert ctypes.sizeof(MlpBuffers) == lib.tda_trt_sizeof_mlp_buffers(), "MlpBuffers layout"
+        assert lib.tda_trt_mlp_nb_attrs() == NB_ATTRS, "MlpAttrs layout"
         self.namespace, self.version, self.mlp_name, self.select_name = (
             lib.tda_trt_identity(i).decode() for i in range(4))
         self.mlp_fields = tuple(lib.tda_trt_mlp_field_name(i).decode() for i in range(lib.tda_trt_mlp_nb_fields()))
@@ -173,7 +180,7 @@ class Logic:
         """building: TensorRT's BUILD phase (an absent decode_version is then the build process's default,
         else 1). Raises LogicError naming a bad field or value."""
         nb, names, data, lengths, is_char, _keep = self._fields(fields)
-        out = (c_int32 * 4)()
+        out = (c_int32 * NB_ATTRS)()
         self._call(self._lib.tda_trt_mlp_parse_fields, nb, names, data, lengths, is_char, int(building), out)
         return MlpAttrs(*out)
 
@@ -191,17 +198,19 @@ class Logic:
                 for i, name in enumerate(self.mlp_fields)]
 
     # ---- shapes and types ----
-    def mlp_check_shapes(self, shapes, weight_format: int = 0) -> tuple[int, int, int, int]:
-        """(B, S, H, I), -1 where unknown; shapes use -1 for unknown dims. weight_format: the plugin's
-        (block weights' last axes are H/32 blocks of bytes)."""
+    def mlp_check_shapes(self, shapes, weight_format: int = 0,
+                         down_weight_format: int = 0) -> tuple[int, int, int, int]:
+        """(B, S, H, I), -1 where unknown; shapes use -1 for unknown dims. weight_format, down_weight_format: the
+        plugin's (block weights' last axes are H/32 blocks of bytes of their format; down 0 = same)."""
         out = (c_int64 * 4)()
-        self._call(self._lib.tda_trt_mlp_check_shapes, *_dims(shapes), weight_format, out)
+        self._call(self._lib.tda_trt_mlp_check_shapes, *_dims(shapes), weight_format, down_weight_format, out)
         return tuple(out)
 
-    def mlp_max_sizes(self, max_shapes, weight_format: int = 0) -> tuple[int, int, int, int]:
+    def mlp_max_sizes(self, max_shapes, weight_format: int = 0,
+                      down_weight_format: int = 0) -> tuple[int, int, int, int]:
         """(B, S, H, I) bounds of a profile from every input's max shape."""
         out = (c_int64 * 4)()
-        self._call(self._lib.tda_trt_mlp_max_sizes, *_dims(max_shapes), weight_format, out)
+        self._call(self._lib.tda_trt_mlp_max_sizes, *_dims(max_shapes), weight_format, down_weight_format, out)
         return tuple(out)
 
     def select_check_shapes(self, shapes) -> tuple[int, int]:

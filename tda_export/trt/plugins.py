@@ -62,6 +62,7 @@ def plugin_classes(trt):
     class _Base(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
         op: int
         weight_format = 0  # SparseGatedMLP's field (tda_weight_format_t); SelectActive has none
+        down_weight_format = 0  # SparseGatedMLP's down_weight_format (0 = same as weight_format)
 
         def __init__(self, name: str, nb_outputs: int):
             trt.IPluginV3.__init__(self)
@@ -110,12 +111,13 @@ def plugin_classes(trt):
             super().__init__(L.mlp_name, 2)
             self.attrs = attrs
             self.weight_format = attrs.weight_format
+            self.down_weight_format = attrs.down_weight_format
 
         def clone(self):
             return SparseGatedMlpPlugin(self.attrs)
 
         def _check(self, dims):
-            return L.mlp_check_shapes(dims, self.weight_format)
+            return L.mlp_check_shapes(dims, self.weight_format, self.down_weight_format)
 
         def get_fields_to_serialize(self):
             # PluginField holds a pointer into the array: the arrays must outlive TensorRT's read.
@@ -125,14 +127,14 @@ def plugin_classes(trt):
                                               for name, data in self._serialized])
 
         def get_workspace_size(self, input_desc, output_desc):
-            sizes = L.mlp_max_sizes(_shapes(input_desc, "max"), self.weight_format)
+            sizes = L.mlp_max_sizes(_shapes(input_desc, "max"), self.weight_format, self.down_weight_format)
             min_seq = tuple(input_desc[0].min)[1]
             return L.mlp_workspace_size(_code(trt, input_desc[0].desc.type), self.attrs, sizes, min_seq, _queries())
 
         def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
             from . import device
 
-            sizes = L.mlp_check_shapes(_shapes(input_desc, "dims"), self.weight_format)
+            sizes = L.mlp_check_shapes(_shapes(input_desc, "dims"), self.weight_format, self.down_weight_format)
             B, S, H, I = sizes
             if B == 0:
                 return

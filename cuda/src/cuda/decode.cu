@@ -11,7 +11,9 @@
 //                       reproducible) or conversion of fp32-atomic sums.
 // Block-quantized weights (weight_format Q8_0/Q4_0/Q4_1) take the same
 // pipeline with gate_up_q and down_proj<.., BlockRows> (see "Block-quantized
-// weights" below); decode v2 serves float weights only.
+// weights" below); gate_up reads weight_format's blocks, down the blocks of
+// down_format(a) (ABI 6: e.g. Q8_0 down rows under Q4_1 gate/up rows, any of
+// the 3 x 3 block pairs). Decode v2 serves float weights only.
 // Grids are sized for the worst case (all I rows) and blocks beyond the
 // device-side count exit or stride, which keeps the launch graph-capturable.
 #include <algorithm>
@@ -447,8 +449,10 @@ struct DownRows<D, TDA_WEIGHTS_DTYPE> {
   }
 };
 
-template <tda_dtype_t D, tda_weight_format_t F>
+// F: gate_up_weight's format, Fd: down_weight_t's (down_format(a)); both TDA_WEIGHTS_DTYPE or both blocks.
+template <tda_dtype_t D, tda_weight_format_t F, tda_weight_format_t Fd>
 tda_status_t run(const tda_decode_args_t* a, const Plan& p, const Ws& w, cudaStream_t st) {
+  static_assert((F == TDA_WEIGHTS_DTYPE) == (Fd == TDA_WEIGHTS_DTYPE), "a block down format needs block gate_up");
   using T = typename Ty<D>::T;
   const int32_t I = a->intermediate, H = a->hidden, B = a->batch;
   const int32_t* rows = a->active_idx;
@@ -503,8 +507,8 @@ tda_status_t run(const tda_decode_args_t* a, const Plan& p, const Ws& w, cudaStr
     }
   }
   const dim3 down_grid(p.col_blocks * p.tiles, p.splits);
-  using W = typename DownRows<D, F>::type;
-  const W wd = DownRows<D, F>::make(a);
+  using W = typename DownRows<D, Fd>::type;
+  const W wd = DownRows<D, Fd>::make(a);
   if (p.bt == 1) {
     down_proj<D, 1, W><<<down_grid, kDownThreads, 0, st>>>(wd, H, I, B, rows, n_rows, w.z, a->deterministic, w.part);
   } else if (p.bt == 4) {
@@ -518,13 +522,26 @@ tda_status_t run(const tda_decode_args_t* a, const Plan& p, const Ws& w, cudaStr
   return launch_status();
 }
 
+// Block gate_up in format F: down in its own block format (check_decode_shape admitted only block ones).
+// Every pair runs: the kernels are gate_up_q<D, F, .> and down_proj<D, ., BlockRows<Fd>>, each already
+// instantiated per format, so the 3 x 3 pairs add host code only.
+template <tda_dtype_t D, tda_weight_format_t F>
+tda_status_t run_blocks(const tda_decode_args_t* a, const Plan& p, const Ws& w, cudaStream_t st) {
+  switch (down_format(a)) {
+    case TDA_WEIGHTS_Q8_0: return run<D, F, TDA_WEIGHTS_Q8_0>(a, p, w, st);
+    case TDA_WEIGHTS_Q4_0: return run<D, F, TDA_WEIGHTS_Q4_0>(a, p, w, st);
+    case TDA_WEIGHTS_Q4_1: return run<D, F, TDA_WEIGHTS_Q4_1>(a, p, w, st);
+    default: return TDA_ERR_BAD_DTYPE;  // unreachable: check_decode_shape refused it
+  }
+}
+
 template <tda_dtype_t D>
 tda_status_t run_dtype(const tda_decode_args_t* a, const Plan& p, const Ws& w, cudaStream_t st) {
   switch (a->weight_format) {
-    case TDA_WEIGHTS_Q8_0: return run<D, TDA_WEIGHTS_Q8_0>(a, p, w, st);
-    case TDA_WEIGHTS_Q4_0: return run<D, TDA_WEIGHTS_Q4_0>(a, p, w, st);
-    case TDA_WEIGHTS_Q4_1: return run<D, TDA_WEIGHTS_Q4_1>(a, p, w, st);
-    default: return run<D, TDA_WEIGHTS_DTYPE>(a, p, w, st);
+    case TDA_WEIGHTS_Q8_0: return run_blocks<D, TDA_WEIGHTS_Q8_0>(a, p, w, st);
+    case TDA_WEIGHTS_Q4_0: return run_blocks<D, TDA_WEIGHTS_Q4_0>(a, p, w, st);
+    case TDA_WEIGHTS_Q4_1: return run_blocks<D, TDA_WEIGHTS_Q4_1>(a, p, w, st);
+    default: return run<D, TDA_WEIGHTS_DTYPE, TDA_WEIGHTS_DTYPE>(a, p, w, st);
   }
 }
 
@@ -547,7 +564,8 @@ extern "C" tda_status_t tda_sparse_gated_mlp_decode(const tda_decode_args_t* a, 
                                                     void* stream) {
   const tda_status_t s = tda::check_decode(a, ws, ws_size, tda_sparse_gated_mlp_decode_workspace_size(a), true);
   if (s != TDA_OK || a->batch == 0) return s;
-  // Blocks are read as 16/32-bit pieces (blocks.cuh): the arrays must be 4-byte aligned here.
+  // Blocks are read as 16/32-bit pieces (blocks.cuh): both arrays must be 4-byte aligned here, down_weight_t
+  // in its own format too (a block down format comes only with block gate_up weights: check_decode_shape).
   if (tda::block_weights(a) &&
       ((reinterpret_cast<uintptr_t>(a->gate_up_weight) | reinterpret_cast<uintptr_t>(a->down_weight_t)) & 3u))
     return TDA_ERR_MISALIGNED;
