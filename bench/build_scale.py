@@ -211,6 +211,48 @@ def fit(points: list[tuple[int, float]]) -> tuple[float, float]:
     return my - b * mx, b
 
 
+def report(rows: list[dict], steps: list[str]) -> None:
+    """The table of runs and the per-layer fits (rows of an older --json-out lack the phases: nan)."""
+    nan = float("nan")
+    print("\n| step | layers | peak RSS GB | tree RSS GB | export proc GB (before / beside / after the builder) "
+          "| builder GB | wall s | builder s | written GB | min MemAvailable GB |\n|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        w = f"{r['written_gb']:.2f}" if r["written_gb"] else ""
+        b = f"{r['builder_end_s'] - r['builder_start_s']:.0f}" if r["builder_start_s"] is not None else ""
+        print(f"| {r['step']} | {r['layers']} | {r['peak_rss_gb']:.2f} | {r['tree_rss_gb']:.2f} | "
+              f"{r['main_rss_gb']:.2f} ({r.get('main_before_gb', nan):.2f} / {r.get('main_during_gb', nan):.2f} / "
+              f"{r.get('main_after_gb', nan):.2f}) | "
+              f"{r['builder_rss_gb']:.2f} | {r['wall_s']:.0f} | {b} | {w} | "
+              f"{r['min_mem_available_gb']:.1f} |" + (" killed: low memory" if r["killed_low_memory"] else "")
+              + ("" if r["rc"] == 0 else f" rc {r['rc']}"))
+    ok = [r for r in rows if r["rc"] == 0]
+    if len({r["layers"] for r in ok}) > 1:
+        print(f"\n| step | RSS GB = a + b*layers | at {FULL_LAYERS} layers | wall s = a + b*layers | at {FULL_LAYERS} |"
+              f"\n|---|---|---|---|---|")
+        for step in steps:
+            pts = [r for r in ok if r["step"] == step]
+            if len(pts) < 2:
+                continue
+            a, b = fit([(r["layers"], max(r["peak_rss_gb"], r["tree_rss_gb"])) for r in pts])
+            ta, tb = fit([(r["layers"], r["wall_s"]) for r in pts])
+            print(f"| {step} | {a:.2f} + {b:.3f}*L | {a + b * FULL_LAYERS:.1f} | {ta:.1f} + {tb:.2f}*L | "
+                  f"{ta + tb * FULL_LAYERS:.0f} |")
+            if step == "trt" and "main_after_gb" in pts[0]:
+                # Which process and phase the peak comes from, each fitted alone. The fit of the peaks above
+                # follows whichever phase peaks at 1-4 layers (the export's flat ~2 GB there), so the 32-layer
+                # peak is the largest phase at 32: the builder plus the idle export process beside it, the
+                # export, or the goldens.
+                at = {}
+                for key, what in [("builder_rss_gb", "builder"), ("main_before_gb", "export proc: export"),
+                                  ("main_during_gb", "export proc: beside the builder"),
+                                  ("main_after_gb", "export proc: goldens")]:
+                    a, b = fit([(r["layers"], r[key]) for r in pts])
+                    at[key] = a + b * FULL_LAYERS
+                    print(f"| {step}: {what} | {a:.2f} + {b:.3f}*L | {at[key]:.1f} | | |")
+                peak = max(at["builder_rss_gb"] + at["main_during_gb"], at["main_before_gb"], at["main_after_gb"])
+                print(f"| {step}: largest phase (builder + beside it, export, goldens) | | **{peak:.1f}** | | |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", default="2,4,8")
@@ -229,7 +271,12 @@ def main():
     ap.add_argument("--clean", action="store_true", help="delete checkpoints and engines afterwards")
     ap.add_argument("--json-out", type=Path)
     ap.add_argument("--make-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--report", type=Path, metavar="JSON", help="print the tables of an earlier --json-out; run nothing")
     args = ap.parse_args()
+    if args.report:
+        rows = json.loads(args.report.read_text())
+        report(rows, list(dict.fromkeys(r["step"] for r in rows)))
+        return
     layer_counts = sorted(int(x) for x in args.layers.split(","))
     steps = args.steps.split(",")
     if args.make_only:
@@ -256,34 +303,7 @@ def main():
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
             if r["rc"] != 0:
                 print(f"{step} L{L} failed (rc {r['rc']}); log {log}:\n{log.read_text()[-2000:]}", file=sys.stderr)
-    print("\n| step | layers | peak RSS GB | tree RSS GB | export proc GB (before / beside / after the builder) "
-          "| builder GB | wall s | builder s | written GB | min MemAvailable GB |\n|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        w = f"{r['written_gb']:.2f}" if r["written_gb"] else ""
-        b = f"{r['builder_end_s'] - r['builder_start_s']:.0f}" if r["builder_start_s"] is not None else ""
-        print(f"| {r['step']} | {r['layers']} | {r['peak_rss_gb']:.2f} | {r['tree_rss_gb']:.2f} | "
-              f"{r['main_rss_gb']:.2f} ({r['main_before_gb']:.2f} / {r['main_during_gb']:.2f} / {r['main_after_gb']:.2f}) | "
-              f"{r['builder_rss_gb']:.2f} | {r['wall_s']:.0f} | {b} | {w} | "
-              f"{r['min_mem_available_gb']:.1f} |" + (" killed: low memory" if r["killed_low_memory"] else "")
-              + ("" if r["rc"] == 0 else f" rc {r['rc']}"))
-    ok = [r for r in rows if r["rc"] == 0]
-    if len({r["layers"] for r in ok}) > 1:
-        print(f"\n| step | RSS GB = a + b*layers | at {FULL_LAYERS} layers | wall s = a + b*layers | at {FULL_LAYERS} |"
-              f"\n|---|---|---|---|---|")
-        for step in steps:
-            pts = [r for r in ok if r["step"] == step]
-            if len(pts) < 2:
-                continue
-            a, b = fit([(r["layers"], max(r["peak_rss_gb"], r["tree_rss_gb"])) for r in pts])
-            ta, tb = fit([(r["layers"], r["wall_s"]) for r in pts])
-            print(f"| {step} | {a:.2f} + {b:.3f}*L | {a + b * FULL_LAYERS:.1f} | {ta:.1f} + {tb:.2f}*L | "
-                  f"{ta + tb * FULL_LAYERS:.0f} |")
-            if step == "trt":  # which process and phase the peak comes from, fitted alone
-                for key, what in [("builder_rss_gb", "builder"), ("main_before_gb", "export proc: export"),
-                                  ("main_during_gb", "export proc: beside the builder"),
-                                  ("main_after_gb", "export proc: goldens")]:
-                    a, b = fit([(r["layers"], r[key]) for r in pts])
-                    print(f"| {step}: {what} | {a:.2f} + {b:.3f}*L | {a + b * FULL_LAYERS:.1f} | | |")
+    report(rows, steps)
     if args.json_out:
         args.json_out.write_text(json.dumps(rows, indent=1))
     if args.clean:
