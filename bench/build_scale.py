@@ -215,7 +215,8 @@ def report(rows: list[dict], steps: list[str]) -> None:
     """The table of runs and the per-layer fits (rows of an older --json-out lack the phases: nan)."""
     nan = float("nan")
     print("\n| step | layers | peak RSS GB | tree RSS GB | export proc GB (before / beside / after the builder) "
-          "| builder GB | wall s | builder s | written GB | min MemAvailable GB |\n|---|---|---|---|---|---|---|---|---|---|")
+          "| builder GB | wall s | builder s | written GB | min MemAvailable GB |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         w = f"{r['written_gb']:.2f}" if r["written_gb"] else ""
         b = f"{r['builder_end_s'] - r['builder_start_s']:.0f}" if r["builder_start_s"] is not None else ""
@@ -271,7 +272,8 @@ def main():
     ap.add_argument("--clean", action="store_true", help="delete checkpoints and engines afterwards")
     ap.add_argument("--json-out", type=Path)
     ap.add_argument("--make-only", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--report", type=Path, metavar="JSON", help="print the tables of an earlier --json-out; run nothing")
+    ap.add_argument("--report", type=Path, metavar="JSON",
+                    help="print the tables of an earlier --json-out; run nothing")
     args = ap.parse_args()
     if args.report:
         rows = json.loads(args.report.read_text())

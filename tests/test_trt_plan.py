@@ -223,7 +223,8 @@ def test_inlined_node_is_an_error():
 def test_compute_capabilities():
     assert compute_capabilities("tensorrt-rtx", ["8.6", "sm89", "SM86", "120"]) == ["SM86", "SM89", "SM120"]
     assert compute_capabilities("tensorrt-rtx", []) == ["SM75", "SM80", "SM86", "SM89", "SM120"]
-    with pytest.raises(PlanError, match=r"--compute-capability 9.0: TensorRT-RTX supports 7\.5, 8\.0, 8\.6, 8\.9, 12\.0$"):
+    with pytest.raises(PlanError,
+                       match=r"--compute-capability 9.0: TensorRT-RTX supports 7\.5, 8\.0, 8\.6, 8\.9, 12\.0$"):
         compute_capabilities("tensorrt-rtx", ["9.0"])
     with pytest.raises(PlanError, match="applies to --target tensorrt-rtx only"):
         compute_capabilities("tensorrt", ["8.6"])
@@ -348,8 +349,9 @@ def test_goldens_replay_and_compare(llama_fp16, tmp_path):
 
 def test_block_engine_goldens_dequantize_in_each_run(tiny_dirs, llama_fp16, tmp_path, monkeypatch):
     """A block engine's fp16 goldens run ONNX Runtime without constant folding (nor its memory arena): folding would
-    dequantize every weight to float32 when the session is made (3.8 GB per Mistral-7B-shaped layer at q4_0, the build's peak; see
-    bench/build_scale.py) for three runs; their logits are the folded session's. A float engine keeps folding."""
+    dequantize every weight to float32 when the session is made (3.8 GB per Mistral-7B-shaped layer at q4_0, the
+    build's peak; see bench/build_scale.py) for three runs; their logits are the folded session's. A float engine
+    keeps folding."""
     import numpy as np
 
     from tda_export.export.build import build

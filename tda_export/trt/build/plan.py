@@ -57,10 +57,10 @@ def compute_capabilities(target: str, values, int4: bool = False) -> list[str]:
             raise PlanError(f"--compute-capability {v}: TensorRT-RTX supports "
                             f"{', '.join(_dotted(c) for c in RTX_COMPUTE_CAPABILITIES)}")
         if int4 and name in NO_INT4:
+            rest = ", ".join(_dotted(c) for c in RTX_COMPUTE_CAPABILITIES if c not in NO_INT4)
             raise PlanError(f"--compute-capability {v}: TensorRT-RTX cannot compile int4 weights for it, and this "
                             f"plan's dense linears are int4 weight-only (a 4-bit --weight-format); leave {v} out "
-                            f"(the default then is {', '.join(_dotted(c) for c in RTX_COMPUTE_CAPABILITIES if c not in NO_INT4)}) "
-                            f"or build from a q8_0 engine")
+                            f"(the default then is {rest}) or build from a q8_0 engine")
         if name not in out:
             out.append(name)
     return out
