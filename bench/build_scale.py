@@ -14,12 +14,17 @@ made by a child too.
     python bench/build_scale.py --layers 2,4,8 [--steps build,calibrate,eval] [--work /tmp/scale]
     python bench/build_scale.py --layers 32 --steps build --keep-going   # the full-size export
     python bench/build_scale.py --layers 1,2,4 --steps trt --trt-dtype fp16   # + the TensorRT-RTX plan
+    python bench/build_scale.py --layers 1,2,4 --steps trt --weight-format q4_0 --down-weight-format q4_0
 
 The `trt` step is `build --target tensorrt-rtx --no-calibrate`; the plan is built in a grandchild
 (`python -m tda_export.trt.build.builder`) running while the export process is still alive, so besides
 wait4's peak (the largest single process) the watchdog samples the RSS of every process in the
 child's session and reports the peak of their sum, the export process's and the builder's
-(fp16 also runs ONNX Runtime for the goldens, in the export process, after the plan).
+(fp16 also runs ONNX Runtime for the goldens, in the export process, after the plan); the export
+process's peak is also split before the builder (the export), beside it (idle) and after it (goldens).
+`--weight-format q4_0|q4_1|q8_0` (and `--down-weight-format`) are passed to `build` for the `build`
+and `trt` steps: a block-quantized engine, whose plan holds the dense linears as int4/int8 weight-only
+and the MLP blocks for the plugin (default: float, the engine in --dtype as before).
 
 Prints one row per (step, layers), the least-squares per-layer fit and its value at 32 layers.
 """
@@ -144,7 +149,7 @@ def run_measured(cmd: list[str], min_available_gb: float, log: Path) -> dict:
     killed = threading.Event()
     lowest = [mem_available_gb()]
     tree = {"tree_rss_gb": 0.0, "main_rss_gb": 0.0, "builder_rss_gb": 0.0, "builder_start_s": None,
-            "builder_end_s": None}
+            "builder_end_s": None, "main_before_gb": 0.0, "main_during_gb": 0.0, "main_after_gb": 0.0}
 
     def watch():
         while proc.returncode is None and not killed.is_set():
@@ -160,6 +165,9 @@ def run_measured(cmd: list[str], min_available_gb: float, log: Path) -> dict:
                 tree["builder_start_s"] = tree["builder_start_s"] or now
                 tree["builder_end_s"] = now
                 tree["builder_rss_gb"] = max(tree["builder_rss_gb"], builder[0])
+            if proc.pid in procs:  # the export process before the builder (export), beside it, after it (goldens)
+                phase = "during" if builder else "before" if tree["builder_start_s"] is None else "after"
+                tree[f"main_{phase}_gb"] = max(tree[f"main_{phase}_gb"], procs[proc.pid][1])
             if avail < min_available_gb:
                 killed.set()
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -176,11 +184,13 @@ def run_measured(cmd: list[str], min_available_gb: float, log: Path) -> dict:
 def commands(step: str, ckpt: Path, work: Path, layers: int, args) -> list[str]:
     base = [sys.executable, "-m", "tda_export", step, "-m", "mistral-7b", "--weights", str(ckpt)]
     cal = work / f"cal-L{layers}.json"
+    quant = ["--weight-format", args.weight_format, "--down-weight-format", args.down_weight_format] \
+        if args.weight_format != "float" else []
     if step == "build":
-        return base + ["--dtype", "bf16", "--no-calibrate", "--force", "-o", str(work / f"engine-L{layers}")]
+        return base + ["--dtype", "bf16", "--no-calibrate", "--force", *quant, "-o", str(work / f"engine-L{layers}")]
     if step == "trt":
         return [sys.executable, "-m", "tda_export", "build", "-m", "mistral-7b", "--weights", str(ckpt),
-                "--dtype", args.trt_dtype, "--no-calibrate", "--force", "--target", "tensorrt-rtx",
+                "--dtype", args.trt_dtype, "--no-calibrate", "--force", *quant, "--target", "tensorrt-rtx",
                 "--max-batch", str(args.trt_max_batch), "--max-seq-len", str(args.trt_max_seq_len),
                 "-o", str(work / f"engine-trt-L{layers}")]
     if step == "calibrate":
@@ -201,6 +211,49 @@ def fit(points: list[tuple[int, float]]) -> tuple[float, float]:
     return my - b * mx, b
 
 
+def report(rows: list[dict], steps: list[str]) -> None:
+    """The table of runs and the per-layer fits (rows of an older --json-out lack the phases: nan)."""
+    nan = float("nan")
+    print("\n| step | layers | peak RSS GB | tree RSS GB | export proc GB (before / beside / after the builder) "
+          "| builder GB | wall s | builder s | written GB | min MemAvailable GB |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        w = f"{r['written_gb']:.2f}" if r["written_gb"] else ""
+        b = f"{r['builder_end_s'] - r['builder_start_s']:.0f}" if r["builder_start_s"] is not None else ""
+        print(f"| {r['step']} | {r['layers']} | {r['peak_rss_gb']:.2f} | {r['tree_rss_gb']:.2f} | "
+              f"{r['main_rss_gb']:.2f} ({r.get('main_before_gb', nan):.2f} / {r.get('main_during_gb', nan):.2f} / "
+              f"{r.get('main_after_gb', nan):.2f}) | "
+              f"{r['builder_rss_gb']:.2f} | {r['wall_s']:.0f} | {b} | {w} | "
+              f"{r['min_mem_available_gb']:.1f} |" + (" killed: low memory" if r["killed_low_memory"] else "")
+              + ("" if r["rc"] == 0 else f" rc {r['rc']}"))
+    ok = [r for r in rows if r["rc"] == 0]
+    if len({r["layers"] for r in ok}) > 1:
+        print(f"\n| step | RSS GB = a + b*layers | at {FULL_LAYERS} layers | wall s = a + b*layers | at {FULL_LAYERS} |"
+              f"\n|---|---|---|---|---|")
+        for step in steps:
+            pts = [r for r in ok if r["step"] == step]
+            if len(pts) < 2:
+                continue
+            a, b = fit([(r["layers"], max(r["peak_rss_gb"], r["tree_rss_gb"])) for r in pts])
+            ta, tb = fit([(r["layers"], r["wall_s"]) for r in pts])
+            print(f"| {step} | {a:.2f} + {b:.3f}*L | {a + b * FULL_LAYERS:.1f} | {ta:.1f} + {tb:.2f}*L | "
+                  f"{ta + tb * FULL_LAYERS:.0f} |")
+            if step == "trt" and "main_after_gb" in pts[0]:
+                # Which process and phase the peak comes from, each fitted alone. The fit of the peaks above
+                # follows whichever phase peaks at 1-4 layers (the export's flat ~2 GB there), so the 32-layer
+                # peak is the largest phase at 32: the builder plus the idle export process beside it, the
+                # export, or the goldens.
+                at = {}
+                for key, what in [("builder_rss_gb", "builder"), ("main_before_gb", "export proc: export"),
+                                  ("main_during_gb", "export proc: beside the builder"),
+                                  ("main_after_gb", "export proc: goldens")]:
+                    a, b = fit([(r["layers"], r[key]) for r in pts])
+                    at[key] = a + b * FULL_LAYERS
+                    print(f"| {step}: {what} | {a:.2f} + {b:.3f}*L | {at[key]:.1f} | | |")
+                peak = max(at["builder_rss_gb"] + at["main_during_gb"], at["main_before_gb"], at["main_after_gb"])
+                print(f"| {step}: largest phase (builder + beside it, export, goldens) | | **{peak:.1f}** | | |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", default="2,4,8")
@@ -212,10 +265,20 @@ def main():
     ap.add_argument("--trt-dtype", default="fp16", choices=["fp16", "bf16"], help="trt step: build --dtype")
     ap.add_argument("--trt-max-batch", type=int, default=1, help="trt step: build --max-batch")
     ap.add_argument("--trt-max-seq-len", type=int, default=512, help="trt step: build --max-seq-len")
+    ap.add_argument("--weight-format", default="float", choices=["float", "q8_0", "q4_0", "q4_1"],
+                    help="build and trt steps: build --weight-format (float: the weights in the dtype)")
+    ap.add_argument("--down-weight-format", default="auto", choices=["auto", "q8_0", "q4_0", "q4_1"],
+                    help="build and trt steps with a block --weight-format: build --down-weight-format")
     ap.add_argument("--clean", action="store_true", help="delete checkpoints and engines afterwards")
     ap.add_argument("--json-out", type=Path)
     ap.add_argument("--make-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--report", type=Path, metavar="JSON",
+                    help="print the tables of an earlier --json-out; run nothing")
     args = ap.parse_args()
+    if args.report:
+        rows = json.loads(args.report.read_text())
+        report(rows, list(dict.fromkeys(r["step"] for r in rows)))
+        return
     layer_counts = sorted(int(x) for x in args.layers.split(","))
     steps = args.steps.split(",")
     if args.make_only:
@@ -242,27 +305,7 @@ def main():
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
             if r["rc"] != 0:
                 print(f"{step} L{L} failed (rc {r['rc']}); log {log}:\n{log.read_text()[-2000:]}", file=sys.stderr)
-    print("\n| step | layers | peak RSS GB | tree RSS GB | export proc GB | builder GB | wall s | builder s "
-          "| written GB | min MemAvailable GB |\n|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        w = f"{r['written_gb']:.2f}" if r["written_gb"] else ""
-        b = f"{r['builder_end_s'] - r['builder_start_s']:.0f}" if r["builder_start_s"] is not None else ""
-        print(f"| {r['step']} | {r['layers']} | {r['peak_rss_gb']:.2f} | {r['tree_rss_gb']:.2f} | "
-              f"{r['main_rss_gb']:.2f} | {r['builder_rss_gb']:.2f} | {r['wall_s']:.0f} | {b} | {w} | "
-              f"{r['min_mem_available_gb']:.1f} |" + (" killed: low memory" if r["killed_low_memory"] else "")
-              + ("" if r["rc"] == 0 else f" rc {r['rc']}"))
-    ok = [r for r in rows if r["rc"] == 0]
-    if len({r["layers"] for r in ok}) > 1:
-        print(f"\n| step | RSS GB = a + b*layers | at {FULL_LAYERS} layers | wall s = a + b*layers | at {FULL_LAYERS} |"
-              f"\n|---|---|---|---|---|")
-        for step in steps:
-            pts = [r for r in ok if r["step"] == step]
-            if len(pts) < 2:
-                continue
-            a, b = fit([(r["layers"], max(r["peak_rss_gb"], r["tree_rss_gb"])) for r in pts])
-            ta, tb = fit([(r["layers"], r["wall_s"]) for r in pts])
-            print(f"| {step} | {a:.2f} + {b:.3f}*L | {a + b * FULL_LAYERS:.1f} | {ta:.1f} + {tb:.2f}*L | "
-                  f"{ta + tb * FULL_LAYERS:.0f} |")
+    report(rows, steps)
     if args.json_out:
         args.json_out.write_text(json.dumps(rows, indent=1))
     if args.clean:

@@ -65,7 +65,8 @@ def _no_backend(ctx, param, value):
               help="[tensorrt] Timing cache file: read if present, updated after the build (speeds up rebuilds).")
 @click.option("--builder-optimization-level", type=int, help="[tensorrt] 0-5 (TensorRT's default 3).")
 @click.option("--compute-capability", "compute_capabilities", multiple=True,
-              help="[tensorrt-rtx] Target GPU (repeatable): 7.5, 8.0, 8.6, 8.9, 12.0; default all.")
+              help="[tensorrt-rtx] Target GPU (repeatable): 7.5, 8.0, 8.6, 8.9, 12.0; default all (from 8.0 up "
+                   "with a 4-bit --weight-format: TensorRT-RTX has no int4 for 7.5).")
 @click.option("--plugin-library", type=click.Path(path_type=Path),
               help="[tensorrt] Build with the C++ libtda_trt_plugins.so (plugins/README.md) instead of the Python "
                    "plugins; the plan's plugin records are the same.")

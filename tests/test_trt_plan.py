@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from tda_export.cli import main
+from tda_export.export.weight_only import int_bits
 from tda_export.ops.contract import ACTIVATIONS, PLUGIN_FIELDS, PLUGIN_NAMESPACE, PLUGIN_VERSION, SCORE_NORMS
 from tda_export.ops.contract import DOWN_WEIGHT_FORMATS, SELECT_ACTIVE, SPARSE_GATED_MLP, WEIGHT_FORMATS
 from tda_export.trt import logic as lg
@@ -222,10 +223,30 @@ def test_inlined_node_is_an_error():
 def test_compute_capabilities():
     assert compute_capabilities("tensorrt-rtx", ["8.6", "sm89", "SM86", "120"]) == ["SM86", "SM89", "SM120"]
     assert compute_capabilities("tensorrt-rtx", []) == ["SM75", "SM80", "SM86", "SM89", "SM120"]
-    with pytest.raises(PlanError, match="--compute-capability 9.0: TensorRT-RTX supports 7.5, 8.0"):
+    with pytest.raises(PlanError,
+                       match=r"--compute-capability 9.0: TensorRT-RTX supports 7\.5, 8\.0, 8\.6, 8\.9, 12\.0$"):
         compute_capabilities("tensorrt-rtx", ["9.0"])
     with pytest.raises(PlanError, match="applies to --target tensorrt-rtx only"):
         compute_capabilities("tensorrt", ["8.6"])
+
+
+def test_int4_plans_leave_sm75_out():
+    """TensorRT-RTX 1.7 cannot compile int4 weight-only layers for SM75 (a q4_0 plan for all five targets fails
+    in Myelin): a 4-bit engine's default is the other four, and asking for 7.5 is refused before the model loads."""
+    assert compute_capabilities("tensorrt-rtx", [], int4=True) == ["SM80", "SM86", "SM89", "SM120"]
+    assert compute_capabilities("tensorrt-rtx", ["8.6"], int4=True) == ["SM86"]
+    with pytest.raises(PlanError, match=r"--compute-capability 7\.5: TensorRT-RTX cannot compile int4 .*default "
+                                        r"then is 8\.0, 8\.6, 8\.9, 12\.0\) or build from a q8_0 engine"):
+        compute_capabilities("tensorrt-rtx", ["8.6", "7.5"], int4=True)
+    assert [int_bits(f) for f in ("q8_0", "q4_0", "q4_1")] == [8, 4, 4]
+
+
+def test_build_refuses_sm75_for_a_4bit_plan_before_loading(tmp_path):
+    r = CliRunner().invoke(main, ["build", "-m", "smollm2-135m", "--weight-format", "q4_1", "--target", "tensorrt-rtx",
+                                  "--dtype", "fp16", "--compute-capability", "7.5", "-o", str(tmp_path / "e")])
+    assert r.exit_code != 0 and "Traceback" not in r.output, r.output
+    assert "--compute-capability 7.5: TensorRT-RTX cannot compile int4" in r.output
+    assert not (tmp_path / "e").exists()
 
 
 def test_options_checked_before_building(tmp_path):
@@ -326,11 +347,48 @@ def test_goldens_replay_and_compare(llama_fp16, tmp_path):
     assert not ok and "MISMATCH" in lines[-1] and "max |err| 1.000e+00" in lines[-1]
 
 
+def test_block_engine_goldens_dequantize_in_each_run(tiny_dirs, llama_fp16, tmp_path, monkeypatch):
+    """A block engine's fp16 goldens run ONNX Runtime without constant folding (nor its memory arena): folding would
+    dequantize every weight to float32 when the session is made (3.8 GB per Mistral-7B-shaped layer at q4_0, the
+    build's peak; see bench/build_scale.py) for three runs; their logits are the folded session's. A float engine
+    keeps folding."""
+    import numpy as np
+
+    from tda_export.export.build import build
+    from tda_export.runtime import ort_backend
+    from tda_export.trt import goldens
+
+    engine = build(str(tiny_dirs["llama"]), tmp_path / "q4", "float16", progress=False, weight_format="q4_0")
+    data = json.loads((engine / "manifest.json").read_text())
+    made, real = [], ort_backend.OrtBackend
+    monkeypatch.setattr(ort_backend, "OrtBackend", lambda *a, **k: made.append(k) or real(*a, **k))
+    golden = dict(np.load(goldens.save(tmp_path, engine / "model.onnx", data)))
+    folded = goldens.replay(real(engine / "model.onnx", data, threads=1), data, golden["input_ids"],
+                            golden["attention_mask"], golden["tokens"])
+    ok, lines = goldens.compare(golden, folded, atol=1e-2, rtol=1e-3)
+    assert ok, lines
+    goldens.save(tmp_path, llama_fp16 / "model.onnx", json.loads((llama_fp16 / "manifest.json").read_text()))
+    assert made == [dict(threads=1, low_memory=True), dict(threads=1, low_memory=False)]
+
+
 def test_engine_backend_tensorrt_needs_a_plan(llama_fp16):
     from tda_export.runtime.engine import Engine, EngineError
 
     with pytest.raises(EngineError, match=r"backend tensorrt: .*no TensorRT plan \(build with --target"):
         Engine.load(llama_fp16, backend="tensorrt")
+
+
+def test_builder_logger_keeps_tensorrts_errors():
+    """A failed build reports TensorRT's own errors (its default Logger printed them to the stdout plan.py
+    discards, so "TensorRT could not build the plan" came without the reason)."""
+    trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 not installed")
+    from tda_export.trt.build.builder import _logger
+
+    logger = _logger(trt)
+    network = trt.Builder(logger).create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    x = network.add_input("x", trt.float16, (1, 4))
+    network.mark_output(x)  # an input cannot be an output: TensorRT logs an error
+    assert any("markOutput" in e and "x" in e for e in logger.errors), logger.errors
 
 
 def test_plan_stream_writer_appends_and_keeps_its_error(tmp_path):

@@ -23,9 +23,11 @@ from ..models import load_structure, resolve, save_tokenizer
 from ..ops.contract import (DEFAULT_DENSITY_MARGIN, DENSITY_BOUNDS_INPUT, DOMAIN, OPSET_VERSION, PLUGIN_NAMESPACE,
                             PLUGIN_VERSION, THRESHOLDS_INPUT, density_bounds)
 from ..recipes import engine_dtype
+from ..runtime.heap import release_heap
 from . import names, quantize
 from .decoder import OPSET, build_decoder
 from .spec import ExportError, decoder_spec
+from .weight_only import int_bits
 from .weights import WeightWriter
 
 MODEL_FILE = "model.onnx"
@@ -141,10 +143,12 @@ def build(model: str, out: str | Path, dtype: str | None = None, calibration: st
                           f"refusing to replace it even with --force")
     source = resolve(model, weights)
     dtype = dtype or engine_dtype(source.recipe)
+    # a plan from a 4-bit engine holds int4 weight-only linears, which not every RTX target takes
+    int4 = quantize.is_blocks(weight_format) and int_bits(weight_format) == 4
     if plan is not None:  # every --target option is checked before the model loads ...
         from ..trt.build.plan import check_options
 
-        check_options(plan, None, dtype)
+        check_options(plan, None, dtype, int4)
     cal = Calibration.load(calibration) if calibration else None
     # The export reads the checkpoint tensor by tensor (no model in memory); the fingerprint is of the
     # stored tensors too, so a calibration made in any compute dtype or on any device matches.
@@ -152,7 +156,7 @@ def build(model: str, out: str | Path, dtype: str | None = None, calibration: st
     spec = decoder_spec(loaded, dtype)
     quantize.check_dims(weight_format, loaded.name, _block_rows(spec))
     if plan is not None:  # ... and the sequence limits against the model's context before calibrating
-        check_options(plan, spec.max_context, dtype)
+        check_options(plan, spec.max_context, dtype, int4)
     if cal is not None:
         cal.check_model(loaded.fingerprint(), spec.num_layers, spec.intermediate, str(calibration))
     elif auto_calibrate:
@@ -199,14 +203,18 @@ def build(model: str, out: str | Path, dtype: str | None = None, calibration: st
                                                            plan.target, tmp, progress, down_format)
             else:
                 trt_onnx, weight_only = tmp / MODEL_FILE, None
+            release_heap()  # what the export freed goes back to the system before the builder starts
             try:
                 data["tensorrt"] = build_plan(trt_onnx, tmp, data["io"]["inputs"], spec.max_context, dtype,
-                                              plan, progress)
+                                              plan, progress, int4)
             finally:
                 if weight_only is not None:
                     shutil.rmtree(trt_onnx.parent, ignore_errors=True)
             if weight_only is not None:
                 data["tensorrt"]["weight_only"] = weight_only
+            if progress:
+                print("computing the goldens for `tda-export check` (ONNX Runtime or torch on the engine)",
+                      file=sys.stderr)
             save_goldens(tmp, tmp / MODEL_FILE, data)  # reference logits for `tda-export check` (trt/goldens.py)
         manifest.write(tmp, data)
         if out.exists():

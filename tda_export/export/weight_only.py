@@ -68,6 +68,12 @@ class Converted:
                 "bytes": self.q.size * self.bits // 8 + self.scale.size * 2}  # scales in fp16/bf16
 
 
+def int_bits(fmt: str) -> int:
+    """The integer width block format fmt becomes in a plan: 8 for q8_0, 4 for the 4-bit formats (q4_0, q4_1)."""
+    block_format(fmt)  # raises on an unknown format
+    return 8 if fmt == "q8_0" else 4
+
+
 def convert(fmt: str, blocks: np.ndarray, rule: Rule) -> Converted:
     """uint8 blocks [rows, in/32*block_bytes] of block format fmt -> the weight-only pattern under rule."""
     bf = block_format(fmt)
@@ -83,7 +89,7 @@ def convert(fmt: str, blocks: np.ndarray, rule: Rule) -> Converted:
         q = np.concatenate([qs & np.uint8(15), qs >> np.uint8(4)], axis=1).astype(np.int8) - np.int8(8)
         return Converted(4, q.reshape(rows, width), d, QUANT_BLOCK, True)
     w = dequantize(fmt, flat).reshape(rows, width)
-    if fmt == "q8_0":
+    if int_bits(fmt) == 8:
         return requantize(w, 8, rule.int8_block)
     return requantize(w, 4, rule.int4_block(width))
 

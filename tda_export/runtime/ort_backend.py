@@ -20,6 +20,7 @@ import numpy as np
 
 from ..ops.contract import BLOCK_FORMATS, DENSITY_BOUNDS_INPUT, NO_CLAMP, THRESHOLDS_INPUT
 from .backend import position_ids
+from .heap import release_heap
 
 NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
              "tensor(int64)": np.int64}
@@ -32,32 +33,29 @@ def past_name(present: str) -> str:
     return "past_key_values." + present[len("present."):]
 
 
-def _release_heap() -> None:
-    """Give the heap freed after constant folding back to the system (glibc malloc_trim; elsewhere nothing)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
 class OrtBackend:
     name = "onnxruntime"
     max_slots = 1 << 30  # no bound of its own: slots are rows of its batch tensors
 
-    def __init__(self, model_path: Path, manifest: dict, threads: int | None = None, providers=None):
+    def __init__(self, model_path: Path, manifest: dict, threads: int | None = None, providers=None,
+                 low_memory: bool = False):
+        """low_memory: no constant folding and no CPU memory arena, for a few runs of a block engine. Folding
+        dequantizes every weight to float32 when the session is made (7.3 GB for one Mistral-7B-shaped q4_0
+        layer with its embedding and head, +3.8 GB per layer); unfolded, each run dequantizes again, and
+        without the arena the float32 weights freed after their MatMul go back to malloc instead of an arena
+        that keeps its largest extent (1.8 -> 1.5 GB at 1 layer, 3.7 -> 2.8 GB at 4: bench/build_scale.py)."""
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or os.cpu_count() or 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.enable_cpu_mem_arena = not low_memory
         opts.log_severity_level = 3  # tda_thresholds is an overridable initializer on purpose; skip that warning
         self.session = ort.InferenceSession(str(model_path), opts,
-                                            providers=providers or ort.get_available_providers())
+                                            providers=providers or ort.get_available_providers(),
+                                            disabled_optimizers=["ConstantFolding"] if low_memory else [])
         if any(f in BLOCK_FORMATS for f in (manifest.get("weight_formats") or {}).values()):
-            _release_heap()
+            release_heap()
         self.manifest = manifest
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         # engines exported before the clamp have no such input (and select by thresholds alone)

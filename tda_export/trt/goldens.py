@@ -65,9 +65,13 @@ def tolerance(dtype: str) -> tuple[float, float]:
 def reference(onnx_path: Path, manifest: dict):
     """(backend, its name) computing the goldens for an engine of manifest["dtype"]."""
     if manifest["dtype"] != "bfloat16":
+        from ..ops.contract import BLOCK_FORMATS
         from ..runtime.ort_backend import OrtBackend
 
-        return OrtBackend(onnx_path, manifest, threads=1), f"onnxruntime {manifest['dtype']}"
+        # three runs: a block engine dequantizes its weights in each rather than folding them all to float32
+        # up front (+3.8 GB per Mistral-7B layer at q4_0, so 125 GB at 32 layers; bench/build_scale.py)
+        blocks = any(f in BLOCK_FORMATS for f in (manifest.get("weight_formats") or {}).values())
+        return OrtBackend(onnx_path, manifest, threads=1, low_memory=blocks), f"onnxruntime {manifest['dtype']}"
     import torch
 
     from ..export.spec import DecoderSpec

@@ -39,6 +39,23 @@ def _file_writer(trt, f):
     return FileWriter()
 
 
+def _logger(trt):
+    """A trt.ILogger keeping TensorRT's errors, so a failed build reports its reason (trt.Logger printed them to
+    stdout, which plan.py does not show). Not printed as they come: every build on a machine without a GPU
+    logs one (cudaError 35) and still succeeds."""
+
+    class Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity, msg):
+            if int(severity) <= int(trt.ILogger.Severity.ERROR):  # ERROR or INTERNAL_ERROR
+                self.errors.append(msg)
+
+    return Logger()
+
+
 def _plugin_of(trt, layer) -> str | None:
     if layer.type != trt.LayerType.PLUGIN_V3:
         return None
@@ -56,7 +73,7 @@ def run(job: dict) -> dict:
 
     trt = import_module(job["target"])
     t0 = time.time()
-    logger = trt.Logger(trt.Logger.ERROR)
+    logger = _logger(trt)
     registry = trt.get_plugin_registry()
     if job.get("plugin_library"):
         registry.load_library(job["plugin_library"])
@@ -118,7 +135,7 @@ def run(job: dict) -> dict:
         if writer.error is not None:
             raise BuildFailed(f"writing {tmp}: {writer.error}") from writer.error
         if not ok:
-            raise BuildFailed("TensorRT could not build the plan (see its messages above)")
+            raise BuildFailed("TensorRT could not build the plan: " + ("; ".join(logger.errors) or "no error logged"))
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -21,6 +21,9 @@ PLAN_FILE = "model.plan"
 PLUGIN_LIBRARY = "libtda_trt_plugins.so"
 # TensorRT-RTX's targets (all it supports); "8.6" or "sm86" on the command line.
 RTX_COMPUTE_CAPABILITIES = ("SM75", "SM80", "SM86", "SM89", "SM120")
+# Targets TensorRT-RTX 1.7 cannot compile int4 weight-only layers for: "Cannot compile for target(s) sm75, because
+# the model contains HW-specific datatypes: int4" (found building a q4_0 Mistral-7B-shaped plan for all five).
+NO_INT4 = ("SM75",)
 
 
 class PlanError(ValueError):
@@ -39,27 +42,39 @@ class PlanOptions:
     plugin_library: Path | None = None  # the C++ libtda_trt_plugins.so instead of the Python plugins
 
 
-def compute_capabilities(target: str, values) -> list[str]:
-    """'8.6', '86', 'sm86', 'SM86' -> 'SM86'; RTX only, default all RTX targets."""
+def compute_capabilities(target: str, values, int4: bool = False) -> list[str]:
+    """'8.6', '86', 'sm86', 'SM86' -> 'SM86'; RTX only, default all RTX targets (int4: all that take int4
+    weights, i.e. not SM75)."""
     if target != "tensorrt-rtx":
         if values:
             raise PlanError("--compute-capability applies to --target tensorrt-rtx only "
                             "(datacenter TensorRT builds for the GPU it runs on)")
         return []
     out = []
-    for v in values or RTX_COMPUTE_CAPABILITIES:
+    for v in values or [c for c in RTX_COMPUTE_CAPABILITIES if not (int4 and c in NO_INT4)]:
         name = "SM" + str(v).upper().removeprefix("SM").replace(".", "")
         if name not in RTX_COMPUTE_CAPABILITIES:
             raise PlanError(f"--compute-capability {v}: TensorRT-RTX supports "
-                            f"{', '.join(c[2] + '.' + c[3:] for c in RTX_COMPUTE_CAPABILITIES)}")
+                            f"{', '.join(_dotted(c) for c in RTX_COMPUTE_CAPABILITIES)}")
+        if int4 and name in NO_INT4:
+            rest = ", ".join(_dotted(c) for c in RTX_COMPUTE_CAPABILITIES if c not in NO_INT4)
+            raise PlanError(f"--compute-capability {v}: TensorRT-RTX cannot compile int4 weights for it, and this "
+                            f"plan's dense linears are int4 weight-only (a 4-bit --weight-format); leave {v} out "
+                            f"(the default then is {rest}) or build from a q8_0 engine")
         if name not in out:
             out.append(name)
     return out
 
 
-def check_options(options: PlanOptions, max_context: int | None, dtype: str) -> tuple[Limits | None, list[str]]:
+def _dotted(cc: str) -> str:
+    return cc[2:-1] + "." + cc[-1]  # SM120 -> 12.0
+
+
+def check_options(options: PlanOptions, max_context: int | None, dtype: str,
+                  int4: bool = False) -> tuple[Limits | None, list[str]]:
     """Every option checked before anything is built; raises PlanError/ProfileError naming the option.
-    max_context None (the model not loaded yet) checks all but the sequence limits."""
+    max_context None (the model not loaded yet) checks all but the sequence limits. int4: the network holds
+    int4 weights (weight_only.int_bits), which not every compute capability takes."""
     if options.target not in fl.FLAVOURS:
         raise PlanError(f"--target {options.target}: not one of {', '.join(fl.TARGETS)}")
     if dtype not in ("float16", "bfloat16"):
@@ -71,7 +86,7 @@ def check_options(options: PlanOptions, max_context: int | None, dtype: str) -> 
         raise PlanError(f"--plugin-library {options.plugin_library}: no such file")
     if options.timing_cache is not None and Path(options.timing_cache).is_dir():
         raise PlanError(f"--timing-cache {options.timing_cache}: is a directory (expected a file)")
-    ccs = compute_capabilities(options.target, options.compute_capabilities)
+    ccs = compute_capabilities(options.target, options.compute_capabilities, int4)
     fl.require(options.target)
     if max_context is None:
         return None, ccs
@@ -79,9 +94,9 @@ def check_options(options: PlanOptions, max_context: int | None, dtype: str) -> 
 
 
 def build_plan(onnx_path: Path, out_dir: Path, io_inputs: list[dict], max_context: int, dtype: str,
-               options: PlanOptions, progress: bool = True) -> dict:
+               options: PlanOptions, progress: bool = True, int4: bool = False) -> dict:
     """Build out_dir/model.plan; returns the manifest's "tensorrt" section. Raises PlanError on failure."""
-    limits, ccs = check_options(options, max_context, dtype)
+    limits, ccs = check_options(options, max_context, dtype, int4)
     profs = profiles(io_inputs, limits)
     f = fl.flavour(options.target)
     with tempfile.TemporaryDirectory(prefix="tda-trt-") as tmp:
