@@ -169,8 +169,8 @@ def test_built_in_calibration_runs_on_the_engines_weights(tmp_path, tiny_dirs, m
     out = build(str(tiny_dirs["qwen2"]), tmp_path / "e", "float32", None, progress=False, auto_calibrate=True,
                 compute_dtype="float32", device="cpu", weight_format="q4_0")
     with safe_open(out / "model.safetensors", "numpy") as f:
-        dq = lambda name: blocks.dequantize("q4_0", f.get_tensor(name))  # noqa: E731
-        want = dict(gate=dq(names.gate_up(1))[:, 0], down=dq(names.down_t(1)).T,
+        dq = lambda name, fmt="q4_0": blocks.dequantize(fmt, f.get_tensor(name))  # noqa: E731
+        want = dict(gate=dq(names.gate_up(1))[:, 0], down=dq(names.down_t(1), "q8_0").T,  # q8_0: auto down
                     k=dq(names.linear_weight_blocks(names.attn_proj(1, "k"))), embed=dq(names.EMBED_BLOCKS))
     checkpoint = load_model(str(tiny_dirs["qwen2"])).model.model.layers[1].mlp.gate_proj.weight.detach()
     assert not np.array_equal(checkpoint.numpy(), want["gate"])  # the engine's weights are not the checkpoint's
@@ -206,7 +206,8 @@ def test_inspect_shows_and_checks_formats(qengines, tmp_path):
     src = qengines["gemma2", "q4_0"][0]
     r = _cli("inspect", src)
     assert r.returncode == 0, r.stderr
-    assert "weights    q4_0: q4_0 19 tensors" in r.stdout  # 3 layers x (q, k, v, o, gate_up, down_t) + embedding
+    # 3 layers x (q, k, v, o, gate_up) + embedding; down_t in q8_0 (--down-weight-format auto)
+    assert "weights    q4_0: q4_0 16 tensors, float32 " in r.stdout and ", q8_0 3 tensors" in r.stdout
     gate_up = names.gate_up(1)
     cases = [(lambda f: f.update({gate_up: "q8_0"}),
               rf"model.safetensors: tensor '{gate_up}' has shape \[136, 2, 36\]; q8_0 blocks of this model need "
