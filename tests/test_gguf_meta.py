@@ -42,6 +42,7 @@ def test_cached_config_tokenizer_and_name_map_equal_the_parsed(tmp_path, monkeyp
         parsed_tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
+    gguf_meta._name_maps.clear()  # an earlier test's load may have computed it in this process
     source = GGUFSource(path, model)  # computes the name map and stores it beside the config
     assert (cached / gguf_meta.NAME_MAP).is_file()
     gguf_meta._name_maps.clear()  # as a new process would: read back from the file
