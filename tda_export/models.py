@@ -232,12 +232,7 @@ def _config(source: ModelSource):
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     hf_logging.set_verbosity_error()
-    if source.gguf_file:
-        from . import gguf_meta
-
-        config = gguf_meta.config_and_tokenizer(source.directory, source.gguf_file)[0]
-    else:
-        config = AutoConfig.from_pretrained(source.directory)
+    config = AutoConfig.from_pretrained(source.directory, **_gguf_kw(source))
     family = arch.family_of(arch.text_config(config))
     activation = arch.activation_of(config)
     if source.recipe and source.recipe.activation != activation:
@@ -253,11 +248,7 @@ def _gguf_kw(source: ModelSource) -> dict:
 def _tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
-    if source.gguf_file:
-        from . import gguf_meta
-
-        return gguf_meta.config_and_tokenizer(source.directory, source.gguf_file)[1]
-    return AutoTokenizer.from_pretrained(source.directory)
+    return AutoTokenizer.from_pretrained(source.directory, **_gguf_kw(source))
 
 
 def _lazy_tensors(source: ModelSource, model: torch.nn.Module):
@@ -283,8 +274,7 @@ def load(source: ModelSource, dtype: str = "float32", device: str = "cpu") -> Lo
     # straight onto the GPU from safetensors (no 14.5 GB staging copy in host RAM at 7B); GGUF loads
     # are dequantised on the host by transformers anyway
     placement = {"device_map": device} if device == "cuda" and not source.gguf_file else {}
-    # config=: transformers would parse the GGUF's metadata once more for it (gguf_meta.py)
-    model = AutoModelForCausalLM.from_pretrained(source.directory, config=config, dtype=DTYPES[dtype], **placement,
+    model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=DTYPES[dtype], **placement,
                                                  **_gguf_kw(source))
     model.eval().to(device)
     arch.mlp_modules(model)  # fail early on an MLP we cannot gate

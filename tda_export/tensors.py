@@ -75,18 +75,19 @@ class GGUFSource:
     """One .gguf file; `model` (any device, meta is fine) gives the GGUF -> HF name mapping."""
 
     def __init__(self, path: Path, model: torch.nn.Module):
-        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, read_field
+        from gguf import GGUFReader
+        from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
+                                                              get_gguf_hf_weights_map, read_field)
 
-        from . import gguf_meta
         from .arch import text_config
 
         self.path = Path(path)
-        self._reader = gguf_meta.reader(self.path)  # parsed once per process
+        self._reader = GGUFReader(self.path)
         architecture = read_field(self._reader, "general.architecture")[0]
         c = text_config(model.config)
         self._processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(
             config={"num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads})
-        to_hf = gguf_meta.name_map(self.path, model, self._processor)
+        to_hf = get_gguf_hf_weights_map(model, self._processor)
         self._tensors = {to_hf[t.name]: t for t in self._reader.tensors if t.name in to_hf}
 
     def names(self) -> set[str]:
