@@ -18,8 +18,8 @@
 template <tda_dtype_t D>
 using T_ = typename Elem<D>::type;
 
-// How many active rows ahead gate_up prefetches (a -D override is for benchmarks). 3 against 1: the q4_1
-// gate_up of SmolLM2 at d=0.5, one thread, took 16% less time per token (perf samples, 2026-12-07).
+// How many active rows ahead gate_up prefetches (a -D override is for benchmarks). 3 against 1: SmolLM2's
+// q4_1 engine at d=0.5 decodes 16% faster on one thread, 5% on two (bench/RESULTS.md, 2026-12-07).
 #ifndef TDA_GATE_UP_AHEAD
 #define TDA_GATE_UP_AHEAD 3
 #endif
