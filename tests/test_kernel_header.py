@@ -4,7 +4,7 @@ import re
 from pathlib import Path
 
 from tda_export.kernels import abi
-from tda_export.ops.contract import ACTIVATIONS, DTYPES, QUANT_BLOCK, SCORE_NORMS, WEIGHT_FORMATS
+from tda_export.ops.contract import ACTIVATIONS, DTYPES, QUANT_BLOCK, SCORE_NORMS, WEIGHT_FORMATS, X_FORMATS
 
 HEADER = Path(__file__).resolve().parents[1] / "cuda" / "include" / "tda_kernels.h"
 
@@ -21,6 +21,8 @@ def test_enums_match_contract():
     assert _enum("tda_score_norm_t") == {f"TDA_SCORE_NORM_{n.upper()}": i for i, n in enumerate(SCORE_NORMS)}
     assert _enum("tda_weight_format_t") == {f"TDA_WEIGHTS_{n.upper()}": i for i, n in enumerate(WEIGHT_FORMATS)}
     assert abi.WEIGHT_FORMAT_CODE == {n: i for i, n in enumerate(WEIGHT_FORMATS)}
+    assert _enum("tda_x_format_t") == {f"TDA_X_{n.upper()}": i for i, n in enumerate(X_FORMATS)}
+    assert abi.X_FORMAT_CODE == {n: i for i, n in enumerate(X_FORMATS)}
 
 
 def test_python_mirror_matches_header():
@@ -35,7 +37,7 @@ def test_python_mirror_matches_header():
 
 def test_abi_version_matches_mirror():
     """The ctypes mirror's struct layouts follow TDA_KERNELS_ABI_VERSION (3: tda_select_args_t.density_bounds;
-    4: tda_decode_args_t.weight_format; 5: tda_block_linear_args_t; 6: tda_decode_args_t.down_weight_format)."""
+    4: tda_decode_args_t.weight_format; 5: tda_block_linear_args_t; 6: tda_decode_args_t.down_weight_format; 7: x_format in both decode and block linear args)."""
     text = HEADER.read_text()
     assert int(re.search(r"#define TDA_KERNELS_ABI_VERSION (\d+)", text).group(1)) == abi.ABI_VERSION
     select = re.search(r"typedef struct \{([^}]*)\}\s*tda_select_args_t;", text).group(1)

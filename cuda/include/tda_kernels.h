@@ -40,8 +40,11 @@ extern "C" {
  * 5: the dense block-quantized linear tda_block_linear (+ its workspace
  *    query), tda_block_dequantize and tda_block_bytes.
  * 6: tda_decode_args_t gained `down_weight_format` (last field; 0 = the same
- *    as weight_format, so a zero-initialised struct keeps version 5's results). */
-#define TDA_KERNELS_ABI_VERSION 6
+ *    as weight_format, so a zero-initialised struct keeps version 5's results).
+ * 7: tda_decode_args_t and tda_block_linear_args_t gained `x_format` (last
+ *    field; 0 = x as is, so a zero-initialised struct keeps version 6's
+ *    results). */
+#define TDA_KERNELS_ABI_VERSION 7
 /* Largest batch of one call: decode keeps one bit per sequence per neuron. */
 #define TDA_MAX_BATCH 64
 /* H and I must be multiples of this (16-byte vectors of 16-bit types). */
@@ -84,10 +87,21 @@ typedef enum {
   TDA_WEIGHTS_Q4_1 = 3
 } tda_weight_format_t;
 
+/* How gate/up (decode) and tda_block_linear read x (contract X_FORMATS,
+ * docs/ops.md "Quantized activations"). DTYPE: as is. Q8_0: per block of 32
+ * along the row, d = max|x| / 127, q = round-half-even(x * (1/d)) (0 when
+ * d == 0; d = NaN for a block holding inf/NaN), and the products read
+ * q * d; block weights then take int8 dot products. Only with block
+ * weights; the CUDA library runs DTYPE only (Q8_0: TDA_ERR_BAD_DTYPE). */
+typedef enum {
+  TDA_X_DTYPE = 0,
+  TDA_X_Q8_0 = 1
+} tda_x_format_t;
+
 typedef enum {
   TDA_OK = 0,
   TDA_ERR_NULL_POINTER = 1,
-  TDA_ERR_BAD_DTYPE = 2,          /* dtype, or a weight_format this library does not run */
+  TDA_ERR_BAD_DTYPE = 2,          /* dtype, or a weight_format / x_format this library does not run */
   TDA_ERR_BAD_ENUM = 3,          /* activation, score_norm or decode version out of range */
   TDA_ERR_BAD_SIZE = 4,          /* H or I not a positive multiple of 8 (block formats: H of 32, I > 0) */
   TDA_ERR_BAD_BATCH = 5,         /* batch < 0 or > TDA_MAX_BATCH */
@@ -138,6 +152,9 @@ typedef struct {
    * down_weight_t is [I, H/32] blocks of that format, e.g. q8_0 rows under
    * q4_1 gate/up rows. */
   int32_t down_weight_format;
+  /* tda_x_format_t (ABI 7): how gate/up read hidden_states; 0 = as is.
+   * TDA_X_Q8_0 only with a block weight_format (else TDA_ERR_BAD_DTYPE). */
+  int32_t x_format;
 } tda_decode_args_t;
 
 size_t tda_sparse_gated_mlp_decode_workspace_size(const tda_decode_args_t* args);
@@ -197,8 +214,8 @@ tda_status_t tda_prefill_scores(const tda_prefill_scores_args_t* args, void* wor
  * y[m, n] = sum_k x[m, k] * W[n, k]   for m < M and n_begin <= n < n_end,
  * W = the exact float32 dequantization of `weight`: N rows (output features),
  * each K/32 blocks of weight_format (Q8_0 / Q4_0 / Q4_1 as above) along the
- * input, i.e. GGUF's own layout. x is float32 and is NOT quantized (contract
- * QUANTIZED_SEMANTICS); sums are fp32 (order is the library's, fixed for a
+ * input, i.e. GGUF's own layout. x is float32, read as is (x_format 0) or
+ * quantized per block of 32 along K (x_format TDA_X_Q8_0, ABI 7); sums are fp32 (order is the library's, fixed for a
  * given library, ISA and arguments). Columns outside [n_begin, n_end) of y
  * are not touched, so a caller's own thread pool splits N across threads by
  * calling this once per row range; the CPU library runs each call on the
@@ -225,6 +242,7 @@ typedef struct {
   const float* x;         /* [M, ldx] */
   const void* weight;     /* [N, K/32 * tda_block_bytes(weight_format)] bytes */
   float* y;               /* [M, ldy] */
+  int32_t x_format;       /* tda_x_format_t (ABI 7); 0 = x as is */
 } tda_block_linear_args_t;
 
 size_t tda_block_linear_workspace_size(const tda_block_linear_args_t* args);

@@ -5,11 +5,12 @@ import ctypes
 import functools
 from ctypes import POINTER, c_char_p, c_int, c_int32, c_int64, c_size_t, c_void_p
 
-from ..ops.contract import ACTIVATIONS, DOWN_WEIGHT_FORMATS, DTYPES, QUANT_BLOCK, SCORE_NORMS, WEIGHT_FORMATS
+from ..ops.contract import ACTIVATIONS, DOWN_WEIGHT_FORMATS, DTYPES, QUANT_BLOCK, SCORE_NORMS, WEIGHT_FORMATS, \
+    X_FORMATS
 from . import build
 
 TDA_OK = 0
-ABI_VERSION = 6  # TDA_KERNELS_ABI_VERSION of the header this file mirrors
+ABI_VERSION = 7  # TDA_KERNELS_ABI_VERSION of the header this file mirrors
 MAX_BATCH = 64
 WORKSPACE_ALIGNMENT = 256
 SIZE_MULTIPLE = 8
@@ -21,6 +22,7 @@ ACTIVATION_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
 SCORE_NORM_CODE = {name: i for i, name in enumerate(SCORE_NORMS)}
 WEIGHT_FORMAT_CODE = {name: i for i, name in enumerate(WEIGHT_FORMATS)}
 DOWN_WEIGHT_FORMAT_CODE = {name: i for i, name in enumerate(DOWN_WEIGHT_FORMATS)}  # 0 = same
+X_FORMAT_CODE = {name: i for i, name in enumerate(X_FORMATS)}  # 0 = x as is
 
 
 class DecodeArgs(ctypes.Structure):
@@ -30,6 +32,7 @@ class DecodeArgs(ctypes.Structure):
         ("hidden_states", c_void_p), ("gate_up_weight", c_void_p), ("down_weight_t", c_void_p),
         ("active_idx", c_void_p), ("active_count", c_void_p), ("output", c_void_p),
         ("version", c_int32), ("weight_format", c_int32), ("down_weight_format", c_int32),
+        ("x_format", c_int32),
     ]
 
 
@@ -58,7 +61,7 @@ class BlockLinearArgs(ctypes.Structure):
     _fields_ = [
         ("weight_format", c_int32), ("m", c_int32), ("n", c_int32), ("k", c_int32),
         ("n_begin", c_int32), ("n_end", c_int32), ("ldx", c_int64), ("ldy", c_int64),
-        ("x", c_void_p), ("weight", c_void_p), ("y", c_void_p),
+        ("x", c_void_p), ("weight", c_void_p), ("y", c_void_p), ("x_format", c_int32),
     ]
 
 

@@ -42,6 +42,9 @@ WEIGHT_FORMATS = ("dtype", "q8_0", "q4_0", "q4_1")
 # weight_format. Order matters: index == value of the ABI's down_weight_format (0 = same, else the
 # tda_weight_format_t of that block format).
 DOWN_WEIGHT_FORMATS = ("same",) + WEIGHT_FORMATS[1:]
+# How gate/up read x (and, engine-wide, every block-format linear its input; X_QUANT_SEMANTICS below).
+# Order matters: index == value of the ABI's x_format (tda_x_format_t).
+X_FORMATS = ("dtype", "q8_0")
 # How a prompt token's intermediate activations are normalised before scoring.
 # Order matters: index == value of the C enum tda_score_norm_t.
 SCORE_NORMS = ("token_l2", "none")
@@ -147,6 +150,10 @@ SPARSE_GATED_MLP = OpSpec(
                  "How down_weight_t is stored when it differs from gate_up_weight: same (weight_format), or a "
                  "block format under a block weight_format (e.g. q8_0 down under q4_1 gate/up, so a GGUF "
                  "ffn_down that must be re-quantized along H keeps its quality)."),
+        AttrSpec("x_format", "string", "dtype", X_FORMATS,
+                 "How gate and up read hidden_states: dtype (as is) or q8_0: quantized per block of 32 along H "
+                 "as llama.cpp quantizes activations (see Quantized activations), so block weights take integer "
+                 "dot products; only with a block weight_format. down and the scores are unchanged."),
     ),
     semantics="""\
 Let z[b,t,j] = act(hidden[b,t,:] . gate_up_weight[j,0,:]) * (hidden[b,t,:] . gate_up_weight[j,1,:]).
@@ -277,10 +284,36 @@ A block whose fp16 field is inf or NaN is outside the contract (the quantizers n
 The fp16 fields stay inside the blocks (one uint8 tensor per weight, GGUF's bytes): ONNX (opset 23) has no
 bit reinterpretation of uint8 as float16, so the ONNX function decodes them exactly from their sign,
 exponent and mantissa bits (BitShift/BitwiseAnd on uint8, a 32-entry table of powers of two).
-The activation is not quantized: every product is x (in T, widened to float32) times a dequantized weight,
+With x_format = dtype the activation is not quantized: every product is x (in T, widened to float32) times a dequantized weight,
 accumulated in float32, z rounded to T as above. (llama.cpp quantizes x to Q8_0/Q8_1 for int8 dot
-products; this contract does not, so every realization -- kernels, a dequantize-then-MatMul graph -- is the
+products; x_format = q8_0 below does the same, with x_format = dtype every realization -- kernels, a dequantize-then-MatMul graph -- is the
 float op on the same float32 weights and agrees within float32 accumulation noise.)"""
+
+X_QUANT_SEMANTICS = """\
+With x_format = q8_0 (only under a block weight_format), gate and up read xq instead of x: each row of x
+(H values, widened to float32) is cut into blocks of 32 along H, and per block
+  a     = max_i |x_i|
+  d     = a / 127                     (float32)
+  id    = 1 / d                       (float32; 0 when d == 0)
+  q_i   = round_half_to_even(x_i * id) (float32 product; an integer in [-127, 127])
+  xq_i  = q_i * d                     (exact in float32)
+A block holding an inf or NaN has d = NaN (xq all NaN), so the gate/up values it enters are NaN.
+gate = xq . dequant(gate row), up = xq . dequant(up row), summed in float32. Realizations may sum a block
+as d * d_w * sum_i q_i * q_w(i) (+ d * m * sum_i q_i for q4_1) in integers: the same value up to float32
+rounding. z, the down projection and the scores are as with x_format = dtype (z is not quantized). This is
+llama.cpp's Q8_0 activation rule except that d stays float32 (ggml stores it as fp16). An engine built with
+x_format = q8_0 applies the same rule to the input of every other block-format linear (attention, lm_head),
+as llama.cpp does; float weights always read x as is."""
+
+
+def x_format_check(weight_format: str, x_format: str = "dtype") -> str:
+    """x_format, or ValueError naming the attribute for a pair outside the contract."""
+    if x_format not in X_FORMATS:
+        raise ValueError(f"x_format={x_format!r} not in {list(X_FORMATS)}")
+    if x_format != "dtype" and weight_format not in BLOCK_FORMATS:
+        raise ValueError(f"x_format={x_format!r} needs a block weight_format, not {weight_format!r}")
+    return x_format
+
 
 def down_format(weight_format: str, down_weight_format: str = "same") -> str:
     """The format down_weight_t is stored in; ValueError naming the attribute for a pair outside the contract."""
@@ -367,7 +400,7 @@ def render_markdown() -> str:
         + "; score norms " + ", ".join(f"{i}=`{d}`" for i, d in enumerate(SCORE_NORMS))
         + "; weight formats " + ", ".join(f"{i}=`{d}`" for i, d in enumerate(WEIGHT_FORMATS))
         + "; the decode args' down_weight_format " + ", ".join(f"{i}=`{d}`" for i, d in enumerate(DOWN_WEIGHT_FORMATS))
-        + " (0 = same as weight_format).",
+        + " (0 = same as weight_format); x formats " + ", ".join(f"{i}=`{d}`" for i, d in enumerate(X_FORMATS)) + ".",
         "",
     ]
     for op in OPS:
@@ -393,7 +426,8 @@ def render_markdown() -> str:
     lines += ["", "| input | dtype | shape | meaning |", "|---|---|---|---|"]
     lines += [f"| `{t.name}` | {t.dtype} | [{', '.join(t.shape)}] | {t.doc} |" for t in QUANTIZED_WEIGHTS]
     lines += ["", "Semantics:", "", "```", QUANTIZED_SEMANTICS, "```", "",
-              "Layout: " + QUANT_LAYOUT_WHY.replace("\n", " "), ""]
+              "Layout: " + QUANT_LAYOUT_WHY.replace("\n", " "), "",
+              "## Quantized activations (x_format)", "", "```", X_QUANT_SEMANTICS, "```", ""]
     return "\n".join(lines)
 
 

@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from . import blocks
-from .contract import ACTIVATIONS, NO_CLAMP, NORM_FLOOR, SCORE_NORMS, down_format
+from .contract import ACTIVATIONS, NO_CLAMP, NORM_FLOOR, SCORE_NORMS, down_format, x_format_check
 
 
 def activation(name: str, x: np.ndarray) -> np.ndarray:
@@ -68,12 +68,14 @@ def sparse_gated_mlp(hidden, gate_up_weight, down_weight_t, active_idx, active_c
 
 def sparse_gated_mlp_blocks(hidden, gate_up_blocks, down_blocks_t, weight_format: str, active_idx, active_count,
                             token_valid, scores_in, activation: str = "silu", score_norm: str = "token_l2",
-                            down_weight_format: str = "same"):
+                            down_weight_format: str = "same", x_format: str = "dtype"):
     """SparseGatedMLP with block-quantized weights (contract.QUANTIZED_SEMANTICS): the float op on the
-    dequantized float32 weights. gate_up_blocks uint8 [I, 2, H/32*block_bytes], down_blocks_t uint8
+    dequantized float32 weights, gate/up reading blocks.quantize_x(hidden) when x_format is q8_0. gate_up_blocks uint8 [I, 2, H/32*block_bytes], down_blocks_t uint8
     [I, H/32*block_bytes] of down_format(weight_format, down_weight_format). Returns (output float64 [B,S,H],
     scores_out float64 [B,I])."""
     down = down_format(weight_format, down_weight_format)
+    if x_format_check(weight_format, x_format) == "q8_0":
+        hidden = blocks.quantize_x(hidden)
     return sparse_gated_mlp(hidden, blocks.dequantize(weight_format, gate_up_blocks),
                             blocks.dequantize(down, down_blocks_t), active_idx, active_count, token_valid,
                             scores_in, activation, score_norm)
