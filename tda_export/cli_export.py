@@ -10,7 +10,7 @@ import click
 from .cli import UserError
 from .cli_density import Density
 from .cli_device import device_options, resolve as resolve_device
-from .export.quantize import AUTO, CHOICES as WEIGHT_CHOICES, COST as WEIGHT_COST, DOWN_CHOICES, FLOAT
+from .export.quantize import AUTO, CHOICES as WEIGHT_CHOICES, COST as WEIGHT_COST, DOWN_CHOICES, FLOAT, X_CHOICES
 from .export.spec import CLI_DTYPES
 
 
@@ -43,6 +43,12 @@ def _no_backend(ctx, param, value):
                    "the intermediate size). auto: q8_0 under q4_0/q4_1, since 4 bits re-quantized from 4-bit "
                    "values cost SmolLM2 +9% held-out perplexity and q8_0 next to nothing, for 23% more MLP bytes (q4_1); "
                    "the --weight-format itself otherwise.")
+@click.option("--x-format", type=click.Choice(X_CHOICES), default=FLOAT, show_default=True,
+              help="With a block --weight-format: how the block linears and the MLP's gate/up read their input. "
+                   "float: as is. q8_0: quantized to 8 bits per 32 values as llama.cpp does, so the CPU kernels "
+                   "take int8 dot products (faster; costs a little quality, measured in bench/QUALITY.md; the "
+                   "down projection's input is never quantized). CPU runtimes only: not with --target tensorrt*. "
+                   "Calibration runs the same way.")
 @click.option("--calibration", "-c", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Calibration file (tda-export calibrate). Without it, thresholds are calibrated now on the "
                    "built-in text at the recipe's density (see --no-calibrate).")
@@ -71,7 +77,7 @@ def _no_backend(ctx, param, value):
               help="[tensorrt] Build with the C++ libtda_trt_plugins.so (plugins/README.md) instead of the Python "
                    "plugins; the plan's plugin records are the same.")
 @device_options
-def build(model, out, dtype, weight_format, down_format, calibration, no_calibrate, density, force, weights, target, max_batch,
+def build(model, out, dtype, weight_format, down_format, x_format, calibration, no_calibrate, density, force, weights, target, max_batch,
           max_seq_len, max_prompt, timing_cache, builder_optimization_level, compute_capabilities, plugin_library,
           device, compute_dtype):
     """Export the decoder with TDA sparse MLPs to ONNX (one graph for prefill and decode).
@@ -117,7 +123,8 @@ def build(model, out, dtype, weight_format, down_format, calibration, no_calibra
         try:
             path = run_build(model, out, CLI_DTYPES[dtype] if dtype else None, calibration, density, force, weights,
                              auto_calibrate=not no_calibrate, plan=plan, device=device,
-                             compute_dtype=compute_dtype, weight_format=weight_format, down_format=down_format)
+                             compute_dtype=compute_dtype, weight_format=weight_format, down_format=down_format,
+                             x_format=x_format)
         except (ValueError, FileNotFoundError, UnsupportedModel, ModelNotFound, TensorRTMissing) as e:
             raise UserError(str(e)) from None
     click.echo(f"wrote {path}")
@@ -215,6 +222,8 @@ def _show_formats(data: dict) -> None:
     parts = [f"{fmt} {len(ts)} tensor{'s' if len(ts) != 1 else ''}" + (f" ({', '.join(ts)})" if len(ts) <= 2 else "")
              for fmt, ts in sorted(by_format.items(), key=lambda kv: -len(kv[1]))]
     click.echo(f"weights    {data.get('weights', '?')}: " + ", ".join(parts))
+    if data.get("x_format", "dtype") != "dtype":
+        click.echo(f"x_format   {data['x_format']}: block linears and gate/up read their input quantized per 32 values")
 
 
 def _show_tensorrt(trt: dict) -> None:

@@ -9,12 +9,15 @@ import click
 from .cli import UserError
 from .cli_density import Densities, Density
 from .cli_device import device_options, resolve as resolve_device
-from .export.quantize import AUTO, CHOICES as WEIGHT_CHOICES, DOWN_CHOICES, FLOAT, is_blocks, mlp_label
+from .export.quantize import AUTO, CHOICES as WEIGHT_CHOICES, DOWN_CHOICES, FLOAT, X_CHOICES, is_blocks, mlp_label
 from .export.spec import CLI_DTYPES
 from .ops.contract import DEFAULT_DENSITY_MARGIN, SCORE_NORMS
 
 
 def model_options(f):
+    f = click.option("--x-format", type=click.Choice(X_CHOICES), default=FLOAT, show_default=True,
+                     help="With a block --weight-format: read the input of every block linear but the down "
+                          "projection quantized to q8_0, as `build --x-format q8_0` engines do.")(f)
     f = click.option("--down-weight-format", "down_format", type=click.Choice(DOWN_CHOICES), default=AUTO,
                      show_default=True,
                      help="With a block --weight-format: the MLP down projection's format, as `build "
@@ -47,7 +50,7 @@ def text_options(f):
 
 
 def _load(model: str, weights: str | None, device: str = "auto", compute_dtype: str | None = None,
-          weight_format: str = FLOAT, down_format: str = AUTO):
+          weight_format: str = FLOAT, down_format: str = AUTO, x_format: str = FLOAT):
     from .arch import UnsupportedModel
     from .export.engine_weights import apply
     from .models import ModelNotFound, load_model
@@ -58,8 +61,8 @@ def _load(model: str, weights: str | None, device: str = "auto", compute_dtype: 
         lm = load_model(model, weights, dtype, device)
         if is_blocks(weight_format):
             click.echo(f"replacing its weights by an engine's {mlp_label(weight_format, down_format)} blocks "
-                       f"(dequantized) ...", err=True)
-        apply(lm, weight_format, down_format)  # a no-op for float (which refuses a down format)
+                       f"(dequantized{', x quantized to q8_0' if x_format != FLOAT else ''}) ...", err=True)
+        apply(lm, weight_format, down_format, x_format)  # a no-op for float (which refuses a down format)
         return lm
     except (ModelNotFound, UnsupportedModel, ValueError) as e:
         raise UserError(str(e)) from None
@@ -106,7 +109,7 @@ def _text(path, split):
 @no_clamp_option("With --max-ppl-increase: tune and validate the allocation selecting")
 @click.option("--out", "-o", type=click.Path(), default=None,
               help="Calibration file to write [<model>.calibration.json].")
-def calibrate(model, weights, weight_format, down_format, text, prompt_tokens, score_norm, batch_size, quiet, device, compute_dtype, densities,
+def calibrate(model, weights, weight_format, down_format, x_format, text, prompt_tokens, score_norm, batch_size, quiet, device, compute_dtype, densities,
               max_ppl_increase, budget_confidence, tune_sequences, validation_sequences, sequences, no_clamp, out):
     """Calibrate per-layer TDA thresholds on text and write a calibration file.
 
@@ -128,7 +131,7 @@ def calibrate(model, weights, weight_format, down_format, text, prompt_tokens, s
     """
     from .quality import build_calibration
 
-    lm = _load(model, weights, device, compute_dtype, weight_format, down_format)
+    lm = _load(model, weights, device, compute_dtype, weight_format, down_format, x_format)
     recipe = lm.source.recipe
     sequences = sequences or (recipe.calibration.get("sequences", 64) if recipe else 64)
     default_density = recipe.density if recipe else 0.9
@@ -177,7 +180,7 @@ def calibrate(model, weights, weight_format, down_format, text, prompt_tokens, s
               help="Dtype of the engine whose MLP bytes/token are counted, as build's --dtype [the recipe's "
                    "dtype, else fp32]. It changes only the byte count: the model runs in --compute-dtype.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def eval_(model, weights, weight_format, down_format, text, prompt_tokens, score_norm, batch_size, quiet, device, compute_dtype, density,
+def eval_(model, weights, weight_format, down_format, x_format, text, prompt_tokens, score_norm, batch_size, quiet, device, compute_dtype, density,
           calibration_path, mode, no_clamp,
           sequences, continuation_tokens, generate_prompts, generate_tokens, calibration_sequences, dtype, as_json):
     """Measure what TDA costs: perplexity, greedy agreement, realised density, bytes skipped.
@@ -204,7 +207,7 @@ def eval_(model, weights, weight_format, down_format, text, prompt_tokens, score
 
     if density is None and calibration_path is None:
         raise click.UsageError("give --density D or --calibration FILE (or both)")
-    lm = _load(model, weights, device, compute_dtype, weight_format, down_format)
+    lm = _load(model, weights, device, compute_dtype, weight_format, down_format, x_format)
     c = lm.config
     thresholds = densities = passages = table = None
     if calibration_path:
@@ -248,6 +251,7 @@ def eval_(model, weights, weight_format, down_format, text, prompt_tokens, score
                                  else CLI_DTYPES[dtype] if dtype else None))
     except ValueError as e:
         raise UserError(str(e)) from None
+    report["x_format"] = "q8_0" if x_format != FLOAT else "dtype"  # contract x_format of the evaluated weights
     if as_json:
         click.echo(json.dumps(report, indent=1))
     else:

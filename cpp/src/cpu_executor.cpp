@@ -64,6 +64,12 @@ Weights Weights::load(const EngineDir& dir) {
   const int64_t H = s.hidden, I = s.intermediate, V = s.vocab, hd = s.head_dim;
   const int64_t qd = s.heads * hd, kvd = s.kv_heads * hd;
   int64_t bytes = 0;
+  // contract x_format: how gate/up and the other block linears (never down_t) read their input.
+  w.x_format = dir.x_format == "q8_0" ? TDA_X_Q8_0 : TDA_X_DTYPE;
+  auto with_x = [&](par::WeightRef r) {
+    if (r.quantized()) r.x_format = w.x_format;
+    return r;
+  };
   // Formats come from the manifest's weight_formats (never from shapes): float32, or a block format.
   auto format_of = [&](const std::string& name) -> int32_t {
     const std::string fmt = dir.weight_format(name);
@@ -92,7 +98,7 @@ Weights Weights::load(const EngineDir& dir) {
                                  "need a block format");
       const int64_t rb = row_bytes(bname, fmt, in);
       bytes += out * rb;
-      return par::WeightRef(f.u8(bname, {out, rb}), fmt);
+      return with_x(par::WeightRef(f.u8(bname, {out, rb}), fmt));
     }
     const std::string name = prefix + ".weight_t";
     format_of(name);  // a float tensor listed with another format is refused by name
@@ -116,7 +122,7 @@ Weights Weights::load(const EngineDir& dir) {
     return f.f32(name, {rows, H});
   };
   w.embed = rows_of("embed_tokens.weight", V);
-  w.lm_head = s.tied_embeddings ? w.embed : rows_of("lm_head.weight", V);
+  w.lm_head = with_x(s.tied_embeddings ? w.embed : rows_of("lm_head.weight", V));
   bytes += w.lm_head.bytes(V, H);
   w.final_norm = f.f32("final_norm.weight", {H});
   bytes += H * 4;
@@ -159,6 +165,9 @@ Weights Weights::load(const EngineDir& dir) {
                              "runs one MLP format pair per engine");
     w.mlp_format = mf;
     w.mlp_down_format = df;
+    if (w.x_format != TDA_X_DTYPE && mf == TDA_WEIGHTS_DTYPE)
+      throw EngineError(path + ": manifest x_format is '" + dir.x_format + "' but '" + gname +
+                        "' is float32; x_format q8_0 needs block-format MLP weights");
     if (mf == TDA_WEIGHTS_DTYPE) {
       lw.gate_up = f.f32(gname, {I, 2, H});
       lw.down_t = f.f32(dname, {I, H});
@@ -166,7 +175,7 @@ Weights Weights::load(const EngineDir& dir) {
       w.mlp_bytes += 3 * I * H * 4;
     } else {
       const int64_t rb = row_bytes(gname, mf, H), drb = row_bytes(dname, df, H);
-      lw.gate_up = par::WeightRef(f.u8(gname, {I, 2, rb}), mf);
+      lw.gate_up = with_x(par::WeightRef(f.u8(gname, {I, 2, rb}), mf));
       lw.down_t = par::WeightRef(f.u8(dname, {I, drb}), df);
       bytes += I * (2 * rb + drb);
       w.mlp_bytes += I * (2 * rb + drb);
@@ -440,7 +449,8 @@ void CpuExecutor::mlp(Session& s, int64_t n, int64_t S, const float* xn, const f
                        static_cast<int32_t>(I), 1, xn, q ? lw.gate_up.blocks : lw.gate_up.f,
                        q ? lw.down_t.blocks : lw.down_t.f, s.idx[ln].data(), s.count[ln].data(), out,
                        /*version=*/0, /*weight_format=*/lw.gate_up.format,  // 0: the library's default algorithm
-                       /*down_weight_format=*/lw.down_t.format == lw.gate_up.format ? 0 : lw.down_t.format};
+                       /*down_weight_format=*/lw.down_t.format == lw.gate_up.format ? 0 : lw.down_t.format,
+                       /*x_format=*/lw.gate_up.x_format};
   size_t ws = tda_sparse_gated_mlp_decode_workspace_size(&da);
   check(tda_sparse_gated_mlp_decode(&da, aligned_workspace(s.workspace, ws), ws, nullptr),
         "tda_sparse_gated_mlp_decode");

@@ -32,6 +32,7 @@ struct Weights {
   par::WeightRef lm_head; // [V, H] (tied: the embedding's)
   int32_t mlp_format = 0;       // tda_weight_format_t of gate_up (every layer)
   int32_t mlp_down_format = 0;  // of down_t: mlp_format, or a block format of its own under block gate_up
+  int32_t x_format = 0;         // tda_x_format_t: the manifest's x_format (gate/up and every block linear but down)
   const float* final_norm;
   std::vector<LayerWeights> layers;
   int64_t decode_bytes = 0;  // weight bytes one dense decode step reads

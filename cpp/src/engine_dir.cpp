@@ -385,6 +385,12 @@ EngineDir EngineDir::open(const std::string& directory, bool verify) {
       e.weight_formats[it.key()] = it.value().get<std::string>();
     }
   }
+  if (m.contains("x_format")) {
+    if (!m.at("x_format").is_string()) throw EngineError(mpath + ": field 'x_format' is not a string");
+    e.x_format = m.at("x_format").get<std::string>();
+    if (e.x_format != "dtype" && e.x_format != "q8_0")
+      throw EngineError(mpath + ": x_format '" + e.x_format + "' is not one of dtype, q8_0");
+  }
   const json cal = m.contains("calibration") && m.at("calibration").is_object() ? m.at("calibration") : json::object();
   e.built_thresholds.assign(static_cast<size_t>(e.spec.num_layers), 0.0f);
   if (cal.contains("thresholds")) {

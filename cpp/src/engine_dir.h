@@ -90,6 +90,8 @@ struct EngineDir {
   // manifest weight_formats: safetensors tensor name -> "float32" | "q8_0" | ... (empty for engines
   // built before it; every tensor is then in the engine dtype). Runtimes never guess formats from shapes.
   std::map<std::string, std::string> weight_formats;
+  // manifest x_format (contract X_FORMATS): "dtype" (absent: engines built before it) or "q8_0"
+  std::string x_format = "dtype";
   // The format of tensor `name`: weight_formats[name], else the engine dtype.
   std::string weight_format(const std::string& name) const;
 

@@ -27,9 +27,10 @@ void check(tda_status_t st, const char* what) {
 // Block weights, columns [c0, c1) of y.
 void block_slice(int64_t M, const Linear& j, int64_t c0, int64_t c1) {
   const int32_t fmt = j.w.format;
-  if (M < block_gemm_rows()) {
+  if (M < block_gemm_rows() || j.w.x_format != TDA_X_DTYPE) {
     tda_block_linear_args_t a{fmt, static_cast<int32_t>(M), static_cast<int32_t>(j.N), static_cast<int32_t>(j.K),
-                              static_cast<int32_t>(c0), static_cast<int32_t>(c1), j.K, j.N, j.x, j.w.blocks, j.y};
+                              static_cast<int32_t>(c0), static_cast<int32_t>(c1), j.K, j.N, j.x, j.w.blocks, j.y,
+                              j.w.x_format};
     check(tda_block_linear(&a, nullptr, 0, nullptr), "tda_block_linear");
     return;
   }

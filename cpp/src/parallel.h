@@ -34,6 +34,9 @@ struct WeightRef {
   const float* f = nullptr;
   const void* blocks = nullptr;
   int32_t format = 0;  // tda_weight_format_t; 0: float32 `f`
+  // tda_x_format_t a block linear reads its x with (the engine's x_format; 0 for down_t, whose input z
+  // the contract never quantizes)
+  int32_t x_format = 0;
   WeightRef() = default;
   WeightRef(const float* p) : f(p) {}  // NOLINT: implicit on purpose
   WeightRef(const void* b, int32_t fmt) : blocks(b), format(fmt) {}
@@ -44,7 +47,8 @@ struct WeightRef {
 
 // y[M, N] = x[M, K] @ W (+ bias), W either [K, N] row-major (`k_major`, the exporter's weight_t
 // layout) or [N, K] (gate_up, lm_head). Block weights are always [N, K/32 blocks] (GGUF rows,
-// k_major ignored): tda_block_linear for small M, fp32 tiles through sgemm for prefill sizes.
+// k_major ignored): tda_block_linear for small M, fp32 tiles through sgemm for prefill sizes (always
+// tda_block_linear when the weights' x_format quantizes x: the library owns that rule).
 struct Linear {
   const float* x;
   WeightRef w;

@@ -87,7 +87,7 @@ def _versions() -> dict:
 
 def calibrate_default(source, progress: bool, device: str = "auto", compute_dtype: str | None = None,
                       also: float | None = None, weight_format: str = quantize.FLOAT,
-                      down_format: str = quantize.AUTO) -> Calibration:
+                      down_format: str = quantize.AUTO, x_format: str = quantize.FLOAT) -> Calibration:
     """Thresholds from the built-in calibration text with the recipe's density and sizes, for the default
     grid and `also` (build --density), so a density off the grid does not fail after calibrating.
 
@@ -109,8 +109,8 @@ def calibrate_default(source, progress: bool, device: str = "auto", compute_dtyp
 
         if progress:
             print(f"calibrating on the engine's {quantize.mlp_label(weight_format, down_format)} weights "
-                  f"(dequantized)", file=sys.stderr)
-        apply(loaded, weight_format, down_format)
+                  f"(dequantized{', x quantized to q8_0' if x_format != quantize.FLOAT else ''})", file=sys.stderr)
+        apply(loaded, weight_format, down_format, x_format)
     recipe = source.recipe
     density = recipe.density if recipe else 0.9
     sequences = recipe.calibration.get("sequences", 64) if recipe else 64
@@ -127,14 +127,20 @@ def build(model: str, out: str | Path, dtype: str | None = None, calibration: st
           density: float | None = None, force: bool = False, weights: str | None = None,
           progress: bool = True, auto_calibrate: bool = False, plan=None, device: str = "auto",
           compute_dtype: str | None = None, weight_format: str = quantize.FLOAT,
-          down_format: str = quantize.AUTO) -> Path:
+          down_format: str = quantize.AUTO, x_format: str = quantize.FLOAT) -> Path:
     """Export in `dtype` (None: the recipe's dtype, else float32). `plan` (tda_export.trt.build.plan.PlanOptions)
     also builds a TensorRT plan. weight_format (quantize.CHOICES): "float" stores the weights in `dtype`, a block
     format stores every linear layer and the embedding as blocks (quantize.py's rules), the MLP's down_weight_t
-    in down_format's (quantize.down_choice: "auto" is q8_0 under the 4-bit formats). Raises
+    in down_format's (quantize.down_choice: "auto" is q8_0 under the 4-bit formats); x_format (quantize.X_CHOICES)
+    "q8_0" makes the block linears and the MLP's gate/up read x quantized (contract x_format). Raises
     ExportError/ValueError/FileNotFoundError on bad input."""
     quantize.check_choice(weight_format)
     quantize.down_choice(weight_format, down_format)
+    x = quantize.x_choice(weight_format, x_format)  # the contract's value
+    if x != "dtype" and plan is not None:
+        raise ExportError(f"--x-format {x_format} with --target {plan.target}: TensorRT plans read x as is (the "
+                          f"CUDA kernels and TensorRT's weight-only linears take float activations); build the plan "
+                          f"without --x-format, or --target onnx for the CPU runtimes")
     out = Path(out)
     if out.exists() and not force:
         raise ExportError(f"--out {out}: already exists (use --force to replace it)")
@@ -161,7 +167,7 @@ def build(model: str, out: str | Path, dtype: str | None = None, calibration: st
         cal.check_model(loaded.fingerprint(), spec.num_layers, spec.intermediate, str(calibration))
     elif auto_calibrate:
         cal = calibrate_default(source, progress, device, compute_dtype, also=density, weight_format=weight_format,
-                                down_format=down_format)
+                                down_format=down_format, x_format=x_format)
         gc.collect()  # the calibrated model (14.5 GB at 7B) must be gone before the export starts
         calibration = "built-in calibration (recipe defaults)"
         cal.check_model(loaded.fingerprint(), spec.num_layers, spec.intermediate, calibration)
@@ -175,7 +181,7 @@ def build(model: str, out: str | Path, dtype: str | None = None, calibration: st
         try:
             proto = build_decoder(loaded, spec, thresholds, writer, progress=progress,
                                   density_bounds=cal_summary.get("density_bounds"), weight_format=weight_format,
-                                  down_format=down_format)
+                                  down_format=down_format, x_format=x)
         finally:
             writer.close()
         if progress:
@@ -190,6 +196,7 @@ def build(model: str, out: str | Path, dtype: str | None = None, calibration: st
         # what each tensor of model.safetensors is: a runtime reads the formats here, never from shapes
         data["weights"] = weight_format if quantize.is_blocks(weight_format) else dtype
         data["weight_formats"] = dict(writer.formats)
+        data["x_format"] = x  # contract x_format: how gate/up and the block linears read their input
         del proto
         if plan is not None:
             from ..trt.build.plan import build_plan

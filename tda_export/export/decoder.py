@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from .. import arch
 from ..ops.blocks import block_format
-from ..ops.contract import NO_CLAMP, SELECT_ACTIVE, SPARSE_GATED_MLP, STATE_TENSORS
-from ..ops.onnx_ops import dequantize_blocks, functions_for, make_node
+from ..ops.contract import NO_CLAMP, SELECT_ACTIVE, SPARSE_GATED_MLP, STATE_TENSORS, X_FORMATS
+from ..ops.onnx_ops import dequantize_blocks, functions_for, make_node, quantize_x_nodes
 from ..ops.onnx_ops import opset_imports as tda_opset_imports
 from . import io, names, quantize, weight_only
 from .weight_only import Rule
@@ -53,7 +53,8 @@ class _Nodes:
 
 class _Decoder:
     def __init__(self, loaded, spec: DecoderSpec, writer: WeightWriter, weight_format: str = quantize.FLOAT,
-                 weight_only: Rule | None = None, report: dict | None = None, down_format: str = quantize.AUTO):
+                 weight_only: Rule | None = None, report: dict | None = None, down_format: str = quantize.AUTO,
+                 x_format: str = "dtype"):
         self.lm, self.m, self.s, self.w, self.g = loaded, loaded.model, spec, writer, Graph()
         # a TensorRT graph (export/weight_only.py): dense linears and the embedding as int4/int8 ->
         # DequantizeLinear, MLP blocks typed int8; report gets what each block tensor became
@@ -62,6 +63,8 @@ class _Decoder:
         self._t_consts: dict[float, str] = {}
         quantize.down_choice(weight_format, down_format)  # refuses a down format without a block weight_format
         self.q = EngineWeights(loaded, weight_format, down_format) if quantize.is_blocks(weight_format) else None
+        # contract x_format: "q8_0" makes gate/up and every dense block linear read x quantized per 32 values
+        self.x = check_x_format(weight_format, x_format, weight_only)
 
     # ---- helpers -------------------------------------------------------------------------
     def t_const(self, value: float) -> str:
@@ -79,6 +82,12 @@ class _Decoder:
     def dequantized(self, blocks: str, fmt: str, width: int, name: str) -> str:
         """float32 [rows, width] of uint8 blocks, exactly (the op function's dequantizer)."""
         return dequantize_blocks(_Nodes(self.g, name), fmt, blocks, self.g.i64([width]))
+
+    def block_input(self, x: str, name: str) -> str:
+        """x widened to float32 as a block linear reads it: as is, or quantized (x_format q8_0, the same
+        nodes as the SparseGatedMLP function's)."""
+        x = self.to_f32(x, name)
+        return quantize_x_nodes(_Nodes(self.g, name), x) if self.x == "q8_0" else x
 
     def weight_only_matrix(self, name: str, enc, transpose: bool) -> str:
         """TensorRT's weight-only pattern of blocks enc (rows = outputs): DequantizeLinear of int4/int8 to T,
@@ -108,7 +117,7 @@ class _Decoder:
             enc = self.q.linear(lin)
             w = self.dequantized(self.w.add_blocks(names.linear_weight_blocks(name), enc.blocks, enc.fmt), enc.fmt,
                                  lin.in_features, name)
-            y = self.from_f32(self.g.op("MatMul", self.to_f32(x, name), self.g.op("Transpose", w, perm=[1, 0],
+            y = self.from_f32(self.g.op("MatMul", self.block_input(x, name), self.g.op("Transpose", w, perm=[1, 0],
                                                                                   name=name), name=name), name)
         if lin.bias is not None:
             y = self.g.op("Add", y, self.w.add(names.linear_bias(name), self.lm.tensor(lin, "bias")), name=name)
@@ -221,7 +230,7 @@ class _Decoder:
         scores = io.present_state_name(n, "scores")
         g.add_node(make_node(SPARSE_GATED_MLP, [args[i] for i in SPARSE_GATED_MLP.input_names], [out, scores],
                              f"{p}.sparse_gated_mlp", activation=self.s.activation, weight_format=fmt,
-                             down_weight_format=down_fmt))
+                             down_weight_format=down_fmt, x_format=self.x))
         tau = g.op("Gather", io.THRESHOLDS_INPUT, g.i64(n), name=f"{p}.threshold")
         bounds = g.op("Gather", io.DENSITY_BOUNDS_INPUT, g.i64(n), name=f"{p}.density_bounds")
         g.add_node(make_node(SELECT_ACTIVE, [scores, tau, bounds],
@@ -285,7 +294,7 @@ class _Decoder:
                 head = self.q.embedding(self.m.get_output_embeddings())
                 embed_w, fmt = self.w.add_blocks(names.LM_HEAD_BLOCKS, head.blocks, head.fmt), head.fmt
             lm_w = self.dequantized(embed_w, fmt, s.hidden, "lm_head")
-            flat = self.to_f32(flat, "lm_head")
+            flat = self.block_input(flat, "lm_head")
         logits = g.op("Gemm", flat, lm_w, transB=1, name="lm_head")
         logits = g.op("Cast", logits, to=F32, name="lm_head")
         if s.final_softcap:
@@ -312,10 +321,11 @@ class _Decoder:
 def build_decoder(loaded, spec: DecoderSpec, thresholds: list[float], writer: WeightWriter,
                   progress: bool = False, density_bounds=None, weight_format: str = quantize.FLOAT,
                   weight_only: Rule | None = None, report: dict | None = None,
-                  down_format: str = quantize.AUTO) -> onnx.ModelProto:
+                  down_format: str = quantize.AUTO, x_format: str = "dtype") -> onnx.ModelProto:
     """density_bounds: per-layer (lo, hi) held by the tda_density_bounds initializer (None: no clamp).
     weight_format: quantize.CHOICES ("float": the weights in spec.dtype); down_format: quantize.DOWN_CHOICES
-    (down_weight_t's own format, quantize.down_choice). weight_only (block formats only):
+    (down_weight_t's own format, quantize.down_choice); x_format: the contract's ("dtype" | "q8_0", only with
+    a block weight_format and not for TensorRT). weight_only (block formats only):
     the graph for a TensorRT plan instead (export/weight_only.py); report, if given, gets
     {engine tensor: what it became}."""
     if weight_only is not None and not quantize.is_blocks(weight_format):
@@ -327,4 +337,17 @@ def build_decoder(loaded, spec: DecoderSpec, thresholds: list[float], writer: We
         raise ValueError(f"{len(bounds)} density bounds for {spec.num_layers} layers")
     with torch.no_grad():
         return _Decoder(loaded, spec, writer, weight_format, weight_only, report,
-                        down_format).build(thresholds, bounds, progress)
+                        down_format, x_format).build(thresholds, bounds, progress)
+
+
+def check_x_format(weight_format: str, x_format: str, weight_only=None) -> str:
+    """The contract's x_format for an engine, or ValueError naming what refuses it."""
+    if x_format not in X_FORMATS:
+        raise ValueError(f"x_format {x_format!r}: not one of {list(X_FORMATS)}")
+    if x_format != "dtype":
+        if not quantize.is_blocks(weight_format):
+            raise ValueError(f"x_format {x_format} needs a block weight_format, not {weight_format}")
+        if weight_only is not None:
+            raise ValueError(f"x_format {x_format}: a TensorRT graph reads x as is (its weight-only linears and the "
+                             f"CUDA kernels take float activations)")
+    return x_format

@@ -54,9 +54,13 @@ def dequantized(enc: Encoded) -> torch.Tensor:
     return torch.from_numpy(dequantize(enc.fmt, enc.blocks))
 
 
-def apply(loaded, choice: str, down: str = quantize.AUTO) -> dict[str, str]:
+def apply(loaded, choice: str, down: str = quantize.AUTO, x: str = quantize.FLOAT) -> dict[str, str]:
     """Replace the runnable model's quantized weights by the engine's exact dequantized values (in the model's
-    dtype); returns parameter name -> format. A no-op for choice "float"."""
+    dtype); returns parameter name -> format. A no-op for choice "float". x = "q8_0" (--x-format) also makes
+    every block linear but the down projection read its input quantized (contract x_format), through forward
+    pre-hooks, as the engine's kernels and graph do."""
+    if quantize.x_choice(choice, x) != "dtype":
+        _quantize_inputs(loaded.model)
     if not quantize.is_blocks(choice):
         quantize.down_choice(choice, down)  # refuses a down format without a block choice
         return {}
@@ -84,3 +88,22 @@ def apply(loaded, choice: str, down: str = quantize.AUTO) -> dict[str, str]:
         down = ew.down_t(mlp)
         put(mlp.down_proj, down, dequantized(down).T)
     return formats
+
+
+def _quantize_inputs(model) -> None:
+    """Forward pre-hooks replacing the input of q/k/v/o, gate, up and the lm_head by the contract's quantized
+    x (ops/torch_blocks.quantize_x, computed in float32, cast back to the module's dtype). The embedding is a
+    lookup, and down's input z is never quantized."""
+    from ..ops.torch_blocks import quantize_x
+
+    def hook(module, args):
+        x = args[0]
+        return (quantize_x(x.float()).to(x.dtype),) + tuple(args[1:])
+
+    modules = [model.get_output_embeddings()]
+    for layer in arch.decoder_layers(model):
+        modules += [getattr(layer.self_attn, f"{c}_proj") for c in "qkvo"]
+        modules += [layer.mlp.gate_proj, layer.mlp.up_proj]
+    for m in modules:
+        if m is not None:
+            m.register_forward_pre_hook(hook)

@@ -61,6 +61,23 @@ def down_choice(choice: str, down: str = AUTO) -> str:
     return "q8_0" if BLOCK_FORMATS[choice].block_bytes < BLOCK_FORMATS["q8_0"].block_bytes else choice
 
 
+# --x-format (contract x_format): how the MLP's gate/up and every other block-format linear read their input.
+# q8_0 quantizes it per 32 values as llama.cpp does, so the CPU kernels take int8 dot products.
+X_CHOICES = (FLOAT, "q8_0")
+
+
+def x_choice(choice: str, x: str = FLOAT) -> str:
+    """The contract's x_format ("dtype" | "q8_0") for --weight-format `choice` and --x-format `x`."""
+    if x not in X_CHOICES:
+        raise WeightFormatError(f"--x-format {x!r}: not one of {', '.join(X_CHOICES)}")
+    if x == FLOAT:
+        return "dtype"
+    if not is_blocks(choice):
+        raise WeightFormatError(f"--x-format {x} needs a block --weight-format (q8_0, q4_0, q4_1), not {choice}: "
+                                f"float weights always read x as is")
+    return x
+
+
 def mlp_label(choice: str, down: str = AUTO) -> str:
     """How an engine's MLP is stored, for reports: "q8_0", or "q4_1+q8_0" (gate/up q4_1, down q8_0)."""
     d = down_choice(choice, down)

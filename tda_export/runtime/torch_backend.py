@@ -48,11 +48,12 @@ class TorchBackend:
             raise TorchBackendError(f"{model_path.parent}: manifest has no decoder_spec (built by an older "
                                     f"tda-export); rebuild the engine to use the torch backend")
         return cls(DecoderSpec.from_dict(manifest["decoder_spec"]), load_initializers(model_path),
-                   weight_formats=manifest.get("weight_formats"), **options)
+                   weight_formats=manifest.get("weight_formats"), x_format=manifest.get("x_format", "dtype"),
+                   **options)
 
     def __init__(self, spec: DecoderSpec, weights: dict[str, torch.Tensor], device: str | torch.device | None = None,
                  threads: int | None = None, max_batch: int = DEFAULT_MAX_BATCH, max_context: int | None = None,
-                 cuda_graphs: bool = True, weight_formats: dict[str, str] | None = None):
+                 cuda_graphs: bool = True, weight_formats: dict[str, str] | None = None, x_format: str = "dtype"):
         """weights: initializer name -> tensor (consumed: moved to the device and dropped from the dict);
         weight_formats: the manifest's (block-quantized tensors are dequantized at load, torch_decoder.py)."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -65,7 +66,7 @@ class TorchBackend:
             torch.set_num_threads(threads)
         self.device, self.max_batch, self.max_context = device, max_batch, max_context
         try:
-            self.net = TorchDecoder(spec, weights, device, max_batch, max_context, weight_formats)
+            self.net = TorchDecoder(spec, weights, device, max_batch, max_context, weight_formats, x_format)
         except ValueError as e:
             raise TorchBackendError(str(e)) from None
         self.mlp = TdaMLP(self.net, spec.activation)

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from ..export import names
 from ..export.spec import DecoderSpec
 from ..export.weights import TORCH_TYPES
-from ..ops.contract import BLOCK_FORMATS
-from ..ops.torch_blocks import dequantize
+from ..ops.contract import BLOCK_FORMATS, X_FORMATS
+from ..ops.torch_blocks import dequantize, quantize_x
 
 
 @dataclass
@@ -54,9 +54,17 @@ MLP = Callable[[int, torch.Tensor], torch.Tensor]
 
 class TorchDecoder:
     def __init__(self, spec: DecoderSpec, weights: dict[str, torch.Tensor], device: torch.device,
-                 max_batch: int, max_context: int, weight_formats: dict[str, str] | None = None):
-        """weight_formats: the manifest's tensor name -> format; tensors in a block format are dequantized."""
+                 max_batch: int, max_context: int, weight_formats: dict[str, str] | None = None,
+                 x_format: str = "dtype"):
+        """weight_formats: the manifest's tensor name -> format; tensors in a block format are dequantized.
+        x_format: the manifest's (contract x_format): "q8_0" makes every block linear but down read its input
+        through ops/torch_blocks.quantize_x, as the engine's graph and kernels do."""
         self.spec, self.device = spec, device
+        if x_format not in X_FORMATS:
+            raise ValueError(f"manifest x_format {x_format!r} is not one of {list(X_FORMATS)}")
+        if x_format != "dtype" and not any(f in BLOCK_FORMATS for f in (weight_formats or {}).values()):
+            raise ValueError(f"manifest x_format {x_format!r} needs block-format weights; this engine has none")
+        self.xq = quantize_x if x_format == "q8_0" else (lambda x: x)
         formats = weight_formats or {}
         self.dtype = TORCH_TYPES[spec.dtype]
         self.max_batch, self.max_context = max_batch, max_context
@@ -143,6 +151,7 @@ class TorchDecoder:
         s, layer = self.spec, self.layers[n]
         a = layer.attn
         B, S, _ = x.shape
+        x = self.xq(x)
         q, k, v = (x @ w for w in (a.wq, a.wk, a.wv))
         if a.bias:
             q, k, v = (t + a.bias[c] if c in a.bias else t for t, c in ((q, "q"), (k, "k"), (v, "v")))
@@ -163,7 +172,7 @@ class TorchDecoder:
             y = self._softcapped_attention(q, keys, values, mask)
         else:
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=s.attn_scale, enable_gqa=True)
-        y = y.transpose(1, 2).reshape(B, S, s.heads * s.head_dim) @ a.wo
+        y = self.xq(y.transpose(1, 2).reshape(B, S, s.heads * s.head_dim)) @ a.wo
         return y + a.bias["o"] if "o" in a.bias else y
 
     def _softcapped_attention(self, q, keys, values, mask):
@@ -198,7 +207,7 @@ class TorchDecoder:
                 h = mlp(n, self.norm(x, layer.norms["post_attn_norm"]))
             x = x + h
         last = self.norm(x[:, -1], self.final_norm)
-        logits = (last @ self.lm_head.T).float()
+        logits = (self.xq(last) @ self.lm_head.T).float()
         if s.final_softcap:
             logits = torch.tanh(logits / s.final_softcap) * s.final_softcap
         return logits

@@ -47,7 +47,7 @@ class TdaMLP:
     def _z(self, n: int, h: torch.Tensor) -> torch.Tensor:
         """act(gate) * up for every neuron: [B, S, I]."""
         layer = self.net.layers[n]
-        gu = (h @ layer.gate_up.view(-1, layer.gate_up.shape[-1]).T).unflatten(-1, (-1, 2))
+        gu = (self.net.xq(h) @ layer.gate_up.view(-1, layer.gate_up.shape[-1]).T).unflatten(-1, (-1, 2))
         return self.act(gu[..., 0]) * gu[..., 1]
 
     def prefill(self, n: int, h: torch.Tensor) -> torch.Tensor:
@@ -75,6 +75,7 @@ class TdaMLP:
         layer, B = self.net.layers[n], h.shape[0]
         if self.dense_mask[n] is not None:
             return (self._z(n, h) * self.dense_mask[n]) @ layer.down_t
-        return torch.ops.tda_kernels.sparse_gated_mlp_decode(h, layer.gate_up, layer.down_t, self.idx[n][:B],
+        # gate/up read x as the engine's x_format says; the weights are dequantized floats here
+        return torch.ops.tda_kernels.sparse_gated_mlp_decode(self.net.xq(h), layer.gate_up, layer.down_t, self.idx[n][:B],
                                                             self.count[n][:B], self.activation, True,
                                                             self.kernel_version)

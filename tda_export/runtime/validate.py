@@ -70,6 +70,19 @@ def check_weights(directory: Path, data: dict) -> None:
         raise EngineError(f"{path}: not a readable safetensors file ({e})") from None
     if "weight_formats" in data:  # engines built before issue 18 have none: all in the engine dtype
         check_weight_formats(path, data, header)
+    check_x_format(directory, data)
+
+
+def check_x_format(directory: Path, data: dict) -> None:
+    """manifest x_format (contract X_FORMATS; absent: "dtype"), and q8_0 only over block weights."""
+    from ..ops.contract import BLOCK_FORMATS, X_FORMATS
+
+    x = data.get("x_format", "dtype")
+    if x not in X_FORMATS:
+        raise EngineError(f"{directory}/manifest.json: x_format {x!r} is not one of {list(X_FORMATS)}")
+    if x != "dtype" and not any(f in BLOCK_FORMATS for f in (data.get("weight_formats") or {}).values()):
+        raise EngineError(f"{directory}/manifest.json: x_format {x!r} needs block-format weights (weight_formats "
+                          f"lists none)")
 
 
 _FLOAT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}

@@ -1,0 +1,153 @@
+"""Engines built with --x-format q8_0 (contract x_format): every block linear but down reads its input quantized
+per 32 values. The ONNX graph computes what the HF model with the same quantized inputs (export/engine_weights.apply
+hooks, what calibration and eval run) computes; torch, ONNX Runtime and the native runtime agree on greedy tokens;
+the setting is recorded, shown, checked and refused where it cannot run."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import parity
+from tda_export import manifest
+from tda_export.cli import main
+from tda_export.export import quantize
+from tda_export.export.engine_weights import apply
+from tda_export.models import load_model
+from tda_export.ops import blocks
+from tda_export.runtime.engine import Engine
+
+CASES = (("llama", "q8_0"), ("gemma2", "q4_1"), ("qwen2", "q4_0"))
+BACKENDS = ("torch", "onnxruntime", "native")
+STEPS = 6
+LENS = (12, 9)
+
+
+def test_x_choice_rules():
+    assert quantize.x_choice("q4_1", "float") == "dtype" and quantize.x_choice("q8_0", "q8_0") == "q8_0"
+    with pytest.raises(quantize.WeightFormatError, match="--x-format q8_0 needs a block --weight-format .* not float"):
+        quantize.x_choice("float", "q8_0")
+    with pytest.raises(quantize.WeightFormatError, match="--x-format 'q4_0': not one of float, q8_0"):
+        quantize.x_choice("q8_0", "q4_0")
+
+
+@pytest.fixture(scope="module")
+def xengines(tiny_dirs, tmp_path_factory):
+    """(family, fmt) -> (x_format q8_0 engine, the same engine with x as is, HF model on its weights with the
+    quantized inputs, thresholds at ~d=0.5 on that model)."""
+    root = tmp_path_factory.mktemp("xq")
+    out = {}
+    for family, fmt in CASES:
+        loaded = load_model(str(tiny_dirs[family]))
+        apply(loaded, fmt, quantize.AUTO, "q8_0")
+        ids, mask, pos = parity.prompt(LENS, loaded.config.vocab_size)
+        taus = parity.half_density_thresholds(loaded.model, loaded.activation, ids, mask, pos)
+        cal = root / f"{family}-{fmt}.json"
+        parity.write_calibration(cal, loaded, taus)
+        engines = []
+        for x in ("q8_0", "float"):
+            d = root / f"{family}-{fmt}-{x}"
+            r = CliRunner().invoke(main, ["build", "-m", str(tiny_dirs[family]), "-o", str(d), "--dtype", "fp32",
+                                          "--weight-format", fmt, "--x-format", x, "-c", str(cal)])
+            assert r.exit_code == 0, r.output
+            engines.append(d)
+        out[family, fmt] = (*engines, loaded, taus)
+    return out
+
+
+@pytest.mark.parametrize("family, fmt", CASES)
+def test_engine_computes_quantized_inputs(xengines, family, fmt):
+    """ONNX Runtime on the engine == the HF model on the engine's dequantized weights whose block linears read
+    blocks.quantize_x of their input, under the same TDA masks; and not what the x-as-is engine computes."""
+    out, plain, loaded, taus = xengines[family, fmt]
+    data = manifest.verify(out)
+    assert data["x_format"] == "q8_0" and manifest.verify(plain)["x_format"] == "dtype"
+    ids, mask, pos = parity.prompt(LENS, loaded.config.vocab_size)
+    ref = parity.reference_run(loaded.model, loaded.activation, taus, ids, mask, pos, STEPS,
+                               data["calibration"]["density_bounds"])
+    got = parity.onnx_run(out / "model.onnx", ids, mask, pos, STEPS, ref)
+    other = parity.onnx_run(plain / "model.onnx", ids, mask, pos, STEPS, ref)
+    for step, ((ref_logits, _), g, o) in enumerate(zip(ref, got, other)):
+        sel = mask.astype(bool) if step == 0 else np.ones(ref_logits.shape[:2], bool)
+        assert parity.rel(g["logits"][sel], ref_logits[sel]) < 1e-4, f"{family} {fmt} step {step}"
+        # quantizing x moves the logits by far more than fp32 noise: the setting is not a no-op
+        assert parity.rel(o["logits"][sel], ref_logits[sel]) > 1e-3, f"{family} {fmt} step {step}"
+
+
+def _greedy(backend, ids, mask, thresholds, bounds):
+    logits, state = backend.prefill(ids, mask, thresholds, bounds)
+    counts, tokens = backend.active_counts(state), []
+    for _ in range(STEPS):
+        tokens.append(logits.argmax(-1))
+        logits = backend.decode(state, tokens[-1])
+    return np.stack(tokens, 1), counts
+
+
+@pytest.mark.parametrize("family, fmt", CASES)
+def test_greedy_tokens_equal_across_backends(xengines, family, fmt):
+    out = xengines[family, fmt][0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engines = {b: Engine.load(out, backend=b, threads=1, **({"max_context": 64} if b == "torch" else {}))
+                   for b in BACKENDS}
+    ids, mask, _ = parity.prompt(LENS, engines["torch"].manifest["vocab_size"])
+    first = engines["torch"]
+    for density in (None, 1.0):
+        th, bounds = first.thresholds(density), first.density_bounds(density)
+        results = {b: _greedy(e.backend, ids, mask, th, bounds) for b, e in engines.items()}
+        for b, (tokens, counts) in results.items():
+            np.testing.assert_array_equal(tokens, results["torch"][0], err_msg=f"{b} {family} {fmt} {density}")
+            np.testing.assert_array_equal(counts, results["torch"][1], err_msg=f"{b} {family} {fmt}")
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-c", "from tda_export.cli import main; main()", *map(str, args)],
+                          capture_output=True, text=True)
+
+
+def test_inspect_shows_and_checks_x_format(xengines, tmp_path):
+    src = xengines["llama", "q8_0"][0]
+    r = _cli("inspect", src)
+    assert r.returncode == 0, r.stderr
+    assert "x_format   q8_0: block linears and gate/up read their input quantized per 32 values" in r.stdout
+    for i, (value, message) in enumerate((("q4_0", "x_format 'q4_0' is not one of \\['dtype', 'q8_0'\\]"),)):
+        out = tmp_path / f"e{i}"
+        shutil.copytree(src, out)
+        data = manifest.read(out)
+        data["x_format"] = value
+        manifest.write(out, {k: v for k, v in data.items() if k not in ("files", "format")})
+        r = _cli("inspect", out)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert __import__("re").search(message, r.stderr.splitlines()[0]), r.stderr
+        with pytest.raises(Exception, match="x_format 'q4_0' is not one of"):
+            Engine.load(out, backend="native", verify=False)
+
+
+def test_cli_refuses_x_format_where_it_cannot_run(tiny_dirs, tmp_path):
+    out = tmp_path / "e"
+    for args, message in ((("--x-format", "q8_0"), "Error: --x-format q8_0 needs a block --weight-format"),
+                          (("--weight-format", "q8_0", "--x-format", "q8_0", "--target", "tensorrt-rtx", "--dtype",
+                            "fp16"), "Error: --x-format q8_0 with --target tensorrt-rtx: TensorRT plans read x as is")):
+        r = CliRunner().invoke(main, ["build", "-m", str(tiny_dirs["llama"]), "-o", str(out), "--no-calibrate", *args])
+        assert r.exit_code == 2 and isinstance(r.exception, SystemExit), r.output
+        assert r.stderr.startswith(message) and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not out.exists() and not list(tmp_path.glob(".e*"))
+    text = " ".join(CliRunner().invoke(main, ["build", "--help"]).output.split())
+    assert "--x-format [float|q8_0]" in text and "int8 dot products" in text
+
+
+def test_quantize_x_is_the_contract_rule():
+    """Spot values of the rule itself (the realizations are checked against blocks.quantize_x elsewhere)."""
+    x = np.zeros((2, 32), np.float32)
+    x[0, :3] = [127.0, 0.5, -1.5]  # d = 1: halves go to even
+    x[1, 0] = np.nan
+    xq = blocks.quantize_x(x)
+    np.testing.assert_array_equal(xq[0, :3], [127.0, 0.0, -2.0])
+    assert (xq[0, 3:] == 0).all() and np.isnan(xq[1]).all()
+    q, d = blocks.x_q8_0(x)
+    assert d[0, 0] == 1.0 and np.isnan(d[1, 0]) and (q[1] == 0).all()
