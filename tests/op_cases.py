@@ -88,3 +88,39 @@ def bound_cases(rng):
             (odd, 0.5, (0.33, 0.37)), (odd, 0.95, (0.4, 0.6)), (odd, 0.05, (0.4, 0.6)),
             (one, 0.5, (0.5, 0.5)), (one, 0.5, (0.0, 0.0)), (ties, 0.5, (0.3, 0.6)), (ties, 0.5, (0.0, 0.33)),
             (np.zeros((0, I), np.float32), 0.5, (0.4, 0.6))]
+
+
+def x_cases(rng, rows: int = 24, width: int = 256) -> np.ndarray:
+    """float32 [rows, width] for x_format q8_0 (blocks.quantize_x): random blocks over ~80 decades, then edge
+    blocks: all zero (d = 0), -0, one nonzero value, halves (max 127 * 2^e so 1/d is exact and x * (1/d) lands on
+    k + 0.5: ties to even), values just off the halves, float32 max, blocks whose d is subnormal or rounds to 0,
+    blocks whose 1/d overflows (max|x| below ~3.7e-37: xq = +-inf in every realization, as in ggml), and blocks
+    holding +inf, -inf or NaN (d = NaN)."""
+    n = width // 32
+    x = (rng.standard_normal((rows, n, 32)) * 10.0 ** rng.integers(-38, 38, (rows, n, 1))).astype(np.float32)
+    halves = (np.arange(32) - 15.5).astype(np.float32)                         # -15.5 .. 15.5
+    halves[0] = 127.0                                                          # max 127: d = 2^e exactly
+    edges = [np.zeros(32), -np.zeros(32), np.r_[np.zeros(31), -3.0], halves, halves * np.float32(2.0 ** -20),
+             -halves * np.float32(2.0 ** 40), np.nextafter(halves, np.float32(np.inf)),
+             np.nextafter(halves, np.float32(-np.inf)), np.r_[np.finfo(np.float32).max, -np.ones(31) * 1e38],
+             np.linspace(-1, 1, 32) * 1e-44, np.linspace(-1, 1, 32) * 1e-40, np.linspace(-1, 1, 32) * 1e-37,
+             np.r_[np.inf, np.ones(31)], np.r_[np.ones(31), -np.inf], np.r_[np.zeros(5), np.nan, np.zeros(26)]]
+    flat = x.reshape(-1, 32)
+    flat[: len(edges)] = np.asarray(edges, np.float32)
+    return flat.reshape(rows, width)
+
+
+def same_floats(got: np.ndarray, want: np.ndarray) -> bool:
+    """Bit for bit, except that any NaN equals any NaN (realizations differ in NaN sign and payload)."""
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    nan = np.isnan(want)
+    return got.shape == want.shape and np.array_equal(np.isnan(got), nan) and \
+        np.array_equal(got[~nan].view(np.int32), want[~nan].view(np.int32))
+
+
+def poison_x(hidden: np.ndarray, value: float, cells) -> np.ndarray:
+    """hidden [B, S, H] with x[b, t, k] = value for each (b, t, k) in cells."""
+    x = hidden.copy()
+    for b, t, k in cells:
+        x[b, t, k] = value
+    return x

@@ -10,7 +10,8 @@ from tda_export.ops.contract import (ACTIVATIONS, BLOCK_FORMATS, PLUGIN_NAMESPAC
                                      SELECT_ACTIVE, SPARSE_GATED_MLP)
 from tda_export.ops.onnx_ops import BODY_OPSET, functions_for, make_node, op_schema, opset_imports, tensor_type
 
-from op_cases import QH, QI, any_blocks, bound_cases, masks, mlp_inputs, quant_mlp_inputs, score_cases
+from op_cases import (QH, QI, any_blocks, bound_cases, masks, mlp_inputs, poison_x, quant_mlp_inputs, same_floats,
+                      score_cases, x_cases)
 
 NP = {"float32": np.float32, "float16": np.float16}
 
@@ -212,3 +213,112 @@ def test_mixed_weight_formats_refused():
     b = make_node(SPARSE_GATED_MLP, SPARSE_GATED_MLP.input_names, ["o2", "s2"], "b")
     with pytest.raises(ValueError, match="differ"):
         functions_for(helper.make_graph([a, b], "g", [], []))
+
+
+# ---- q8_0 activations (x_format) ----
+
+def _quantize_x_session(rank: int, width):
+    """A graph made only of quantize_x_nodes (width: an int, or a list for a [1] int64 tensor input of H)."""
+    body = onnx_ops._Body()
+    w = width if isinstance(width, int) else body.const(width, TensorProto.INT64)
+    body("Identity", onnx_ops.quantize_x_nodes(body, "x", w), out="xq")
+    graph = helper.make_graph(body.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None] * rank)],
+                              [helper.make_tensor_value_info("xq", TensorProto.FLOAT, [None] * rank)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", BODY_OPSET)])
+    onnx.checker.check_model(model, full_check=True)
+    return _session(model)
+
+
+def test_quantize_x_nodes_bit_for_bit():
+    """ONNX Runtime's quantize_x_nodes against blocks.quantize_x: random blocks, zero, tiny, huge, halves (Round
+    ties to even), 1/d overflow and inf/NaN blocks; ranks 1 to 3, 0 rows; H as an int or a tensor."""
+    x = x_cases(np.random.default_rng(20))
+    want = blocks.quantize_x(x)
+    assert np.isnan(want).any() and np.isinf(want).any() and (want == 0).any()  # the edge blocks are there
+    for shape in ((24, 256), (6, 4, 256), (24 * 256,)):
+        h = shape[-1]
+        for width in (h, [h]):
+            (got,) = _quantize_x_session(len(shape), width).run(None, {"x": x.reshape(shape)})
+            assert got.dtype == np.float32 and same_floats(got, want.reshape(shape)), (shape, width)
+    (got,) = _quantize_x_session(3, 64).run(None, {"x": np.zeros((0, 3, 64), np.float32)})
+    assert got.shape == (0, 3, 64)
+    with pytest.raises(ValueError, match="multiple of 32 values, got 48"):
+        onnx_ops.quantize_x_nodes(onnx_ops._Body(), "x", 48)
+
+
+@pytest.mark.parametrize("fmt", BLOCK_FORMATS)
+@pytest.mark.parametrize("seq", [5, 1], ids=["prefill", "decode"])
+def test_x_format_q8_0_matches_reference(fmt, seq):
+    """x_format q8_0: the function's gate/up read the fake-quantized x; the fp64 reference of the same xq and
+    dequantized weights, every mask kind, batch 0, 1 and 3."""
+    sess = _session(_quant_model(fmt, activation="gelu_tanh", x_format="q8_0"))
+    for batch in (0, 1, 3):
+        rng = np.random.default_rng(batch * 10 + seq + 100)
+        hidden, gu, dt, valid, sin = quant_mlp_inputs(rng, fmt, batch, seq)
+        for name, idx, cnt in masks(rng, batch, QI):
+            args = (hidden, gu, dt, idx, cnt, valid, sin)
+            out, scores = sess.run(None, dict(zip(SPARSE_GATED_MLP.input_names, args)))
+            ref_out, ref_scores = reference.sparse_gated_mlp_blocks(*args[:3], fmt, *args[3:], activation="gelu_tanh",
+                                                                    x_format="q8_0")
+            plain, _ = reference.sparse_gated_mlp_blocks(*args[:3], fmt, *args[3:], activation="gelu_tanh")
+            what = f"{fmt} batch {batch} {name}"
+            assert out.shape == (batch, seq, QH) and out.dtype == np.float32 and scores.shape == (batch, QI), what
+            np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5 * max(np.abs(ref_out).max(initial=0), 1),
+                                       err_msg=what)
+            np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-7, err_msg=what)
+            if np.abs(ref_out).max(initial=0) > 0.1:  # x really was quantized: q8_0's error is far above 1e-5
+                assert _rel(out, ref_out) < 1e-5 and _rel(out, plain) > 1e-4, what
+            if seq == 1 and name == "empty":
+                assert not out.any(), what
+
+
+def test_x_format_q8_0_half_activations():
+    """T = float16: x widened to float32, quantized, z and the output cast back to T (bfloat16: ONNX Runtime's
+    CPU provider has no bfloat16 Where for the function's decode mask, with or without x_format)."""
+    sess = _session(_quant_model("q4_1", "float16", x_format="q8_0"))
+    rng = np.random.default_rng(21)
+    for seq in (4, 1):
+        hidden, gu, dt, valid, sin = quant_mlp_inputs(rng, "q4_1", 3, seq, np.float16)
+        idx, cnt = masks(rng, 3, QI)[4][1:]
+        args = (hidden, gu, dt, idx, cnt, valid, sin)
+        out, scores = sess.run(None, dict(zip(SPARSE_GATED_MLP.input_names, args)))
+        ref_out, ref_scores = reference.sparse_gated_mlp_blocks(*args[:3], "q4_1", *args[3:], x_format="q8_0")
+        assert out.dtype == np.float16 and scores.dtype == np.float32
+        assert _rel(out.astype(np.float64), ref_out) < 5e-3 and _rel(scores, ref_scores) < 1e-5
+
+
+@pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan])
+def test_x_format_q8_0_poisoned_blocks(value):
+    """A block of x holding inf/NaN has d = NaN: that token's output row (prefill; decode with active neurons) and
+    its sequence's scores are NaN, nothing else is, and the rest matches the reference."""
+    sess = _session(_quant_model("q8_0", x_format="q8_0"))
+    rng = np.random.default_rng(22)
+    hidden, gu, dt, valid, sin = quant_mlp_inputs(rng, "q8_0", 3, 4)
+    x = poison_x(hidden, value, [(0, 1, 5), (2, 3, 63)])
+    idx, cnt = masks(rng, 3, QI)[2][1:]  # single
+    args = (x, gu, dt, idx, cnt, valid, sin)
+    out, scores = sess.run(None, dict(zip(SPARSE_GATED_MLP.input_names, args)))
+    ref_out, ref_scores = reference.sparse_gated_mlp_blocks(*args[:3], "q8_0", *args[3:], x_format="q8_0")
+    bad = np.zeros((3, 4), bool)
+    bad[0, 1] = bad[2, 3] = True
+    assert np.isnan(out).all(-1).tolist() == bad.tolist() and np.isfinite(out[~bad]).all()
+    assert np.isnan(scores).all(-1).tolist() == [True, False, True] and np.isfinite(scores[1]).all()
+    assert np.array_equal(np.isnan(out), np.isnan(ref_out)) and np.array_equal(np.isnan(scores), np.isnan(ref_scores))
+    np.testing.assert_allclose(out[~bad], ref_out[~bad], rtol=1e-5, atol=1e-5 * np.abs(ref_out[~bad]).max())
+    out, scores = sess.run(None, dict(zip(SPARSE_GATED_MLP.input_names, (x[:, 1:2], *args[1:5], valid[:, :1], sin))))
+    assert np.isnan(out).all(-1)[:, 0].tolist() == [True, False, False] and np.isfinite(out[1:]).all()
+    np.testing.assert_array_equal(scores, sin)
+
+
+def test_x_format_refused_outside_the_contract():
+    """x_format q8_0 with weight_format dtype is refused naming the attribute; an unknown value too."""
+    with pytest.raises(ValueError, match="x_format='q8_0' needs a block weight_format, not 'dtype'"):
+        _quant_model("dtype", x_format="q8_0")
+    with pytest.raises(ValueError, match="x_format='q8_1' not in"):
+        _quant_model("q4_0", x_format="q8_1")
+    a = make_node(SPARSE_GATED_MLP, SPARSE_GATED_MLP.input_names, ["o1", "s1"], "a", weight_format="q4_0",
+                  x_format="q8_0")
+    b = make_node(SPARSE_GATED_MLP, SPARSE_GATED_MLP.input_names, ["o2", "s2"], "b", weight_format="q4_0")
+    with pytest.raises(ValueError, match="differ"):
+        functions_for(helper.make_graph([a, b], "g", [], []))
+    assert "x_format" in op_schema(SPARSE_GATED_MLP).attributes

@@ -5,10 +5,11 @@ import torch
 
 from tda_export.ops import blocks, reference
 from tda_export.ops.contract import ACTIVATIONS, BLOCK_FORMATS, SCORE_NORMS
-from tda_export.ops.torch_blocks import dequantize
+from tda_export.ops.torch_blocks import dequantize, quantize_x
 from tda_export.ops.torch_ops import select_active, sparse_gated_mlp
 
-from op_cases import QH, QI, I, any_blocks, bound_cases, masks, mlp_inputs, quant_mlp_inputs, score_cases
+from op_cases import (QH, QI, I, any_blocks, bound_cases, masks, mlp_inputs, poison_x, quant_mlp_inputs, same_floats,
+                      score_cases, x_cases)
 
 
 def _run(args, **attrs):
@@ -207,3 +208,130 @@ def test_block_opcheck(seq):
     idx, cnt = masks(rng, 2, QI)[4][1:]
     args = [torch.from_numpy(a) for a in (hidden, gu, dt, idx, cnt, valid, sin)]
     torch.library.opcheck(sparse_gated_mlp, args, {"weight_format": "q4_0"})
+
+
+# ---- q8_0 activations (x_format) ----
+
+def test_torch_quantize_x_is_the_contracts_bit_for_bit():
+    """quantize_x against blocks.quantize_x: random blocks, zero, tiny, huge, halves (ties to even), 1/d overflow
+    and inf/NaN blocks; any leading dims, 0 rows; float16/bfloat16 widened first."""
+    x = x_cases(np.random.default_rng(10))
+    want = blocks.quantize_x(x)
+    for shape in ((24, 256), (6, 4, 256), (24 * 8, 32), (24 * 256,)):
+        got = quantize_x(torch.from_numpy(x).reshape(shape))
+        assert got.dtype == torch.float32 and got.shape == shape
+        assert same_floats(got.numpy(), want.reshape(shape)), shape
+    assert np.isnan(want).any() and np.isinf(want).any() and (want == 0).any()  # the edge blocks are there
+    assert quantize_x(torch.empty(0, 3, 64)).shape == (0, 3, 64)
+    for dtype in (torch.float16, torch.bfloat16):
+        h = torch.from_numpy(x[:, :64] * np.float32(1e-30)).to(dtype)  # in range, subnormal d among them
+        assert same_floats(quantize_x(h).numpy(), blocks.quantize_x(h.float().numpy())), dtype
+    with pytest.raises(ValueError, match="multiple of 32 values, got 48"):
+        quantize_x(torch.zeros(2, 48))
+
+
+def _x_q8_0_check(out, scores, ref_out, ref_scores, plain_out, what):
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5 * max(np.abs(ref_out).max(initial=0), 1),
+                               err_msg=what)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-7, err_msg=what)
+    if np.abs(ref_out).max(initial=0) > 0.1:  # x really was quantized: q8_0's error is far above the tolerance
+        assert _rel(out, ref_out) < 1e-5 and _rel(out, plain_out) > 1e-4, what
+
+
+@pytest.mark.parametrize("fmt", BLOCK_FORMATS)
+@pytest.mark.parametrize("seq", [5, 1], ids=["prefill", "decode"])
+@pytest.mark.parametrize("batch", [0, 1, 3])
+def test_x_format_q8_0_matches_reference(fmt, seq, batch):
+    """x_format q8_0: gate/up read blocks.quantize_x(hidden); the fp64 reference of the same xq and dequantized
+    weights, every mask kind."""
+    rng = np.random.default_rng(batch * 10 + seq + 100)
+    hidden, gu, dt, valid, sin = quant_mlp_inputs(rng, fmt, batch, seq)
+    for name, idx, cnt in masks(rng, batch, QI):
+        args = (hidden, gu, dt, idx, cnt, valid, sin)
+        out, scores = _run(args, activation="gelu_tanh", weight_format=fmt, x_format="q8_0")
+        ref = reference.sparse_gated_mlp_blocks(hidden, gu, dt, fmt, idx, cnt, valid, sin, activation="gelu_tanh",
+                                                x_format="q8_0")
+        plain, _ = reference.sparse_gated_mlp_blocks(hidden, gu, dt, fmt, idx, cnt, valid, sin,
+                                                     activation="gelu_tanh")
+        assert out.shape == (batch, seq, QH) and scores.shape == (batch, QI)
+        _x_q8_0_check(out, scores, *ref, plain, f"{fmt} {name}")
+        if seq == 1 and name == "empty":
+            assert not out.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_x_format_q8_0_with_half_activations(dtype):
+    """T = float16/bfloat16: x widened to float32, then quantized; output in T, scores float32."""
+    rng = np.random.default_rng(12)
+    for seq in (4, 1):
+        hidden, gu, dt, valid, sin = quant_mlp_inputs(rng, "q4_0", 2, seq)
+        idx, cnt = masks(rng, 2, QI)[4][1:]
+        h = torch.from_numpy(hidden).to(dtype)
+        out, scores = sparse_gated_mlp(h, torch.from_numpy(gu), torch.from_numpy(dt), torch.from_numpy(idx),
+                                       torch.from_numpy(cnt), torch.from_numpy(valid), torch.from_numpy(sin),
+                                       weight_format="q4_0", x_format="q8_0")
+        assert out.dtype == dtype and scores.dtype == torch.float32
+        ref_out, ref_scores = reference.sparse_gated_mlp_blocks(h.float().numpy(), gu, dt, "q4_0", idx, cnt, valid,
+                                                                sin, x_format="q8_0")
+        assert _rel(out.float().numpy(), ref_out) < 1e-2 and _rel(scores.numpy(), ref_scores) < 1e-5
+
+
+@pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan])
+def test_x_format_q8_0_poisoned_blocks(value):
+    """A block of x holding inf/NaN has d = NaN: every gate/up of that token is NaN, so its output row (prefill;
+    decode with active neurons) and its sequence's scores are NaN, and nothing else is."""
+    rng = np.random.default_rng(13)
+    hidden, gu, dt, valid, sin = quant_mlp_inputs(rng, "q8_0", 3, 4)
+    x = poison_x(hidden, value, [(0, 1, 5), (2, 3, 63)])
+    idx, cnt = masks(rng, 3, QI)[1][1:]  # full
+    out, scores = _run((x, gu, dt, idx, cnt, valid, sin), weight_format="q8_0", x_format="q8_0")
+    ref_out, ref_scores = reference.sparse_gated_mlp_blocks(x, gu, dt, "q8_0", idx, cnt, valid, sin, x_format="q8_0")
+    bad = np.zeros((3, 4), bool)
+    bad[0, 1] = bad[2, 3] = True
+    assert np.isnan(out).all(-1).tolist() == bad.tolist() and np.isfinite(out[~bad]).all()
+    assert np.isnan(scores).all(-1).tolist() == [True, False, True] and np.isfinite(scores[1]).all()
+    np.testing.assert_allclose(out[~bad], ref_out[~bad], rtol=1e-5, atol=1e-5 * np.abs(ref_out[~bad]).max())
+    out, scores = _run((x[:, 1:2], gu, dt, idx, cnt, valid[:, :1], sin), weight_format="q8_0", x_format="q8_0")
+    assert np.isnan(out).all(-1)[:, 0].tolist() == [True, False, False] and np.isfinite(out[1:]).all()
+    np.testing.assert_array_equal(scores, sin)
+
+
+def test_x_format_refused_outside_the_contract():
+    """x_format q8_0 needs a block weight_format; the real op, its fake and the kernel op refuse it by name."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from tda_export.kernels import torch_ops as K
+
+    rng = np.random.default_rng(14)
+    hidden, gu, dt, valid, sin = mlp_inputs(rng, 2, 1)
+    idx, cnt = masks(rng, 2)[1][1:]
+    args = [torch.from_numpy(a) for a in (hidden, gu, dt, idx, cnt, valid, sin)]
+    with pytest.raises(ValueError, match="x_format='q8_0' needs a block weight_format, not 'dtype'"):
+        sparse_gated_mlp(*args, x_format="q8_0")
+    with pytest.raises(ValueError, match="x_format='q4_0' not in"):
+        sparse_gated_mlp(*args, weight_format="q4_0", x_format="q4_0")
+    with pytest.raises(ValueError, match="x_format='q8_0' needs a block weight_format, not 'dtype'"):
+        K.sparse_gated_mlp_decode(*args[:5], x_format="q8_0")
+    u8 = dict(dtype=torch.uint8)
+    with FakeTensorMode():
+        state = (torch.empty(2, 7, dtype=torch.int32), torch.empty(2, dtype=torch.int32))
+        with pytest.raises(ValueError, match="x_format='q8_0' needs a block weight_format"):
+            sparse_gated_mlp(torch.empty(2, 1, 64), torch.empty(7, 2, 64), torch.empty(7, 64), *state,
+                             torch.empty(2, 1), torch.empty(2, 7), x_format="q8_0")
+        out, s = sparse_gated_mlp(torch.empty(2, 3, 64), torch.empty(7, 2, 36, **u8), torch.empty(7, 36, **u8),
+                                  *state, torch.empty(2, 3), torch.empty(2, 7), weight_format="q4_0", x_format="q8_0")
+        assert out.shape == (2, 3, 64) and s.shape == (2, 7)
+        assert K.sparse_gated_mlp_decode(torch.empty(2, 64), torch.empty(7, 2, 36, **u8), torch.empty(7, 36, **u8),
+                                         *state, weight_format="q4_0", x_format="q8_0").shape == (2, 64)
+        with pytest.raises(ValueError, match="x_format='q8_0' needs a block weight_format"):
+            K.sparse_gated_mlp_decode(torch.empty(2, 64), torch.empty(7, 2, 64), torch.empty(7, 64), *state,
+                                      x_format="q8_0")
+
+
+@pytest.mark.parametrize("seq", [3, 1])
+def test_x_format_opcheck(seq):
+    rng = np.random.default_rng(15)
+    hidden, gu, dt, valid, sin = quant_mlp_inputs(rng, "q4_1", 2, seq)
+    idx, cnt = masks(rng, 2, QI)[4][1:]
+    args = [torch.from_numpy(a) for a in (hidden, gu, dt, idx, cnt, valid, sin)]
+    torch.library.opcheck(sparse_gated_mlp, args, {"weight_format": "q4_1", "x_format": "q8_0"})

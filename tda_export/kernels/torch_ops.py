@@ -56,7 +56,8 @@ def _check_version(version: int) -> None:
 
 
 def _check_decode_inputs(x: Tensor, gate_up: Tensor, down_t: Tensor, idx: Tensor, cnt: Tensor,
-                         weight_format: str = "dtype", down_weight_format: str = "same") -> None:
+                         weight_format: str = "dtype", down_weight_format: str = "same",
+                         x_format: str = "dtype") -> None:
     """Shapes, dtypes and devices against hidden_states before any pointer reaches a kernel: a mismatch
     would read out of bounds (and on a GPU poison the whole CUDA context)."""
     if x.dim() not in (2, 3) or (x.dim() == 3 and x.shape[1] != 1):
@@ -70,7 +71,7 @@ def _check_decode_inputs(x: Tensor, gate_up: Tensor, down_t: Tensor, idx: Tensor
         t = t[0] if isinstance(t, tuple) else t
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but hidden_states is on {x.device}")
-    check_weights(x, gate_up, down_t, weight_format, down_weight_format)
+    check_weights(x, gate_up, down_t, weight_format, down_weight_format, x_format)
     for name, (t, shape) in list(expected.items())[2:]:
         if list(t.shape) != shape:
             raise ValueError(f"{name} has shape {list(t.shape)}, expected {shape} with I={inter} from "
@@ -85,19 +86,21 @@ def sparse_gated_mlp_decode(hidden_states: Tensor, gate_up_weight: Tensor, down_
                             activation: str = SPARSE_GATED_MLP.attr("activation").default,
                             deterministic: bool = True, version: int = 0,
                             weight_format: str = SPARSE_GATED_MLP.attr("weight_format").default,
-                            down_weight_format: str = SPARSE_GATED_MLP.attr("down_weight_format").default) -> Tensor:
+                            down_weight_format: str = SPARSE_GATED_MLP.attr("down_weight_format").default,
+                            x_format: str = SPARSE_GATED_MLP.attr("x_format").default) -> Tensor:
     """Decode step of SparseGatedMLP: hidden_states [B, H] or [B, 1, H] -> same shape.
 
     version: the kernel algorithm (tda_decode_args_t.version): 0 the library default (v1 unless
     $TDA_DECODE_VERSION=2), 1 or 2; same results contract for all, the CPU library has one algorithm.
     weight_format: the contract's attribute; a block format takes uint8 weights in the contract's layout
     (the kernel reads only the active neurons' blocks); down_weight_format: down_weight_t's own block format
-    ("same": weight_format's)."""
+    ("same": weight_format's); x_format: how gate/up read hidden_states (q8_0: quantized per block of 32,
+    contract X_QUANT_SEMANTICS; only with a block weight_format)."""
     SPARSE_GATED_MLP.check_attrs({"activation": activation, "weight_format": weight_format,
-                                  "down_weight_format": down_weight_format})
+                                  "down_weight_format": down_weight_format, "x_format": x_format})
     _check_version(version)
     _check_decode_inputs(hidden_states, gate_up_weight, down_weight_t, active_idx, active_count, weight_format,
-                         down_weight_format)
+                         down_weight_format, x_format)
     x = hidden_states.contiguous()
     batch, hidden = x.shape[0], x.shape[-1]
     inter = gate_up_weight.shape[0]
@@ -110,17 +113,18 @@ def sparse_gated_mlp_decode(hidden_states: Tensor, gate_up_weight: Tensor, down_
         hidden_states=x.data_ptr(), gate_up_weight=gu.data_ptr(), down_weight_t=wd.data_ptr(),
         active_idx=idx.data_ptr(), active_count=cnt.data_ptr(), output=out.data_ptr(), version=version,
         weight_format=abi.WEIGHT_FORMAT_CODE[weight_format],
-        down_weight_format=abi.DOWN_WEIGHT_FORMAT_CODE[down_weight_format])
+        down_weight_format=abi.DOWN_WEIGHT_FORMAT_CODE[down_weight_format],
+        x_format=abi.X_FORMAT_CODE[x_format])
     _call(_library(x.device), "tda_sparse_gated_mlp_decode", args, x.device)
     return out
 
 
 @sparse_gated_mlp_decode.register_fake
 def _(hidden_states, gate_up_weight, down_weight_t, active_idx, active_count, activation="silu",
-      deterministic=True, version=0, weight_format="dtype", down_weight_format="same"):
+      deterministic=True, version=0, weight_format="dtype", down_weight_format="same", x_format="dtype"):
     _check_version(version)
     _check_decode_inputs(hidden_states, gate_up_weight, down_weight_t, active_idx, active_count, weight_format,
-                         down_weight_format)
+                         down_weight_format, x_format)
     # what the real op returns: a fresh contiguous tensor (empty_like would copy a view's strides)
     return hidden_states.new_empty(hidden_states.shape)
 

@@ -9,11 +9,12 @@ hence `plugin_namespace`/`plugin_version` on every node. The function declares
 those two attributes (and the contract's) so checkers accept them on the call.
 
 ONNX functions cannot branch on a string attribute, so a function body is
-specialised to one (activation, score_norm, weight_format, down_weight_format);
+specialised to one (activation, score_norm, weight_format, down_weight_format, x_format);
 a model uses one activation and one pair of weight formats in every MLP, and `functions_for()` refuses a
 graph whose nodes disagree. With a block weight_format the body dequantizes the
 uint8 blocks (fp16 fields decoded from their bits: opset 23 has no bit cast)
-and runs the float computation on float32 weights.
+and runs the float computation on float32 weights; x_format q8_0 fake-quantizes
+x for gate/up first (quantize_x_nodes, shared with the exporter's dense linears).
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from .contract import (BLOCK_FORMATS, DOMAIN, DTYPES, NORM_FLOOR, OPS_BY_NAME, OPSET_VERSION, PLUGIN_NAMESPACE,
-                       PLUGIN_VERSION, QUANTIZED_WEIGHTS, SELECT_ACTIVE, SPARSE_GATED_MLP, OpSpec, down_format)
+                       PLUGIN_VERSION, QUANT_BLOCK, QUANTIZED_WEIGHTS, SELECT_ACTIVE, SPARSE_GATED_MLP, OpSpec,
+                       down_format, x_format_check)
 
 # Gelu(approximate=) needs opset 20.
 BODY_OPSET = 23
@@ -112,9 +114,39 @@ def dequantize_blocks(b, weight_format: str, blocks: str, width: str) -> str:
     return b("Reshape", w, b("Concat", b.const([-1], i64), width, axis=0))
 
 
+def quantize_x_nodes(b, x: str, width: str | int) -> str:
+    """contract X_QUANT_SEMANTICS (x_format q8_0) in standard ONNX ops: x float32 [..., H] (any rank >= 1, any
+    leading size, 0 too) -> float32 xq [..., H], equal to ops/blocks.quantize_x bit for bit. width: H, as an
+    int or the name of a [1] int64 tensor; a multiple of 32. b builds the nodes, with dequantize_blocks's
+    interface (b(op_type, *inputs, **attrs) -> output name, b.const(value, onnx_type) -> name): the function
+    body's gate/up input here, every block-format linear's input in the exporter (export/decoder.py).
+    Per block of 32: d = max|x| / 127, q = Round(x * (d == 0 ? 0 : 1 / d)) (Round is half to even),
+    xq = q * d, all float32; a block holding inf/NaN gets d = NaN (IsInf/IsNaN, ReduceMax over the block)."""
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    if isinstance(width, int):
+        if width % QUANT_BLOCK:
+            raise ValueError(f"x_format q8_0 needs rows of a multiple of {QUANT_BLOCK} values, got {width}")
+        n_blocks = b.const([width // QUANT_BLOCK], i64)
+    else:
+        n_blocks = b("Div", width, b.const([QUANT_BLOCK], i64))
+    # [..., H/32, 32] with every size spelled out: Reshape's -1 is undefined when a leading size is 0
+    blk = b("Reshape", x, b("Concat", b("Shape", x, end=-1), n_blocks, b.const([QUANT_BLOCK], i64), axis=0))
+    axis = b.const([-1], i64)
+    bad = b("Cast", b("ReduceMax", b("Cast", b("Or", b("IsInf", blk), b("IsNaN", blk)), to=f32), axis,
+                      keepdims=1), to=TensorProto.BOOL)                                 # [..., H/32, 1]
+    # a is only used where the block is finite, so ReduceMax's NaN handling does not matter
+    d = b("Div", b("ReduceMax", b("Abs", blk), axis, keepdims=1), b.const(127.0, f32))
+    zero = b.const(0.0, f32)
+    inv = b("Where", b("Equal", d, zero), zero, b("Div", b.const(1.0, f32), d))  # 1/0 = inf is never taken
+    q = b("Round", b("Mul", blk, inv))
+    xq = b("Mul", q, b("Where", bad, b.const(float("nan"), f32), d))
+    return b("Reshape", xq, b("Shape", x))
+
+
 def _sparse_gated_mlp_body(activation: str, score_norm: str, weight_format: str,
-                           down_weight_format: str = "same") -> list[onnx.NodeProto]:
+                           down_weight_format: str = "same", x_format: str = "dtype") -> list[onnx.NodeProto]:
     down = down_format(weight_format, down_weight_format)  # ValueError for a pair outside the contract
+    x_format_check(weight_format, x_format)                # q8_0 only under a block weight_format
     hidden, gate_up, down_t, idx, count, valid, scores_in = SPARSE_GATED_MLP.input_names
     output, scores_out = SPARSE_GATED_MLP.output_names
     b = _Body()
@@ -124,6 +156,8 @@ def _sparse_gated_mlp_body(activation: str, score_norm: str, weight_format: str,
     x = hidden
     if weight_format != "dtype":  # the float op on the blocks' float32 values: x widened, z rounded to T below
         x = b("Cast", hidden, to=TensorProto.FLOAT)
+        if x_format == "q8_0":  # gate/up read xq; z, down and the scores are unchanged
+            x = quantize_x_nodes(b, x, width)
         gate_up = dequantize_blocks(b, weight_format, gate_up, width)
         down_t = dequantize_blocks(b, down, down_t, width)
     # one fused projection: [I, 2, H] -> [2I, H] keeps gate/up of a neuron adjacent in the output

@@ -1,21 +1,24 @@
 """Block-quantized SparseGatedMLP weights in torch (any device): the weight check every torch realization
-runs, and dequantization to the contract's exact float32 values (tests check it bit for bit against
-ops/blocks.py, the numpy reference)."""
+runs, dequantization to the contract's exact float32 values and the q8_0 activation (x_format) (tests check
+both bit for bit against ops/blocks.py, the numpy reference)."""
 from __future__ import annotations
 
 import torch
 
 from .blocks import block_format, row_bytes
-from .contract import BLOCK_FORMATS, QUANT_BLOCK, SPARSE_GATED_MLP, down_format
+from .contract import BLOCK_FORMATS, QUANT_BLOCK, SPARSE_GATED_MLP, down_format, x_format_check
 
 
 def check_weights(hidden: torch.Tensor, gate_up: torch.Tensor, down_t: torch.Tensor, weight_format: str,
-                  down_weight_format: str = "same") -> None:
+                  down_weight_format: str = "same", x_format: str = "dtype") -> None:
     """gate_up_weight / down_weight_t against hidden_states and the formats (contract: float T [I, 2, H] /
     [I, H], or uint8 [I, 2, H/32*block_bytes] / [I, H/32*block_bytes], down_weight_t in its own block format
-    when down_weight_format is one); ValueError/TypeError naming the tensor."""
-    SPARSE_GATED_MLP.check_attrs({"weight_format": weight_format, "down_weight_format": down_weight_format})
+    when down_weight_format is one); ValueError/TypeError naming the tensor, or the attribute for an x_format
+    outside the contract (q8_0 needs a block weight_format)."""
+    SPARSE_GATED_MLP.check_attrs({"weight_format": weight_format, "down_weight_format": down_weight_format,
+                                  "x_format": x_format})
     down = down_format(weight_format, down_weight_format)
+    x_format_check(weight_format, x_format)
     hidden_size = hidden.shape[-1]
     inter = gate_up.shape[0] if gate_up.dim() == 3 else -1
     down_attr = "weight_format" if down_weight_format == "same" else "down_weight_format"
@@ -52,3 +55,18 @@ def dequantize(weight_format: str, blocks: torch.Tensor) -> torch.Tensor:
         else:
             w = d * q + flat[:, 2:4].contiguous().view(torch.float16).float()
     return w.reshape(*blocks.shape[:-1], blocks.shape[-1] // fmt.block_bytes * QUANT_BLOCK)
+
+
+def quantize_x(x: torch.Tensor) -> torch.Tensor:
+    """contract X_QUANT_SEMANTICS (x_format q8_0): float [..., H] -> float32 xq [..., H], exactly as
+    ops/blocks.quantize_x: per block of 32 along the last dim d = max|x| / 127, q = round-half-even(x * (1/d))
+    (1/d = 0 when d == 0), xq = q * d; a block holding inf/NaN gets d = NaN. Any leading dims, 0 rows too."""
+    v = x.float()
+    if v.shape[-1] % QUANT_BLOCK:
+        raise ValueError(f"x_format q8_0 needs rows of a multiple of {QUANT_BLOCK} values, got {v.shape[-1]}")
+    b = v.reshape(*v.shape[:-1], v.shape[-1] // QUANT_BLOCK, QUANT_BLOCK)
+    finite = torch.isfinite(b).all(-1, keepdim=True)
+    d = torch.where(finite, b, 0.0).abs().amax(-1, keepdim=True) / 127.0   # float32 division
+    inv = torch.where(d == 0, 0.0, 1.0 / d)                                  # 1/0 = inf is never taken
+    q = torch.round(b * inv)                                                 # float32 product; half to even
+    return (q * torch.where(finite, d, float("nan"))).reshape(v.shape)

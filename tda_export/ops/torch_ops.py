@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .contract import NORM_FLOOR, SELECT_ACTIVE, SPARSE_GATED_MLP, OpSpec, down_format
-from .torch_blocks import check_weights, dequantize
+from .torch_blocks import check_weights, dequantize, quantize_x
 
 _TORCH_TYPES = {"string": "str", "int": "int", "float": "float"}
 
@@ -35,19 +35,21 @@ def activation(name: str, x: torch.Tensor, inplace: bool = False) -> torch.Tenso
     raise ValueError(f"activation {name!r} not in {SPARSE_GATED_MLP.attr('activation').choices}")
 
 
-def _intermediate(hidden: torch.Tensor, gate_up: torch.Tensor, act: str) -> torch.Tensor:
-    """z in float32 (the contract accumulates in float32 whatever T is)."""
-    gu = hidden.float() @ gate_up.float().flatten(0, 1).T  # [..., 2I], neuron-major pairs
+def _intermediate(hidden: torch.Tensor, gate_up: torch.Tensor, act: str, x_format: str = "dtype") -> torch.Tensor:
+    """z in float32 (the contract accumulates in float32 whatever T is); x_format q8_0: gate/up read the
+    fake-quantized xq (X_QUANT_SEMANTICS), the same float32 values an int8 dot product would take."""
+    x = quantize_x(hidden) if x_format == "q8_0" else hidden.float()
+    gu = x @ gate_up.float().flatten(0, 1).T  # [..., 2I], neuron-major pairs
     gu = gu.unflatten(-1, (-1, 2))
     return activation(act, gu[..., 0]) * gu[..., 1]
 
 
 def _sparse_gated_mlp(hidden_states, gate_up_weight, down_weight_t, active_idx, active_count, token_valid,
                       scores_in, activation="silu", score_norm="token_l2", weight_format="dtype",
-                      down_weight_format="same"):
+                      down_weight_format="same", x_format="dtype"):
     SPARSE_GATED_MLP.check_attrs({"activation": activation, "score_norm": score_norm, "weight_format": weight_format,
-                                  "down_weight_format": down_weight_format})
-    check_weights(hidden_states, gate_up_weight, down_weight_t, weight_format, down_weight_format)
+                                  "down_weight_format": down_weight_format, "x_format": x_format})
+    check_weights(hidden_states, gate_up_weight, down_weight_t, weight_format, down_weight_format, x_format)
     dtype = hidden_states.dtype
     # block weights: the float op on their exact float32 values; decode dequantizes only the active rows
     def as_float(fmt):
@@ -55,7 +57,7 @@ def _sparse_gated_mlp(hidden_states, gate_up_weight, down_weight_t, active_idx, 
     weights, down_weights = as_float(weight_format), as_float(down_format(weight_format, down_weight_format))
     if hidden_states.shape[1] > 1:
         gate_up_weight, down_weight_t = weights(gate_up_weight), down_weights(down_weight_t)
-        z = _intermediate(hidden_states, gate_up_weight, activation)       # [B, S, I]
+        z = _intermediate(hidden_states, gate_up_weight, activation, x_format)  # [B, S, I]
         sq = z * z
         if score_norm == "token_l2":
             sq = sq / sq.sum(-1, keepdim=True).clamp_min(NORM_FLOOR)
@@ -65,7 +67,7 @@ def _sparse_gated_mlp(hidden_states, gate_up_weight, down_weight_t, active_idx, 
     rows = []
     for b in range(hidden_states.shape[0]):  # counts differ per sequence
         idx = active_idx[b, : int(active_count[b])].long()
-        z = _intermediate(hidden_states[b], weights(gate_up_weight[idx]), activation)  # [1, n]
+        z = _intermediate(hidden_states[b], weights(gate_up_weight[idx]), activation, x_format)  # [1, n]
         rows.append(z.to(dtype).float() @ down_weights(down_weight_t[idx]).float())
     out = torch.stack(rows).to(dtype) if rows else hidden_states.new_zeros(hidden_states.shape)  # batch 0
     return out, scores_in.clone()
@@ -120,8 +122,8 @@ def _define(op: OpSpec, impl, fake):
 
 def _fake_sparse_gated_mlp(hidden_states, gate_up_weight, down_weight_t, active_idx, active_count, token_valid,
                            scores_in, activation="silu", score_norm="token_l2", weight_format="dtype",
-                           down_weight_format="same"):
-    check_weights(hidden_states, gate_up_weight, down_weight_t, weight_format, down_weight_format)
+                           down_weight_format="same", x_format="dtype"):
+    check_weights(hidden_states, gate_up_weight, down_weight_t, weight_format, down_weight_format, x_format)
     return torch.empty_like(hidden_states), torch.empty_like(scores_in)
 
 
