@@ -93,9 +93,9 @@ def bound_cases(rng):
 def x_cases(rng, rows: int = 24, width: int = 256) -> np.ndarray:
     """float32 [rows, width] for x_format q8_0 (blocks.quantize_x): random blocks over ~80 decades, then edge
     blocks: all zero (d = 0), -0, one nonzero value, halves (max 127 * 2^e so 1/d is exact and x * (1/d) lands on
-    k + 0.5: ties to even), values just off the halves, float32 max, blocks whose d is subnormal or rounds to 0,
-    blocks whose 1/d overflows (max|x| below ~3.7e-37: xq = +-inf in every realization, as in ggml), and blocks
-    holding +inf, -inf or NaN (d = NaN)."""
+    k + 0.5: ties to even), values just off the halves, float32 max, blocks whose d is subnormal or rounds to 0
+    (the contract flushes d below the smallest normal float32: a zero block; ggml's rule would give 1/d = inf
+    there), and blocks holding +inf, -inf or NaN (d = NaN)."""
     n = width // 32
     x = (rng.standard_normal((rows, n, 32)) * 10.0 ** rng.integers(-38, 38, (rows, n, 1))).astype(np.float32)
     halves = (np.arange(32) - 15.5).astype(np.float32)                         # -15.5 .. 15.5

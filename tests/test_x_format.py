@@ -151,3 +151,14 @@ def test_quantize_x_is_the_contract_rule():
     assert (xq[0, 3:] == 0).all() and np.isnan(xq[1]).all()
     q, d = blocks.x_q8_0(x)
     assert d[0, 0] == 1.0 and np.isnan(d[1, 0]) and (q[1] == 0).all()
+    # every finite block: |q| <= 127 and a finite xq, subnormal scales included (flushed to a zero block)
+    from op_cases import x_cases
+
+    x = x_cases(np.random.default_rng(0))
+    q, d = blocks.x_q8_0(x)
+    finite = np.isfinite(x.reshape(-1, 32)).all(1)
+    assert (np.abs(q.reshape(-1, 32).astype(np.int32)[finite]) <= 127).all()
+    below_max = finite & (np.abs(x.reshape(-1, 32)).max(1) < 1e38)  # 127 * (FLT_MAX / 127) may round to inf
+    assert np.isfinite(blocks.quantize_x(x).reshape(-1, 32)[below_max]).all()
+    tiny = np.linspace(-1, 1, 32, dtype=np.float32) * np.float32(1e-40)  # d subnormal: a zero block
+    assert (blocks.quantize_x(tiny) == 0).all()

@@ -83,11 +83,11 @@ class _Decoder:
         """float32 [rows, width] of uint8 blocks, exactly (the op function's dequantizer)."""
         return dequantize_blocks(_Nodes(self.g, name), fmt, blocks, self.g.i64([width]))
 
-    def block_input(self, x: str, name: str) -> str:
+    def block_input(self, x: str, name: str, width: int) -> str:
         """x widened to float32 as a block linear reads it: as is, or quantized (x_format q8_0, the same
         nodes as the SparseGatedMLP function's)."""
         x = self.to_f32(x, name)
-        return quantize_x_nodes(_Nodes(self.g, name), x) if self.x == "q8_0" else x
+        return quantize_x_nodes(_Nodes(self.g, name), x, width) if self.x == "q8_0" else x
 
     def weight_only_matrix(self, name: str, enc, transpose: bool) -> str:
         """TensorRT's weight-only pattern of blocks enc (rows = outputs): DequantizeLinear of int4/int8 to T,
@@ -117,7 +117,7 @@ class _Decoder:
             enc = self.q.linear(lin)
             w = self.dequantized(self.w.add_blocks(names.linear_weight_blocks(name), enc.blocks, enc.fmt), enc.fmt,
                                  lin.in_features, name)
-            y = self.from_f32(self.g.op("MatMul", self.block_input(x, name), self.g.op("Transpose", w, perm=[1, 0],
+            y = self.from_f32(self.g.op("MatMul", self.block_input(x, name, lin.in_features), self.g.op("Transpose", w, perm=[1, 0],
                                                                                   name=name), name=name), name)
         if lin.bias is not None:
             y = self.g.op("Add", y, self.w.add(names.linear_bias(name), self.lm.tensor(lin, "bias")), name=name)
@@ -294,7 +294,7 @@ class _Decoder:
                 head = self.q.embedding(self.m.get_output_embeddings())
                 embed_w, fmt = self.w.add_blocks(names.LM_HEAD_BLOCKS, head.blocks, head.fmt), head.fmt
             lm_w = self.dequantized(embed_w, fmt, s.hidden, "lm_head")
-            flat = self.block_input(flat, "lm_head")
+            flat = self.block_input(flat, "lm_head", s.hidden)
         logits = g.op("Gemm", flat, lm_w, transB=1, name="lm_head")
         logits = g.op("Cast", logits, to=F32, name="lm_head")
         if s.final_softcap:

@@ -107,28 +107,31 @@ def dequantize(name: str, blocks: np.ndarray) -> np.ndarray:
 
 def quantize_x(x: np.ndarray) -> np.ndarray:
     """contract X_QUANT_SEMANTICS (x_format q8_0): float [..., H] -> float32 xq [..., H], each block of 32
-    along the last axis replaced by q * d (d = max|x| / 127, q = round-half-even(x * (1/d)), d = NaN for a
-    block holding inf/NaN)."""
+    along the last axis replaced by q * d (d = max|x| / 127, flushed to 0 below the smallest normal float32,
+    q = round-half-even(x * (1/d)), d = NaN for a block holding inf/NaN)."""
     v = np.asarray(x, dtype=np.float32)
     if v.shape[-1] % QUANT_BLOCK:
         raise ValueError(f"x_format q8_0 needs rows of a multiple of {QUANT_BLOCK} values, got {v.shape[-1]}")
     b = v.reshape(-1, QUANT_BLOCK)
-    finite = np.isfinite(b).all(axis=1)
-    with np.errstate(invalid="ignore", over="ignore"):
-        d = (np.abs(np.where(finite[:, None], b, 0)).max(axis=1) / np.float32(127)).astype(np.float32)
-        q = np.rint(b * _inverse(d)[:, None]).astype(np.float32)  # float32 product, then half to even
-        d = np.where(finite, d, np.float32(np.nan)).astype(np.float32)
-        return (q * d[:, None]).astype(np.float32).reshape(v.shape)
+    q, d = _x_blocks(b)
+    with np.errstate(over="ignore"):
+        return (q * d[:, None]).astype(np.float32).reshape(v.shape)  # q keeps the sign of a zero x
 
 
 def x_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The integers and scales of quantize_x: (q int8 [..., H], d float32 [..., H/32]); for kernels and tests
     that take integer dot products. Blocks holding inf/NaN get d = NaN and q = 0."""
     v = np.asarray(x, dtype=np.float32)
-    b = v.reshape(-1, QUANT_BLOCK)
+    q, d = _x_blocks(v.reshape(-1, QUANT_BLOCK))
+    return q.astype(np.int8).reshape(v.shape), d.reshape(*v.shape[:-1], v.shape[-1] // QUANT_BLOCK)
+
+
+def _x_blocks(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[n, 32] float32 -> (q float32 integers [n, 32], d float32 [n]): the contract's rule, d below the smallest normal
+    float32 flushed to 0 (q = 0), d = NaN and q = 0 for a block holding inf/NaN."""
     finite = np.isfinite(b).all(axis=1)
     bz = np.where(finite[:, None], b, 0).astype(np.float32)
     d = (np.abs(bz).max(axis=1) / np.float32(127)).astype(np.float32)
-    q = np.rint(bz * _inverse(d)[:, None]).astype(np.int8)
-    d = np.where(finite, d, np.float32(np.nan)).astype(np.float32)
-    return q.reshape(v.shape), d.reshape(*v.shape[:-1], v.shape[-1] // QUANT_BLOCK)
+    d = np.where(d < np.finfo(np.float32).tiny, np.float32(0), d).astype(np.float32)
+    q = np.rint(bz * _inverse(d)[:, None]).astype(np.float32)  # float32 product, then half to even
+    return q, np.where(finite, d, np.float32(np.nan)).astype(np.float32)

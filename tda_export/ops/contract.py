@@ -294,10 +294,13 @@ With x_format = q8_0 (only under a block weight_format), gate and up read xq ins
 (H values, widened to float32) is cut into blocks of 32 along H, and per block
   a     = max_i |x_i|
   d     = a / 127                     (float32)
-  id    = 1 / d                       (float32; 0 when d == 0)
-  q_i   = round_half_to_even(x_i * id) (float32 product; an integer in [-127, 127])
-  xq_i  = q_i * d                     (exact in float32)
-A block holding an inf or NaN has d = NaN (xq all NaN), so the gate/up values it enters are NaN.
+  if d < 2^-126 (the smallest normal float32; d == 0 included): d = 0 and every q_i = 0
+  else: id = 1 / d (float32, finite); q_i = round_half_to_even(x_i * id) (float32 product), an integer in
+        [-127, 127]
+  xq_i  = q_i * d                     (exact in float32; only a within a few ulps of the float32 maximum
+                                       can round it to +-inf)
+A block holding an inf or NaN has d = NaN (xq all NaN), so the gate/up values it enters are NaN. (Without
+the flush a subnormal d would make 1/d infinite, or x_i * id exceed 127, as ggml's rule does.)
 gate = xq . dequant(gate row), up = xq . dequant(up row), summed in float32. Realizations may sum a block
 as d * d_w * sum_i q_i * q_w(i) (+ d * m * sum_i q_i for q4_1) in integers: the same value up to float32
 rounding. z, the down projection and the scores are as with x_format = dtype (z is not quantized). This is

@@ -120,7 +120,7 @@ def quantize_x_nodes(b, x: str, width: str | int) -> str:
     int or the name of a [1] int64 tensor; a multiple of 32. b builds the nodes, with dequantize_blocks's
     interface (b(op_type, *inputs, **attrs) -> output name, b.const(value, onnx_type) -> name): the function
     body's gate/up input here, every block-format linear's input in the exporter (export/decoder.py).
-    Per block of 32: d = max|x| / 127, q = Round(x * (d == 0 ? 0 : 1 / d)) (Round is half to even),
+    Per block of 32: d = max|x| / 127 (0 below the smallest normal float32), q = Round(x * (d == 0 ? 0 : 1 / d)) (Round is half to even),
     xq = q * d, all float32; a block holding inf/NaN gets d = NaN (IsInf/IsNaN, ReduceMax over the block)."""
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
     if isinstance(width, int):
@@ -137,6 +137,8 @@ def quantize_x_nodes(b, x: str, width: str | int) -> str:
     # a is only used where the block is finite, so ReduceMax's NaN handling does not matter
     d = b("Div", b("ReduceMax", b("Abs", blk), axis, keepdims=1), b.const(127.0, f32))
     zero = b.const(0.0, f32)
+    # d below the smallest normal float32 (0 included): a zero block, so 1/d is always finite
+    d = b("Where", b("Less", d, b.const(float(np.finfo(np.float32).tiny), f32)), zero, d)
     inv = b("Where", b("Equal", d, zero), zero, b("Div", b.const(1.0, f32), d))  # 1/0 = inf is never taken
     q = b("Round", b("Mul", blk, inv))
     xq = b("Mul", q, b("Where", bad, b.const(float("nan"), f32), d))

@@ -60,13 +60,14 @@ def dequantize(weight_format: str, blocks: torch.Tensor) -> torch.Tensor:
 def quantize_x(x: torch.Tensor) -> torch.Tensor:
     """contract X_QUANT_SEMANTICS (x_format q8_0): float [..., H] -> float32 xq [..., H], exactly as
     ops/blocks.quantize_x: per block of 32 along the last dim d = max|x| / 127, q = round-half-even(x * (1/d))
-    (1/d = 0 when d == 0), xq = q * d; a block holding inf/NaN gets d = NaN. Any leading dims, 0 rows too."""
+    (d below the smallest normal float32 flushed to 0, 1/d = 0 then), xq = q * d; a block holding inf/NaN gets d = NaN. Any leading dims, 0 rows too."""
     v = x.float()
     if v.shape[-1] % QUANT_BLOCK:
         raise ValueError(f"x_format q8_0 needs rows of a multiple of {QUANT_BLOCK} values, got {v.shape[-1]}")
     b = v.reshape(*v.shape[:-1], v.shape[-1] // QUANT_BLOCK, QUANT_BLOCK)
     finite = torch.isfinite(b).all(-1, keepdim=True)
     d = torch.where(finite, b, 0.0).abs().amax(-1, keepdim=True) / 127.0   # float32 division
+    d = torch.where(d < torch.finfo(torch.float32).tiny, 0.0, d)              # subnormal d: a zero block
     inv = torch.where(d == 0, 0.0, 1.0 / d)                                  # 1/0 = inf is never taken
     q = torch.round(b * inv)                                                 # float32 product; half to even
     return (q * torch.where(finite, d, float("nan"))).reshape(v.shape)
