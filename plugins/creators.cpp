@@ -27,6 +27,9 @@ class SparseGatedMlpCreator final : public IPluginCreatorV3One {
     MlpAttrs attrs;
     if (report(parse_mlp_fields(fields.data(), int32_t(fields.size()), phase == TensorRTPhase::kBUILD, &attrs)))
       return nullptr;
+    // Fields this library's kernels do not run (x_format q8_0: CPU kernel library only) are refused now,
+    // building or deserializing, naming the field, rather than failing at the first enqueue.
+    if (report(mlp_check_backend(attrs, tda_backend()))) return nullptr;
     return make_sparse_gated_mlp(attrs);
   }
 

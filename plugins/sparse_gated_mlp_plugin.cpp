@@ -6,6 +6,8 @@
 // (weight_format q8_0/q4_0/q4_1, int8 inputs holding the contract's bytes;
 // down_weight_t possibly in a block format of its own, down_weight_format)
 // the blocks are first dequantized to T in the workspace (dequant.cu).
+// x_format q8_0 (quantized activations) is refused when the plugin is created:
+// the CUDA kernels and this prefill read x as is (mlp_check_backend).
 // Decode (runtime S == 1): tda_sparse_gated_mlp_decode in chunks of
 // TDA_MAX_BATCH on the blocks themselves, scores copied.
 #include <cublas_v2.h>
@@ -204,6 +206,8 @@ class SparseGatedMlpPlugin final : public IPluginV3,
   int32_t prefill(DType t, MlpSizes const& s, MlpBuffers const& buf, void* ws, cudaStream_t st) noexcept {
     PrefillPlan p;
     if (int32_t rc = report(prefill_plan(t, attrs_, s, buf, ws, abi_queries(), &p))) return rc;
+    // Never reached (the creator refuses x_format q8_0 here): this prefill has no quantizing step for xq.
+    if (p.xq) return report(mlp_check_backend(attrs_, tda_backend()));
     if (int32_t rc = ensure_cublas()) return rc;
     // cublasSetStream resets the workspace to cuBLAS's own pool, so the
     // workspace is set after it, every call (its address may change).

@@ -48,9 +48,9 @@ void sizes_out(const MlpSizes& s, int64_t* out) {
 
 MlpSizes sizes_in(const int64_t* v) { return MlpSizes{v[0], v[1], v[2], v[3]}; }
 
-// attrs: activation, score_norm, decode_version, weight_format, down_weight_format (the plugin's fields, parsed;
-// down_weight_format 0 = same).
-constexpr int32_t kNbAttrs = 5;
+// attrs: activation, score_norm, decode_version, weight_format, down_weight_format, x_format (the plugin's fields,
+// parsed; down_weight_format 0 = same).
+constexpr int32_t kNbAttrs = 6;
 MlpAttrs attrs_in(const int32_t* attrs) {
   MlpAttrs a;
   a.activation = tda_activation_t(attrs[0]);
@@ -58,6 +58,7 @@ MlpAttrs attrs_in(const int32_t* attrs) {
   a.decode_version = attrs[2];
   a.weight_format = tda_weight_format_t(attrs[3]);
   a.down_weight_format = tda_weight_format_t(attrs[4]);
+  a.x_format = tda_x_format_t(attrs[5]);
   return a;
 }
 
@@ -82,7 +83,7 @@ TDA_TRT_API int32_t tda_trt_mlp_nb_fields(void) { return kSparseGatedMlpNbFields
 TDA_TRT_API const char* tda_trt_mlp_field_name(int32_t i) { return kSparseGatedMlpFields[i]; }
 TDA_TRT_API int32_t tda_trt_mlp_nb_attrs(void) { return kNbAttrs; }
 
-// attrs: kNbAttrs int32 out (activation, score_norm, decode_version, weight_format, down_weight_format);
+// attrs: kNbAttrs int32 out (activation, score_norm, decode_version, weight_format, down_weight_format, x_format);
 // building as TensorRT's BUILD phase.
 TDA_TRT_API int tda_trt_mlp_parse_fields(int32_t nb, const char* const* names, const void* const* data,
                                          const int32_t* lengths, const int32_t* is_char, int32_t building,
@@ -95,7 +96,13 @@ TDA_TRT_API int tda_trt_mlp_parse_fields(int32_t nb, const char* const* names, c
   attrs[2] = a.decode_version;
   attrs[3] = a.weight_format;
   attrs[4] = a.down_weight_format;
+  attrs[5] = a.x_format;
   return 0;
+}
+
+// backend: the kernel library's tda_backend() ("cuda", "cpu"); fails naming a field that library does not run.
+TDA_TRT_API int tda_trt_mlp_check_backend(const int32_t* attrs, const char* backend, char* err) {
+  return fail(mlp_check_backend(attrs_in(attrs), backend), err);
 }
 
 TDA_TRT_API int tda_trt_select_parse_fields(int32_t nb, const char* const* names, const void* const* data,

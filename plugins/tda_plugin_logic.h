@@ -28,8 +28,8 @@ constexpr const char* kSelectActiveName = "SelectActive";
 // The ONNX attributes, then the plan fields (contract.PLAN_FIELDS) the
 // builder fixes and the plan records.
 constexpr const char* kSparseGatedMlpFields[] = {"activation", "score_norm", "weight_format", "down_weight_format",
-                                                 "decode_version"};
-constexpr int kSparseGatedMlpNbFields = 5;
+                                                 "x_format", "decode_version"};
+constexpr int kSparseGatedMlpNbFields = 6;
 // SelectActive has no fields.
 
 // ONNX node metadata that a parser may forward as fields; not attributes.
@@ -61,6 +61,10 @@ constexpr NamedEnum<tda_weight_format_t> kDownWeightFormats[] = {
 inline tda_weight_format_t down_format(tda_weight_format_t wf, tda_weight_format_t dwf) {
   return dwf == TDA_WEIGHTS_DTYPE ? wf : dwf;
 }
+// x_format field -> tda_x_format_t (contract.X_FORMATS order): "dtype" (gate/up read x as is) or "q8_0" (x
+// quantized per block of 32 along H, contract X_QUANT_SEMANTICS), only under a block weight_format. The CUDA
+// kernels and the C++ plugin's cuBLAS prefill run "dtype" only (mlp_check_backend).
+constexpr NamedEnum<tda_x_format_t> kXFormats[] = {{"dtype", TDA_X_DTYPE}, {"q8_0", TDA_X_Q8_0}};
 // Bytes of one block (contract BLOCK_FORMATS block_bytes); 0 for "dtype".
 inline int64_t weight_block_bytes(tda_weight_format_t f) {
   return f == TDA_WEIGHTS_Q8_0 ? 34 : (f == TDA_WEIGHTS_Q4_0 ? 18 : (f == TDA_WEIGHTS_Q4_1 ? 20 : 0));
@@ -120,6 +124,8 @@ struct MlpAttrs {
   // down_weight_t's own format (field down_weight_format): TDA_WEIGHTS_DTYPE = "same", else a block format
   // (only with a block weight_format; parse_mlp_fields refuses the rest).
   tda_weight_format_t down_weight_format = TDA_WEIGHTS_DTYPE;
+  // How gate/up read hidden_states (field x_format): TDA_X_Q8_0 only with a block weight_format.
+  tda_x_format_t x_format = TDA_X_DTYPE;
 };
 
 // decode_version when the fields do not carry it: an ONNX node (building)
@@ -175,8 +181,9 @@ inline Error parse_mlp_fields(const FieldView* fields, int32_t nb, bool building
     const bool is_norm = std::strcmp(f.name, kSparseGatedMlpFields[1]) == 0;
     const bool is_format = std::strcmp(f.name, kSparseGatedMlpFields[2]) == 0;
     const bool is_down = std::strcmp(f.name, kSparseGatedMlpFields[3]) == 0;
-    const bool is_version = std::strcmp(f.name, kSparseGatedMlpFields[4]) == 0;
-    if (!is_act && !is_norm && !is_format && !is_down && !is_version) {
+    const bool is_x = std::strcmp(f.name, kSparseGatedMlpFields[4]) == 0;
+    const bool is_version = std::strcmp(f.name, kSparseGatedMlpFields[5]) == 0;
+    if (!is_act && !is_norm && !is_format && !is_down && !is_x && !is_version) {
       if (ignored_field(f.name)) continue;
       return std::string("SparseGatedMLP: unknown field ") + f.name;
     }
@@ -190,6 +197,8 @@ inline Error parse_mlp_fields(const FieldView* fields, int32_t nb, bool building
       return "SparseGatedMLP: weight_format '" + s + "' not in " + choices(kWeightFormats);
     if (is_down && !lookup(kDownWeightFormats, s, &a.down_weight_format))
       return "SparseGatedMLP: down_weight_format '" + s + "' not in " + choices(kDownWeightFormats);
+    if (is_x && !lookup(kXFormats, s, &a.x_format))
+      return "SparseGatedMLP: x_format '" + s + "' not in " + choices(kXFormats);
     if (is_version && !lookup(kDecodeVersions, s, &a.decode_version))
       return "SparseGatedMLP: decode_version '" + s + "' not in " + choices(kDecodeVersions);
   }
@@ -197,7 +206,20 @@ inline Error parse_mlp_fields(const FieldView* fields, int32_t nb, bool building
   if (a.down_weight_format != TDA_WEIGHTS_DTYPE && a.weight_format == TDA_WEIGHTS_DTYPE)
     return std::string("SparseGatedMLP: down_weight_format '") + name_of(kDownWeightFormats, a.down_weight_format) +
            "' needs a block weight_format, not 'dtype'";
+  if (a.x_format != TDA_X_DTYPE && a.weight_format == TDA_WEIGHTS_DTYPE)
+    return std::string("SparseGatedMLP: x_format '") + name_of(kXFormats, a.x_format) +
+           "' needs a block weight_format, not 'dtype'";
   *out = a;
+  return {};
+}
+
+// Whether a kernel library (its tda_backend(): "cuda", "cpu") runs these fields, checked when a plugin is
+// created: the CUDA kernels return TDA_ERR_BAD_DTYPE for x_format q8_0 and the C++ plugin's prefill (cuBLAS on
+// the dequantized weights) reads x as is, so an engine with q8_0 activations runs on the CPU library only.
+inline Error mlp_check_backend(const MlpAttrs& a, const char* backend) {
+  if (a.x_format != TDA_X_DTYPE && std::strcmp(backend, "cpu") != 0)
+    return std::string("SparseGatedMLP: x_format '") + name_of(kXFormats, a.x_format) + "' runs on the CPU kernel " +
+           "library only, not the " + backend + " one: rebuild the engine with x_format dtype for TensorRT";
   return {};
 }
 
@@ -208,6 +230,7 @@ inline const char* mlp_field_value(int32_t i, const MlpAttrs& a) {
     case 1: return name_of(kScoreNorms, a.score_norm);
     case 2: return name_of(kWeightFormats, a.weight_format);
     case 3: return name_of(kDownWeightFormats, a.down_weight_format);
+    case 4: return name_of(kXFormats, a.x_format);
     default: return name_of(kDecodeVersions, a.decode_version);
   }
 }
@@ -493,14 +516,17 @@ struct MlpBuffers {
 // Workspace of a prefill, 256-byte aligned pieces:
 //   gate_up [M, I, 2] T | z [M, I] T | prefill-scores workspace | cuBLAS workspace
 //   | block weights only: the dequantized weights in T, gate_up [I, 2, H] then down_t [I, H]
+//   | x_format q8_0 only: xq [M, H] T, the quantized hidden_states the gate/up GEMM reads
 // Prefill is compute-bound, so block weights are dequantized to T (exact fp32 values rounded to T once:
 // the GEMM's input type) and the same cuBLAS GEMMs run on them; decode reads the blocks themselves.
+// (x_format q8_0 runs on the CPU kernel library only, i.e. in the Python plugin's CPU enqueue: mlp_check_backend.)
 struct PrefillLayout {
-  size_t gate_up, z, scores, cublas, weights, total;
+  size_t gate_up, z, scores, cublas, weights, xq, total;
 };
 
 inline PrefillLayout prefill_layout(DType t, int64_t batch, int64_t seq, int64_t inter, const KernelQueries& q,
-                                    tda_weight_format_t wf = TDA_WEIGHTS_DTYPE, int64_t hidden = 0) {
+                                    tda_weight_format_t wf = TDA_WEIGHTS_DTYPE, int64_t hidden = 0,
+                                    tda_x_format_t xf = TDA_X_DTYPE) {
   const size_t tokens = size_t(batch) * size_t(seq);
   tda_prefill_scores_args_t a{};
   a.dtype = abi_dtype(t);
@@ -513,8 +539,10 @@ inline PrefillLayout prefill_layout(DType t, int64_t batch, int64_t seq, int64_t
   l.scores = align256(l.z + tokens * size_t(inter) * elem_size(t));
   l.cublas = align256(l.scores + q.prefill_scores(&a));
   l.weights = align256(l.cublas + kCublasWorkspaceBytes);
-  l.total = wf == TDA_WEIGHTS_DTYPE ? l.cublas + kCublasWorkspaceBytes
-                                    : l.weights + 3 * size_t(inter) * size_t(hidden) * elem_size(t);
+  const size_t end = wf == TDA_WEIGHTS_DTYPE ? l.cublas + kCublasWorkspaceBytes
+                                             : l.weights + 3 * size_t(inter) * size_t(hidden) * elem_size(t);
+  l.xq = align256(end);
+  l.total = xf == TDA_X_DTYPE ? end : l.xq + tokens * size_t(hidden) * elem_size(t);
   return l;
 }
 
@@ -530,6 +558,7 @@ inline tda_decode_args_t decode_args(DType t, const MlpAttrs& attrs, const MlpSi
   a.version = attrs.decode_version;
   a.weight_format = attrs.weight_format;
   a.down_weight_format = attrs.down_weight_format;
+  a.x_format = attrs.x_format;
   const size_t row = size_t(s.hidden) * elem_size(t);  // one [H] row of hidden/output, in bytes
   a.hidden_states = buf.hidden ? static_cast<const char*>(buf.hidden) + b0 * row : nullptr;
   a.gate_up_weight = buf.gate_up;
@@ -576,13 +605,15 @@ inline DecodeCall decode_call(DType t, const MlpAttrs& attrs, const MlpSizes& s,
 inline size_t mlp_workspace_size(DType t, const MlpAttrs& attrs, const MlpSizes& max, int64_t min_seq,
                                  const KernelQueries& q) {
   size_t ws = 0;
-  if (max.seq != 1) ws = prefill_layout(t, max.batch, max.seq, max.inter, q, attrs.weight_format, max.hidden).total;
+  if (max.seq != 1)
+    ws = prefill_layout(t, max.batch, max.seq, max.inter, q, attrs.weight_format, max.hidden, attrs.x_format).total;
   if (min_seq <= 1 && max.seq >= 1) ws = std::max(ws, decode_workspace(t, attrs, max, q));
   return ws;
 }
 
 // Everything a prefill enqueue launches, in order: (block weights: dequantize
-// gate_up and down_t into the workspace, in T), gate/up GEMM, act(gate)*up
+// gate_up and down_t into the workspace, in T), (x_format q8_0: quantize
+// hidden_states into the workspace, in T), gate/up GEMM, act(gate)*up
 // into z (our kernel: no cuBLAS epilogue is a gated activation), the score
 // reduction of the C ABI, down GEMM.
 struct PrefillPlan {
@@ -602,6 +633,10 @@ struct PrefillPlan {
   int32_t down_weight_format;  // down_t's format itself (down_format: never "same")
   void* gate_up_t;  // [I, 2, H] T
   void* down_t;     // [I, H] T
+  // x_format q8_0: hidden_states quantized (contract X_QUANT_SEMANTICS, exact in float32, rounded to T as the
+  // weights are) into xq, which the gate/up GEMM reads (gate_up_gemm.b); dtype: nullptr, the GEMM reads the input.
+  int32_t x_format;
+  void* xq;  // [M, H] T
 };
 
 // ws: at least prefill_layout(...).total bytes, which getWorkspaceSize
@@ -610,7 +645,8 @@ inline Error prefill_plan(DType t, const MlpAttrs& attrs, const MlpSizes& s, con
                           const KernelQueries& q, PrefillPlan* out) {
   const int64_t tokens = s.batch * s.seq;
   if (tokens > INT32_MAX || 2 * s.inter > INT32_MAX) return "prefill: B*S or 2*I exceeds cuBLAS's int sizes";
-  const PrefillLayout l = prefill_layout(t, s.batch, s.seq, s.inter, q, attrs.weight_format, s.hidden);
+  const PrefillLayout l = prefill_layout(t, s.batch, s.seq, s.inter, q, attrs.weight_format, s.hidden,
+                                         attrs.x_format);
   if (!ws) return "prefill: no workspace";
   char* base = static_cast<char*>(ws);
   PrefillPlan p{};
@@ -627,7 +663,10 @@ inline Error prefill_plan(DType t, const MlpAttrs& attrs, const MlpSizes& s, con
   p.down_t = blocks ? base + l.weights + 2 * size_t(I) * size_t(H) * elem_size(t) : nullptr;
   const void* gate_up_w = blocks ? p.gate_up_t : buf.gate_up;
   const void* down_w = blocks ? p.down_t : buf.down_t;
-  p.gate_up_gemm = {true, false, 2 * I, M, H, gate_up_w, H, buf.hidden, H, p.gate_up, 2 * I};
+  p.x_format = attrs.x_format;
+  p.xq = attrs.x_format != TDA_X_DTYPE ? base + l.xq : nullptr;
+  const void* x = p.xq ? p.xq : buf.hidden;
+  p.gate_up_gemm = {true, false, 2 * I, M, H, gate_up_w, H, x, H, p.gate_up, 2 * I};
   // Row-major out[M, H] = z[M, I] . Wd_t[I, H] is column-major out^T = Wd_t^T . z^T,
   // both already in that layout: no transposes.
   p.down_gemm = {false, false, H, M, I, down_w, H, p.z, I, buf.output, H};

@@ -6,7 +6,7 @@
 // Types: f32 f16 bf16 i32 other i8; a trailing "!" marks a non-linear format.
 // Fields: name=value (char), name:nul=value (char with NUL), name:int=value.
 // Weight format: "wf=q4_0" right after a command sets the plugin's weight_format (default dtype), then
-// "dwf=q8_0" its down_weight_format (default same).
+// "dwf=q8_0" its down_weight_format (default same), "xf=q8_0" its x_format (default dtype).
 #include <cmath>
 #include <iostream>
 #include <sstream>
@@ -145,21 +145,34 @@ std::string shape_text(const OutputShape& o) {
 std::string answer(const std::string& text) {
   std::string line = text, cmd;
   tda_weight_format_t wf = TDA_WEIGHTS_DTYPE, dwf = TDA_WEIGHTS_DTYPE;
+  tda_x_format_t xf = TDA_X_DTYPE;
   {
     std::istringstream head(line);
     std::string tok;
     head >> cmd;
     while (head >> tok) {
       const bool is_wf = tok.rfind("wf=", 0) == 0, is_dwf = tok.rfind("dwf=", 0) == 0;
-      if (!is_wf && !is_dwf) break;
+      const bool is_xf = tok.rfind("xf=", 0) == 0;
+      if (!is_wf && !is_dwf && !is_xf) break;
       if (is_wf && !lookup(kWeightFormats, tok.substr(3), &wf)) return "error weight format " + tok;
       if (is_dwf && !lookup(kDownWeightFormats, tok.substr(4), &dwf)) return "error down weight format " + tok;
+      if (is_xf && !lookup(kXFormats, tok.substr(3), &xf)) return "error x format " + tok;
       line.erase(line.find(tok), tok.size());
     }
   }
   std::istringstream in(line);
   in >> cmd;
   // mlp_fields: an ONNX node's fields (TensorRT's BUILD phase); plan_fields: a plan's (RUNTIME).
+  // backend=NAME first: then whether a kernel library of that tda_backend() runs the fields (mlp_check_backend).
+  std::string backend;
+  if (cmd == "mlp_fields" || cmd == "plan_fields") {
+    const std::streampos at = in.tellg();
+    std::string tok;
+    if (in >> tok && tok.rfind("backend=", 0) == 0)
+      backend = tok.substr(8);
+    else
+      in.seekg(at);
+  }
   if (cmd == "mlp_fields" || cmd == "plan_fields" || cmd == "select_fields") {
     std::vector<OwnedField> own;
     const std::vector<FieldView> f = parse_fields(in, &own);
@@ -168,6 +181,8 @@ std::string answer(const std::string& text) {
                                            : parse_mlp_fields(f.data(), int32_t(f.size()), cmd == "mlp_fields", &a);
     if (!e.empty()) return "error " + e;
     if (cmd == "select_fields") return "ok";
+    if (!backend.empty())
+      if (Error b = mlp_check_backend(a, backend.c_str()); !b.empty()) return "error " + b;
     std::string out = "ok " + std::to_string(a.activation) + " " + std::to_string(a.score_norm) + " " +
                       std::to_string(a.decode_version);
     for (int32_t i = 0; i < kSparseGatedMlpNbFields; ++i) out += std::string(i ? "," : " ") + mlp_field_value(i, a);
@@ -180,6 +195,7 @@ std::string answer(const std::string& text) {
     for (const auto& e : kDtypes) s += " dtype:" + std::string(e.name) + "=" + std::to_string(e.value);
     for (const auto& e : kDownWeightFormats)
       s += " down_weight_format:" + std::string(e.name) + "=" + std::to_string(e.value);
+    for (const auto& e : kXFormats) s += " x_format:" + std::string(e.name) + "=" + std::to_string(e.value);
     return s;
   }
   if (cmd == "mlp_shapes" || cmd == "select_shapes") {
@@ -251,22 +267,26 @@ std::string answer(const std::string& text) {
     built.decode_version = absent_decode_version(true);
     built.weight_format = wf;
     built.down_weight_format = dwf;
+    built.x_format = xf;
     if (cmd == "mlp_ws") return std::to_string(mlp_workspace_size(parse_type(t), built, s, min_seq, kFake));
-    const PrefillLayout l = prefill_layout(parse_type(t), s.batch, s.seq, s.inter, kFake, wf, s.hidden);
+    const PrefillLayout l = prefill_layout(parse_type(t), s.batch, s.seq, s.inter, kFake, wf, s.hidden, xf);
     std::string out = std::to_string(l.gate_up) + " " + std::to_string(l.z) + " " + std::to_string(l.scores) + " " +
                       std::to_string(l.cublas) + " " + std::to_string(l.total);
-    return wf == TDA_WEIGHTS_DTYPE ? out : out + " weights " + std::to_string(l.weights);
+    if (wf != TDA_WEIGHTS_DTYPE) out += " weights " + std::to_string(l.weights);
+    return xf == TDA_X_DTYPE ? out : out + " xq " + std::to_string(l.xq);
   }
-  if (cmd == "prefill_weights") {  // wf=F type B S H I: where the GEMMs read their weights (workspace offsets or "in")
+  // wf=F type B S H I: where the GEMMs read their weights (workspace offsets or "in"); with xf=, where gate/up read x
+  if (cmd == "prefill_weights") {
     std::string t;
     MlpSizes s;
     in >> t >> s.batch >> s.seq >> s.hidden >> s.inter;
     MlpAttrs attrs;
     attrs.weight_format = wf;
     attrs.down_weight_format = dwf;
-    std::vector<char> ws(prefill_layout(parse_type(t), s.batch, s.seq, s.inter, kFake, wf, s.hidden).total);
-    char gu_in = 0, down_in = 0;
-    const MlpBuffers buf{nullptr, &gu_in, &down_in, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+    attrs.x_format = xf;
+    std::vector<char> ws(prefill_layout(parse_type(t), s.batch, s.seq, s.inter, kFake, wf, s.hidden, xf).total);
+    char x_in = 0, gu_in = 0, down_in = 0;
+    const MlpBuffers buf{&x_in, &gu_in, &down_in, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
     PrefillPlan p;
     if (Error e = prefill_plan(parse_type(t), attrs, s, buf, ws.data(), kFake, &p); !e.empty()) return "error " + e;
     auto where = [&](const void* a, const void* input) {
@@ -275,7 +295,9 @@ std::string answer(const std::string& text) {
     return "ok wf" + std::to_string(p.weight_format) + " dwf" + std::to_string(p.down_weight_format) + " " +
            where(p.gate_up_gemm.a, &gu_in) + " " +
            where(p.down_gemm.a, &down_in) + " " + (p.gate_up_t ? where(p.gate_up_t, nullptr) : "-") + " " +
-           (p.down_t ? where(p.down_t, nullptr) : "-");
+           (p.down_t ? where(p.down_t, nullptr) : "-") +
+           (xf == TDA_X_DTYPE ? "" : " xf" + std::to_string(p.x_format) + " x:" + where(p.gate_up_gemm.b, &x_in) +
+                                         " xq:" + (p.xq ? where(p.xq, nullptr) : "-"));
   }
   if (cmd == "select_ws") {
     int64_t b, i;
@@ -303,6 +325,7 @@ std::string answer(const std::string& text) {
     MlpAttrs attrs;
     attrs.weight_format = wf;
     attrs.down_weight_format = dwf;
+    attrs.x_format = xf;
     char* base = reinterpret_cast<char*>(uintptr_t(1) << 20);
     const MlpBuffers buf{base, base, base, reinterpret_cast<int32_t*>(base), reinterpret_cast<int32_t*>(base),
                          nullptr, nullptr, base, nullptr};
@@ -314,7 +337,8 @@ std::string answer(const std::string& text) {
              off(a.active_idx) + ":" + off(a.active_count) + ":" + off(a.output) + ":dtype" +
              std::to_string(a.dtype) + ":det" + std::to_string(a.deterministic) +
              (wf == TDA_WEIGHTS_DTYPE ? "" : ":wf" + std::to_string(a.weight_format)) +
-             (dwf == TDA_WEIGHTS_DTYPE ? "" : ":dwf" + std::to_string(a.down_weight_format));
+             (dwf == TDA_WEIGHTS_DTYPE ? "" : ":dwf" + std::to_string(a.down_weight_format)) +
+             (xf == TDA_X_DTYPE ? "" : ":xf" + std::to_string(a.x_format));
     }
     return out;
   }

@@ -103,6 +103,8 @@ def test_enum_tables_match_contract_order():
     # down_weight_format: "same" = 0, else the block format's own tda_weight_format_t (the ABI's field).
     assert [n for n, _ in _table("kDownWeightFormats")] == list(contract.DOWN_WEIGHT_FORMATS)
     assert [values[e] for _, e in _table("kDownWeightFormats")] == list(range(len(contract.DOWN_WEIGHT_FORMATS)))
+    assert [n for n, _ in _table("kXFormats")] == list(contract.X_FORMATS)
+    assert [values[e] for _, e in _table("kXFormats")] == list(range(len(contract.X_FORMATS)))
 
 
 def test_compiled_tables_match_contract_order(run):
@@ -112,6 +114,7 @@ def test_compiled_tables_match_contract_order(run):
     expect |= {f"score_norm:{n}": str(i) for i, n in enumerate(SCORE_NORMS)}
     expect |= {f"dtype:{d}": str(i) for i, d in enumerate(DTYPES)}
     expect |= {f"down_weight_format:{d}": str(i) for i, d in enumerate(contract.DOWN_WEIGHT_FORMATS)}
+    expect |= {f"x_format:{x}": str(i) for i, x in enumerate(contract.X_FORMATS)}
     assert pairs == expect
 
 
@@ -119,7 +122,7 @@ def test_compiled_tables_match_contract_order(run):
 
 def _ok(act: int, norm: int, version: int = 1) -> str:
     """The answer of a parse: codes, then the values the plugin serializes."""
-    return f"ok {act} {norm} {version} {ACTIVATIONS[act]},{SCORE_NORMS[norm]},dtype,same,{version}"
+    return f"ok {act} {norm} {version} {ACTIVATIONS[act]},{SCORE_NORMS[norm]},dtype,same,dtype,{version}"
 
 
 def test_every_contract_value_parses(run):
@@ -160,6 +163,11 @@ def test_field_defaults_nul_and_metadata(run):
     ("weight_format=q4_1 down_weight_format=dtype", "down_weight_format 'dtype' not in same, q8_0, q4_0, q4_1"),
     ("down_weight_format=q8_0", "down_weight_format 'q8_0' needs a block weight_format, not 'dtype'"),
     ("down_weight_format=q8_0 weight_format=dtype", "down_weight_format 'q8_0' needs a block weight_format"),
+    ("weight_format=q4_0 x_format=q4_0", "x_format 'q4_0' not in dtype, q8_0"),
+    ("weight_format=q8_0 x_format=Q8_0", "x_format 'Q8_0' not in dtype, q8_0"),
+    ("x_format=q8_0", "x_format 'q8_0' needs a block weight_format, not 'dtype'"),
+    ("x_format=q8_0 weight_format=dtype down_weight_format=same", "x_format 'q8_0' needs a block weight_format"),
+    ("weight_format=q4_1 x_format:int=q8_0", "field x_format must be a char (string) field"),
 ])
 def test_bad_fields_rejected(run, fields, message):
     (answer,) = run(f"mlp_fields {fields}")
@@ -351,7 +359,7 @@ def test_every_weight_format_parses_and_is_serialized(run):
     for name in contract.WEIGHT_FORMATS:
         for cmd in ("mlp_fields", "plan_fields"):
             (answer,) = run(f"{cmd} weight_format={name}")
-            assert answer == f"ok 0 0 1 silu,token_l2,{name},same,1", answer
+            assert answer == f"ok 0 0 1 silu,token_l2,{name},same,dtype,1", answer
 
 
 def test_down_weight_format_parses_and_is_serialized(run):
@@ -362,9 +370,43 @@ def test_down_weight_format_parses_and_is_serialized(run):
             for cmd in ("mlp_fields", "plan_fields"):
                 assert run(f"{cmd} weight_format={wf} down_weight_format={down}",
                            f"{cmd} down_weight_format:nul={down} weight_format={wf}") == \
-                    [f"ok 0 0 1 silu,token_l2,{wf},{down},1"] * 2
-    assert run("plan_fields weight_format=q4_1 decode_version=1") == ["ok 0 0 1 silu,token_l2,q4_1,same,1"]
-    assert run("plan_fields weight_format=dtype down_weight_format=same") == ["ok 0 0 1 silu,token_l2,dtype,same,1"]
+                    [f"ok 0 0 1 silu,token_l2,{wf},{down},dtype,1"] * 2
+    assert run("plan_fields weight_format=q4_1 decode_version=1") == ["ok 0 0 1 silu,token_l2,q4_1,same,dtype,1"]
+    assert run("plan_fields weight_format=dtype down_weight_format=same") == \
+        ["ok 0 0 1 silu,token_l2,dtype,same,dtype,1"]
+
+
+def test_x_format_parses_and_is_serialized(run):
+    """x_format q8_0 under every block weight_format (and a down format of its own), in any field order, from an
+    ONNX node or a plan; absent (a plan serialized before the field existed, a node without it) it is dtype."""
+    for wf in contract.BLOCK_FORMATS:
+        for x in contract.X_FORMATS:
+            for cmd in ("mlp_fields", "plan_fields"):
+                assert run(f"{cmd} weight_format={wf} x_format={x}", f"{cmd} x_format:nul={x} weight_format={wf}",
+                           f"{cmd} x_format={x} down_weight_format=q8_0 weight_format={wf}") == \
+                    [f"ok 0 0 1 silu,token_l2,{wf},same,{x},1"] * 2 + [f"ok 0 0 1 silu,token_l2,{wf},q8_0,{x},1"]
+    assert run("plan_fields weight_format=q4_0 decode_version=2") == ["ok 0 0 2 silu,token_l2,q4_0,same,dtype,2"]
+    assert run("plan_fields x_format=dtype") == ["ok 0 0 1 silu,token_l2,dtype,same,dtype,1"]
+
+
+def test_x_format_q8_0_runs_on_the_cpu_library_only(run):
+    """The CUDA kernels return TDA_ERR_BAD_DTYPE for x_format q8_0 and the C++ prefill (cuBLAS on the dequantized
+    weights) reads x as is: a plugin over the CUDA library refuses the field when created, naming it and what to do;
+    over the CPU library (the Python plugin's CPU enqueue) it is accepted. x_format dtype runs everywhere."""
+    refused = ("error SparseGatedMLP: x_format 'q8_0' runs on the CPU kernel library only, not the cuda one: "
+               "rebuild the engine with x_format dtype for TensorRT")
+    for cmd in ("mlp_fields", "plan_fields"):
+        assert run(f"{cmd} backend=cuda weight_format=q4_0 x_format=q8_0",
+                   f"{cmd} backend=cpu weight_format=q4_0 x_format=q8_0",
+                   f"{cmd} backend=cuda weight_format=q4_0 x_format=dtype",
+                   f"{cmd} backend=cuda") == \
+            [refused, "ok 0 0 1 silu,token_l2,q4_0,same,q8_0,1", "ok 0 0 1 silu,token_l2,q4_0,same,dtype,1",
+             "ok 0 0 1 silu,token_l2,dtype,same,dtype,1"]
+    # a library other than the two is not assumed to run it either; field errors come first
+    assert run("mlp_fields backend=metal weight_format=q8_0 x_format=q8_0") == \
+        [refused.replace("not the cuda one", "not the metal one")]
+    (bad,) = run("mlp_fields backend=cuda x_format=q8_0")
+    assert "needs a block weight_format" in bad
 
 
 def _qmlp(name, I=24, B=2, S=5, **kw):
@@ -445,3 +487,27 @@ def test_block_weight_prefill_dequantizes_into_the_workspace(run):
         [f"ok wf3 dwf1 {weights} {down} {weights} {down}"]
     (chunks,) = run("decode_chunks wf=q4_0 dwf=q8_0 bf16 2 64 24")
     assert chunks.split()[1].endswith(":wf2:dwf1")
+
+
+def test_x_format_q8_0_prefill_quantizes_x_into_the_workspace(run):
+    """x_format q8_0: the prefill reserves xq [M, H] in T after the dequantized weights and the gate/up GEMM reads
+    it (gate_up_gemm.b) instead of hidden_states; the rest of the layout is unchanged; decode passes x_format to the
+    C ABI (whose workspace query then decides the decode workspace)."""
+    H, I = 64, 24
+    (plain,) = run("prefill_layout wf=q4_1 bf16 4 9 64 24")
+    (line,) = run("prefill_layout wf=q4_1 xf=q8_0 bf16 4 9 64 24")
+    p, q = plain.split(), line.split()
+    assert q[:4] + q[5:7] == p[:4] + p[5:] and q[7] == "xq"  # the same pieces, xq added at the end
+    total, weights, xq = int(q[4]), int(q[6]), int(q[8])
+    assert xq % 256 == 0 and xq >= int(p[4]) == weights + 3 * I * H * 2 and total == xq + 4 * 9 * H * 2
+    down = weights + 2 * I * H * 2
+    assert run("prefill_weights wf=q4_1 xf=q8_0 bf16 4 9 64 24", "prefill_weights wf=q4_1 bf16 4 9 64 24",
+               "prefill_weights wf=q8_0 dwf=q4_0 xf=dtype f32 1 3 64 24") == \
+        [f"ok wf3 dwf3 {weights} {down} {weights} {down} xf1 x:{xq} xq:{xq}",
+         f"ok wf3 dwf3 {weights} {down} {weights} {down}",
+         run("prefill_weights wf=q8_0 dwf=q4_0 f32 1 3 64 24")[0]]
+    assert int(run("mlp_ws wf=q4_1 xf=q8_0 bf16 4 9 64 24 2")[0]) == total
+    (one,) = run("prefill_layout wf=q8_0 xf=q8_0 f32 1 1 64 24")  # M = 1: one row of xq
+    assert int(one.split()[4]) == int(one.split()[8]) + H * 4
+    (chunks,) = run("decode_chunks wf=q4_0 dwf=q8_0 xf=q8_0 bf16 70 64 24")
+    assert [c.split(":")[-3:] for c in chunks.split()[1:]] == [["wf2", "dwf1", "xf1"]] * 2

@@ -4,6 +4,7 @@ the C++ plugin logic, profiles, layer accounting, option checks and the missing-
 import ctypes
 import importlib.util
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -11,10 +12,10 @@ from click.testing import CliRunner
 from tda_export.cli import main
 from tda_export.export.weight_only import int_bits
 from tda_export.ops.contract import ACTIVATIONS, PLUGIN_FIELDS, PLUGIN_NAMESPACE, PLUGIN_VERSION, SCORE_NORMS
-from tda_export.ops.contract import DOWN_WEIGHT_FORMATS, SELECT_ACTIVE, SPARSE_GATED_MLP, WEIGHT_FORMATS
+from tda_export.ops.contract import DOWN_WEIGHT_FORMATS, SELECT_ACTIVE, SPARSE_GATED_MLP, WEIGHT_FORMATS, X_FORMATS
 from tda_export.trt import logic as lg
 from tda_export.trt.build.layers import Layer, PluginCoverageError, check_coverage, summary
-from tda_export.trt.build.plan import PlanError, PlanOptions, check_options, compute_capabilities
+from tda_export.trt.build.plan import PlanError, PlanOptions, build_plan, check_options, compute_capabilities
 from tda_export.trt.build.profiles import Limits, ProfileError, profiles
 
 
@@ -37,11 +38,12 @@ def test_identity_and_fields_are_the_contracts(L):
                                                       ("score_norm", norm.encode() + b"\0"),
                                                       ("weight_format", b"dtype\0"),
                                                       ("down_weight_format", b"same\0"),
+                                                      ("x_format", b"dtype\0"),
                                                       ("decode_version", b"2\0")]
             # ... and parsed back, with or without the NUL (ONNX parsers pass none).
             assert L.parse_mlp_fields([(k, v, True) for k, v in L.mlp_serialized_fields(attrs)], False) == attrs
             assert L.parse_mlp_fields([("activation", act.encode(), True), ("score_norm", norm.encode(), True)],
-                                      False) == (a, n, 1, 0, 0)
+                                      False) == (a, n, 1, 0, 0, 0)
     for w, fmt in enumerate(WEIGHT_FORMATS):  # the block formats by their contract index (tda_weight_format_t)
         assert L.parse_mlp_fields([("weight_format", fmt.encode(), True)], False).weight_format == w
     # down_weight_format: its contract index is the ABI's field (0 = same), round-tripped through serialization.
@@ -50,6 +52,12 @@ def test_identity_and_fields_are_the_contracts(L):
                                    True)
         assert (attrs.weight_format, attrs.down_weight_format) == (3, d)
         assert dict(L.mlp_serialized_fields(attrs))["down_weight_format"] == down.encode() + b"\0"
+        assert L.parse_mlp_fields([(k, v, True) for k, v in L.mlp_serialized_fields(attrs)], False) == attrs
+    # x_format: its contract index is the ABI's tda_x_format_t, round-tripped through serialization.
+    for x, name in enumerate(X_FORMATS):
+        attrs = L.parse_mlp_fields([("x_format", name.encode(), True), ("weight_format", b"q4_0", True)], True)
+        assert (attrs.weight_format, attrs.x_format) == (2, x)
+        assert dict(L.mlp_serialized_fields(attrs))["x_format"] == name.encode() + b"\0"
         assert L.parse_mlp_fields([(k, v, True) for k, v in L.mlp_serialized_fields(attrs)], False) == attrs
 
 
@@ -62,13 +70,28 @@ def test_bad_fields_name_the_field(L):
         L.parse_mlp_fields([("activation", b"\x01\x00\x00\x00", False)], True)
     with pytest.raises(lg.LogicError, match="decode_version '3' not in 1, 2"):
         L.parse_mlp_fields([("decode_version", b"3", True)], False)
-    assert L.parse_mlp_fields([("plugin_namespace", b"tda", True)], False) == (0, 0, 1, 0, 0)
+    assert L.parse_mlp_fields([("plugin_namespace", b"tda", True)], False) == (0, 0, 1, 0, 0, 0)
     with pytest.raises(lg.LogicError, match="down_weight_format 'q4_k' not in same, q8_0, q4_0, q4_1"):
         L.parse_mlp_fields([("weight_format", b"q4_1", True), ("down_weight_format", b"q4_k", True)], True)
     with pytest.raises(lg.LogicError, match="down_weight_format 'q8_0' needs a block weight_format, not 'dtype'"):
         L.parse_mlp_fields([("down_weight_format", b"q8_0", True)], True)
     with pytest.raises(lg.LogicError, match="SelectActive: unknown field activation"):
         L.parse_select_fields([("activation", b"silu", True)])
+    with pytest.raises(lg.LogicError, match="x_format 'q8_1' not in dtype, q8_0"):
+        L.parse_mlp_fields([("weight_format", b"q8_0", True), ("x_format", b"q8_1", True)], True)
+    with pytest.raises(lg.LogicError, match="x_format 'q8_0' needs a block weight_format, not 'dtype'"):
+        L.parse_mlp_fields([("x_format", b"q8_0", True), ("weight_format", b"dtype", True)], False)
+
+
+def test_x_format_q8_0_is_refused_over_the_cuda_library(L):
+    """What the Python plugin's creator asks (with the loaded kernel library's tda_backend()) before it makes a
+    plugin: x_format q8_0 runs on the CPU library only."""
+    q8 = L.parse_mlp_fields([("weight_format", b"q4_1", True), ("x_format", b"q8_0", True)], True)
+    with pytest.raises(lg.LogicError, match="x_format 'q8_0' runs on the CPU kernel library only, not the cuda one: "
+                                            "rebuild the engine with x_format dtype for TensorRT"):
+        L.mlp_check_backend(q8, "cuda")
+    L.mlp_check_backend(q8, "cpu")
+    L.mlp_check_backend(q8._replace(x_format=0), "cuda")
 
 
 def _mlp_shapes(B=2, S=64, S_valid=None, H=16, I=24):
@@ -145,6 +168,31 @@ def test_launch_arguments_of_an_own_down_format(L):
     assert L.mlp_check_shapes(shapes, 3, 1) == (2, 1, H, I)
     with pytest.raises(lg.LogicError, match="down_weight_t: last dimension 68 but weight_format q4_1 .* needs 40"):
         L.mlp_check_shapes(shapes, 3)
+
+
+def test_launch_arguments_of_quantized_activations(L):
+    """x_format q8_0 (on the CPU kernel library): decode passes it to the C ABI; the prefill plan reserves xq [M, H]
+    in T after the dequantized weights and points the gate/up GEMM's x at it; x_format dtype reads hidden_states."""
+    from tda_export.kernels.abi import X_FORMAT_CODE, cpu_library
+
+    q = lg.kernel_queries(cpu_library())
+    buf = lg.MlpBuffers(*[0x10000 * (i + 1) for i in range(9)])
+    H, I, M = 64, 24, 10
+    attrs = lg.MlpAttrs(0, 0, 1, WEIGHT_FORMATS.index("q4_0"), DOWN_WEIGHT_FORMATS.index("q8_0"),
+                        X_FORMAT_CODE["q8_0"])
+    a, _ = L.decode_call(lg.HALF, attrs, (2, 1, H, I), 0, 2, buf, q)
+    assert (a.weight_format, a.down_weight_format, a.x_format) == (2, 1, 1)
+    assert L.decode_call(lg.HALF, attrs._replace(x_format=0), (2, 1, H, I), 0, 2, buf, q)[0].x_format == 0
+    ws = ctypes.create_string_buffer(1 << 26)
+    plan = L.prefill_plan(lg.HALF, attrs, (2, 5, H, I), buf, ctypes.addressof(ws), q)
+    assert plan.x_format == 1 and plan.gate_up_gemm.b == plan.xq
+    assert (plan.xq - ctypes.addressof(ws)) % 256 == 0 and plan.xq >= plan.down_t + I * H * 2
+    plain = L.prefill_plan(lg.HALF, attrs._replace(x_format=0), (2, 5, H, I), buf, ctypes.addressof(ws), q)
+    assert (plain.x_format, plain.xq, plain.gate_up_gemm.b) == (0, None, buf.hidden)
+    sizes = L.mlp_max_sizes(_mlp_shapes(B=2, S=5, H=H, I=I), 0)
+    need = L.mlp_workspace_size(lg.HALF, attrs, sizes, 2, q)
+    assert need == plan.xq - ctypes.addressof(ws) + M * H * 2  # the reservation ends with xq
+    assert need > L.mlp_workspace_size(lg.HALF, attrs._replace(x_format=0), sizes, 2, q)
 
 
 def test_types_formats_and_output_shapes(L):
@@ -256,6 +304,54 @@ def test_options_checked_before_building(tmp_path):
         check_options(PlanOptions("tensorrt-rtx", optimization_level=7), 512, "float16")
     with pytest.raises(PlanError, match="--plugin-library .*: no such file"):
         check_options(PlanOptions("tensorrt-rtx", plugin_library=tmp_path / "nope.so"), 512, "float16")
+
+
+def _tda_graph(path, x_formats):
+    """A graph of SparseGatedMLP nodes with these x_format attributes (None: the attribute absent), as the
+    exporter writes them (domain tda): all a plan build reads before TensorRT starts."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    names = SPARSE_GATED_MLP.input_names
+    nodes = []
+    for i, x in enumerate(x_formats):
+        attrs = {"weight_format": "q4_0", **({} if x is None else {"x_format": x})}
+        nodes.append(helper.make_node(SPARSE_GATED_MLP.name, names, [f"out{i}", f"scores{i}"],
+                                      name=f"layers.{i}.mlp.sparse_gated_mlp", domain="tda", **attrs))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names],
+                              [helper.make_tensor_value_info(f"out{i}", TensorProto.FLOAT, None)
+                               for i in range(len(x_formats))])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("tda", 1)]),
+              path)
+    return path
+
+
+def test_quantized_activations_are_refused_before_building(tmp_path):
+    """x_format q8_0 runs on the CPU kernel library only: a plan (CUDA kernels and plugins) is refused naming the
+    node and the field, from the graph before TensorRT starts, or from the engine's option before the model
+    loads; x_format dtype (or none: a graph exported before the attribute) goes on."""
+    from tda_export.trt.build.plan import check_graph
+
+    message = ("x_format q8_0 (quantized activations) runs on the CPU kernel library only: a TensorRT plan runs "
+               "the CUDA kernels and plugins, which read x as is; rebuild the engine with x_format dtype for TensorRT")
+    with pytest.raises(PlanError, match=re.escape("--target tensorrt-rtx: q.onnx: node layers.1.mlp.sparse_gated_mlp "
+                                                  "(and 1 more) has " + message)):
+        check_graph(_tda_graph(tmp_path / "q.onnx", ["dtype", "q8_0", "q8_0"]), "tensorrt-rtx")
+    with pytest.raises(PlanError, match=re.escape("layers.0.mlp.sparse_gated_mlp has x_format q8_0")):
+        check_graph(_tda_graph(tmp_path / "one.onnx", ["q8_0"]), "tensorrt")
+    check_graph(_tda_graph(tmp_path / "d.onnx", ["dtype", None]), "tensorrt-rtx")
+    with pytest.raises(PlanError, match=re.escape("--target tensorrt-rtx: " + message)):
+        check_options(PlanOptions("tensorrt-rtx"), None, "float16", x_format="q8_0")
+
+
+def test_build_plan_of_quantized_activations_writes_nothing(tmp_path):
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 not installed")  # check_options asks for it
+    out = tmp_path / "e"
+    out.mkdir()
+    with pytest.raises(PlanError, match="node layers.0.mlp.sparse_gated_mlp has x_format q8_0"):
+        build_plan(_tda_graph(tmp_path / "q.onnx", ["q8_0"]), out, [], 64, "float16", PlanOptions("tensorrt-rtx"),
+                   progress=False)
+    assert list(out.iterdir()) == []
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="datacenter TensorRT is installed")

@@ -101,7 +101,8 @@ def test_sparse_gated_mlp_prefill_and_decode(on_cpu, activation, score_norm):
                                    trt.TensorRTPhase.RUNTIME)
     served = {f.name: bytes(np.asarray(f.data).tobytes()) for f in plugin.get_fields_to_serialize()}
     assert served == {"activation": activation.encode() + b"\0", "score_norm": score_norm.encode() + b"\0",
-                      "weight_format": b"dtype\0", "down_weight_format": b"same\0", "decode_version": b"1\0"}
+                      "weight_format": b"dtype\0", "down_weight_format": b"same\0", "x_format": b"dtype\0",
+                      "decode_version": b"1\0"}
     rng = np.random.default_rng(0)
     for seq in (5, 1):  # prefill, then decode with every mask shape
         hidden, gate_up, down_t, token_valid, scores_in = mlp_inputs(rng, 3, seq)
@@ -213,6 +214,57 @@ def test_creator_rejects_a_bad_field():
                               trt.TensorRTPhase.BUILD)
     with pytest.raises(lg.LogicError, match="down_weight_format 'q8_0' needs a block weight_format, not 'dtype'"):
         creator.create_plugin("mlp", _fields(down_weight_format="q8_0"), trt.TensorRTPhase.RUNTIME)
+    with pytest.raises(lg.LogicError, match="x_format 'q4_0' not in dtype, q8_0"):
+        creator.create_plugin("mlp", _fields(weight_format="q4_0", x_format="q4_0"), trt.TensorRTPhase.BUILD)
+    with pytest.raises(lg.LogicError, match="x_format 'q8_0' needs a block weight_format, not 'dtype'"):
+        creator.create_plugin("mlp", _fields(x_format="q8_0"), trt.TensorRTPhase.RUNTIME)
+
+
+@pytest.mark.parametrize("phase", ["BUILD", "RUNTIME"])
+def test_creator_refuses_quantized_activations_over_the_cuda_library(monkeypatch, phase):
+    """x_format q8_0 runs on the CPU kernel library only: where enqueue would run the CUDA library (a plan build,
+    a GPU), the creator refuses it, building or deserializing, naming the field and the fix; over the CPU library
+    (on_cpu, below) it makes the plugin. The CUDA library is asked for its tda_backend() only for such a field."""
+    asked = []
+    monkeypatch.setattr(plugins, "_kernels", lambda: asked.append(1) or SimpleNamespace(backend="cuda"))
+    creator = plugins.plugin_classes(trt)[0]()
+    with pytest.raises(lg.LogicError, match="SparseGatedMLP: x_format 'q8_0' runs on the CPU kernel library only, not "
+                                            "the cuda one: rebuild the engine with x_format dtype for TensorRT"):
+        creator.create_plugin("mlp", _fields(weight_format="q4_1", x_format="q8_0"), getattr(trt.TensorRTPhase, phase))
+    assert asked == [1]
+    plugin = creator.create_plugin("mlp", _fields(weight_format="q4_1", x_format="dtype"),
+                                   getattr(trt.TensorRTPhase, phase))
+    assert plugin.attrs.x_format == 0 and asked == [1]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_prefill_quantizes_x_as_the_contract(on_cpu, dtype):
+    """device.quantize_x (the Python plugin's prefill step for x_format q8_0) is blocks.quantize_x rounded to T,
+    bit for bit, in row chunks of the scratch: zero blocks, ties (half to even), tiny and huge scales, and blocks
+    holding inf or NaN (all NaN)."""
+    import torch
+
+    from tda_export.ops import blocks
+
+    H, M = 96, 7
+    rng = np.random.default_rng(11)
+    x = (rng.normal(size=(M, H)) * rng.choice([1e-3, 1.0, 300.0], size=(M, 1))).astype(np.float32)
+    x[0, :32] = 0  # d = 0: q = 0
+    x[1, :32] = np.float32(0.5) * rng.integers(-9, 10, size=32)  # with max 127 below: d = 1, halves tie
+    x[1, 0] = 127
+    x[2, 32:64] = np.inf
+    x[3, 64] = np.nan
+    x[4, 40] = -np.inf
+    src = torch.from_numpy(x).to(getattr(torch, dtype))  # x in T, as the plugin gets it
+    want = torch.from_numpy(blocks.quantize_x(src.float().numpy())).to(src.dtype)
+    out = torch.full_like(src, 7.0)
+    scratch = torch.zeros(3 * H)  # three rows per chunk: M = 7 takes three chunks
+    plan = SimpleNamespace(cublas_ws=scratch.data_ptr(), cublas_ws_bytes=scratch.numel() * 4, xq=out.data_ptr())
+    device.quantize_x(plan, dtype, H, M, src.data_ptr())
+    nan = out.isnan()
+    assert torch.equal(nan, want.isnan()) and bool(nan[2, 32:64].all() and nan[3, 64:96].all() and nan[4, 32:64].all())
+    assert torch.equal(out.nan_to_num(), want.nan_to_num())
+    assert bool((out[0, :32] == 0).all()) and bool((out[1, :32].float() == torch.from_numpy(np.rint(x[1, :32]))).all())
 
 
 def test_prefill_allocates_nothing_and_accumulates_in_fp32(on_cpu, monkeypatch):
@@ -261,24 +313,28 @@ def _prefill_allocates_nothing(seen):
     assert _rel(out, ref) < 5e-3
 
 
+@pytest.mark.parametrize("x_format", ["dtype", "q8_0"])
 @pytest.mark.parametrize("name,down", FORMAT_PAIRS)
 @pytest.mark.parametrize("dtype,trt_type,tol", [(np.float32, "FLOAT", 1e-5), (np.float16, "HALF", 5e-3)])
-def test_sparse_gated_mlp_block_weights(on_cpu, name, down, dtype, trt_type, tol):
+def test_sparse_gated_mlp_block_weights(on_cpu, name, down, dtype, trt_type, tol, x_format):
     """weight_format q8_0/q4_0/q4_1: the plugin takes the contract's blocks as int8 tensors (TensorRT plugin
     inputs cannot be uint8), decodes on them through the C ABI, and prefills on weights the kernel library
     dequantized into the plan's workspace (then rounded to T); both against the numpy reference of the exact
     dequantized weights, every mask kind. down_weight_format q8_0 under 4-bit gate/up rows: down_t is read (decode)
     and dequantized (prefill) in its own blocks. The creator serializes both formats; its int8 inputs are
-    supported only with a block format."""
+    supported only with a block format. x_format q8_0 (on the CPU kernel library, where it runs): decode passes it to
+    the C ABI, the prefill quantizes x into the workspace before its gate/up GEMM; against the reference on
+    blocks.quantize_x(hidden)."""
     from tda_export.ops import blocks
 
     trt_type = getattr(trt.DataType, trt_type)
     down_fmt = name if down == "same" else down
     creator = plugins.plugin_classes(trt)[0]()
-    plugin = creator.create_plugin("mlp", _fields(weight_format=name, down_weight_format=down, activation="gelu_tanh"),
-                                   trt.TensorRTPhase.RUNTIME)
+    plugin = creator.create_plugin("mlp", _fields(weight_format=name, down_weight_format=down, activation="gelu_tanh",
+                                                  x_format=x_format), trt.TensorRTPhase.RUNTIME)
     served = {f.name: bytes(np.asarray(f.data).tobytes()) for f in plugin.get_fields_to_serialize()}
     assert served["weight_format"] == name.encode() + b"\0" and served["down_weight_format"] == down.encode() + b"\0"
+    assert served["x_format"] == x_format.encode() + b"\0"
     rng = np.random.default_rng(7)
     for seq in (5, 1):
         hidden, gate_up, down_t, token_valid, scores_in = _block_inputs(rng, name, 3, seq, dtype, down_fmt)
@@ -287,10 +343,10 @@ def test_sparse_gated_mlp_block_weights(on_cpu, name, down, dtype, trt_type, tol
             tensors = [np.ascontiguousarray(x) for x in (hidden, gate_up.view(np.int8), down_t.view(np.int8), idx,
                                                          count, token_valid, scores_in)]
             out, scores_out = _run_mlp(plugin, tensors, trt_type, dtype, weight_type=trt.DataType.INT8)
-            # the float op on each weight's exactly dequantized values (contract.QUANTIZED_SEMANTICS)
-            ref_out, ref_scores = reference.sparse_gated_mlp(hidden, blocks.dequantize(name, gate_up),
-                                                             blocks.dequantize(down_fmt, down_t), idx, count,
-                                                             token_valid, scores_in, activation="gelu_tanh")
+            # the float op on each weight's exactly dequantized values (contract.QUANTIZED_SEMANTICS), on xq for q8_0
+            ref_out, ref_scores = reference.sparse_gated_mlp_blocks(hidden, gate_up, down_t, name, idx, count,
+                                                                    token_valid, scores_in, activation="gelu_tanh",
+                                                                    down_weight_format=down, x_format=x_format)
             assert out.shape == (3, seq, QH)
             assert _rel(out, ref_out) < tol, (name, seq, kind)
             assert _rel(scores_out, ref_scores) < (1e-5 if dtype == np.float32 else 5e-3), (name, seq, kind)

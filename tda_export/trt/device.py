@@ -82,11 +82,41 @@ def dequantize_weights(plan, dtype: str, hidden: int, inter: int, gate_up_w: int
             out[r0:r0 + n].copy_(scratch[:n])
 
 
+def quantize_x(plan, dtype: str, hidden: int, tokens: int, x: int) -> None:
+    """x_format q8_0: hidden_states [M, H] -> plan.xq [M, H] in T, the contract's xq (X_QUANT_SEMANTICS: per block
+    of 32, d = max|x| / 127, q = round-half-even(x * (1/d)), xq = q * d, d = NaN for a block holding inf/NaN),
+    exact in float32 and rounded to T once as the dequantized weights are; in row chunks through the float32
+    scratch piece. Only reached where x_format q8_0 runs, the CPU kernel library (the plugin refuses it on CUDA,
+    so no graph capture): the per-block scales are small temporaries."""
+    import torch
+
+    from ..ops.contract import QUANT_BLOCK
+
+    rows_per = plan.cublas_ws_bytes // (4 * hidden)
+    if rows_per < 1:
+        raise ValueError(f"prefill: H = {hidden} needs {4 * hidden} bytes of scratch per row, the workspace has "
+                         f"{plan.cublas_ws_bytes}")
+    scratch = tensor(plan.cublas_ws, (rows_per, hidden), "float32")
+    src, out = tensor(x, (tokens, hidden), dtype), tensor(plan.xq, (tokens, hidden), dtype)
+    for r0 in range(0, tokens, rows_per):
+        n = min(rows_per, tokens - r0)
+        v = scratch[:n].copy_(src[r0:r0 + n]).view(n, hidden // QUANT_BLOCK, QUANT_BLOCK)
+        finite = torch.isfinite(v).all(-1, keepdim=True)
+        # IEEE float32 divisions (tensor by tensor: a scalar divisor may become a product by its reciprocal)
+        d = v.abs().masked_fill_(~finite, 0).amax(-1, keepdim=True)
+        d.div_(torch.full_like(d, 127))
+        inv = torch.where(d == 0, torch.zeros_like(d), torch.ones_like(d).div_(d))
+        q = v.mul_(inv).round_()  # float32 product, then half to even
+        out[r0:r0 + n].copy_(q.mul_(d.masked_fill_(~finite, float("nan"))).view(n, hidden))
+
+
 def prefill(plan, dtype: str, activation: str, sizes, hidden: int, gate_up_w: int, down_t: int, output: int,
             kernels, stream: int, weight_format: str = "dtype") -> None:
     """gate/up GEMM, act(gate)*up rounded to T, the C ABI's score reduction, down GEMM (plan: logic.PrefillPlan);
     block weights (weight_format q8_0/q4_0/q4_1; down_t in plan.down_weight_format) are first dequantized to T into
-    the workspace, and the GEMMs read the weights the plan says (plan.*_gemm.a: the inputs, or those dequantized copies).
+    the workspace, and the GEMMs read the weights the plan says (plan.*_gemm.a: the inputs, or those dequantized
+    copies); with x_format q8_0 (plan.x_format) hidden_states is first quantized into plan.xq, which the gate/up GEMM reads
+    (plan.gate_up_gemm.b).
 
     Nothing is allocated on TensorRT's stream (enqueue may be under CUDA graph capture): the GEMMs write
     into the workspace (plan.gate_up) and the output, and the float32 gated step runs in row chunks in the
@@ -101,8 +131,10 @@ def prefill(plan, dtype: str, activation: str, sizes, hidden: int, gate_up_w: in
         if M > 0:
             if weight_format != "dtype":
                 dequantize_weights(plan, dtype, H, I, gate_up_w, down_t, kernels, stream)
+            if plan.x_format:
+                quantize_x(plan, dtype, H, M, hidden)
             gu = tensor(plan.gate_up, (M, I, 2), dtype)
-            x, w = tensor(hidden, (M, H), dtype), tensor(plan.gate_up_gemm.a, (2 * I, H), dtype)
+            x, w = tensor(plan.gate_up_gemm.b, (M, H), dtype), tensor(plan.gate_up_gemm.a, (2 * I, H), dtype)
             torch.matmul(x, w.t(), out=gu.view(M, 2 * I))  # rounded to T, as the ONNX reference and C++ plugin do
             z = tensor(plan.z, (M, I), dtype)
             rows = plan.cublas_ws_bytes // (2 * 4 * I)  # two float32 [rows, I] buffers

@@ -39,6 +39,7 @@ class MlpAttrs(NamedTuple):
     decode_version: int  # tda_decode_args_t.version the plan was built for; never 0
     weight_format: int = 0  # tda_weight_format_t of gate_up_weight / down_weight_t (0: in T)
     down_weight_format: int = 0  # down_weight_t's own tda_weight_format_t (0: "same" as weight_format)
+    x_format: int = 0  # tda_x_format_t: how gate/up read hidden_states (0: as is; 1: q8_0, CPU kernel library only)
 
 
 class LogicError(ValueError):
@@ -56,7 +57,7 @@ class PrefillPlan(ctypes.Structure):
                 ("scores", PrefillArgs), ("scores_ws", c_void_p), ("scores_ws_bytes", c_size_t),
                 ("down_gemm", Gemm), ("cublas_ws", c_void_p), ("cublas_ws_bytes", c_size_t),
                 ("weight_format", c_int32), ("down_weight_format", c_int32), ("gate_up_t", c_void_p),
-                ("down_t", c_void_p)]
+                ("down_t", c_void_p), ("x_format", c_int32), ("xq", c_void_p)]
 
 
 class MlpBuffers(ctypes.Structure):
@@ -128,6 +129,7 @@ class Logic:
             "tda_trt_build_decode_version": ([], c_int32), "tda_trt_mlp_field_name": ([c_int32], c_char_p),
             "tda_trt_mlp_parse_fields": ([c_int32, POINTER(c_char_p), POINTER(c_void_p), i32p, i32p, c_int32, i32p,
                                           errp], c_int),
+            "tda_trt_mlp_check_backend": ([i32p, c_char_p, errp], c_int),
             "tda_trt_select_parse_fields": ([c_int32, POINTER(c_char_p), POINTER(c_void_p), i32p, i32p, errp], c_int),
             "tda_trt_mlp_field_value": ([c_int32, i32p], c_char_p),
             "tda_trt_mlp_check_shapes": ([c_int32, i32p, i64p, c_int32, c_int32, i64p, errp], c_int),
@@ -183,6 +185,11 @@ class Logic:
         out = (c_int32 * NB_ATTRS)()
         self._call(self._lib.tda_trt_mlp_parse_fields, nb, names, data, lengths, is_char, int(building), out)
         return MlpAttrs(*out)
+
+    def mlp_check_backend(self, attrs: MlpAttrs, backend: str) -> None:
+        """Raises LogicError naming a field the kernel library `backend` (its tda_backend(): "cuda", "cpu")
+        does not run: x_format q8_0 runs on the CPU library only."""
+        self._call(self._lib.tda_trt_mlp_check_backend, _attrs(attrs), backend.encode())
 
     def parse_select_fields(self, fields) -> None:
         nb, names, data, lengths, is_char, _keep = self._fields(fields)

@@ -195,7 +195,10 @@ def plugin_classes(trt):
 
         def create_plugin(self, name, fc, phase):
             # BUILD: fields from an ONNX node, the decode version is fixed now; RUNTIME: a plan's fields
-            return SparseGatedMlpPlugin(L.parse_mlp_fields(_fields(trt, fc), phase == trt.TensorRTPhase.BUILD))
+            attrs = L.parse_mlp_fields(_fields(trt, fc), phase == trt.TensorRTPhase.BUILD)
+            if attrs.x_format:  # runs on the CPU kernel library only: refused now where enqueue runs CUDA's
+                L.mlp_check_backend(attrs, _kernels().backend)
+            return SparseGatedMlpPlugin(attrs)
 
     class SelectActiveCreator(_Creator):
         def __init__(self):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...manifest import sha256_file
-from ...ops.contract import OPS, PLUGIN_FIELDS, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from ...ops.contract import OPS, PLUGIN_FIELDS, PLUGIN_NAMESPACE, PLUGIN_VERSION, SPARSE_GATED_MLP
 from .. import flavour as fl
 from .profiles import Limits, profiles
 
@@ -70,13 +70,22 @@ def _dotted(cc: str) -> str:
     return cc[2:-1] + "." + cc[-1]  # SM120 -> 12.0
 
 
+def _x_format_refusal(x_format: str, where: str) -> str:
+    return (f"{where}x_format {x_format} (quantized activations) runs on the CPU kernel library only: a "
+            f"TensorRT plan runs the CUDA kernels and plugins, which read x as is; rebuild the engine with "
+            f"x_format dtype for TensorRT")
+
+
 def check_options(options: PlanOptions, max_context: int | None, dtype: str,
-                  int4: bool = False) -> tuple[Limits | None, list[str]]:
+                  int4: bool = False, x_format: str = "dtype") -> tuple[Limits | None, list[str]]:
     """Every option checked before anything is built; raises PlanError/ProfileError naming the option.
     max_context None (the model not loaded yet) checks all but the sequence limits. int4: the network holds
-    int4 weights (weight_only.int_bits), which not every compute capability takes."""
+    int4 weights (weight_only.int_bits), which not every compute capability takes. x_format: the engine's
+    (contract X_FORMATS); a plan runs dtype only."""
     if options.target not in fl.FLAVOURS:
         raise PlanError(f"--target {options.target}: not one of {', '.join(fl.TARGETS)}")
+    if x_format != "dtype":
+        raise PlanError(f"--target {options.target}: " + _x_format_refusal(x_format, ""))
     if dtype not in ("float16", "bfloat16"):
         raise PlanError(f"--target {options.target} builds a strongly typed fp16/bf16 network: use --dtype fp16 or "
                         f"bf16 (got {dtype})")
@@ -93,10 +102,31 @@ def check_options(options: PlanOptions, max_context: int | None, dtype: str,
     return Limits.checked(options.max_batch, options.max_seq_len, options.max_prompt, max_context), ccs
 
 
+def check_graph(onnx_path: Path, target: str) -> None:
+    """Refuses a graph a plan cannot run before TensorRT starts (nothing is written): a SparseGatedMLP node with
+    x_format other than dtype (the Python and C++ plugins refuse it too, less clearly, inside TensorRT's parser)."""
+    import onnx
+    from onnx.helper import get_attribute_value
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    quantized = []
+    for n in model.graph.node:
+        if n.domain == PLUGIN_NAMESPACE and n.op_type == SPARSE_GATED_MLP.name:
+            x = {a.name: get_attribute_value(a) for a in n.attribute}.get("x_format", b"dtype")
+            x = x.decode() if isinstance(x, bytes) else str(x)
+            if x != "dtype":
+                quantized.append((n.name, x))
+    if quantized:
+        (name, x), more = quantized[0], len(quantized) - 1
+        raise PlanError(f"--target {target}: " + _x_format_refusal(
+            x, f"{onnx_path.name}: node {name}" + (f" (and {more} more)" if more else "") + " has "))
+
+
 def build_plan(onnx_path: Path, out_dir: Path, io_inputs: list[dict], max_context: int, dtype: str,
                options: PlanOptions, progress: bool = True, int4: bool = False) -> dict:
     """Build out_dir/model.plan; returns the manifest's "tensorrt" section. Raises PlanError on failure."""
     limits, ccs = check_options(options, max_context, dtype, int4)
+    check_graph(Path(onnx_path), options.target)
     profs = profiles(io_inputs, limits)
     f = fl.flavour(options.target)
     with tempfile.TemporaryDirectory(prefix="tda-trt-") as tmp:
