@@ -1,8 +1,9 @@
 // Runs the CPU library's block-quantized sparse decode over every format,
 // dtype, batch and mask kind, and its dense block linear (ABI 5) over every
-// format, M and row range, for tests/test_kernels_quant.py's ASan + UBSan
-// build (compiled together with cuda/src/cpu/*.cpp). Weights are allocated to
-// the exact byte, so reading past a row's last block hits a redzone; the
+// format, M and row range, each also with x quantized (x_format TDA_X_Q8_0),
+// for tests/test_kernels_quant.py's ASan + UBSan build (compiled together
+// with cuda/src/cpu/*.cpp). Weights are allocated to the exact byte, so
+// reading past a row's last block hits a redzone; the
 // ISA variant comes from $TDA_CPU_ISA. Prints "ok" when every call returned
 // TDA_OK with finite outputs and exact zeros for empty masks.
 #include <math.h>
@@ -20,8 +21,10 @@ namespace {
 
 int failures = 0;
 
+int x_format = TDA_X_DTYPE;  // of the calls being made
+
 void fail(const char* what, int fmt, int dtype, int H, int I, int B) {
-  printf("FAIL %s: format %d dtype %d H %d I %d B %d\n", what, fmt, dtype, H, I, B);
+  printf("FAIL %s: format %d dtype %d H %d I %d B %d x_format %d\n", what, fmt, dtype, H, I, B, x_format);
   ++failures;
 }
 
@@ -85,6 +88,7 @@ void run_case(int fmt, int dtype, int H, int I, int B, std::mt19937& rng) {
   a.active_count = cnt.data();
   a.output = es == 4 ? static_cast<void*>(out32.data()) : out16.data();
   a.weight_format = fmt;
+  a.x_format = x_format;
   const size_t ws_size = tda_sparse_gated_mlp_decode_workspace_size(&a);
   void* ws = ws_size ? aligned_alloc(256, (ws_size + 255) / 256 * 256) : nullptr;
   if (ws) memset(ws, 0xa5, ws_size);
@@ -131,6 +135,7 @@ void run_linear(int fmt, int M, int N, int K, int n0, int n1, std::mt19937& rng)
   a.x = x.get();
   a.weight = w.get();
   a.y = y.get();
+  a.x_format = x_format;
   if (tda_block_linear_workspace_size(&a) != 0 || tda_block_linear(&a, nullptr, 0, nullptr) != TDA_OK) {
     fail("linear status", fmt, 0, K, N, M);
     return;
@@ -155,17 +160,21 @@ void run_linear(int fmt, int M, int N, int K, int n0, int n1, std::mt19937& rng)
 int main() {
   std::mt19937 rng(1234);
   const int shapes[][2] = {{32, 7}, {96, 13}, {160, 72}, {1056, 2051}};
-  for (int fmt : {TDA_WEIGHTS_Q8_0, TDA_WEIGHTS_Q4_0, TDA_WEIGHTS_Q4_1})
-    for (int dtype : {TDA_F32, TDA_F16, TDA_BF16})
-      for (const auto& s : shapes)
-        for (int B : {1, 2, 4, 7})
-          if (s[0] < 1000 || B != 2) run_case(fmt, dtype, s[0], s[1], B, rng);
-  for (int fmt : {TDA_WEIGHTS_Q8_0, TDA_WEIGHTS_Q4_0, TDA_WEIGHTS_Q4_1})
-    for (int M : {0, 1, 2, 3, 4, 5, 9, 33})
-      for (const auto& s : {std::make_pair(1, 32), std::make_pair(13, 96), std::make_pair(37, 576)}) {
-        run_linear(fmt, M, s.first, s.second, 0, s.first, rng);
-        run_linear(fmt, M, s.first, s.second, s.first / 3, s.first - s.first / 4, rng);
-      }
+  for (int xf : {TDA_X_DTYPE, TDA_X_Q8_0}) {
+    x_format = xf;
+    for (int fmt : {TDA_WEIGHTS_Q8_0, TDA_WEIGHTS_Q4_0, TDA_WEIGHTS_Q4_1})
+      for (int dtype : {TDA_F32, TDA_F16, TDA_BF16})
+        for (const auto& s : shapes)
+          for (int B : {1, 2, 4, 7})
+            if (s[0] < 1000 || B != 2) run_case(fmt, dtype, s[0], s[1], B, rng);
+    for (int fmt : {TDA_WEIGHTS_Q8_0, TDA_WEIGHTS_Q4_0, TDA_WEIGHTS_Q4_1})
+      for (int M : {0, 1, 2, 3, 4, 5, 9, 33, 70})  // 70: past the 64 rows of x quantized at a time
+        for (const auto& s : {std::make_pair(1, 32), std::make_pair(13, 96), std::make_pair(37, 576)}) {
+          if (M == 70 && xf == TDA_X_DTYPE) continue;
+          run_linear(fmt, M, s.first, s.second, 0, s.first, rng);
+          run_linear(fmt, M, s.first, s.second, s.first / 3, s.first - s.first / 4, rng);
+        }
+  }
   printf(failures ? "%d failures\n" : "ok\n", failures);
   return failures ? 1 : 0;
 }

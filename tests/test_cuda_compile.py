@@ -110,6 +110,7 @@ def test_cuda_library_host_side_of_block_formats():
         assert lib.block_dequantize_status(code, 64, 1, base + 2, base, 64) == 6
         assert lib._lib.tda_block_bytes(code) == contract_block_bytes(name)
     _own_down_format_host_side(lib)
+    _x_format_host_side(lib)
 
 
 def _own_down_format_host_side(lib):
@@ -148,6 +149,43 @@ def _own_down_format_host_side(lib):
         setattr(a, f, base)
     a.down_weight_t = base + 2
     assert lib.call_status(fn, a, ws_ptr, need) == 6
+
+
+def _x_format_host_side(lib):
+    """x_format (ABI 7): the CUDA library reads x as is only. TDA_X_Q8_0 is TDA_ERR_BAD_DTYPE for the decode (v1
+    and v2, float or block weights) and the block linear, its workspace queries size nothing, and codes outside
+    the enum are refused as the CPU library refuses them; x_format 0 keeps version 6's workspace."""
+    import ctypes
+
+    from tda_export.kernels import abi
+
+    cpu = abi.cpu_library()
+    fn = "tda_sparse_gated_mlp_decode"
+    buf = (ctypes.c_uint8 * 4096)()
+    base = (ctypes.addressof(buf) + 255) // 256 * 256
+    for wf in ("dtype", "q8_0", "q4_0", "q4_1"):
+        for version in (0, 1, 2):
+            a = abi.DecodeArgs(dtype=abi.DTYPE_CODE["bfloat16"], batch=2, hidden=4096, intermediate=14336,
+                               version=version, weight_format=abi.WEIGHT_FORMAT_CODE[wf])
+            same = lib.workspace_size(fn, a)
+            assert same > 0
+            for code in (1, 2, -1):
+                a.x_format = code
+                assert lib.workspace_size(fn, a) == 0, (wf, version, code)
+                assert lib.call_status(fn, a, 0, 0) == 2, (wf, version, code)  # TDA_ERR_BAD_DTYPE, nothing launched
+                if code != 1 or wf == "dtype":
+                    assert cpu.workspace_size(fn, a) == 0 and cpu.call_status(fn, a, 0, 0) == 2
+            a.x_format = 0
+            assert lib.workspace_size(fn, a) == same
+        la = abi.BlockLinearArgs(weight_format=abi.WEIGHT_FORMAT_CODE[wf], m=1, n=8, k=64, n_begin=0, n_end=8, ldx=64,
+                                 ldy=8, x=base, weight=base, y=base)
+        for code in (1, 2, -1):
+            la.x_format = code
+            assert lib.workspace_size("tda_block_linear", la) == 0
+            assert lib.call_status("tda_block_linear", la, 0, 0) == 2, (wf, code)
+            if code != 1 or wf == "dtype":
+                assert cpu.call_status("tda_block_linear", la, 0, 0) == 2, (wf, code)
+    assert "x_format" in lib.status_string(2)
 
 
 def contract_block_bytes(name: str) -> int:

@@ -283,6 +283,144 @@ def test_torch_ops_take_a_down_format_of_their_own(name, down):
         sparse_gated_mlp(x[:, None], gu, wd, *args, down_weight_format=down)
 
 
+# ---- x_format q8_0: gate/up read x quantized per block of 32 (contract X_QUANT_SEMANTICS) ----
+
+PAIRS = tuple((name, "same") for name in FORMATS) + MIXED  # every (weight_format, down_weight_format) tested above
+
+
+def _q8_reference(x, gu, wd, idx, cnt, activation="silu"):
+    """The float64 decode of blocks.quantize_x(x) (x widened to float32 first, as the kernel widens it)."""
+    xq = torch.from_numpy(blocks.quantize_x(x.float().numpy()))
+    return testing.decode_reference(xq, gu, wd, idx, cnt, activation)
+
+
+def _check_q8(name, dtype, hidden, inter, kinds, activation="silu", seed=0, down="same"):
+    x, gu_q, wd_q, idx, cnt, gu, wd = testing.block_decode_problem(len(kinds), hidden, inter, name, dtype,
+                                                                   _masks(kinds, inter, seed), seed, down)
+    status, out = testing.run_decode(x, gu_q, wd_q, idx, cnt, activation, weight_format=name,
+                                     down_weight_format=down, x_format="q8_0")
+    assert status == abi.TDA_OK
+    assert out.dtype == dtype and out.shape == (len(kinds), hidden)
+    for b, kind in enumerate(kinds):
+        if kind == "empty":
+            assert torch.all(out[b] == 0), "an empty mask must give an exact zero row"
+    ref = _q8_reference(x, gu, wd, idx, cnt, activation)
+    err = testing.rel_error(out, ref)
+    assert err < TOLERANCE[dtype], (err, name, down, dtype, hidden, inter, kinds)
+    return x, gu_q, wd_q, idx, cnt, gu, wd, out
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("name,down", PAIRS)
+def test_decode_x_q8_0(monkeypatch, isa, name, down):
+    """Every format pair, mask kind, odd I and batch 1 / 3 / 4 / 7 (tiles of 4/2/1 sequences per weight block)
+    against the float64 op on quantize_x(x) and the same dequantized weights; fp16/bf16 x is widened, then
+    quantized. A full mask is far from the op on x itself (x_format is read), and the numpy reference
+    (reference.sparse_gated_mlp_blocks with x_format q8_0) is the one checked."""
+    if isa != "best":
+        monkeypatch.setenv("TDA_CPU_ISA", isa)
+    for hidden, inter in SHAPES:
+        for kind in testing.MASK_KINDS:
+            _check_q8(name, torch.float32, hidden, inter, [kind], seed=zlib.crc32(f"{hidden}-{kind}".encode()) % 1000,
+                      down=down)
+    for batch in (3, 4, 7):
+        kinds = [testing.MASK_KINDS[(b * 5 + 3) % len(testing.MASK_KINDS)] for b in range(batch)]
+        _check_q8(name, torch.float32, 96, 13, kinds, activation="gelu_tanh", seed=batch, down=down)
+    for dtype in DTYPES[1:]:
+        _check_q8(name, dtype, 160, 72, ["random", "full", "empty", "single", "random"], seed=3, down=down)
+    x, gu_q, wd_q, idx, cnt, gu, wd, out = _check_q8(name, torch.float32, 160, 72, ["full", "random", "single"],
+                                                     activation="relu", seed=4, down=down)
+    args = (idx.numpy(), cnt.numpy(), np.ones((3, 1), np.float32), np.zeros((3, 72), np.float32))
+    ref, _ = reference.sparse_gated_mlp_blocks(x.numpy()[:, None], gu_q.numpy(), wd_q.numpy(), name, *args, "relu",
+                                               down_weight_format=down, x_format="q8_0")
+    assert testing.rel_error(out, ref[:, 0]) < TOLERANCE[torch.float32]
+    assert testing.rel_error(out, testing.decode_reference(x, gu, wd, idx, cnt, "relu")) > 20 * TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("activation", contract.ACTIVATIONS)
+def test_decode_x_q8_0_activations(activation):
+    for name in FORMATS:
+        _check_q8(name, torch.float32, 64, 9, ["random", "full", "single"], activation, seed=5)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_decode_x_q8_0_non_finite_block(monkeypatch, isa, bad):
+    """A block of x holding inf/NaN has d = NaN: every gate/up of that sequence is NaN, so its whole output row
+    is (any active neuron); an empty mask still gives zeros, and the other sequences keep their bits."""
+    if isa != "best":
+        monkeypatch.setenv("TDA_CPU_ISA", isa)
+    for name, down in PAIRS:
+        x, gu_q, wd_q, idx, cnt, _, _ = testing.block_decode_problem(5, 96, 13, name, torch.float32,
+                                                                     _masks(["full", "single", "random", "empty",
+                                                                             "random"], 13, 2), 2, down)
+        status, clean = testing.run_decode(x, gu_q, wd_q, idx, cnt, weight_format=name, down_weight_format=down,
+                                           x_format="q8_0")
+        assert status == abi.TDA_OK and torch.isfinite(clean).all()
+        x[1, 40], x[3, 70], x[4, 95] = bad, bad, bad  # single, empty and random masks; blocks 1, 2 and the last
+        status, out = testing.run_decode(x, gu_q, wd_q, idx, cnt, weight_format=name, down_weight_format=down,
+                                         x_format="q8_0")
+        assert status == abi.TDA_OK
+        assert torch.isnan(out[[1, 4]]).all(), (name, down)
+        assert torch.all(out[3] == 0)
+        assert torch.equal(out[[0, 2]], clean[[0, 2]]), (name, down)
+
+
+def test_decode_x_q8_0_isas_agree_and_threads_are_invariant(monkeypatch):
+    """As test_decode_isas_agree_and_threads_are_invariant, with x_format q8_0 (x is quantized once per call,
+    before the threads split the rows)."""
+    before = torch.get_num_threads()
+    try:
+        for name, down in PAIRS[:3] + MIXED[1:2]:
+            x, gu_q, wd_q, idx, cnt, gu, wd = testing.block_decode_problem(3, 1056, 2051, name, torch.float32,
+                                                                           _masks(["full", "random", "single"],
+                                                                                  2051, 8), 8, down)
+            ref = _q8_reference(x, gu, wd, idx, cnt)
+            for isa in ISAS:
+                monkeypatch.setenv("TDA_CPU_ISA", isa) if isa != "best" else monkeypatch.delenv("TDA_CPU_ISA",
+                                                                                                raising=False)
+                outs = []
+                for n in (1, 2, 3):
+                    torch.set_num_threads(n)
+                    outs.append(testing.run_decode(x, gu_q, wd_q, idx, cnt, weight_format=name,
+                                                   down_weight_format=down, x_format="q8_0")[1])
+                assert testing.rel_error(outs[0], ref) < 1e-5, (name, isa)
+                assert all(torch.equal(outs[0], o) for o in outs[1:]), (name, isa)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_decode_x_format_arguments():
+    """x_format 0 or 1 (q8_0, block weights only); anything else TDA_ERR_BAD_DTYPE with a zero workspace. The
+    workspace does not depend on x_format (quantized x takes the fp32 x's place), batch 0 needs none."""
+    lib = abi.cpu_library()
+    fn = "tda_sparse_gated_mlp_decode"
+    q8 = abi.X_FORMAT_CODE["q8_0"]
+    for name in FORMATS:
+        for dtype in contract.DTYPES:
+            args = dict(dtype=abi.DTYPE_CODE[dtype], activation=0, batch=3, hidden=4096, intermediate=14335,
+                        weight_format=abi.WEIGHT_FORMAT_CODE[name])
+            same = lib.workspace_size(fn, abi.DecodeArgs(**args))
+            assert same > 0 and lib.workspace_size(fn, abi.DecodeArgs(**args, x_format=q8)) == same, (name, dtype)
+            empty = abi.DecodeArgs(**{**args, "batch": 0}, x_format=q8)
+            assert lib.workspace_size(fn, empty) == 0 and lib.call_status(fn, empty, 0, 0) == abi.TDA_OK
+            for bad in (2, -1):
+                assert lib.workspace_size(fn, abi.DecodeArgs(**args, x_format=bad)) == 0
+                assert lib.call_status(fn, abi.DecodeArgs(**args, x_format=bad), 0, 0) == 2  # TDA_ERR_BAD_DTYPE
+    floats = abi.DecodeArgs(dtype=0, activation=0, batch=1, hidden=64, intermediate=16, x_format=q8)
+    assert lib.workspace_size(fn, floats) == 0 and lib.call_status(fn, floats, 0, 0) == 2  # float weights
+    assert "x_format" in lib.status_string(2)
+    # through the helper, with real buffers: refused before anything is read or written
+    x, gu, wd, idx, cnt = testing.decode_problem(2, 64, 16, torch.float32, _masks(["full", "random"], 16, 1), 1)
+    status, out = testing.run_decode(x, gu, wd, idx, cnt, x_format="q8_0")
+    assert status == 2 and torch.isnan(out).all()
+    x, gu_q, wd_q, idx, cnt, _, _ = testing.block_decode_problem(2, 64, 16, "q4_1", torch.float32,
+                                                                 _masks(["full", "random"], 16, 1), 1)
+    for bad in (2, -1):
+        status, out = testing.run_decode(x, gu_q, wd_q, idx, cnt, weight_format="q4_1", x_format=bad)
+        assert status == 2 and torch.isnan(out).all()
+
+
 def test_float_formats_unchanged_by_weight_format_field():
     """weight_format 0 (a zero-initialised struct) is the float op of ABI 3."""
     x, gu, wd, idx, cnt = testing.decode_problem(2, 40, 72, torch.float32, _masks(["random", "full"], 72, 4), 4)
@@ -325,8 +463,8 @@ def test_decode_bad_arguments():
 def test_sanitizers(tmp_path):
     """The quantized kernels under ASan + UBSan: a C driver (tests/kernels_sanitize_main.cpp) runs every format,
     ISA, dtype and mask kind of the sparse decode, and every format, M (0 to prefill sizes) and row range of the
-    dense block linear and dequantize, on weights allocated to the exact byte, so a read past a row's last block
-    faults."""
+    dense block linear and dequantize, each with x as is and quantized (x_format q8_0), on weights allocated to
+    the exact byte, so a read past a row's last block faults."""
     src = Path(build.SRC_ROOT)
     flags = ["g++", "-std=c++17", "-O1", "-g", "-fopenmp", "-fsanitize=address,undefined", "-fno-omit-frame-pointer",
              "-fno-sanitize-recover=all", "-Wall", "-Wextra", "-Werror"]

@@ -17,7 +17,8 @@ inline const char* status_text(tda_status_t s) {
     case TDA_OK: return "ok";
     case TDA_ERR_NULL_POINTER: return "a required pointer is NULL";
     case TDA_ERR_BAD_DTYPE:
-      return "dtype is not TDA_F32, TDA_F16 or TDA_BF16, or weight_format is not one this library runs";
+      return "dtype is not TDA_F32, TDA_F16 or TDA_BF16, or weight_format / x_format is not one this library runs "
+             "(x_format TDA_X_Q8_0 needs a block weight_format)";
     case TDA_ERR_BAD_ENUM: return "activation, score_norm or decode version value out of range";
     case TDA_ERR_BAD_SIZE:
       return "hidden/intermediate size must be a positive multiple of 8 (block-quantized weights: hidden a "
@@ -57,9 +58,17 @@ inline tda_weight_format_t down_format(const tda_decode_args_t* a) {
   return static_cast<tda_weight_format_t>(a->down_weight_format ? a->down_weight_format : a->weight_format);
 }
 
+// x_format (ABI 7): 0 (x as is), or TDA_X_Q8_0 under block weights in a
+// library that runs it (the CPU library; the CUDA one runs 0 only).
+inline bool x_format_ok(int32_t x_format, bool block_weights, bool runs_x_q8_0) {
+  return x_format == TDA_X_DTYPE || (x_format == TDA_X_Q8_0 && block_weights && runs_x_q8_0);
+}
+
 // Sizes/enums only: what the workspace queries may rely on. A library that
-// runs the block-quantized weight formats says so (both do since ABI 5).
-inline tda_status_t check_decode_shape(const tda_decode_args_t* a, bool runs_block_weights = false) {
+// runs the block-quantized weight formats says so (both do since ABI 5), and
+// one that runs x_format TDA_X_Q8_0 (ABI 7: the CPU library).
+inline tda_status_t check_decode_shape(const tda_decode_args_t* a, bool runs_block_weights = false,
+                                       bool runs_x_q8_0 = false) {
   if (!a) return TDA_ERR_NULL_POINTER;
   if (a->dtype < TDA_F32 || a->dtype > TDA_BF16) return TDA_ERR_BAD_DTYPE;
   if (a->weight_format < TDA_WEIGHTS_DTYPE || a->weight_format > TDA_WEIGHTS_Q4_1) return TDA_ERR_BAD_DTYPE;
@@ -68,6 +77,7 @@ inline tda_status_t check_decode_shape(const tda_decode_args_t* a, bool runs_blo
   if (a->down_weight_format != TDA_WEIGHTS_DTYPE &&
       (!block_weights(a) || a->down_weight_format < TDA_WEIGHTS_Q8_0 || a->down_weight_format > TDA_WEIGHTS_Q4_1))
     return TDA_ERR_BAD_DTYPE;
+  if (!x_format_ok(a->x_format, block_weights(a), runs_x_q8_0)) return TDA_ERR_BAD_DTYPE;
   if (a->activation < TDA_ACT_SILU || a->activation > TDA_ACT_RELU) return TDA_ERR_BAD_ENUM;
   if (a->version < 0 || a->version > kMaxDecodeVersion) return TDA_ERR_BAD_ENUM;
   if (a->batch < 0 || a->batch > TDA_MAX_BATCH) return TDA_ERR_BAD_BATCH;
@@ -78,8 +88,8 @@ inline tda_status_t check_decode_shape(const tda_decode_args_t* a, bool runs_blo
 }
 
 inline tda_status_t check_decode(const tda_decode_args_t* a, const void* ws, size_t ws_size, size_t ws_needed,
-                                 bool runs_block_weights = false) {
-  tda_status_t s = check_decode_shape(a, runs_block_weights);
+                                 bool runs_block_weights = false, bool runs_x_q8_0 = false) {
+  tda_status_t s = check_decode_shape(a, runs_block_weights, runs_x_q8_0);
   if (s != TDA_OK || a->batch == 0) return s;
   const void* ptrs[] = {a->hidden_states, a->gate_up_weight, a->down_weight_t, a->active_idx, a->active_count,
                         a->output};
@@ -99,9 +109,10 @@ inline tda_status_t check_decode(const tda_decode_args_t* a, const void* ws, siz
 inline bool block_format(int32_t w) { return w >= TDA_WEIGHTS_Q8_0 && w <= TDA_WEIGHTS_Q4_1; }
 inline bool aligned4(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 3u) == 0; }
 
-inline tda_status_t check_block_linear(const tda_block_linear_args_t* a) {
+inline tda_status_t check_block_linear(const tda_block_linear_args_t* a, bool runs_x_q8_0 = false) {
   if (!a) return TDA_ERR_NULL_POINTER;
   if (!block_format(a->weight_format)) return TDA_ERR_BAD_DTYPE;
+  if (!x_format_ok(a->x_format, true, runs_x_q8_0)) return TDA_ERR_BAD_DTYPE;
   if (a->m < 0) return TDA_ERR_BAD_BATCH;
   if (a->n <= 0 || a->k <= 0 || a->k % TDA_QUANT_BLOCK != 0 || a->n_begin < 0 || a->n_begin > a->n_end ||
       a->n_end > a->n || a->ldx < a->k || a->ldy < a->n)

@@ -118,10 +118,11 @@ def _stream(device) -> int:
 
 def run_decode(x, gu, wd, idx, cnt, activation="silu", deterministic=True, poison=True, out=None,
                workspace_bytes=None, hidden=None, workspace_offset=0, version=0,
-               weight_format="dtype", down_weight_format="same") -> tuple[int, torch.Tensor]:
+               weight_format="dtype", down_weight_format="same", x_format="dtype") -> tuple[int, torch.Tensor]:
     """Direct ABI call with a NaN-filled output and a garbage-filled 256-byte aligned workspace (moved
     by workspace_offset bytes to test the alignment check); returns (status, output). For a block
-    weight_format, gu and wd are the uint8 block tensors (block_decode_problem)."""
+    weight_format, gu and wd are the uint8 block tensors (block_decode_problem); x_format a name of
+    contract.X_FORMATS or a raw int code."""
     if out is None:
         out = torch.full_like(x, float("nan")) if poison else torch.empty_like(x)
     lib = library_for(x.device)
@@ -132,7 +133,8 @@ def run_decode(x, gu, wd, idx, cnt, activation="silu", deterministic=True, poiso
                           down_weight_t=wd.data_ptr(), active_idx=idx.data_ptr(), active_count=cnt.data_ptr(),
                           output=out.data_ptr(), version=version,
                           weight_format=abi.WEIGHT_FORMAT_CODE[weight_format],
-                          down_weight_format=abi.DOWN_WEIGHT_FORMAT_CODE[down_weight_format])
+                          down_weight_format=abi.DOWN_WEIGHT_FORMAT_CODE[down_weight_format],
+                          x_format=_x_code(x_format))
     need = lib.workspace_size("tda_sparse_gated_mlp_decode", args)
     size = need if workspace_bytes is None else workspace_bytes
     _buf, ptr = workspace(max(size, need) + workspace_offset, x.device, fill=0xA5)  # garbage, not zeros
@@ -140,10 +142,16 @@ def run_decode(x, gu, wd, idx, cnt, activation="silu", deterministic=True, poiso
     return status, out
 
 
+def _x_code(x_format) -> int:
+    return x_format if isinstance(x_format, int) else abi.X_FORMAT_CODE[x_format]
+
+
 def run_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_format: str, n_begin: int = 0,
-                     n_end: int | None = None, out: torch.Tensor | None = None) -> tuple[int, torch.Tensor]:
-    """Direct tda_block_linear call: y[:, n_begin:n_end] = x . dequant(weight)^T, x float32 [M, K] (any row
-    stride), weight uint8 [N, K/32 * block_bytes]; y NaN-poisoned unless given. Returns (status, y)."""
+                     n_end: int | None = None, out: torch.Tensor | None = None,
+                     x_format="dtype") -> tuple[int, torch.Tensor]:
+    """Direct tda_block_linear call: y[:, n_begin:n_end] = x . dequant(weight)^T (x_format q8_0:
+    blocks.quantize_x(x) . dequant(weight)^T), x float32 [M, K] (any row stride), weight uint8
+    [N, K/32 * block_bytes]; y NaN-poisoned unless given. Returns (status, y)."""
     m, k = x.shape
     n = weight.shape[0]
     if out is None:
@@ -152,7 +160,7 @@ def run_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_format: str, 
     args = abi.BlockLinearArgs(weight_format=abi.WEIGHT_FORMAT_CODE[weight_format], m=m, n=n, k=k, n_begin=n_begin,
                                n_end=n if n_end is None else n_end, ldx=x.stride(0) if m else k,
                                ldy=out.stride(0) if m else n, x=x.data_ptr(), weight=weight.data_ptr(),
-                               y=out.data_ptr())
+                               y=out.data_ptr(), x_format=_x_code(x_format))
     need = lib.workspace_size("tda_block_linear", args)
     _buf, ptr = workspace(need, x.device, fill=0xA5)
     return lib.call_status("tda_block_linear", args, ptr, need, _stream(x.device)), out

@@ -4,8 +4,15 @@
 // -8d (Q4_0) or the fp16 minimum m (Q4_1); q(i) * d is exact in fp32, so one
 // fma or a multiply and an add give the contract's value (dequantize_block
 // below also matches the reference's signs of zero: (q - 8) * d for Q4_0).
+//
+// x_format TDA_X_Q8_0 (contract X_QUANT_SEMANTICS): rows of x quantized per
+// block of 32 (QX, quantize_x_generic) and the scalar integer block dot
+// products of the weights with them (dot_row_qx), the reference the AVX2
+// kernels (quant_x_avx2.h) agree with.
 #pragma once
 
+#include <float.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -64,6 +71,80 @@ static inline void dequantize_block(const uint8_t* b, float* w) {
 // Bytes of one row of H weights.
 template <tda_weight_format_t F>
 static inline int64_t row_bytes(int32_t H) { return int64_t(H / kBlock) * Block<F>::bytes; }
+
+// Rows of x quantized per block of 32 (x_format TDA_X_Q8_0): the int8 values,
+// each block's scale d and d * sum(q), what a Q4_1 block's minimum multiplies
+// (llama.cpp's Q8_1 s). A block that held inf/NaN has d = s = NaN, q = 0.
+struct QX {
+  int8_t* q;  // [rows, K]
+  float* d;   // [rows, K/32]
+  float* s;   // [rows, K/32]
+  QX row(int64_t r, int32_t K) const { return {q + r * K, d + r * (K / kBlock), s + r * (K / kBlock)}; }
+};
+
+// The reciprocal the contract multiplies by: 1/d, 0 when d == 0. Also 0 where
+// 1/d overflows (max|x| below ~127 * 2^-128, where the contract's q would be
+// inf): q = 0 there, xq = 0 for values under 1e-36.
+static inline float x_inverse(float d) {
+  const float id = d != 0.0f ? 1.0f / d : 0.0f;
+  return id <= FLT_MAX ? id : 0.0f;
+}
+
+// One block of x: d = max|x| / 127, q = round-half-even(x * x_inverse(d))
+// (nearbyintf, the default rounding mode). The product is clamped to +-127
+// first, a no-op unless d is subnormal (max|x| below ~1.5e-36), where 1/d is
+// inexact enough to pass 127.5 and the contract's q would leave int8.
+static inline void quantize_x_block(const float* x, int8_t* q, float* d, float* s) {
+  float a = 0.0f;
+  bool finite = true;
+  for (int32_t i = 0; i < kBlock; ++i) {
+    const float v = fabsf(x[i]);
+    finite &= v <= FLT_MAX;  // false for inf and NaN
+    a = v > a ? v : a;
+  }
+  if (!finite) {
+    memset(q, 0, kBlock);
+    *d = *s = NAN;
+    return;
+  }
+  const float dv = a / 127.0f, id = x_inverse(dv);
+  int32_t sum = 0;
+  for (int32_t i = 0; i < kBlock; ++i) {
+    const int32_t qi = int32_t(nearbyintf(fminf(fmaxf(x[i] * id, -127.0f), 127.0f)));
+    q[i] = int8_t(qi);
+    sum += qi;
+  }
+  *d = dv;
+  *s = dv * float(sum);
+}
+
+static inline void quantize_x_generic(const float* x, int64_t ldx, int32_t rows, int32_t K, const QX& out) {
+  for (int32_t r = 0; r < rows; ++r)
+    for (int32_t k = 0; k < K / kBlock; ++k)
+      quantize_x_block(x + r * ldx + k * kBlock, out.q + int64_t(r) * K + k * kBlock,
+                       out.d + int64_t(r) * (K / kBlock) + k, out.s + int64_t(r) * (K / kBlock) + k);
+}
+
+// One block of weights at b times one of x: d_w * d_x * sum_i q_w(i) q_x(i)
+// (the sum in int32; Q4_0's q_w is its nibble - 8), plus m_w * s_x for Q4_1.
+template <tda_weight_format_t F>
+static inline float block_dot_qx(const uint8_t* b, const int8_t* xq, float dx, float sx) {
+  int32_t sum = 0;
+  for (int32_t i = 0; i < kBlock; ++i)
+    sum += (F == TDA_WEIGHTS_Q4_0 ? Block<F>::q(b, i) - 8 : Block<F>::q(b, i)) * int32_t(xq[i]);
+  const float v = f16_to_f32(load_u16(b)) * dx * float(sum);
+  if constexpr (F == TDA_WEIGHTS_Q4_1) return v + f16_to_f32(load_u16(b + 2)) * sx;
+  return v;
+}
+
+// A row of `blocks` weight blocks times a quantized row of x, summed in fp32 in block order.
+template <tda_weight_format_t F>
+static inline float dot_row_qx(const uint8_t* row, const QX& x, int32_t blocks) {
+  float acc = 0.0f;
+  for (int32_t k = 0; k < blocks; ++k)
+    acc += block_dot_qx<F>(row + int64_t(k) * Block<F>::bytes, x.q + k * kBlock, x.d[k], x.s[k]);
+  return acc;
+}
 
 }  // namespace cpu
 }  // namespace tda

@@ -10,7 +10,9 @@
 // (decode_avx2.cpp) and this file's portable `omp simd` loops. TDA_CPU_ISA=
 // avx2 or generic caps the choice (tests use it to cover every variant).
 // Block-quantized weights (tda_weight_format_t) take the same phases with
-// decode_quant.cpp / decode_quant_simd.h's loops.
+// decode_quant.cpp / decode_quant_simd.h's loops; with x_format TDA_X_Q8_0
+// x is quantized once per call and gate_up takes integer dot products
+// (decode_quant.cpp, quant_x_avx2.h; AVX-512 CPUs run the AVX2 ones).
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,7 +32,7 @@ namespace {
 constexpr int32_t kQuantBlock = TDA_QUANT_BLOCK;
 
 struct DecodeWs {
-  float* x;        // [B, H] inputs widened to fp32
+  float* x;        // [B, H] inputs widened to fp32 (x_format TDA_X_Q8_0: holds xq, below)
   uint64_t* mask;  // [I] bit b set: neuron active in sequence b
   int32_t* rows;   // [I] union of active rows, ascending
   float* z;        // [U, B] intermediate (0 where masked), rounded to dtype
@@ -154,13 +156,25 @@ DecodeKernels generic_kernels(tda_dtype_t d, tda_activation_t a) {
 
 // ---- Dispatch ----
 
-DecodeKernels select_kernels(tda_dtype_t d, tda_activation_t a, tda_weight_format_t w) {
-  switch (cpu_isa()) {
-    case kAvx512: return avx512_kernels(d, a, w);
-    case kAvx2: return avx2_kernels(d, a, w);
+DecodeKernels select_kernels(Isa isa, tda_dtype_t d, tda_activation_t a, tda_weight_format_t w,
+                             tda_x_format_t x = TDA_X_DTYPE) {
+  switch (isa) {
+    // Quantized x has AVX2 kernels only (integer dot products on 256-bit vectors; no AVX-512 variant
+    // was written, none could be run here): an AVX-512 CPU runs those.
+    case kAvx512: return x == TDA_X_Q8_0 ? avx2_kernels(d, a, w, x) : avx512_kernels(d, a, w);
+    case kAvx2: return avx2_kernels(d, a, w, x);
     case kGeneric: break;
   }
-  return w == TDA_WEIGHTS_DTYPE ? generic_kernels(d, a) : generic_block_kernels(d, a, w);
+  return w == TDA_WEIGHTS_DTYPE ? generic_kernels(d, a) : generic_block_kernels(d, a, w, x);
+}
+
+// x_format TDA_X_Q8_0: gate_up reads only the quantized x, so it takes the fp32 x's place in the workspace
+// (q, d and s need 1.25 of its 4 bytes per value) and the workspace does not depend on x_format. x is
+// widened into acc first, which down clears before it sums.
+QX carve_xq(const DecodeWs& w, int32_t B, int32_t H) {
+  int8_t* q = reinterpret_cast<int8_t*>(w.x);
+  float* d = reinterpret_cast<float*>(q + int64_t(B) * H);  // B * H is a multiple of 32: 4-byte aligned
+  return {q, d, d + int64_t(B) * (H / kQuantBlock)};
 }
 
 // Multiply-adds per thread below which a thread does not pay for itself; it
@@ -190,14 +204,25 @@ void run(const tda_decode_args_t* a, const DecodeWs& w) {
   using T = typename Elem<D>::type;
   const int32_t B = a->batch, H = a->hidden;
   const T* x_in = static_cast<const T*>(a->hidden_states);
-  for (int64_t i = 0; i < int64_t(B) * H; ++i) w.x[i] = Elem<D>::load(x_in, i);
+  const Isa isa = cpu_isa();
+  const tda_x_format_t xf = static_cast<tda_x_format_t>(a->x_format);
+  QX xq{};
+  if (xf == TDA_X_Q8_0) {
+    for (int64_t i = 0; i < int64_t(B) * H; ++i) w.acc[i] = Elem<D>::load(x_in, i);
+    xq = carve_xq(w, B, H);
+    (isa == kGeneric ? quantize_x_generic : avx2_quantize_x)(w.acc, H, B, H, xq);
+  } else {
+    for (int64_t i = 0; i < int64_t(B) * H; ++i) w.x[i] = Elem<D>::load(x_in, i);
+  }
   int64_t pairs;
   const int32_t U = build_union(a, w, &pairs);
-  const DecodeCtx c{B, H, U, w.x, w.mask, w.rows, w.z, w.acc, a->gate_up_weight, a->down_weight_t, a->output};
+  const float* x = xf == TDA_X_Q8_0 ? nullptr : w.x;
+  const DecodeCtx c{B, H, U, x, w.mask, w.rows, w.z, w.acc, a->gate_up_weight, a->down_weight_t, a->output, xq};
   const tda_weight_format_t wf = static_cast<tda_weight_format_t>(a->weight_format);
-  // gate_up from the kernels of weight_format, down from those of down_weight_t's own format (ABI 6).
-  const DecodeKernels k{select_kernels(a->dtype, a->activation, wf).gate_up,
-                        select_kernels(a->dtype, a->activation, down_format(a)).down};
+  // gate_up from the kernels of weight_format (reading x as x_format says), down from those of down_weight_t's
+  // own format (ABI 6).
+  const DecodeKernels k{select_kernels(isa, a->dtype, a->activation, wf, xf).gate_up,
+                        select_kernels(isa, a->dtype, a->activation, down_format(a)).down};
 
   // Work: 3 multiply-adds per (pair, column), plus the union rows' reads.
   const int64_t work = 3 * (pairs + U) * int64_t(H);
@@ -253,14 +278,16 @@ Isa cpu_isa() {
 
 extern "C" size_t tda_sparse_gated_mlp_decode_workspace_size(const tda_decode_args_t* a) {
   // Batch 0 does nothing and needs nothing, as in the CUDA library.
-  if (tda::check_decode_shape(a, /*runs_block_weights=*/true) != TDA_OK || a->batch == 0) return 0;
+  if (tda::check_decode_shape(a, /*runs_block_weights=*/true, /*runs_x_q8_0=*/true) != TDA_OK || a->batch == 0)
+    return 0;
   return tda::cpu::carve(a, nullptr).bytes;
 }
 
 extern "C" tda_status_t tda_sparse_gated_mlp_decode(const tda_decode_args_t* a, void* ws, size_t ws_size,
                                                     void* /*stream*/) {
   const tda_status_t s =
-      tda::check_decode(a, ws, ws_size, tda_sparse_gated_mlp_decode_workspace_size(a), /*runs_block_weights=*/true);
+      tda::check_decode(a, ws, ws_size, tda_sparse_gated_mlp_decode_workspace_size(a), /*runs_block_weights=*/true,
+                        /*runs_x_q8_0=*/true);
   if (s != TDA_OK || a->batch == 0) return s;
   const tda::cpu::DecodeWs w = tda::cpu::carve(a, ws);
   switch (a->dtype) {

@@ -4,14 +4,21 @@
 
 #include <stdint.h>
 
+#include "blocks.h"
 #include "tda_kernels.h"
 
 namespace tda {
 namespace cpu {
 
+// Quantizes rows [0, rows) of x (row stride ldx, K a multiple of 32) into out:
+// quantize_x_generic (blocks.h) and avx2_quantize_x (decode_avx2.cpp,
+// quant_x_avx2.h) give the same bits.
+using QuantizeXFn = void (*)(const float* x, int64_t ldx, int32_t rows, int32_t K, const QX& out);
+void avx2_quantize_x(const float* x, int64_t ldx, int32_t rows, int32_t K, const QX& out);
+
 struct DecodeCtx {
   int32_t B, H, U;         // batch, hidden, union length
-  const float* x;          // [B, H] inputs widened to fp32
+  const float* x;          // [B, H] inputs widened to fp32 (x_format 0; else null)
   const uint64_t* mask;    // [I] bit b: row active in sequence b
   const int32_t* rows;     // [U] union of active rows, ascending
   float* z;                // [U, B] intermediate, 0 where masked
@@ -19,6 +26,7 @@ struct DecodeCtx {
   const void* gate_up;     // [I, 2, H] dtype or [I, 2, H/32] blocks
   const void* down;        // [I, H] dtype or [I, H/32] blocks
   void* out;               // [B, H] dtype
+  QX xq;                   // [B, H] x quantized (x_format TDA_X_Q8_0; else nulls)
 };
 
 // gate_up fills z for union positions [k0, k1); down writes output columns
@@ -40,10 +48,14 @@ Isa cpu_isa();
 
 // Dense block-quantized linear (tda_block_linear) for rows [n_begin, n_end):
 // linear.cpp checks the arguments and picks a variant; avx2/avx512 come from
-// linear_simd.h in decode_avx2.cpp / decode_avx512.cpp.
+// linear_simd.h in decode_avx2.cpp / decode_avx512.cpp. With x_format
+// TDA_X_Q8_0 linear.cpp quantizes rows of x and a LinearQxFn writes y's rows
+// [m0, m0 + rows) from them (xq: those rows, row stride K).
 using LinearFn = void (*)(const tda_block_linear_args_t* a);
 LinearFn avx2_linear(tda_weight_format_t w);
 LinearFn avx512_linear(tda_weight_format_t w);
+using LinearQxFn = void (*)(const tda_block_linear_args_t* a, const QX& xq, int32_t m0, int32_t rows);
+LinearQxFn avx2_linear_qx(tda_weight_format_t w);
 // tda_block_dequantize's rows, the same way.
 using DequantFn = void (*)(int32_t k, int64_t rows, const void* weight, float* out, int64_t ldo);
 DequantFn avx2_dequantize(tda_weight_format_t w);
@@ -52,10 +64,12 @@ DequantFn avx512_dequantize(tda_weight_format_t w);
 // Defined in decode_avx2.cpp / decode_avx512.cpp (compiled for those ISAs with
 // target pragmas; only called after a CPUID check), and the portable block
 // weight kernels in decode_quant.cpp. d is the dtype of x, z and the output;
-// w the weights' format.
-DecodeKernels avx2_kernels(tda_dtype_t d, tda_activation_t a, tda_weight_format_t w);
+// w the weights' format; x how gate_up reads x (TDA_X_Q8_0: ctx.xq, block
+// weights only; down is the same either way). AVX-512 has no TDA_X_Q8_0
+// kernels: decode.cpp runs AVX2's there.
+DecodeKernels avx2_kernels(tda_dtype_t d, tda_activation_t a, tda_weight_format_t w, tda_x_format_t x);
 DecodeKernels avx512_kernels(tda_dtype_t d, tda_activation_t a, tda_weight_format_t w);
-DecodeKernels generic_block_kernels(tda_dtype_t d, tda_activation_t a, tda_weight_format_t w);
+DecodeKernels generic_block_kernels(tda_dtype_t d, tda_activation_t a, tda_weight_format_t w, tda_x_format_t x);
 
 }  // namespace cpu
 }  // namespace tda

@@ -3,6 +3,8 @@
 // (decode_quant_simd.h) are checked against. Each block is dequantized to its
 // 32 exact fp32 weights (blocks.h) and then used as decode.cpp's portable
 // loops use float weights: x stays fp32, sums are fp32, z rounded to dtype.
+// With x_format TDA_X_Q8_0 gate_up reads ctx.xq instead, one integer block
+// dot product at a time (blocks.h's dot_row_qx); down is the same.
 #include <algorithm>
 
 #include "../activation.h"
@@ -74,10 +76,32 @@ struct Generic {
   static constexpr DownFn down = down_block<D, F>;
 };
 
+template <tda_dtype_t D, tda_weight_format_t F, tda_activation_t A>
+struct GenericQx {
+  static void gate_up(const DecodeCtx& c, int32_t k0, int32_t k1) {
+    const uint8_t* gu = static_cast<const uint8_t*>(c.gate_up);
+    const int64_t rb = row_bytes<F>(c.H);
+    for (int32_t k = k0; k < k1; ++k) {
+      const int32_t j = c.rows[k];
+      const uint8_t* gate = gu + j * 2 * rb;
+      for (int32_t b = 0; b < c.B; ++b) {
+        float zv = 0.0f;
+        if (c.mask[j] >> b & 1) {
+          const QX x = c.xq.row(b, c.H);
+          zv = Elem<D>::round(activate<A>(dot_row_qx<F>(gate, x, c.H / kBlock)) *
+                              dot_row_qx<F>(gate + rb, x, c.H / kBlock));
+        }
+        c.z[int64_t(k) * c.B + b] = zv;
+      }
+    }
+  }
+  static constexpr DownFn down = down_block<D, F>;
+};
+
 }  // namespace
 
-DecodeKernels generic_block_kernels(tda_dtype_t d, tda_activation_t a, tda_weight_format_t w) {
-  return block_kernels<Generic>(d, a, w);
+DecodeKernels generic_block_kernels(tda_dtype_t d, tda_activation_t a, tda_weight_format_t w, tda_x_format_t x) {
+  return x == TDA_X_Q8_0 ? block_kernels<GenericQx>(d, a, w) : block_kernels<Generic>(d, a, w);
 }
 
 }  // namespace cpu

@@ -86,6 +86,8 @@ static inline void qaxpy_rows(float* acc, const uint8_t* const* r, const float* 
 template <tda_dtype_t D_, tda_weight_format_t F>
 struct BlockWeights {
   static constexpr tda_dtype_t D = D_;
+  using X = const float*;
+  static X x(const DecodeCtx& c, int32_t b) { return c.x + int64_t(b) * c.H; }
   using P = const uint8_t*;
   static P row(const void* base, int64_t r, int32_t H) { return static_cast<P>(base) + r * row_bytes<F>(H); }
   template <int NB, int UNR>  // UNR: the float loops' unrolling; a block is the unit here

@@ -9,11 +9,13 @@
 // H is a multiple of 8, so W = 8 needs no tail and W = 16 at most one of 8.
 //
 // gate_up and down are written over a weights policy Wt (FloatWeights<D>
-// here, BlockWeights<D, F> in decode_quant_simd.h): Wt::D is the dtype of x,
-// z and the output, Wt::P a row pointer, Wt::row(base, r, H) row r of a
-// weight matrix, Wt::dots<NB, UNR> the gate/up dot products of one neuron,
-// Wt::axpy<N> the down projection's update from N rows and
-// Wt::slice(row, c0, c1) the bytes of a row's columns [c0, c1) (prefetch).
+// here, BlockWeights<D, F> in decode_quant_simd.h, BlockWeightsQx<D, F> in
+// quant_x_avx2.h): Wt::D is the dtype of x, z and the output, Wt::X how the
+// dots see one sequence's x and Wt::x(c, b) sequence b's, Wt::P a row
+// pointer, Wt::row(base, r, H) row r of a weight matrix, Wt::dots<NB, UNR>
+// the gate/up dot products of one neuron, Wt::axpy<N> the down projection's
+// update from N rows and Wt::slice(row, c0, c1) the bytes of a row's columns
+// [c0, c1) (prefetch).
 
 template <tda_dtype_t D>
 using T_ = typename Elem<D>::type;
@@ -109,7 +111,7 @@ static void gate_up(const DecodeCtx& c, int32_t k0, int32_t k1) {
     float* zr = c.z + int64_t(k) * B;
     uint64_t m = c.mask[j];
     if (B == 1) {
-      const float* xs[1] = {c.x};
+      const typename Wt::X xs[1] = {Wt::x(c, 0)};
       float gv, uv;
       Wt::template dots<1, 4>(xs, g, u, H, &gv, &uv, pf);
       zr[0] = Elem<D>::round(activate<A>(gv) * uv);
@@ -126,9 +128,9 @@ static void gate_up(const DecodeCtx& c, int32_t k0, int32_t k1) {
     int32_t s0 = 0;
     auto tile = [&](auto nb_tag, auto unr_tag) {
       constexpr int NB = decltype(nb_tag)::value, UNR = decltype(unr_tag)::value;
-      const float* xs[NB];
+      typename Wt::X xs[NB];
       float gv[NB], uv[NB];
-      for (int s = 0; s < NB; ++s) xs[s] = c.x + int64_t(seq[s0 + s]) * H;
+      for (int s = 0; s < NB; ++s) xs[s] = Wt::x(c, seq[s0 + s]);
       Wt::template dots<NB, UNR>(xs, g, u, H, gv, uv, s0 == 0 ? pf : nullptr);
       for (int s = 0; s < NB; ++s) zr[seq[s0 + s]] = Elem<D>::round(activate<A>(gv[s]) * uv[s]);
       s0 += NB;
@@ -175,6 +177,8 @@ static inline void axpy_rows(float* acc, const T_<D>* const* r, const float* zs,
 template <tda_dtype_t D_>
 struct FloatWeights {
   static constexpr tda_dtype_t D = D_;
+  using X = const float*;
+  static X x(const DecodeCtx& c, int32_t b) { return c.x + int64_t(b) * c.H; }
   using P = const T_<D>*;
   static P row(const void* base, int64_t r, int32_t H) { return static_cast<P>(base) + r * H; }
   template <int NB, int UNR>

@@ -93,7 +93,7 @@ tda_status_t dequantize(int32_t k, int64_t rows, const void* w, float* out, int6
 extern "C" size_t tda_block_linear_workspace_size(const tda_block_linear_args_t*) { return 0; }
 
 extern "C" tda_status_t tda_block_linear(const tda_block_linear_args_t* a, void*, size_t, void* stream) {
-  const tda_status_t s = tda::check_block_linear(a);
+  const tda_status_t s = tda::check_block_linear(a);  // x_format TDA_X_DTYPE only (TDA_X_Q8_0: TDA_ERR_BAD_DTYPE)
   if (s != TDA_OK || a->m == 0 || a->n_begin == a->n_end) return s;
   if (!tda::aligned4(a->weight)) return TDA_ERR_MISALIGNED;
   cudaStream_t st = static_cast<cudaStream_t>(stream);

@@ -13,7 +13,8 @@
 // pipeline with gate_up_q and down_proj<.., BlockRows> (see "Block-quantized
 // weights" below); gate_up reads weight_format's blocks, down the blocks of
 // down_format(a) (ABI 6: e.g. Q8_0 down rows under Q4_1 gate/up rows, any of
-// the 3 x 3 block pairs). Decode v2 serves float weights only.
+// the 3 x 3 block pairs). Decode v2 serves float weights only. x is read as
+// is: x_format TDA_X_Q8_0 (ABI 7) is the CPU library's (TDA_ERR_BAD_DTYPE here).
 // Grids are sized for the worst case (all I rows) and blocks beyond the
 // device-side count exit or stride, which keeps the launch graph-capturable.
 #include <algorithm>
@@ -554,7 +555,8 @@ bool use_v2(const tda_decode_args_t* a) { return tda::decode_version(a) == 2 && 
 }  // namespace
 
 extern "C" size_t tda_sparse_gated_mlp_decode_workspace_size(const tda_decode_args_t* a) {
-  // Batch 0 launches nothing and needs nothing (checked before plan() runs).
+  // Batch 0 launches nothing and needs nothing (checked before plan() runs). x_format: TDA_X_DTYPE only
+  // (check_decode_shape's runs_x_q8_0 = false: TDA_X_Q8_0 is TDA_ERR_BAD_DTYPE, and sized 0 here).
   if (tda::check_decode_shape(a, true) != TDA_OK || a->batch == 0) return 0;
   if (use_v2(a)) return tda::gpu::v2::workspace_size(a);
   return tda::gpu::carve(a, tda::gpu::plan(a), nullptr).bytes;

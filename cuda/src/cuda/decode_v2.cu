@@ -490,8 +490,9 @@ tda_status_t run_typed(const tda_decode_args_t* a, void* ws, cudaStream_t st) {
 }  // namespace
 
 bool eligible(const tda_decode_args_t* a) {
-  // Float weights only (down_weight_format 0 follows from that; said here so the two can never part).
+  // Float weights only (down_weight_format 0 and x_format 0 follow from that; said here so they can never part).
   return a->dtype != TDA_F32 && a->weight_format == TDA_WEIGHTS_DTYPE && a->down_weight_format == 0 &&
+         a->x_format == TDA_X_DTYPE &&
          a->batch >= 1 && a->batch <= kMaxBatchV2 && a->intermediate <= kMaxSeg * kSeg;
 }
 
