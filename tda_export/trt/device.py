@@ -83,31 +83,14 @@ def dequantize_weights(plan, dtype: str, hidden: int, inter: int, gate_up_w: int
 
 
 def quantize_x(plan, dtype: str, hidden: int, tokens: int, x: int) -> None:
-    """x_format q8_0: hidden_states [M, H] -> plan.xq [M, H] in T, the contract's xq (X_QUANT_SEMANTICS: per block
-    of 32, d = max|x| / 127, q = round-half-even(x * (1/d)), xq = q * d, d = NaN for a block holding inf/NaN),
-    exact in float32 and rounded to T once as the dequantized weights are; in row chunks through the float32
-    scratch piece. Only reached where x_format q8_0 runs, the CPU kernel library (the plugin refuses it on CUDA,
-    so no graph capture): the per-block scales are small temporaries."""
-    import torch
+    """x_format q8_0: hidden_states [M, H] -> plan.xq [M, H] in T, the contract's xq (ops/torch_blocks.quantize_x,
+    the one torch realization of X_QUANT_SEMANTICS), exact in float32 and rounded to T once as the dequantized
+    weights are. Only reached where x_format q8_0 runs, the CPU kernel library (the plugin refuses it on CUDA,
+    so no graph capture): its temporaries are ordinary allocations."""
+    from ..ops.torch_blocks import quantize_x as quantize
 
-    from ..ops.contract import QUANT_BLOCK
-
-    rows_per = plan.cublas_ws_bytes // (4 * hidden)
-    if rows_per < 1:
-        raise ValueError(f"prefill: H = {hidden} needs {4 * hidden} bytes of scratch per row, the workspace has "
-                         f"{plan.cublas_ws_bytes}")
-    scratch = tensor(plan.cublas_ws, (rows_per, hidden), "float32")
     src, out = tensor(x, (tokens, hidden), dtype), tensor(plan.xq, (tokens, hidden), dtype)
-    for r0 in range(0, tokens, rows_per):
-        n = min(rows_per, tokens - r0)
-        v = scratch[:n].copy_(src[r0:r0 + n]).view(n, hidden // QUANT_BLOCK, QUANT_BLOCK)
-        finite = torch.isfinite(v).all(-1, keepdim=True)
-        # IEEE float32 divisions (tensor by tensor: a scalar divisor may become a product by its reciprocal)
-        d = v.abs().masked_fill_(~finite, 0).amax(-1, keepdim=True)
-        d.div_(torch.full_like(d, 127))
-        inv = torch.where(d == 0, torch.zeros_like(d), torch.ones_like(d).div_(d))
-        q = v.mul_(inv).round_()  # float32 product, then half to even
-        out[r0:r0 + n].copy_(q.mul_(d.masked_fill_(~finite, float("nan"))).view(n, hidden))
+    out.copy_(quantize(src))
 
 
 def prefill(plan, dtype: str, activation: str, sizes, hidden: int, gate_up_w: int, down_t: int, output: int,

@@ -82,18 +82,19 @@ struct QX {
   QX row(int64_t r, int32_t K) const { return {q + r * K, d + r * (K / kBlock), s + r * (K / kBlock)}; }
 };
 
-// The reciprocal the contract multiplies by: 1/d, 0 when d == 0. Also 0 where
-// 1/d overflows (max|x| below ~127 * 2^-128, where the contract's q would be
-// inf): q = 0 there, xq = 0 for values under 1e-36.
-static inline float x_inverse(float d) {
-  const float id = d != 0.0f ? 1.0f / d : 0.0f;
-  return id <= FLT_MAX ? id : 0.0f;
+// The contract's block scale: max|x| / 127, flushed to 0 below the smallest
+// normal float32 (a zero block), so that 1/d is finite and |x * (1/d)| <= 127.
+static inline float x_scale(float a) {
+  const float d = a / 127.0f;
+  return d < FLT_MIN ? 0.0f : d;
 }
 
-// One block of x: d = max|x| / 127, q = round-half-even(x * x_inverse(d))
+// The reciprocal the contract multiplies by: 1/d, 0 when d == 0.
+static inline float x_inverse(float d) { return d != 0.0f ? 1.0f / d : 0.0f; }
+
+// One block of x: d = x_scale(max|x|), q = round-half-even(x * x_inverse(d))
 // (nearbyintf, the default rounding mode). The product is clamped to +-127
-// first, a no-op unless d is subnormal (max|x| below ~1.5e-36), where 1/d is
-// inexact enough to pass 127.5 and the contract's q would leave int8.
+// first, a no-op with the flushed scale (kept as a guard: q must fit int8).
 static inline void quantize_x_block(const float* x, int8_t* q, float* d, float* s) {
   float a = 0.0f;
   bool finite = true;
@@ -107,7 +108,7 @@ static inline void quantize_x_block(const float* x, int8_t* q, float* d, float* 
     *d = *s = NAN;
     return;
   }
-  const float dv = a / 127.0f, id = x_inverse(dv);
+  const float dv = x_scale(a), id = x_inverse(dv);
   int32_t sum = 0;
   for (int32_t i = 0; i < kBlock; ++i) {
     const int32_t qi = int32_t(nearbyintf(fminf(fmaxf(x[i] * id, -127.0f), 127.0f)));

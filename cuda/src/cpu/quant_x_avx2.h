@@ -40,7 +40,7 @@ static void quantize_x_rows(const float* x, int64_t ldx, int32_t rows, int32_t K
       __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
       m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
       m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-      const float dv = _mm_cvtss_f32(m4) / 127.0f;
+      const float dv = x_scale(_mm_cvtss_f32(m4));
       const __m256 id = _mm256_set1_ps(x_inverse(dv));
       __m256i qi[4];
       for (int i = 0; i < 4; ++i) {
