@@ -244,7 +244,7 @@ TIES = np.r_[127.0, 0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 125.5, -125.5, np.zeros(23)
 def _x_edge_rows(k: int) -> np.ndarray:
     """Rows of x hitting the quantizer's corner cases: x * (1/d) at exact halves (round half to even, both
     signs; row 0 starts with TIES), zero and -0 blocks, one nonzero value, huge and tiny (normal d) scales,
-    random blocks of many scales, and last three rows with a NaN / inf / -inf (their rows of y are NaN)."""
+    random blocks of many scales, a row of subnormal and barely normal scales, and last three rows with a NaN / inf / -inf (their rows of y are NaN)."""
     rng = np.random.default_rng(11)
     edge = [TIES, np.r_[127.0, np.arange(31) - 15.5], np.r_[-127.0, -(np.arange(31) - 15.5)], np.zeros(32),
             np.full(32, -0.0), np.r_[np.zeros(31), 3e-3], np.full(32, 7.25), rng.standard_normal(32) * 3e37,
@@ -252,6 +252,9 @@ def _x_edge_rows(k: int) -> np.ndarray:
     rows = [np.concatenate([edge[(7 * r + j) % len(edge)] if (r + j) % 3 != 2 else
                             rng.standard_normal(32) * 10.0 ** rng.uniform(-6, 6) for j in range(k // 32)])
             for r in range(7)]
+    # subnormal scales (max|x| / 127 below 2^-126: flushed to a zero block) next to the smallest normal one
+    rows.append(np.concatenate([np.linspace(-1, 1, 32) * f for f in (1e-40, 1e-37, 1.5e-36)][:k // 32]
+                               + [np.zeros(k - 96)] * (k > 96)))
     for bad in (np.nan, np.inf, -np.inf):
         rows.append(rng.standard_normal(k))
         rows[-1][k // 2] = bad
