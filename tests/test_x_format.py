@@ -22,7 +22,7 @@ from tda_export.models import load_model
 from tda_export.ops import blocks
 from tda_export.runtime.engine import Engine
 
-CASES = (("llama", "q8_0"), ("gemma2", "q4_1"), ("qwen2", "q4_0"))
+CASES = (("llama", "q8_0"), ("gemma2", "q4_1"), ("qwen2", "q4_1"))
 BACKENDS = ("torch", "onnxruntime", "native")
 STEPS = 6
 LENS = (12, 9)
@@ -34,6 +34,8 @@ def test_x_choice_rules():
         quantize.x_choice("float", "q8_0")
     with pytest.raises(quantize.WeightFormatError, match="--x-format 'q4_0': not one of float, q8_0"):
         quantize.x_choice("q8_0", "q4_0")
+    with pytest.raises(quantize.WeightFormatError, match="--x-format q8_0 with --weight-format q4_0: not offered yet"):
+        quantize.x_choice("q4_0", "q8_0")
 
 
 @pytest.fixture(scope="module")
