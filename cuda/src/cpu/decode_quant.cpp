@@ -55,23 +55,27 @@ void down_block(const DecodeCtx& c, int32_t c0, int32_t c1) {
     for (int32_t i = c0; i < c1; ++i) Elem<D>::store(out, int64_t(b) * H + i, c.acc[int64_t(b) * H + i]);
 }
 
+// z for the active rows [k0, k1) of every sequence whose mask has them; dot(b, row) is the dot product of a
+// weight row of blocks with sequence b's x (as is, or quantized: x_format).
+template <tda_dtype_t D, tda_weight_format_t F, tda_activation_t A, typename Dot>
+static void generic_gate_up(const DecodeCtx& c, int32_t k0, int32_t k1, Dot dot) {
+  const uint8_t* gu = static_cast<const uint8_t*>(c.gate_up);
+  const int64_t rb = row_bytes<F>(c.H);
+  for (int32_t k = k0; k < k1; ++k) {
+    const int32_t j = c.rows[k];
+    const uint8_t* gate = gu + j * 2 * rb;
+    for (int32_t b = 0; b < c.B; ++b)
+      c.z[int64_t(k) * c.B + b] =
+          c.mask[j] >> b & 1 ? Elem<D>::round(activate<A>(dot(b, gate)) * dot(b, gate + rb)) : 0.0f;
+  }
+}
+
 template <tda_dtype_t D, tda_weight_format_t F, tda_activation_t A>
 struct Generic {
   static void gate_up(const DecodeCtx& c, int32_t k0, int32_t k1) {
-    const uint8_t* gu = static_cast<const uint8_t*>(c.gate_up);
-    const int64_t rb = row_bytes<F>(c.H);
-    for (int32_t k = k0; k < k1; ++k) {
-      const int32_t j = c.rows[k];
-      const uint8_t* gate = gu + j * 2 * rb;
-      for (int32_t b = 0; b < c.B; ++b) {
-        float zv = 0.0f;
-        if (c.mask[j] >> b & 1) {
-          const float* x = c.x + int64_t(b) * c.H;
-          zv = Elem<D>::round(activate<A>(dot_row<F>(x, gate, c.H / kBlock)) * dot_row<F>(x, gate + rb, c.H / kBlock));
-        }
-        c.z[int64_t(k) * c.B + b] = zv;
-      }
-    }
+    generic_gate_up<D, F, A>(c, k0, k1, [&](int32_t b, const uint8_t* row) {
+      return dot_row<F>(c.x + int64_t(b) * c.H, row, c.H / kBlock);
+    });
   }
   static constexpr DownFn down = down_block<D, F>;
 };
@@ -79,21 +83,9 @@ struct Generic {
 template <tda_dtype_t D, tda_weight_format_t F, tda_activation_t A>
 struct GenericQx {
   static void gate_up(const DecodeCtx& c, int32_t k0, int32_t k1) {
-    const uint8_t* gu = static_cast<const uint8_t*>(c.gate_up);
-    const int64_t rb = row_bytes<F>(c.H);
-    for (int32_t k = k0; k < k1; ++k) {
-      const int32_t j = c.rows[k];
-      const uint8_t* gate = gu + j * 2 * rb;
-      for (int32_t b = 0; b < c.B; ++b) {
-        float zv = 0.0f;
-        if (c.mask[j] >> b & 1) {
-          const QX x = c.xq.row(b, c.H);
-          zv = Elem<D>::round(activate<A>(dot_row_qx<F>(gate, x, c.H / kBlock)) *
-                              dot_row_qx<F>(gate + rb, x, c.H / kBlock));
-        }
-        c.z[int64_t(k) * c.B + b] = zv;
-      }
-    }
+    generic_gate_up<D, F, A>(c, k0, k1, [&](int32_t b, const uint8_t* row) {
+      return dot_row_qx<F>(row, c.xq.row(b, c.H), c.H / kBlock);
+    });
   }
   static constexpr DownFn down = down_block<D, F>;
 };
