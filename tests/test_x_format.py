@@ -21,8 +21,27 @@ from tda_export.export.engine_weights import apply
 from tda_export.models import load_model
 from tda_export.ops import blocks
 from tda_export.runtime.engine import Engine
+from tiny_models import tiny_model, tiny_tokenizer
 
-CASES = (("llama", "q8_0"), ("gemma2", "q4_1"), ("qwen2", "q4_1"))
+
+def _save_with_norm_weights(family, out):
+    """A tiny model whose norm weights are not all equal, as trained models' are: with a uniform norm weight a
+    q4_0 embedding row (d * n, n in [-8, 7]) normalises to blocks where x * (1/d_x) = n * 127/8 lands exactly
+    on k + 0.5 (n = +-4), so round-half-even would turn on the last bit of the norm, which each backend
+    computes in its own order (their logits then part by 1-2%: ties of that input, not a realization's bug)."""
+    import torch
+
+    model = tiny_model(family, 0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(out, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(out)
+    return out
+
+CASES = (("llama", "q8_0"), ("gemma2", "q4_1"), ("qwen2", "q4_0"))
 BACKENDS = ("torch", "onnxruntime", "native")
 STEPS = 6
 LENS = (12, 9)
@@ -34,8 +53,6 @@ def test_x_choice_rules():
         quantize.x_choice("float", "q8_0")
     with pytest.raises(quantize.WeightFormatError, match="--x-format 'q4_0': not one of float, q8_0"):
         quantize.x_choice("q8_0", "q4_0")
-    with pytest.raises(quantize.WeightFormatError, match="--x-format q8_0 with --weight-format q4_0: not offered yet"):
-        quantize.x_choice("q4_0", "q8_0")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +62,8 @@ def xengines(tiny_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("xq")
     out = {}
     for family, fmt in CASES:
-        loaded = load_model(str(tiny_dirs[family]))
+        src = _save_with_norm_weights(family, root / f"{family}-model")
+        loaded = load_model(str(src))
         apply(loaded, fmt, quantize.AUTO, "q8_0")
         ids, mask, pos = parity.prompt(LENS, loaded.config.vocab_size)
         taus = parity.half_density_thresholds(loaded.model, loaded.activation, ids, mask, pos)
@@ -54,7 +72,7 @@ def xengines(tiny_dirs, tmp_path_factory):
         engines = []
         for x in ("q8_0", "float"):
             d = root / f"{family}-{fmt}-{x}"
-            r = CliRunner().invoke(main, ["build", "-m", str(tiny_dirs[family]), "-o", str(d), "--dtype", "fp32",
+            r = CliRunner().invoke(main, ["build", "-m", str(src), "-o", str(d), "--dtype", "fp32",
                                           "--weight-format", fmt, "--x-format", x, "-c", str(cal)])
             assert r.exit_code == 0, r.output
             engines.append(d)
@@ -121,7 +139,7 @@ def test_backends_agree(xengines, family, fmt):
             got, counts = _forced(engines[b].backend, ids, mask, th, bounds, tokens)
             err = np.linalg.norm(got - want, axis=-1) / np.linalg.norm(want, axis=-1)
             print(b, family, fmt, density, np.array2string(err, precision=1))
-            assert (err < 1e-4).mean() >= 0.25 and err.max() < 0.25, (b, family, fmt, density, err)
+            assert (err < 1e-4).mean() >= 0.9 and err.max() < 0.25, (b, family, fmt, density, err)
             assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.75, (b, family, fmt, density)
             if density == 1.0:
                 np.testing.assert_array_equal(counts, want_counts)  # dense: every neuron, whatever the values

@@ -64,13 +64,6 @@ def down_choice(choice: str, down: str = AUTO) -> str:
 # --x-format (contract x_format): how the MLP's gate/up and every other block-format linear read their input.
 # q8_0 quantizes it per 32 values as llama.cpp does, so the CPU kernels take int8 dot products.
 X_CHOICES = (FLOAT, "q8_0")
-# Weight formats whose x_format q8_0 engines are not offered yet. q4_0: a q4_0 embedding row is d * n with n an
-# integer in [-8, 7]; after a norm with a uniform weight (the tiny test models') a block's x * (1/d_x) is
-# n * 127/8, exactly k + 0.5 for n = +-4, so round-half-even decides on the last bit of the norm, which the
-# backends compute in different orders: their logits part by 1-2%. Real norm weights break the ties, but no
-# test shows q4_0 engines agreeing yet (the kernels and ops match the contract on their own).
-X_UNVERIFIED = {"q4_0": "its test engines round exact ties (q4_0 embeddings after a uniform norm) differently "
-                        "across backends and no test covers it yet; use --weight-format q4_1 or q8_0"}
 
 
 def x_choice(choice: str, x: str = FLOAT) -> str:
@@ -80,10 +73,8 @@ def x_choice(choice: str, x: str = FLOAT) -> str:
     if x == FLOAT:
         return "dtype"
     if not is_blocks(choice):
-        raise WeightFormatError(f"--x-format {x} needs a block --weight-format (q8_0, q4_1), not {choice}: "
+        raise WeightFormatError(f"--x-format {x} needs a block --weight-format (q8_0, q4_0, q4_1), not {choice}: "
                                 f"float weights always read x as is")
-    if choice in X_UNVERIFIED:
-        raise WeightFormatError(f"--x-format {x} with --weight-format {choice}: not offered yet; {X_UNVERIFIED[choice]}")
     return x
 
 
