@@ -482,3 +482,25 @@ def test_sanitizers(tmp_path):
         r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600, env=env)
         assert r.returncode == 0 and "runtime error" not in r.stderr, (isa, r.stdout[-2000:], r.stderr[-4000:])
         assert r.stdout.strip().endswith("ok"), r.stdout[-2000:]
+
+
+def test_each_isa_unit_keeps_its_own_kernels():
+    """The AVX2, AVX-512 and VNNI units each instantiate the block kernels from the same headers, on their own
+    anonymous-namespace traits. GCC gave the dispatch templates over those (decode_ctx.h's block_kernels) one
+    COMDAT name in every unit, so the linker kept decode_avx2.cpp's tables and an AVX-512 CPU silently ran the
+    AVX2 block kernels (results equal by design, so no parity test saw it). Each unit's copies must survive."""
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("no nm (binutils) on PATH")
+    lib = build.build_cpu()
+    names = subprocess.run([nm, "-C", str(lib)], check=True, capture_output=True, text=True).stdout.splitlines()
+
+    def copies(fragment: str) -> int:
+        return sum(fragment in line for line in names)
+
+    # down on q8_0 rows: decode_avx2.cpp, decode_avx512.cpp and decode_vnni.cpp (which instantiates the
+    # whole quantized-x family); gate_up with quantized x: decode_avx2.cpp and decode_vnni.cpp.
+    assert copies("::down<tda::cpu::(anonymous namespace)::BlockWeights<(tda_dtype_t)0, (tda_weight_format_t)1> >(") \
+        == 3
+    assert copies("::gate_up<tda::cpu::(anonymous namespace)::BlockWeightsQx<(tda_dtype_t)0, "
+                  "(tda_weight_format_t)1>, (tda_activation_t)0>(") == 2

@@ -8,11 +8,12 @@
 // The library is built without -march; the hot loops come in three variants
 // chosen per call from CPUID: AVX-512F (decode_avx512.cpp), AVX2+FMA+F16C
 // (decode_avx2.cpp) and this file's portable `omp simd` loops. TDA_CPU_ISA=
-// avx2 or generic caps the choice (tests use it to cover every variant).
+// avx512, avx2 or generic caps the choice (tests use it to cover every variant).
 // Block-quantized weights (tda_weight_format_t) take the same phases with
 // decode_quant.cpp / decode_quant_simd.h's loops; with x_format TDA_X_Q8_0
 // x is quantized once per call and gate_up takes integer dot products
-// (decode_quant.cpp, quant_x_avx2.h; AVX-512 CPUs run the AVX2 ones).
+// (decode_quant.cpp, quant_x_avx2.h; with vpdpbusd on AVX-512 VNNI CPUs,
+// decode_vnni.cpp).
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
@@ -159,9 +160,10 @@ DecodeKernels generic_kernels(tda_dtype_t d, tda_activation_t a) {
 DecodeKernels select_kernels(Isa isa, tda_dtype_t d, tda_activation_t a, tda_weight_format_t w,
                              tda_x_format_t x = TDA_X_DTYPE) {
   switch (isa) {
-    // Quantized x has AVX2 kernels only (integer dot products on 256-bit vectors; no AVX-512 variant
-    // was written, none could be run here): an AVX-512 CPU runs those.
-    case kAvx512: return x == TDA_X_Q8_0 ? avx2_kernels(d, a, w, x) : avx512_kernels(d, a, w);
+    // Quantized x: integer dot products on 256-bit vectors, vpdpbusd where the CPU has AVX-512 VNNI.
+    case kAvx512:
+      if (x != TDA_X_Q8_0) return avx512_kernels(d, a, w);
+      return cpu_vnni() ? vnni_kernels(d, a, w) : avx2_kernels(d, a, w, x);
     case kAvx2: return avx2_kernels(d, a, w, x);
     case kGeneric: break;
   }
@@ -271,6 +273,17 @@ Isa cpu_isa() {
   if (cap && strcmp(cap, "generic") == 0) return kGeneric;
   if (cap && strcmp(cap, "avx2") == 0) return std::min(best, kAvx2);
   return best;
+}
+
+bool cpu_vnni() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  }();
+  if (!has || cpu_isa() != kAvx512) return false;
+  const char* cap = getenv("TDA_CPU_ISA");
+  return !(cap && strcmp(cap, "avx512") == 0);
 }
 
 }  // namespace cpu

@@ -41,10 +41,13 @@ struct DecodeKernels {
   DownFn down;
 };
 
-// The widest variant this CPU runs, capped by $TDA_CPU_ISA (generic | avx2),
-// read per call so tests can switch variants (decode.cpp).
+// The widest variant this CPU runs, capped by $TDA_CPU_ISA (generic | avx2 |
+// avx512), read per call so tests can switch variants (decode.cpp). cpu_vnni():
+// the quantized-x kernels take decode_vnni.cpp's vpdpbusd (kAvx512 with
+// AVX-512 BW, VL and VNNI, unless capped at avx512).
 enum Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
 Isa cpu_isa();
+bool cpu_vnni();
 
 // Dense block-quantized linear (tda_block_linear) for rows [n_begin, n_end):
 // linear.cpp checks the arguments and picks a variant; avx2/avx512 come from
@@ -56,6 +59,7 @@ LinearFn avx2_linear(tda_weight_format_t w);
 LinearFn avx512_linear(tda_weight_format_t w);
 using LinearQxFn = void (*)(const tda_block_linear_args_t* a, const QX& xq, int32_t m0, int32_t rows);
 LinearQxFn avx2_linear_qx(tda_weight_format_t w);
+LinearQxFn vnni_linear_qx(tda_weight_format_t w);
 // tda_block_dequantize's rows, the same way.
 using DequantFn = void (*)(int32_t k, int64_t rows, const void* weight, float* out, int64_t ldo);
 DequantFn avx2_dequantize(tda_weight_format_t w);
@@ -65,10 +69,12 @@ DequantFn avx512_dequantize(tda_weight_format_t w);
 // target pragmas; only called after a CPUID check), and the portable block
 // weight kernels in decode_quant.cpp. d is the dtype of x, z and the output;
 // w the weights' format; x how gate_up reads x (TDA_X_Q8_0: ctx.xq, block
-// weights only; down is the same either way). AVX-512 has no TDA_X_Q8_0
-// kernels: decode.cpp runs AVX2's there.
+// weights only; down is the same either way). The TDA_X_Q8_0 kernels are
+// 256-bit integer dots: AVX2's, or vnni_kernels (decode_vnni.cpp) where
+// cpu_vnni(); an AVX-512 CPU without VNNI runs AVX2's.
 DecodeKernels avx2_kernels(tda_dtype_t d, tda_activation_t a, tda_weight_format_t w, tda_x_format_t x);
 DecodeKernels avx512_kernels(tda_dtype_t d, tda_activation_t a, tda_weight_format_t w);
+DecodeKernels vnni_kernels(tda_dtype_t d, tda_activation_t a, tda_weight_format_t w);
 DecodeKernels generic_block_kernels(tda_dtype_t d, tda_activation_t a, tda_weight_format_t w, tda_x_format_t x);
 
 }  // namespace cpu
@@ -79,9 +85,14 @@ namespace cpu {
 
 // The kernel table of a family K<D, F, A> (static gate_up and down members)
 // for run-time enums: one switch tree for every variant of the block formats.
+// static: K is each ISA unit's own (anonymous-namespace) family, but GCC gives
+// these instantiations one COMDAT name in every unit (..._GLOBAL__N_1::Simd...),
+// so without internal linkage the linker kept the first unit's tables and an
+// AVX-512 CPU ran decode_avx2.cpp's block kernels (tests/test_kernels_quant.py
+// checks each unit's table is its own).
 template <template <tda_dtype_t, tda_weight_format_t, tda_activation_t> class K, tda_dtype_t D,
           tda_weight_format_t F>
-DecodeKernels block_kernels_for(tda_activation_t a) {
+static DecodeKernels block_kernels_for(tda_activation_t a) {
   switch (a) {
     case TDA_ACT_SILU: return {K<D, F, TDA_ACT_SILU>::gate_up, K<D, F, TDA_ACT_SILU>::down};
     case TDA_ACT_GELU_TANH: return {K<D, F, TDA_ACT_GELU_TANH>::gate_up, K<D, F, TDA_ACT_GELU_TANH>::down};
@@ -92,7 +103,7 @@ DecodeKernels block_kernels_for(tda_activation_t a) {
 }
 
 template <template <tda_dtype_t, tda_weight_format_t, tda_activation_t> class K, tda_dtype_t D>
-DecodeKernels block_kernels_for(tda_activation_t a, tda_weight_format_t w) {
+static DecodeKernels block_kernels_for(tda_activation_t a, tda_weight_format_t w) {
   switch (w) {
     case TDA_WEIGHTS_Q8_0: return block_kernels_for<K, D, TDA_WEIGHTS_Q8_0>(a);
     case TDA_WEIGHTS_Q4_0: return block_kernels_for<K, D, TDA_WEIGHTS_Q4_0>(a);
@@ -103,7 +114,7 @@ DecodeKernels block_kernels_for(tda_activation_t a, tda_weight_format_t w) {
 }
 
 template <template <tda_dtype_t, tda_weight_format_t, tda_activation_t> class K>
-DecodeKernels block_kernels(tda_dtype_t d, tda_activation_t a, tda_weight_format_t w) {
+static DecodeKernels block_kernels(tda_dtype_t d, tda_activation_t a, tda_weight_format_t w) {
   switch (d) {
     case TDA_F16: return block_kernels_for<K, TDA_F16>(a, w);
     case TDA_BF16: return block_kernels_for<K, TDA_BF16>(a, w);

@@ -4,7 +4,7 @@
 // Each call runs on the calling thread: the caller's pool splits N.
 // x_format TDA_X_Q8_0: rows of x are quantized (blocks.h) a chunk at a time
 // into a per-thread buffer, then the weights take integer block dot products
-// with them (here dot_row_qx; AVX2: quant_x_avx2.h, also on AVX-512 CPUs).
+// with them (here dot_row_qx; AVX2 and AVX-512 VNNI: quant_x_avx2.h).
 #include <vector>
 
 #include "../common.h"
@@ -74,7 +74,7 @@ void linear_qx(const tda_block_linear_args_t* a) {
   const Isa isa = cpu_isa();
   const tda_weight_format_t w = static_cast<tda_weight_format_t>(a->weight_format);
   LinearQxFn fn = linear_generic_qx<TDA_WEIGHTS_Q4_1>;
-  if (isa != kGeneric) fn = avx2_linear_qx(w);  // AVX-512 CPUs too: there are no AVX-512 kernels for it
+  if (isa != kGeneric) fn = cpu_vnni() ? vnni_linear_qx(w) : avx2_linear_qx(w);  // 256-bit integer dots
   else if (w == TDA_WEIGHTS_Q8_0) fn = linear_generic_qx<TDA_WEIGHTS_Q8_0>;
   else if (w == TDA_WEIGHTS_Q4_0) fn = linear_generic_qx<TDA_WEIGHTS_Q4_0>;
   const QuantizeXFn quantize = isa == kGeneric ? quantize_x_generic : avx2_quantize_x;

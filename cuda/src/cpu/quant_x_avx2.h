@@ -8,10 +8,12 @@
 // Sums across blocks are fp32 (8 lanes, then hsum): the same products as
 // blocks.h's dot_row_qx up to fp32 rounding.
 //
-// Included by decode_avx2.cpp only (after decode_simd.h, decode_quant_simd.h
-// and linear_simd.h, inside its target pragma). AVX-512 CPUs run these too
-// (decode.cpp / linear.cpp): no AVX-512 variant was written, as none could be
-// run where this was written.
+// Included by decode_avx2.cpp and decode_vnni.cpp (after simd_avx2.h,
+// decode_simd.h, decode_quant_simd.h and linear_simd.h, inside their target
+// pragma). decode_vnni.cpp defines TDA_QX_DPBUSD: a block's dot is one
+// vpdpbusd (AVX-512 VNNI + VL) instead of vpmaddubsw + vpmaddwd, the same
+// int32 sums, so both units give the same bits. AVX-512 CPUs without VNNI run
+// decode_avx2.cpp's (decode.cpp / linear.cpp).
 
 // Rows of x (row stride ldx, K a multiple of 32) into out, as quantize_x_generic does.
 static void quantize_x_rows(const float* x, int64_t ldx, int32_t rows, int32_t K, const QX& out) {
@@ -90,7 +92,12 @@ struct QxBlock {
   __m256 dot(const int8_t* xq) const {
     const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
     const __m256i sx = F == TDA_WEIGHTS_Q4_1 ? x : _mm256_sign_epi8(x, sg);
+#if TDA_QX_DPBUSD
+    // AVX-512 VNNI on 256 bits: the same 8 exact int32 sums in one instruction (no int16 step to saturate).
+    return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, sx));
+#else
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, sx), _mm256_set1_epi16(1)));
+#endif
   }
 };
 
