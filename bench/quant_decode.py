@@ -8,7 +8,10 @@ every engine, density, batch size and thread count in one run, interleaved round
       [--quick]
 
 Engines are `tda-export build --weight-format F` directories (NAME=DIR; NAME a format name pairs the
-engine with the GGUF of the same NAME). Rows per (threads, batch): each engine dense (d=1.00), the
+engine with the GGUF of the same NAME). NAME@ISA (generic, avx2, avx512) runs that engine with
+TDA_CPU_ISA=ISA, capping the CPU kernels' variant (q8_0@avx512: AVX-512 without its VNNI dot products),
+so two variants of one engine are timed in the same interleaved rounds; the suffix is not part of the
+GGUF pairing. Rows per (threads, batch): each engine dense (d=1.00), the
 engines named in --sparse-engines (default: all) at each density with the clamp users get
 (Engine.thresholds + Engine.density_bounds, what `run`/`serve` do), then llama.cpp per GGUF (batch 1:
 `llama-bench -p 0 -n STEPS -d PROMPT`; batch > 1: `llama-batched-bench`, as bench/native_decode.py).
@@ -62,6 +65,27 @@ def pairs(text: str, what: str) -> list[tuple[str, str]]:
             raise SystemExit(f"{what} {name}: {path} does not exist")
         out.append((name, path))
     return out
+
+
+def isa_of(name: str) -> str | None:
+    """The TDA_CPU_ISA cap an engine NAME@ISA asks for (None: the best this CPU has)."""
+    isa = name.partition("@")[2] or None
+    if isa not in (None, "generic", "avx2", "avx512"):
+        raise SystemExit(f"--engines {name}: @{isa} is not generic, avx2 or avx512")
+    return isa
+
+
+def with_isa(isa: str | None, run):
+    """run() with TDA_CPU_ISA=isa (read by the kernels per call), restored after."""
+    old = os.environ.pop("TDA_CPU_ISA", None)
+    if isa:
+        os.environ["TDA_CPU_ISA"] = isa
+    try:
+        return run()
+    finally:
+        os.environ.pop("TDA_CPU_ISA", None)
+        if old is not None:
+            os.environ["TDA_CPU_ISA"] = old
 
 
 def main():
@@ -127,7 +151,8 @@ def main():
                     th = e.thresholds(d, args.prompt_tokens)
                     bd = e.density_bounds(d) if d < 1.0 else None
                     cands.append((t, B, f"native {name} d={d:.2f}", name,
-                                  lambda e=e, p=prompt, th=th, bd=bd: decode_rate(e.backend, p, th, args.steps, bd), d))
+                                  lambda e=e, p=prompt, th=th, bd=bd, isa=isa_of(name):
+                                  with_isa(isa, lambda: decode_rate(e.backend, p, th, args.steps, bd)), d))
             for gname, path in ggufs:
                 cands.append((t, B, f"llama.cpp {gname}", None,
                               lambda B=B, path=path, t=t: (llama_rate(bin_dir, path, B, args.prompt_tokens, args.steps,
@@ -158,7 +183,7 @@ def main():
           "safetensors / GGUF |\n|---|---|---|---|---|---|---|")
     for name, d in engines:
         wb, mlp, st, total, _, m = info[name]
-        g = gsize.get(name)
+        g = gsize.get(name.split("@")[0])
         print(f"| {name} ({d}) | {m.get('weights', m.get('dtype'))} | {wb / 2**20:.1f} MiB (MLP {mlp / 2**20:.1f}) "
               f"| {st / 2**20:.1f} MiB | {total / 2**20:.1f} MiB | {f'{g / 2**20:.1f} MiB' if g else '-'} "
               f"| {f'{st / g:.3f}x' if g else '-'} |")
@@ -180,7 +205,7 @@ def main():
                     wb, mlp = info[name][:2]
                     share = kept.get((t, B, row), 1.0)
                     step = wb - mlp + mlp * share
-                    same = med.get(f"llama.cpp {name}")
+                    same = med.get(f"llama.cpp {name.split('@')[0]}")
                 floor = B * bandwidth / step
                 print(f"| {row} | {f'{share:.1%}' if share is not None else '100% (file)'} | {min(rs):.1f} "
                       f"| {med[row]:.1f} | {max(rs):.1f} | {f'{med[row] / same:.2f}x' if same else '-'} "

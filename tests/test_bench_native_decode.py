@@ -102,7 +102,8 @@ def test_quant_decode_quick_table(engine, tiny_dirs, tmp_path):
     _stand_in(bins / "llama-batched-bench", BATCHED_BENCH)
     gguf = tmp_path / "q4_0.gguf"
     gguf.write_bytes(b"\0" * 4096)
-    cmd = [sys.executable, str(ROOT / "bench" / "quant_decode.py"), "--engines", f"fp32={engine},q4_0={q4}",
+    cmd = [sys.executable, str(ROOT / "bench" / "quant_decode.py"), "--engines",
+           f"fp32={engine},q4_0={q4},q4_0@generic={q4}",
            "--quick", "--threads", "1,2", "--batches", "1,2", "--densities", "0.5", "--sparse-engines", "q4_0",
            "--llama-bin", str(bins), "--gguf", f"q4_0={gguf}", "--reference", "q4_0"]
     env = os.environ | {"PYTHONPATH": str(ROOT)}
@@ -118,5 +119,8 @@ def test_quant_decode_quick_table(engine, tiny_dirs, tmp_path):
             for row in ("native fp32 d=1.00", "native q4_0 d=1.00", "native q4_0 d=0.50", "llama.cpp q4_0"):
                 assert f"| {row} |" in table, (row, table)
             assert "| native fp32 d=0.50 |" not in table  # --sparse-engines
+            # @generic: the same engine on the portable kernels, still paired with the q4_0 GGUF
+            generic = next(line for line in table.splitlines() if line.startswith("| native q4_0@generic d=1.00 |"))
+            assert generic.split(" | ")[5].endswith("x"), generic
             speed = "123.4" if b == "1" else "402.0"
             assert f"| llama.cpp q4_0 | 100% (file) | {speed} | {speed} | {speed} | - | 1.00x |" in table, table
