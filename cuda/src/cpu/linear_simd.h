@@ -41,10 +41,13 @@ static inline void qlinear_tile(const float* x, int64_t ldx, const uint8_t* w, i
 
 // Tile shapes: batch 1 (MB 1) with R rows of C chains; larger M in tiles of
 // MB 4 (then 2, 1) x RM rows, one chain each. AVX-512 has 32 registers, AVX2 16.
-// (The batch-1 shape hardly matters on AVX-512: R1 x C1 = 2x2, 4x1, 4x2, 6x2, 8x1 and 8x2 ran a SmolLM2
-// gate_up within 4% of each other; the block's dequantization is the cost.)
+// Batch 1 reads one weight row at a time (R1 = 1), so the weights stream in
+// address order: with R1 = 4 the four rows' interleaved reads decoded SmolLM2
+// q8_0 engines 1.15-1.2x slower end to end on one thread (lm_head and
+// attention from DRAM; bench/RESULTS.md, 2026-12-08), though in cache 2x2 to
+// 8x2 had run a gate_up within 4% of each other.
 struct LinearShape {
-  static constexpr int R1 = 4;
+  static constexpr int R1 = 1;
   static constexpr int C1 = 2;
   static constexpr int RM = V::W == 16 ? 4 : 2;
 };

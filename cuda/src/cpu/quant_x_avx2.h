@@ -212,13 +212,14 @@ static inline void qxlinear_rows(const tda_block_linear_args_t* a, const QX& x, 
   for (; n < n1; ++n) qxlinear_tile<F, MB, 1>(x, a->k, w + n * rb, rb, blocks, y + n, a->ldy, nullptr);
 }
 
-// y rows [m0, m0 + rows) from xq (those rows of x, quantized): M = 1 in tiles of 4 weight rows (4 chains);
-// more rows of x in tiles of 4 (then 2, 1) x 2 weight rows, weight rows outer as in linear_simd.h's qlinear.
+// y rows [m0, m0 + rows) from xq (those rows of x, quantized): M = 1 one weight row at a time, in address
+// order (linear_simd.h's LinearShape says why); more rows of x in tiles of 4 (then 2, 1) x 2 weight rows,
+// weight rows outer as in linear_simd.h's qlinear.
 template <tda_weight_format_t F>
 static void qxlinear(const tda_block_linear_args_t* a, const QX& xq, int32_t m0, int32_t rows) {
   float* y = a->y + m0 * a->ldy;
   if (rows == 1) {
-    qxlinear_rows<F, 1, 4>(a, xq, y, a->n_begin, a->n_end);
+    qxlinear_rows<F, 1, 1>(a, xq, y, a->n_begin, a->n_end);
     return;
   }
   constexpr int RB = 16;
