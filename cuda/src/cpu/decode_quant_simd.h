@@ -89,6 +89,7 @@ struct BlockWeights {
   using X = const float*;
   static X x(const DecodeCtx& c, int32_t b) { return c.x + int64_t(b) * c.H; }
   using P = const uint8_t*;
+  static constexpr bool kStreamRuns = true;  // decode_simd.h's down() says why
   static P row(const void* base, int64_t r, int32_t H) { return static_cast<P>(base) + r * row_bytes<F>(H); }
   template <int NB, int UNR>  // UNR: the float loops' unrolling; a block is the unit here
   static void dots(const float* const* xs, P g, P u, int32_t H, float* go, float* uo, P pf) {

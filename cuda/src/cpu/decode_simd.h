@@ -180,6 +180,7 @@ struct FloatWeights {
   using X = const float*;
   static X x(const DecodeCtx& c, int32_t b) { return c.x + int64_t(b) * c.H; }
   using P = const T_<D>*;
+  static constexpr bool kStreamRuns = false;  // down(): adjacent rows one at a time (not measured on floats)
   static P row(const void* base, int64_t r, int32_t H) { return static_cast<P>(base) + r * H; }
   template <int NB, int UNR>
   static void dots(const float* const* xs, P g, P u, int32_t H, float* go, float* uo, P pf) {
@@ -223,6 +224,11 @@ static void down(const DecodeCtx& c, int32_t c0, int32_t c1) {
       r[i] = Wt::row(c.down, c.rows[k0 + i], H);
       m[i] = c.mask[c.rows[k0 + i]];
     }
+    // Four adjacent rows (dense stretches) are one run of memory: block rows then go one at a time, so
+    // the run streams in address order (same sums, same order, same bits). Interleaving them block by
+    // block decoded SmolLM2 dense 1.15-1.3x slower; scattered rows keep the four-row pass, whose loads
+    // overlap (one row at a time cost 7-12% at d=0.5). bench/RESULTS.md, 2026-12-08.
+    const bool run = Wt::kStreamRuns && nk == G && c.rows[k0 + G - 1] - c.rows[k0] == G - 1;
     for (int32_t b = 0; b < B; ++b) {
       P rb[G];
       float zb[G];
@@ -233,6 +239,10 @@ static void down(const DecodeCtx& c, int32_t c0, int32_t c1) {
           zb[n++] = c.z[int64_t(k0 + i) * B + b];
         }
       float* acc = c.acc + int64_t(b) * H;
+      if (run && n == G) {
+        for (int i = 0; i < G; ++i) Wt::template axpy<1>(acc, rb + i, zb + i, c0, c1);
+        continue;
+      }
       switch (n) {
         case 4: Wt::template axpy<4>(acc, rb, zb, c0, c1); break;
         case 3: Wt::template axpy<3>(acc, rb, zb, c0, c1); break;
